@@ -1,0 +1,1 @@
+//! logging-channel: not implemented yet.
