@@ -1,0 +1,106 @@
+//! The determinism boundary: the one interface through which every non-deterministic input
+//! reaches the guest and every output leaves it.
+//!
+//! Read this file to list every source of non-determinism of the ftvmm platform:
+//!
+//! | input | method | where it comes from in a live run |
+//! | --- | --- | --- |
+//! | wall-clock time at boot (the CMOS RTC's epoch) | [`Boundary::rtc_epoch`] | the host's real-time clock |
+//! | the virtual clock read by a device (PIT counter, RTC registers, port 0x61) | [`Boundary::read_clock`] | the host's monotonic clock |
+//! | virtual time passing a timer deadline, and so timer interrupts | [`Boundary::poll`], [`Boundary::wait`] | the host's monotonic clock |
+//! | bytes received on the serial line | [`Boundary::poll`], [`Boundary::wait`] | stdin, a file or a pipe |
+//! | the points where a long-running guest is interrupted (kicks) | [`Point::Kick`] | a host timer |
+//!
+//! Everything else the guest sees is a function of its own state: the devices are
+//! deterministic state machines, disk contents are the guest's own writes, and CPUID is a
+//! fixed table. Host CPU features that leak through this KVM (ENVIRONMENT.md: leaf 1 CPUID,
+//! `RDTSC` and `RDRAND` at CPL3) are kept from the guest kernel by the deterministic profile
+//! on its command line; guest user space that executes them directly is a known divergence
+//! source that only checkpoints can cover.
+//!
+//! Outputs ([`Boundary::output`]): serial bytes. Disk writes go to the disk backend directly
+//! for now; they join this interface with the output rule.
+//!
+//! The vCPU loop also reports every synchronous exit ([`Boundary::exit`]) and every interrupt it
+//! injects ([`Boundary::interrupt`]) so that a recorder can log them and a replayer check them.
+
+use crate::exit::SyncExit;
+use thiserror::Error;
+
+/// Where an output goes to in the outside world.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OutputKind {
+    /// Bytes transmitted by the guest's UART.
+    Serial,
+}
+
+/// A non-deterministic input delivered to the guest at the current position.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Input {
+    /// Virtual time moved forward to this value (nanoseconds since boot).
+    Time(u64),
+    /// Bytes arrived on the serial line (never more than the request's `serial_room`).
+    SerialRx(Vec<u8>),
+}
+
+/// Where in the execution the VMM asks for inputs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Point {
+    /// Right after a synchronous exit was handled: a position that replay can find again.
+    Exit,
+    /// The vCPU was kicked because it ran a whole quantum without a synchronous exit. The
+    /// position cannot be found again by replay (there is no instruction counter).
+    Kick,
+}
+
+/// What the VMM knows when it asks for inputs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WaitRequest {
+    /// Current virtual time, nanoseconds since boot.
+    pub now_ns: u64,
+    /// Virtual time of the next timer event of any device, if there is one.
+    pub deadline_ns: Option<u64>,
+    /// How many serial bytes the guest's UART can take now.
+    pub serial_room: usize,
+}
+
+/// Errors of a boundary implementation.
+#[derive(Debug, Error)]
+pub enum BoundaryError {
+    /// The guest is halted with nothing that could ever wake it (no timer armed, serial input closed).
+    #[error("the guest halted with interrupts on but nothing can wake it: no timer is armed and serial input is closed")]
+    NothingToWaitFor,
+    /// Writing an output to the world failed.
+    #[error("cannot write guest output: {0}")]
+    Output(#[source] std::io::Error),
+    /// Any other failure of the implementation, described.
+    #[error("{0}")]
+    Other(String),
+}
+
+/// The one interface that carries every non-deterministic input and every output.
+///
+/// A live run reads the host; a recorder reads the host and logs; a replayer reads the log.
+/// The VMM does not know which one it has.
+pub trait Boundary {
+    /// The wall-clock time (Unix seconds) the guest's RTC shows at virtual time 0.
+    fn rtc_epoch(&mut self) -> Result<i64, BoundaryError>;
+
+    /// A synchronous exit happened (called for every one, in order, before it is handled).
+    fn exit(&mut self, exit: &SyncExit) -> Result<(), BoundaryError>;
+
+    /// A device reads the virtual clock now. Never less than any time returned before.
+    fn read_clock(&mut self) -> Result<u64, BoundaryError>;
+
+    /// Inputs that are due now, at `point`. Never blocks.
+    fn poll(&mut self, point: Point, req: &WaitRequest) -> Result<Option<Input>, BoundaryError>;
+
+    /// The guest halted with interrupts enabled: block until the next input and return it.
+    fn wait(&mut self, req: &WaitRequest) -> Result<Input, BoundaryError>;
+
+    /// The VMM injected interrupt `vector` at the current position.
+    fn interrupt(&mut self, vector: u8) -> Result<(), BoundaryError>;
+
+    /// The guest produced output for the outside world.
+    fn output(&mut self, kind: OutputKind, bytes: &[u8]) -> Result<(), BoundaryError>;
+}

@@ -1,0 +1,285 @@
+//! The live boundary of a standalone run: inputs come from the host as they happen.
+//!
+//! Virtual time follows the host's monotonic clock from the moment the boundary is created.
+//! Serial input is delivered when the guest halts (it is waiting for something), or, for a
+//! guest that polls without halting, once it has waited [`LiveBoundary::INPUT_LATENCY`]: so a
+//! scripted input reaches a guest that waits for it at the same positions in every run.
+
+use crate::boundary::{Boundary, BoundaryError, Input, OutputKind, Point, WaitRequest};
+use crate::exit::SyncExit;
+use std::collections::VecDeque;
+use std::io::{Read, Write};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// Where serial input comes from.
+pub enum SerialSource {
+    /// No input: the line stays idle.
+    None,
+    /// Any reader (stdin, a file, a pipe), read on a thread of its own.
+    Reader(Box<dyn Read + Send>),
+}
+
+/// Inputs from the host, outputs to a writer.
+pub struct LiveBoundary {
+    start: Instant,
+    last_clock: u64,
+    rx: Option<Receiver<Vec<u8>>>,
+    pending: VecDeque<u8>,
+    pending_since: Option<Instant>,
+    out: Box<dyn Write + Send>,
+}
+
+impl LiveBoundary {
+    /// How long received bytes wait for the guest to halt before they are delivered anyway.
+    pub const INPUT_LATENCY: Duration = Duration::from_millis(50);
+
+    /// A boundary whose clock starts now, reading serial input from `input` and writing serial
+    /// output to `out`.
+    pub fn new(input: SerialSource, out: Box<dyn Write + Send>) -> Self {
+        let rx = match input {
+            SerialSource::None => None,
+            SerialSource::Reader(mut r) => {
+                let (tx, rx) = mpsc::channel();
+                std::thread::Builder::new()
+                    .name("serial-in".into())
+                    .spawn(move || {
+                        let mut buf = [0u8; 4096];
+                        loop {
+                            match r.read(&mut buf) {
+                                Ok(0) => break,
+                                Ok(n) => {
+                                    if tx.send(buf[..n].to_vec()).is_err() {
+                                        break;
+                                    }
+                                }
+                                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                                Err(e) => {
+                                    tracing::warn!("serial input closed: {e}");
+                                    break;
+                                }
+                            }
+                        }
+                    })
+                    .ok()
+                    .map(|_| rx)
+            }
+        };
+        LiveBoundary {
+            start: Instant::now(),
+            last_clock: 0,
+            rx,
+            pending: VecDeque::new(),
+            pending_since: None,
+            out,
+        }
+    }
+
+    fn host_ns(&mut self) -> u64 {
+        let t = u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.last_clock = self.last_clock.max(t);
+        self.last_clock
+    }
+
+    /// Moves whatever the reader thread has sent into `pending`, without blocking.
+    fn drain_channel(&mut self) {
+        let Some(rx) = &self.rx else { return };
+        let mut received = Vec::new();
+        let closed = loop {
+            match rx.try_recv() {
+                Ok(bytes) => received.push(bytes),
+                Err(mpsc::TryRecvError::Empty) => break false,
+                Err(mpsc::TryRecvError::Disconnected) => break true,
+            }
+        };
+        if closed {
+            self.rx = None;
+        }
+        for bytes in received {
+            self.push_pending(bytes);
+        }
+    }
+
+    fn push_pending(&mut self, bytes: Vec<u8>) {
+        if !bytes.is_empty() && self.pending.is_empty() {
+            self.pending_since = Some(Instant::now());
+        }
+        self.pending.extend(bytes);
+    }
+
+    fn take_pending(&mut self, room: usize) -> Option<Input> {
+        if room == 0 || self.pending.is_empty() {
+            return None;
+        }
+        let n = room.min(self.pending.len());
+        let bytes: Vec<u8> = self.pending.drain(..n).collect();
+        self.pending_since = if self.pending.is_empty() {
+            None
+        } else {
+            Some(Instant::now())
+        };
+        Some(Input::SerialRx(bytes))
+    }
+}
+
+impl Boundary for LiveBoundary {
+    fn rtc_epoch(&mut self) -> Result<i64, BoundaryError> {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_err(|e| BoundaryError::Other(format!("host clock before 1970: {e}")))?;
+        Ok(i64::try_from(now.as_secs()).unwrap_or(i64::MAX))
+    }
+
+    fn exit(&mut self, _exit: &SyncExit) -> Result<(), BoundaryError> {
+        Ok(())
+    }
+
+    fn read_clock(&mut self) -> Result<u64, BoundaryError> {
+        Ok(self.host_ns())
+    }
+
+    fn poll(&mut self, _point: Point, req: &WaitRequest) -> Result<Option<Input>, BoundaryError> {
+        if let Some(deadline) = req.deadline_ns {
+            let now = self.host_ns();
+            if now >= deadline && now > req.now_ns {
+                return Ok(Some(Input::Time(now)));
+            }
+        }
+        self.drain_channel();
+        let overdue = self
+            .pending_since
+            .is_some_and(|t| t.elapsed() >= Self::INPUT_LATENCY);
+        if overdue {
+            return Ok(self.take_pending(req.serial_room));
+        }
+        Ok(None)
+    }
+
+    fn wait(&mut self, req: &WaitRequest) -> Result<Input, BoundaryError> {
+        loop {
+            self.drain_channel();
+            if let Some(input) = self.take_pending(req.serial_room) {
+                return Ok(input);
+            }
+            let now = self.host_ns();
+            if let Some(deadline) = req.deadline_ns {
+                if now >= deadline {
+                    return Ok(Input::Time(now.max(req.now_ns)));
+                }
+            }
+            let timeout = req
+                .deadline_ns
+                .map(|d| Duration::from_nanos(d.saturating_sub(now)));
+            // Input only counts while the guest can take it.
+            let rx = if req.serial_room > 0 { self.rx.as_ref() } else { None };
+            let received = match (rx, timeout) {
+                (Some(rx), Some(t)) => match rx.recv_timeout(t) {
+                    Ok(bytes) => Some(bytes),
+                    Err(RecvTimeoutError::Timeout) => continue,
+                    Err(RecvTimeoutError::Disconnected) => None,
+                },
+                (Some(rx), None) => rx.recv().ok(),
+                (None, Some(t)) => {
+                    std::thread::sleep(t);
+                    continue;
+                }
+                (None, None) => return Err(BoundaryError::NothingToWaitFor),
+            };
+            match received {
+                Some(bytes) => self.push_pending(bytes),
+                None => self.rx = None,
+            }
+        }
+    }
+
+    fn interrupt(&mut self, _vector: u8) -> Result<(), BoundaryError> {
+        Ok(())
+    }
+
+    fn output(&mut self, kind: OutputKind, bytes: &[u8]) -> Result<(), BoundaryError> {
+        match kind {
+            OutputKind::Serial => {
+                self.out.write_all(bytes).map_err(BoundaryError::Output)?;
+                self.out.flush().map_err(BoundaryError::Output)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(now: u64, deadline: Option<u64>, room: usize) -> WaitRequest {
+        WaitRequest {
+            now_ns: now,
+            deadline_ns: deadline,
+            serial_room: room,
+        }
+    }
+
+    #[test]
+    fn clock_is_monotonic() {
+        let mut b = LiveBoundary::new(SerialSource::None, Box::new(std::io::sink()));
+        let a = b.read_clock().unwrap();
+        let c = b.read_clock().unwrap();
+        assert!(c >= a);
+    }
+
+    #[test]
+    fn wait_returns_time_at_deadline() {
+        let mut b = LiveBoundary::new(SerialSource::None, Box::new(std::io::sink()));
+        let t0 = b.read_clock().unwrap();
+        let deadline = t0 + 5_000_000;
+        match b.wait(&req(t0, Some(deadline), 16)).unwrap() {
+            Input::Time(t) => assert!(t >= deadline),
+            other => panic!("expected time, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn wait_with_nothing_to_wait_for_is_an_error() {
+        let mut b = LiveBoundary::new(SerialSource::None, Box::new(std::io::sink()));
+        assert!(matches!(
+            b.wait(&req(0, None, 16)),
+            Err(BoundaryError::NothingToWaitFor)
+        ));
+    }
+
+    #[test]
+    fn serial_input_respects_room_and_closes() {
+        let input = SerialSource::Reader(Box::new(std::io::Cursor::new(b"abcdef".to_vec())));
+        let mut b = LiveBoundary::new(input, Box::new(std::io::sink()));
+        let mut got = Vec::new();
+        while got.len() < 6 {
+            match b.wait(&req(0, None, 4)).unwrap() {
+                Input::SerialRx(bytes) => {
+                    assert!(bytes.len() <= 4);
+                    got.extend(bytes);
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(got, b"abcdef");
+        // The reader reached EOF: nothing can wake a guest without a timer now.
+        assert!(matches!(
+            b.wait(&req(0, None, 4)),
+            Err(BoundaryError::NothingToWaitFor)
+        ));
+    }
+
+    #[test]
+    fn poll_does_not_deliver_fresh_input() {
+        let input = SerialSource::Reader(Box::new(std::io::Cursor::new(b"x".to_vec())));
+        let mut b = LiveBoundary::new(input, Box::new(std::io::sink()));
+        std::thread::sleep(Duration::from_millis(5));
+        // Fresh input waits for the guest to halt...
+        assert_eq!(b.poll(Point::Exit, &req(0, None, 16)).unwrap(), None);
+        // ...or for the latency to pass.
+        std::thread::sleep(LiveBoundary::INPUT_LATENCY);
+        assert_eq!(
+            b.poll(Point::Exit, &req(0, None, 16)).unwrap(),
+            Some(Input::SerialRx(b"x".to_vec()))
+        );
+    }
+}
