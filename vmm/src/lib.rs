@@ -1,1 +1,24 @@
-//! vmm
+//! The ftvmm virtual machine monitor: one KVM VM with one vCPU, guest RAM, the 64-bit Linux
+//! boot, the platform's device bus and the vCPU loop.
+//!
+//! - [`config`]: what the user asked for (kernel, memory, disk, ...), apart from runtime state.
+//! - [`memory`]: guest RAM (vm-memory) and its KVM memory slot.
+//! - [`boot`]: loading the kernel and initrd, boot_params, page tables, the entry state.
+//! - [`cpuid`]: the CPUID table the guest sees and the deterministic command-line profile.
+//! - [`platform`]: the devices on their ports and addresses, interrupt routing, virtual time.
+//! - [`vcpu`]: the vCPU loop: synchronous exits, interrupt injection, kicks, the exit digest.
+//! - [`compat`]: what this host's KVM cannot do itself, completed by the VMM (off on hardware KVM).
+//! - [`kick`]: regaining control of a vCPU that runs a whole quantum without an exit.
+
+pub mod boot;
+pub mod compat;
+pub mod config;
+pub mod cpuid;
+pub mod kick;
+pub mod memory;
+pub mod platform;
+pub mod vcpu;
+pub mod vm;
+
+pub use config::{CompatMode, VmConfig};
+pub use vm::{Vm, VmError};

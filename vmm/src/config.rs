@@ -1,0 +1,41 @@
+//! User configuration of a VM: what was asked for, not what is running.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Whether the compatibility paths for this host's KVM are on (see [`crate::compat`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CompatMode {
+    /// Probe the host KVM at start-up and turn them on only where it has the gaps.
+    Auto,
+    /// Always on.
+    On,
+    /// Always off (hardware KVM).
+    Off,
+}
+
+/// Everything needed to build a VM.
+#[derive(Clone, Debug)]
+pub struct VmConfig {
+    /// Uncompressed ELF kernel (a `vmlinux` or a test guest).
+    pub kernel: PathBuf,
+    /// Initial ramdisk, loaded at the top of RAM.
+    pub initrd: Option<PathBuf>,
+    /// The user's part of the kernel command line.
+    pub cmdline: String,
+    /// Guest RAM in bytes.
+    pub memory_bytes: u64,
+    /// A raw disk image for virtio-blk.
+    pub disk: Option<PathBuf>,
+    /// Append the deterministic profile ([`crate::cpuid::DETERMINISTIC_PROFILE`]) to the command line.
+    pub deterministic_profile: bool,
+    /// Compatibility paths for this host's KVM.
+    pub kvm_compat: CompatMode,
+    /// A vCPU that runs this long without a synchronous exit is kicked.
+    pub quantum: Duration,
+}
+
+/// The largest guest RAM: it must stay below the MMIO hole at 0xd000_0000 (docs/PLATFORM.md).
+pub const MAX_MEMORY_BYTES: u64 = 3 << 30;
+/// The smallest guest RAM that holds the boot structures and a kernel at 1 MiB.
+pub const MIN_MEMORY_BYTES: u64 = 4 << 20;

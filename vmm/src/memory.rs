@@ -1,0 +1,64 @@
+//! Guest RAM: one vm-memory region at guest physical 0, registered as KVM memory slot 0.
+//!
+//! The region carries an `AtomicBitmap`, so every write the VMM makes through vm-memory (device
+//! DMA, boot structures) is recorded; the KVM dirty log records the guest's own writes. Together
+//! they are what an incremental checkpoint copies.
+
+use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
+use kvm_ioctls::VmFd;
+use thiserror::Error;
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+pub use devices::GuestMemoryMmap;
+
+/// Errors setting up guest RAM.
+#[derive(Debug, Error)]
+pub enum MemoryError {
+    /// Cannot allocate guest RAM.
+    #[error("cannot allocate {size} bytes of guest RAM: {reason}")]
+    Allocate {
+        /// Requested size.
+        size: u64,
+        /// Why.
+        reason: String,
+    },
+    /// KVM refused the memory slot.
+    #[error("KVM_SET_USER_MEMORY_REGION failed: {0}")]
+    SetRegion(#[source] kvm_ioctls::Error),
+}
+
+/// Allocates `size` bytes of guest RAM at guest physical 0.
+pub fn create(size: u64) -> Result<GuestMemoryMmap, MemoryError> {
+    let len = usize::try_from(size).map_err(|_| MemoryError::Allocate {
+        size,
+        reason: "too large for this host".into(),
+    })?;
+    GuestMemoryMmap::from_ranges(&[(GuestAddress(0), len)]).map_err(|e| MemoryError::Allocate {
+        size,
+        reason: e.to_string(),
+    })
+}
+
+/// Registers every region of `mem` with KVM, slot by slot, with dirty-page logging if asked.
+pub fn register(vm: &VmFd, mem: &GuestMemoryMmap, dirty_log: bool) -> Result<(), MemoryError> {
+    for (slot, region) in mem.iter().enumerate() {
+        let host = region
+            .get_host_address(vm_memory::MemoryRegionAddress(0))
+            .map_err(|e| MemoryError::Allocate {
+                size: region.len(),
+                reason: e.to_string(),
+            })?;
+        let desc = kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags: if dirty_log { KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+        };
+        // SAFETY: the region is a live mmap owned by `mem`, which the VM keeps alive for as long
+        // as the VM fd exists (both live in `Vm`, and `mem` is dropped after the vCPU and VM
+        // fds); the range is exactly the region's.
+        unsafe { vm.set_user_memory_region(desc) }.map_err(MemoryError::SetRegion)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,251 @@
+//! The platform: every device on its port or address (docs/PLATFORM.md), interrupt routing
+//! into the 8259A pair, and the virtual clock.
+//!
+//! The platform is the only caller of the device models. It asks the boundary for the clock
+//! whenever a device needs the time, so devices stay deterministic state machines and every
+//! time read is an input the boundary controls.
+
+use crate::memory::GuestMemoryMmap;
+use devices::pic::Pic;
+use devices::pit::Pit;
+use devices::rtc::Rtc;
+use devices::serial::Uart;
+use devices::virtio::MmioBlock;
+use ft_core::{Boundary, BoundaryError, Input, OutputKind, WaitRequest};
+
+/// COM1.
+pub const COM1_BASE: u16 = 0x3f8;
+/// COM1's interrupt line.
+pub const COM1_IRQ: u8 = 4;
+/// The exit port: a byte written here stops the VM with that status.
+pub const EXIT_PORT: u16 = 0x501;
+/// The keyboard controller's command port (0xfe = reset).
+pub const KBD_CMD_PORT: u16 = 0x64;
+/// The first virtio-mmio slot.
+pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
+/// Size of one virtio-mmio slot.
+pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
+/// The virtio-blk interrupt line.
+pub const VIRTIO_BLK_IRQ: u8 = 5;
+/// The PIT's interrupt line.
+pub const PIT_IRQ: u8 = 0;
+/// The RTC's interrupt line.
+pub const RTC_IRQ: u8 = 8;
+
+/// What the vCPU loop does after an access.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Resume the guest.
+    Continue,
+    /// Stop the VM: the guest asked to exit with this status.
+    Exit(u8),
+    /// Stop the VM: the guest asked for a reset.
+    Reset,
+}
+
+/// All the devices of the VM and the virtual clock.
+pub struct Platform {
+    pic: Pic,
+    pit: Pit,
+    rtc: Rtc,
+    uart: Uart,
+    blk: Option<MmioBlock>,
+    /// Virtual time, nanoseconds since boot. Moves only by inputs from the boundary.
+    now_ns: u64,
+}
+
+impl Platform {
+    /// A platform with the RTC showing `rtc_epoch` at boot and an optional virtio-blk disk.
+    pub fn new(rtc_epoch: i64, blk: Option<MmioBlock>) -> Self {
+        Platform {
+            pic: Pic::new(),
+            pit: Pit::new(),
+            rtc: Rtc::new(rtc_epoch),
+            uart: Uart::new(),
+            blk,
+            now_ns: 0,
+        }
+    }
+
+    /// Virtual time now.
+    pub fn now_ns(&self) -> u64 {
+        self.now_ns
+    }
+
+    /// The PIC, for the vCPU's interrupt acknowledge cycle.
+    pub fn pic_mut(&mut self) -> &mut Pic {
+        &mut self.pic
+    }
+
+    /// Whether the PIC asserts INTR.
+    pub fn interrupt_pending(&self) -> bool {
+        self.pic.intr()
+    }
+
+    /// What the boundary needs to decide on inputs.
+    pub fn wait_request(&self) -> WaitRequest {
+        let deadline = [
+            self.pit.next_irq0_ns(self.now_ns),
+            self.rtc.next_irq8_ns(self.now_ns),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
+        WaitRequest {
+            now_ns: self.now_ns,
+            deadline_ns: deadline,
+            serial_room: self.uart.rx_room(),
+        }
+    }
+
+    /// Moves virtual time forward to `t` and raises the timer interrupts that fell due.
+    pub fn advance_time(&mut self, t: u64) {
+        self.now_ns = self.now_ns.max(t);
+        if self.pit.poll_irq0(self.now_ns) > 0 {
+            self.pulse(PIT_IRQ);
+        }
+        if self.rtc.poll_irq8(self.now_ns) {
+            self.pulse(RTC_IRQ);
+        }
+    }
+
+    /// Applies one input from the boundary.
+    pub fn apply(&mut self, input: Input) {
+        match input {
+            Input::Time(t) => self.advance_time(t),
+            Input::SerialRx(bytes) => {
+                let taken = self.uart.enqueue_rx(&bytes);
+                if taken < bytes.len() {
+                    // The boundary never offers more than `serial_room`.
+                    tracing::warn!(
+                        "UART dropped {} received bytes: more than its FIFO had room for",
+                        bytes.len() - taken
+                    );
+                }
+                self.update_irqs();
+            }
+        }
+    }
+
+    fn pulse(&mut self, irq: u8) {
+        self.pic.set_irq(irq, true);
+        self.pic.set_irq(irq, false);
+    }
+
+    /// Samples the devices' interrupt outputs into the PIC.
+    fn update_irqs(&mut self) {
+        if self.uart.take_irq() {
+            self.pulse(COM1_IRQ);
+        }
+        if let Some(blk) = &self.blk {
+            let level = blk.irq_level();
+            self.pic.set_irq(VIRTIO_BLK_IRQ, level);
+        }
+    }
+
+    /// Sends what the guest transmitted to the world.
+    pub fn flush_output(&mut self, boundary: &mut dyn Boundary) -> Result<(), BoundaryError> {
+        let out = self.uart.take_output();
+        if !out.is_empty() {
+            boundary.output(OutputKind::Serial, &out)?;
+        }
+        Ok(())
+    }
+
+    fn clock(&mut self, boundary: &mut dyn Boundary) -> Result<u64, BoundaryError> {
+        let t = boundary.read_clock()?;
+        self.advance_time(t);
+        Ok(self.now_ns)
+    }
+
+    /// `IN` from `port`: fills `data` (1, 2 or 4 bytes).
+    pub fn pio_read(
+        &mut self,
+        port: u16,
+        data: &mut [u8],
+        boundary: &mut dyn Boundary,
+    ) -> Result<(), BoundaryError> {
+        let value = match port {
+            0x20 | 0x21 | 0xa0 | 0xa1 | 0x4d0 | 0x4d1 => self.pic.pio_read(port),
+            0x40..=0x43 | 0x61 => {
+                let now = self.clock(boundary)?;
+                self.pit.pio_read(port, now)
+            }
+            0x70 | 0x71 => {
+                let now = self.clock(boundary)?;
+                self.rtc.pio_read(port, now)
+            }
+            p if (COM1_BASE..COM1_BASE + 8).contains(&p) => {
+                self.uart.pio_read((p - COM1_BASE) as u8)
+            }
+            KBD_CMD_PORT => 0,
+            _ => 0xff,
+        };
+        // Multi-byte reads of byte-wide devices: the first byte is the register, the rest ones.
+        data.fill(0xff);
+        if let Some(first) = data.first_mut() {
+            *first = value;
+        }
+        self.update_irqs();
+        Ok(())
+    }
+
+    /// `OUT` of `data` to `port`.
+    pub fn pio_write(
+        &mut self,
+        port: u16,
+        data: &[u8],
+        boundary: &mut dyn Boundary,
+    ) -> Result<Action, BoundaryError> {
+        let Some(&value) = data.first() else {
+            return Ok(Action::Continue);
+        };
+        match port {
+            0x20 | 0x21 | 0xa0 | 0xa1 => self.pic.pio_write(port, value),
+            0x40..=0x43 | 0x61 => {
+                let now = self.clock(boundary)?;
+                self.pit.pio_write(port, value, now);
+                // A new count may make an edge due now.
+                self.advance_time(now);
+            }
+            0x70 | 0x71 => {
+                let now = self.clock(boundary)?;
+                self.rtc.pio_write(port, value, now);
+            }
+            p if (COM1_BASE..COM1_BASE + 8).contains(&p) => {
+                self.uart.pio_write((p - COM1_BASE) as u8, value);
+                self.flush_output(boundary)?;
+            }
+            EXIT_PORT => return Ok(Action::Exit(value)),
+            KBD_CMD_PORT if value == 0xfe => return Ok(Action::Reset),
+            _ => {}
+        }
+        self.update_irqs();
+        Ok(Action::Continue)
+    }
+
+    /// A read from `addr` outside guest RAM.
+    pub fn mmio_read(&mut self, addr: u64, data: &mut [u8], mem: &GuestMemoryMmap) {
+        match self.virtio_slot(addr) {
+            Some((blk, offset)) => blk.mmio_read(offset, data, mem),
+            None => data.fill(0xff),
+        }
+        self.update_irqs();
+    }
+
+    /// A write to `addr` outside guest RAM.
+    pub fn mmio_write(&mut self, addr: u64, data: &[u8], mem: &GuestMemoryMmap) {
+        if let Some((blk, offset)) = self.virtio_slot(addr) {
+            blk.mmio_write(offset, data, mem);
+        }
+        self.update_irqs();
+    }
+
+    fn virtio_slot(&mut self, addr: u64) -> Option<(&mut MmioBlock, u64)> {
+        let offset = addr.checked_sub(VIRTIO_MMIO_BASE)?;
+        if offset >= VIRTIO_MMIO_SIZE {
+            return None;
+        }
+        self.blk.as_mut().map(|b| (b, offset))
+    }
+}

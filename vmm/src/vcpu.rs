@@ -1,0 +1,373 @@
+//! The vCPU loop: run the guest, handle each synchronous exit, inject interrupts at positions,
+//! keep the exit digest.
+//!
+//! Interrupts are injected only right after a synchronous exit (or at a kick, which is not a
+//! position: see [`crate::kick`]) and only when the guest can take one; otherwise the VMM asks
+//! for an interrupt window, whose opening is itself a synchronous exit.
+
+use crate::compat::{self, CompatError, SyscallFix};
+use crate::kick::Kicker;
+use crate::memory::GuestMemoryMmap;
+use crate::platform::{Action, Platform};
+use ft_core::exit::le_bytes_to_u64;
+use ft_core::{Boundary, BoundaryError, ExitDigest, ExitKind, Point, SyncExit};
+use kvm_bindings::{kvm_debug_exit_arch, kvm_interrupt};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use thiserror::Error;
+use vmm_sys_util::ioctl::ioctl_with_ref;
+use vmm_sys_util::ioctl_iow_nr;
+
+ioctl_iow_nr!(KVM_INTERRUPT, kvm_bindings::KVMIO, 0x86, kvm_interrupt);
+
+/// How a run of the guest ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stop {
+    /// The guest wrote this status to the exit port.
+    ExitPort(u8),
+    /// The guest halted with interrupts disabled.
+    Halted,
+    /// The guest asked for a reset (keyboard controller).
+    Reset,
+    /// The guest triple-faulted (`KVM_EXIT_SHUTDOWN`).
+    TripleFault {
+        /// Where.
+        rip: u64,
+    },
+}
+
+impl Stop {
+    /// The process exit status for this stop (docs/PLATFORM.md).
+    pub fn status(self) -> u8 {
+        match self {
+            Stop::ExitPort(s) => s,
+            Stop::Halted | Stop::Reset => 0,
+            Stop::TripleFault { .. } => 1,
+        }
+    }
+}
+
+/// The state of the vCPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VcpuState {
+    /// Runs the guest.
+    Running,
+    /// Stopped for good.
+    Finished(Stop),
+}
+
+/// Errors of the vCPU loop.
+#[derive(Debug, Error)]
+pub enum VcpuError {
+    /// A vCPU ioctl failed.
+    #[error("{what} failed: {source}")]
+    Kvm {
+        /// Which.
+        what: &'static str,
+        /// Why.
+        source: kvm_ioctls::Error,
+    },
+    /// The boundary failed (input, output, or a replay mismatch).
+    #[error(transparent)]
+    Boundary(#[from] BoundaryError),
+    /// The compatibility paths failed.
+    #[error(transparent)]
+    Compat(#[from] CompatError),
+    /// An emulation failure happened with the compatibility paths off.
+    #[error("KVM could not emulate the instruction at rip {rip:#x} and --kvm-compat is off")]
+    EmulationFailure {
+        /// Where.
+        rip: u64,
+    },
+    /// KVM stopped with an exit the platform has no use for.
+    #[error("unexpected VM exit {what} at rip {rip:#x}")]
+    UnexpectedExit {
+        /// What KVM reported.
+        what: String,
+        /// Where.
+        rip: u64,
+    },
+}
+
+fn kvm<T>(what: &'static str, r: Result<T, kvm_ioctls::Error>) -> Result<T, VcpuError> {
+    r.map_err(|source| VcpuError::Kvm { what, source })
+}
+
+/// What one `KVM_RUN` returned, without borrowing the vCPU.
+enum Exit {
+    Sync {
+        kind: ExitKind,
+        addr: u64,
+        data: u64,
+        len: u8,
+        action: Action,
+    },
+    Kick,
+    Debug(kvm_debug_exit_arch),
+    InternalError,
+    Shutdown,
+    Other(String),
+}
+
+/// The single vCPU.
+pub struct Vcpu {
+    fd: VcpuFd,
+    state: VcpuState,
+    digest: ExitDigest,
+    compat: bool,
+    syscall_fix: Option<SyscallFix>,
+    kicks: u64,
+}
+
+impl Vcpu {
+    /// Wraps a configured vCPU.
+    pub fn new(fd: VcpuFd, compat: bool) -> Self {
+        Vcpu {
+            fd,
+            state: VcpuState::Running,
+            digest: ExitDigest::new(),
+            compat,
+            syscall_fix: compat.then(SyscallFix::default),
+            kicks: 0,
+        }
+    }
+
+    /// The digest over the synchronous exits so far.
+    pub fn digest(&self) -> &ExitDigest {
+        &self.digest
+    }
+
+    /// The state.
+    pub fn state(&self) -> VcpuState {
+        self.state
+    }
+
+    /// The vCPU fd, for saving and restoring state.
+    pub fn fd(&self) -> &VcpuFd {
+        &self.fd
+    }
+
+    /// How many times the vCPU was kicked.
+    pub fn kicks(&self) -> u64 {
+        self.kicks
+    }
+
+    /// The SYSCALL completion's counters, when the compatibility paths are on.
+    pub fn syscall_fix(&self) -> Option<&SyscallFix> {
+        self.syscall_fix.as_ref()
+    }
+
+    /// Runs the guest until it stops.
+    pub fn run(
+        &mut self,
+        platform: &mut Platform,
+        mem: &GuestMemoryMmap,
+        boundary: &mut dyn Boundary,
+        kicker: &Kicker,
+    ) -> Result<Stop, VcpuError> {
+        while self.state == VcpuState::Running {
+            kicker.enter();
+            let exit = self.run_once(platform, mem, boundary);
+            kicker.leave();
+            match exit? {
+                Exit::Sync {
+                    kind,
+                    addr,
+                    data,
+                    len,
+                    action,
+                } => {
+                    let rip = kvm("KVM_GET_REGS", self.fd.get_regs())?.rip;
+                    self.synchronous(
+                        SyncExit {
+                            kind,
+                            addr,
+                            data,
+                            len,
+                            rip,
+                        },
+                        boundary,
+                    )?;
+                    platform.flush_output(boundary)?;
+                    match action {
+                        Action::Continue => {}
+                        Action::Exit(status) => self.finish(Stop::ExitPort(status)),
+                        Action::Reset => self.finish(Stop::Reset),
+                    }
+                    if kind == ExitKind::Hlt && self.state == VcpuState::Running {
+                        self.halt(platform, boundary)?;
+                    }
+                    if self.state == VcpuState::Running {
+                        if let Some(fix) = &mut self.syscall_fix {
+                            fix.follow_guest(&self.fd, mem)?;
+                        }
+                        self.inputs(Point::Exit, platform, boundary, true)?;
+                    }
+                }
+                Exit::Kick => {
+                    self.kicks += 1;
+                    self.inputs(Point::Kick, platform, boundary, true)?;
+                }
+                Exit::Debug(arch) => {
+                    let exit = match &mut self.syscall_fix {
+                        Some(fix) => fix.on_debug(&self.fd, mem, &arch)?,
+                        None => None,
+                    };
+                    let Some(exit) = exit else {
+                        return Err(VcpuError::UnexpectedExit {
+                            what: format!("debug exception {} dr6={:#x}", arch.exception, arch.dr6),
+                            rip: arch.pc,
+                        });
+                    };
+                    self.synchronous(exit, boundary)?;
+                    // The VMM changed the vCPU's registers: KVM's view of interruptibility
+                    // is stale, so pending interrupts wait for a window.
+                    self.inputs(Point::Exit, platform, boundary, false)?;
+                }
+                Exit::InternalError => {
+                    if !self.compat {
+                        let rip = kvm("KVM_GET_REGS", self.fd.get_regs())?.rip;
+                        return Err(VcpuError::EmulationFailure { rip });
+                    }
+                    let exit = compat::complete_emulation_failure(&mut self.fd, mem)?;
+                    self.synchronous(exit, boundary)?;
+                    self.inputs(Point::Exit, platform, boundary, false)?;
+                }
+                Exit::Shutdown => {
+                    let rip = kvm("KVM_GET_REGS", self.fd.get_regs())?.rip;
+                    self.finish(Stop::TripleFault { rip });
+                }
+                Exit::Other(what) => {
+                    let rip = kvm("KVM_GET_REGS", self.fd.get_regs())?.rip;
+                    return Err(VcpuError::UnexpectedExit { what, rip });
+                }
+            }
+        }
+        match self.state {
+            VcpuState::Finished(stop) => Ok(stop),
+            VcpuState::Running => unreachable!("the loop runs until the vCPU finishes"),
+        }
+    }
+
+    fn finish(&mut self, stop: Stop) {
+        self.state = VcpuState::Finished(stop);
+    }
+
+    fn synchronous(
+        &mut self,
+        exit: SyncExit,
+        boundary: &mut dyn Boundary,
+    ) -> Result<(), VcpuError> {
+        self.digest.add(&exit);
+        tracing::trace!(n = self.digest.count(), "{exit}");
+        boundary.exit(&exit)?;
+        Ok(())
+    }
+
+    /// One `KVM_RUN`, with the device access of the exit already done.
+    fn run_once(
+        &mut self,
+        platform: &mut Platform,
+        mem: &GuestMemoryMmap,
+        boundary: &mut dyn Boundary,
+    ) -> Result<Exit, VcpuError> {
+        let sync = |kind, addr, data: &[u8], action| Exit::Sync {
+            kind,
+            addr,
+            data: le_bytes_to_u64(data),
+            len: data.len() as u8,
+            action,
+        };
+        match self.fd.run() {
+            Ok(VcpuExit::IoIn(port, data)) => {
+                platform.pio_read(port, data, boundary)?;
+                Ok(sync(ExitKind::PioIn, u64::from(port), data, Action::Continue))
+            }
+            Ok(VcpuExit::IoOut(port, data)) => {
+                let action = platform.pio_write(port, data, boundary)?;
+                Ok(sync(ExitKind::PioOut, u64::from(port), data, action))
+            }
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                platform.mmio_read(addr, data, mem);
+                Ok(sync(ExitKind::MmioRead, addr, data, Action::Continue))
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                platform.mmio_write(addr, data, mem);
+                Ok(sync(ExitKind::MmioWrite, addr, data, Action::Continue))
+            }
+            Ok(VcpuExit::Hlt) => Ok(sync(ExitKind::Hlt, 0, &[], Action::Continue)),
+            Ok(VcpuExit::IrqWindowOpen) => {
+                Ok(sync(ExitKind::IrqWindow, 0, &[], Action::Continue))
+            }
+            Ok(VcpuExit::Intr) => Ok(Exit::Kick),
+            Ok(VcpuExit::Debug(arch)) => Ok(Exit::Debug(arch)),
+            Ok(VcpuExit::InternalError) => Ok(Exit::InternalError),
+            Ok(VcpuExit::Shutdown) => Ok(Exit::Shutdown),
+            Ok(other) => Ok(Exit::Other(format!("{other:?}"))),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Ok(Exit::Kick),
+            Err(source) => Err(VcpuError::Kvm {
+                what: "KVM_RUN",
+                source,
+            }),
+        }
+    }
+
+    /// The guest executed HLT. With interrupts off it has stopped for good; otherwise wait for
+    /// inputs until an interrupt is pending.
+    fn halt(
+        &mut self,
+        platform: &mut Platform,
+        boundary: &mut dyn Boundary,
+    ) -> Result<(), VcpuError> {
+        if self.fd.get_kvm_run().if_flag == 0 {
+            self.finish(Stop::Halted);
+            return Ok(());
+        }
+        while !platform.interrupt_pending() {
+            let input = boundary.wait(&platform.wait_request())?;
+            platform.apply(input);
+        }
+        Ok(())
+    }
+
+    /// Delivers the inputs due at this point, then injects a pending interrupt if the guest can
+    /// take it (and `may_inject`), or asks for an interrupt window.
+    fn inputs(
+        &mut self,
+        point: Point,
+        platform: &mut Platform,
+        boundary: &mut dyn Boundary,
+        may_inject: bool,
+    ) -> Result<(), VcpuError> {
+        while let Some(input) = boundary.poll(point, &platform.wait_request())? {
+            platform.apply(input);
+        }
+        let stepping = self.syscall_fix.as_ref().is_some_and(SyscallFix::stepping);
+        let run = self.fd.get_kvm_run();
+        if !platform.interrupt_pending() || stepping {
+            // While stepping over a page fault, an open window would exit at once, forever.
+            run.request_interrupt_window = 0;
+            return Ok(());
+        }
+        if !may_inject || run.ready_for_interrupt_injection == 0 || run.if_flag == 0 {
+            run.request_interrupt_window = 1;
+            return Ok(());
+        }
+        run.request_interrupt_window = 0;
+        let Some(vector) = platform.pic_mut().acknowledge() else {
+            return Ok(());
+        };
+        let irq = kvm_interrupt {
+            irq: u32::from(vector),
+        };
+        // SAFETY: KVM_INTERRUPT reads one `struct kvm_interrupt`, which `irq` is, from a vCPU fd.
+        let ret = unsafe { ioctl_with_ref(&self.fd, KVM_INTERRUPT(), &irq) };
+        if ret < 0 {
+            return Err(VcpuError::Kvm {
+                what: "KVM_INTERRUPT",
+                source: kvm_ioctls::Error::last(),
+            });
+        }
+        boundary.interrupt(vector)?;
+        Ok(())
+    }
+}

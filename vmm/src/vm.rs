@@ -1,0 +1,186 @@
+//! Building a VM from its configuration and running it.
+
+use crate::boot::{self, BootError};
+use crate::compat;
+use crate::config::{VmConfig, MAX_MEMORY_BYTES, MIN_MEMORY_BYTES};
+use crate::cpuid::{self, DETERMINISTIC_PROFILE};
+use crate::kick::Kicker;
+use crate::memory::{self, GuestMemoryMmap, MemoryError};
+use crate::platform::{Platform, VIRTIO_BLK_IRQ, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE};
+use crate::vcpu::{Stop, Vcpu, VcpuError};
+use devices::virtio::{FileDisk, MmioBlock};
+use ft_core::{Boundary, BoundaryError, ExitDigest};
+use kvm_ioctls::{Kvm, VmFd};
+use thiserror::Error;
+
+/// Errors building or running a VM.
+#[derive(Debug, Error)]
+pub enum VmError {
+    /// /dev/kvm cannot be opened.
+    #[error("cannot open /dev/kvm: {0} (is KVM available, and may this user use it?)")]
+    OpenKvm(#[source] kvm_ioctls::Error),
+    /// The KVM API version is not the one this VMM speaks.
+    #[error("KVM API version {0}, ftvmm needs 12")]
+    ApiVersion(i32),
+    /// A KVM ioctl failed while building the VM.
+    #[error("{what} failed: {source}")]
+    Kvm {
+        /// Which.
+        what: &'static str,
+        /// Why.
+        source: kvm_ioctls::Error,
+    },
+    /// Guest RAM size out of range.
+    #[error("--memory {0} bytes is out of range: give between 4M and 3G")]
+    MemorySize(u64),
+    /// Guest RAM.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// Boot.
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    /// The disk image.
+    #[error("cannot open disk image {path}: {source}")]
+    Disk {
+        /// The path.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The boundary.
+    #[error(transparent)]
+    Boundary(#[from] BoundaryError),
+    /// The vCPU loop.
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    /// Starting the kicker thread.
+    #[error("cannot start the vCPU kicker: {0}")]
+    Kicker(#[source] std::io::Error),
+}
+
+fn kvm<T>(what: &'static str, r: Result<T, kvm_ioctls::Error>) -> Result<T, VmError> {
+    r.map_err(|source| VmError::Kvm { what, source })
+}
+
+/// One VM: KVM handles, guest RAM, the platform and the vCPU.
+///
+/// Field order is drop order: the vCPU and VM fds go before the RAM they map.
+pub struct Vm {
+    vcpu: Vcpu,
+    _vm: VmFd,
+    _kvm: Kvm,
+    platform: Platform,
+    mem: GuestMemoryMmap,
+    config: VmConfig,
+    compat: bool,
+    cmdline: String,
+}
+
+impl Vm {
+    /// Builds the VM described by `config`, ready to run from the kernel's entry point.
+    pub fn new(config: &VmConfig, boundary: &mut dyn Boundary) -> Result<Vm, VmError> {
+        if !(MIN_MEMORY_BYTES..=MAX_MEMORY_BYTES).contains(&config.memory_bytes) {
+            return Err(VmError::MemorySize(config.memory_bytes));
+        }
+        let blk = match &config.disk {
+            Some(path) => {
+                let disk = FileDisk::open(path, false).map_err(|source| VmError::Disk {
+                    path: path.display().to_string(),
+                    source,
+                })?;
+                Some(MmioBlock::new(Box::new(disk), false))
+            }
+            None => None,
+        };
+
+        let kvm_fd = Kvm::new().map_err(VmError::OpenKvm)?;
+        let api = kvm_fd.get_api_version();
+        if api != 12 {
+            return Err(VmError::ApiVersion(api));
+        }
+        let vm = kvm("KVM_CREATE_VM", kvm_fd.create_vm())?;
+        // This host's KVM answers EINVAL (ENVIRONMENT.md); hardware KVM on Intel needs it.
+        if let Err(e) = vm.set_tss_address(0xfffb_d000) {
+            tracing::debug!("KVM_SET_TSS_ADDR: {e} (tolerated)");
+        }
+        let mem = memory::create(config.memory_bytes)?;
+        memory::register(&vm, &mem, false)?;
+
+        let cmdline = kernel_cmdline(config);
+        let boot = boot::load(&mem, &config.kernel, config.initrd.as_deref(), &cmdline)?;
+
+        let fd = kvm("KVM_CREATE_VCPU", vm.create_vcpu(0))?;
+        let table = kvm("KVM_GET_SUPPORTED_CPUID", cpuid::guest_cpuid(&kvm_fd))?;
+        kvm("KVM_SET_CPUID2", fd.set_cpuid2(&table))?;
+        let sregs = kvm("KVM_GET_SREGS", fd.get_sregs())?;
+        kvm("KVM_SET_SREGS", fd.set_sregs(&boot::entry_sregs(sregs)))?;
+        kvm("KVM_SET_REGS", fd.set_regs(&boot::entry_regs(boot.entry)))?;
+        kvm("KVM_SET_FPU", fd.set_fpu(&boot::entry_fpu()))?;
+
+        let compat = compat::resolve(config.kvm_compat);
+        tracing::info!(
+            "kvm compatibility paths {} ({:?}, kvm_pvm module {})",
+            if compat { "on" } else { "off" },
+            config.kvm_compat,
+            if compat::host_needs_compat() { "present" } else { "absent" }
+        );
+        let platform = Platform::new(boundary.rtc_epoch()?, blk);
+        Ok(Vm {
+            vcpu: Vcpu::new(fd, compat),
+            _vm: vm,
+            _kvm: kvm_fd,
+            platform,
+            mem,
+            config: config.clone(),
+            compat,
+            cmdline,
+        })
+    }
+
+    /// The full kernel command line the guest got.
+    pub fn cmdline(&self) -> &str {
+        &self.cmdline
+    }
+
+    /// Whether the compatibility paths are on.
+    pub fn compat(&self) -> bool {
+        self.compat
+    }
+
+    /// Runs the guest until it stops.
+    pub fn run(&mut self, boundary: &mut dyn Boundary) -> Result<Stop, VmError> {
+        let kicker = Kicker::start(self.config.quantum).map_err(VmError::Kicker)?;
+        let stop = self
+            .vcpu
+            .run(&mut self.platform, &self.mem, boundary, &kicker)?;
+        Ok(stop)
+    }
+
+    /// The digest over the synchronous exits so far.
+    pub fn digest(&self) -> &ExitDigest {
+        self.vcpu.digest()
+    }
+
+    /// How many times the vCPU was kicked.
+    pub fn kicks(&self) -> u64 {
+        self.vcpu.kicks()
+    }
+}
+
+/// The command line the guest gets: the user's, the deterministic profile, the devices.
+pub fn kernel_cmdline(config: &VmConfig) -> String {
+    let mut parts = vec![config.cmdline.trim().to_string()];
+    if config.deterministic_profile {
+        parts.push(DETERMINISTIC_PROFILE.to_string());
+    }
+    if config.disk.is_some() {
+        parts.push(format!(
+            "virtio_mmio.device={}K@{:#x}:{}",
+            VIRTIO_MMIO_SIZE / 1024,
+            VIRTIO_MMIO_BASE,
+            VIRTIO_BLK_IRQ
+        ));
+    }
+    parts.retain(|p| !p.is_empty());
+    parts.join(" ")
+}
