@@ -21,4 +21,4 @@ pub mod vcpu;
 pub mod vm;
 
 pub use config::{CompatMode, VmConfig};
-pub use vm::{Vm, VmError};
+pub use vm::{MemoryStats, Vm, VmError};

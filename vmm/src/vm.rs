@@ -165,6 +165,65 @@ impl Vm {
     pub fn kicks(&self) -> u64 {
         self.vcpu.kicks()
     }
+
+    /// The vCPU (its counters and compatibility-path statistics).
+    pub fn vcpu(&self) -> &Vcpu {
+        &self.vcpu
+    }
+
+    /// This process's resident memory, and how much of it is guest RAM, in KiB (from
+    /// /proc/self/smaps). The VMM's own footprint is the difference.
+    pub fn memory_stats(&self) -> Option<MemoryStats> {
+        use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
+        let guest: Vec<(u64, u64)> = self
+            .mem
+            .iter()
+            .filter_map(|r| {
+                let start = r.get_host_address(MemoryRegionAddress(0)).ok()? as u64;
+                Some((start, start + r.len()))
+            })
+            .collect();
+        let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
+        let (mut total, mut guest_kib) = (0u64, 0u64);
+        let mut in_guest = false;
+        for line in smaps.lines() {
+            let mut words = line.split_whitespace();
+            let first = words.next().unwrap_or("");
+            if let Some((a, b)) = first.split_once('-') {
+                if let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) {
+                    in_guest = guest.iter().any(|(s, e)| a >= *s && b <= *e);
+                    continue;
+                }
+            }
+            if first == "Rss:" {
+                let kib: u64 = words.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+                total += kib;
+                if in_guest {
+                    guest_kib += kib;
+                }
+            }
+        }
+        Some(MemoryStats {
+            rss_kib: total,
+            guest_rss_kib: guest_kib,
+        })
+    }
+}
+
+/// Resident memory of the VMM process.
+#[derive(Debug, Clone, Copy)]
+pub struct MemoryStats {
+    /// All of it.
+    pub rss_kib: u64,
+    /// The part that is guest RAM.
+    pub guest_rss_kib: u64,
+}
+
+impl MemoryStats {
+    /// The VMM's own footprint: everything but guest RAM.
+    pub fn vmm_kib(&self) -> u64 {
+        self.rss_kib.saturating_sub(self.guest_rss_kib)
+    }
 }
 
 /// The command line the guest gets: the user's, the deterministic profile, the devices.

@@ -191,7 +191,16 @@ fn run(args: Args) -> Result<u8, String> {
         }
         Err(e) => Err(e.to_string()),
     };
-    tracing::info!("kicks: {}", vm.kicks());
+    let fix = vm.vcpu().syscall_fix();
+    let mem = vm.memory_stats();
+    tracing::info!(
+        "stats: kicks={} syscalls-completed={} page-faults-stepped={} vmm-rss-kib={} guest-rss-kib={}",
+        vm.kicks(),
+        fix.map_or(0, |f| f.syscalls),
+        fix.map_or(0, |f| f.page_faults),
+        mem.map_or(0, |m| m.vmm_kib()),
+        mem.map_or(0, |m| m.guest_rss_kib),
+    );
     // The digest line is the last line of every run, whatever ended it.
     if let Err(e) = &status {
         eprintln!("ftvmm: error: {e}");
