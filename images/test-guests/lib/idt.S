@@ -25,6 +25,10 @@
         .popsection
 .endm
 
+.section .rodata.isrtab,"a",@progbits
+.balign 8
+isrtab:                 # filled by the stubs below, in vector order
+
 .text
 .balign 16
 isr_stubs:
@@ -34,10 +38,6 @@ isr_stubs:
         .set vec, vec + 1
         .endr
 .noaltmacro
-
-.section .rodata.isrtab,"a",@progbits
-.balign 8
-isrtab:                 # filled by the stubs above (same section, emitted in order)
 
 # ---------------------------------------------------------------- idt_init
 .text

@@ -3,7 +3,8 @@
 # Output is byte-exact: no "\n" -> "\r\n" translation. Every byte costs two or more port
 # accesses (LSR poll, THR write), i.e. VM exits.
 #
-#   serial_init          115200 8N1, FIFO on (RX trigger 1 byte), MCR = DTR|RTS|OUT2, IER = 0
+#   serial_init          115200 8N1, FCR = 0 (no FIFO; keeps bytes received before it),
+#                        MCR = DTR|RTS|OUT2, IER = 0
 #   putc(dil)            wait for LSR.THRE, write THR
 #   print_str(rdi)       NUL-terminated string
 #   print_dec(rdi)       unsigned decimal, no padding
@@ -35,8 +36,8 @@ serial_init:
         mov     $0x03, %al              # 8N1, DLAB off
         out     %al, %dx
         mov     $UART_FCR, %dx
-        mov     $0x07, %al              # FIFO on, clear RX/TX, RX trigger 1 byte
-        out     %al, %dx
+        xor     %al, %al                # FIFO off (16450 mode): enabling or resetting the FIFO
+        out     %al, %dx                # would drop input that arrived before serial_init
         mov     $UART_MCR, %dx
         mov     $0x0b, %al              # DTR, RTS, OUT2 (OUT2 gates the IRQ line on a PC)
         out     %al, %dx

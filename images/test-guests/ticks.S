@@ -1,0 +1,69 @@
+# ticks: the PIT drives IRQ0 at 100 Hz through the 8259A; the guest halts between ticks.
+#
+# Serial output (exact bytes), about 1 s of guest time:
+#     tick 10\n
+#     tick 20\n
+#     ...
+#     tick 100\n
+# (ten lines, n = 10, 20, ..., 100). Exit: status 0 through port 0x501.
+#
+# Devices: PIC (master remapped to 0x20, only IRQ0 unmasked), PIT channel 0 mode 2 at 100 Hz
+# (divisor 11932), COM1 output. The IRQ0 handler (vector 0x20) increments a counter and EOIs.
+# The main loop is `cli; check; sti; hlt`: a line is printed as soon as the counter reaches the
+# next multiple of 10 (if several ticks passed while printing, none is skipped or repeated).
+# CPL0 work: ~10 instructions + 2 port writes per tick, ~250 instructions + ~20 port accesses
+# per line.
+
+.include "defs.inc"
+
+.equ HZ, 100
+.equ EVERY, 10
+.equ LAST, 100
+
+.text
+.globl main
+main:
+        mov     $(IRQ_BASE + 0), %edi
+        lea     irq0(%rip), %rsi
+        mov     $GATE_INT, %edx
+        call    idt_set_gate
+        mov     $0x0001, %edi           # IRQ0 only
+        call    pic_init
+        mov     $HZ, %edi
+        call    pit_init
+        mov     $EVERY, %ebx            # next tick count to print
+1:      cli
+        mov     ticks(%rip), %rax
+        cmp     %rbx, %rax
+        jae     2f
+        sti
+        hlt                             # sti; hlt: no lost wake-up
+        jmp     1b
+2:      sti
+        lea     msg_tick(%rip), %rdi
+        call    print_str
+        mov     %rbx, %rdi
+        call    print_dec
+        mov     $'\n', %edi
+        call    putc
+        add     $EVERY, %ebx
+        cmp     $LAST, %ebx
+        jbe     1b
+        cli
+        xor     %edi, %edi
+        call    exit
+
+irq0:
+        push    %rax
+        incq    ticks(%rip)
+        mov     $PIC_EOI, %al
+        out     %al, $PIC1_CMD
+        pop     %rax
+        iretq
+
+.section .rodata
+msg_tick: .asciz "tick "
+
+.bss
+.balign 8
+ticks:  .quad 0
