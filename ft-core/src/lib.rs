@@ -9,6 +9,7 @@
 pub mod boundary;
 pub mod exit;
 pub mod live;
+pub mod log;
 
 pub use boundary::{Boundary, BoundaryError, Input, OutputKind, Point, WaitRequest};
 pub use exit::{ExitDigest, ExitKind, SyncExit};

@@ -1,0 +1,516 @@
+//! The event log: what a recording holds and what the logging channel will carry.
+//!
+//! ```text
+//! log     := magic header-frame record-frame*
+//! magic   := "FTVMMLOG"                          8 bytes
+//! frame   := len payload crc
+//! len     := varint (LEB128, at most 5 bytes)    length of payload, at most MAX_FRAME
+//! payload := postcard(Header) | postcard(Record)
+//! crc     := u32, little-endian                  CRC32C (Castagnoli) of payload
+//! ```
+//!
+//! Payloads are encoded with postcard 1.x (integers as LEB128 varints, signed ones zigzagged,
+//! enums as a varint discriminant then the fields in order, byte strings as a varint length then
+//! the bytes). docs/PROTOCOL.md gives every record byte by byte.
+//!
+//! Records follow the order in which the VMM calls the boundary, so a record's position in the
+//! instruction stream is implicit: it happened after the synchronous exits logged before it.
+
+use crate::exit::{ExitKind, SyncExit};
+use serde::{Deserialize, Serialize};
+use std::io::{self, Read, Write};
+use thiserror::Error;
+
+/// The first 8 bytes of every log.
+pub const MAGIC: [u8; 8] = *b"FTVMMLOG";
+/// The format version this build writes and reads.
+pub const VERSION: u16 = 1;
+/// The largest frame payload (a full checkpoint of a 3 GiB guest fits in a few frames' worth of
+/// pages; checkpoints are split by the writer if they are larger).
+pub const MAX_FRAME: u32 = 1 << 30;
+
+/// What a replay must match to be meaningful: the same machine.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Header {
+    /// Format version.
+    pub version: u16,
+    /// A hash of the machine configuration (kernel, initrd and disk contents' identity, command
+    /// line, memory size, profile); replay refuses a log whose hash differs from its own.
+    pub config_hash: u64,
+    /// A human-readable summary of the configuration, for the error message.
+    pub config_summary: String,
+    /// The RTC's wall-clock epoch at boot (an input).
+    pub rtc_epoch: i64,
+}
+
+/// Where inputs were taken (see [`crate::boundary::Point`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PointRec {
+    /// After a synchronous exit.
+    Exit,
+    /// At a kick.
+    Kick,
+}
+
+/// A non-deterministic input as logged.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum InputRec {
+    /// Virtual time moved forward by this many nanoseconds.
+    TimeDelta(u64),
+    /// Serial bytes received.
+    Serial(Vec<u8>),
+}
+
+/// One record of the log.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Record {
+    /// A synchronous exit. `rip_delta` is RIP minus the previous exit's RIP (wrapping).
+    Exit {
+        /// [`ExitKind`] as its byte.
+        kind: u8,
+        /// Port or address.
+        addr: u64,
+        /// Data.
+        data: u64,
+        /// Access size.
+        len: u8,
+        /// RIP relative to the previous exit's.
+        rip_delta: i64,
+    },
+    /// A device read the clock: virtual time moved forward by `delta` ns (0 if it did not).
+    Clock {
+        /// Nanoseconds since the last time the log moved the clock.
+        delta: u64,
+    },
+    /// Inputs delivered by a poll.
+    Poll {
+        /// Where.
+        point: PointRec,
+        /// What.
+        input: InputRec,
+    },
+    /// The input that woke a halted guest.
+    Wake {
+        /// What.
+        input: InputRec,
+    },
+    /// An interrupt injected.
+    Interrupt {
+        /// The vector.
+        vector: u8,
+    },
+    /// Output to the world: its kind, length and CRC32C.
+    Output {
+        /// 0 = serial.
+        kind: u8,
+        /// Bytes.
+        len: u32,
+        /// CRC32C of the bytes.
+        crc: u32,
+    },
+    /// A checkpoint the replay applies instead of executing up to this point (opaque to the
+    /// log: the VMM's snapshot encoding).
+    Checkpoint {
+        /// The snapshot.
+        data: Vec<u8>,
+    },
+    /// The end of a recording: the recorder's exit count and digest.
+    End {
+        /// Synchronous exits.
+        exits: u64,
+        /// The exit digest.
+        digest: u64,
+    },
+}
+
+/// Errors reading or writing a log.
+#[derive(Debug, Error)]
+pub enum LogError {
+    /// I/O.
+    #[error("log I/O: {0}")]
+    Io(#[from] io::Error),
+    /// Not a log.
+    #[error("not an ftvmm log (bad magic)")]
+    BadMagic,
+    /// A version this build does not read.
+    #[error("log format version {found}, this ftvmm reads version {VERSION}")]
+    Version {
+        /// What the log says.
+        found: u16,
+    },
+    /// The log ends in the middle of a frame.
+    #[error("log truncated in frame {frame} (at byte {offset})")]
+    Truncated {
+        /// Frame number (0 = header).
+        frame: u64,
+        /// Byte offset of the frame.
+        offset: u64,
+    },
+    /// A frame whose CRC does not match: corrupted.
+    #[error("log frame {frame} (at byte {offset}) is corrupt: CRC32C {found:08x}, expected {expected:08x}")]
+    Crc {
+        /// Frame number.
+        frame: u64,
+        /// Byte offset of the frame.
+        offset: u64,
+        /// CRC computed over the payload.
+        found: u32,
+        /// CRC stored in the frame.
+        expected: u32,
+    },
+    /// A frame larger than any valid one.
+    #[error("log frame {frame} (at byte {offset}) claims {len} bytes, more than the {MAX_FRAME} allowed")]
+    TooLarge {
+        /// Frame number.
+        frame: u64,
+        /// Byte offset.
+        offset: u64,
+        /// Claimed length.
+        len: u64,
+    },
+    /// A frame whose payload does not decode.
+    #[error("log frame {frame} (at byte {offset}) does not decode: {why}")]
+    Decode {
+        /// Frame number.
+        frame: u64,
+        /// Byte offset.
+        offset: u64,
+        /// Why.
+        why: String,
+    },
+}
+
+fn write_varint(out: &mut Vec<u8>, mut v: u64) {
+    loop {
+        let byte = (v & 0x7f) as u8;
+        v >>= 7;
+        if v == 0 {
+            out.push(byte);
+            return;
+        }
+        out.push(byte | 0x80);
+    }
+}
+
+/// Encodes one frame around `payload`.
+pub fn encode_frame(payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(payload.len() + 9);
+    write_varint(&mut out, payload.len() as u64);
+    out.extend_from_slice(payload);
+    out.extend_from_slice(&crc32c::crc32c(payload).to_le_bytes());
+    out
+}
+
+/// Encodes a record as a frame.
+pub fn encode_record(record: &Record) -> Vec<u8> {
+    // postcard cannot fail on these types with an in-memory writer.
+    let payload = postcard::to_stdvec(record).unwrap_or_default();
+    encode_frame(&payload)
+}
+
+/// Writes a log.
+pub struct LogWriter<W: Write> {
+    out: W,
+    frames: u64,
+    bytes: u64,
+}
+
+impl<W: Write> LogWriter<W> {
+    /// Writes the magic and the header.
+    pub fn new(mut out: W, header: &Header) -> Result<Self, LogError> {
+        out.write_all(&MAGIC)?;
+        let payload = postcard::to_stdvec(header).map_err(|e| LogError::Decode {
+            frame: 0,
+            offset: 8,
+            why: e.to_string(),
+        })?;
+        let frame = encode_frame(&payload);
+        out.write_all(&frame)?;
+        Ok(LogWriter {
+            out,
+            frames: 1,
+            bytes: 8 + frame.len() as u64,
+        })
+    }
+
+    /// Appends a record.
+    pub fn write(&mut self, record: &Record) -> Result<(), LogError> {
+        let frame = encode_record(record);
+        self.out.write_all(&frame)?;
+        self.frames += 1;
+        self.bytes += frame.len() as u64;
+        Ok(())
+    }
+
+    /// Flushes the writer.
+    pub fn flush(&mut self) -> Result<(), LogError> {
+        self.out.flush()?;
+        Ok(())
+    }
+
+    /// Bytes written so far.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Frames written so far (the header included).
+    pub fn frames(&self) -> u64 {
+        self.frames
+    }
+}
+
+/// Reads a log, checking every frame.
+pub struct LogReader<R: Read> {
+    input: R,
+    frame: u64,
+    offset: u64,
+}
+
+impl<R: Read> LogReader<R> {
+    /// Reads and checks the magic and the header.
+    pub fn new(mut input: R) -> Result<(Self, Header), LogError> {
+        let mut magic = [0u8; 8];
+        input.read_exact(&mut magic).map_err(|e| match e.kind() {
+            io::ErrorKind::UnexpectedEof => LogError::BadMagic,
+            _ => LogError::Io(e),
+        })?;
+        if magic != MAGIC {
+            return Err(LogError::BadMagic);
+        }
+        let mut reader = LogReader {
+            input,
+            frame: 0,
+            offset: 8,
+        };
+        let payload = reader
+            .next_payload()?
+            .ok_or(LogError::Truncated { frame: 0, offset: 8 })?;
+        let header: Header = postcard::from_bytes(&payload).map_err(|e| LogError::Decode {
+            frame: 0,
+            offset: 8,
+            why: e.to_string(),
+        })?;
+        if header.version != VERSION {
+            return Err(LogError::Version {
+                found: header.version,
+            });
+        }
+        Ok((reader, header))
+    }
+
+    /// The next frame's payload; `None` at a clean end of the log.
+    fn next_payload(&mut self) -> Result<Option<Vec<u8>>, LogError> {
+        let (frame, offset) = (self.frame, self.offset);
+        let truncated = || LogError::Truncated { frame, offset };
+        let mut len: u64 = 0;
+        let mut consumed = 0u64;
+        for shift in (0..35).step_by(7) {
+            let mut b = [0u8; 1];
+            match self.input.read(&mut b) {
+                Ok(0) if shift == 0 => return Ok(None),
+                Ok(0) => return Err(truncated()),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e.into()),
+            }
+            consumed += 1;
+            len |= u64::from(b[0] & 0x7f) << shift;
+            if b[0] & 0x80 == 0 {
+                break;
+            }
+            if shift == 28 {
+                return Err(LogError::TooLarge { frame, offset, len });
+            }
+        }
+        if len > u64::from(MAX_FRAME) {
+            return Err(LogError::TooLarge { frame, offset, len });
+        }
+        let mut payload = vec![0u8; len as usize];
+        let mut crc = [0u8; 4];
+        self.input
+            .read_exact(&mut payload)
+            .and_then(|_| self.input.read_exact(&mut crc))
+            .map_err(|e| match e.kind() {
+                io::ErrorKind::UnexpectedEof => truncated(),
+                _ => LogError::Io(e),
+            })?;
+        let expected = u32::from_le_bytes(crc);
+        let found = crc32c::crc32c(&payload);
+        if found != expected {
+            return Err(LogError::Crc {
+                frame,
+                offset,
+                found,
+                expected,
+            });
+        }
+        self.frame += 1;
+        self.offset += consumed + len + 4;
+        Ok(Some(payload))
+    }
+
+    /// The next record; `None` at a clean end of the log.
+    pub fn next(&mut self) -> Result<Option<Record>, LogError> {
+        let (frame, offset) = (self.frame, self.offset);
+        match self.next_payload()? {
+            None => Ok(None),
+            Some(p) => postcard::from_bytes(&p)
+                .map(Some)
+                .map_err(|e| LogError::Decode {
+                    frame,
+                    offset,
+                    why: e.to_string(),
+                }),
+        }
+    }
+
+    /// The number of the next frame (the header is frame 0).
+    pub fn frame(&self) -> u64 {
+        self.frame
+    }
+}
+
+/// The record of a synchronous exit, relative to the previous exit's RIP.
+pub fn exit_record(exit: &SyncExit, prev_rip: u64) -> Record {
+    Record::Exit {
+        kind: exit.kind as u8,
+        addr: exit.addr,
+        data: exit.data,
+        len: exit.len,
+        rip_delta: exit.rip.wrapping_sub(prev_rip) as i64,
+    }
+}
+
+/// The exit kind for its byte.
+pub fn exit_kind(byte: u8) -> Option<ExitKind> {
+    Some(match byte {
+        1 => ExitKind::PioIn,
+        2 => ExitKind::PioOut,
+        3 => ExitKind::MmioRead,
+        4 => ExitKind::MmioWrite,
+        5 => ExitKind::Hlt,
+        6 => ExitKind::IrqWindow,
+        7 => ExitKind::Debug,
+        8 => ExitKind::Emulated,
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header() -> Header {
+        Header {
+            version: VERSION,
+            config_hash: 0x1234,
+            config_summary: "test".into(),
+            rtc_epoch: 1_795_428_000,
+        }
+    }
+
+    fn records() -> Vec<Record> {
+        vec![
+            Record::Exit {
+                kind: 2,
+                addr: 0x3f8,
+                data: 0x41,
+                len: 1,
+                rip_delta: -12,
+            },
+            Record::Clock { delta: 1_000_000 },
+            Record::Poll {
+                point: PointRec::Exit,
+                input: InputRec::Serial(b"abc".to_vec()),
+            },
+            Record::Interrupt { vector: 0x20 },
+            Record::Output {
+                kind: 0,
+                len: 3,
+                crc: 7,
+            },
+            Record::End {
+                exits: 1,
+                digest: 99,
+            },
+        ]
+    }
+
+    fn encoded() -> Vec<u8> {
+        let mut w = LogWriter::new(Vec::new(), &header()).unwrap();
+        for r in records() {
+            w.write(&r).unwrap();
+        }
+        w.out
+    }
+
+    #[test]
+    fn round_trip() {
+        let bytes = encoded();
+        let (mut r, h) = LogReader::new(&bytes[..]).unwrap();
+        assert_eq!(h, header());
+        let mut got = Vec::new();
+        while let Some(rec) = r.next().unwrap() {
+            got.push(rec);
+        }
+        assert_eq!(got, records());
+    }
+
+    #[test]
+    fn exit_records_are_small() {
+        let frame = encode_record(&records()[0]);
+        assert!(frame.len() <= 12, "{} bytes: {frame:02x?}", frame.len());
+    }
+
+    #[test]
+    fn every_flipped_byte_is_caught() {
+        let bytes = encoded();
+        for i in 0..bytes.len() {
+            let mut bad = bytes.clone();
+            bad[i] ^= 0x01;
+            let result = LogReader::new(&bad[..]).and_then(|(mut r, _)| {
+                while r.next()?.is_some() {}
+                Ok(())
+            });
+            assert!(result.is_err(), "flipping byte {i} went unnoticed");
+        }
+    }
+
+    #[test]
+    fn truncation_is_caught_at_every_length() {
+        let bytes = encoded();
+        let (mut full, _) = LogReader::new(&bytes[..]).unwrap();
+        // A log cut exactly between frames reads cleanly: replay notices the missing `End`.
+        let mut frame_ends = vec![full.offset];
+        while full.next().unwrap().is_some() {
+            frame_ends.push(full.offset);
+        }
+        for len in 0..bytes.len() {
+            let result = LogReader::new(&bytes[..len]).and_then(|(mut r, _)| {
+                while r.next()?.is_some() {}
+                Ok(())
+            });
+            let clean_end = frame_ends.contains(&(len as u64));
+            assert_eq!(result.is_ok(), clean_end, "truncated to {len} bytes");
+        }
+    }
+
+    #[test]
+    fn huge_length_is_rejected_without_allocating() {
+        let mut bytes = MAGIC.to_vec();
+        bytes.extend_from_slice(&[0xff, 0xff, 0xff, 0xff, 0x0f]);
+        assert!(matches!(
+            LogReader::new(&bytes[..]),
+            Err(LogError::TooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn garbage_is_not_a_log() {
+        assert!(matches!(
+            LogReader::new(&b"hello world"[..]),
+            Err(LogError::BadMagic)
+        ));
+        assert!(matches!(LogReader::new(&b""[..]), Err(LogError::BadMagic)));
+    }
+}
