@@ -1,1 +1,35 @@
-//! Device models (filled in below).
+//! Device models of the ftvmm platform (docs/PLATFORM.md): the 8259A PIC pair, the 8254 PIT,
+//! the MC146818 CMOS RTC, the 16550A UART and virtio-blk over virtio-mmio.
+//!
+//! Every model here is a deterministic state machine. None of them knows about fault
+//! tolerance, none reads a clock, starts a thread, draws a random number or touches the host,
+//! except the virtio-blk disk through the [`virtio::DiskBackend`] trait the VMM hands it. Time
+//! comes in as an explicit `now_ns` argument (virtual nanoseconds, monotonic), so the same
+//! sequence of calls always gives the same results.
+//!
+//! No guest action makes a model panic: bad ports, offsets, register values and virtio
+//! descriptors give a defined result (an ignored access, an error status, a "needs reset"
+//! device state) and a `tracing::warn!`.
+//!
+//! Every device can save its complete state into a serde-serializable `*State` struct and be
+//! rebuilt from it, for snapshots and live state transfer.
+//!
+//! | module | device | guest interface |
+//! | --- | --- | --- |
+//! | [`pic`] | 8259A master/slave pair | ports 0x20-0x21, 0xa0-0xa1, 0x4d0-0x4d1 |
+//! | [`pit`] | 8254 timer + port 0x61 | ports 0x40-0x43, 0x61; IRQ 0 |
+//! | [`rtc`] | MC146818 RTC + NVRAM | ports 0x70-0x71; IRQ 8 |
+//! | [`serial`] | 16550A UART (COM1) | ports 0x3f8-0x3ff; IRQ 4 |
+//! | [`virtio`] | virtio-blk on virtio-mmio v2 | 0xd0000000, 4 KiB; IRQ 5 |
+
+#![deny(missing_docs)]
+
+pub mod pic;
+pub mod pit;
+pub mod rtc;
+pub mod serial;
+pub mod virtio;
+
+/// Guest RAM as the VMM maps it: an mmap-backed `GuestMemoryMmap` whose dirty bitmap records
+/// every page the VMM (and so every device model) writes.
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;

@@ -1,0 +1,218 @@
+//! Virtio devices on the virtio-mmio transport (version 2, "modern": VIRTIO_F_VERSION_1).
+//!
+//! - [`mmio`]: the transport ([`VirtioMmio`]), generic over a [`VirtioDevice`]: the register
+//!   file, feature negotiation, the device status state machine, the split virtqueues
+//!   (`virtio_queue::Queue`) and the interrupt status.
+//! - [`block`]: virtio-blk ([`VirtioBlk`]) over a [`DiskBackend`].
+//!
+//! [`MmioBlock`] is the virtio-blk device on its transport, what the VMM puts in a slot.
+//!
+//! Requests are processed synchronously, inside the guest's `QueueNotify` write, so the device
+//! adds no non-determinism of its own: the only input it reads besides guest memory is the
+//! disk, through the backend. Guest memory is written only through vm-memory, so the dirty
+//! bitmap of the VMM's `GuestMemoryMmap` records every page a device writes.
+
+pub mod block;
+pub mod mmio;
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use virtio_queue::{Queue, QueueState};
+
+use crate::GuestMemoryMmap;
+
+pub use block::{VirtioBlk, VirtioBlkState};
+pub use mmio::{MmioBlock, MmioBlockState, VirtioMmio, VirtioMmioState};
+
+/// Errors of the virtio transport and queue handling.
+#[derive(Debug, thiserror::Error)]
+pub enum VirtioError {
+    /// The available ring could not be read or is inconsistent.
+    #[error("virtqueue {queue}: bad available ring: {source}")]
+    AvailRing {
+        /// Queue index.
+        queue: usize,
+        /// What virtio-queue found.
+        source: virtio_queue::Error,
+    },
+    /// The used ring could not be written.
+    #[error("virtqueue {queue}: cannot write the used ring: {source}")]
+    UsedRing {
+        /// Queue index.
+        queue: usize,
+        /// What virtio-queue found.
+        source: virtio_queue::Error,
+    },
+    /// A saved queue state is invalid.
+    #[error("saved state of virtqueue {queue} is invalid: {source}")]
+    QueueState {
+        /// Queue index.
+        queue: usize,
+        /// What virtio-queue found.
+        source: virtio_queue::Error,
+    },
+    /// A saved state has a different number of queues than the device.
+    #[error("saved state has {saved} virtqueues, the device has {device}")]
+    QueueCount {
+        /// Queues in the saved state.
+        saved: usize,
+        /// Queues of the device.
+        device: usize,
+    },
+}
+
+/// The storage behind a virtio-blk device. The VMM may wrap a file to route writes elsewhere
+/// (the fault tolerance output rule).
+pub trait DiskBackend: Send {
+    /// Size in bytes.
+    fn size(&self) -> u64;
+    /// Fills `buf` from byte `offset`.
+    fn read_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// Writes all of `buf` at byte `offset`.
+    fn write_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Makes the writes so far durable.
+    fn flush(&mut self) -> io::Result<()>;
+}
+
+/// A disk image file.
+#[derive(Debug)]
+pub struct FileDisk {
+    file: File,
+    size: u64,
+    read_only: bool,
+}
+
+impl FileDisk {
+    /// Opens the image at `path`, for reading only or for reading and writing.
+    pub fn open(path: &Path, read_only: bool) -> io::Result<Self> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .open(path)?;
+        let size = file.metadata()?.len();
+        Ok(FileDisk {
+            file,
+            size,
+            read_only,
+        })
+    }
+}
+
+impl DiskBackend for FileDisk {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.file.read_exact_at(buf, offset)
+    }
+
+    fn write_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
+        if self.read_only {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "disk image opened read-only",
+            ));
+        }
+        self.file.write_all_at(buf, offset)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        self.file.sync_data()
+    }
+}
+
+/// The device side of a virtio device, behind the transport.
+pub trait VirtioDevice {
+    /// The device's own saved state (the transport saves the queues and registers).
+    type State: Clone + std::fmt::Debug + PartialEq + Serialize + for<'de> Deserialize<'de>;
+
+    /// The virtio device ID (2 = block).
+    fn device_id(&self) -> u32;
+    /// The maximum size of each of the device's queues (a power of two).
+    fn queue_max_sizes(&self) -> &[u16];
+    /// The feature bits the device offers.
+    fn device_features(&self) -> u64;
+    /// The driver accepted `features` (a subset of `device_features`).
+    fn ack_features(&mut self, features: u64);
+    /// Reads the device configuration space at `offset`; bytes beyond it read as 0.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Writes the device configuration space at `offset`.
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// Processes the available buffers of queue `index`; returns how many it put in the used
+    /// ring. An error is a broken ring: the transport then asks the driver for a reset.
+    fn process_queue(
+        &mut self,
+        index: usize,
+        queue: &mut Queue,
+        mem: &GuestMemoryMmap,
+    ) -> Result<u32, VirtioError>;
+    /// Device reset (status 0 written).
+    fn reset(&mut self);
+    /// The device's saved state.
+    fn state(&self) -> Self::State;
+    /// Restores the device's saved state.
+    fn restore(&mut self, s: &Self::State);
+}
+
+/// A serializable copy of `virtio_queue::QueueState`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueSnapshot {
+    /// The maximum size in elements offered by the device.
+    pub max_size: u16,
+    /// Tail position of the available ring.
+    pub next_avail: u16,
+    /// Head position of the used ring.
+    pub next_used: u16,
+    /// VIRTIO_F_RING_EVENT_IDX negotiated.
+    pub event_idx_enabled: bool,
+    /// The queue size in elements the driver selected.
+    pub size: u16,
+    /// The queue is ready.
+    pub ready: bool,
+    /// Guest physical address of the descriptor table.
+    pub desc_table: u64,
+    /// Guest physical address of the available ring.
+    pub avail_ring: u64,
+    /// Guest physical address of the used ring.
+    pub used_ring: u64,
+}
+
+impl From<QueueState> for QueueSnapshot {
+    fn from(s: QueueState) -> Self {
+        QueueSnapshot {
+            max_size: s.max_size,
+            next_avail: s.next_avail,
+            next_used: s.next_used,
+            event_idx_enabled: s.event_idx_enabled,
+            size: s.size,
+            ready: s.ready,
+            desc_table: s.desc_table,
+            avail_ring: s.avail_ring,
+            used_ring: s.used_ring,
+        }
+    }
+}
+
+impl From<QueueSnapshot> for QueueState {
+    fn from(s: QueueSnapshot) -> Self {
+        QueueState {
+            max_size: s.max_size,
+            next_avail: s.next_avail,
+            next_used: s.next_used,
+            event_idx_enabled: s.event_idx_enabled,
+            size: s.size,
+            ready: s.ready,
+            desc_table: s.desc_table,
+            avail_ring: s.avail_ring,
+            used_ring: s.used_ring,
+        }
+    }
+}
