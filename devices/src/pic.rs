@@ -688,6 +688,10 @@ mod tests {
         assert_eq!(a, b);
         for pic in [&mut a, &mut b] {
             assert_eq!(pic.pio_read(0x20), 0, "ISR selected and empty");
+            assert_eq!(pic.acknowledge(), Some(0x38), "IRQ 8 (on IR2) beats IRQ 3");
+            assert!(!pic.intr());
+            pic.pio_write(0xa0, 0x20);
+            pic.pio_write(0x20, 0x20);
             assert_eq!(pic.acknowledge(), Some(0x33));
         }
         assert_eq!(a.acknowledge(), b.acknowledge());

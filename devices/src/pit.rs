@@ -758,3 +758,442 @@ impl Pit {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The first virtual time at which `tick` has happened.
+    fn at(tick: u64) -> u64 {
+        ns_of_tick(tick)
+    }
+
+    fn program(pit: &mut Pit, channel: u16, control: u8, count: u16, now: u64) {
+        pit.pio_write(0x43, control, now);
+        let [lo, hi] = count.to_le_bytes();
+        pit.pio_write(0x40 + channel, lo, now);
+        pit.pio_write(0x40 + channel, hi, now);
+    }
+
+    /// Latches and reads channel `channel`'s count (lohi access).
+    fn latched(pit: &mut Pit, channel: u16, now: u64) -> u16 {
+        pit.pio_write(0x43, (channel as u8) << 6, now);
+        let lo = pit.pio_read(0x40 + channel, now);
+        let hi = pit.pio_read(0x40 + channel, now);
+        u16::from_le_bytes([lo, hi])
+    }
+
+    /// Channel `channel`'s OUT via the read-back status byte.
+    fn out(pit: &mut Pit, channel: u16, now: u64) -> bool {
+        pit.pio_write(0x43, 0xe0 | 2 << channel, now);
+        pit.pio_read(0x40 + channel, now) & 0x80 != 0
+    }
+
+    #[test]
+    fn tick_conversion_round_trips() {
+        for tick in [0u64, 1, 2, 1193, 1_193_181, 1_193_182, 10_000_000_000] {
+            let ns = at(tick);
+            assert_eq!(tick_at(ns), tick);
+            if ns > 0 {
+                assert!(tick_at(ns - 1) < tick);
+            }
+        }
+        assert_eq!(tick_at(1_000_000_000), PIT_HZ);
+        assert_eq!(tick_at(u64::MAX), 22_010_322_987_356_910);
+        assert_eq!(ns_of_tick(u64::MAX), u64::MAX);
+    }
+
+    #[test]
+    fn power_on_is_silent() {
+        let mut pit = Pit::new();
+        assert_eq!(pit.poll_irq0(10_000_000_000), 0);
+        assert_eq!(pit.next_irq0_ns(0), None);
+        assert_eq!(pit.pio_read(0x61, 0) & 0x20, 0x20, "idle OUT2 is high");
+    }
+
+    #[test]
+    fn mode2_periodic_is_exact_and_does_not_drift() {
+        let mut pit = Pit::new();
+        program(&mut pit, 0, 0x34, 1193, 0);
+        assert_eq!(pit.poll_irq0(1_000_000_000), 1000);
+        // Poll every millisecond for an hour: the total is exactly the tick count / N.
+        let mut total = 1000;
+        let mut now = 1_000_000_000u64;
+        while now < 3_600_000_000_000 {
+            now += 1_000_000;
+            total += pit.poll_irq0(now);
+        }
+        assert_eq!(total, tick_at(now) / 1193);
+        // next_irq0_ns names the exact edge times.
+        let mut t = now;
+        for _ in 0..5 {
+            let next = pit.next_irq0_ns(t).unwrap();
+            assert_eq!(tick_at(next) % 1193, 0);
+            assert_eq!(pit.poll_irq0(next - 1), 0);
+            assert_eq!(pit.poll_irq0(next), 1);
+            t = next;
+        }
+    }
+
+    #[test]
+    fn mode2_readout_and_out() {
+        let mut pit = Pit::new();
+        program(&mut pit, 0, 0x34, 1000, at(7));
+        assert_eq!(latched(&mut pit, 0, at(7)), 1000);
+        assert_eq!(latched(&mut pit, 0, at(107)), 900);
+        assert_eq!(latched(&mut pit, 0, at(1006)), 1, "count reaches 1");
+        assert!(!out(&mut pit, 0, at(1006)), "OUT low while the count is 1");
+        assert_eq!(pit.poll_irq0(at(1006)), 0);
+        assert!(out(&mut pit, 0, at(1007)));
+        assert_eq!(latched(&mut pit, 0, at(1007)), 1000, "reloaded");
+        assert_eq!(pit.poll_irq0(at(1007)), 1);
+    }
+
+    #[test]
+    fn mode2_new_count_waits_for_end_of_period() {
+        let mut pit = Pit::new();
+        program(&mut pit, 0, 0x34, 1000, 0);
+        // A new count mid-period (no control word).
+        pit.pio_write(0x40, 300u16.to_le_bytes()[0], at(500));
+        pit.pio_write(0x40, 300u16.to_le_bytes()[1], at(500));
+        pit.pio_write(0x43, 0xe2, at(600)); // read-back status ch0
+        assert_eq!(pit.pio_read(0x40, at(600)) & 0x40, 0x40, "null count until loaded");
+        assert_eq!(pit.next_irq0_ns(at(500)), Some(at(1000)));
+        assert_eq!(latched(&mut pit, 0, at(999)), 1);
+        assert_eq!(pit.next_irq0_ns(at(1000)), Some(at(1300)));
+        assert_eq!(latched(&mut pit, 0, at(1000)), 300);
+        assert_eq!(latched(&mut pit, 0, at(1100)), 200);
+        pit.pio_write(0x43, 0xe2, at(1100));
+        assert_eq!(pit.pio_read(0x40, at(1100)) & 0x40, 0);
+        // Edges at 1000, 1300, 1600, 1900.
+        assert_eq!(pit.poll_irq0(at(1999)), 4);
+    }
+
+    #[test]
+    fn edges_across_a_reload_in_one_poll() {
+        let mut pit = Pit::new();
+        program(&mut pit, 0, 0x34, 1000, 0);
+        pit.pio_write(0x40, 0x64, at(10)); // 100
+        pit.pio_write(0x40, 0x00, at(10));
+        assert_eq!(pit.poll_irq0(at(10)), 0);
+        // Edges at 1000 (old count), then 1100, 1200, ..., 2000.
+        assert_eq!(pit.poll_irq0(at(2050)), 11);
+    }
+
+    #[test]
+    fn mode3_square_wave_even_and_odd() {
+        let mut pit = Pit::new();
+        program(&mut pit, 0, 0x36, 100, 0);
+        for x in 0..200u64 {
+            assert_eq!(out(&mut pit, 0, at(x)), x % 100 < 50, "OUT at tick {x}");
+            let expect = 100 - 2 * (x % 100 % 50) as u16;
+            assert_eq!(latched(&mut pit, 0, at(x)), expect, "count at tick {x}");
+        }
+        assert_eq!(pit.poll_irq0(at(250)), 2);
+
+        // Odd count 5: high 3 ticks, low 2; counts 5,4,2 | 5,2.
+        let mut pit = Pit::new();
+        program(&mut pit, 0, 0x36, 5, 0);
+        let outs: Vec<bool> = (0..10).map(|x| out(&mut pit, 0, at(x))).collect();
+        assert_eq!(
+            outs,
+            [true, true, true, false, false, true, true, true, false, false]
+        );
+        let counts: Vec<u16> = (0..10).map(|x| latched(&mut pit, 0, at(x))).collect();
+        assert_eq!(counts, [5, 4, 2, 5, 2, 5, 4, 2, 5, 2]);
+        assert_eq!(pit.poll_irq0(at(10)), 2);
+    }
+
+    #[test]
+    fn mode3_new_count_waits_for_end_of_half_period() {
+        // Written in the high half: loads at its end, starting the low half.
+        let mut pit = Pit::new();
+        program(&mut pit, 0, 0x36, 100, 0);
+        pit.pio_write(0x40, 40, at(10));
+        pit.pio_write(0x40, 0, at(10));
+        assert!(out(&mut pit, 0, at(49)));
+        assert!(!out(&mut pit, 0, at(50)));
+        assert_eq!(latched(&mut pit, 0, at(50)), 40);
+        assert_eq!(pit.next_irq0_ns(at(10)), Some(at(70)));
+        assert!(out(&mut pit, 0, at(70)));
+        assert_eq!(pit.poll_irq0(at(150)), 3, "edges at 70, 110, 150");
+
+        // Written in the low half: loads at the end of the period.
+        let mut pit = Pit::new();
+        program(&mut pit, 0, 0x36, 100, 0);
+        pit.pio_write(0x40, 40, at(60));
+        pit.pio_write(0x40, 0, at(60));
+        assert_eq!(pit.next_irq0_ns(at(60)), Some(at(100)));
+        assert_eq!(pit.next_irq0_ns(at(100)), Some(at(140)));
+        assert_eq!(pit.poll_irq0(at(180)), 3, "edges at 100, 140, 180");
+    }
+
+    #[test]
+    fn mode0_one_shot() {
+        let mut pit = Pit::new();
+        program(&mut pit, 0, 0x30, 1000, 0);
+        assert!(!out(&mut pit, 0, 0));
+        assert_eq!(pit.next_irq0_ns(0), Some(at(1000)));
+        assert_eq!(pit.poll_irq0(at(999)), 0);
+        assert_eq!(pit.poll_irq0(at(1000)), 1);
+        assert!(out(&mut pit, 0, at(1000)));
+        assert_eq!(pit.next_irq0_ns(at(1000)), None);
+        assert_eq!(pit.poll_irq0(at(100_000_000)), 0, "one shot only");
+        assert_eq!(latched(&mut pit, 0, at(1001)), 0xffff, "the counter wraps");
+
+        // The first byte of a new count stops counting and drops OUT; the second restarts.
+        let b = 100_000_000;
+        pit.pio_write(0x40, 0x00, at(b));
+        assert!(!out(&mut pit, 0, at(b)));
+        let frozen = latched(&mut pit, 0, at(b));
+        assert_eq!(latched(&mut pit, 0, at(b + 500)), frozen);
+        pit.pio_write(0x40, 0x01, at(b + 500)); // count 0x100
+        assert_eq!(pit.next_irq0_ns(at(b + 500)), Some(at(b + 756)));
+        assert_eq!(pit.poll_irq0(at(b + 1000)), 1);
+    }
+
+    #[test]
+    fn control_word_raising_out_is_an_edge() {
+        let mut pit = Pit::new();
+        program(&mut pit, 0, 0x30, 1000, 0); // OUT low
+        pit.pio_write(0x43, 0x34, at(10)); // mode 2: OUT high at once
+        assert_eq!(pit.poll_irq0(at(10)), 1);
+        pit.pio_write(0x43, 0x34, at(20)); // already high
+        assert_eq!(pit.poll_irq0(at(20)), 0);
+    }
+
+    #[test]
+    fn latch_holds_until_read() {
+        let mut pit = Pit::new();
+        program(&mut pit, 0, 0x34, 1000, 0);
+        pit.pio_write(0x43, 0x00, at(100));
+        pit.pio_write(0x43, 0x00, at(200)); // ignored: previous latch unread
+        assert_eq!(pit.pio_read(0x40, at(300)), (900u16 & 0xff) as u8);
+        assert_eq!(pit.pio_read(0x40, at(400)), (900u16 >> 8) as u8);
+        // Unlatched: each read samples the counter, with the read flip-flop.
+        assert_eq!(pit.pio_read(0x40, at(500)), (500u16 & 0xff) as u8);
+        assert_eq!(pit.pio_read(0x40, at(500)), (500u16 >> 8) as u8);
+    }
+
+    #[test]
+    fn read_back_status_then_count() {
+        let mut pit = Pit::new();
+        program(&mut pit, 0, 0x34, 1000, 0);
+        pit.pio_write(0x43, 0xc2, at(250)); // latch count and status of channel 0
+        assert_eq!(pit.pio_read(0x40, at(260)), 0x80 | 0x34, "OUT high, lohi, mode 2");
+        assert_eq!(pit.pio_read(0x40, at(260)), (750u16 & 0xff) as u8);
+        assert_eq!(pit.pio_read(0x40, at(260)), (750u16 >> 8) as u8);
+        // Status of all three channels.
+        pit.pio_write(0x43, 0xee, at(300));
+        assert_eq!(pit.pio_read(0x41, at(300)), 0x80 | 0x40 | 0x36, "power-on: idle");
+    }
+
+    #[test]
+    fn lobyte_and_hibyte_access() {
+        let mut pit = Pit::new();
+        pit.pio_write(0x43, 0x14, 0); // lobyte only, mode 2
+        pit.pio_write(0x40, 0x50, 0);
+        assert_eq!(pit.next_irq0_ns(0), Some(at(0x50)));
+        assert_eq!(pit.pio_read(0x40, at(0x10)), 0x40);
+        assert_eq!(pit.pio_read(0x40, at(0x10)), 0x40, "no flip-flop");
+        pit.pio_write(0x43, 0x24, at(1000)); // hibyte only
+        pit.pio_write(0x40, 0x12, at(1000));
+        assert_eq!(pit.next_irq0_ns(at(1000)), Some(at(1000 + 0x1200)));
+        assert_eq!(pit.pio_read(0x40, at(1000 + 0x200)), 0x10);
+    }
+
+    #[test]
+    fn interleaved_lohi_reads_and_writes() {
+        let mut pit = Pit::new();
+        program(&mut pit, 0, 0x34, 1000, 0);
+        pit.pio_write(0x43, 0x00, at(100));
+        assert_eq!(pit.pio_read(0x40, at(100)), (900u16 & 0xff) as u8);
+        pit.pio_write(0x40, 0x34, at(100));
+        assert_eq!(pit.pio_read(0x40, at(100)), (900u16 >> 8) as u8);
+        pit.pio_write(0x40, 0x12, at(100)); // new count 0x1234 at end of period
+        assert_eq!(pit.next_irq0_ns(at(1000)), Some(at(1000 + 0x1234)));
+    }
+
+    #[test]
+    fn bcd_counting() {
+        let mut pit = Pit::new();
+        program(&mut pit, 0, 0x35, 0x1000, 0); // mode 2, BCD, 1000
+        assert_eq!(pit.next_irq0_ns(0), Some(at(1000)));
+        assert_eq!(latched(&mut pit, 0, at(1)), 0x0999);
+        assert_eq!(latched(&mut pit, 0, at(1000 - 12)), 0x0012);
+        program(&mut pit, 0, 0x35, 0, at(5000)); // 0 = 10000
+        assert_eq!(pit.next_irq0_ns(at(5000)), Some(at(15_000)));
+        assert_eq!(latched(&mut pit, 0, at(5001)), 0x9999);
+    }
+
+    #[test]
+    fn count_zero_is_65536() {
+        let mut pit = Pit::new();
+        program(&mut pit, 0, 0x34, 0, 0);
+        assert_eq!(pit.next_irq0_ns(0), Some(at(65536)));
+        assert_eq!(latched(&mut pit, 0, 0), 0);
+        assert_eq!(latched(&mut pit, 0, at(1)), 0xffff);
+        // 18.2 Hz, the BIOS rate.
+        assert_eq!(pit.poll_irq0(10_000_000_000), 182);
+    }
+
+    #[test]
+    fn channel2_gate_and_out2_like_linux_calibration() {
+        let mut pit = Pit::new();
+        // Gate high, speaker off, as pit_calibrate_tsc does.
+        let v = pit.pio_read(0x61, 0);
+        pit.pio_write(0x61, (v & !0x02) | 0x01, 0);
+        program(&mut pit, 2, 0xb0, 11932, 0); // mode 0, ~10 ms
+        assert_eq!(pit.pio_read(0x61, 0) & 0x21, 0x01, "OUT2 low, gate echoed");
+        let mut now = 0;
+        let mut loops = 0;
+        while pit.pio_read(0x61, now) & 0x20 == 0 {
+            now += 1_000;
+            loops += 1;
+        }
+        assert_eq!(tick_at(now), 11932.max(tick_at(now)));
+        assert!(tick_at(now - 1_000) < 11932);
+        assert_eq!(loops, 10_001);
+        // Channel 2 never touches IRQ 0.
+        assert_eq!(pit.poll_irq0(now), 0);
+    }
+
+    #[test]
+    fn channel2_gate_low_suspends_mode0() {
+        let mut pit = Pit::new();
+        program(&mut pit, 2, 0xb0, 1000, 0); // gate low: waits
+        assert_eq!(latched(&mut pit, 2, at(500)), 1000);
+        pit.pio_write(0x61, 0x01, at(500));
+        assert_eq!(latched(&mut pit, 2, at(700)), 800);
+        pit.pio_write(0x61, 0x00, at(700));
+        assert_eq!(latched(&mut pit, 2, at(5000)), 800, "suspended");
+        pit.pio_write(0x61, 0x01, at(5000));
+        assert!(!out(&mut pit, 2, at(5799)));
+        assert!(out(&mut pit, 2, at(5800)));
+    }
+
+    #[test]
+    fn channel2_gate_restarts_modes_2_and_3() {
+        let mut pit = Pit::new();
+        pit.pio_write(0x61, 0x01, 0);
+        program(&mut pit, 2, 0xb6, 100, 0); // mode 3
+        assert!(!out(&mut pit, 2, at(60)));
+        pit.pio_write(0x61, 0x00, at(60));
+        assert!(out(&mut pit, 2, at(60)), "gate low forces OUT high");
+        assert!(out(&mut pit, 2, at(90)));
+        pit.pio_write(0x61, 0x01, at(90));
+        assert_eq!(latched(&mut pit, 2, at(90)), 100, "reloaded by the gate");
+        assert!(!out(&mut pit, 2, at(140)));
+    }
+
+    #[test]
+    fn refresh_bit_toggles_with_virtual_time() {
+        let mut pit = Pit::new();
+        assert_eq!(pit.pio_read(0x61, 0) & 0x10, 0);
+        assert_eq!(pit.pio_read(0x61, 15_084) & 0x10, 0);
+        assert_eq!(pit.pio_read(0x61, 15_085) & 0x10, 0x10);
+        assert_eq!(pit.pio_read(0x61, 30_170) & 0x10, 0);
+        pit.pio_write(0x61, 0xff, 0);
+        assert_eq!(pit.pio_read(0x61, 0) & 0xcf, 0x0f, "bits 0-3 read back, 6-7 zero");
+    }
+
+    #[test]
+    fn mode4_strobe_and_modes_1_5_without_trigger() {
+        let mut pit = Pit::new();
+        program(&mut pit, 0, 0x38, 100, 0); // mode 4 (Linux oneshot clockevent)
+        assert!(out(&mut pit, 0, at(99)));
+        assert!(!out(&mut pit, 0, at(100)), "strobe");
+        assert!(out(&mut pit, 0, at(101)));
+        assert_eq!(pit.poll_irq0(at(101)), 1);
+        assert_eq!(pit.next_irq0_ns(at(101)), None);
+        // Re-arming with a new count restarts at once.
+        pit.pio_write(0x40, 50, at(200));
+        pit.pio_write(0x40, 0, at(200));
+        assert_eq!(pit.next_irq0_ns(at(200)), Some(at(251)));
+
+        for control in [0x32u8, 0x3a] {
+            let mut pit = Pit::new();
+            program(&mut pit, 0, control, 100, 0);
+            assert!(out(&mut pit, 0, at(50)));
+            assert_eq!(pit.poll_irq0(at(1000)), 0, "gate 0 never rises");
+            assert_eq!(pit.next_irq0_ns(at(1000)), None);
+        }
+    }
+
+    #[test]
+    fn mode1_on_channel2_is_a_gate_triggered_one_shot() {
+        let mut pit = Pit::new();
+        program(&mut pit, 2, 0xb2, 100, 0);
+        assert!(out(&mut pit, 2, at(10)));
+        pit.pio_write(0x61, 0x01, at(10));
+        assert!(!out(&mut pit, 2, at(10)));
+        assert!(!out(&mut pit, 2, at(109)));
+        assert!(out(&mut pit, 2, at(110)));
+        // Retrigger.
+        pit.pio_write(0x61, 0x00, at(200));
+        pit.pio_write(0x61, 0x01, at(300));
+        assert!(!out(&mut pit, 2, at(350)));
+    }
+
+    #[test]
+    fn illegal_count_one_is_quiet() {
+        for control in [0x34u8, 0x36] {
+            let mut pit = Pit::new();
+            program(&mut pit, 0, control, 1, 0);
+            assert_eq!(pit.poll_irq0(1_000_000), 0);
+            assert_eq!(pit.next_irq0_ns(1_000_000), None);
+        }
+    }
+
+    #[test]
+    fn garbage_never_panics() {
+        let mut pit = Pit::new();
+        let mut now = 0u64;
+        let mut x = 0x1234_5678u32;
+        for _ in 0..20_000 {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            let port = [0x40u16, 0x41, 0x42, 0x43, 0x61, 0x44][(x % 6) as usize];
+            let val = (x >> 8) as u8;
+            now += u64::from(x >> 20);
+            if x & 1 == 0 {
+                pit.pio_write(port, val, now);
+            } else {
+                pit.pio_read(port, now);
+            }
+            pit.poll_irq0(now);
+            pit.next_irq0_ns(now);
+        }
+        for now in [u64::MAX - 1, u64::MAX, 0] {
+            program(&mut pit, 0, 0x34, 2, now);
+            pit.poll_irq0(now);
+            pit.next_irq0_ns(now);
+            pit.pio_read(0x40, now);
+        }
+    }
+
+    #[test]
+    fn restored_pit_behaves_identically() {
+        let mut a = Pit::new();
+        program(&mut a, 0, 0x34, 1193, 0);
+        a.pio_write(0x40, 0x10, at(300)); // new count waiting
+        a.pio_write(0x40, 0x02, at(300));
+        a.pio_write(0x61, 0x01, at(310));
+        program(&mut a, 2, 0xb0, 5000, at(320));
+        a.pio_write(0x43, 0x00, at(400)); // latched, unread
+        assert_eq!(a.poll_irq0(at(350)), 0);
+        let mut b = Pit::from_state(&a.state());
+        assert_eq!(a, b);
+        for pit in [&mut a, &mut b] {
+            assert_eq!(pit.pio_read(0x40, at(2000)), (793u16 & 0xff) as u8);
+        }
+        for now in (0..50).map(|i| at(2000 + i * 997)) {
+            assert_eq!(a.poll_irq0(now), b.poll_irq0(now));
+            assert_eq!(a.next_irq0_ns(now), b.next_irq0_ns(now));
+            assert_eq!(a.pio_read(0x40, now), b.pio_read(0x40, now));
+            assert_eq!(a.pio_read(0x61, now), b.pio_read(0x61, now));
+        }
+        assert_eq!(a.state(), b.state());
+    }
+}
