@@ -612,3 +612,345 @@ impl Rtc {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SEC: u64 = 1_000_000_000;
+    /// 2026-11-23T10:00:00Z, a Monday.
+    const EPOCH: i64 = 1_795_428_000;
+
+    fn read(rtc: &mut Rtc, reg: u8, now: u64) -> u8 {
+        rtc.pio_write(0x70, reg, now);
+        rtc.pio_read(0x71, now)
+    }
+
+    fn write(rtc: &mut Rtc, reg: u8, val: u8, now: u64) {
+        rtc.pio_write(0x70, reg, now);
+        rtc.pio_write(0x71, val, now);
+    }
+
+    /// (year, month, day, hour, minute, second) from the registers, BCD 24h assumed.
+    fn clock(rtc: &mut Rtc, now: u64) -> [u8; 7] {
+        [0x32, 0x09, 0x08, 0x07, 0x04, 0x02, 0x00].map(|r| read(rtc, r, now))
+    }
+
+    #[test]
+    fn date_math_known_dates() {
+        assert_eq!(days_from_civil(1970, 1, 1), 0);
+        assert_eq!(days_from_civil(2000, 2, 29) * 86_400, 951_782_400);
+        assert_eq!(days_from_civil(2000, 3, 1) - days_from_civil(2000, 2, 28), 2);
+        assert_eq!(days_from_civil(1900, 3, 1) - days_from_civil(1900, 2, 28), 1);
+        assert_eq!(days_from_civil(2100, 3, 1) - days_from_civil(2100, 2, 28), 1);
+        assert_eq!(days_from_civil(1969, 12, 31), -1);
+        let t = DateTime::from_secs(1_795_428_000);
+        assert_eq!(
+            (t.year, t.month, t.day, t.hour, t.minute, t.second),
+            (2026, 11, 23, 10, 0, 0)
+        );
+        assert_eq!(t.weekday, 1, "Monday");
+        let t = DateTime::from_secs(951_782_400);
+        assert_eq!((t.year, t.month, t.day, t.weekday), (2000, 2, 29, 2));
+        let t = DateTime::from_secs(-1);
+        assert_eq!(
+            (t.year, t.month, t.day, t.hour, t.minute, t.second),
+            (1969, 12, 31, 23, 59, 59)
+        );
+        assert_eq!(t.weekday, 3, "Wednesday");
+        for days in (-800_000i64..800_000).step_by(97) {
+            let (y, m, d) = civil_from_days(days);
+            assert!((1..=12).contains(&m) && (1..=31).contains(&d));
+            assert_eq!(days_from_civil(y, m, d), days);
+        }
+    }
+
+    #[test]
+    fn reads_time_in_bcd_24h() {
+        let mut rtc = Rtc::new(EPOCH);
+        assert_eq!(clock(&mut rtc, 0), [0x20, 0x26, 0x11, 0x23, 0x10, 0x00, 0x00]);
+        assert_eq!(read(&mut rtc, 0x06, 0), 0x02, "Monday, Sunday = 1");
+        let now = 3661 * SEC + SEC / 2;
+        assert_eq!(clock(&mut rtc, now), [0x20, 0x26, 0x11, 0x23, 0x11, 0x01, 0x01]);
+        assert_eq!(read(&mut rtc, 0x0a, 0), 0x26);
+        assert_eq!(read(&mut rtc, 0x0b, 0), 0x02);
+        assert_eq!(read(&mut rtc, 0x0d, 0), 0x80);
+    }
+
+    #[test]
+    fn binary_and_12_hour_modes() {
+        let mut rtc = Rtc::new(EPOCH);
+        write(&mut rtc, 0x0b, 0x04, 0); // binary, 12 hour
+        assert_eq!(read(&mut rtc, 0x04, 0), 10);
+        assert_eq!(read(&mut rtc, 0x07, 0), 23);
+        assert_eq!(read(&mut rtc, 0x09, 0), 26);
+        assert_eq!(read(&mut rtc, 0x32, 0), 20);
+        assert_eq!(read(&mut rtc, 0x04, 3 * 3600 * SEC), 0x81, "1 PM");
+        assert_eq!(read(&mut rtc, 0x04, 14 * 3600 * SEC), 12, "midnight is 12 AM");
+        write(&mut rtc, 0x0b, 0x00, 14 * 3600 * SEC); // BCD, 12 hour
+        assert_eq!(read(&mut rtc, 0x04, 2 * 3600 * SEC), 0x92, "noon is 12 PM");
+        write(&mut rtc, 0x0b, 0x06, 14 * 3600 * SEC); // binary, 24 hour
+        assert_eq!(read(&mut rtc, 0x04, 14 * 3600 * SEC), 0);
+    }
+
+    #[test]
+    fn century_rolls_over() {
+        // 2099-12-31T23:59:59Z.
+        let mut rtc = Rtc::new(4_102_444_799);
+        assert_eq!(clock(&mut rtc, 0), [0x20, 0x99, 0x12, 0x31, 0x23, 0x59, 0x59]);
+        assert_eq!(clock(&mut rtc, SEC), [0x21, 0x00, 0x01, 0x01, 0x00, 0x00, 0x00]);
+    }
+
+    #[test]
+    fn uip_before_each_second() {
+        let mut rtc = Rtc::new(EPOCH);
+        assert_eq!(read(&mut rtc, 0x0a, 999_755_999) & 0x80, 0);
+        assert_eq!(read(&mut rtc, 0x0a, 999_756_000) & 0x80, 0x80);
+        assert_eq!(read(&mut rtc, 0x0a, SEC - 1) & 0x80, 0x80);
+        assert_eq!(read(&mut rtc, 0x0a, SEC) & 0x80, 0);
+        write(&mut rtc, 0x0b, 0x82, SEC);
+        assert_eq!(read(&mut rtc, 0x0a, 2 * SEC - 1) & 0x80, 0, "SET clears UIP");
+    }
+
+    #[test]
+    fn linux_style_set_time() {
+        let mut rtc = Rtc::new(EPOCH);
+        let t0 = 10 * SEC + 300_000_000;
+        // mc146818_set_time: SET, divider reset, write, restore B, restore A.
+        let b = read(&mut rtc, 0x0b, t0);
+        write(&mut rtc, 0x0b, b | 0x80, t0);
+        let a = read(&mut rtc, 0x0a, t0);
+        write(&mut rtc, 0x0a, a | 0x70, t0);
+        assert_eq!(read(&mut rtc, 0x00, t0), 0x10, "frozen at 10:00:10");
+        for (reg, val) in [(0x09, 0x30), (0x08, 0x01), (0x07, 0x02), (0x04, 0x03), (0x02, 0x04)]
+        {
+            write(&mut rtc, reg, val, t0);
+        }
+        write(&mut rtc, 0x00, 0x05, t0);
+        assert_eq!(read(&mut rtc, 0x00, t0 + 5 * SEC), 0x05, "stopped while SET");
+        let t1 = t0 + 5 * SEC;
+        write(&mut rtc, 0x0b, b, t1);
+        write(&mut rtc, 0x0a, a, t1);
+        // The first update comes 500 ms after the divider restarts.
+        assert_eq!(read(&mut rtc, 0x00, t1 + 499_999_999), 0x05);
+        assert_eq!(read(&mut rtc, 0x00, t1 + 500_000_000), 0x06);
+        assert_eq!(
+            clock(&mut rtc, t1 + 60 * SEC),
+            [0x20, 0x30, 0x01, 0x02, 0x03, 0x05, 0x05]
+        );
+        assert_eq!(read(&mut rtc, 0x06, t1), 0x04, "2030-01-02 is a Wednesday");
+    }
+
+    #[test]
+    fn set_without_divider_reset_keeps_phase() {
+        let mut rtc = Rtc::new(EPOCH);
+        let t0 = 10 * SEC + 300_000_000;
+        write(&mut rtc, 0x0b, 0x82, t0);
+        write(&mut rtc, 0x00, 0x30, t0);
+        write(&mut rtc, 0x0b, 0x02, t0 + 100_000_000);
+        assert_eq!(read(&mut rtc, 0x00, 11 * SEC - 1), 0x30);
+        assert_eq!(read(&mut rtc, 0x00, 11 * SEC), 0x31, "updates stay on the divider grid");
+    }
+
+    #[test]
+    fn writing_a_time_register_while_running_moves_the_clock() {
+        let mut rtc = Rtc::new(EPOCH);
+        write(&mut rtc, 0x02, 0x30, 5 * SEC);
+        assert_eq!(clock(&mut rtc, 7 * SEC), [0x20, 0x26, 0x11, 0x23, 0x10, 0x30, 0x07]);
+        write(&mut rtc, 0x09, 0x27, 7 * SEC);
+        assert_eq!(read(&mut rtc, 0x09, 8 * SEC), 0x27);
+        assert_eq!(read(&mut rtc, 0x06, 8 * SEC), 0x03, "2027-11-23 is a Tuesday");
+    }
+
+    #[test]
+    fn periodic_interrupt_1024hz() {
+        let mut rtc = Rtc::new(EPOCH);
+        write(&mut rtc, 0x0b, 0x42, 0); // PIE
+        assert!(!rtc.poll_irq8(0));
+        let first = rtc.next_irq8_ns(0).unwrap();
+        assert_eq!(first, 976_563, "32 divider ticks, rounded up");
+        assert!(!rtc.poll_irq8(first - 1));
+        assert!(rtc.poll_irq8(first));
+        assert_eq!(rtc.next_irq8_ns(first), None, "IRQF stays high until C is read");
+        assert!(!rtc.poll_irq8(first + 10_000_000));
+        assert_eq!(read(&mut rtc, 0x0c, first + 10_000_000), 0xc0);
+        assert_eq!(read(&mut rtc, 0x0c, first + 10_000_000), 0x00, "cleared by the read");
+        // A driver that reads C in every interrupt gets exactly 1024 a second.
+        let mut now = first + 10_000_000;
+        let mut count = 1; // the first one
+        while let Some(next) = rtc.next_irq8_ns(now) {
+            if next > SEC {
+                break;
+            }
+            now = next;
+            assert!(rtc.poll_irq8(now));
+            count += 1;
+            read(&mut rtc, 0x0c, now);
+        }
+        // The first edge, then those after the late C read (at 10.98 ms): periods 12..=1024.
+        assert_eq!(count, 1 + (1024 - 11));
+    }
+
+    #[test]
+    fn periodic_rates() {
+        for (rs, hz) in [(3u8, 8192u64), (6, 1024), (1, 256), (2, 128), (15, 2)] {
+            let mut rtc = Rtc::new(EPOCH);
+            write(&mut rtc, 0x0a, 0x20 | rs, 0);
+            write(&mut rtc, 0x0b, 0x42, 0);
+            let mut now = 0;
+            let mut n = 0;
+            while let Some(next) = rtc.next_irq8_ns(now) {
+                if next > SEC {
+                    break;
+                }
+                now = next;
+                assert!(rtc.poll_irq8(now));
+                read(&mut rtc, 0x0c, now);
+                n += 1;
+            }
+            assert_eq!(n, hz, "RS {rs}");
+        }
+    }
+
+    #[test]
+    fn update_ended_interrupt() {
+        let mut rtc = Rtc::new(EPOCH);
+        write(&mut rtc, 0x0a, 0x20, 0); // no periodic flag
+        write(&mut rtc, 0x0b, 0x12, SEC / 3); // UIE
+        assert_eq!(rtc.next_irq8_ns(SEC / 3), Some(SEC));
+        assert!(rtc.poll_irq8(SEC));
+        assert_eq!(read(&mut rtc, 0x0c, SEC), 0x90);
+        assert_eq!(rtc.next_irq8_ns(SEC), Some(2 * SEC));
+        // SET stops updates and clears UIE.
+        write(&mut rtc, 0x0b, 0x92, SEC + 1);
+        assert_eq!(read(&mut rtc, 0x0b, SEC + 1), 0x82);
+        assert_eq!(rtc.next_irq8_ns(SEC + 1), None);
+        assert!(!rtc.poll_irq8(5 * SEC));
+        assert_eq!(read(&mut rtc, 0x0c, 5 * SEC), 0);
+    }
+
+    #[test]
+    fn flags_without_enable_and_late_enable() {
+        let mut rtc = Rtc::new(EPOCH);
+        assert_eq!(read(&mut rtc, 0x0c, SEC / 2), 0x40, "PF at the power-on 1024 Hz rate");
+        write(&mut rtc, 0x0a, 0x20, SEC / 2); // no periodic flag
+        assert!(!rtc.poll_irq8(2 * SEC));
+        assert_eq!(read(&mut rtc, 0x0c, 2 * SEC), 0x10, "UF without IRQF");
+        assert!(!rtc.poll_irq8(3 * SEC));
+        write(&mut rtc, 0x0b, 0x12, 3 * SEC); // UIE with UF already set: IRQF now
+        assert!(rtc.poll_irq8(3 * SEC));
+        assert_eq!(read(&mut rtc, 0x0c, 3 * SEC), 0x90);
+    }
+
+    #[test]
+    fn alarm_interrupt() {
+        let mut rtc = Rtc::new(EPOCH);
+        write(&mut rtc, 0x0a, 0x20, 0); // no periodic flag
+        write(&mut rtc, 0x01, 0x05, 0);
+        write(&mut rtc, 0x03, 0x00, 0);
+        write(&mut rtc, 0x05, 0x10, 0);
+        write(&mut rtc, 0x0b, 0x22, 0); // AIE
+        assert_eq!(rtc.next_irq8_ns(0), Some(5 * SEC));
+        assert!(!rtc.poll_irq8(5 * SEC - 1));
+        assert!(rtc.poll_irq8(5 * SEC));
+        assert_eq!(read(&mut rtc, 0x0c, 5 * SEC), 0xb0, "IRQF, AF and UF");
+        // Next match: tomorrow.
+        assert_eq!(rtc.next_irq8_ns(5 * SEC), Some((86_400 + 5) * SEC));
+        // Don't-care hours and minutes: every minute at :30.
+        write(&mut rtc, 0x01, 0x30, 6 * SEC);
+        write(&mut rtc, 0x03, 0xc0, 6 * SEC);
+        write(&mut rtc, 0x05, 0xff, 6 * SEC);
+        assert_eq!(rtc.next_irq8_ns(6 * SEC), Some(30 * SEC));
+        assert!(rtc.poll_irq8(30 * SEC));
+        read(&mut rtc, 0x0c, 30 * SEC);
+        assert_eq!(rtc.next_irq8_ns(30 * SEC), Some(90 * SEC));
+        // All don't care: every second.
+        write(&mut rtc, 0x01, 0xc0, 31 * SEC);
+        assert_eq!(rtc.next_irq8_ns(31 * SEC), Some(32 * SEC));
+        // An alarm that can never match.
+        write(&mut rtc, 0x01, 0x75, 31 * SEC);
+        assert_eq!(rtc.next_irq8_ns(31 * SEC), None);
+    }
+
+    #[test]
+    fn alarm_in_12_hour_mode() {
+        let mut rtc = Rtc::new(EPOCH);
+        write(&mut rtc, 0x0b, 0x20, 0); // BCD, 12 hour, AIE
+        write(&mut rtc, 0x01, 0x00, 0);
+        write(&mut rtc, 0x03, 0x00, 0);
+        write(&mut rtc, 0x05, 0x81, 0); // 1 PM
+        assert_eq!(rtc.next_irq8_ns(0), Some(3 * 3600 * SEC));
+    }
+
+    #[test]
+    fn nvram_index_and_nmi() {
+        let mut rtc = Rtc::new(EPOCH);
+        write(&mut rtc, 0x40, 0xa5, 0);
+        assert_eq!(read(&mut rtc, 0x40, 0), 0xa5);
+        rtc.pio_write(0x70, 0x8f, 0);
+        assert!(rtc.nmi_disabled());
+        rtc.pio_write(0x71, 0x12, 0);
+        assert_eq!(read(&mut rtc, 0x0f, 0), 0x12);
+        assert!(!rtc.nmi_disabled());
+        assert_eq!(rtc.pio_read(0x70, 0), 0xff);
+        write(&mut rtc, 0x0d, 0x00, 0);
+        assert_eq!(read(&mut rtc, 0x0d, 0), 0x80, "read-only");
+    }
+
+    #[test]
+    fn garbage_never_panics() {
+        let mut rtc = Rtc::new(EPOCH);
+        let mut now = 0u64;
+        let mut x = 0x9e37_79b9u32;
+        for _ in 0..20_000 {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            now += u64::from(x >> 12) * 1000;
+            let port = if x & 2 == 0 { 0x70 } else { 0x71 };
+            if x & 1 == 0 {
+                rtc.pio_write(port, (x >> 8) as u8, now);
+            } else {
+                rtc.pio_read(port, now);
+            }
+            rtc.poll_irq8(now);
+            rtc.next_irq8_ns(now);
+        }
+        for epoch in [i64::MIN, i64::MAX, 0] {
+            let mut rtc = Rtc::new(epoch);
+            for now in [0, u64::MAX / 2, u64::MAX] {
+                for reg in 0..0x0e {
+                    read(&mut rtc, reg, now);
+                }
+                write(&mut rtc, 0x0b, 0x72, now);
+                write(&mut rtc, 0x00, 0xff, now);
+                rtc.poll_irq8(now);
+                rtc.next_irq8_ns(now);
+            }
+        }
+    }
+
+    #[test]
+    fn restored_rtc_behaves_identically() {
+        let mut a = Rtc::new(EPOCH);
+        write(&mut a, 0x0a, 0x2a, 0);
+        write(&mut a, 0x0b, 0x72, SEC / 2);
+        write(&mut a, 0x01, 0xc0, SEC / 2);
+        write(&mut a, 0x50, 0x77, SEC / 2);
+        a.poll_irq8(SEC);
+        let saved = a.state();
+        let mut b = Rtc::from_state(&saved);
+        assert_eq!(a, b);
+        let mut now = SEC;
+        for i in 0..200u64 {
+            now += 7_654_321;
+            for rtc in [&mut a, &mut b] {
+                rtc.pio_write(0x70, (i % 14) as u8, now);
+            }
+            assert_eq!(a.pio_read(0x71, now), b.pio_read(0x71, now));
+            assert_eq!(a.poll_irq8(now), b.poll_irq8(now));
+            assert_eq!(a.next_irq8_ns(now), b.next_irq8_ns(now));
+        }
+        assert_eq!(a.state(), b.state());
+    }
+}
