@@ -24,7 +24,8 @@
 //! The vCPU loop also reports every synchronous exit ([`Boundary::exit`]) and every interrupt it
 //! injects ([`Boundary::interrupt`]) so that a recorder can log them and a replayer check them.
 
-use crate::exit::SyncExit;
+use crate::exit::{ExitDigest, SyncExit};
+use crate::log::LogError;
 use thiserror::Error;
 
 /// Where an output goes to in the outside world.
@@ -73,6 +74,37 @@ pub enum BoundaryError {
     /// Writing an output to the world failed.
     #[error("cannot write guest output: {0}")]
     Output(#[source] std::io::Error),
+    /// Replay found the execution differing from the recording.
+    #[error("divergence at exit {exit}: expected {expected}, got {got}")]
+    Divergence {
+        /// The ordinal of the synchronous exit where it showed (the number of exits before it).
+        exit: u64,
+        /// What the log says happened.
+        expected: String,
+        /// What happened in this execution.
+        got: String,
+    },
+    /// The log could not be read or written.
+    #[error("event log: {0}")]
+    Log(#[from] LogError),
+    /// The log ended before the recorded run did.
+    #[error("the log ends at exit {exit}, before the end of the recording (truncated log?)")]
+    LogEnded {
+        /// Exits replayed.
+        exit: u64,
+    },
+    /// Replay reached the end of a recording that was stopped before its guest did: the replay
+    /// stops here too (not an error).
+    #[error("end of the log")]
+    EndOfLog,
+    /// The log was recorded on a different machine configuration.
+    #[error("the log was recorded with a different machine: log has [{logged}], this run is [{ours}]")]
+    ConfigMismatch {
+        /// The log's configuration summary.
+        logged: String,
+        /// This run's.
+        ours: String,
+    },
     /// Any other failure of the implementation, described.
     #[error("{0}")]
     Other(String),
@@ -103,4 +135,29 @@ pub trait Boundary {
 
     /// The guest produced output for the outside world.
     fn output(&mut self, kind: OutputKind, bytes: &[u8]) -> Result<(), BoundaryError>;
+
+    /// The vCPU was kicked: is an input due that must be delivered here, at a point replay cannot
+    /// find again? Only time is ever delivered at a kick (serial input waits for an exit).
+    fn kick_due(&mut self, req: &WaitRequest) -> Result<bool, BoundaryError>;
+
+    /// Whether this boundary needs a checkpoint wherever inputs are delivered at a kick (a
+    /// recorder does: replay restores it instead of executing up to the kick).
+    fn wants_checkpoints(&self) -> bool {
+        false
+    }
+
+    /// A checkpoint taken at a kick, before the inputs delivered there.
+    fn checkpoint(&mut self, _snapshot: &[u8]) -> Result<(), BoundaryError> {
+        Ok(())
+    }
+
+    /// Replay: a checkpoint to restore before the vCPU runs again, if the log has one next.
+    fn pending_checkpoint(&mut self) -> Result<Option<Vec<u8>>, BoundaryError> {
+        Ok(None)
+    }
+
+    /// The guest stopped; `digest` covers every synchronous exit of the run.
+    fn finish(&mut self, _digest: &ExitDigest) -> Result<(), BoundaryError> {
+        Ok(())
+    }
 }

@@ -10,6 +10,8 @@ pub mod boundary;
 pub mod exit;
 pub mod live;
 pub mod log;
+pub mod record;
+pub mod replay;
 
 pub use boundary::{Boundary, BoundaryError, Input, OutputKind, Point, WaitRequest};
 pub use exit::{ExitDigest, ExitKind, SyncExit};

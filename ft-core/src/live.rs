@@ -138,12 +138,16 @@ impl Boundary for LiveBoundary {
         Ok(self.host_ns())
     }
 
-    fn poll(&mut self, _point: Point, req: &WaitRequest) -> Result<Option<Input>, BoundaryError> {
+    fn poll(&mut self, point: Point, req: &WaitRequest) -> Result<Option<Input>, BoundaryError> {
         if let Some(deadline) = req.deadline_ns {
             let now = self.host_ns();
             if now >= deadline && now > req.now_ns {
                 return Ok(Some(Input::Time(now)));
             }
+        }
+        if point == Point::Kick {
+            // Only time is delivered at a kick: see `Boundary::kick_due`.
+            return Ok(None);
         }
         self.drain_channel();
         let overdue = self
@@ -194,6 +198,12 @@ impl Boundary for LiveBoundary {
 
     fn interrupt(&mut self, _vector: u8) -> Result<(), BoundaryError> {
         Ok(())
+    }
+
+    fn kick_due(&mut self, req: &WaitRequest) -> Result<bool, BoundaryError> {
+        Ok(req
+            .deadline_ns
+            .is_some_and(|d| self.host_ns() >= d && self.last_clock > req.now_ns))
     }
 
     fn output(&mut self, kind: OutputKind, bytes: &[u8]) -> Result<(), BoundaryError> {

@@ -391,7 +391,7 @@ const DEBUG_STEPPED: u64 = 3;
 /// The breakpoint follows the guest: the VMM re-reads IDTR and gate 14 at every synchronous exit
 /// and moves the breakpoint when they change. It is armed only once the guest has enabled
 /// `SYSCALL` (EFER.SCE): before that no system call can happen.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct SyscallFix {
     /// Where the breakpoint is, if armed.
     armed_at: Option<u64>,
@@ -461,6 +461,12 @@ impl SyscallFix {
         let mid = u64::from(u16::from_le_bytes([gate[6], gate[7]]));
         let hi = u64::from(u32::from_le_bytes([gate[8], gate[9], gate[10], gate[11]]));
         Some(lo | (mid << 16) | (hi << 32))
+    }
+
+    /// Programs KVM's guest-debug state from this value (after a restore).
+    pub fn reapply(&mut self, vcpu: &VcpuFd, mem: &GuestMemoryMmap) -> Result<(), CompatError> {
+        self.set_debug(vcpu)?;
+        self.follow_guest(vcpu, mem)
     }
 
     /// Moves the breakpoint to the guest's current #PF entry (called at every synchronous exit).

@@ -21,6 +21,22 @@ extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_v
     // Nothing to do: being delivered is what makes KVM_RUN return EINTR.
 }
 
+/// Set by SIGTERM/SIGINT: the VMM stops at the next point it controls.
+static STOP_REQUESTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_stop(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // Only an atomic store: async-signal-safe. The watcher kicks the vCPU within a quantum.
+    STOP_REQUESTED.store(true, Ordering::Release);
+}
+
+/// Makes SIGTERM and SIGINT stop the VM cleanly (at the next exit or kick) instead of killing
+/// the process, so that `--snapshot-on-exit` can save it.
+pub fn stop_on_signals() -> std::io::Result<()> {
+    register_signal_handler(libc::SIGTERM, on_stop).map_err(std::io::Error::from)?;
+    register_signal_handler(libc::SIGINT, on_stop).map_err(std::io::Error::from)?;
+    Ok(())
+}
+
 #[derive(Default)]
 struct Shared {
     in_guest: AtomicBool,
@@ -50,7 +66,8 @@ impl Kicker {
                 while !watch.stop.load(Ordering::Acquire) {
                     std::thread::park_timeout(quantum);
                     let generation = watch.generation.load(Ordering::Acquire);
-                    if watch.in_guest.load(Ordering::Acquire) && generation == seen {
+                    let stop = STOP_REQUESTED.load(Ordering::Acquire);
+                    if watch.in_guest.load(Ordering::Acquire) && (generation == seen || stop) {
                         watch.kicks.fetch_add(1, Ordering::Relaxed);
                         // SAFETY: the vCPU thread outlives this watcher: `Kicker::drop` (run on
                         // the vCPU thread) stops and joins this thread before returning.
@@ -74,6 +91,11 @@ impl Kicker {
     /// The vCPU has left the guest.
     pub fn leave(&self) {
         self.shared.in_guest.store(false, Ordering::Release);
+    }
+
+    /// Whether a stop was requested by a signal.
+    pub fn stop_requested(&self) -> bool {
+        STOP_REQUESTED.load(Ordering::Acquire)
     }
 
     /// How many kicks were sent.

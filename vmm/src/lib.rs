@@ -17,8 +17,9 @@ pub mod cpuid;
 pub mod kick;
 pub mod memory;
 pub mod platform;
+pub mod snapshot;
 pub mod vcpu;
 pub mod vm;
 
 pub use config::{CompatMode, VmConfig};
-pub use vm::{MemoryStats, Vm, VmError};
+pub use vm::{config_identity, CheckpointStats, MemoryStats, Vm, VmError};

@@ -62,3 +62,10 @@ pub fn register(vm: &VmFd, mem: &GuestMemoryMmap, dirty_log: bool) -> Result<(),
     }
     Ok(())
 }
+
+/// Forgets the VMM's writes recorded so far in the regions' dirty bitmaps.
+pub fn reset_vmm_dirty(mem: &GuestMemoryMmap) {
+    for region in mem.iter() {
+        vm_memory::MmapRegion::bitmap(region).reset();
+    }
+}

@@ -6,12 +6,13 @@
 //! time read is an input the boundary controls.
 
 use crate::memory::GuestMemoryMmap;
-use devices::pic::Pic;
-use devices::pit::Pit;
-use devices::rtc::Rtc;
-use devices::serial::Uart;
-use devices::virtio::MmioBlock;
+use devices::pic::{Pic, PicState};
+use devices::pit::{Pit, PitState};
+use devices::rtc::{Rtc, RtcState};
+use devices::serial::{Uart, UartState};
+use devices::virtio::{MmioBlock, MmioBlockState};
 use ft_core::{Boundary, BoundaryError, Input, OutputKind, WaitRequest};
+use serde::{Deserialize, Serialize};
 
 /// COM1.
 pub const COM1_BASE: u16 = 0x3f8;
@@ -43,6 +44,17 @@ pub enum Action {
     Reset,
 }
 
+/// The saved state of the whole platform.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PlatformState {
+    pic: PicState,
+    pit: PitState,
+    rtc: RtcState,
+    uart: UartState,
+    blk: Option<MmioBlockState>,
+    now_ns: u64,
+}
+
 /// All the devices of the VM and the virtual clock.
 pub struct Platform {
     pic: Pic,
@@ -65,6 +77,31 @@ impl Platform {
             blk,
             now_ns: 0,
         }
+    }
+
+    /// Saves every device and the clock.
+    pub fn state(&self) -> PlatformState {
+        PlatformState {
+            pic: self.pic.state(),
+            pit: self.pit.state(),
+            rtc: self.rtc.state(),
+            uart: self.uart.state(),
+            blk: self.blk.as_ref().map(MmioBlock::state),
+            now_ns: self.now_ns,
+        }
+    }
+
+    /// Puts every device and the clock back as saved. The disk backend stays the one this
+    /// platform was built with.
+    pub fn restore(&mut self, s: &PlatformState) {
+        self.pic = Pic::from_state(&s.pic);
+        self.pit = Pit::from_state(&s.pit);
+        self.rtc = Rtc::from_state(&s.rtc);
+        self.uart = Uart::from_state(&s.uart);
+        if let (Some(blk), Some(state)) = (self.blk.as_mut(), s.blk.as_ref()) {
+            blk.restore(state);
+        }
+        self.now_ns = s.now_ns;
     }
 
     /// Virtual time now.

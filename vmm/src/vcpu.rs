@@ -33,6 +33,10 @@ pub enum Stop {
         /// Where.
         rip: u64,
     },
+    /// The VMM was asked to stop (SIGTERM or SIGINT).
+    Interrupted,
+    /// Replay reached the end of a recording that was stopped there.
+    EndOfLog,
 }
 
 impl Stop {
@@ -40,10 +44,23 @@ impl Stop {
     pub fn status(self) -> u8 {
         match self {
             Stop::ExitPort(s) => s,
-            Stop::Halted | Stop::Reset => 0,
+            Stop::Halted | Stop::Reset | Stop::EndOfLog => 0,
             Stop::TripleFault { .. } => 1,
+            Stop::Interrupted => 130,
         }
     }
+}
+
+/// Why [`Vcpu::run`] returned.
+#[derive(Debug)]
+pub enum Event {
+    /// The guest stopped.
+    Stopped(Stop),
+    /// The vCPU was kicked with an input due and the boundary wants a checkpoint first; call
+    /// [`Vcpu::kick_inputs`] after taking it.
+    Checkpoint,
+    /// The log has a checkpoint here: restore it, then call [`Vcpu::kick_inputs`].
+    Restore(Vec<u8>),
 }
 
 /// The state of the vCPU.
@@ -156,15 +173,22 @@ impl Vcpu {
         self.syscall_fix.as_ref()
     }
 
-    /// Runs the guest until it stops.
+    /// Runs the guest until it stops or the VMM must act on the whole VM (a checkpoint).
     pub fn run(
         &mut self,
         platform: &mut Platform,
         mem: &GuestMemoryMmap,
         boundary: &mut dyn Boundary,
         kicker: &Kicker,
-    ) -> Result<Stop, VcpuError> {
+    ) -> Result<Event, VcpuError> {
         while self.state == VcpuState::Running {
+            if let Some(data) = boundary.pending_checkpoint()? {
+                return Ok(Event::Restore(data));
+            }
+            if kicker.stop_requested() {
+                self.finish(Stop::Interrupted);
+                break;
+            }
             kicker.enter();
             let exit = self.run_once(platform, mem, boundary);
             kicker.leave();
@@ -205,7 +229,12 @@ impl Vcpu {
                 }
                 Exit::Kick => {
                     self.kicks += 1;
-                    self.inputs(Point::Kick, platform, boundary, true)?;
+                    if boundary.kick_due(&platform.wait_request())? {
+                        if boundary.wants_checkpoints() {
+                            return Ok(Event::Checkpoint);
+                        }
+                        self.kick_inputs(platform, boundary)?;
+                    }
                 }
                 Exit::Debug(arch) => {
                     let exit = match &mut self.syscall_fix {
@@ -243,9 +272,62 @@ impl Vcpu {
             }
         }
         match self.state {
-            VcpuState::Finished(stop) => Ok(stop),
+            VcpuState::Finished(stop) => Ok(Event::Stopped(stop)),
             VcpuState::Running => unreachable!("the loop runs until the vCPU finishes"),
         }
+    }
+
+    /// Delivers the inputs due at a kick (after the checkpoint that makes the point
+    /// reproducible, when there is one).
+    pub fn kick_inputs(
+        &mut self,
+        platform: &mut Platform,
+        boundary: &mut dyn Boundary,
+    ) -> Result<(), VcpuError> {
+        self.inputs(Point::Kick, platform, boundary, true)
+    }
+
+    /// Completes a pending port or MMIO read (KVM finishes it on the next entry) without running
+    /// the guest further, so that the registers are the whole truth: run once with
+    /// `immediate_exit` set.
+    pub fn settle(&mut self) -> Result<(), VcpuError> {
+        self.fd.set_kvm_immediate_exit(1);
+        let r = self.fd.run();
+        let outcome = match r {
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Ok(()),
+            Err(source) => Err(VcpuError::Kvm {
+                what: "KVM_RUN (immediate exit)",
+                source,
+            }),
+            Ok(exit) => Err(VcpuError::UnexpectedExit {
+                what: format!("{exit:?} while settling"),
+                rip: 0,
+            }),
+        };
+        self.fd.set_kvm_immediate_exit(0);
+        outcome
+    }
+
+    /// The pending-interrupt-window request, for snapshots.
+    pub fn interrupt_window(&mut self) -> u8 {
+        self.fd.get_kvm_run().request_interrupt_window
+    }
+
+    /// Restores the digest, the window request and the compatibility state from a snapshot.
+    pub fn restore_extra(&mut self, digest: ExitDigest, window: u8, fix: Option<SyscallFix>) {
+        self.digest = digest;
+        self.fd.get_kvm_run().request_interrupt_window = window;
+        if let (Some(mine), Some(theirs)) = (self.syscall_fix.as_mut(), fix) {
+            *mine = theirs;
+        }
+    }
+
+    /// Re-applies the compatibility paths' debug registers after a restore.
+    pub fn reapply_compat(&mut self, mem: &GuestMemoryMmap) -> Result<(), VcpuError> {
+        if let Some(fix) = &mut self.syscall_fix {
+            fix.reapply(&self.fd, mem)?;
+        }
+        Ok(())
     }
 
     fn finish(&mut self, stop: Stop) {
@@ -257,9 +339,9 @@ impl Vcpu {
         exit: SyncExit,
         boundary: &mut dyn Boundary,
     ) -> Result<(), VcpuError> {
-        self.digest.add(&exit);
         tracing::trace!(n = self.digest.count(), "{exit}");
         boundary.exit(&exit)?;
+        self.digest.add(&exit);
         Ok(())
     }
 
@@ -323,7 +405,9 @@ impl Vcpu {
             return Ok(());
         }
         while !platform.interrupt_pending() {
-            let input = boundary.wait(&platform.wait_request())?;
+            let req = platform.wait_request();
+            tracing::trace!("halted: {req:?}");
+            let input = boundary.wait(&req)?;
             platform.apply(input);
         }
         Ok(())

@@ -7,7 +7,8 @@ use crate::cpuid::{self, DETERMINISTIC_PROFILE};
 use crate::kick::Kicker;
 use crate::memory::{self, GuestMemoryMmap, MemoryError};
 use crate::platform::{Platform, VIRTIO_BLK_IRQ, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE};
-use crate::vcpu::{Stop, Vcpu, VcpuError};
+use crate::snapshot::{saveable_msrs, Pages, Snapshot, SnapshotError, VcpuSnapshot};
+use crate::vcpu::{Event, Stop, Vcpu, VcpuError};
 use devices::virtio::{FileDisk, MmioBlock};
 use ft_core::{Boundary, BoundaryError, ExitDigest};
 use kvm_ioctls::{Kvm, VmFd};
@@ -56,6 +57,9 @@ pub enum VmError {
     /// Starting the kicker thread.
     #[error("cannot start the vCPU kicker: {0}")]
     Kicker(#[source] std::io::Error),
+    /// Saving or restoring a snapshot.
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
 }
 
 fn kvm<T>(what: &'static str, r: Result<T, kvm_ioctls::Error>) -> Result<T, VmError> {
@@ -67,18 +71,38 @@ fn kvm<T>(what: &'static str, r: Result<T, kvm_ioctls::Error>) -> Result<T, VmEr
 /// Field order is drop order: the vCPU and VM fds go before the RAM they map.
 pub struct Vm {
     vcpu: Vcpu,
-    _vm: VmFd,
-    _kvm: Kvm,
+    vm: VmFd,
+    kvm: Kvm,
     platform: Platform,
     mem: GuestMemoryMmap,
     config: VmConfig,
     compat: bool,
     cmdline: String,
+    msrs: Option<Vec<u32>>,
+    stats: CheckpointStats,
+}
+
+/// What checkpoints cost in this run.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CheckpointStats {
+    /// How many were taken.
+    pub count: u64,
+    /// Their encoded bytes, in all.
+    pub bytes: u64,
+    /// The longest pause one caused.
+    pub max_pause: std::time::Duration,
+    /// All pauses together.
+    pub total_pause: std::time::Duration,
 }
 
 impl Vm {
     /// Builds the VM described by `config`, ready to run from the kernel's entry point.
-    pub fn new(config: &VmConfig, boundary: &mut dyn Boundary) -> Result<Vm, VmError> {
+    /// `track_dirty` turns on KVM's dirty-page log, which incremental checkpoints need.
+    pub fn new(
+        config: &VmConfig,
+        boundary: &mut dyn Boundary,
+        track_dirty: bool,
+    ) -> Result<Vm, VmError> {
         if !(MIN_MEMORY_BYTES..=MAX_MEMORY_BYTES).contains(&config.memory_bytes) {
             return Err(VmError::MemorySize(config.memory_bytes));
         }
@@ -104,7 +128,7 @@ impl Vm {
             tracing::debug!("KVM_SET_TSS_ADDR: {e} (tolerated)");
         }
         let mem = memory::create(config.memory_bytes)?;
-        memory::register(&vm, &mem, false)?;
+        memory::register(&vm, &mem, track_dirty)?;
 
         let cmdline = kernel_cmdline(config);
         let boot = boot::load(&mem, &config.kernel, config.initrd.as_deref(), &cmdline)?;
@@ -125,16 +149,60 @@ impl Vm {
             if compat::host_needs_compat() { "present" } else { "absent" }
         );
         let platform = Platform::new(boundary.rtc_epoch()?, blk);
+        // The boot writes are the same in every run: checkpoints start from here.
+        memory::reset_vmm_dirty(&mem);
         Ok(Vm {
             vcpu: Vcpu::new(fd, compat),
-            _vm: vm,
-            _kvm: kvm_fd,
+            vm,
+            kvm: kvm_fd,
             platform,
             mem,
             config: config.clone(),
             compat,
             cmdline,
+            msrs: None,
+            stats: CheckpointStats::default(),
         })
+    }
+
+    /// Takes a snapshot: full, or the pages written since the last one.
+    pub fn snapshot(&mut self, full: bool) -> Result<Snapshot, VmError> {
+        self.vcpu.settle()?;
+        if self.msrs.is_none() {
+            self.msrs = Some(saveable_msrs(&self.kvm, self.vcpu.fd())?);
+        }
+        let msrs = self.msrs.as_deref().unwrap_or(&[]);
+        let pages = if full {
+            Pages::full(&self.mem)?
+        } else {
+            Pages::dirty(&self.vm, &self.mem)?
+        };
+        Ok(Snapshot {
+            full,
+            vcpu: VcpuSnapshot::save(self.vcpu.fd(), msrs)?,
+            platform: self.platform.state(),
+            pages,
+            digest: self.vcpu.digest().clone(),
+            interrupt_window: self.vcpu.interrupt_window(),
+            compat: self.vcpu.syscall_fix().cloned(),
+        })
+    }
+
+    /// Puts the VM in the state of `snap` (a full snapshot on a fresh VM, or a checkpoint on
+    /// the state it was taken from).
+    pub fn restore(&mut self, snap: &Snapshot) -> Result<(), VmError> {
+        snap.pages.apply(&self.mem)?;
+        snap.vcpu.restore(self.vcpu.fd())?;
+        self.platform.restore(&snap.platform);
+        self.vcpu
+            .restore_extra(snap.digest.clone(), snap.interrupt_window, snap.compat.clone());
+        self.vcpu.reapply_compat(&self.mem)?;
+        Ok(())
+    }
+
+    /// Checkpoint statistics of this run.
+    pub fn checkpoint_stats(&self) -> CheckpointStats {
+        self.stats
     }
 
     /// The full kernel command line the guest got.
@@ -147,13 +215,40 @@ impl Vm {
         self.compat
     }
 
-    /// Runs the guest until it stops.
+    /// Runs the guest until it stops, taking and restoring checkpoints where the boundary asks.
     pub fn run(&mut self, boundary: &mut dyn Boundary) -> Result<Stop, VmError> {
         let kicker = Kicker::start(self.config.quantum).map_err(VmError::Kicker)?;
-        let stop = self
-            .vcpu
-            .run(&mut self.platform, &self.mem, boundary, &kicker)?;
-        Ok(stop)
+        loop {
+            let event = match self
+                .vcpu
+                .run(&mut self.platform, &self.mem, boundary, &kicker)
+            {
+                Err(VcpuError::Boundary(BoundaryError::EndOfLog)) => Event::Stopped(Stop::EndOfLog),
+                other => other?,
+            };
+            match event {
+                Event::Stopped(stop) => {
+                    boundary.finish(self.vcpu.digest())?;
+                    return Ok(stop);
+                }
+                Event::Checkpoint => {
+                    let start = std::time::Instant::now();
+                    let bytes = self.snapshot(false)?.encode();
+                    boundary.checkpoint(&bytes)?;
+                    let pause = start.elapsed();
+                    self.stats.count += 1;
+                    self.stats.bytes += bytes.len() as u64;
+                    self.stats.max_pause = self.stats.max_pause.max(pause);
+                    self.stats.total_pause += pause;
+                    self.vcpu.kick_inputs(&mut self.platform, boundary)?;
+                }
+                Event::Restore(bytes) => {
+                    let snap = Snapshot::decode(&bytes)?;
+                    self.restore(&snap)?;
+                    self.vcpu.kick_inputs(&mut self.platform, boundary)?;
+                }
+            }
+        }
     }
 
     /// The digest over the synchronous exits so far.
@@ -224,6 +319,35 @@ impl MemoryStats {
     pub fn vmm_kib(&self) -> u64 {
         self.rss_kib.saturating_sub(self.guest_rss_kib)
     }
+}
+
+/// What a replay must match: a hash of everything that makes two runs the same machine, and a
+/// summary for error messages.
+pub fn config_identity(config: &VmConfig, cmdline: &str) -> Result<(u64, String), VmError> {
+    let content = |p: &std::path::Path| -> Result<u32, VmError> {
+        std::fs::read(p)
+            .map(|d| crc32c::crc32c(&d))
+            .map_err(|source| VmError::Disk {
+                path: p.display().to_string(),
+                source,
+            })
+    };
+    let kernel = content(&config.kernel)?;
+    let initrd = match &config.initrd {
+        Some(p) => content(p)?,
+        None => 0,
+    };
+    let disk = config
+        .disk
+        .as_ref()
+        .and_then(|p| std::fs::metadata(p).ok())
+        .map_or(0, |m| m.len());
+    let summary = format!(
+        "kernel crc {kernel:08x}, initrd crc {initrd:08x}, {} MiB RAM, disk {disk} bytes, compat {}, cmdline {cmdline:?}",
+        config.memory_bytes >> 20,
+        compat::resolve(config.kvm_compat),
+    );
+    Ok((u64::from(crc32c::crc32c(summary.as_bytes())), summary))
 }
 
 /// The command line the guest gets: the user's, the deterministic profile, the devices.

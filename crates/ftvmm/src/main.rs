@@ -6,18 +6,24 @@
 
 use clap::{Parser, ValueEnum};
 use ft_core::live::{LiveBoundary, SerialSource};
+use ft_core::record::Recorder;
+use ft_core::replay::Replayer;
+use ft_core::{Boundary, BoundaryError};
 use std::fs::File;
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
-use vmm::{CompatMode, Vm, VmConfig};
+use vmm::vm::kernel_cmdline;
+use vmm::{config_identity, CompatMode, Vm, VmConfig, VmError};
 
 /// What this process is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Role {
-    /// Run the guest alone, with no fault tolerance.
+    /// Run the guest alone, with no fault tolerance (optionally recording it: `--record`).
     Standalone,
+    /// Re-execute a recording (`--log`) on the same machine flags, checking every exit.
+    Replay,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -117,6 +123,18 @@ struct Args {
     /// A vCPU that runs this long without an exit is kicked, e.g. 10ms.
     #[arg(long, default_value = "10ms", value_parser = parse_duration)]
     quantum: Duration,
+    /// Record the run to this event log (standalone role).
+    #[arg(long)]
+    record: Option<PathBuf>,
+    /// The event log to replay (replay role).
+    #[arg(long)]
+    log: Option<PathBuf>,
+    /// When the VM stops (the guest exits, or SIGTERM/SIGINT), save a full snapshot here.
+    #[arg(long)]
+    snapshot_on_exit: Option<PathBuf>,
+    /// Start from this snapshot instead of booting (same machine flags as when it was taken).
+    #[arg(long)]
+    restore: Option<PathBuf>,
     /// Log level for diagnostics on stderr (error, warn, info, debug, trace).
     #[arg(long, default_value = "warn")]
     log_level: String,
@@ -155,10 +173,38 @@ fn check_file(what: &str, path: &PathBuf) -> Result<(), String> {
     }
 }
 
-fn run(args: Args) -> Result<u8, String> {
-    match args.role {
-        Role::Standalone => {}
+/// Exit status for a replay that diverged from its recording.
+const DIVERGENCE_STATUS: u8 = 3;
+
+/// What went wrong, and the exit status it gets.
+struct Failure {
+    message: String,
+    status: u8,
+}
+
+impl From<String> for Failure {
+    fn from(message: String) -> Self {
+        Failure { message, status: 2 }
     }
+}
+
+impl From<VmError> for Failure {
+    fn from(e: VmError) -> Self {
+        let status = match &e {
+            VmError::Boundary(BoundaryError::Divergence { .. })
+            | VmError::Vcpu(vmm::vcpu::VcpuError::Boundary(BoundaryError::Divergence { .. })) => {
+                DIVERGENCE_STATUS
+            }
+            _ => 2,
+        };
+        Failure {
+            message: e.to_string(),
+            status,
+        }
+    }
+}
+
+fn machine_config(args: &Args) -> Result<VmConfig, String> {
     check_file("kernel", &args.kernel)?;
     if let Some(p) = &args.initrd {
         check_file("initrd", p)?;
@@ -166,7 +212,7 @@ fn run(args: Args) -> Result<u8, String> {
     if let Some(p) = &args.disk {
         check_file("disk image", p)?;
     }
-    let config = VmConfig {
+    Ok(VmConfig {
         kernel: args.kernel.clone(),
         initrd: args.initrd.clone(),
         cmdline: args.cmdline.clone(),
@@ -179,34 +225,102 @@ fn run(args: Args) -> Result<u8, String> {
             Compat::Off => CompatMode::Off,
         },
         quantum: args.quantum,
-    };
-    let mut boundary = LiveBoundary::new(serial_source(&args)?, serial_sink(&args)?);
-    let mut vm = Vm::new(&config, &mut boundary).map_err(|e| e.to_string())?;
-    tracing::info!("kernel command line: {}", vm.cmdline());
-    let result = vm.run(&mut boundary);
-    let status = match result {
-        Ok(stop) => {
-            tracing::info!("guest stopped: {stop:?}");
-            Ok(stop.status())
+    })
+}
+
+fn run(args: Args) -> Result<u8, Failure> {
+    let config = machine_config(&args)?;
+    match (args.role, &args.record, &args.log) {
+        (Role::Standalone, _, Some(_)) => {
+            return Err("--log is for --role replay; to record, use --record".to_string().into())
         }
-        Err(e) => Err(e.to_string()),
+        (Role::Replay, Some(_), _) => {
+            return Err("--record is for --role standalone".to_string().into())
+        }
+        (Role::Replay, None, None) => {
+            return Err("--role replay needs --log PATH".to_string().into())
+        }
+        _ => {}
+    }
+    if args.role == Role::Replay && args.restore.is_some() {
+        return Err("--restore cannot be combined with --role replay".to_string().into());
+    }
+    let (hash, summary) = config_identity(&config, &kernel_cmdline(&config))?;
+    let live = || -> Result<LiveBoundary, String> {
+        Ok(LiveBoundary::new(serial_source(&args)?, serial_sink(&args)?))
     };
+    let mut boundary: Box<dyn Boundary> = match (args.role, &args.record, &args.log) {
+        (Role::Standalone, Some(path), _) => {
+            let file = File::create(path)
+                .map_err(|e| format!("cannot create log {}: {e}", path.display()))?;
+            let out = std::io::BufWriter::with_capacity(1 << 16, file);
+            Box::new(
+                Recorder::new(live()?, out, hash, summary.clone())
+                    .map_err(|e| format!("cannot start recording: {e}"))?,
+            )
+        }
+        (Role::Standalone, None, _) => Box::new(live()?),
+        (Role::Replay, _, Some(path)) => {
+            let file = File::open(path)
+                .map_err(|e| format!("cannot open log {}: {e}", path.display()))?;
+            let replayer =
+                Replayer::new(std::io::BufReader::with_capacity(1 << 16, file), serial_sink(&args)?)
+                    .map_err(|e| format!("cannot replay {}: {e}", path.display()))?;
+            replayer
+                .check_config(hash, &summary)
+                .map_err(|e| e.to_string())?;
+            Box::new(replayer)
+        }
+        (Role::Replay, _, None) => unreachable!("checked above"),
+    };
+    vmm::kick::stop_on_signals().map_err(|e| format!("cannot install signal handlers: {e}"))?;
+    let track_dirty = args.record.is_some();
+    let mut vm = Vm::new(&config, boundary.as_mut(), track_dirty)?;
+    tracing::info!("kernel command line: {}", vm.cmdline());
+    if let Some(path) = &args.restore {
+        let snap = vmm::snapshot::Snapshot::read_file(path).map_err(|e| e.to_string())?;
+        vm.restore(&snap)?;
+        tracing::info!("restored {} (rip {:#x})", path.display(), snap.vcpu.rip());
+    }
+    let result = vm.run(boundary.as_mut());
+    if let Some(path) = &args.snapshot_on_exit {
+        match vm.snapshot(true) {
+            Ok(snap) => match snap.write_file(path) {
+                Ok(()) => tracing::info!("snapshot saved to {}", path.display()),
+                Err(e) => eprintln!("ftvmm: error: {e}"),
+            },
+            Err(e) => eprintln!("ftvmm: error: cannot take the snapshot: {e}"),
+        }
+    }
     let fix = vm.vcpu().syscall_fix();
     let mem = vm.memory_stats();
+    let cp = vm.checkpoint_stats();
     tracing::info!(
-        "stats: kicks={} syscalls-completed={} page-faults-stepped={} vmm-rss-kib={} guest-rss-kib={}",
+        "stats: kicks={} syscalls-completed={} page-faults-stepped={} checkpoints={} checkpoint-bytes={} checkpoint-max-pause-us={} vmm-rss-kib={} guest-rss-kib={}",
         vm.kicks(),
         fix.map_or(0, |f| f.syscalls),
         fix.map_or(0, |f| f.page_faults),
+        cp.count,
+        cp.bytes,
+        cp.max_pause.as_micros(),
         mem.map_or(0, |m| m.vmm_kib()),
         mem.map_or(0, |m| m.guest_rss_kib),
     );
+    let status = match result {
+        Ok(stop) => {
+            tracing::info!("guest stopped: {stop:?}");
+            let interrupted_and_saved =
+                matches!(stop, vmm::vcpu::Stop::Interrupted) && args.snapshot_on_exit.is_some();
+            Ok(if interrupted_and_saved { 0 } else { stop.status() })
+        }
+        Err(e) => Err(Failure::from(e)),
+    };
     // The digest line is the last line of every run, whatever ended it.
-    if let Err(e) = &status {
-        eprintln!("ftvmm: error: {e}");
+    if let Err(f) = &status {
+        eprintln!("ftvmm: error: {}", f.message);
     }
     eprintln!("ftvmm: {}", vm.digest());
-    status.or(Ok(2))
+    status.or_else(|f| Ok(f.status))
 }
 
 fn main() -> ExitCode {
@@ -221,9 +335,9 @@ fn main() -> ExitCode {
         .init();
     match run(args) {
         Ok(status) => ExitCode::from(status),
-        Err(e) => {
-            eprintln!("ftvmm: error: {e}");
-            ExitCode::from(2)
+        Err(f) => {
+            eprintln!("ftvmm: error: {}", f.message);
+            ExitCode::from(f.status)
         }
     }
 }

@@ -1,0 +1,379 @@
+//! Snapshots: everything needed to resume a VM exactly where it was, in one serializable value.
+//!
+//! A full snapshot holds all vCPU state KVM exposes, every device's state, virtual time and the
+//! non-zero pages of guest RAM. An incremental snapshot (a checkpoint) holds only the pages
+//! written since the previous one: the guest's writes, from the KVM dirty log, and the VMM's
+//! own writes (device DMA, boot structures), from vm-memory's dirty bitmap. The same code
+//! serves `--snapshot-on-exit`/`--restore` and the recorder's checkpoints.
+
+use crate::memory::GuestMemoryMmap;
+use kvm_bindings::{
+    kvm_debugregs, kvm_fpu, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_sregs, kvm_vcpu_events,
+    kvm_xcrs, Msrs,
+};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use vm_memory::bitmap::Bitmap;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+/// The magic at the start of a snapshot file.
+pub const SNAPSHOT_MAGIC: [u8; 8] = *b"FTVMMSNP";
+/// Snapshot format version.
+pub const SNAPSHOT_VERSION: u16 = 1;
+const PAGE: u64 = 4096;
+
+/// Errors saving or restoring state.
+#[derive(Debug, Error)]
+pub enum SnapshotError {
+    /// A KVM ioctl failed.
+    #[error("{what} failed: {source}")]
+    Kvm {
+        /// Which.
+        what: &'static str,
+        /// Why.
+        source: kvm_ioctls::Error,
+    },
+    /// Guest memory access failed.
+    #[error("guest memory at {addr:#x}: {why}")]
+    Memory {
+        /// Where.
+        addr: u64,
+        /// Why.
+        why: String,
+    },
+    /// The snapshot does not decode.
+    #[error("snapshot does not decode: {0}")]
+    Decode(String),
+    /// Not a snapshot, or another version.
+    #[error("not an ftvmm snapshot of version {SNAPSHOT_VERSION}")]
+    BadMagic,
+    /// The snapshot was taken of a different machine.
+    #[error("snapshot was taken with {taken} of RAM, this VM has {ours}")]
+    MemoryMismatch {
+        /// Its size.
+        taken: u64,
+        /// Ours.
+        ours: u64,
+    },
+    /// File I/O.
+    #[error("snapshot file {path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+fn kvm<T>(what: &'static str, r: Result<T, kvm_ioctls::Error>) -> Result<T, SnapshotError> {
+    r.map_err(|source| SnapshotError::Kvm { what, source })
+}
+
+/// `kvm_fpu`, field by field (kvm-bindings does not serialize it).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct FpuState {
+    fpr: Vec<[u8; 16]>,
+    fcw: u16,
+    fsw: u16,
+    ftwx: u8,
+    last_opcode: u16,
+    last_ip: u64,
+    last_dp: u64,
+    xmm: Vec<[u8; 16]>,
+    mxcsr: u32,
+}
+
+impl From<&kvm_fpu> for FpuState {
+    fn from(f: &kvm_fpu) -> Self {
+        FpuState {
+            fpr: f.fpr.to_vec(),
+            fcw: f.fcw,
+            fsw: f.fsw,
+            ftwx: f.ftwx,
+            last_opcode: f.last_opcode,
+            last_ip: f.last_ip,
+            last_dp: f.last_dp,
+            xmm: f.xmm.to_vec(),
+            mxcsr: f.mxcsr,
+        }
+    }
+}
+
+impl FpuState {
+    fn to_kvm(&self) -> kvm_fpu {
+        let mut f = kvm_fpu {
+            fcw: self.fcw,
+            fsw: self.fsw,
+            ftwx: self.ftwx,
+            last_opcode: self.last_opcode,
+            last_ip: self.last_ip,
+            last_dp: self.last_dp,
+            mxcsr: self.mxcsr,
+            ..Default::default()
+        };
+        for (d, s) in f.fpr.iter_mut().zip(&self.fpr) {
+            *d = *s;
+        }
+        for (d, s) in f.xmm.iter_mut().zip(&self.xmm) {
+            *d = *s;
+        }
+        f
+    }
+}
+
+/// All the vCPU state KVM exposes (with no in-kernel LAPIC there is none to save).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct VcpuSnapshot {
+    regs: kvm_regs,
+    sregs: kvm_sregs,
+    fpu: FpuState,
+    xcrs: Option<kvm_xcrs>,
+    msrs: Vec<kvm_msr_entry>,
+    events: kvm_vcpu_events,
+    mp_state: kvm_mp_state,
+    debugregs: kvm_debugregs,
+}
+
+/// The MSRs this KVM lets the VMM read, from its index list.
+pub fn saveable_msrs(kvm_fd: &Kvm, vcpu: &VcpuFd) -> Result<Vec<u32>, SnapshotError> {
+    let list = kvm("KVM_GET_MSR_INDEX_LIST", kvm_fd.get_msr_index_list())?;
+    let mut ok = Vec::new();
+    for &index in list.as_slice() {
+        let mut one = Msrs::from_entries(&[kvm_msr_entry {
+            index,
+            ..Default::default()
+        }])
+        .map_err(|e| SnapshotError::Decode(format!("{e:?}")))?;
+        if matches!(vcpu.get_msrs(&mut one), Ok(1)) {
+            ok.push(index);
+        }
+    }
+    Ok(ok)
+}
+
+impl VcpuSnapshot {
+    /// Reads the vCPU's state.
+    pub fn save(vcpu: &VcpuFd, msr_indices: &[u32]) -> Result<Self, SnapshotError> {
+        let entries: Vec<kvm_msr_entry> = msr_indices
+            .iter()
+            .map(|&index| kvm_msr_entry {
+                index,
+                ..Default::default()
+            })
+            .collect();
+        let mut msrs =
+            Msrs::from_entries(&entries).map_err(|e| SnapshotError::Decode(format!("{e:?}")))?;
+        let n = kvm("KVM_GET_MSRS", vcpu.get_msrs(&mut msrs))?;
+        Ok(VcpuSnapshot {
+            regs: kvm("KVM_GET_REGS", vcpu.get_regs())?,
+            sregs: kvm("KVM_GET_SREGS", vcpu.get_sregs())?,
+            fpu: FpuState::from(&kvm("KVM_GET_FPU", vcpu.get_fpu())?),
+            xcrs: vcpu.get_xcrs().ok(),
+            msrs: msrs.as_slice()[..n].to_vec(),
+            events: kvm("KVM_GET_VCPU_EVENTS", vcpu.get_vcpu_events())?,
+            mp_state: kvm("KVM_GET_MP_STATE", vcpu.get_mp_state())?,
+            debugregs: kvm("KVM_GET_DEBUGREGS", vcpu.get_debug_regs())?,
+        })
+    }
+
+    /// Writes the state back into a vCPU.
+    pub fn restore(&self, vcpu: &VcpuFd) -> Result<(), SnapshotError> {
+        kvm("KVM_SET_SREGS", vcpu.set_sregs(&self.sregs))?;
+        kvm("KVM_SET_REGS", vcpu.set_regs(&self.regs))?;
+        kvm("KVM_SET_FPU", vcpu.set_fpu(&self.fpu.to_kvm()))?;
+        if let Some(x) = &self.xcrs {
+            kvm("KVM_SET_XCRS", vcpu.set_xcrs(x))?;
+        }
+        let msrs =
+            Msrs::from_entries(&self.msrs).map_err(|e| SnapshotError::Decode(format!("{e:?}")))?;
+        let n = kvm("KVM_SET_MSRS", vcpu.set_msrs(&msrs))?;
+        if n != self.msrs.len() {
+            tracing::warn!(
+                "KVM_SET_MSRS took {n} of {} MSRs (stopped at {:#x})",
+                self.msrs.len(),
+                self.msrs.get(n).map_or(0, |m| m.index)
+            );
+        }
+        kvm("KVM_SET_VCPU_EVENTS", vcpu.set_vcpu_events(&self.events))?;
+        kvm("KVM_SET_MP_STATE", vcpu.set_mp_state(self.mp_state))?;
+        kvm("KVM_SET_DEBUGREGS", vcpu.set_debug_regs(&self.debugregs))?;
+        Ok(())
+    }
+
+    /// The instruction pointer.
+    pub fn rip(&self) -> u64 {
+        self.regs.rip
+    }
+}
+
+/// Pages of guest RAM: (guest page number, contents).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Pages {
+    /// RAM size of the machine they belong to.
+    pub ram_bytes: u64,
+    /// The pages.
+    pub pages: Vec<(u64, Vec<u8>)>,
+}
+
+impl Pages {
+    /// Every non-zero page of RAM.
+    pub fn full(mem: &GuestMemoryMmap) -> Result<Pages, SnapshotError> {
+        let ram_bytes = mem.last_addr().0 + 1;
+        let mut pages = Vec::new();
+        let mut buf = vec![0u8; PAGE as usize];
+        for pfn in 0..ram_bytes / PAGE {
+            let addr = pfn * PAGE;
+            mem.read_slice(&mut buf, GuestAddress(addr))
+                .map_err(|e| SnapshotError::Memory {
+                    addr,
+                    why: e.to_string(),
+                })?;
+            if buf.iter().any(|b| *b != 0) {
+                pages.push((pfn, buf.clone()));
+            }
+        }
+        Ok(Pages { ram_bytes, pages })
+    }
+
+    /// The pages written since the last call: the KVM dirty log of slot 0 (which resets it)
+    /// and vm-memory's bitmap of the VMM's writes (reset here too).
+    pub fn dirty(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<Pages, SnapshotError> {
+        let ram_bytes = mem.last_addr().0 + 1;
+        let bitmap = kvm(
+            "KVM_GET_DIRTY_LOG",
+            vm.get_dirty_log(0, ram_bytes as usize),
+        )?;
+        let mut dirty = vec![false; (ram_bytes / PAGE) as usize];
+        for (i, word) in bitmap.iter().enumerate() {
+            for bit in 0..64 {
+                if word & (1 << bit) != 0 {
+                    if let Some(d) = dirty.get_mut(i * 64 + bit) {
+                        *d = true;
+                    }
+                }
+            }
+        }
+        for region in mem.iter() {
+            let base = region.start_addr().0;
+            // The region's own bitmap (not a slice of it), which can be reset.
+            let bm: &vm_memory::bitmap::AtomicBitmap = vm_memory::MmapRegion::bitmap(region);
+            for off in (0..region.len()).step_by(PAGE as usize) {
+                if bm.dirty_at(off as usize) {
+                    if let Some(d) = dirty.get_mut(((base + off) / PAGE) as usize) {
+                        *d = true;
+                    }
+                }
+            }
+            bm.reset();
+        }
+        let mut pages = Vec::new();
+        for (pfn, _) in dirty.iter().enumerate().filter(|(_, d)| **d) {
+            let addr = pfn as u64 * PAGE;
+            let mut buf = vec![0u8; PAGE as usize];
+            mem.read_slice(&mut buf, GuestAddress(addr))
+                .map_err(|e| SnapshotError::Memory {
+                    addr,
+                    why: e.to_string(),
+                })?;
+            pages.push((pfn as u64, buf));
+        }
+        Ok(Pages { ram_bytes, pages })
+    }
+
+    /// Writes the pages into RAM (a full snapshot is applied to zeroed RAM).
+    pub fn apply(&self, mem: &GuestMemoryMmap) -> Result<(), SnapshotError> {
+        let ours = mem.last_addr().0 + 1;
+        if self.ram_bytes != ours {
+            return Err(SnapshotError::MemoryMismatch {
+                taken: self.ram_bytes,
+                ours,
+            });
+        }
+        for (pfn, data) in &self.pages {
+            let addr = pfn * PAGE;
+            mem.write_slice(data, GuestAddress(addr))
+                .map_err(|e| SnapshotError::Memory {
+                    addr,
+                    why: e.to_string(),
+                })?;
+        }
+        Ok(())
+    }
+
+    /// Bytes of page data.
+    pub fn bytes(&self) -> usize {
+        self.pages.len() * PAGE as usize
+    }
+}
+
+/// A whole VM at one point: full (every non-zero page) or incremental (pages written since the
+/// previous snapshot).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Snapshot {
+    /// Whether `pages` holds all of RAM.
+    pub full: bool,
+    /// The vCPU.
+    pub vcpu: VcpuSnapshot,
+    /// Every device and virtual time.
+    pub platform: crate::platform::PlatformState,
+    /// RAM.
+    pub pages: Pages,
+    /// The exit digest so far, so that a restored run ends with the uninterrupted run's digest.
+    pub digest: ft_core::ExitDigest,
+    /// Whether the VMM had asked KVM for an interrupt window.
+    pub interrupt_window: u8,
+    /// The compatibility paths' state.
+    pub compat: Option<crate::compat::SyscallFix>,
+}
+
+impl Snapshot {
+    /// Encodes with postcard.
+    pub fn encode(&self) -> Vec<u8> {
+        postcard::to_stdvec(self).unwrap_or_default()
+    }
+
+    /// Decodes what [`Snapshot::encode`] made.
+    pub fn decode(bytes: &[u8]) -> Result<Snapshot, SnapshotError> {
+        postcard::from_bytes(bytes).map_err(|e| SnapshotError::Decode(e.to_string()))
+    }
+
+    /// Writes a snapshot file: magic, version, CRC32C of the body, body.
+    pub fn write_file(&self, path: &std::path::Path) -> Result<(), SnapshotError> {
+        let body = self.encode();
+        let mut out = SNAPSHOT_MAGIC.to_vec();
+        out.extend_from_slice(&SNAPSHOT_VERSION.to_le_bytes());
+        out.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
+        out.extend_from_slice(&body);
+        let io = |source| SnapshotError::Io {
+            path: path.display().to_string(),
+            source,
+        };
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, &out).map_err(io)?;
+        std::fs::rename(&tmp, path).map_err(io)
+    }
+
+    /// Reads a snapshot file, checking its magic, version and CRC.
+    pub fn read_file(path: &std::path::Path) -> Result<Snapshot, SnapshotError> {
+        let data = std::fs::read(path).map_err(|source| SnapshotError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        if data.len() < 14
+            || data[..8] != SNAPSHOT_MAGIC
+            || data[8..10] != SNAPSHOT_VERSION.to_le_bytes()
+        {
+            return Err(SnapshotError::BadMagic);
+        }
+        let crc = u32::from_le_bytes([data[10], data[11], data[12], data[13]]);
+        let body = &data[14..];
+        if crc32c::crc32c(body) != crc {
+            return Err(SnapshotError::Decode(format!(
+                "{}: CRC mismatch (corrupt file)",
+                path.display()
+            )));
+        }
+        Snapshot::decode(body)
+    }
+}
