@@ -532,8 +532,16 @@ mod tests {
         pic.pio_write(0xa1, 0x04);
         assert!(pic.intr());
         assert_eq!(pic.acknowledge(), Some(0x3f), "slave base + 7");
-        assert_eq!(read_isr(&mut pic, 0xa0), 0, "nothing in service on the slave");
-        assert_eq!(read_isr(&mut pic, 0x20), 0x04, "IR2 in service on the master");
+        assert_eq!(
+            read_isr(&mut pic, 0xa0),
+            0,
+            "nothing in service on the slave"
+        );
+        assert_eq!(
+            read_isr(&mut pic, 0x20),
+            0x04,
+            "IR2 in service on the master"
+        );
     }
 
     #[test]
@@ -575,7 +583,11 @@ mod tests {
         pic.pio_write(0x20, 0xa0); // rotate on non-specific EOI: IRQ3 lowest
         pulse(&mut pic, 3);
         pulse(&mut pic, 5);
-        assert_eq!(pic.acknowledge(), Some(0x35), "IRQ4 is now the highest, then 5");
+        assert_eq!(
+            pic.acknowledge(),
+            Some(0x35),
+            "IRQ4 is now the highest, then 5"
+        );
         pic.pio_write(0x20, 0xe5); // rotate on specific EOI 5: IRQ5 lowest, 6 highest
         pulse(&mut pic, 0);
         pulse(&mut pic, 6);
@@ -633,7 +645,10 @@ mod tests {
         pulse(&mut pic, 12);
         assert_eq!(pic.acknowledge(), Some(0x3c));
         pulse(&mut pic, 9); // higher priority on the slave
-        assert!(pic.intr(), "SFNM: the slave may interrupt its own in-service IR2");
+        assert!(
+            pic.intr(),
+            "SFNM: the slave may interrupt its own in-service IR2"
+        );
         assert_eq!(pic.acknowledge(), Some(0x39));
     }
 

@@ -857,7 +857,11 @@ mod tests {
         pit.pio_write(0x40, 300u16.to_le_bytes()[0], at(500));
         pit.pio_write(0x40, 300u16.to_le_bytes()[1], at(500));
         pit.pio_write(0x43, 0xe2, at(600)); // read-back status ch0
-        assert_eq!(pit.pio_read(0x40, at(600)) & 0x40, 0x40, "null count until loaded");
+        assert_eq!(
+            pit.pio_read(0x40, at(600)) & 0x40,
+            0x40,
+            "null count until loaded"
+        );
         assert_eq!(pit.next_irq0_ns(at(500)), Some(at(1000)));
         assert_eq!(latched(&mut pit, 0, at(999)), 1);
         assert_eq!(pit.next_irq0_ns(at(1000)), Some(at(1300)));
@@ -980,12 +984,20 @@ mod tests {
         let mut pit = Pit::new();
         program(&mut pit, 0, 0x34, 1000, 0);
         pit.pio_write(0x43, 0xc2, at(250)); // latch count and status of channel 0
-        assert_eq!(pit.pio_read(0x40, at(260)), 0x80 | 0x34, "OUT high, lohi, mode 2");
+        assert_eq!(
+            pit.pio_read(0x40, at(260)),
+            0x80 | 0x34,
+            "OUT high, lohi, mode 2"
+        );
         assert_eq!(pit.pio_read(0x40, at(260)), (750u16 & 0xff) as u8);
         assert_eq!(pit.pio_read(0x40, at(260)), (750u16 >> 8) as u8);
         // Status of all three channels.
         pit.pio_write(0x43, 0xee, at(300));
-        assert_eq!(pit.pio_read(0x41, at(300)), 0x80 | 0x40 | 0x36, "power-on: idle");
+        assert_eq!(
+            pit.pio_read(0x41, at(300)),
+            0x80 | 0x40 | 0x36,
+            "power-on: idle"
+        );
     }
 
     #[test]
@@ -1094,7 +1106,11 @@ mod tests {
         assert_eq!(pit.pio_read(0x61, 15_085) & 0x10, 0x10);
         assert_eq!(pit.pio_read(0x61, 30_170) & 0x10, 0);
         pit.pio_write(0x61, 0xff, 0);
-        assert_eq!(pit.pio_read(0x61, 0) & 0xcf, 0x0f, "bits 0-3 read back, 6-7 zero");
+        assert_eq!(
+            pit.pio_read(0x61, 0) & 0xcf,
+            0x0f,
+            "bits 0-3 read back, 6-7 zero"
+        );
     }
 
     #[test]

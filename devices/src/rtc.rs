@@ -187,7 +187,7 @@ pub struct Rtc {
 
 fn to_bcd(v: u32) -> u8 {
     let v = v % 100;
-    ((v / 10) << 4 | v % 10) as u8
+    (((v / 10) << 4) | (v % 10)) as u8
 }
 
 fn from_bcd(v: u8) -> u32 {
@@ -269,7 +269,11 @@ impl Rtc {
         if self.reg_b() & B_24H != 0 {
             self.encode(hour)
         } else {
-            let h12 = if hour % 12 == 0 { 12 } else { hour % 12 };
+            let h12 = if hour.is_multiple_of(12) {
+                12
+            } else {
+                hour % 12
+            };
             self.encode(h12) | if hour >= 12 { 0x80 } else { 0 }
         }
     }
@@ -293,7 +297,10 @@ impl Rtc {
             (REG_DOM, self.encode(t.day)),
             (REG_MONTH, self.encode(t.month)),
             (REG_YEAR, self.encode(t.year.rem_euclid(100) as u32)),
-            (REG_CENTURY, self.encode(t.year.div_euclid(100).rem_euclid(100) as u32)),
+            (
+                REG_CENTURY,
+                self.encode(t.year.div_euclid(100).rem_euclid(100) as u32),
+            ),
         ]
     }
 
@@ -307,8 +314,7 @@ impl Rtc {
         let month = self.decode(regs[REG_MONTH]);
         let year = i64::from(self.decode(regs[REG_YEAR]))
             + 100 * i64::from(self.decode(regs[REG_CENTURY]));
-        if !(1..=12).contains(&month) || !(1..=31).contains(&day) || second > 59 || minute > 59
-        {
+        if !(1..=12).contains(&month) || !(1..=31).contains(&day) || second > 59 || minute > 59 {
             tracing::warn!(
                 "RTC: time registers hold an invalid date/time \
                  ({year}-{month}-{day} {hour}:{minute}:{second}); normalising it"
@@ -530,7 +536,9 @@ impl Rtc {
                 self.nmi_disabled = val & 0x80 != 0;
             }
             0x71 => self.write_reg(usize::from(self.index), val, now_ns),
-            _ => tracing::warn!("RTC: write {val:#04x} to port {port:#x}, which is not an RTC port"),
+            _ => {
+                tracing::warn!("RTC: write {val:#04x} to port {port:#x}, which is not an RTC port")
+            }
         }
     }
 
@@ -640,9 +648,18 @@ mod tests {
     fn date_math_known_dates() {
         assert_eq!(days_from_civil(1970, 1, 1), 0);
         assert_eq!(days_from_civil(2000, 2, 29) * 86_400, 951_782_400);
-        assert_eq!(days_from_civil(2000, 3, 1) - days_from_civil(2000, 2, 28), 2);
-        assert_eq!(days_from_civil(1900, 3, 1) - days_from_civil(1900, 2, 28), 1);
-        assert_eq!(days_from_civil(2100, 3, 1) - days_from_civil(2100, 2, 28), 1);
+        assert_eq!(
+            days_from_civil(2000, 3, 1) - days_from_civil(2000, 2, 28),
+            2
+        );
+        assert_eq!(
+            days_from_civil(1900, 3, 1) - days_from_civil(1900, 2, 28),
+            1
+        );
+        assert_eq!(
+            days_from_civil(2100, 3, 1) - days_from_civil(2100, 2, 28),
+            1
+        );
         assert_eq!(days_from_civil(1969, 12, 31), -1);
         let t = DateTime::from_secs(1_795_428_000);
         assert_eq!(
@@ -668,10 +685,16 @@ mod tests {
     #[test]
     fn reads_time_in_bcd_24h() {
         let mut rtc = Rtc::new(EPOCH);
-        assert_eq!(clock(&mut rtc, 0), [0x20, 0x26, 0x11, 0x23, 0x10, 0x00, 0x00]);
+        assert_eq!(
+            clock(&mut rtc, 0),
+            [0x20, 0x26, 0x11, 0x23, 0x10, 0x00, 0x00]
+        );
         assert_eq!(read(&mut rtc, 0x06, 0), 0x02, "Monday, Sunday = 1");
         let now = 3661 * SEC + SEC / 2;
-        assert_eq!(clock(&mut rtc, now), [0x20, 0x26, 0x11, 0x23, 0x11, 0x01, 0x01]);
+        assert_eq!(
+            clock(&mut rtc, now),
+            [0x20, 0x26, 0x11, 0x23, 0x11, 0x01, 0x01]
+        );
         assert_eq!(read(&mut rtc, 0x0a, 0), 0x26);
         assert_eq!(read(&mut rtc, 0x0b, 0), 0x02);
         assert_eq!(read(&mut rtc, 0x0d, 0), 0x80);
@@ -686,7 +709,11 @@ mod tests {
         assert_eq!(read(&mut rtc, 0x09, 0), 26);
         assert_eq!(read(&mut rtc, 0x32, 0), 20);
         assert_eq!(read(&mut rtc, 0x04, 3 * 3600 * SEC), 0x81, "1 PM");
-        assert_eq!(read(&mut rtc, 0x04, 14 * 3600 * SEC), 12, "midnight is 12 AM");
+        assert_eq!(
+            read(&mut rtc, 0x04, 14 * 3600 * SEC),
+            12,
+            "midnight is 12 AM"
+        );
         write(&mut rtc, 0x0b, 0x00, 14 * 3600 * SEC); // BCD, 12 hour
         assert_eq!(read(&mut rtc, 0x04, 2 * 3600 * SEC), 0x92, "noon is 12 PM");
         write(&mut rtc, 0x0b, 0x06, 14 * 3600 * SEC); // binary, 24 hour
@@ -697,8 +724,14 @@ mod tests {
     fn century_rolls_over() {
         // 2099-12-31T23:59:59Z.
         let mut rtc = Rtc::new(4_102_444_799);
-        assert_eq!(clock(&mut rtc, 0), [0x20, 0x99, 0x12, 0x31, 0x23, 0x59, 0x59]);
-        assert_eq!(clock(&mut rtc, SEC), [0x21, 0x00, 0x01, 0x01, 0x00, 0x00, 0x00]);
+        assert_eq!(
+            clock(&mut rtc, 0),
+            [0x20, 0x99, 0x12, 0x31, 0x23, 0x59, 0x59]
+        );
+        assert_eq!(
+            clock(&mut rtc, SEC),
+            [0x21, 0x00, 0x01, 0x01, 0x00, 0x00, 0x00]
+        );
     }
 
     #[test]
@@ -709,7 +742,11 @@ mod tests {
         assert_eq!(read(&mut rtc, 0x0a, SEC - 1) & 0x80, 0x80);
         assert_eq!(read(&mut rtc, 0x0a, SEC) & 0x80, 0);
         write(&mut rtc, 0x0b, 0x82, SEC);
-        assert_eq!(read(&mut rtc, 0x0a, 2 * SEC - 1) & 0x80, 0, "SET clears UIP");
+        assert_eq!(
+            read(&mut rtc, 0x0a, 2 * SEC - 1) & 0x80,
+            0,
+            "SET clears UIP"
+        );
     }
 
     #[test]
@@ -722,12 +759,21 @@ mod tests {
         let a = read(&mut rtc, 0x0a, t0);
         write(&mut rtc, 0x0a, a | 0x70, t0);
         assert_eq!(read(&mut rtc, 0x00, t0), 0x10, "frozen at 10:00:10");
-        for (reg, val) in [(0x09, 0x30), (0x08, 0x01), (0x07, 0x02), (0x04, 0x03), (0x02, 0x04)]
-        {
+        for (reg, val) in [
+            (0x09, 0x30),
+            (0x08, 0x01),
+            (0x07, 0x02),
+            (0x04, 0x03),
+            (0x02, 0x04),
+        ] {
             write(&mut rtc, reg, val, t0);
         }
         write(&mut rtc, 0x00, 0x05, t0);
-        assert_eq!(read(&mut rtc, 0x00, t0 + 5 * SEC), 0x05, "stopped while SET");
+        assert_eq!(
+            read(&mut rtc, 0x00, t0 + 5 * SEC),
+            0x05,
+            "stopped while SET"
+        );
         let t1 = t0 + 5 * SEC;
         write(&mut rtc, 0x0b, b, t1);
         write(&mut rtc, 0x0a, a, t1);
@@ -749,17 +795,28 @@ mod tests {
         write(&mut rtc, 0x00, 0x30, t0);
         write(&mut rtc, 0x0b, 0x02, t0 + 100_000_000);
         assert_eq!(read(&mut rtc, 0x00, 11 * SEC - 1), 0x30);
-        assert_eq!(read(&mut rtc, 0x00, 11 * SEC), 0x31, "updates stay on the divider grid");
+        assert_eq!(
+            read(&mut rtc, 0x00, 11 * SEC),
+            0x31,
+            "updates stay on the divider grid"
+        );
     }
 
     #[test]
     fn writing_a_time_register_while_running_moves_the_clock() {
         let mut rtc = Rtc::new(EPOCH);
         write(&mut rtc, 0x02, 0x30, 5 * SEC);
-        assert_eq!(clock(&mut rtc, 7 * SEC), [0x20, 0x26, 0x11, 0x23, 0x10, 0x30, 0x07]);
+        assert_eq!(
+            clock(&mut rtc, 7 * SEC),
+            [0x20, 0x26, 0x11, 0x23, 0x10, 0x30, 0x07]
+        );
         write(&mut rtc, 0x09, 0x27, 7 * SEC);
         assert_eq!(read(&mut rtc, 0x09, 8 * SEC), 0x27);
-        assert_eq!(read(&mut rtc, 0x06, 8 * SEC), 0x03, "2027-11-23 is a Tuesday");
+        assert_eq!(
+            read(&mut rtc, 0x06, 8 * SEC),
+            0x03,
+            "2027-11-23 is a Tuesday"
+        );
     }
 
     #[test]
@@ -771,10 +828,18 @@ mod tests {
         assert_eq!(first, 976_563, "32 divider ticks, rounded up");
         assert!(!rtc.poll_irq8(first - 1));
         assert!(rtc.poll_irq8(first));
-        assert_eq!(rtc.next_irq8_ns(first), None, "IRQF stays high until C is read");
+        assert_eq!(
+            rtc.next_irq8_ns(first),
+            None,
+            "IRQF stays high until C is read"
+        );
         assert!(!rtc.poll_irq8(first + 10_000_000));
         assert_eq!(read(&mut rtc, 0x0c, first + 10_000_000), 0xc0);
-        assert_eq!(read(&mut rtc, 0x0c, first + 10_000_000), 0x00, "cleared by the read");
+        assert_eq!(
+            read(&mut rtc, 0x0c, first + 10_000_000),
+            0x00,
+            "cleared by the read"
+        );
         // A driver that reads C in every interrupt gets exactly 1024 a second.
         let mut now = first + 10_000_000;
         let mut count = 1; // the first one
@@ -832,7 +897,11 @@ mod tests {
     #[test]
     fn flags_without_enable_and_late_enable() {
         let mut rtc = Rtc::new(EPOCH);
-        assert_eq!(read(&mut rtc, 0x0c, SEC / 2), 0x40, "PF at the power-on 1024 Hz rate");
+        assert_eq!(
+            read(&mut rtc, 0x0c, SEC / 2),
+            0x40,
+            "PF at the power-on 1024 Hz rate"
+        );
         write(&mut rtc, 0x0a, 0x20, SEC / 2); // no periodic flag
         assert!(!rtc.poll_irq8(2 * SEC));
         assert_eq!(read(&mut rtc, 0x0c, 2 * SEC), 0x10, "UF without IRQF");

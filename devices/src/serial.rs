@@ -298,3 +298,190 @@ impl Uart {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const RBR: u8 = 0;
+    const LSR: u8 = 5;
+    const MSR: u8 = 6;
+    const SCR: u8 = 7;
+
+    #[test]
+    fn transmit_and_thre_interrupt() {
+        let mut uart = Uart::new();
+        assert_eq!(uart.pio_read(IIR), 0xc1, "no interrupt, FIFO bits");
+        assert_eq!(uart.pio_read(LSR) & 0x60, 0x60, "THRE and TEMT");
+        uart.pio_write(DATA, b'h');
+        uart.pio_write(DATA, b'i');
+        assert_eq!(uart.take_output(), b"hi");
+        assert!(uart.take_output().is_empty());
+        assert!(!uart.take_irq(), "THRE interrupt not enabled");
+        // Enabling THRE interrupts raises one at once: THR is empty.
+        uart.pio_write(IER, IER_THRE);
+        assert!(uart.take_irq());
+        assert!(!uart.take_irq());
+        assert_eq!(uart.pio_read(IIR), 0xc2);
+        assert_eq!(uart.pio_read(IIR), 0xc1, "reading IIR acknowledged THRE");
+        uart.pio_write(DATA, b'!');
+        assert!(uart.take_irq(), "THR empty again");
+        assert_eq!(uart.pio_read(IIR), 0xc2);
+    }
+
+    #[test]
+    fn linux_thre_retest_passes() {
+        // serial8250_do_startup's UART_BUG_THRE test.
+        let mut uart = Uart::new();
+        uart.pio_write(IER, IER_THRE);
+        let iir1 = uart.pio_read(IIR);
+        uart.pio_write(IER, 0);
+        uart.pio_write(IER, IER_THRE);
+        let iir = uart.pio_read(IIR);
+        uart.pio_write(IER, 0);
+        assert_eq!(iir1 & IIR_NONE, 0);
+        assert_eq!(iir & IIR_NONE, 0, "THRE re-asserted: no UART_BUG_THRE");
+    }
+
+    #[test]
+    fn receive_and_rda_interrupt() {
+        let mut uart = Uart::new();
+        assert_eq!(uart.enqueue_rx(b"abc"), 3);
+        assert!(!uart.take_irq(), "not enabled");
+        assert_eq!(uart.pio_read(LSR) & 0x01, 0x01, "data ready");
+        uart.pio_write(IER, IER_RDA);
+        assert!(uart.take_irq(), "enabling with data pending interrupts");
+        assert_eq!(uart.pio_read(IIR), 0xc4);
+        assert_eq!(uart.pio_read(IIR), 0xc4, "RDA stays while data is there");
+        assert_eq!(uart.pio_read(RBR), b'a');
+        assert_eq!(uart.pio_read(IIR), 0xc4);
+        assert!(!uart.take_irq(), "the line never dropped");
+        assert_eq!(uart.pio_read(RBR), b'b');
+        assert_eq!(uart.pio_read(RBR), b'c');
+        assert_eq!(uart.pio_read(IIR), 0xc1);
+        assert_eq!(uart.pio_read(LSR) & 0x01, 0);
+        assert_eq!(uart.pio_read(RBR), 0, "empty FIFO reads 0");
+        assert_eq!(uart.enqueue_rx(b"d"), 1);
+        assert!(uart.take_irq(), "new data, new edge");
+    }
+
+    #[test]
+    fn rda_has_priority_over_thre() {
+        let mut uart = Uart::new();
+        uart.pio_write(IER, IER_RDA | IER_THRE);
+        uart.enqueue_rx(b"x");
+        assert_eq!(uart.pio_read(IIR), 0xc4);
+        assert_eq!(uart.pio_read(RBR), b'x');
+        assert_eq!(uart.pio_read(IIR), 0xc2, "THRE was still pending");
+        assert_eq!(uart.pio_read(IIR), 0xc1);
+    }
+
+    #[test]
+    fn disabling_in_ier_drops_the_line() {
+        let mut uart = Uart::new();
+        uart.pio_write(IER, IER_THRE);
+        assert!(uart.irq_line());
+        uart.pio_write(IER, 0);
+        assert!(!uart.irq_line());
+        assert_eq!(uart.pio_read(IIR), 0xc1);
+        uart.enqueue_rx(b"z");
+        uart.take_irq();
+        uart.pio_write(IER, IER_RDA);
+        assert!(uart.take_irq());
+    }
+
+    #[test]
+    fn fifo_fills_and_drains() {
+        let mut uart = Uart::new();
+        assert_eq!(uart.rx_room(), 64);
+        let data: Vec<u8> = (0..100).collect();
+        assert_eq!(uart.enqueue_rx(&data), 64);
+        assert_eq!(uart.rx_room(), 0);
+        assert_eq!(uart.enqueue_rx(b"more"), 0);
+        assert_eq!(uart.enqueue_rx(b""), 0);
+        for expected in 0..64u8 {
+            assert_eq!(uart.pio_read(LSR) & 1, 1);
+            assert_eq!(uart.pio_read(RBR), expected);
+        }
+        assert_eq!(uart.pio_read(LSR) & 1, 0);
+        assert_eq!(uart.rx_room(), 64);
+    }
+
+    #[test]
+    fn divisor_latch_and_scratch() {
+        let mut uart = Uart::new();
+        uart.pio_write(LCR, 0x80);
+        uart.pio_write(0, 0x01);
+        uart.pio_write(1, 0x00);
+        assert_eq!(uart.pio_read(0), 0x01);
+        assert_eq!(uart.pio_read(1), 0x00);
+        assert!(uart.take_output().is_empty(), "DLL write is not a transmit");
+        assert!(!uart.take_irq());
+        uart.pio_write(LCR, 0x03);
+        assert_eq!(uart.pio_read(LCR), 0x03);
+        uart.pio_write(IER, 0x0f);
+        assert_eq!(uart.pio_read(IER), 0x0f);
+        uart.pio_write(IER, 0xff);
+        assert_eq!(uart.pio_read(IER), 0x0f, "only the 16550 bits");
+        uart.pio_write(SCR, 0x5a);
+        assert_eq!(uart.pio_read(SCR), 0x5a);
+        uart.pio_write(LCR, 0x83);
+        assert_eq!(uart.pio_read(0), 0x01, "divisor kept");
+        assert_eq!(uart.pio_read(IIR), 0xc2, "IIR readable with DLAB set");
+    }
+
+    #[test]
+    fn loopback() {
+        let mut uart = Uart::new();
+        uart.pio_write(MCR_OFFSET, 0x10 | 0x0a); // loop, RTS, OUT2 (Linux's probe)
+        assert_eq!(uart.pio_read(MSR) & 0xf0, 0x90);
+        assert_eq!(uart.rx_room(), 0);
+        assert_eq!(uart.enqueue_rx(b"ignored"), 0);
+        uart.pio_write(DATA, 0x42);
+        assert!(uart.take_output().is_empty());
+        assert_eq!(uart.pio_read(LSR) & 1, 1);
+        assert_eq!(uart.pio_read(RBR), 0x42);
+        uart.pio_write(MCR_OFFSET, 0x0b);
+        assert_eq!(uart.rx_room(), 64);
+    }
+
+    const MCR_OFFSET: u8 = 4;
+
+    #[test]
+    fn garbage_never_panics() {
+        let mut uart = Uart::new();
+        for offset in 0..=255u8 {
+            for val in [0u8, 0x80, 0xff, 0x13] {
+                uart.pio_write(offset, val);
+                uart.pio_read(offset);
+                uart.enqueue_rx(&[val; 70]);
+            }
+        }
+    }
+
+    #[test]
+    fn restored_uart_behaves_identically() {
+        let mut a = Uart::new();
+        a.pio_write(LCR, 0x83);
+        a.pio_write(0, 0x03);
+        a.pio_write(LCR, 0x03);
+        a.pio_write(IER, IER_RDA | IER_THRE);
+        a.enqueue_rx(b"hello");
+        a.pio_write(DATA, b'o');
+        a.pio_read(RBR);
+        let saved = a.state();
+        let mut b = Uart::from_state(&saved);
+        assert_eq!(b.state(), saved);
+        for uart in [&mut a, &mut b] {
+            assert_eq!(uart.take_output(), b"o");
+            assert!(uart.take_irq());
+            assert_eq!(uart.pio_read(IIR), 0xc4);
+            assert_eq!(uart.pio_read(RBR), b'e');
+            uart.enqueue_rx(b"!");
+        }
+        for offset in 0..8 {
+            assert_eq!(a.pio_read(offset), b.pio_read(offset));
+        }
+        assert_eq!(a.state(), b.state());
+    }
+}

@@ -406,7 +406,7 @@ impl VirtioBlk {
 
     /// Checks a transfer of `len` bytes at `sector`; returns its byte offset.
     fn check_range(&self, sector: u64, len: u64) -> Result<u64, BlockError> {
-        if len % SECTOR_SIZE != 0 {
+        if !len.is_multiple_of(SECTOR_SIZE) {
             return Err(BlockError::UnalignedLength { len });
         }
         let range = sector

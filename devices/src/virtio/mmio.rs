@@ -228,7 +228,7 @@ impl<D: VirtioDevice> VirtioMmio<D> {
             self.device.read_config(offset - CONFIG, data);
             return;
         }
-        if data.len() != 4 || offset % 4 != 0 {
+        if data.len() != 4 || !offset.is_multiple_of(4) {
             tracing::warn!(
                 "virtio-mmio: {}-byte read at {offset:#x}: registers take aligned 32-bit \
                  accesses; reads 0",
@@ -290,7 +290,7 @@ impl<D: VirtioDevice> VirtioMmio<D> {
             );
             return;
         };
-        if offset % 4 != 0 {
+        if !offset.is_multiple_of(4) {
             tracing::warn!("virtio-mmio: unaligned write at {offset:#x} ignored");
             return;
         }
@@ -381,7 +381,10 @@ impl<D: VirtioDevice> VirtioMmio<D> {
             Ring::Device => q.try_set_used_ring_address(addr),
         };
         if let Err(e) = result {
-            tracing::warn!("virtio-mmio: {ring:?} ring address {:#x}: {e}; ignored", addr.0);
+            tracing::warn!(
+                "virtio-mmio: {ring:?} ring address {:#x}: {e}; ignored",
+                addr.0
+            );
         }
     }
 

@@ -89,10 +89,7 @@ pub struct FileDisk {
 impl FileDisk {
     /// Opens the image at `path`, for reading only or for reading and writing.
     pub fn open(path: &Path, read_only: bool) -> io::Result<Self> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(!read_only)
-            .open(path)?;
+        let file = OpenOptions::new().read(true).write(!read_only).open(path)?;
         let size = file.metadata()?.len();
         Ok(FileDisk {
             file,
@@ -216,3 +213,6 @@ impl From<QueueSnapshot> for QueueState {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
