@@ -748,10 +748,20 @@ impl Pit {
         }
     }
 
-    /// A PIT in exactly the saved state `s`.
+    /// A PIT in exactly the saved state `s` (counts outside 1..=65536, which no guest can
+    /// program, are taken as 65536).
     pub fn from_state(s: &PitState) -> Self {
+        let mut channels = s.channels;
+        for ch in &mut channels {
+            for n in [&mut ch.count, &mut ch.cr] {
+                if !(1..=0x10000).contains(n) {
+                    tracing::warn!("PIT state holds count {n}; using 65536");
+                    *n = 0x10000;
+                }
+            }
+        }
         Pit {
-            channels: s.channels,
+            channels,
             port61: s.port61 & PORT61_RW_MASK,
             irq0_tick: s.irq0_tick,
             irq0_pending: s.irq0_pending,
@@ -1187,6 +1197,19 @@ mod tests {
             pit.next_irq0_ns(now);
             pit.pio_read(0x40, now);
         }
+    }
+
+    #[test]
+    fn impossible_saved_counts_are_sanitised() {
+        let mut pit = Pit::new();
+        program(&mut pit, 0, 0x34, 100, 0);
+        let mut state = pit.state();
+        state.channels[0].count = 0;
+        state.channels[0].cr = 0x20000;
+        let mut pit = Pit::from_state(&state);
+        assert_eq!(pit.poll_irq0(at(65536)), 1);
+        pit.next_irq0_ns(at(65536));
+        pit.pio_read(0x40, at(70000));
     }
 
     #[test]

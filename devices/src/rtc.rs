@@ -363,15 +363,15 @@ impl Rtc {
         // and 60 second steps, twice over.
         for _ in 0..400 {
             let t = DateTime::from_secs(s);
-            if !hour_dc && self.cmos[REG_HOUR_ALARM] != self.encode_hour(t.hour) {
-                s = s - s.rem_euclid(3600) + 3600;
+            s = if !hour_dc && self.cmos[REG_HOUR_ALARM] != self.encode_hour(t.hour) {
+                s.checked_sub(s.rem_euclid(3600))?.checked_add(3600)?
             } else if !min_dc && self.cmos[REG_MIN_ALARM] != self.encode(t.minute) {
-                s = s - s.rem_euclid(60) + 60;
+                s.checked_sub(s.rem_euclid(60))?.checked_add(60)?
             } else if self.alarm_matches(s) {
                 return Some(s);
             } else {
-                s += 1;
-            }
+                s.checked_add(1)?
+            };
         }
         None
     }
@@ -379,8 +379,8 @@ impl Rtc {
     /// The first update (second boundary) after `ns` at which the alarm matches, in ns.
     fn next_alarm_ns(&self, ns: u64) -> Option<i128> {
         let k = i64::try_from((i128::from(ns) - self.base_ns).div_euclid(NS_PER_SEC) + 1).ok()?;
-        let s = self.next_alarm_secs(self.base_secs.saturating_add(k))?;
-        Some(self.base_ns + i128::from(s - self.base_secs) * NS_PER_SEC)
+        let s = self.next_alarm_secs(self.base_secs.checked_add(k)?)?;
+        Some(self.base_ns + (i128::from(s) - i128::from(self.base_secs)) * NS_PER_SEC)
     }
 
     /// Flags for the events in (a, b] under the current configuration.
@@ -613,7 +613,8 @@ impl Rtc {
             nmi_disabled: s.nmi_disabled,
             cmos,
             base_secs: s.base_secs,
-            base_ns: s.base_ns,
+            // Keeps the time arithmetic far from i128 limits; our own states are in range.
+            base_ns: s.base_ns.clamp(i128::from(i64::MIN), i128::from(u64::MAX)),
             flags: s.flags & (C_PF | C_AF | C_UF),
             flags_ns: s.flags_ns,
             irq_edge: s.irq_edge,
@@ -997,6 +998,29 @@ mod tests {
                 rtc.next_irq8_ns(now);
             }
         }
+    }
+
+    #[test]
+    fn extreme_clocks_do_not_overflow() {
+        for epoch in [i64::MAX, i64::MAX - 5, i64::MIN, i64::MIN + 5] {
+            let mut rtc = Rtc::new(epoch);
+            for alarm in [0x00u8, 0x13, 0x23, 0xc0] {
+                write(&mut rtc, 0x05, alarm, 0);
+                write(&mut rtc, 0x03, 0x59, 0);
+                write(&mut rtc, 0x0b, 0x22, 0);
+                for now in [1, 10 * SEC, u64::MAX / 3, u64::MAX] {
+                    rtc.poll_irq8(now);
+                    rtc.next_irq8_ns(now);
+                    read(&mut rtc, 0x0c, now);
+                    write(&mut rtc, 0x02, 0x59, now);
+                }
+            }
+        }
+        let mut state = Rtc::new(0).state();
+        state.base_ns = i128::MIN;
+        let mut rtc = Rtc::from_state(&state);
+        write(&mut rtc, 0x0b, 0x72, u64::MAX);
+        rtc.next_irq8_ns(u64::MAX);
     }
 
     #[test]

@@ -304,6 +304,7 @@ mod tests {
     use super::*;
 
     const RBR: u8 = 0;
+    const MCR_OFFSET: u8 = 4;
     const LSR: u8 = 5;
     const MSR: u8 = 6;
     const SCR: u8 = 7;
@@ -444,8 +445,6 @@ mod tests {
         uart.pio_write(MCR_OFFSET, 0x0b);
         assert_eq!(uart.rx_room(), 64);
     }
-
-    const MCR_OFFSET: u8 = 4;
 
     #[test]
     fn garbage_never_panics() {
