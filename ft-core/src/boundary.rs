@@ -98,7 +98,9 @@ pub enum BoundaryError {
     #[error("end of the log")]
     EndOfLog,
     /// The log was recorded on a different machine configuration.
-    #[error("the log was recorded with a different machine: log has [{logged}], this run is [{ours}]")]
+    #[error(
+        "the log was recorded with a different machine: log has [{logged}], this run is [{ours}]"
+    )]
     ConfigMismatch {
         /// The log's configuration summary.
         logged: String,

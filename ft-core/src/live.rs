@@ -175,7 +175,11 @@ impl Boundary for LiveBoundary {
                 .deadline_ns
                 .map(|d| Duration::from_nanos(d.saturating_sub(now)));
             // Input only counts while the guest can take it.
-            let rx = if req.serial_room > 0 { self.rx.as_ref() } else { None };
+            let rx = if req.serial_room > 0 {
+                self.rx.as_ref()
+            } else {
+                None
+            };
             let received = match (rx, timeout) {
                 (Some(rx), Some(t)) => match rx.recv_timeout(t) {
                     Ok(bytes) => Some(bytes),

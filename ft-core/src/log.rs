@@ -282,9 +282,10 @@ impl<R: Read> LogReader<R> {
             frame: 0,
             offset: 8,
         };
-        let payload = reader
-            .next_payload()?
-            .ok_or(LogError::Truncated { frame: 0, offset: 8 })?;
+        let payload = reader.next_payload()?.ok_or(LogError::Truncated {
+            frame: 0,
+            offset: 8,
+        })?;
         let header: Header = postcard::from_bytes(&payload).map_err(|e| LogError::Decode {
             frame: 0,
             offset: 8,
@@ -350,7 +351,7 @@ impl<R: Read> LogReader<R> {
     }
 
     /// The next record; `None` at a clean end of the log.
-    pub fn next(&mut self) -> Result<Option<Record>, LogError> {
+    pub fn read_record(&mut self) -> Result<Option<Record>, LogError> {
         let (frame, offset) = (self.frame, self.offset);
         match self.next_payload()? {
             None => Ok(None),
@@ -450,7 +451,7 @@ mod tests {
         let (mut r, h) = LogReader::new(&bytes[..]).unwrap();
         assert_eq!(h, header());
         let mut got = Vec::new();
-        while let Some(rec) = r.next().unwrap() {
+        while let Some(rec) = r.read_record().unwrap() {
             got.push(rec);
         }
         assert_eq!(got, records());
@@ -469,7 +470,7 @@ mod tests {
             let mut bad = bytes.clone();
             bad[i] ^= 0x01;
             let result = LogReader::new(&bad[..]).and_then(|(mut r, _)| {
-                while r.next()?.is_some() {}
+                while r.read_record()?.is_some() {}
                 Ok(())
             });
             assert!(result.is_err(), "flipping byte {i} went unnoticed");
@@ -482,12 +483,12 @@ mod tests {
         let (mut full, _) = LogReader::new(&bytes[..]).unwrap();
         // A log cut exactly between frames reads cleanly: replay notices the missing `End`.
         let mut frame_ends = vec![full.offset];
-        while full.next().unwrap().is_some() {
+        while full.read_record().unwrap().is_some() {
             frame_ends.push(full.offset);
         }
         for len in 0..bytes.len() {
             let result = LogReader::new(&bytes[..len]).and_then(|(mut r, _)| {
-                while r.next()?.is_some() {}
+                while r.read_record()?.is_some() {}
                 Ok(())
             });
             let clean_end = frame_ends.contains(&(len as u64));

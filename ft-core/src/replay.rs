@@ -52,7 +52,7 @@ impl<R: Read> Replayer<R> {
     /// Opens a log for replay and writes replayed output to `out`.
     pub fn new(input: R, out: Box<dyn Write + Send>) -> Result<Self, BoundaryError> {
         let (mut log, header) = LogReader::new(input)?;
-        let next = log.next()?;
+        let next = log.read_record()?;
         Ok(Replayer {
             log,
             header,
@@ -81,8 +81,11 @@ impl<R: Read> Replayer<R> {
     }
 
     fn advance(&mut self) -> Result<Record, BoundaryError> {
-        let rec = self.next.take().ok_or(BoundaryError::LogEnded { exit: self.exits })?;
-        self.next = self.log.next()?;
+        let rec = self
+            .next
+            .take()
+            .ok_or(BoundaryError::LogEnded { exit: self.exits })?;
+        self.next = self.log.read_record()?;
         Ok(rec)
     }
 

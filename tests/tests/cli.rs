@@ -10,7 +10,11 @@ fn fails_with(args: &[&str], needle: &str) {
         "stderr for {args:?} should mention `{needle}`:\n{}",
         run.stderr
     );
-    assert!(run.stdout.is_empty(), "no guest output expected: {}", run.stdout);
+    assert!(
+        run.stdout.is_empty(),
+        "no guest output expected: {}",
+        run.stdout
+    );
 }
 
 #[test]
@@ -26,7 +30,14 @@ fn missing_initrd_and_disk_are_clear_errors() {
     let hello = test_guest("hello");
     let k = hello.to_str().unwrap();
     fails_with(
-        &["--role", "standalone", "--kernel", k, "--initrd", "/nope.cpio"],
+        &[
+            "--role",
+            "standalone",
+            "--kernel",
+            k,
+            "--initrd",
+            "/nope.cpio",
+        ],
         "initrd /nope.cpio",
     );
     fails_with(
@@ -39,11 +50,23 @@ fn missing_initrd_and_disk_are_clear_errors() {
 fn bad_flags_are_rejected() {
     let hello = test_guest("hello");
     let k = hello.to_str().unwrap();
-    fails_with(&["--role", "standalone", "--kernel", k, "--memory", "12X"], "12X");
-    fails_with(&["--role", "standalone", "--kernel", k, "--memory", "8G"], "--memory");
+    fails_with(
+        &["--role", "standalone", "--kernel", k, "--memory", "12X"],
+        "12X",
+    );
+    fails_with(
+        &["--role", "standalone", "--kernel", k, "--memory", "8G"],
+        "--memory",
+    );
     fails_with(&["--role", "sideways", "--kernel", k], "sideways");
-    fails_with(&["--role", "standalone", "--kernel", k, "--serial", "tcp:1"], "tcp:1");
-    fails_with(&["--role", "standalone", "--kernel", k, "--frobnicate"], "--frobnicate");
+    fails_with(
+        &["--role", "standalone", "--kernel", k, "--serial", "tcp:1"],
+        "tcp:1",
+    );
+    fails_with(
+        &["--role", "standalone", "--kernel", k, "--frobnicate"],
+        "--frobnicate",
+    );
 }
 
 #[test]

@@ -16,7 +16,10 @@ fn same_digest(what: &str, a: &Run, b: &Run) {
     let (da, db) = (a.digest_line(), b.digest_line());
     assert!(da.is_some(), "{what}: no digest line:\n{}", a.stderr);
     assert_eq!(da, db, "{what}: two runs took different exits");
-    assert_eq!(a.stdout, b.stdout, "{what}: two runs printed different output");
+    assert_eq!(
+        a.stdout, b.stdout,
+        "{what}: two runs printed different output"
+    );
 }
 
 #[test]

@@ -8,7 +8,11 @@ fn hello_prints_and_exits_zero() {
     let run = Ftvmm::standalone(&test_guest("hello")).run();
     run.assert_code(0);
     assert_eq!(run.stdout, "hello from ftvmm\n");
-    assert!(run.digest_line().is_some(), "no digest line: {}", run.stderr);
+    assert!(
+        run.digest_line().is_some(),
+        "no digest line: {}",
+        run.stderr
+    );
     assert!(run.exits().unwrap() > 10, "{}", run.stderr);
 }
 
@@ -52,23 +56,33 @@ fn disk_writes_reach_the_image_and_read_back() {
         .args(["--disk", img.to_str().unwrap()])
         .run();
     run.assert_code(0);
-    assert!(run.stdout.contains("disk first-bytes=deadbeef01020304"), "{}", run.stdout);
+    assert!(
+        run.stdout.contains("disk first-bytes=deadbeef01020304"),
+        "{}",
+        run.stdout
+    );
     assert!(run.stdout.contains("disk write ok\n"), "{}", run.stdout);
     assert!(run.stdout.contains("disk read ok\n"), "{}", run.stdout);
     // The guest's pattern is on the host's file: sectors 8..15, byte i = (i*7+3) & 0xff.
     let data = std::fs::read(&img).unwrap();
     let written = &data[8 * 512..16 * 512];
     let want: Vec<u8> = (0..4096u32).map(|i| ((i * 7 + 3) & 0xff) as u8).collect();
-    assert_eq!(written, &want[..], "the image does not hold the guest's pattern");
+    assert_eq!(
+        written,
+        &want[..],
+        "the image does not hold the guest's pattern"
+    );
 }
 
 #[test]
 fn spin_is_interrupted_by_timer_ticks_while_it_computes() {
     let run = Ftvmm::standalone(&test_guest("spin")).run();
     run.assert_code(0);
-    let line = run.stdout.lines().find(|l| l.starts_with("spin checksum=")).unwrap_or_else(|| {
-        panic!("no result line:\n{}", run.stdout)
-    });
+    let line = run
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("spin checksum="))
+        .unwrap_or_else(|| panic!("no result line:\n{}", run.stdout));
     let ticks: u64 = line
         .split("ticks=")
         .nth(1)
@@ -76,5 +90,8 @@ fn spin_is_interrupted_by_timer_ticks_while_it_computes() {
         .unwrap_or_else(|| panic!("bad line {line}"));
     // The computation runs in user mode with no exits; ticks arrive only because the VMM kicks
     // the vCPU and injects.
-    assert!(ticks >= 5, "only {ticks} ticks during the computation: {line}");
+    assert!(
+        ticks >= 5,
+        "only {ticks} ticks during the computation: {line}"
+    );
 }

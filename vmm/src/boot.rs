@@ -117,12 +117,13 @@ pub fn load(
         path: kernel.display().to_string(),
         source,
     })?;
-    let loaded = Elf::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START))).map_err(
-        |source| BootError::LoadKernel {
-            path: kernel.display().to_string(),
-            source,
-        },
-    )?;
+    let loaded =
+        Elf::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START))).map_err(|source| {
+            BootError::LoadKernel {
+                path: kernel.display().to_string(),
+                source,
+            }
+        })?;
     let entry = loaded.kernel_load.0;
     let kernel_end = loaded.kernel_end;
     let ram_end = mem.last_addr().0 + 1;

@@ -308,9 +308,8 @@ pub fn complete_emulation_failure(
                         .ok_or_else(|| unsupported(&instr))?;
                     let size = dst.size();
                     let mut buf = [0u8; 8];
-                    read_virt(mem, &sregs, ea, &mut buf[..size]).map_err(|why| {
-                        CompatError::GuestMemory { gva: ea, rip, why }
-                    })?;
+                    read_virt(mem, &sregs, ea, &mut buf[..size])
+                        .map_err(|why| CompatError::GuestMemory { gva: ea, rip, why })?;
                     Some(u64::from_le_bytes(buf))
                 }
                 _ => None,
@@ -343,8 +342,7 @@ pub fn complete_emulation_failure(
         }
         Mnemonic::Int3 => {
             // A trap: the #BP handler sees RIP after the INT3.
-            let mut events: kvm_vcpu_events =
-                kvm("KVM_GET_VCPU_EVENTS", vcpu.get_vcpu_events())?;
+            let mut events: kvm_vcpu_events = kvm("KVM_GET_VCPU_EVENTS", vcpu.get_vcpu_events())?;
             events.exception.injected = 1;
             events.exception.nr = BP_VECTOR;
             events.exception.has_error_code = 0;
@@ -485,7 +483,11 @@ impl SyscallFix {
             None
         };
         if want != self.armed_at {
-            tracing::debug!("SYSCALL completion: #PF breakpoint {:x?} -> {:x?}", self.armed_at, want);
+            tracing::debug!(
+                "SYSCALL completion: #PF breakpoint {:x?} -> {:x?}",
+                self.armed_at,
+                want
+            );
             self.armed_at = want;
             self.set_debug(vcpu)?;
         }
@@ -524,9 +526,8 @@ impl SyscallFix {
             rip,
             why,
         })?;
-        let word = |i: usize| {
-            u64::from_le_bytes(raw[i * 8..i * 8 + 8].try_into().unwrap_or([0; 8]))
-        };
+        let word =
+            |i: usize| u64::from_le_bytes(raw[i * 8..i * 8 + 8].try_into().unwrap_or([0; 8]));
         let (frame_rip, frame_cs, frame_rflags, frame_rsp) = (word(1), word(2), word(3), word(4));
         let mut msrs = Msrs::from_entries(&[
             kvm_msr_entry {
@@ -596,7 +597,10 @@ mod tests {
         assert_eq!(regs.rax, 5, "32-bit writes zero-extend");
         regs.rbx = 0x1234_5678_9abc_def0;
         write_reg(&mut regs, Register::BX, 7).unwrap();
-        assert_eq!(regs.rbx, 0x1234_5678_9abc_0007, "16-bit writes keep the rest");
+        assert_eq!(
+            regs.rbx, 0x1234_5678_9abc_0007,
+            "16-bit writes keep the rest"
+        );
         assert_eq!(read_reg(&regs, Register::EBX), Some(0x9abc_0007));
     }
 

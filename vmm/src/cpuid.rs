@@ -147,7 +147,10 @@ mod tests {
         let e: Vec<_> = out.as_slice().to_vec();
         assert_eq!(e.len(), 3, "hypervisor leaves are dropped");
         let leaf1 = e.iter().find(|x| x.function == 1).unwrap();
-        assert_eq!(leaf1.ecx & (ECX_RDRAND | ECX_XSAVE | ECX_AVX | ECX_TSC_DEADLINE), 0);
+        assert_eq!(
+            leaf1.ecx & (ECX_RDRAND | ECX_XSAVE | ECX_AVX | ECX_TSC_DEADLINE),
+            0
+        );
         assert_eq!(leaf1.edx & (EDX_TSC | EDX_APIC), 0);
         let leaf7 = e.iter().find(|x| x.function == 7).unwrap();
         assert_eq!((leaf7.ebx, leaf7.ecx, leaf7.edx), (0, 0, 0));

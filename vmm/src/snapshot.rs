@@ -240,10 +240,7 @@ impl Pages {
     /// and vm-memory's bitmap of the VMM's writes (reset here too).
     pub fn dirty(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<Pages, SnapshotError> {
         let ram_bytes = mem.last_addr().0 + 1;
-        let bitmap = kvm(
-            "KVM_GET_DIRTY_LOG",
-            vm.get_dirty_log(0, ram_bytes as usize),
-        )?;
+        let bitmap = kvm("KVM_GET_DIRTY_LOG", vm.get_dirty_log(0, ram_bytes as usize))?;
         let mut dirty = vec![false; (ram_bytes / PAGE) as usize];
         for (i, word) in bitmap.iter().enumerate() {
             for bit in 0..64 {

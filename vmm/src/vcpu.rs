@@ -362,7 +362,12 @@ impl Vcpu {
         match self.fd.run() {
             Ok(VcpuExit::IoIn(port, data)) => {
                 platform.pio_read(port, data, boundary)?;
-                Ok(sync(ExitKind::PioIn, u64::from(port), data, Action::Continue))
+                Ok(sync(
+                    ExitKind::PioIn,
+                    u64::from(port),
+                    data,
+                    Action::Continue,
+                ))
             }
             Ok(VcpuExit::IoOut(port, data)) => {
                 let action = platform.pio_write(port, data, boundary)?;
@@ -377,9 +382,7 @@ impl Vcpu {
                 Ok(sync(ExitKind::MmioWrite, addr, data, Action::Continue))
             }
             Ok(VcpuExit::Hlt) => Ok(sync(ExitKind::Hlt, 0, &[], Action::Continue)),
-            Ok(VcpuExit::IrqWindowOpen) => {
-                Ok(sync(ExitKind::IrqWindow, 0, &[], Action::Continue))
-            }
+            Ok(VcpuExit::IrqWindowOpen) => Ok(sync(ExitKind::IrqWindow, 0, &[], Action::Continue)),
             Ok(VcpuExit::Intr) => Ok(Exit::Kick),
             Ok(VcpuExit::Debug(arch)) => Ok(Exit::Debug(arch)),
             Ok(VcpuExit::InternalError) => Ok(Exit::InternalError),

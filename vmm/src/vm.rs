@@ -146,7 +146,11 @@ impl Vm {
             "kvm compatibility paths {} ({:?}, kvm_pvm module {})",
             if compat { "on" } else { "off" },
             config.kvm_compat,
-            if compat::host_needs_compat() { "present" } else { "absent" }
+            if compat::host_needs_compat() {
+                "present"
+            } else {
+                "absent"
+            }
         );
         let platform = Platform::new(boundary.rtc_epoch()?, blk);
         // The boot writes are the same in every run: checkpoints start from here.
@@ -194,8 +198,11 @@ impl Vm {
         snap.pages.apply(&self.mem)?;
         snap.vcpu.restore(self.vcpu.fd())?;
         self.platform.restore(&snap.platform);
-        self.vcpu
-            .restore_extra(snap.digest.clone(), snap.interrupt_window, snap.compat.clone());
+        self.vcpu.restore_extra(
+            snap.digest.clone(),
+            snap.interrupt_window,
+            snap.compat.clone(),
+        );
         self.vcpu.reapply_compat(&self.mem)?;
         Ok(())
     }

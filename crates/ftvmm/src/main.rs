@@ -232,7 +232,9 @@ fn run(args: Args) -> Result<u8, Failure> {
     let config = machine_config(&args)?;
     match (args.role, &args.record, &args.log) {
         (Role::Standalone, _, Some(_)) => {
-            return Err("--log is for --role replay; to record, use --record".to_string().into())
+            return Err("--log is for --role replay; to record, use --record"
+                .to_string()
+                .into())
         }
         (Role::Replay, Some(_), _) => {
             return Err("--record is for --role standalone".to_string().into())
@@ -243,11 +245,16 @@ fn run(args: Args) -> Result<u8, Failure> {
         _ => {}
     }
     if args.role == Role::Replay && args.restore.is_some() {
-        return Err("--restore cannot be combined with --role replay".to_string().into());
+        return Err("--restore cannot be combined with --role replay"
+            .to_string()
+            .into());
     }
     let (hash, summary) = config_identity(&config, &kernel_cmdline(&config))?;
     let live = || -> Result<LiveBoundary, String> {
-        Ok(LiveBoundary::new(serial_source(&args)?, serial_sink(&args)?))
+        Ok(LiveBoundary::new(
+            serial_source(&args)?,
+            serial_sink(&args)?,
+        ))
     };
     let mut boundary: Box<dyn Boundary> = match (args.role, &args.record, &args.log) {
         (Role::Standalone, Some(path), _) => {
@@ -261,11 +268,13 @@ fn run(args: Args) -> Result<u8, Failure> {
         }
         (Role::Standalone, None, _) => Box::new(live()?),
         (Role::Replay, _, Some(path)) => {
-            let file = File::open(path)
-                .map_err(|e| format!("cannot open log {}: {e}", path.display()))?;
-            let replayer =
-                Replayer::new(std::io::BufReader::with_capacity(1 << 16, file), serial_sink(&args)?)
-                    .map_err(|e| format!("cannot replay {}: {e}", path.display()))?;
+            let file =
+                File::open(path).map_err(|e| format!("cannot open log {}: {e}", path.display()))?;
+            let replayer = Replayer::new(
+                std::io::BufReader::with_capacity(1 << 16, file),
+                serial_sink(&args)?,
+            )
+            .map_err(|e| format!("cannot replay {}: {e}", path.display()))?;
             replayer
                 .check_config(hash, &summary)
                 .map_err(|e| e.to_string())?;
@@ -311,7 +320,11 @@ fn run(args: Args) -> Result<u8, Failure> {
             tracing::info!("guest stopped: {stop:?}");
             let interrupted_and_saved =
                 matches!(stop, vmm::vcpu::Stop::Interrupted) && args.snapshot_on_exit.is_some();
-            Ok(if interrupted_and_saved { 0 } else { stop.status() })
+            Ok(if interrupted_and_saved {
+                0
+            } else {
+                stop.status()
+            })
         }
         Err(e) => Err(Failure::from(e)),
     };
