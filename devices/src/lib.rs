@@ -33,3 +33,17 @@ pub mod virtio;
 /// Guest RAM as the VMM maps it: an mmap-backed `GuestMemoryMmap` whose dirty bitmap records
 /// every page the VMM (and so every device model) writes.
 pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;
+
+#[cfg(test)]
+mod tests {
+    /// The VMM may move its devices to another thread.
+    #[test]
+    fn devices_are_send() {
+        fn send<T: Send>() {}
+        send::<crate::pic::Pic>();
+        send::<crate::pit::Pit>();
+        send::<crate::rtc::Rtc>();
+        send::<crate::serial::Uart>();
+        send::<crate::virtio::MmioBlock>();
+    }
+}
