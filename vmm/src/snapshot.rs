@@ -139,7 +139,10 @@ pub struct VcpuSnapshot {
 pub fn saveable_msrs(kvm_fd: &Kvm, vcpu: &VcpuFd) -> Result<Vec<u32>, SnapshotError> {
     let list = kvm("KVM_GET_MSR_INDEX_LIST", kvm_fd.get_msr_index_list())?;
     let mut ok = Vec::new();
-    for &index in list.as_slice() {
+    // KVM's paravirtual MSRs (kvmclock, async PF, ...) belong to the hypervisor leaves the guest
+    // never sees (crate::cpuid), and KVM refuses to set them then.
+    let paravirt = |i: u32| (0x4b56_4d00..=0x4b56_4dff).contains(&i) || i == 0x11 || i == 0x12;
+    for &index in list.as_slice().iter().filter(|i| !paravirt(**i)) {
         let mut one = Msrs::from_entries(&[kvm_msr_entry {
             index,
             ..Default::default()
@@ -185,15 +188,16 @@ impl VcpuSnapshot {
         if let Some(x) = &self.xcrs {
             kvm("KVM_SET_XCRS", vcpu.set_xcrs(x))?;
         }
-        let msrs =
-            Msrs::from_entries(&self.msrs).map_err(|e| SnapshotError::Decode(format!("{e:?}")))?;
-        let n = kvm("KVM_SET_MSRS", vcpu.set_msrs(&msrs))?;
-        if n != self.msrs.len() {
-            tracing::warn!(
-                "KVM_SET_MSRS took {n} of {} MSRs (stopped at {:#x})",
-                self.msrs.len(),
-                self.msrs.get(n).map_or(0, |m| m.index)
-            );
+        // KVM_SET_MSRS stops at the first MSR it refuses: go on past each refusal.
+        let mut rest: &[kvm_msr_entry] = &self.msrs;
+        while !rest.is_empty() {
+            let msrs =
+                Msrs::from_entries(rest).map_err(|e| SnapshotError::Decode(format!("{e:?}")))?;
+            let n = kvm("KVM_SET_MSRS", vcpu.set_msrs(&msrs))?;
+            if n < rest.len() {
+                tracing::warn!("KVM refused to restore MSR {:#x}", rest[n].index);
+            }
+            rest = &rest[(n + 1).min(rest.len())..];
         }
         kvm("KVM_SET_VCPU_EVENTS", vcpu.set_vcpu_events(&self.events))?;
         kvm("KVM_SET_MP_STATE", vcpu.set_mp_state(self.mp_state))?;
@@ -318,8 +322,8 @@ pub struct Snapshot {
     pub pages: Pages,
     /// The exit digest so far, so that a restored run ends with the uninterrupted run's digest.
     pub digest: ft_core::ExitDigest,
-    /// Whether the VMM had asked KVM for an interrupt window.
-    pub interrupt_window: u8,
+    /// kvm_run's request_interrupt_window, if_flag and ready_for_interrupt_injection.
+    pub interrupt_flags: [u8; 3],
     /// The compatibility paths' state.
     pub compat: Option<crate::compat::SyscallFix>,
 }

@@ -308,15 +308,25 @@ impl Vcpu {
         outcome
     }
 
-    /// The pending-interrupt-window request, for snapshots.
-    pub fn interrupt_window(&mut self) -> u8 {
-        self.fd.get_kvm_run().request_interrupt_window
+    /// What kvm_run says about interrupts: (request_interrupt_window, if_flag,
+    /// ready_for_interrupt_injection). The last two are KVM's view at the last exit; the VMM's
+    /// injection decision depends on them, so a checkpoint carries them.
+    pub fn interrupt_flags(&mut self) -> [u8; 3] {
+        let run = self.fd.get_kvm_run();
+        [
+            run.request_interrupt_window,
+            run.if_flag,
+            run.ready_for_interrupt_injection,
+        ]
     }
 
-    /// Restores the digest, the window request and the compatibility state from a snapshot.
-    pub fn restore_extra(&mut self, digest: ExitDigest, window: u8, fix: Option<SyscallFix>) {
+    /// Restores the digest, the interrupt flags and the compatibility state from a snapshot.
+    pub fn restore_extra(&mut self, digest: ExitDigest, flags: [u8; 3], fix: Option<SyscallFix>) {
         self.digest = digest;
-        self.fd.get_kvm_run().request_interrupt_window = window;
+        let run = self.fd.get_kvm_run();
+        run.request_interrupt_window = flags[0];
+        run.if_flag = flags[1];
+        run.ready_for_interrupt_injection = flags[2];
         if let (Some(mine), Some(theirs)) = (self.syscall_fix.as_mut(), fix) {
             *mine = theirs;
         }

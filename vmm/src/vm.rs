@@ -171,6 +171,7 @@ impl Vm {
 
     /// Takes a snapshot: full, or the pages written since the last one.
     pub fn snapshot(&mut self, full: bool) -> Result<Snapshot, VmError> {
+        let interrupt_flags = self.vcpu.interrupt_flags();
         self.vcpu.settle()?;
         if self.msrs.is_none() {
             self.msrs = Some(saveable_msrs(&self.kvm, self.vcpu.fd())?);
@@ -187,7 +188,7 @@ impl Vm {
             platform: self.platform.state(),
             pages,
             digest: self.vcpu.digest().clone(),
-            interrupt_window: self.vcpu.interrupt_window(),
+            interrupt_flags,
             compat: self.vcpu.syscall_fix().cloned(),
         })
     }
@@ -198,12 +199,14 @@ impl Vm {
         snap.pages.apply(&self.mem)?;
         snap.vcpu.restore(self.vcpu.fd())?;
         self.platform.restore(&snap.platform);
+        self.vcpu.reapply_compat(&self.mem)?;
+        // KVM's kvm_run flags are those of the last exit, not of the restored state: put back
+        // the ones the snapshot was taken with, so injection decides exactly as it did there.
         self.vcpu.restore_extra(
             snap.digest.clone(),
-            snap.interrupt_window,
+            snap.interrupt_flags,
             snap.compat.clone(),
         );
-        self.vcpu.reapply_compat(&self.mem)?;
         Ok(())
     }
 
