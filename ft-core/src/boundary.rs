@@ -158,6 +158,10 @@ pub trait Boundary {
         Ok(None)
     }
 
+    /// The VM was restored from a snapshot taken at virtual time `now_ns`: a live clock must
+    /// carry on from there.
+    fn restored(&mut self, _now_ns: u64) {}
+
     /// The guest stopped; `digest` covers every synchronous exit of the run.
     fn finish(&mut self, _digest: &ExitDigest) -> Result<(), BoundaryError> {
         Ok(())

@@ -23,6 +23,8 @@ pub enum SerialSource {
 /// Inputs from the host, outputs to a writer.
 pub struct LiveBoundary {
     start: Instant,
+    /// Virtual time at `start` (non-zero after a restore).
+    base_ns: u64,
     last_clock: u64,
     rx: Option<Receiver<Vec<u8>>>,
     pending: VecDeque<u8>,
@@ -67,6 +69,7 @@ impl LiveBoundary {
         };
         LiveBoundary {
             start: Instant::now(),
+            base_ns: 0,
             last_clock: 0,
             rx,
             pending: VecDeque::new(),
@@ -76,7 +79,9 @@ impl LiveBoundary {
     }
 
     fn host_ns(&mut self) -> u64 {
-        let t = u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        let t = u64::try_from(self.start.elapsed().as_nanos())
+            .unwrap_or(u64::MAX)
+            .saturating_add(self.base_ns);
         self.last_clock = self.last_clock.max(t);
         self.last_clock
     }
@@ -202,6 +207,12 @@ impl Boundary for LiveBoundary {
 
     fn interrupt(&mut self, _vector: u8) -> Result<(), BoundaryError> {
         Ok(())
+    }
+
+    fn restored(&mut self, now_ns: u64) {
+        self.start = Instant::now();
+        self.base_ns = now_ns;
+        self.last_clock = now_ns;
     }
 
     fn kick_due(&mut self, req: &WaitRequest) -> Result<bool, BoundaryError> {

@@ -161,8 +161,18 @@ impl Ftvmm {
         self
     }
 
+    /// Runs the process, sends it SIGTERM once its stdout contains `marker` (or after the time
+    /// limit), and waits for it to end.
+    pub fn run_until_output(self, marker: &str) -> Run {
+        self.run_inner(Some(marker.to_string()))
+    }
+
     /// Runs the process to its end (or the time limit).
     pub fn run(self) -> Run {
+        self.run_inner(None)
+    }
+
+    fn run_inner(self, stop_at: Option<String>) -> Run {
         let start = Instant::now();
         let mut child = Command::new(ftvmm_bin())
             .args(&self.args)
@@ -186,11 +196,27 @@ impl Ftvmm {
         });
         let mut out = child.stdout.take().expect("stdout");
         let mut err = child.stderr.take().expect("stderr");
+        let seen = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let seen_w = seen.clone();
         let out_t = std::thread::spawn(move || {
             let mut s = Vec::new();
-            let _ = out.read_to_end(&mut s);
+            let mut buf = [0u8; 4096];
+            loop {
+                match out.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        s.extend_from_slice(&buf[..n]);
+                        if let Some(m) = &stop_at {
+                            if String::from_utf8_lossy(&s).contains(m.as_str()) {
+                                seen_w.store(true, std::sync::atomic::Ordering::Release);
+                            }
+                        }
+                    }
+                }
+            }
             s
         });
+        let mut signalled = false;
         let err_t = std::thread::spawn(move || {
             let mut s = Vec::new();
             let _ = err.read_to_end(&mut s);
@@ -199,6 +225,11 @@ impl Ftvmm {
         let status = loop {
             if let Some(st) = child.try_wait().expect("wait") {
                 break Some(st);
+            }
+            if !signalled && seen.load(std::sync::atomic::Ordering::Acquire) {
+                // SAFETY: kill(2) on our own child's pid, which has not been reaped yet.
+                unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+                signalled = true;
             }
             if start.elapsed() > self.timeout {
                 let _ = child.kill();

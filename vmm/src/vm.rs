@@ -210,6 +210,11 @@ impl Vm {
         Ok(())
     }
 
+    /// Virtual time now.
+    pub fn now_ns(&self) -> u64 {
+        self.platform.now_ns()
+    }
+
     /// Checkpoint statistics of this run.
     pub fn checkpoint_stats(&self) -> CheckpointStats {
         self.stats

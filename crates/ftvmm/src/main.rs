@@ -289,6 +289,7 @@ fn run(args: Args) -> Result<u8, Failure> {
     if let Some(path) = &args.restore {
         let snap = vmm::snapshot::Snapshot::read_file(path).map_err(|e| e.to_string())?;
         vm.restore(&snap)?;
+        boundary.restored(vm.now_ns());
         tracing::info!("restored {} (rip {:#x})", path.display(), snap.vcpu.rip());
     }
     let result = vm.run(boundary.as_mut());

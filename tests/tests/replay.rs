@@ -1,0 +1,194 @@
+//! Record a run, replay it in a fresh process: the same output byte for byte and the same
+//! exit digest; a damaged log is refused; an altered one diverges at the right exit.
+
+use ft_core::log::{LogReader, LogWriter, Record};
+use ftvmm_tests::{scratch, test_guest, Ftvmm, Run};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+fn record(name: &str, dir: &Path, extra: &[&str], input: Option<&[u8]>) -> (Run, PathBuf) {
+    let log = dir.join(format!("{name}.ftl"));
+    let mut f = Ftvmm::standalone(&test_guest(name))
+        .args(["--record", log.to_str().unwrap(), "--log-level", "info"])
+        .args(extra);
+    if let Some(bytes) = input {
+        f = f.input(bytes, Duration::from_millis(100));
+    }
+    let run = f.run();
+    run.assert_code(0);
+    (run, log)
+}
+
+fn replay(name: &str, log: &Path, extra: &[&str]) -> Run {
+    Ftvmm::raw(&[
+        "--role",
+        "replay",
+        "--kernel",
+        test_guest(name).to_str().unwrap(),
+        "--log",
+        log.to_str().unwrap(),
+    ])
+    .args(extra)
+    .run()
+}
+
+fn same_run(a: &Run, b: &Run) {
+    assert_eq!(a.stdout, b.stdout, "replayed output differs");
+    assert_eq!(
+        a.digest_line(),
+        b.digest_line(),
+        "replay took other exits:\n{}",
+        b.stderr
+    );
+}
+
+#[test]
+fn ticks_replays_exactly() {
+    let dir = scratch("replay-ticks");
+    let (rec, log) = record("ticks", &dir, &[], None);
+    let rep = replay("ticks", &log, &[]);
+    rep.assert_code(0);
+    same_run(&rec, &rep);
+}
+
+#[test]
+fn echo_replays_its_recorded_input_without_any() {
+    let dir = scratch("replay-echo");
+    let (rec, log) = record("echo", &dir, &[], Some(b"record me\rq"));
+    assert!(rec.stdout.starts_with("RECORD ME"), "{}", rec.stdout);
+    // No input is given to the replay: the bytes come from the log.
+    let rep = replay("echo", &log, &[]);
+    rep.assert_code(0);
+    same_run(&rec, &rep);
+}
+
+#[test]
+fn disk_replays_exactly() {
+    let dir = scratch("replay-disk");
+    let img = dir.join("disk.img");
+    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    let img_arg = img.to_str().unwrap().to_string();
+    let (rec, log) = record("disk", &dir, &["--disk", &img_arg], None);
+    let rep = replay("disk", &log, &["--disk", &img_arg]);
+    rep.assert_code(0);
+    same_run(&rec, &rep);
+}
+
+fn stat(run: &Run, key: &str) -> u64 {
+    run.stderr
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix(&format!("{key}=")))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {key}= in:\n{}", run.stderr))
+}
+
+#[test]
+fn spin_records_checkpoints_and_replays_exactly() {
+    let dir = scratch("replay-spin");
+    let (rec, log) = record("spin", &dir, &[], None);
+    // The computation has no exits: every tick it saw came at a kick, behind a checkpoint.
+    assert!(stat(&rec, "checkpoints") >= 1, "{}", rec.stderr);
+    let rep = replay("spin", &log, &["--log-level", "info"]);
+    rep.assert_code(0);
+    same_run(&rec, &rep);
+}
+
+#[test]
+fn replay_refuses_another_machine() {
+    let dir = scratch("replay-other-machine");
+    let (_, log) = record("hello", &dir, &[], None);
+    let rep = replay("hello", &log, &["--memory", "128M"]);
+    assert_eq!(rep.code(), 2, "{}", rep.stderr);
+    assert!(rep.stderr.contains("different machine"), "{}", rep.stderr);
+}
+
+#[test]
+fn a_flipped_byte_is_caught_by_the_crc() {
+    let dir = scratch("replay-flipped");
+    let (_, log) = record("ticks", &dir, &[], None);
+    let mut bytes = std::fs::read(&log).unwrap();
+    let i = bytes.len() / 2;
+    bytes[i] ^= 0x40;
+    std::fs::write(&log, &bytes).unwrap();
+    let rep = replay("ticks", &log, &[]);
+    assert_eq!(rep.code(), 2, "{}", rep.stderr);
+    assert!(
+        rep.stderr.contains("corrupt") || rep.stderr.contains("does not decode"),
+        "{}",
+        rep.stderr
+    );
+}
+
+#[test]
+fn a_truncated_log_ends_replay_with_a_clear_error() {
+    let dir = scratch("replay-truncated");
+    let (_, log) = record("ticks", &dir, &[], None);
+    let bytes = std::fs::read(&log).unwrap();
+    std::fs::write(&log, &bytes[..bytes.len() * 2 / 3]).unwrap();
+    let rep = replay("ticks", &log, &[]);
+    assert_eq!(rep.code(), 2, "{}", rep.stderr);
+    assert!(rep.stderr.contains("truncated"), "{}", rep.stderr);
+}
+
+#[test]
+fn an_altered_event_is_a_divergence_at_its_exit() {
+    let dir = scratch("replay-altered");
+    let (_, log) = record("hello", &dir, &[], None);
+    // Rewrite the log with the data of the 30th exit changed (CRCs recomputed by the writer).
+    let file = std::fs::File::open(&log).unwrap();
+    let (mut reader, header) = LogReader::new(std::io::BufReader::new(file)).unwrap();
+    let mut records = Vec::new();
+    while let Some(r) = reader.read_record().unwrap() {
+        records.push(r);
+    }
+    let target = 30u64;
+    let mut seen = 0u64;
+    for r in records.iter_mut() {
+        if let Record::Exit { data, .. } = r {
+            if seen == target {
+                *data ^= 0x20;
+            }
+            seen += 1;
+        }
+    }
+    assert!(seen > target, "hello has only {seen} exits");
+    let altered = dir.join("altered.ftl");
+    let mut w = LogWriter::new(std::fs::File::create(&altered).unwrap(), &header).unwrap();
+    for r in &records {
+        w.write(r).unwrap();
+    }
+    w.flush().unwrap();
+    drop(w);
+    let rep = replay("hello", &altered, &[]);
+    assert_eq!(rep.code(), 3, "{}", rep.stderr);
+    assert!(
+        rep.stderr
+            .contains(&format!("divergence at exit {target}:")),
+        "{}",
+        rep.stderr
+    );
+}
+
+#[test]
+fn a_snapshot_taken_mid_run_finishes_in_a_fresh_process() {
+    let dir = scratch("snapshot-restore");
+    let snap = dir.join("ticks.snap");
+    let whole = Ftvmm::standalone(&test_guest("ticks")).run();
+    whole.assert_code(0);
+    let first = Ftvmm::standalone(&test_guest("ticks"))
+        .args(["--snapshot-on-exit", snap.to_str().unwrap()])
+        .run_until_output("tick 40\n");
+    first.assert_code(0);
+    assert!(snap.exists(), "no snapshot:\n{}", first.stderr);
+    assert!(
+        !first.stdout.contains("tick 100"),
+        "it ran to the end: {}",
+        first.stdout
+    );
+    let second = Ftvmm::standalone(&test_guest("ticks"))
+        .args(["--restore", snap.to_str().unwrap()])
+        .run();
+    second.assert_code(0);
+    assert_eq!(format!("{}{}", first.stdout, second.stdout), whole.stdout);
+    assert_eq!(second.digest_line(), whole.digest_line());
+}
