@@ -7,6 +7,10 @@
 #     insn clac ok\n
 #     insn int3 ok\n
 #     insn fnclex ok\n
+#     insn fnstsw ok\n
+#     insn fnstcw ok\n
+#     insn fldcw ok\n
+#     insn fwait ok\n
 #     insns ok\n
 # and exit status 0 through port 0x501. On a wrong result: "insns error: <name> <what>\n" and
 # exit status 1, <what> being "case <n>" (popcnt, see the table below), "ac" (stac/clac),
@@ -33,6 +37,14 @@
 #     (flags, SF, ES, B) must be 0. FSW is read with FXSAVE, not FNSTSW: this KVM cannot
 #     emulate `fnstsw %ax` (DF E0) at CPL0 either (measured), while FNINIT, FXSAVE and FXRSTOR
 #     emulate fine.
+# fnstsw: after fxrstor of FSW = 0x0001 (IE, masked), `fnstsw %ax` (DF E0) and `fnstsw m16`
+#     (DD /7) must both read 0x0001.
+# fnstcw / fldcw: `fldcw m16` of 0x027f, then `fnstcw m16` must read 0x027f.
+# fwait: with IE pending but masked (FCW 0x037f), `fwait` (9B) does nothing; with IE pending
+#     and unmasked (FCW 0x037e, FSW 0x0081), `fwait` raises #MF (vector 16, a fault: the
+#     handler sees RIP at the fwait); the handler counts it and clears the flags (fnclex), and
+#     the retried fwait passes: exactly one #MF. Linux's fpu__drop() runs `fwait`.
+#     "<what>" for these: "value=<hex>" or "mf=<n>".
 # xrstor: not tested (needs CR4.OSXSAVE and XCR0, and the platform hides XSAVE).
 
 .include "defs.inc"
@@ -141,6 +153,60 @@ after_int3:
         jnz     fail_fsw
         call    print_ok
 
+        # ------------------------------------------------------------ fnstsw
+        lea     name_fnstsw(%rip), %r15
+        movw    $0x037f, 0(%rbx)                # FCW: all masked
+        movw    $0x0001, 2(%rbx)                # FSW: IE
+        fxrstor (%rbx)
+        mov     $0xffff, %eax
+        fnstsw  %ax
+        cmp     $0x0001, %ax
+        jne     fail_value
+        movw    $0xffff, x87word(%rip)
+        fnstsw  x87word(%rip)
+        movzwl  x87word(%rip), %eax
+        cmp     $0x0001, %ax
+        jne     fail_value
+        call    print_ok
+
+        # ------------------------------------------------------------ fnstcw / fldcw
+        lea     name_fnstcw(%rip), %r15
+        movw    $0xffff, x87word(%rip)
+        fnstcw  x87word(%rip)
+        movzwl  x87word(%rip), %eax
+        cmp     $0x037f, %ax
+        jne     fail_value
+        call    print_ok
+        lea     name_fldcw(%rip), %r15
+        movw    $0x027f, x87word(%rip)
+        fldcw   x87word(%rip)
+        movw    $0, x87word(%rip)
+        fnstcw  x87word(%rip)
+        movzwl  x87word(%rip), %eax
+        cmp     $0x027f, %ax
+        jne     fail_value
+        call    print_ok
+
+        # ------------------------------------------------------------ fwait
+        lea     name_fwait(%rip), %r15
+        mov     $16, %edi
+        lea     mf_handler(%rip), %rsi
+        mov     $GATE_INT, %edx
+        call    idt_set_gate
+        movw    $0x037f, 0(%rbx)                # masked: fwait is a no-op
+        movw    $0x0001, 2(%rbx)
+        fxrstor (%rbx)
+        fwait
+        cmpq    $0, mf_hits(%rip)
+        jne     fail_mf
+        movw    $0x037e, 0(%rbx)                # IE unmasked and pending: #MF
+        movw    $0x0081, 2(%rbx)
+        fxrstor (%rbx)
+        fwait
+        cmpq    $1, mf_hits(%rip)
+        jne     fail_mf
+        call    print_ok
+
         lea     msg_all(%rip), %rdi
         call    print_str
         xor     %edi, %edi
@@ -185,6 +251,15 @@ fail_fsw:
         call    print_hex_n
         jmp     fail_end
 
+fail_value:
+        movzwl  %ax, %ebx
+        lea     what_value(%rip), %rdi
+        jmp     1b
+fail_mf:
+        mov     mf_hits(%rip), %rbx
+        lea     what_mf(%rip), %rdi
+        jmp     1b
+
 # fail(rdi = what): "insns error: <name r15> <what>\n", exit 1
 fail:
         call    fail_start
@@ -215,6 +290,12 @@ print_ok:
         call    print_str
         ret
 
+# #MF: a fault at the fwait; clear the exception flags so the retried fwait passes
+mf_handler:
+        incq    mf_hits(%rip)
+        fnclex
+        iretq
+
 # #BP: a trap, the frame's RIP is the next instruction
 bp_handler:
         push    %rax
@@ -239,6 +320,12 @@ name_stac:     .asciz "stac"
 name_clac:     .asciz "clac"
 name_int3:     .asciz "int3"
 name_fnclex:   .asciz "fnclex"
+name_fnstsw:   .asciz "fnstsw"
+name_fnstcw:   .asciz "fnstcw"
+name_fldcw:    .asciz "fldcw"
+name_fwait:    .asciz "fwait"
+what_value:    .asciz "value="
+what_mf:       .asciz "mf="
 msg_insn:      .asciz "insn "
 msg_ok:        .asciz " ok\n"
 msg_all:       .asciz "insns ok\n"
@@ -255,4 +342,6 @@ what_fsw:      .asciz "fsw="
 .balign 16
 fxarea:   .fill 512, 1, 0
 bp_hits:  .quad 0
+mf_hits:  .quad 0
+x87word:  .quad 0
 bp_rip:   .quad 0

@@ -23,6 +23,8 @@
 # against the pattern, writes the last word and reads it back; then the done call: `ud2` at
 # user_done with rax = 0 (or i + 1 for a mismatch on page i), accepted by the #UD handler only
 # from CS 0x2b at that RIP (`INT n` from CPL3 raises #UD on this machine's KVM, see spin.S).
+# Before user mode the kernel sets EFER.SCE (as Linux does), so that on this machine the VMM's
+# SYSCALL completion watches the #PF entry and steps over each of these faults.
 # CPL0 cost: ~60 instructions + 512 rep-stosq iterations per fault (~35,000 in all).
 
 .include "defs.inc"
@@ -54,6 +56,15 @@ main:
         call    tss_set_rsp0
         xor     %edi, %edi
         call    pic_init                                # everything masked
+        # Enable SYSCALL (EFER.SCE) as a real kernel does before user space runs: on this
+        # machine's KVM that is what makes the VMM watch the #PF entry (vmm/src/compat.rs), so
+        # every fault below goes through its step-over path. The OUT is a synchronous exit,
+        # where the VMM notices (WRMSR itself does not exit).
+        mov     $MSR_EFER, %ecx
+        rdmsr
+        or      $EFER_SCE, %eax
+        wrmsr
+        outb    %al, $0x80
         lea     user_main(%rip), %rdi
         lea     ustack_top(%rip), %rsi
         mov     $0x202, %edx

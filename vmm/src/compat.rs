@@ -86,6 +86,7 @@ const RFLAGS_AC: u64 = 1 << 18;
 const ARITH_FLAGS: u64 = 0x8d5; // CF PF AF ZF SF OF
 const RFLAGS_ZF: u64 = 1 << 6;
 const BP_VECTOR: u8 = 3;
+const MF_VECTOR: u8 = 16;
 
 fn kvm<T>(what: &'static str, r: Result<T, kvm_ioctls::Error>) -> Result<T, CompatError> {
     r.map_err(|source| CompatError::Kvm { what, source })
@@ -126,6 +127,21 @@ fn read_virt(
         let pa = translate(mem, sregs, va).ok_or_else(|| format!("{va:#x} is not mapped"))?;
         *b = mem
             .read_obj(GuestAddress(pa))
+            .map_err(|e| format!("{pa:#x}: {e}"))?;
+    }
+    Ok(())
+}
+
+fn write_virt(
+    mem: &GuestMemoryMmap,
+    sregs: &kvm_sregs,
+    gva: u64,
+    buf: &[u8],
+) -> Result<(), String> {
+    for (i, b) in buf.iter().enumerate() {
+        let va = gva.wrapping_add(i as u64);
+        let pa = translate(mem, sregs, va).ok_or_else(|| format!("{va:#x} is not mapped"))?;
+        mem.write_obj(*b, GuestAddress(pa))
             .map_err(|e| format!("{pa:#x}: {e}"))?;
     }
     Ok(())
@@ -272,6 +288,16 @@ fn instruction_bytes(
     Ok(buf)
 }
 
+/// Makes `vector` (an exception without error code) pending for the next entry.
+fn inject_exception(vcpu: &VcpuFd, vector: u8) -> Result<(), CompatError> {
+    let mut events: kvm_vcpu_events = kvm("KVM_GET_VCPU_EVENTS", vcpu.get_vcpu_events())?;
+    events.exception.injected = 1;
+    events.exception.nr = vector;
+    events.exception.has_error_code = 0;
+    events.exception.error_code = 0;
+    kvm("KVM_SET_VCPU_EVENTS", vcpu.set_vcpu_events(&events))
+}
+
 /// Completes the instruction that made the last `KVM_RUN` stop with an internal error.
 /// Returns the synchronous exit it counts as.
 pub fn complete_emulation_failure(
@@ -339,6 +365,59 @@ pub fn complete_emulation_failure(
             }
             kvm("KVM_SET_FPU", vcpu.set_fpu(&fpu))?;
             result = u64::from(fpu.fsw);
+        }
+        Mnemonic::Wait => {
+            // FWAIT raises #MF when an unmasked x87 exception is pending, else does nothing.
+            let fpu = kvm("KVM_GET_FPU", vcpu.get_fpu())?;
+            let pending = fpu.fsw & 0x3f & !(fpu.fcw & 0x3f) != 0;
+            if pending && fpu.fsw & 0x80 != 0 {
+                // A fault: the handler sees RIP at the FWAIT.
+                inject_exception(vcpu, MF_VECTOR)?;
+                kvm("KVM_SET_REGS", vcpu.set_regs(&regs))?;
+                return Ok(SyncExit {
+                    kind: ExitKind::Emulated,
+                    addr: instr.mnemonic() as u64,
+                    data: u64::from(MF_VECTOR),
+                    len: instr.len() as u8,
+                    rip,
+                });
+            }
+            result = u64::from(fpu.fsw);
+        }
+        Mnemonic::Fnstsw | Mnemonic::Fnstcw => {
+            let fpu = kvm("KVM_GET_FPU", vcpu.get_fpu())?;
+            let value = if instr.mnemonic() == Mnemonic::Fnstsw {
+                fpu.fsw
+            } else {
+                fpu.fcw
+            };
+            match instr.op0_kind() {
+                OpKind::Register => {
+                    write_reg(&mut regs, instr.op0_register(), u64::from(value))
+                        .ok_or_else(|| unsupported(&instr))?;
+                }
+                OpKind::Memory => {
+                    let ea = effective_address(&instr, &regs, &sregs)
+                        .ok_or_else(|| unsupported(&instr))?;
+                    write_virt(mem, &sregs, ea, &value.to_le_bytes())
+                        .map_err(|why| CompatError::GuestMemory { gva: ea, rip, why })?;
+                }
+                _ => return Err(unsupported(&instr)),
+            }
+            result = u64::from(value);
+        }
+        Mnemonic::Fldcw => {
+            let ea = effective_address(&instr, &regs, &sregs).ok_or_else(|| unsupported(&instr))?;
+            let mut buf = [0u8; 2];
+            read_virt(mem, &sregs, ea, &mut buf).map_err(|why| CompatError::GuestMemory {
+                gva: ea,
+                rip,
+                why,
+            })?;
+            let mut fpu = kvm("KVM_GET_FPU", vcpu.get_fpu())?;
+            fpu.fcw = u16::from_le_bytes(buf);
+            kvm("KVM_SET_FPU", vcpu.set_fpu(&fpu))?;
+            result = u64::from(fpu.fcw);
         }
         Mnemonic::Int3 => {
             // A trap: the #BP handler sees RIP after the INT3.
