@@ -478,6 +478,12 @@ pub struct SyscallFix {
     pub syscalls: u64,
     /// Page faults stepped over.
     pub page_faults: u64,
+    /// Time the VMM spent completing system calls, in nanoseconds (measurement only).
+    #[serde(skip)]
+    pub syscall_ns: u64,
+    /// Time the VMM spent stepping over page faults (both debug exits), in nanoseconds.
+    #[serde(skip)]
+    pub page_fault_ns: u64,
 }
 
 fn segment_64(selector: u16, code: bool) -> kvm_segment {
@@ -576,6 +582,23 @@ impl SyscallFix {
     /// Handles a `KVM_EXIT_DEBUG`. Returns the synchronous exit it counts as, or `None` if the
     /// exit was not one of ours.
     pub fn on_debug(
+        &mut self,
+        vcpu: &VcpuFd,
+        mem: &GuestMemoryMmap,
+        arch: &kvm_debug_exit_arch,
+    ) -> Result<Option<SyncExit>, CompatError> {
+        let start = std::time::Instant::now();
+        let exit = self.handle_debug(vcpu, mem, arch)?;
+        let ns = u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        match exit.map(|e| e.addr) {
+            Some(DEBUG_SYSCALL) => self.syscall_ns += ns,
+            Some(DEBUG_PF_STEP | DEBUG_STEPPED) => self.page_fault_ns += ns,
+            _ => {}
+        }
+        Ok(exit)
+    }
+
+    fn handle_debug(
         &mut self,
         vcpu: &VcpuFd,
         mem: &GuestMemoryMmap,

@@ -306,10 +306,12 @@ fn run(args: Args) -> Result<u8, Failure> {
     let mem = vm.memory_stats();
     let cp = vm.checkpoint_stats();
     tracing::info!(
-        "stats: kicks={} syscalls-completed={} page-faults-stepped={} checkpoints={} checkpoint-bytes={} checkpoint-max-pause-us={} vmm-rss-kib={} guest-rss-kib={}",
+        "stats: kicks={} syscalls-completed={} syscall-vmm-ns={} page-faults-stepped={} page-fault-vmm-ns={} checkpoints={} checkpoint-bytes={} checkpoint-max-pause-us={} vmm-rss-kib={} guest-rss-kib={}",
         vm.kicks(),
         fix.map_or(0, |f| f.syscalls),
+        fix.map_or(0, |f| f.syscall_ns),
         fix.map_or(0, |f| f.page_faults),
+        fix.map_or(0, |f| f.page_fault_ns),
         cp.count,
         cp.bytes,
         cp.max_pause.as_micros(),
