@@ -122,6 +122,12 @@ impl Uart {
         self.serial.read(LCR) & LCR_DLAB != 0
     }
 
+    /// Whether the guest has enabled the received-data interrupt (IER bit 0): its driver is
+    /// ready for input.
+    pub fn rx_interrupt_enabled(&self) -> bool {
+        self.ier() & IER_RDA != 0
+    }
+
     fn ier(&self) -> u8 {
         // No register read without side effects gives IER when DLAB is set; the state has it.
         self.serial.state().interrupt_enable

@@ -1,6 +1,11 @@
 //! The live boundary of a standalone run: inputs come from the host as they happen.
 //!
-//! Virtual time follows the host's monotonic clock from the moment the boundary is created.
+//! Virtual time follows one of two clocks ([`Clock`]): the host's monotonic clock (the default:
+//! the guest's time is real time), or a virtual clock that advances a fixed step at every
+//! synchronous exit and jumps to the next timer deadline when the guest halts. With the virtual
+//! clock and a scripted input file, two runs of the same guest are identical, whatever the
+//! host's speed: a whole Linux boot takes the same exits every time.
+//!
 //! Serial input is delivered when the guest halts (it is waiting for something), or, for a
 //! guest that polls without halting, once it has waited [`LiveBoundary::INPUT_LATENCY`]: so a
 //! scripted input reaches a guest that waits for it at the same positions in every run.
@@ -12,23 +17,45 @@ use std::io::{Read, Write};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+/// What virtual time follows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Clock {
+    /// The host's monotonic clock.
+    Host,
+    /// `step_ns` per synchronous exit, and idle time skipped: deterministic.
+    Virtual {
+        /// Nanoseconds of virtual time per synchronous exit.
+        step_ns: u64,
+    },
+}
+
+/// The RTC epoch of a virtual-clock run: 2026-01-01T00:00:00Z, the same in every run.
+pub const VIRTUAL_EPOCH: i64 = 1_767_225_600;
+
 /// Where serial input comes from.
 pub enum SerialSource {
     /// No input: the line stays idle.
     None,
+    /// All the input, known up front (a script file): it waits for the guest to be ready.
+    Bytes(Vec<u8>),
     /// Any reader (stdin, a file, a pipe), read on a thread of its own.
     Reader(Box<dyn Read + Send>),
 }
 
 /// Inputs from the host, outputs to a writer.
 pub struct LiveBoundary {
+    clock: Clock,
     start: Instant,
-    /// Virtual time at `start` (non-zero after a restore).
+    /// Virtual time at `start` (non-zero after a restore), or, with the virtual clock, the
+    /// idle time skipped so far.
     base_ns: u64,
+    /// Synchronous exits seen (the virtual clock's ticks).
+    exits: u64,
     last_clock: u64,
     rx: Option<Receiver<Vec<u8>>>,
     pending: VecDeque<u8>,
-    pending_since: Option<Instant>,
+    /// Virtual time at which the oldest pending byte arrived.
+    pending_since: Option<u64>,
     out: Box<dyn Write + Send>,
 }
 
@@ -39,8 +66,18 @@ impl LiveBoundary {
     /// A boundary whose clock starts now, reading serial input from `input` and writing serial
     /// output to `out`.
     pub fn new(input: SerialSource, out: Box<dyn Write + Send>) -> Self {
+        Self::with_clock(input, out, Clock::Host)
+    }
+
+    /// The same, with the given clock.
+    pub fn with_clock(input: SerialSource, out: Box<dyn Write + Send>, clock: Clock) -> Self {
+        let mut pending = VecDeque::new();
         let rx = match input {
             SerialSource::None => None,
+            SerialSource::Bytes(bytes) => {
+                pending.extend(bytes);
+                None
+            }
             SerialSource::Reader(mut r) => {
                 let (tx, rx) = mpsc::channel();
                 std::thread::Builder::new()
@@ -67,21 +104,31 @@ impl LiveBoundary {
                     .map(|_| rx)
             }
         };
+        let pending_since = (!pending.is_empty()).then_some(0);
         LiveBoundary {
+            clock,
             start: Instant::now(),
             base_ns: 0,
+            exits: 0,
             last_clock: 0,
             rx,
-            pending: VecDeque::new(),
-            pending_since: None,
+            pending,
+            pending_since,
             out,
         }
     }
 
+    /// Virtual time now, from the chosen clock; never goes back.
     fn host_ns(&mut self) -> u64 {
-        let t = u64::try_from(self.start.elapsed().as_nanos())
-            .unwrap_or(u64::MAX)
-            .saturating_add(self.base_ns);
+        let t = match self.clock {
+            Clock::Host => u64::try_from(self.start.elapsed().as_nanos())
+                .unwrap_or(u64::MAX)
+                .saturating_add(self.base_ns),
+            Clock::Virtual { step_ns } => self
+                .exits
+                .saturating_mul(step_ns)
+                .saturating_add(self.base_ns),
+        };
         self.last_clock = self.last_clock.max(t);
         self.last_clock
     }
@@ -107,7 +154,7 @@ impl LiveBoundary {
 
     fn push_pending(&mut self, bytes: Vec<u8>) {
         if !bytes.is_empty() && self.pending.is_empty() {
-            self.pending_since = Some(Instant::now());
+            self.pending_since = Some(self.host_ns());
         }
         self.pending.extend(bytes);
     }
@@ -121,7 +168,7 @@ impl LiveBoundary {
         self.pending_since = if self.pending.is_empty() {
             None
         } else {
-            Some(Instant::now())
+            Some(self.host_ns())
         };
         Some(Input::SerialRx(bytes))
     }
@@ -129,6 +176,9 @@ impl LiveBoundary {
 
 impl Boundary for LiveBoundary {
     fn rtc_epoch(&mut self) -> Result<i64, BoundaryError> {
+        if let Clock::Virtual { .. } = self.clock {
+            return Ok(VIRTUAL_EPOCH);
+        }
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_err(|e| BoundaryError::Other(format!("host clock before 1970: {e}")))?;
@@ -136,6 +186,7 @@ impl Boundary for LiveBoundary {
     }
 
     fn exit(&mut self, _exit: &SyncExit) -> Result<(), BoundaryError> {
+        self.exits += 1;
         Ok(())
     }
 
@@ -155,9 +206,11 @@ impl Boundary for LiveBoundary {
             return Ok(None);
         }
         self.drain_channel();
+        let now = self.host_ns();
+        let latency = Self::INPUT_LATENCY.as_nanos() as u64;
         let overdue = self
             .pending_since
-            .is_some_and(|t| t.elapsed() >= Self::INPUT_LATENCY);
+            .is_some_and(|t| now.saturating_sub(t) >= latency);
         if overdue {
             return Ok(self.take_pending(req.serial_room));
         }
@@ -174,6 +227,12 @@ impl Boundary for LiveBoundary {
             if let Some(deadline) = req.deadline_ns {
                 if now >= deadline {
                     return Ok(Input::Time(now.max(req.now_ns)));
+                }
+                if let Clock::Virtual { .. } = self.clock {
+                    // Idle time is skipped: the deadline is now.
+                    self.base_ns += deadline - now;
+                    self.last_clock = deadline;
+                    return Ok(Input::Time(deadline));
                 }
             }
             let timeout = req
@@ -211,6 +270,7 @@ impl Boundary for LiveBoundary {
 
     fn restored(&mut self, now_ns: u64) {
         self.start = Instant::now();
+        self.exits = 0;
         self.base_ns = now_ns;
         self.last_clock = now_ns;
     }
@@ -291,6 +351,51 @@ mod tests {
             b.wait(&req(0, None, 4)),
             Err(BoundaryError::NothingToWaitFor)
         ));
+    }
+
+    #[test]
+    fn virtual_clock_counts_exits_and_skips_idle_time() {
+        let clock = Clock::Virtual { step_ns: 1000 };
+        let mut b = LiveBoundary::with_clock(SerialSource::None, Box::new(std::io::sink()), clock);
+        assert_eq!(b.rtc_epoch().unwrap(), VIRTUAL_EPOCH);
+        let exit = SyncExit {
+            kind: crate::exit::ExitKind::Hlt,
+            addr: 0,
+            data: 0,
+            len: 0,
+            rip: 0,
+        };
+        for _ in 0..5 {
+            b.exit(&exit).unwrap();
+        }
+        assert_eq!(b.read_clock().unwrap(), 5000);
+        // A halt jumps straight to the deadline, without sleeping.
+        let start = Instant::now();
+        assert_eq!(
+            b.wait(&req(5000, Some(10_000_000_000), 16)).unwrap(),
+            Input::Time(10_000_000_000)
+        );
+        assert!(start.elapsed() < Duration::from_secs(1));
+        b.exit(&exit).unwrap();
+        assert_eq!(b.read_clock().unwrap(), 10_000_001_000);
+    }
+
+    #[test]
+    fn scripted_bytes_wait_for_room() {
+        let mut b = LiveBoundary::new(
+            SerialSource::Bytes(b"hello".to_vec()),
+            Box::new(std::io::sink()),
+        );
+        // No room (the guest's driver is not ready): nothing, and no error while a timer runs.
+        let t = b.read_clock().unwrap();
+        assert!(matches!(
+            b.wait(&req(t, Some(t + 1_000_000), 0)).unwrap(),
+            Input::Time(_)
+        ));
+        assert_eq!(
+            b.wait(&req(t, None, 3)).unwrap(),
+            Input::SerialRx(b"hel".to_vec())
+        );
     }
 
     #[test]

@@ -128,10 +128,17 @@ impl Platform {
         .into_iter()
         .flatten()
         .min();
+        // Input waits, rather than being lost, until the guest's driver has enabled the UART's
+        // receive interrupt (Linux's 8250 driver clears the FIFO while it sets the port up).
+        let serial_room = if self.uart.rx_interrupt_enabled() {
+            self.uart.rx_room()
+        } else {
+            0
+        };
         WaitRequest {
             now_ns: self.now_ns,
             deadline_ns: deadline,
-            serial_room: self.uart.rx_room(),
+            serial_room,
         }
     }
 

@@ -5,7 +5,7 @@
 //! `ftvmm: exits=<N> exit-digest=<hex>`.
 
 use clap::{Parser, ValueEnum};
-use ft_core::live::{LiveBoundary, SerialSource};
+use ft_core::live::{Clock, LiveBoundary, SerialSource};
 use ft_core::record::Recorder;
 use ft_core::replay::Replayer;
 use ft_core::{Boundary, BoundaryError};
@@ -65,6 +65,22 @@ fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("expected a size like 256M, 1G or 4194304, got `{s}`"))
 }
 
+/// `host`, `virtual` (100us per exit) or `virtual:STEP` (e.g. `virtual:50us`).
+fn parse_clock(s: &str) -> Result<Clock, String> {
+    match s {
+        "host" => Ok(Clock::Host),
+        "virtual" => Ok(Clock::Virtual { step_ns: 100_000 }),
+        _ => match s.strip_prefix("virtual:") {
+            Some(step) => parse_duration(step).map(|d| Clock::Virtual {
+                step_ns: d.as_nanos() as u64,
+            }),
+            None => Err(format!(
+                "expected `host`, `virtual` or `virtual:STEP` (e.g. virtual:50us), got `{s}`"
+            )),
+        },
+    }
+}
+
 /// A duration like 10ms, 50ms, 1s.
 fn parse_duration(s: &str) -> Result<Duration, String> {
     let t = s.trim();
@@ -120,6 +136,10 @@ struct Args {
     /// Completion of what this host's KVM cannot do (auto: only on hosts that need it).
     #[arg(long, value_enum, default_value = "auto")]
     kvm_compat: Compat,
+    /// What guest time follows: `host` (real time), or `virtual[:STEP]`: STEP (default 100us)
+    /// per VM exit and idle time skipped, so that runs with the same input are identical.
+    #[arg(long, default_value = "host", value_parser = parse_clock)]
+    clock: Clock,
     /// A vCPU that runs this long without an exit is kicked, e.g. 10ms.
     #[arg(long, default_value = "10ms", value_parser = parse_duration)]
     quantum: Duration,
@@ -149,9 +169,19 @@ fn serial_source(args: &Args) -> Result<SerialSource, String> {
     Ok(match spec {
         "none" => SerialSource::None,
         "-" => SerialSource::Reader(Box::new(std::io::stdin())),
-        path => SerialSource::Reader(Box::new(
-            File::open(path).map_err(|e| format!("cannot open serial input {path}: {e}"))?,
-        )),
+        path => {
+            let file =
+                File::open(path).map_err(|e| format!("cannot open serial input {path}: {e}"))?;
+            let is_file = file.metadata().map(|m| m.is_file()).unwrap_or(false);
+            if is_file {
+                // A script: all of it is known now, and waits for the guest to be ready.
+                let bytes = std::fs::read(path)
+                    .map_err(|e| format!("cannot read serial input {path}: {e}"))?;
+                SerialSource::Bytes(bytes)
+            } else {
+                SerialSource::Reader(Box::new(file))
+            }
+        }
     })
 }
 
@@ -251,9 +281,10 @@ fn run(args: Args) -> Result<u8, Failure> {
     }
     let (hash, summary) = config_identity(&config, &kernel_cmdline(&config))?;
     let live = || -> Result<LiveBoundary, String> {
-        Ok(LiveBoundary::new(
+        Ok(LiveBoundary::with_clock(
             serial_source(&args)?,
             serial_sink(&args)?,
+            args.clock,
         ))
     };
     let mut boundary: Box<dyn Boundary> = match (args.role, &args.record, &args.log) {
@@ -378,6 +409,21 @@ mod tests {
         assert_eq!(parse_duration("1s"), Ok(Duration::from_secs(1)));
         assert!(parse_duration("0ms").is_err());
         assert!(parse_duration("10").is_err());
+    }
+
+    #[test]
+    fn clocks() {
+        assert_eq!(parse_clock("host"), Ok(Clock::Host));
+        assert_eq!(
+            parse_clock("virtual"),
+            Ok(Clock::Virtual { step_ns: 100_000 })
+        );
+        assert_eq!(
+            parse_clock("virtual:50us"),
+            Ok(Clock::Virtual { step_ns: 50_000 })
+        );
+        assert!(parse_clock("wall").is_err());
+        assert!(parse_clock("virtual:fast").is_err());
     }
 
     #[test]
