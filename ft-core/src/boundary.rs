@@ -142,6 +142,13 @@ pub trait Boundary {
     /// find again? Only time is ever delivered at a kick (serial input waits for an exit).
     fn kick_due(&mut self, req: &WaitRequest) -> Result<bool, BoundaryError>;
 
+    /// Whether the VMM may deliver inputs or inject interrupts at a kick at all. A live run on
+    /// the host clock may; a recorder may if its live side may (it checkpoints there); a run on
+    /// the virtual clock and a replay may not: a kick lands at no reproducible point.
+    fn acts_at_kicks(&self) -> bool {
+        true
+    }
+
     /// Whether this boundary needs a checkpoint wherever inputs are delivered at a kick (a
     /// recorder does: replay restores it instead of executing up to the kick).
     fn wants_checkpoints(&self) -> bool {

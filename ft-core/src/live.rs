@@ -56,6 +56,10 @@ pub struct LiveBoundary {
     pending: VecDeque<u8>,
     /// Virtual time at which the oldest pending byte arrived.
     pending_since: Option<u64>,
+    /// Input is held until the guest has printed this (then `None`).
+    gate: Option<Vec<u8>>,
+    /// The last output bytes, to find the gate in.
+    recent: Vec<u8>,
     out: Box<dyn Write + Send>,
 }
 
@@ -114,8 +118,19 @@ impl LiveBoundary {
             rx,
             pending,
             pending_since,
+            gate: None,
+            recent: Vec::new(),
             out,
         }
+    }
+
+    /// Holds serial input back until the guest has printed `marker` (like `expect`): input sent
+    /// before the guest reads it would be lost, and the guest's output is deterministic.
+    pub fn input_after(mut self, marker: &[u8]) -> Self {
+        if !marker.is_empty() {
+            self.gate = Some(marker.to_vec());
+        }
+        self
     }
 
     /// Virtual time now, from the chosen clock; never goes back.
@@ -160,7 +175,7 @@ impl LiveBoundary {
     }
 
     fn take_pending(&mut self, room: usize) -> Option<Input> {
-        if room == 0 || self.pending.is_empty() {
+        if room == 0 || self.pending.is_empty() || self.gate.is_some() {
             return None;
         }
         let n = room.min(self.pending.len());
@@ -275,6 +290,10 @@ impl Boundary for LiveBoundary {
         self.last_clock = now_ns;
     }
 
+    fn acts_at_kicks(&self) -> bool {
+        self.clock == Clock::Host
+    }
+
     fn kick_due(&mut self, req: &WaitRequest) -> Result<bool, BoundaryError> {
         Ok(req
             .deadline_ns
@@ -284,6 +303,18 @@ impl Boundary for LiveBoundary {
     fn output(&mut self, kind: OutputKind, bytes: &[u8]) -> Result<(), BoundaryError> {
         match kind {
             OutputKind::Serial => {
+                if let Some(marker) = &self.gate {
+                    self.recent.extend_from_slice(bytes);
+                    if self.recent.windows(marker.len()).any(|w| w == &marker[..]) {
+                        self.gate = None;
+                        self.recent = Vec::new();
+                        // The input waited for this: it counts from now.
+                        self.pending_since = Some(self.last_clock);
+                    } else {
+                        let keep = self.recent.len().saturating_sub(marker.len());
+                        self.recent.drain(..keep);
+                    }
+                }
                 self.out.write_all(bytes).map_err(BoundaryError::Output)?;
                 self.out.flush().map_err(BoundaryError::Output)
             }
@@ -378,6 +409,26 @@ mod tests {
         assert!(start.elapsed() < Duration::from_secs(1));
         b.exit(&exit).unwrap();
         assert_eq!(b.read_clock().unwrap(), 10_000_001_000);
+    }
+
+    #[test]
+    fn input_waits_for_the_marker() {
+        let mut b = LiveBoundary::new(
+            SerialSource::Bytes(b"ls\n".to_vec()),
+            Box::new(std::io::sink()),
+        )
+        .input_after(b"# ");
+        let t = b.read_clock().unwrap();
+        assert!(matches!(
+            b.wait(&req(t, Some(t + 1_000_000), 16)).unwrap(),
+            Input::Time(_)
+        ));
+        b.output(OutputKind::Serial, b"ftvmm").unwrap();
+        b.output(OutputKind::Serial, b"# ").unwrap();
+        assert_eq!(
+            b.wait(&req(t, None, 16)).unwrap(),
+            Input::SerialRx(b"ls\n".to_vec())
+        );
     }
 
     #[test]

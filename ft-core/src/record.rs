@@ -120,6 +120,10 @@ impl<B: Boundary, W: Write> Boundary for Recorder<B, W> {
         self.inner.kick_due(req)
     }
 
+    fn acts_at_kicks(&self) -> bool {
+        self.inner.acts_at_kicks()
+    }
+
     fn wants_checkpoints(&self) -> bool {
         true
     }

@@ -213,6 +213,10 @@ impl<R: Read> Boundary for Replayer<R> {
         Ok(false)
     }
 
+    fn acts_at_kicks(&self) -> bool {
+        false
+    }
+
     fn pending_checkpoint(&mut self) -> Result<Option<Vec<u8>>, BoundaryError> {
         if !matches!(self.next, Some(Record::Checkpoint { .. })) {
             return Ok(None);

@@ -12,20 +12,25 @@ use kvm_ioctls::Kvm;
 /// Kernel command-line switches that keep a Linux guest on the deterministic platform even
 /// where the host's KVM leaks CPU features through CPUID (ENVIRONMENT.md, measured). Each one:
 ///
-/// - `notsc`, `nolapic`, `noapic`, `noxsave`: the hidden TSC, local APIC, I/O APIC and XSAVE.
-/// - `clearcpuid=...`: leaf 1 and leaf 7 features the kernel would otherwise use: RDRAND/RDSEED
-///   (random input), POPCNT/MOVBE/BMI/AES/... (instructions this host's CPL0 emulator cannot
-///   run, or that only matter for speed), SMAP/SMEP/UMIP/PKU (CLAC/STAC and friends).
+/// - `notsc`, `nolapic`, `noapic`, `noxsave`: the hidden TSC, local APIC, I/O APIC and XSAVE
+///   (`noxsave` also takes away everything built on it: AVX, AVX2, FMA, F16C, XSAVEOPT/C/S).
+/// - `clearcpuid=...`: leaf 1 and leaf 7 features the kernel would otherwise use. `tsc` first:
+///   `notsc` only marks the TSC unstable, and the kernel still reads it for random-number
+///   entropy, which then differs in every boot (user-space ASLR, hash seeds, and so the exits).
+///   Then RDRAND/RDSEED/RDPID (random input), SMAP/SMEP/UMIP/PKU (CLAC/STAC and friends),
+///   POPCNT/MOVBE/BMI/... (instructions this host's CPL0 emulator cannot run, or that only matter
+///   for speed). The kernel reads at most 127 characters of this option: keep it short.
+/// - `norandmaps`: no user-space address randomization, whatever the random state.
 /// - `nopti`, `mitigations=off`: fewer emulated instructions on every kernel entry.
 /// - `nokaslr`: the same addresses in every boot, so exits compare across runs.
 /// - `lpj=5000`: no delay-loop calibration (it times a loop against the clock); 5000 loops per
 ///   jiffy matches the speed of emulated CPL0 code here (ENVIRONMENT.md).
 /// - `no_timer_check`: skip the check that the timer interrupt works, which reads the clock
 ///   against a busy loop.
-pub const DETERMINISTIC_PROFILE: &str = "notsc nolapic noapic noxsave nopti nokaslr \
+pub const DETERMINISTIC_PROFILE: &str = "notsc nolapic noapic noxsave nopti nokaslr norandmaps \
      mitigations=off lpj=5000 no_timer_check \
-     clearcpuid=smap,smep,rdrand,rdseed,pku,umip,popcnt,bmi1,bmi2,abm,movbe,fsgsbase,rdpid,\
-     clflushopt,clwb,xsaveopt,xsavec,xsaves,avx,avx2,fma,f16c,aes,pclmulqdq";
+     clearcpuid=tsc,rdrand,rdseed,rdpid,smap,smep,umip,pku,popcnt,movbe,bmi1,bmi2,abm,fsgsbase,\
+     clflushopt,clwb,aes,pclmulqdq";
 
 // Leaf 1 ECX.
 const ECX_PCLMULQDQ: u32 = 1 << 1;
@@ -132,6 +137,17 @@ mod tests {
             ebx: u32::MAX,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn clearcpuid_fits_the_kernels_buffer() {
+        // arch/x86/kernel/cpu/common.c reads clearcpuid= into a 128-byte buffer.
+        let arg = DETERMINISTIC_PROFILE
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("clearcpuid="))
+            .unwrap();
+        assert!(arg.len() < 128, "{} characters", arg.len());
+        assert!(arg.starts_with("tsc,rdrand,rdseed"));
     }
 
     #[test]

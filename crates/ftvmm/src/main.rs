@@ -130,6 +130,9 @@ struct Args {
     /// Default: stdin with `--serial stdio`, none otherwise.
     #[arg(long)]
     serial_input: Option<String>,
+    /// Hold serial input back until the guest has printed this text (e.g. a shell prompt).
+    #[arg(long)]
+    serial_input_after: Option<String>,
     /// Do not append the deterministic profile to the kernel command line.
     #[arg(long)]
     no_deterministic_profile: bool,
@@ -281,11 +284,11 @@ fn run(args: Args) -> Result<u8, Failure> {
     }
     let (hash, summary) = config_identity(&config, &kernel_cmdline(&config))?;
     let live = || -> Result<LiveBoundary, String> {
-        Ok(LiveBoundary::with_clock(
-            serial_source(&args)?,
-            serial_sink(&args)?,
-            args.clock,
-        ))
+        let live = LiveBoundary::with_clock(serial_source(&args)?, serial_sink(&args)?, args.clock);
+        Ok(match &args.serial_input_after {
+            Some(marker) => live.input_after(marker.as_bytes()),
+            None => live,
+        })
     };
     let mut boundary: Box<dyn Boundary> = match (args.role, &args.record, &args.log) {
         (Role::Standalone, Some(path), _) => {

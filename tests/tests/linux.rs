@@ -1,0 +1,209 @@
+//! The Linux guest (images/build-linux) under the real ftvmm: boot to `ftvmm-guest: ready`,
+//! run shell commands, use the disk, boot twice identically, record and replay a boot.
+//!
+//! A Linux boot takes about a minute here (guest kernel code is emulated), so the suite boots
+//! once, saves a snapshot at the shell prompt, and restores it for every further trial. Only the
+//! tests that are about booting boot again.
+//!
+//! The images must exist (`images/build-linux`, which `scripts/test` runs first); set
+//! `FTVMM_SKIP_LINUX=1` to skip these tests on purpose.
+
+use ftvmm_tests::{root, scratch, Ftvmm, Run};
+use std::path::PathBuf;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+const CMDLINE: &str = "console=ttyS0 panic=-1";
+const PROMPT: &str = "ftvmm# ";
+const BOOT_LIMIT: Duration = Duration::from_secs(600);
+
+fn skip() -> bool {
+    if std::env::var_os("FTVMM_SKIP_LINUX").is_some() {
+        eprintln!("FTVMM_SKIP_LINUX is set: skipping the Linux guest tests");
+        return true;
+    }
+    false
+}
+
+fn images() -> (PathBuf, PathBuf) {
+    let dir = root().join("images/out/linux");
+    let (k, i) = (dir.join("vmlinux"), dir.join("initramfs.cpio"));
+    assert!(
+        k.exists() && i.exists(),
+        "{} or {} missing: run images/build-linux (or set FTVMM_SKIP_LINUX=1)",
+        k.display(),
+        i.display()
+    );
+    (k, i)
+}
+
+/// ftvmm on the Linux guest with the suite's disk.
+fn linux(disk: &std::path::Path) -> Ftvmm {
+    let (k, i) = images();
+    Ftvmm::standalone(&k)
+        .args([
+            "--initrd",
+            i.to_str().unwrap(),
+            "--cmdline",
+            CMDLINE,
+            "--disk",
+            disk.to_str().unwrap(),
+        ])
+        .timeout(BOOT_LIMIT)
+}
+
+fn blank_disk(path: &std::path::Path) {
+    std::fs::write(path, vec![0u8; 16 << 20]).unwrap();
+}
+
+struct Booted {
+    run: Run,
+    snapshot: PathBuf,
+    disk: PathBuf,
+}
+
+/// Boots once (per test binary) to the shell prompt and saves a snapshot there.
+fn booted() -> &'static Booted {
+    static BOOTED: OnceLock<Booted> = OnceLock::new();
+    BOOTED.get_or_init(|| {
+        let dir = scratch("linux-booted");
+        let disk = dir.join("disk.img");
+        blank_disk(&disk);
+        let snapshot = dir.join("ready.snap");
+        let run = linux(&disk)
+            .args(["--snapshot-on-exit", snapshot.to_str().unwrap()])
+            .args(["--serial-input", "none"])
+            .run_until_output(PROMPT);
+        run.assert_code(0);
+        assert!(snapshot.exists(), "no snapshot saved:\n{}", run.stderr);
+        Booted {
+            run,
+            snapshot,
+            disk,
+        }
+    })
+}
+
+/// Restores the booted snapshot with a copy of its disk, types `input`, and stops once
+/// `marker` appears.
+fn restore_and_type(name: &str, input: &str, marker: &str) -> (Run, PathBuf) {
+    let b = booted();
+    let dir = scratch(name);
+    let disk = dir.join("disk.img");
+    std::fs::copy(&b.disk, &disk).unwrap();
+    let run = linux(&disk)
+        .args(["--restore", b.snapshot.to_str().unwrap()])
+        .input(input.as_bytes(), Duration::from_millis(300))
+        .timeout(Duration::from_secs(120))
+        .run_until_output(marker);
+    assert!(
+        run.stdout.contains(marker),
+        "`{marker}` never appeared:\n{}\n{}",
+        run.stdout,
+        run.stderr
+    );
+    (run, disk)
+}
+
+#[test]
+fn boots_to_ready_and_a_shell() {
+    if skip() {
+        return;
+    }
+    let out = &booted().run.stdout;
+    assert!(out.contains("Run /init as init process"), "{out}");
+    assert!(out.contains("ftvmm-guest: ready\n"), "{out}");
+    assert!(out.contains(PROMPT), "{out}");
+}
+
+#[test]
+fn a_shell_command_runs_and_answers() {
+    if skip() {
+        return;
+    }
+    let (run, _) = restore_and_type("linux-shell", "echo hello-$((6*7))\n", "hello-42");
+    assert!(run.stdout.contains("hello-42"), "{}", run.stdout);
+}
+
+#[test]
+fn the_disk_is_dev_vda_and_keeps_what_is_written() {
+    if skip() {
+        return;
+    }
+    let script = "mke2fs -q /dev/vda && mkdir -p /mnt && mount /dev/vda /mnt && \
+                  echo payload-$((40+2)) > /mnt/f && umount /mnt && mount /dev/vda /mnt && \
+                  cat /mnt/f && umount /mnt && sync && echo disk-done\n";
+    let (run, disk) = restore_and_type("linux-disk", script, "disk-done");
+    assert!(run.stdout.contains("payload-42"), "{}", run.stdout);
+    // The filesystem reached the host's image: look for the ext2 magic and the file's bytes.
+    let data = std::fs::read(&disk).unwrap();
+    assert_eq!(
+        &data[1024 + 56..1024 + 58],
+        &[0x53, 0xef],
+        "no ext2 superblock on the image"
+    );
+    let needle = b"payload-42\n";
+    assert!(
+        data.windows(needle.len()).any(|w| w == needle),
+        "the file's contents are not on the host's image"
+    );
+}
+
+/// Boots with the virtual clock and a script, until the script's marker.
+fn scripted_boot(name: &str, extra: &[&str]) -> Run {
+    let dir = scratch(name);
+    let disk = dir.join("disk.img");
+    blank_disk(&disk);
+    let script = dir.join("script.txt");
+    std::fs::write(&script, "echo scripted-$((6*7))\nreboot -f\n").unwrap();
+    let run = linux(&disk)
+        .args(["--serial-input", script.to_str().unwrap()])
+        .args(extra)
+        .run();
+    run.assert_code(0);
+    assert!(run.stdout.contains("scripted-42"), "{}", run.stdout);
+    run
+}
+
+#[test]
+fn two_boots_with_the_same_script_take_the_same_exits() {
+    if skip() {
+        return;
+    }
+    let a = std::thread::spawn(|| scripted_boot("linux-det-a", &["--clock", "virtual"]));
+    let b = scripted_boot("linux-det-b", &["--clock", "virtual"]);
+    let a = a.join().unwrap();
+    assert!(a.exits().unwrap() > 10_000, "{}", a.stderr);
+    assert_eq!(
+        a.digest_line(),
+        b.digest_line(),
+        "two Linux boots took different exits"
+    );
+    assert_eq!(a.stdout, b.stdout);
+}
+
+#[test]
+fn a_recorded_boot_replays_exactly() {
+    if skip() {
+        return;
+    }
+    let dir = scratch("linux-record");
+    let log = dir.join("boot.ftl");
+    let rec = scripted_boot("linux-record", &["--record", log.to_str().unwrap()]);
+    let disk = scratch("linux-replay").join("disk.img");
+    blank_disk(&disk);
+    let (k, i) = images();
+    let rep = Ftvmm::raw(&["--role", "replay", "--kernel", k.to_str().unwrap()])
+        .args(["--initrd", i.to_str().unwrap(), "--cmdline", CMDLINE])
+        .args([
+            "--disk",
+            disk.to_str().unwrap(),
+            "--log",
+            log.to_str().unwrap(),
+        ])
+        .timeout(BOOT_LIMIT)
+        .run();
+    rep.assert_code(0);
+    assert_eq!(rep.stdout, rec.stdout, "replayed output differs");
+    assert_eq!(rep.digest_line(), rec.digest_line());
+}
