@@ -457,6 +457,26 @@ mod tests {
         assert_eq!(got, records());
     }
 
+    /// The example frame of docs/PROTOCOL.md, byte for byte.
+    #[test]
+    fn documented_example_frame() {
+        let frame = encode_record(&Record::Exit {
+            kind: 2,
+            addr: 0x3f8,
+            data: 0x41,
+            len: 1,
+            rip_delta: -12,
+        });
+        let payload = [0x00, 0x02, 0xf8, 0x07, 0x41, 0x01, 0x17];
+        assert_eq!(frame[0], 7);
+        assert_eq!(&frame[1..8], &payload);
+        assert_eq!(&frame[8..], &crc32c::crc32c(&payload).to_le_bytes());
+        assert_eq!(
+            format!("{frame:02x?}"),
+            "[07, 00, 02, f8, 07, 41, 01, 17, d7, 3b, be, c4]"
+        );
+    }
+
     #[test]
     fn exit_records_are_small() {
         let frame = encode_record(&records()[0]);
