@@ -78,13 +78,15 @@ impl fmt::Display for SyncExit {
                 self.len,
                 self.rip
             ),
-            _ => write!(
+            ExitKind::Debug | ExitKind::Emulated => write!(
                 f,
-                "{} (code {:#x}) at rip {:#x}",
+                "{} (code {:#x}, data {:#x}) at rip {:#x}",
                 self.kind.name(),
                 self.addr,
+                self.data,
                 self.rip
             ),
+            _ => write!(f, "{} at rip {:#x}", self.kind.name(), self.rip),
         }
     }
 }

@@ -112,7 +112,7 @@ fn boots_to_ready_and_a_shell() {
     }
     let out = &booted().run.stdout;
     assert!(out.contains("Run /init as init process"), "{out}");
-    assert!(out.contains("ftvmm-guest: ready\n"), "{out}");
+    assert!(out.contains("ftvmm-guest: ready\r\n"), "{out}");
     assert!(out.contains(PROMPT), "{out}");
 }
 
@@ -132,8 +132,9 @@ fn the_disk_is_dev_vda_and_keeps_what_is_written() {
     }
     let script = "mke2fs -q /dev/vda && mkdir -p /mnt && mount /dev/vda /mnt && \
                   echo payload-$((40+2)) > /mnt/f && umount /mnt && mount /dev/vda /mnt && \
-                  cat /mnt/f && umount /mnt && sync && echo disk-done\n";
-    let (run, disk) = restore_and_type("linux-disk", script, "disk-done");
+                  cat /mnt/f && umount /mnt && sync && echo disk-$((1+1))-done\n";
+    // The marker is computed, so the shell's echo of the command line does not contain it.
+    let (run, disk) = restore_and_type("linux-disk", script, "disk-2-done");
     assert!(run.stdout.contains("payload-42"), "{}", run.stdout);
     // The filesystem reached the host's image: look for the ext2 magic and the file's bytes.
     let data = std::fs::read(&disk).unwrap();
@@ -155,9 +156,11 @@ fn scripted_boot(name: &str, extra: &[&str]) -> Run {
     let disk = dir.join("disk.img");
     blank_disk(&disk);
     let script = dir.join("script.txt");
-    std::fs::write(&script, "echo scripted-$((6*7))\nreboot -f\n").unwrap();
+    // `reboot -f` does not wait for the console: give the tty a moment to send the answer.
+    std::fs::write(&script, "echo scripted-$((6*7))\nsleep 1; reboot -f\n").unwrap();
     let run = linux(&disk)
         .args(["--serial-input", script.to_str().unwrap()])
+        .args(["--serial-input-after", PROMPT])
         .args(extra)
         .run();
     run.assert_code(0);

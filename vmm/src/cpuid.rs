@@ -12,14 +12,16 @@ use kvm_ioctls::Kvm;
 /// Kernel command-line switches that keep a Linux guest on the deterministic platform even
 /// where the host's KVM leaks CPU features through CPUID (ENVIRONMENT.md, measured). Each one:
 ///
-/// - `notsc`, `nolapic`, `noapic`, `noxsave`: the hidden TSC, local APIC, I/O APIC and XSAVE
-///   (`noxsave` also takes away everything built on it: AVX, AVX2, FMA, F16C, XSAVEOPT/C/S).
+/// - `notsc`, `nolapic`, `noapic`: the hidden TSC, local APIC and I/O APIC.
 /// - `clearcpuid=...`: leaf 1 and leaf 7 features the kernel would otherwise use. `tsc` first:
 ///   `notsc` only marks the TSC unstable, and the kernel still reads it for random-number
 ///   entropy, which then differs in every boot (user-space ASLR, hash seeds, and so the exits).
-///   Then RDRAND/RDSEED/RDPID (random input), SMAP/SMEP/UMIP/PKU (CLAC/STAC and friends),
-///   POPCNT/MOVBE/BMI/... (instructions this host's CPL0 emulator cannot run, or that only matter
-///   for speed). The kernel reads at most 127 characters of this option: keep it short.
+///   `xsave` (Linux 6.1 has no `noxsave` any more) takes away AVX and everything else built on
+///   it. Then RDRAND/RDSEED/RDPID/RDTSCP (random or host-time input), SMAP/SMEP/UMIP/PKU
+///   (CLAC/STAC and friends), POPCNT/MOVBE/FSGSBASE/AES/... (instructions this host's CPL0
+///   emulator cannot run, or that only matter for speed), ERMS/FSRM (else copies use
+///   `rep movsb`, which the emulator runs a byte at a time). The kernel reads at most 127
+///   characters of this option: keep it short.
 /// - `norandmaps`: no user-space address randomization, whatever the random state.
 /// - `nopti`, `mitigations=off`: fewer emulated instructions on every kernel entry.
 /// - `nokaslr`: the same addresses in every boot, so exits compare across runs.
@@ -27,10 +29,10 @@ use kvm_ioctls::Kvm;
 ///   jiffy matches the speed of emulated CPL0 code here (ENVIRONMENT.md).
 /// - `no_timer_check`: skip the check that the timer interrupt works, which reads the clock
 ///   against a busy loop.
-pub const DETERMINISTIC_PROFILE: &str = "notsc nolapic noapic noxsave nopti nokaslr norandmaps \
+pub const DETERMINISTIC_PROFILE: &str = "notsc nolapic noapic nopti nokaslr norandmaps \
      mitigations=off lpj=5000 no_timer_check \
-     clearcpuid=tsc,rdrand,rdseed,rdpid,smap,smep,umip,pku,popcnt,movbe,bmi1,bmi2,abm,fsgsbase,\
-     clflushopt,clwb,aes,pclmulqdq";
+     clearcpuid=tsc,xsave,rdrand,rdseed,rdpid,rdtscp,smap,smep,umip,pku,popcnt,movbe,fsgsbase,\
+     erms,fsrm,aes,pclmulqdq,bmi1,bmi2,abm";
 
 // Leaf 1 ECX.
 const ECX_PCLMULQDQ: u32 = 1 << 1;
@@ -147,7 +149,11 @@ mod tests {
             .find_map(|w| w.strip_prefix("clearcpuid="))
             .unwrap();
         assert!(arg.len() < 128, "{} characters", arg.len());
-        assert!(arg.starts_with("tsc,rdrand,rdseed"));
+        assert!(arg.starts_with("tsc,xsave,rdrand,rdseed"));
+        assert!(
+            !DETERMINISTIC_PROFILE.contains("noxsave"),
+            "Linux 6.1 has no noxsave"
+        );
     }
 
     #[test]

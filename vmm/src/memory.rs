@@ -67,6 +67,25 @@ pub fn register(vm: &VmFd, mem: &GuestMemoryMmap, dirty_log: bool) -> Result<(),
     Ok(())
 }
 
+/// Makes KVM forget every translation it cached for guest RAM, by deleting and re-adding each
+/// memory slot. Needed after the VMM itself rewrote guest pages (a restore): with shadow paging
+/// (the nested KVM of this project's hosts) KVM only notices page-table changes made by the
+/// guest, so rewritten page tables would otherwise stay shadowed with their old contents.
+pub fn reload(vm: &VmFd, mem: &GuestMemoryMmap, dirty_log: bool) -> Result<(), MemoryError> {
+    for (slot, region) in mem.iter().enumerate() {
+        let desc = kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags: 0,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: 0,
+            userspace_addr: 0,
+        };
+        // SAFETY: a memory_size of 0 deletes the slot; no host memory is named.
+        unsafe { vm.set_user_memory_region(desc) }.map_err(MemoryError::SetRegion)?;
+    }
+    register(vm, mem, dirty_log)
+}
+
 /// Forgets the VMM's writes recorded so far in the regions' dirty bitmaps.
 pub fn reset_vmm_dirty(mem: &GuestMemoryMmap) {
     for region in mem.iter() {

@@ -80,6 +80,8 @@ pub struct Vm {
     cmdline: String,
     msrs: Option<Vec<u32>>,
     stats: CheckpointStats,
+    track_dirty: bool,
+    shadow: Option<Vec<u8>>,
 }
 
 /// What checkpoints cost in this run.
@@ -166,6 +168,8 @@ impl Vm {
             cmdline,
             msrs: None,
             stats: CheckpointStats::default(),
+            track_dirty,
+            shadow: None,
         })
     }
 
@@ -176,12 +180,15 @@ impl Vm {
         if self.msrs.is_none() {
             self.msrs = Some(saveable_msrs(&self.kvm, self.vcpu.fd())?);
         }
-        let msrs = self.msrs.as_deref().unwrap_or(&[]);
         let pages = if full {
             Pages::full(&self.mem)?
         } else {
             Pages::dirty(&self.vm, &self.mem)?
         };
+        if std::env::var_os("FTVMM_VERIFY_DIRTY").is_some() {
+            self.verify_dirty(&pages);
+        }
+        let msrs = self.msrs.as_deref().unwrap_or(&[]);
         Ok(Snapshot {
             full,
             vcpu: VcpuSnapshot::save(self.vcpu.fd(), msrs)?,
@@ -193,10 +200,40 @@ impl Vm {
         })
     }
 
+    /// Debugging aid (FTVMM_VERIFY_DIRTY=1): compares all of RAM with a copy taken at the
+    /// previous checkpoint and reports pages that changed but are not in `pages`.
+    fn verify_dirty(&mut self, pages: &Pages) {
+        use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+        let size = (self.mem.last_addr().0 + 1) as usize;
+        let mut now = vec![0u8; size];
+        if self.mem.read_slice(&mut now, GuestAddress(0)).is_err() {
+            return;
+        }
+        if let Some(prev) = &self.shadow {
+            let listed: std::collections::HashSet<u64> = pages.pages.iter().map(|p| p.0).collect();
+            let mut missed = Vec::new();
+            for (pfn, (a, b)) in prev.chunks(4096).zip(now.chunks(4096)).enumerate() {
+                if a != b && !listed.contains(&(pfn as u64)) {
+                    missed.push(pfn);
+                }
+            }
+            if !missed.is_empty() {
+                tracing::warn!(
+                    "dirty tracking missed {} changed pages (of {} listed): {:x?}",
+                    missed.len(),
+                    listed.len(),
+                    &missed[..missed.len().min(16)]
+                );
+            }
+        }
+        self.shadow = Some(now);
+    }
+
     /// Puts the VM in the state of `snap` (a full snapshot on a fresh VM, or a checkpoint on
     /// the state it was taken from).
     pub fn restore(&mut self, snap: &Snapshot) -> Result<(), VmError> {
         snap.pages.apply(&self.mem)?;
+        memory::reload(&self.vm, &self.mem, self.track_dirty)?;
         snap.vcpu.restore(self.vcpu.fd())?;
         self.platform.restore(&snap.platform);
         self.vcpu.reapply_compat(&self.mem)?;
