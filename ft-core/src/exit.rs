@@ -60,24 +60,17 @@ pub struct SyncExit {
 impl fmt::Display for SyncExit {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.kind {
-            ExitKind::PioIn | ExitKind::PioOut => write!(
-                f,
-                "{} {:#x}={:#x} ({} bytes) at rip {:#x}",
-                self.kind.name(),
-                self.addr,
-                self.data,
-                self.len,
-                self.rip
-            ),
-            ExitKind::MmioRead | ExitKind::MmioWrite => write!(
-                f,
-                "{} {:#x}={:#x} ({} bytes) at rip {:#x}",
-                self.kind.name(),
-                self.addr,
-                self.data,
-                self.len,
-                self.rip
-            ),
+            ExitKind::PioIn | ExitKind::PioOut | ExitKind::MmioRead | ExitKind::MmioWrite => {
+                write!(
+                    f,
+                    "{} {:#x}={:#x} ({} bytes) at rip {:#x}",
+                    self.kind.name(),
+                    self.addr,
+                    self.data,
+                    self.len,
+                    self.rip
+                )
+            }
             ExitKind::Debug | ExitKind::Emulated => write!(
                 f,
                 "{} (code {:#x}, data {:#x}) at rip {:#x}",

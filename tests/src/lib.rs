@@ -94,6 +94,15 @@ impl Run {
             .ok()
     }
 
+    /// A `key=value` number from the `stats:` line (`--log-level info`).
+    pub fn stat(&self, key: &str) -> u64 {
+        self.stderr
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{key}=")))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {key}= in:\n{}", self.stderr))
+    }
+
     /// Panics with everything printed unless the run exited with `code`.
     pub fn assert_code(&self, code: i32) -> &Self {
         assert_eq!(

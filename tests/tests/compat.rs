@@ -17,14 +17,6 @@ fn run(name: &str) -> Run {
     run
 }
 
-fn stat(run: &Run, key: &str) -> u64 {
-    run.stderr
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix(&format!("{key}=")))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no {key}= in:\n{}", run.stderr))
-}
-
 fn nested_host() -> bool {
     std::path::Path::new("/sys/module/kvm_pvm").exists()
 }
@@ -45,7 +37,7 @@ fn system_calls_from_user_mode() {
     assert_eq!(r.stdout, "usersys ok calls=1000\n");
     if nested_host() {
         // 1000 adds, 22 putc, 1 exit: every one completed by the VMM.
-        assert_eq!(stat(&r, "syscalls-completed"), 1023, "{}", r.stderr);
+        assert_eq!(r.stat("syscalls-completed"), 1023, "{}", r.stderr);
     }
     deterministic("usersys");
 }
@@ -56,7 +48,7 @@ fn user_page_faults_resolved_by_the_guest_kernel() {
     assert_eq!(r.stdout, "userpf ok faults=64\n");
     if nested_host() {
         // With SYSCALL enabled the VMM watches #PF: each fault is stepped over to the guest.
-        assert!(stat(&r, "page-faults-stepped") >= 64, "{}", r.stderr);
+        assert!(r.stat("page-faults-stepped") >= 64, "{}", r.stderr);
     }
     deterministic("userpf");
 }

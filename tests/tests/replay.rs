@@ -74,20 +74,12 @@ fn disk_replays_exactly() {
     same_run(&rec, &rep);
 }
 
-fn stat(run: &Run, key: &str) -> u64 {
-    run.stderr
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix(&format!("{key}=")))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no {key}= in:\n{}", run.stderr))
-}
-
 #[test]
 fn spin_records_checkpoints_and_replays_exactly() {
     let dir = scratch("replay-spin");
     let (rec, log) = record("spin", &dir, &[], None);
     // The computation has no exits: every tick it saw came at a kick, behind a checkpoint.
-    assert!(stat(&rec, "checkpoints") >= 1, "{}", rec.stderr);
+    assert!(rec.stat("checkpoints") >= 1, "{}", rec.stderr);
     let rep = replay("spin", &log, &["--log-level", "info"]);
     rep.assert_code(0);
     same_run(&rec, &rep);

@@ -153,27 +153,11 @@ fn hex(bytes: &[u8]) -> String {
 
 /// A 64-bit general register's value.
 fn gpr(regs: &kvm_regs, r: Register) -> Option<u64> {
-    let full = r.full_register();
-    Some(match full {
-        Register::RAX => regs.rax,
-        Register::RBX => regs.rbx,
-        Register::RCX => regs.rcx,
-        Register::RDX => regs.rdx,
-        Register::RSI => regs.rsi,
-        Register::RDI => regs.rdi,
-        Register::RSP => regs.rsp,
-        Register::RBP => regs.rbp,
-        Register::R8 => regs.r8,
-        Register::R9 => regs.r9,
-        Register::R10 => regs.r10,
-        Register::R11 => regs.r11,
-        Register::R12 => regs.r12,
-        Register::R13 => regs.r13,
-        Register::R14 => regs.r14,
-        Register::R15 => regs.r15,
-        Register::RIP => regs.rip,
-        _ => return None,
-    })
+    if r.full_register() == Register::RIP {
+        return Some(regs.rip);
+    }
+    let mut copy = *regs;
+    gpr_mut(&mut copy, r).map(|v| *v)
 }
 
 fn gpr_mut(regs: &mut kvm_regs, r: Register) -> Option<&mut u64> {
