@@ -218,14 +218,10 @@ fn a_recorded_boot_replays_exactly() {
     record_and_replay("linux-record", "virtual");
 }
 
-/// The same on the host clock: hundreds of checkpoints, taken wherever a kick lands.
-/// KNOWN ISSUE (issue 5, open): about one run in three diverges a few exits after restoring
-/// one particular checkpoint (seen: a kernel page fault in replay before a virtio MMIO write
-/// that the recording made without one). A full-RAM comparison at every checkpoint found no
-/// page the dirty log missed, so the missing state is in the vCPU or the KVM, not in RAM.
-/// Run with `cargo test --release -p ftvmm-tests --test linux -- --ignored`.
+/// The same on the host clock: hundreds of checkpoints, taken wherever a kick lands (this is
+/// how a checkpoint right after an MMIO read was found to need `Vm::restore`'s settle: about
+/// one boot in three has one).
 #[test]
-#[ignore = "intermittent divergence after some checkpoints on the nested KVM: issue 5"]
 fn a_recorded_boot_with_checkpoints_replays_exactly() {
     if skip() {
         return;

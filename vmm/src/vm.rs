@@ -232,6 +232,12 @@ impl Vm {
     /// Puts the VM in the state of `snap` (a full snapshot on a fresh VM, or a checkpoint on
     /// the state it was taken from).
     pub fn restore(&mut self, snap: &Snapshot) -> Result<(), VmError> {
+        // A port or MMIO read of the last exit is completed by KVM on its next entry, from the
+        // instruction-emulation context it saved at the exit: after a restore that would write
+        // the old registers over the restored ones (seen in replay: a checkpoint right after an
+        // MMIO read diverged a few exits later; the `readspin` guest reproduces it). Complete it
+        // now, on the old state.
+        self.vcpu.settle()?;
         snap.pages.apply(&self.mem)?;
         memory::reload(&self.vm, &self.mem, self.track_dirty)?;
         snap.vcpu.restore(self.vcpu.fd())?;
