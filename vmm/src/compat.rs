@@ -334,19 +334,10 @@ pub fn complete_emulation_failure(
         }
         Mnemonic::Clac => regs.rflags &= !RFLAGS_AC,
         Mnemonic::Stac => regs.rflags |= RFLAGS_AC,
-        Mnemonic::Fnclex | Mnemonic::Fninit => {
+        Mnemonic::Fnclex => {
             let mut fpu = kvm("KVM_GET_FPU", vcpu.get_fpu())?;
-            if instr.mnemonic() == Mnemonic::Fninit {
-                fpu.fcw = 0x37f;
-                fpu.fsw = 0;
-                fpu.ftwx = 0;
-                fpu.last_opcode = 0;
-                fpu.last_ip = 0;
-                fpu.last_dp = 0;
-            } else {
-                // Clear the exception flags, the stack fault, the summary and busy bits.
-                fpu.fsw &= !0x80ff;
-            }
+            // Clear the exception flags, the stack fault, the summary and busy bits.
+            fpu.fsw &= !0x80ff;
             kvm("KVM_SET_FPU", vcpu.set_fpu(&fpu))?;
             result = u64::from(fpu.fsw);
         }
