@@ -19,8 +19,10 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 /// The magic at the start of a snapshot file.
 pub const SNAPSHOT_MAGIC: [u8; 8] = *b"FTVMMSNP";
-/// Snapshot format version.
-pub const SNAPSHOT_VERSION: u16 = 1;
+/// Snapshot format version (2: the body is LZ4-compressed).
+pub const SNAPSHOT_VERSION: u16 = 2;
+/// The largest uncompressed snapshot body: all of the largest guest RAM, plus room for state.
+const MAX_SNAPSHOT_BYTES: usize = (crate::config::MAX_MEMORY_BYTES as usize) + (64 << 20);
 const PAGE: u64 = 4096;
 
 /// Errors saving or restoring state.
@@ -329,14 +331,30 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    /// Encodes with postcard.
+    /// Encodes: postcard, then LZ4 (block format, the uncompressed size first as a u32
+    /// little-endian). Guest pages are most of a snapshot and compress well (page tables, zeroed
+    /// and partly used pages).
     pub fn encode(&self) -> Vec<u8> {
-        postcard::to_stdvec(self).unwrap_or_default()
+        let raw = postcard::to_stdvec(self).unwrap_or_default();
+        lz4_flex::compress_prepend_size(&raw)
     }
 
     /// Decodes what [`Snapshot::encode`] made.
     pub fn decode(bytes: &[u8]) -> Result<Snapshot, SnapshotError> {
-        postcard::from_bytes(bytes).map_err(|e| SnapshotError::Decode(e.to_string()))
+        // The size prefix is checked against a bound before anything is allocated: a corrupt
+        // or hostile prefix must not make the VMM allocate gigabytes.
+        let claimed = bytes
+            .get(..4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
+            .ok_or_else(|| SnapshotError::Decode("shorter than its size prefix".into()))?;
+        if claimed > MAX_SNAPSHOT_BYTES {
+            return Err(SnapshotError::Decode(format!(
+                "claims {claimed} bytes uncompressed, more than {MAX_SNAPSHOT_BYTES}"
+            )));
+        }
+        let raw = lz4_flex::decompress_size_prepended(bytes)
+            .map_err(|e| SnapshotError::Decode(format!("LZ4: {e}")))?;
+        postcard::from_bytes(&raw).map_err(|e| SnapshotError::Decode(e.to_string()))
     }
 
     /// Writes a snapshot file: magic, version, CRC32C of the body, body.
@@ -376,5 +394,37 @@ impl Snapshot {
             )));
         }
         Snapshot::decode(body)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pages_round_trip_compressed() {
+        let mem = crate::memory::create(8 << 20).unwrap();
+        mem.write_slice(&[0xab; 100], GuestAddress(0x5000)).unwrap();
+        let pages = Pages::full(&mem).unwrap();
+        assert_eq!(pages.pages.len(), 1);
+        let raw = postcard::to_stdvec(&pages).unwrap();
+        let packed = lz4_flex::compress_prepend_size(&raw);
+        assert!(
+            packed.len() < raw.len() / 4,
+            "{} -> {}",
+            raw.len(),
+            packed.len()
+        );
+    }
+
+    #[test]
+    fn hostile_size_prefix_is_refused() {
+        let mut bytes = u32::MAX.to_le_bytes().to_vec();
+        bytes.extend_from_slice(&[0; 16]);
+        assert!(matches!(
+            Snapshot::decode(&bytes),
+            Err(SnapshotError::Decode(_))
+        ));
+        assert!(Snapshot::decode(&[1, 2]).is_err());
     }
 }
