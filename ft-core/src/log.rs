@@ -28,6 +28,8 @@ pub const VERSION: u16 = 1;
 /// The largest frame payload (a full checkpoint of a 3 GiB guest fits in a few frames' worth of
 /// pages; checkpoints are split by the writer if they are larger).
 pub const MAX_FRAME: u32 = 1 << 30;
+/// The most a reader allocates ahead of the bytes it has actually received.
+const READ_CHUNK: usize = 64 << 10;
 
 /// What a replay must match to be meaningful: the same machine.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -326,11 +328,20 @@ impl<R: Read> LogReader<R> {
         if len > u64::from(MAX_FRAME) {
             return Err(LogError::TooLarge { frame, offset, len });
         }
-        let mut payload = vec![0u8; len as usize];
+        // The claimed length comes from the writer, which may be a peer on the network: it
+        // bounds the read, but the buffer grows only as bytes actually arrive, so a frame that
+        // claims a gigabyte and ends after ten bytes costs ten bytes.
+        let mut payload = Vec::with_capacity((len as usize).min(READ_CHUNK));
+        let got = (&mut self.input)
+            .take(len)
+            .read_to_end(&mut payload)
+            .map_err(LogError::Io)?;
+        if got as u64 != len {
+            return Err(truncated());
+        }
         let mut crc = [0u8; 4];
         self.input
-            .read_exact(&mut payload)
-            .and_then(|_| self.input.read_exact(&mut crc))
+            .read_exact(&mut crc)
             .map_err(|e| match e.kind() {
                 io::ErrorKind::UnexpectedEof => truncated(),
                 _ => LogError::Io(e),
@@ -379,6 +390,27 @@ pub fn exit_record(exit: &SyncExit, prev_rip: u64) -> Record {
         data: exit.data,
         len: exit.len,
         rip_delta: exit.rip.wrapping_sub(prev_rip) as i64,
+    }
+}
+
+/// The synchronous exit an `Exit` record stands for, given the previous exit's RIP: the
+/// inverse of [`exit_record`]. `None` for any other record, or an exit of unknown kind.
+pub fn decode_exit(record: &Record, prev_rip: u64) -> Option<SyncExit> {
+    match *record {
+        Record::Exit {
+            kind,
+            addr,
+            data,
+            len,
+            rip_delta,
+        } => Some(SyncExit {
+            kind: exit_kind(kind)?,
+            addr,
+            data,
+            len,
+            rip: prev_rip.wrapping_add(rip_delta as u64),
+        }),
+        _ => None,
     }
 }
 
@@ -478,6 +510,20 @@ mod tests {
     }
 
     #[test]
+    fn decode_exit_inverts_exit_record() {
+        let exit = SyncExit {
+            kind: ExitKind::MmioRead,
+            addr: 0xd000_0034,
+            data: 0x100,
+            len: 4,
+            rip: 0xffff_ffff_8115_292f,
+        };
+        let prev = 0xffff_ffff_8115_3000;
+        assert_eq!(decode_exit(&exit_record(&exit, prev), prev), Some(exit));
+        assert_eq!(decode_exit(&Record::Clock { delta: 1 }, prev), None);
+    }
+
+    #[test]
     fn exit_records_are_small() {
         let frame = encode_record(&records()[0]);
         assert!(frame.len() <= 12, "{} bytes: {frame:02x?}", frame.len());
@@ -524,6 +570,25 @@ mod tests {
             LogReader::new(&bytes[..]),
             Err(LogError::TooLarge { .. })
         ));
+    }
+
+    /// A frame claiming a gigabyte but ending after a few bytes is reported as truncated, and
+    /// the reader never reserved the claimed size.
+    #[test]
+    fn claimed_length_does_not_decide_the_allocation() {
+        let mut bytes = encoded();
+        bytes.extend_from_slice(&[0x80, 0x80, 0x80, 0x80, 0x02]); // 2^29 bytes claimed
+        bytes.extend_from_slice(&[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]);
+        let (mut r, _) = LogReader::new(&bytes[..]).unwrap();
+        while let Ok(Some(_)) = r.read_record() {}
+        let (mut r, _) = LogReader::new(&bytes[..]).unwrap();
+        let err = loop {
+            match r.read_record() {
+                Ok(Some(_)) => continue,
+                other => break other,
+            }
+        };
+        assert!(matches!(err, Err(LogError::Truncated { .. })), "{err:?}");
     }
 
     #[test]

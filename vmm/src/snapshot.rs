@@ -284,14 +284,22 @@ impl Pages {
         Ok(Pages { ram_bytes, pages })
     }
 
-    /// Writes the pages into RAM (a full snapshot is applied to zeroed RAM).
-    pub fn apply(&self, mem: &GuestMemoryMmap) -> Result<(), SnapshotError> {
+    /// Writes the pages into RAM. With `full`, every page not listed is zeroed first: a full
+    /// snapshot lists only the non-zero pages, and the RAM it is applied to may hold anything
+    /// (a freshly built VM has its kernel and boot structures loaded).
+    pub fn apply(&self, mem: &GuestMemoryMmap, full: bool) -> Result<(), SnapshotError> {
         let ours = mem.last_addr().0 + 1;
         if self.ram_bytes != ours {
             return Err(SnapshotError::MemoryMismatch {
                 taken: self.ram_bytes,
                 ours,
             });
+        }
+        if full {
+            crate::memory::zero(mem).map_err(|e| SnapshotError::Memory {
+                addr: 0,
+                why: e.to_string(),
+            })?;
         }
         for (pfn, data) in &self.pages {
             let addr = pfn * PAGE;
@@ -350,6 +358,15 @@ impl Snapshot {
         if claimed > MAX_SNAPSHOT_BYTES {
             return Err(SnapshotError::Decode(format!(
                 "claims {claimed} bytes uncompressed, more than {MAX_SNAPSHOT_BYTES}"
+            )));
+        }
+        // An LZ4 block expands at most 255 times (one token byte then length bytes of 255):
+        // a larger claim is a lie, refused before the claimed buffer is allocated.
+        let most = (bytes.len() - 4).saturating_mul(255).saturating_add(16);
+        if claimed > most {
+            return Err(SnapshotError::Decode(format!(
+                "claims {claimed} bytes uncompressed from {} compressed, more than LZ4 can expand to",
+                bytes.len() - 4
             )));
         }
         let raw = lz4_flex::decompress_size_prepended(bytes)
@@ -415,6 +432,33 @@ mod tests {
             raw.len(),
             packed.len()
         );
+    }
+
+    /// A full snapshot applied over RAM that holds other bytes leaves exactly the snapshot's
+    /// RAM: pages that were zero when it was taken are zero after.
+    #[test]
+    fn full_apply_zeroes_unlisted_pages() {
+        let mem = crate::memory::create(8 << 20).unwrap();
+        mem.write_slice(&[0xab; 100], GuestAddress(0x5000)).unwrap();
+        let pages = Pages::full(&mem).unwrap();
+        let before = crate::memory::digest(&mem);
+        let other = crate::memory::create(8 << 20).unwrap();
+        other
+            .write_slice(&[0xcd; 4096], GuestAddress(0x7000))
+            .unwrap();
+        other
+            .write_slice(&[0xcd; 10], GuestAddress(0x5000))
+            .unwrap();
+        pages.apply(&other, true).unwrap();
+        assert_eq!(crate::memory::digest(&other), before);
+    }
+
+    #[test]
+    fn lz4_claim_beyond_expansion_is_refused() {
+        let mut bytes = (64u32 << 20).to_le_bytes().to_vec();
+        bytes.extend_from_slice(&[0; 16]);
+        let err = Snapshot::decode(&bytes).unwrap_err().to_string();
+        assert!(err.contains("more than LZ4 can expand to"), "{err}");
     }
 
     #[test]

@@ -238,7 +238,7 @@ impl Vm {
         // MMIO read diverged a few exits later; the `readspin` guest reproduces it). Complete it
         // now, on the old state.
         self.vcpu.settle()?;
-        snap.pages.apply(&self.mem)?;
+        snap.pages.apply(&self.mem, snap.full)?;
         memory::reload(&self.vm, &self.mem, self.track_dirty)?;
         snap.vcpu.restore(self.vcpu.fd())?;
         self.platform.restore(&snap.platform);
