@@ -1,0 +1,578 @@
+//! One authenticated connection: the synchronous handle the VMM's threads use, and the two network
+//! tasks (reader, writer) behind it.
+//!
+//! The handle and the tasks meet in [`Shared`]: a std `Mutex` + `Condvar` for what blocking callers
+//! wait on (inbound messages, the latest Ack, log bytes in flight, death), a bounded tokio channel
+//! for outgoing messages, and a `watch` flag that stops both tasks when the connection dies.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use snow::TransportState;
+use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch};
+
+use crate::msg::{decode_messages, encode_message, Msg};
+use crate::noise::{read_frame, seal, MAX_NOISE_MSG, MAX_PLAINTEXT};
+use crate::{ChannelConfig, ChannelError};
+
+/// Outgoing messages waiting for the writer task; `send` blocks when this many are queued.
+const OUT_QUEUE: usize = 64;
+
+/// The writer gathers queued messages up to about this much plaintext (four full Noise messages) into one socket write.
+const WRITE_BATCH: usize = 4 * MAX_PLAINTEXT;
+
+/// Counters of one connection.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ChannelStats {
+    /// On the wire: frame headers and Noise messages, handshake excluded.
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    /// Bytes of log batches sent and not yet covered by an Ack's `received`.
+    pub log_bytes_outstanding: u64,
+    /// Messages of every kind, heartbeats and acks included.
+    pub msgs_sent: u64,
+    pub msgs_received: u64,
+}
+
+/// A primary-backup connection after a successful handshake. Clones share the connection; it
+/// closes (with a Bye) when the last clone is dropped.
+///
+/// Every method is synchronous and must be called from a plain thread, not from inside an async
+/// task. None makes a network call: messages go to a bounded queue that the network task drains.
+#[derive(Clone)]
+pub struct Connection {
+    handle: Arc<Handle>,
+}
+
+struct Handle {
+    shared: Arc<Shared>,
+    out: mpsc::Sender<Outgoing>,
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        // Best effort: a full queue or a dead task simply means no Bye. The writer ends once it
+        // has drained the queue, as this was the last sender.
+        if self.shared.death().is_none() {
+            if let Ok(bytes) = encode_message(&Msg::Bye {
+                reason: "connection dropped".into(),
+            }) {
+                let _ = self.out.try_send(Outgoing {
+                    bytes,
+                    msgs: 1,
+                    bye: Some("connection dropped".into()),
+                });
+            }
+        }
+    }
+}
+
+/// Framed plaintext of one message (or, for heartbeats, built by the writer itself).
+struct Outgoing {
+    bytes: Vec<u8>,
+    msgs: u64,
+    /// This is a Bye: close after sending it, with this reason.
+    bye: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum DeathKind {
+    PeerLost,
+    Closed,
+    Broken,
+}
+
+#[derive(Clone, Debug)]
+struct Death {
+    kind: DeathKind,
+    reason: String,
+}
+
+impl Death {
+    fn error(&self) -> ChannelError {
+        let reason = self.reason.clone();
+        match self.kind {
+            DeathKind::PeerLost => ChannelError::PeerLost(reason),
+            DeathKind::Closed => ChannelError::Closed(reason),
+            DeathKind::Broken => ChannelError::Broken(reason),
+        }
+    }
+}
+
+#[derive(Default)]
+struct State {
+    death: Option<Death>,
+    ack: (u64, u64, u64),
+    /// Highest `received` acknowledged so far (acks are cumulative; a smaller one releases nothing).
+    received: u64,
+    /// Log batches in flight: (first seq past the batch, bytes).
+    in_flight: VecDeque<(u64, usize)>,
+    in_flight_bytes: usize,
+    inbound: VecDeque<Msg>,
+}
+
+struct Shared {
+    peer: SocketAddr,
+    log_buffer: usize,
+    close_wait: Duration,
+    state: Mutex<State>,
+    /// Signalled on every change of `state`.
+    changed: Condvar,
+    dead: watch::Sender<bool>,
+    bytes_sent: AtomicU64,
+    bytes_received: AtomicU64,
+    msgs_sent: AtomicU64,
+    msgs_received: AtomicU64,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn wait<'a>(
+        &self,
+        st: MutexGuard<'a, State>,
+        deadline: Option<Instant>,
+    ) -> MutexGuard<'a, State> {
+        match deadline {
+            None => self
+                .changed
+                .wait(st)
+                .unwrap_or_else(PoisonError::into_inner),
+            Some(d) => {
+                let left = d.saturating_duration_since(Instant::now());
+                self.changed
+                    .wait_timeout(st, left)
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .0
+            }
+        }
+    }
+
+    fn death(&self) -> Option<Death> {
+        self.lock().death.clone()
+    }
+
+    /// Marks the connection dead (the first reason wins), wakes every blocked caller and stops
+    /// both network tasks.
+    fn die(&self, kind: DeathKind, reason: String) {
+        let mut st = self.lock();
+        if st.death.is_none() {
+            match kind {
+                DeathKind::Closed => {
+                    tracing::info!(peer = %self.peer, "logging channel closed: {reason}")
+                }
+                _ => {
+                    tracing::warn!(peer = %self.peer, "logging channel to {} lost: {reason}", self.peer)
+                }
+            }
+            st.death = Some(Death { kind, reason });
+        }
+        drop(st);
+        self.changed.notify_all();
+        self.dead.send_replace(true);
+    }
+
+    /// Handles one message from the peer; returns false when it ends the connection.
+    fn deliver(&self, msg: Msg) -> bool {
+        self.msgs_received.fetch_add(1, Ordering::Relaxed);
+        match msg {
+            Msg::Heartbeat => true,
+            Msg::Ack {
+                received,
+                executed,
+                vtime_ns,
+            } => {
+                let mut st = self.lock();
+                st.ack = (received, executed, vtime_ns);
+                if received > st.received {
+                    st.received = received;
+                    let mut freed = 0;
+                    st.in_flight.retain(|&(end, bytes)| {
+                        let keep = end > received;
+                        if !keep {
+                            freed += bytes;
+                        }
+                        keep
+                    });
+                    st.in_flight_bytes -= freed;
+                }
+                drop(st);
+                self.changed.notify_all();
+                true
+            }
+            Msg::Bye { reason } => {
+                self.lock().inbound.push_back(Msg::Bye {
+                    reason: reason.clone(),
+                });
+                self.die(DeathKind::Closed, format!("the peer said Bye: {reason}"));
+                false
+            }
+            other => {
+                self.lock().inbound.push_back(other);
+                self.changed.notify_all();
+                true
+            }
+        }
+    }
+}
+
+/// Resolves once the connection is dead (or its state is gone).
+async fn dead_signal(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|dead| *dead).await;
+}
+
+impl Connection {
+    /// Starts the network tasks of a connection whose handshake just completed.
+    pub(crate) fn start(
+        rt: &tokio::runtime::Handle,
+        stream: TcpStream,
+        noise: TransportState,
+        cfg: &ChannelConfig,
+        peer: SocketAddr,
+    ) -> Connection {
+        let (dead, _) = watch::channel(false);
+        let shared = Arc::new(Shared {
+            peer,
+            log_buffer: cfg.log_buffer,
+            close_wait: cfg.timeout,
+            state: Mutex::new(State::default()),
+            changed: Condvar::new(),
+            dead,
+            bytes_sent: AtomicU64::new(0),
+            bytes_received: AtomicU64::new(0),
+            msgs_sent: AtomicU64::new(0),
+            msgs_received: AtomicU64::new(0),
+        });
+        let (out, out_rx) = mpsc::channel(OUT_QUEUE);
+        let noise = Arc::new(Mutex::new(noise));
+        let (rd, wr) = stream.into_split();
+        rt.spawn(reader(shared.clone(), noise.clone(), rd, cfg.timeout));
+        rt.spawn(writer(shared.clone(), noise, wr, out_rx, cfg.heartbeat));
+        Connection {
+            handle: Arc::new(Handle { shared, out }),
+        }
+    }
+
+    fn shared(&self) -> &Shared {
+        &self.handle.shared
+    }
+
+    /// The error a dead connection reports.
+    fn dead_error(&self) -> ChannelError {
+        self.shared()
+            .death()
+            .map(|d| d.error())
+            .unwrap_or_else(|| ChannelError::Closed("the network task ended".into()))
+    }
+
+    fn enqueue(&self, out: Outgoing) -> Result<(), ChannelError> {
+        if let Some(death) = self.shared().death() {
+            return Err(death.error());
+        }
+        self.handle
+            .out
+            .blocking_send(out)
+            .map_err(|_| self.dead_error())
+    }
+
+    pub fn peer_addr(&self) -> SocketAddr {
+        self.shared().peer
+    }
+
+    /// Queues any message (a `Log` goes through [`Connection::send_log`]'s flow control). Blocks
+    /// only while the bounded outgoing queue is full; returns Err at once on a dead connection.
+    pub fn send(&self, msg: Msg) -> Result<(), ChannelError> {
+        if let Msg::Log {
+            first_seq,
+            frames,
+            bytes,
+        } = msg
+        {
+            return self.send_log(first_seq, frames, bytes);
+        }
+        let bye = match &msg {
+            Msg::Bye { reason } => Some(reason.clone()),
+            _ => None,
+        };
+        self.enqueue(Outgoing {
+            bytes: encode_message(&msg)?,
+            msgs: 1,
+            bye,
+        })
+    }
+
+    /// Queues the log batch of frames `first_seq .. first_seq + frames`.
+    ///
+    /// Flow control: while other batches are in flight (sent, not yet covered by an Ack's
+    /// `received`) and adding this one would exceed `log_buffer` bytes, blocks until Acks make room.
+    /// A batch is always accepted when nothing is in flight, so one larger than the buffer cannot
+    /// deadlock. Returns Err at once if the connection is or becomes dead. Batches from several
+    /// threads at once are sent in an unspecified order: send the log from one thread.
+    pub fn send_log(
+        &self,
+        first_seq: u64,
+        frames: u32,
+        bytes: Vec<u8>,
+    ) -> Result<(), ChannelError> {
+        let len = bytes.len();
+        let end = first_seq.saturating_add(u64::from(frames));
+        let msg = Msg::Log {
+            first_seq,
+            frames,
+            bytes,
+        };
+        let encoded = encode_message(&msg)?;
+        let shared = self.shared();
+        let mut st = shared.lock();
+        loop {
+            if let Some(death) = &st.death {
+                return Err(death.error());
+            }
+            if st.in_flight_bytes == 0
+                || st.in_flight_bytes.saturating_add(len) <= shared.log_buffer
+            {
+                break;
+            }
+            st = shared.wait(st, None);
+        }
+        st.in_flight.push_back((end, len));
+        st.in_flight_bytes += len;
+        drop(st);
+        self.enqueue(Outgoing {
+            bytes: encoded,
+            msgs: 1,
+            bye: None,
+        })
+    }
+
+    /// The latest Ack seen: (received, executed, vtime_ns); (0, 0, 0) before any.
+    pub fn acked(&self) -> (u64, u64, u64) {
+        self.shared().lock().ack
+    }
+
+    /// Blocks until the Ack differs from `seen`, `timeout` passes or the connection dies; returns
+    /// the current value.
+    pub fn wait_ack(&self, seen: (u64, u64, u64), timeout: Duration) -> (u64, u64, u64) {
+        let shared = self.shared();
+        let deadline = Instant::now() + timeout;
+        let mut st = shared.lock();
+        while st.ack == seen && st.death.is_none() && Instant::now() < deadline {
+            st = shared.wait(st, Some(deadline));
+        }
+        st.ack
+    }
+
+    fn recv_until(&self, deadline: Option<Instant>) -> Result<Option<Msg>, ChannelError> {
+        let shared = self.shared();
+        let mut st = shared.lock();
+        loop {
+            if let Some(msg) = st.inbound.pop_front() {
+                return Ok(Some(msg));
+            }
+            if let Some(death) = &st.death {
+                return Err(death.error());
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return Ok(None);
+            }
+            st = shared.wait(st, deadline);
+        }
+    }
+
+    /// The next message other than Heartbeat and Ack (Acks update [`Connection::acked`]).
+    /// Messages that arrived before the connection died are still returned, in order; then the
+    /// reason it died: `PeerLost` (silence past `timeout`, or the TCP connection dropped without
+    /// a Bye), `Closed` (a Bye either way), `Broken` (a frame failed authentication, a message
+    /// did not decode).
+    pub fn recv(&self) -> Result<Msg, ChannelError> {
+        loop {
+            if let Some(msg) = self.recv_until(None)? {
+                return Ok(msg);
+            }
+        }
+    }
+
+    /// As [`Connection::recv`], or `Ok(None)` once `d` has passed.
+    pub fn recv_timeout(&self, d: Duration) -> Result<Option<Msg>, ChannelError> {
+        self.recv_until(Some(Instant::now() + d))
+    }
+
+    /// As [`Connection::recv`], without waiting.
+    pub fn try_recv(&self) -> Result<Option<Msg>, ChannelError> {
+        self.recv_until(Some(Instant::now()))
+    }
+
+    pub fn is_alive(&self) -> bool {
+        self.shared().lock().death.is_none()
+    }
+
+    /// Why the connection died, if it did, e.g. "frame failed authentication: altered on the
+    /// wire?" or "peer silent for 2.0 s".
+    pub fn failure(&self) -> Option<String> {
+        self.shared().death().map(|d| d.reason)
+    }
+
+    pub fn stats(&self) -> ChannelStats {
+        let shared = self.shared();
+        ChannelStats {
+            bytes_sent: shared.bytes_sent.load(Ordering::Relaxed),
+            bytes_received: shared.bytes_received.load(Ordering::Relaxed),
+            log_bytes_outstanding: shared.lock().in_flight_bytes as u64,
+            msgs_sent: shared.msgs_sent.load(Ordering::Relaxed),
+            msgs_received: shared.msgs_received.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Sends `Bye { reason }` after everything already queued, then closes. Waits at most the
+    /// configured timeout for the Bye to leave; the connection is dead when this returns.
+    pub fn close(&self, reason: &str) {
+        let queued = self.send(Msg::Bye {
+            reason: reason.to_owned(),
+        });
+        let shared = self.shared();
+        if queued.is_ok() {
+            let deadline = Instant::now() + shared.close_wait;
+            let mut st = shared.lock();
+            while st.death.is_none() && Instant::now() < deadline {
+                st = shared.wait(st, Some(deadline));
+            }
+        }
+        shared.die(DeathKind::Closed, format!("closed locally: {reason}"));
+    }
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection")
+            .field("peer", &self.shared().peer)
+            .field("failure", &self.failure())
+            .finish()
+    }
+}
+
+async fn reader(
+    shared: Arc<Shared>,
+    noise: Arc<Mutex<TransportState>>,
+    mut rd: OwnedReadHalf,
+    timeout: Duration,
+) {
+    let mut dead = shared.dead.subscribe();
+    let mut frame = Box::new([0u8; MAX_NOISE_MSG]);
+    let mut chunk = vec![0u8; MAX_NOISE_MSG];
+    let mut plain = Vec::new();
+    loop {
+        let read = tokio::select! {
+            _ = dead_signal(&mut dead) => return,
+            r = tokio::time::timeout(timeout, read_frame(&mut rd, &mut frame)) => r,
+        };
+        let len = match read {
+            Ok(Ok(len)) => len,
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                let why = "the peer closed the TCP connection without a Bye";
+                return shared.die(DeathKind::PeerLost, why.into());
+            }
+            Ok(Err(e)) => {
+                let why = format!("cannot receive from the peer: {e}");
+                return shared.die(DeathKind::PeerLost, why);
+            }
+            Err(_) => {
+                let why = format!("peer silent for {:.1} s", timeout.as_secs_f64());
+                return shared.die(DeathKind::PeerLost, why);
+            }
+        };
+        shared
+            .bytes_received
+            .fetch_add(2 + len as u64, Ordering::Relaxed);
+        let decrypted = noise
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .read_message(&frame[..len], &mut chunk);
+        let Ok(n) = decrypted else {
+            let why = "frame failed authentication: altered on the wire?";
+            return shared.die(DeathKind::Broken, why.into());
+        };
+        plain.extend_from_slice(&chunk[..n]);
+        let msgs = match decode_messages(&mut plain) {
+            Ok(msgs) => msgs,
+            Err(e) => {
+                let why = format!("the peer sent a message this side cannot read: {e}");
+                return shared.die(DeathKind::Broken, why);
+            }
+        };
+        for msg in msgs {
+            if !shared.deliver(msg) {
+                return;
+            }
+        }
+    }
+}
+
+async fn writer(
+    shared: Arc<Shared>,
+    noise: Arc<Mutex<TransportState>>,
+    mut wr: OwnedWriteHalf,
+    mut queue: mpsc::Receiver<Outgoing>,
+    heartbeat: Duration,
+) {
+    let mut dead = shared.dead.subscribe();
+    let Ok(heartbeat_msg) = encode_message(&Msg::Heartbeat) else {
+        return shared.die(DeathKind::Broken, "cannot encode a heartbeat".into());
+    };
+    let mut wire = Vec::new();
+    loop {
+        let next = tokio::select! {
+            _ = dead_signal(&mut dead) => return,
+            r = tokio::time::timeout(heartbeat, queue.recv()) => r,
+        };
+        let (mut plain, mut msgs, mut bye) = match next {
+            Err(_) => (heartbeat_msg.clone(), 1, None),
+            Ok(None) => {
+                let _ = wr.shutdown().await;
+                return shared.die(DeathKind::Closed, "closed locally".into());
+            }
+            Ok(Some(out)) => (out.bytes, out.msgs, out.bye),
+        };
+        while bye.is_none() && plain.len() < WRITE_BATCH {
+            let Ok(out) = queue.try_recv() else { break };
+            plain.extend_from_slice(&out.bytes);
+            msgs += out.msgs;
+            bye = out.bye;
+        }
+        // Seal and write a slice at a time, so one large message neither holds a runtime
+        // thread for long nor needs a second copy of itself.
+        for slice in plain.chunks(WRITE_BATCH) {
+            wire.clear();
+            let sealed = seal(
+                &mut noise.lock().unwrap_or_else(PoisonError::into_inner),
+                slice,
+                &mut wire,
+            );
+            if let Err(e) = sealed {
+                return shared.die(DeathKind::Broken, format!("cannot encrypt: {e}"));
+            }
+            let written = tokio::select! {
+                _ = dead_signal(&mut dead) => return,
+                r = async { wr.write_all(&wire).await?; wr.flush().await } => r,
+            };
+            if let Err(e) = written {
+                return shared.die(DeathKind::PeerLost, format!("cannot send to the peer: {e}"));
+            }
+            shared
+                .bytes_sent
+                .fetch_add(wire.len() as u64, Ordering::Relaxed);
+        }
+        shared.msgs_sent.fetch_add(msgs, Ordering::Relaxed);
+        if let Some(reason) = bye {
+            let _ = wr.shutdown().await;
+            return shared.die(DeathKind::Closed, format!("closed locally: {reason}"));
+        }
+    }
+}

@@ -1,0 +1,279 @@
+//! Application messages and their framing inside the decrypted byte stream:
+//! `len: u32 little-endian` then `postcard(Msg)`.
+
+use serde::{Deserialize, Serialize};
+
+use crate::ChannelError;
+
+/// The protocol version a backup announces in [`Msg::Hello`].
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// The largest encoded message (its postcard bytes, without the 4-byte length).
+pub const MAX_MSG: usize = 1 << 30;
+
+/// One application message. The variant order is the wire format (postcard variant index):
+/// append new variants at the end, never reorder.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Msg {
+    /// Backup -> primary, the first message after the handshake.
+    Hello {
+        version: u16,
+        /// Hash of the configuration that must match for replay to work (guest image, RAM, CPUID
+        /// profile...); the primary compares it with its own.
+        config_hash: u64,
+        /// That configuration in words, for the refusal message when the hashes differ.
+        config_summary: String,
+    },
+    /// Primary -> backup: the attach goes ahead.
+    Welcome,
+    /// Either way, followed by a close.
+    Refused { reason: String },
+    /// Opaque state-transfer payload (RAM pages, final state), primary -> backup.
+    Transfer(Vec<u8>),
+    /// Event-log frames `first_seq .. first_seq + frames`, primary -> backup.
+    Log {
+        first_seq: u64,
+        frames: u32,
+        bytes: Vec<u8>,
+    },
+    /// Backup -> primary, cumulative: the backup holds every frame with seq < `received`, has
+    /// replayed every frame with seq < `executed`, and its guest's virtual time is `vtime_ns`.
+    Ack {
+        received: u64,
+        executed: u64,
+        vtime_ns: u64,
+    },
+    /// Primary -> backup: outputs produced by frames < `seq` have left the primary.
+    Released { seq: u64 },
+    /// Backup -> primary: the backup cannot go on from the stream and asks for a new transfer.
+    ResyncRequest { reason: String },
+    /// Both ways, sent by the network task when nothing else went out for the heartbeat period.
+    Heartbeat,
+    /// Clean close.
+    Bye { reason: String },
+}
+
+/// `msg` framed for the plaintext stream: `len: u32 LE` then `postcard(msg)`.
+pub fn encode_message(msg: &Msg) -> Result<Vec<u8>, ChannelError> {
+    let framed = postcard::to_extend(msg, vec![0u8; 4]).map_err(|e| ChannelError::BadMessage {
+        len: 0,
+        reason: format!("cannot encode: {e}"),
+    })?;
+    let len = framed.len() - 4;
+    if len > MAX_MSG {
+        return Err(ChannelError::MessageTooLarge { len: len as u64 });
+    }
+    let mut framed = framed;
+    // `len <= MAX_MSG < u32::MAX`, checked just above.
+    framed[..4].copy_from_slice(&(len as u32).to_le_bytes());
+    Ok(framed)
+}
+
+/// Takes every complete message from the front of `buf` (decrypted plaintext in arrival order)
+/// and leaves an incomplete one there for later.
+///
+/// Never panics and never allocates what a length prefix claims: `buf` only holds what actually
+/// arrived. A length above [`MAX_MSG`] or a body that is not exactly one `Msg` is an error; the
+/// stream cannot be resynchronised after one, so the caller drops the connection.
+pub fn decode_messages(buf: &mut Vec<u8>) -> Result<Vec<Msg>, ChannelError> {
+    let mut msgs = Vec::new();
+    let mut pos = 0usize;
+    let result = loop {
+        let rest = &buf[pos..];
+        let Some((len, body)) = rest.split_first_chunk::<4>() else {
+            break Ok(());
+        };
+        let len = u32::from_le_bytes(*len) as usize;
+        if len > MAX_MSG {
+            break Err(ChannelError::MessageTooLarge { len: len as u64 });
+        }
+        let Some(body) = body.get(..len) else {
+            break Ok(());
+        };
+        match postcard::take_from_bytes::<Msg>(body) {
+            Ok((msg, [])) => msgs.push(msg),
+            Ok((_, trailing)) => {
+                break Err(ChannelError::BadMessage {
+                    len,
+                    reason: format!("{} bytes left after the message", trailing.len()),
+                })
+            }
+            Err(e) => {
+                break Err(ChannelError::BadMessage {
+                    len,
+                    reason: e.to_string(),
+                })
+            }
+        }
+        pos += 4 + len;
+    };
+    buf.drain(..pos);
+    result.map(|()| msgs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn all_kinds() -> Vec<Msg> {
+        vec![
+            Msg::Hello {
+                version: PROTOCOL_VERSION,
+                config_hash: 0x0123_4567_89ab_cdef,
+                config_summary: "ram=64M guest=spin".into(),
+            },
+            Msg::Welcome,
+            Msg::Refused {
+                reason: "config differs".into(),
+            },
+            Msg::Transfer(vec![7; 300]),
+            Msg::Log {
+                first_seq: 5,
+                frames: 3,
+                bytes: vec![1, 2, 3],
+            },
+            Msg::Ack {
+                received: 8,
+                executed: 6,
+                vtime_ns: 1_000_000,
+            },
+            Msg::Released { seq: 6 },
+            Msg::ResyncRequest {
+                reason: "divergence".into(),
+            },
+            Msg::Heartbeat,
+            Msg::Bye {
+                reason: "done".into(),
+            },
+        ]
+    }
+
+    #[test]
+    fn round_trip_byte_by_byte() {
+        let msgs = all_kinds();
+        let stream: Vec<u8> = msgs
+            .iter()
+            .flat_map(|m| encode_message(m).unwrap())
+            .collect();
+        let mut buf = Vec::new();
+        let mut got = Vec::new();
+        for b in stream {
+            buf.push(b);
+            got.extend(decode_messages(&mut buf).unwrap());
+        }
+        assert!(buf.is_empty());
+        assert_eq!(got, msgs);
+    }
+
+    /// The bytes docs/PROTOCOL.md shows.
+    #[test]
+    fn documented_encodings() {
+        let ack = Msg::Ack {
+            received: 300,
+            executed: 2,
+            vtime_ns: 1,
+        };
+        assert_eq!(
+            encode_message(&ack).unwrap(),
+            [0x05, 0, 0, 0, 0x05, 0xac, 0x02, 0x02, 0x01]
+        );
+        let log = Msg::Log {
+            first_seq: 1,
+            frames: 2,
+            bytes: vec![0xaa, 0xbb],
+        };
+        assert_eq!(
+            encode_message(&log).unwrap(),
+            [0x06, 0, 0, 0, 0x04, 0x01, 0x02, 0x02, 0xaa, 0xbb]
+        );
+        assert_eq!(encode_message(&Msg::Heartbeat).unwrap(), [1, 0, 0, 0, 8]);
+    }
+
+    #[test]
+    fn huge_claimed_length_does_not_allocate() {
+        let mut buf = Vec::with_capacity(14);
+        buf.extend_from_slice(&(1u32 << 30).to_le_bytes());
+        buf.extend_from_slice(&[3; 10]);
+        assert!(decode_messages(&mut buf).unwrap().is_empty());
+        assert_eq!(buf.len(), 14);
+        assert!(buf.capacity() < 1024, "capacity {}", buf.capacity());
+
+        let mut over = ((1u32 << 30) + 1).to_le_bytes().to_vec();
+        assert!(matches!(
+            decode_messages(&mut over),
+            Err(ChannelError::MessageTooLarge { .. })
+        ));
+        let mut max = u32::MAX.to_le_bytes().to_vec();
+        assert!(decode_messages(&mut max).is_err());
+    }
+
+    /// A Vec<u8> inside a message claiming more bytes than the message holds.
+    #[test]
+    fn inner_length_larger_than_the_message() {
+        // Transfer (index 3), then a varint length of 2^32 - 1, then 3 bytes.
+        let body = [0x03, 0xff, 0xff, 0xff, 0xff, 0x0f, 1, 2, 3];
+        let mut buf = (body.len() as u32).to_le_bytes().to_vec();
+        buf.extend_from_slice(&body);
+        assert!(matches!(
+            decode_messages(&mut buf),
+            Err(ChannelError::BadMessage { .. })
+        ));
+    }
+
+    #[test]
+    fn garbage_and_trailing_bytes_are_errors() {
+        let mut zero = vec![0, 0, 0, 0];
+        assert!(decode_messages(&mut zero).is_err());
+        let mut unknown_variant = vec![1, 0, 0, 0, 99];
+        assert!(decode_messages(&mut unknown_variant).is_err());
+        let mut trailing = vec![2, 0, 0, 0, 8, 8];
+        assert!(decode_messages(&mut trailing).is_err());
+        // A good message before the bad one is consumed and the error still reported.
+        let mut mixed = encode_message(&Msg::Welcome).unwrap();
+        mixed.extend_from_slice(&[1, 0, 0, 0, 99]);
+        assert!(decode_messages(&mut mixed).is_err());
+    }
+
+    /// A small xorshift generator, so the fuzz-like tests need no dependency and repeat exactly.
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+    }
+
+    #[test]
+    fn random_and_mutated_input_never_panics() {
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        let valid: Vec<u8> = all_kinds()
+            .iter()
+            .flat_map(|m| encode_message(m).unwrap())
+            .collect();
+        for round in 0..20_000 {
+            let mut input = if round % 2 == 0 {
+                let n = (rng.next() % 64) as usize;
+                (0..n).map(|_| rng.next() as u8).collect::<Vec<u8>>()
+            } else {
+                let mut v = valid.clone();
+                for _ in 0..1 + rng.next() % 4 {
+                    let i = (rng.next() as usize) % v.len();
+                    v[i] = rng.next() as u8;
+                }
+                v.truncate((rng.next() as usize) % (v.len() + 1));
+                v
+            };
+            // Small length prefixes so bodies are actually decoded, not just waited for.
+            if round % 3 == 0 && input.len() >= 4 {
+                let claimed = (rng.next() % 16) as u32;
+                input[..4].copy_from_slice(&claimed.to_le_bytes());
+            }
+            let before = input.len();
+            match decode_messages(&mut input) {
+                Ok(_) | Err(_) => assert!(input.len() <= before),
+            }
+        }
+    }
+}
