@@ -24,14 +24,8 @@
 .text
 .globl main
 main:
-        mov     $(IRQ_BASE + 0), %edi
-        lea     irq0(%rip), %rsi
-        mov     $GATE_INT, %edx
-        call    idt_set_gate
-        mov     $0x0001, %edi           # IRQ0 only
-        call    pic_init
         mov     $HZ, %edi
-        call    pit_init
+        call    timer_start             # IRQ0 counts timer_ticks
         sti
         xor     %ebx, %ebx              # sum
         mov     $ROUNDS, %r12d
@@ -53,25 +47,15 @@ main:
         call    print_hex
         lea     msg_ticks(%rip), %rdi
         call    print_str
-        mov     ticks(%rip), %rdi
+        mov     timer_ticks(%rip), %rdi
         call    print_dec
         mov     $'\n', %edi
         call    putc
         xor     %edi, %edi
         call    exit
 
-irq0:
-        push    %rax
-        incq    ticks(%rip)
-        mov     $PIC_EOI, %al
-        out     %al, $PIC1_CMD
-        pop     %rax
-        iretq
 
 .section .rodata
 msg_sum:   .asciz "readspin sum="
 msg_ticks: .asciz " ticks="
 
-.bss
-.balign 8
-ticks:  .quad 0

@@ -7,9 +7,9 @@
 # Exit: status 0 through port 0x501.
 #
 # What it does:
-#  - kernel (CPL0): own page tables (lib/paging.S: the .user.* pages are U/S=1), IRQ0 gate
-#    (vector 0x20, DPL0) whose handler is `incq ticks; push; EOI; pop; iretq` (5 instructions
-#    + 1 port write), a #UD handler (the "done" call, see below), PIC (only IRQ0 unmasked),
+#  - kernel (CPL0): own page tables (lib/paging.S: the .user.* pages are U/S=1), the runtime's
+#    counting IRQ0 handler (timer_start in lib/hw.S: 6 instructions + 1 port write), a #UD
+#    handler (the "done" call, see below), PIC (only IRQ0 unmasked),
 #    PIT 100 Hz mode 2, TSS.RSP0 = istack; then iretq to CPL3 (CS 0x2b, SS 0x23,
 #    RFLAGS 0x202: IF=1, IOPL=0) at user_spin on a user stack.
 #  - user (CPL3): SPIN_ITERS iterations of xorshift64 (x ^= x<<13; x ^= x>>7; x ^= x<<17)
@@ -35,32 +35,18 @@
 .globl main
 main:
         call    paging_init_user
-        mov     $(IRQ_BASE + 0), %edi
-        lea     irq0(%rip), %rsi
-        mov     $GATE_INT, %edx
-        call    idt_set_gate
         mov     $6, %edi                # #UD: the done call
         lea     sys_done(%rip), %rsi
         mov     $GATE_INT, %edx
         call    idt_set_gate
         lea     istack_top(%rip), %rdi
         call    tss_set_rsp0
-        mov     $0x0001, %edi           # IRQ0 only
-        call    pic_init
         mov     $100, %edi
-        call    pit_init
+        call    timer_start             # IRQ0 counts timer_ticks
         lea     user_spin(%rip), %rdi
         lea     ustack_top(%rip), %rsi
         mov     $0x202, %edx            # IF=1, IOPL=0
         call    enter_user
-
-irq0:
-        incq    ticks(%rip)
-        push    %rax
-        mov     $PIC_EOI, %al
-        out     %al, $PIC1_CMD
-        pop     %rax
-        iretq
 
 # #UD; from user_done: rax = checksum
 sys_done:
@@ -75,7 +61,7 @@ sys_done:
 2:      mov     %rax, %rbx
         mov     $0xff, %al              # mask every IRQ: the count is final
         out     %al, $PIC1_DATA
-        mov     ticks(%rip), %r12
+        mov     timer_ticks(%rip), %r12
         lea     msg1(%rip), %rdi
         call    print_str
         mov     %rbx, %rdi
@@ -92,10 +78,6 @@ sys_done:
 .section .rodata
 msg1:   .asciz "spin checksum="
 msg2:   .asciz " ticks="
-
-.bss
-.balign 8
-ticks:  .quad 0
 
 # ---------------------------------------------------------------- user mode (CPL3)
 .section .user.text,"ax",@progbits

@@ -23,17 +23,11 @@
 .text
 .globl main
 main:
-        mov     $(IRQ_BASE + 0), %edi
-        lea     irq0(%rip), %rsi
-        mov     $GATE_INT, %edx
-        call    idt_set_gate
-        mov     $0x0001, %edi           # IRQ0 only
-        call    pic_init
         mov     $HZ, %edi
-        call    pit_init
+        call    timer_start             # IRQ0 counts timer_ticks
         mov     $EVERY, %ebx            # next tick count to print
 1:      cli
-        mov     ticks(%rip), %rax
+        mov     timer_ticks(%rip), %rax
         cmp     %rbx, %rax
         jae     2f
         sti
@@ -53,17 +47,7 @@ main:
         xor     %edi, %edi
         call    exit
 
-irq0:
-        push    %rax
-        incq    ticks(%rip)
-        mov     $PIC_EOI, %al
-        out     %al, $PIC1_CMD
-        pop     %rax
-        iretq
 
 .section .rodata
 msg_tick: .asciz "tick "
 
-.bss
-.balign 8
-ticks:  .quad 0

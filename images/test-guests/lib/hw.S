@@ -6,6 +6,10 @@
 #   pic_eoi(rdi = irq)   non-specific EOI to the slave (irq >= 8) and the master
 #   pit_init(rdi = hz)   channel 0, lobyte/hibyte, mode 2 (rate generator),
 #                        divisor round(1193182 / hz) (100 Hz -> 11932)
+#   timer_start(rdi = hz)
+#                        IRQ0 (vector 0x20) counts into the 64-bit global `timer_ticks` and
+#                        EOIs; every other IRQ masked (pic_init(1)); pit_init(hz). Interrupts
+#                        stay off until the caller's `sti`.
 #   exit(dil = status)   writes the status byte to port 0x501, then `cli; hlt` forever
 #   enter_user(rdi = rip, rsi = rsp, rdx = rflags)
 #                        iretq to CPL3 (CS 0x2b, SS/DS/ES 0x23); does not return. Interrupts
@@ -75,6 +79,32 @@ pit_init:
         pop     %rdx
         ret
 
+.globl timer_start
+timer_start:
+        push    %rsi
+        push    %rdx
+        push    %rdi
+        mov     $(IRQ_BASE + 0), %edi
+        lea     timer_irq0(%rip), %rsi
+        mov     $GATE_INT, %edx
+        call    idt_set_gate
+        mov     $0x0001, %edi           # IRQ0 only
+        call    pic_init
+        pop     %rdi
+        call    pit_init
+        pop     %rdx
+        pop     %rsi
+        ret
+
+# IRQ0: count and EOI (6 instructions, one port write).
+timer_irq0:
+        push    %rax
+        incq    timer_ticks(%rip)
+        mov     $PIC_EOI, %al
+        out     %al, $PIC1_CMD
+        pop     %rax
+        iretq
+
 .globl exit
 exit:
         mov     %edi, %eax
@@ -95,3 +125,9 @@ enter_user:
         pushq   $USER_CS                # CS
         pushq   %rdi                    # RIP
         iretq
+
+.bss
+.balign 8
+.globl timer_ticks
+timer_ticks:
+        .quad 0

@@ -1,8 +1,7 @@
 //! `ftvmm-log LOG`: prints an event log as text, one record a line, with the exit ordinal and
 //! absolute RIP and virtual time, so that two logs can be compared with `diff`.
 
-use ft_core::log::{exit_kind, LogReader, Record};
-use ft_core::SyncExit;
+use ft_core::log::{decode_exit, LogReader, Record};
 use std::io::Write;
 use std::process::ExitCode;
 
@@ -41,28 +40,15 @@ fn main() -> ExitCode {
         };
         let line = match record {
             Record::Exit {
-                kind,
-                addr,
-                data,
-                len,
-                rip_delta,
+                kind, rip_delta, ..
             } => {
+                let line = match decode_exit(&record, rip) {
+                    Some(exit) => format!("exit {exits}: {exit}"),
+                    None => format!("exit {exits}: unknown kind {kind}"),
+                };
                 rip = rip.wrapping_add(rip_delta as u64);
                 exits += 1;
-                match exit_kind(kind) {
-                    Some(kind) => format!(
-                        "exit {}: {}",
-                        exits - 1,
-                        SyncExit {
-                            kind,
-                            addr,
-                            data,
-                            len,
-                            rip
-                        }
-                    ),
-                    None => format!("exit {}: unknown kind {kind}", exits - 1),
-                }
+                line
             }
             Record::Clock { delta } => {
                 time += delta;
@@ -76,6 +62,33 @@ fn main() -> ExitCode {
             }
             Record::Checkpoint { data } => format!("  checkpoint {} bytes", data.len()),
             Record::End { exits, digest } => format!("end exits={exits} digest={digest:016x}"),
+            Record::DiskRead { offset, data } => {
+                format!("  disk read at {offset} ({} bytes packed)", data.len())
+            }
+            Record::DiskWrite { offset, len, crc } => {
+                format!("  disk write at {offset} len {len} crc {crc:08x}")
+            }
+            Record::DiskFlush => "  disk flush".to_string(),
+            Record::Base {
+                rip: r,
+                time_ns,
+                exits: n,
+            } => {
+                (rip, time, exits) = (r, time_ns, n);
+                format!("base rip={r:#x} time={time_ns} exits={n}")
+            }
+            Record::Resync {
+                rip: r,
+                time_ns,
+                exits: n,
+                data,
+            } => {
+                (rip, time, exits) = (r, time_ns, n);
+                format!(
+                    "resync rip={r:#x} time={time_ns} exits={n} ({} bytes)",
+                    data.len()
+                )
+            }
         };
         if writeln!(out, "{line}").is_err() {
             break;
