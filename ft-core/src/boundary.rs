@@ -10,6 +10,7 @@
 //! | virtual time passing a timer deadline, and so timer interrupts | [`Boundary::poll`], [`Boundary::wait`] | the host's monotonic clock |
 //! | bytes received on the serial line | [`Boundary::poll`], [`Boundary::wait`] | stdin, a file or a pipe |
 //! | the points where a long-running guest is interrupted (kicks) | [`Point::Kick`] | a host timer |
+//! | the contents of the disk the guest reads | [`Boundary::disk`] | the disk image |
 //!
 //! Everything else the guest sees is a function of its own state: the devices are
 //! deterministic state machines, disk contents are the guest's own writes, and CPUID is a
@@ -18,14 +19,18 @@
 //! on its command line; guest user space that executes them directly is a known divergence
 //! source that only checkpoints can cover.
 //!
-//! Outputs ([`Boundary::output`]): serial bytes. Disk writes go to the disk backend directly
-//! for now; they join this interface with the output rule.
+//! Outputs: serial bytes ([`Boundary::output`]) and disk writes (the [`Disk`] that
+//! [`Boundary::disk`] hands the device). Under fault tolerance both wait for the output rule
+//! ([`crate::primary`]).
 //!
 //! The vCPU loop also reports every synchronous exit ([`Boundary::exit`]) and every interrupt it
 //! injects ([`Boundary::interrupt`]) so that a recorder can log them and a replayer check them.
 
+use crate::disk::Disk;
 use crate::exit::{ExitDigest, SyncExit};
 use crate::log::LogError;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 use thiserror::Error;
 
 /// Where an output goes to in the outside world.
@@ -34,6 +39,10 @@ pub enum OutputKind {
     /// Bytes transmitted by the guest's UART.
     Serial,
 }
+
+/// A flag another thread raises to cut a blocking boundary call short (a halted guest's
+/// [`Boundary::wait`]): the VMM has a control request to serve, or was asked to stop.
+pub type Attention = Arc<AtomicBool>;
 
 /// A non-deterministic input delivered to the guest at the current position.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -107,6 +116,10 @@ pub enum BoundaryError {
         /// This run's.
         ours: String,
     },
+    /// A wait was cut short by [`Attention`]: nothing arrived; the caller serves its request
+    /// and waits again.
+    #[error("wait interrupted by a control request")]
+    Interrupted,
     /// Any other failure of the implementation, described.
     #[error("{0}")]
     Other(String),
@@ -129,8 +142,22 @@ pub trait Boundary {
     /// Inputs that are due now, at `point`. Never blocks.
     fn poll(&mut self, point: Point, req: &WaitRequest) -> Result<Option<Input>, BoundaryError>;
 
-    /// The guest halted with interrupts enabled: block until the next input and return it.
+    /// The guest halted with interrupts enabled: block until the next input and return it, or
+    /// return [`BoundaryError::Interrupted`] once the [`Attention`] flag given to
+    /// [`Boundary::set_attention`] is raised.
     fn wait(&mut self, req: &WaitRequest) -> Result<Input, BoundaryError>;
+
+    /// The flag that cuts [`Boundary::wait`] short.
+    fn set_attention(&mut self, _flag: Attention) {}
+
+    /// The disk the guest's virtio-blk device reads and writes, made from the disk image
+    /// (`None` when this process may not touch the image, e.g. a backup replaying a shared
+    /// disk). Disk contents are inputs and disk writes are outputs: a live run hands the image
+    /// over as it is; a recorder logs what is read; a replayer serves reads from the log.
+    fn disk(&mut self, image: Option<Box<dyn Disk>>, size: u64) -> Option<Box<dyn Disk>> {
+        let _ = size;
+        image
+    }
 
     /// The VMM injected interrupt `vector` at the current position.
     fn interrupt(&mut self, vector: u8) -> Result<(), BoundaryError>;

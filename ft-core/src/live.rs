@@ -10,10 +10,11 @@
 //! guest that polls without halting, once it has waited [`LiveBoundary::INPUT_LATENCY`]: so a
 //! scripted input reaches a guest that waits for it at the same positions in every run.
 
-use crate::boundary::{Boundary, BoundaryError, Input, OutputKind, Point, WaitRequest};
+use crate::boundary::{Attention, Boundary, BoundaryError, Input, OutputKind, Point, WaitRequest};
 use crate::exit::SyncExit;
 use std::collections::VecDeque;
 use std::io::{Read, Write};
+use std::sync::atomic::Ordering;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -61,11 +62,14 @@ pub struct LiveBoundary {
     /// The last output bytes, to find the gate in.
     recent: Vec<u8>,
     out: Box<dyn Write + Send>,
+    attention: Option<Attention>,
 }
 
 impl LiveBoundary {
     /// How long received bytes wait for the guest to halt before they are delivered anyway.
     pub const INPUT_LATENCY: Duration = Duration::from_millis(50);
+    /// The longest a halted wait sleeps before it looks at the [`Attention`] flag again.
+    pub const ATTENTION_SLICE: Duration = Duration::from_millis(2);
 
     /// A boundary whose clock starts now, reading serial input from `input` and writing serial
     /// output to `out`.
@@ -121,7 +125,13 @@ impl LiveBoundary {
             gate: None,
             recent: Vec::new(),
             out,
+            attention: None,
         }
+    }
+
+    /// Sends serial output to `out` from now on.
+    pub fn set_output(&mut self, out: Box<dyn Write + Send>) {
+        self.out = out;
     }
 
     /// Holds serial input back until the guest has printed `marker` (like `expect`): input sent
@@ -250,15 +260,29 @@ impl Boundary for LiveBoundary {
                     return Ok(Input::Time(deadline));
                 }
             }
-            let timeout = req
-                .deadline_ns
-                .map(|d| Duration::from_nanos(d.saturating_sub(now)));
+            if self
+                .attention
+                .as_ref()
+                .is_some_and(|a| a.load(Ordering::Acquire))
+            {
+                return Err(BoundaryError::Interrupted);
+            }
+            // Sleep in slices, so that a control request is seen within one.
+            let slice = Self::ATTENTION_SLICE;
+            let timeout = Some(
+                req.deadline_ns
+                    .map_or(slice, |d| Duration::from_nanos(d.saturating_sub(now)))
+                    .min(slice),
+            );
             // Input only counts while the guest can take it.
             let rx = if req.serial_room > 0 {
                 self.rx.as_ref()
             } else {
                 None
             };
+            if rx.is_none() && req.deadline_ns.is_none() {
+                return Err(BoundaryError::NothingToWaitFor);
+            }
             let received = match (rx, timeout) {
                 (Some(rx), Some(t)) => match rx.recv_timeout(t) {
                     Ok(bytes) => Some(bytes),
@@ -281,6 +305,10 @@ impl Boundary for LiveBoundary {
 
     fn interrupt(&mut self, _vector: u8) -> Result<(), BoundaryError> {
         Ok(())
+    }
+
+    fn set_attention(&mut self, flag: Attention) {
+        self.attention = Some(flag);
     }
 
     fn restored(&mut self, now_ns: u64) {

@@ -23,8 +23,9 @@ use thiserror::Error;
 
 /// The first 8 bytes of every log.
 pub const MAGIC: [u8; 8] = *b"FTVMMLOG";
-/// The format version this build writes and reads.
-pub const VERSION: u16 = 1;
+/// The format version this build writes (2 added the disk, base and resync records); it reads
+/// versions 1 and 2.
+pub const VERSION: u16 = 2;
 /// The largest frame payload (a full checkpoint of a 3 GiB guest fits in a few frames' worth of
 /// pages; checkpoints are split by the writer if they are larger).
 pub const MAX_FRAME: u32 = 1 << 30;
@@ -123,6 +124,101 @@ pub enum Record {
         /// The exit digest.
         digest: u64,
     },
+    /// The guest's disk read `offset`: the bytes it got, LZ4-compressed (a backup never reads a
+    /// shared disk, so read data travels in the log).
+    DiskRead {
+        /// Byte offset on the disk.
+        offset: u64,
+        /// The data, LZ4 block format with its uncompressed size first (u32 little-endian).
+        data: Vec<u8>,
+    },
+    /// The guest wrote `len` bytes at `offset`, with this CRC32C: an output.
+    DiskWrite {
+        /// Byte offset on the disk.
+        offset: u64,
+        /// Bytes written.
+        len: u32,
+        /// CRC32C of the bytes.
+        crc: u32,
+    },
+    /// The guest asked for its writes so far to be made durable.
+    DiskFlush,
+    /// Where a log stream that does not start at boot starts: the values the deltas of the
+    /// following records are relative to (a backup attached to a running primary).
+    Base {
+        /// RIP of the last synchronous exit before the stream.
+        rip: u64,
+        /// Virtual time the recorder last gave out, ns.
+        time_ns: u64,
+        /// Synchronous exits before the stream.
+        exits: u64,
+    },
+    /// A full snapshot that a backup which diverged restores to carry on from here; the deltas
+    /// of the records after it are relative to `rip` and `time_ns`, as after [`Record::Base`].
+    Resync {
+        /// RIP of the last synchronous exit.
+        rip: u64,
+        /// Virtual time the recorder last gave out, ns.
+        time_ns: u64,
+        /// Synchronous exits so far.
+        exits: u64,
+        /// The full snapshot (the VMM's encoding).
+        data: Vec<u8>,
+    },
+}
+
+/// The largest disk read one record carries, uncompressed (virtio-blk moves at most 64 KiB at
+/// a time; anything above this in a log is refused before decompressing).
+pub const MAX_DISK_READ: usize = 1 << 20;
+
+/// Compresses disk-read data for [`Record::DiskRead`].
+pub fn pack_disk_data(data: &[u8]) -> Vec<u8> {
+    lz4_flex::compress_prepend_size(data)
+}
+
+/// Decompresses [`Record::DiskRead`] data, refusing a claimed size above [`MAX_DISK_READ`].
+pub fn unpack_disk_data(packed: &[u8]) -> Result<Vec<u8>, String> {
+    let claimed = packed
+        .get(..4)
+        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
+        .ok_or("disk read data shorter than its size prefix")?;
+    if claimed > MAX_DISK_READ {
+        return Err(format!(
+            "disk read claims {claimed} bytes, more than {MAX_DISK_READ}"
+        ));
+    }
+    lz4_flex::decompress_size_prepended(packed).map_err(|e| format!("disk read data: {e}"))
+}
+
+/// Where a recorder's records go: a log file, or the logging channel to a backup. Each record
+/// gets a sequence number: its frame's index in the stream (the header is frame 0).
+pub trait RecordSink: Send {
+    /// Appends a record; returns its sequence number.
+    fn record(&mut self, record: &Record) -> Result<u64, LogError>;
+    /// Pushes out what is buffered (before the recorder may block for a long time).
+    fn flush(&mut self) -> Result<(), LogError>;
+    /// Bytes written so far.
+    fn bytes(&self) -> u64;
+    /// Whether a replay is following this stream: it needs checkpoints where inputs are
+    /// delivered at kicks. A file always has one; a primary only while a backup is attached.
+    fn following(&self) -> bool {
+        true
+    }
+}
+
+impl<W: Write + Send> RecordSink for LogWriter<W> {
+    fn record(&mut self, record: &Record) -> Result<u64, LogError> {
+        self.write(record)?;
+        Ok(self.frames - 1)
+    }
+
+    fn flush(&mut self) -> Result<(), LogError> {
+        LogWriter::flush(self)
+    }
+
+    fn bytes(&self) -> u64 {
+        LogWriter::bytes(self)
+    }
 }
 
 /// Errors reading or writing a log.
@@ -293,7 +389,7 @@ impl<R: Read> LogReader<R> {
             offset: 8,
             why: e.to_string(),
         })?;
-        if header.version != VERSION {
+        if !(1..=VERSION).contains(&header.version) {
             return Err(LogError::Version {
                 found: header.version,
             });

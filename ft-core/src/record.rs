@@ -1,55 +1,99 @@
 //! The recorder: a live run that logs every input and every check replay needs.
+//!
+//! Where the records go is a [`RecordSink`]: a log file (`--record`), or the logging channel to
+//! a backup ([`crate::primary`]). The disk the recorder hands the guest ([`RecordingDisk`]) logs
+//! into the same stream, in order with everything else.
 
-use crate::boundary::{Boundary, BoundaryError, Input, OutputKind, Point, WaitRequest};
+use crate::boundary::{Attention, Boundary, BoundaryError, Input, OutputKind, Point, WaitRequest};
+use crate::disk::Disk;
 use crate::exit::{ExitDigest, SyncExit};
-use crate::log::{exit_record, Header, InputRec, LogWriter, PointRec, Record, VERSION};
-use std::io::Write;
+use crate::log::{exit_record, pack_disk_data, InputRec, PointRec, Record, RecordSink};
+use std::io;
+use std::sync::{Arc, Mutex, MutexGuard};
 
-/// Wraps a live boundary and logs everything that crosses it.
-pub struct Recorder<B: Boundary, W: Write> {
-    inner: B,
-    log: LogWriter<W>,
-    rtc_epoch: i64,
+/// What the records are relative to, and where they go. Shared with the recording disk.
+pub struct RecordCore {
+    sink: Box<dyn RecordSink>,
     last_rip: u64,
     last_time: u64,
     exits: u64,
 }
 
-impl<B: Boundary, W: Write> Recorder<B, W> {
-    /// Starts a log on `out` for a machine described by `config_hash` and `config_summary`.
-    pub fn new(
-        mut inner: B,
-        out: W,
-        config_hash: u64,
-        config_summary: String,
-    ) -> Result<Self, BoundaryError> {
-        let rtc_epoch = inner.rtc_epoch()?;
-        let header = Header {
-            version: VERSION,
-            config_hash,
-            config_summary,
-            rtc_epoch,
-        };
+impl RecordCore {
+    fn write(&mut self, rec: &Record) -> Result<u64, BoundaryError> {
+        Ok(self.sink.record(rec)?)
+    }
+
+    /// RIP of the last exit, the last virtual time given out, and the exits so far: what a
+    /// stream starting here is relative to ([`Record::Base`]).
+    pub fn base(&self) -> (u64, u64, u64) {
+        (self.last_rip, self.last_time, self.exits)
+    }
+
+    /// Writes a record outside the vCPU loop's calls (a stream's base, a resync snapshot),
+    /// while the vCPU is paused.
+    pub fn write_record(&mut self, rec: &Record) -> Result<u64, BoundaryError> {
+        self.write(rec)
+    }
+
+    /// Pushes buffered records out.
+    pub fn flush(&mut self) -> Result<(), BoundaryError> {
+        Ok(self.sink.flush()?)
+    }
+}
+
+/// A handle on a recorder's log, for the disk and for the VMM's control thread.
+pub type SharedRecordCore = Arc<Mutex<RecordCore>>;
+
+fn lock(core: &SharedRecordCore) -> MutexGuard<'_, RecordCore> {
+    // A panic while holding the lock cannot leave the core half-updated in a way that matters
+    // more than the panic itself; keep going with what is there.
+    core.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Wraps a live boundary and logs everything that crosses it.
+pub struct Recorder<B: Boundary> {
+    inner: B,
+    core: SharedRecordCore,
+    rtc_epoch: i64,
+}
+
+impl<B: Boundary> Recorder<B> {
+    /// Records into `sink`, which has already written its header; `rtc_epoch` is the one the
+    /// header carries (the live boundary's, read once).
+    pub fn new(inner: B, sink: Box<dyn RecordSink>, rtc_epoch: i64) -> Result<Self, BoundaryError> {
         Ok(Recorder {
             inner,
-            log: LogWriter::new(out, &header)?,
+            core: Arc::new(Mutex::new(RecordCore {
+                sink,
+                last_rip: 0,
+                last_time: 0,
+                exits: 0,
+            })),
             rtc_epoch,
-            last_rip: 0,
-            last_time: 0,
-            exits: 0,
         })
+    }
+
+    /// The RTC epoch the recording's header must carry.
+    pub fn rtc_epoch(&self) -> i64 {
+        self.rtc_epoch
+    }
+
+    /// The shared log, for the VMM's control thread.
+    pub fn core(&self) -> SharedRecordCore {
+        self.core.clone()
     }
 
     /// Log bytes written so far.
     pub fn bytes(&self) -> u64 {
-        self.log.bytes()
+        lock(&self.core).sink.bytes()
     }
 
-    fn input_rec(&mut self, input: &Input) -> InputRec {
+    fn input_rec(core: &mut RecordCore, input: &Input) -> InputRec {
         match input {
             Input::Time(t) => {
-                let delta = t.saturating_sub(self.last_time);
-                self.last_time = self.last_time.max(*t);
+                let delta = t.saturating_sub(core.last_time);
+                core.last_time = core.last_time.max(*t);
                 InputRec::TimeDelta(delta)
             }
             Input::SerialRx(bytes) => InputRec::Serial(bytes.clone()),
@@ -57,32 +101,38 @@ impl<B: Boundary, W: Write> Recorder<B, W> {
     }
 }
 
-impl<B: Boundary, W: Write> Boundary for Recorder<B, W> {
+impl<B: Boundary> Boundary for Recorder<B> {
     fn rtc_epoch(&mut self) -> Result<i64, BoundaryError> {
         Ok(self.rtc_epoch)
     }
 
     fn exit(&mut self, exit: &SyncExit) -> Result<(), BoundaryError> {
-        self.log.write(&exit_record(exit, self.last_rip))?;
-        self.last_rip = exit.rip;
-        self.exits += 1;
+        {
+            let mut core = lock(&self.core);
+            let rec = exit_record(exit, core.last_rip);
+            core.write(&rec)?;
+            core.last_rip = exit.rip;
+            core.exits += 1;
+        }
         self.inner.exit(exit)
     }
 
     fn read_clock(&mut self) -> Result<u64, BoundaryError> {
-        let t = self.inner.read_clock()?.max(self.last_time);
-        self.log.write(&Record::Clock {
-            delta: t - self.last_time,
-        })?;
-        self.last_time = t;
+        let t = self.inner.read_clock()?;
+        let mut core = lock(&self.core);
+        let t = t.max(core.last_time);
+        let delta = t - core.last_time;
+        core.write(&Record::Clock { delta })?;
+        core.last_time = t;
         Ok(t)
     }
 
     fn poll(&mut self, point: Point, req: &WaitRequest) -> Result<Option<Input>, BoundaryError> {
         let input = self.inner.poll(point, req)?;
         if let Some(i) = &input {
-            let rec = self.input_rec(i);
-            self.log.write(&Record::Poll {
+            let mut core = lock(&self.core);
+            let rec = Self::input_rec(&mut core, i);
+            core.write(&Record::Poll {
                 point: match point {
                     Point::Exit => PointRec::Exit,
                     Point::Kick => PointRec::Kick,
@@ -94,21 +144,34 @@ impl<B: Boundary, W: Write> Boundary for Recorder<B, W> {
     }
 
     fn wait(&mut self, req: &WaitRequest) -> Result<Input, BoundaryError> {
-        // The log must reach the disk before the recorder sleeps: a reader may be following.
-        self.log.flush()?;
+        // The log must be out before the recorder sleeps: a reader may be following.
+        lock(&self.core).flush()?;
         let input = self.inner.wait(req)?;
-        let rec = self.input_rec(&input);
-        self.log.write(&Record::Wake { input: rec })?;
+        let mut core = lock(&self.core);
+        let rec = Self::input_rec(&mut core, &input);
+        core.write(&Record::Wake { input: rec })?;
         Ok(input)
     }
 
+    fn set_attention(&mut self, flag: Attention) {
+        self.inner.set_attention(flag);
+    }
+
+    fn disk(&mut self, image: Option<Box<dyn Disk>>, size: u64) -> Option<Box<dyn Disk>> {
+        let image = self.inner.disk(image, size)?;
+        Some(Box::new(RecordingDisk {
+            image,
+            core: self.core.clone(),
+        }))
+    }
+
     fn interrupt(&mut self, vector: u8) -> Result<(), BoundaryError> {
-        self.log.write(&Record::Interrupt { vector })?;
+        lock(&self.core).write(&Record::Interrupt { vector })?;
         self.inner.interrupt(vector)
     }
 
     fn output(&mut self, kind: OutputKind, bytes: &[u8]) -> Result<(), BoundaryError> {
-        self.log.write(&Record::Output {
+        lock(&self.core).write(&Record::Output {
             kind: output_kind_byte(kind),
             len: bytes.len() as u32,
             crc: crc32c::crc32c(bytes),
@@ -125,23 +188,80 @@ impl<B: Boundary, W: Write> Boundary for Recorder<B, W> {
     }
 
     fn wants_checkpoints(&self) -> bool {
-        true
+        lock(&self.core).sink.following()
     }
 
     fn checkpoint(&mut self, snapshot: &[u8]) -> Result<(), BoundaryError> {
-        self.log.write(&Record::Checkpoint {
+        lock(&self.core).write(&Record::Checkpoint {
             data: snapshot.to_vec(),
         })?;
         Ok(())
     }
 
+    fn restored(&mut self, now_ns: u64) {
+        self.inner.restored(now_ns);
+        let mut core = lock(&self.core);
+        core.last_time = core.last_time.max(now_ns);
+    }
+
     fn finish(&mut self, digest: &ExitDigest) -> Result<(), BoundaryError> {
-        self.log.write(&Record::End {
-            exits: digest.count(),
-            digest: digest.value(),
-        })?;
-        self.log.flush()?;
+        {
+            let mut core = lock(&self.core);
+            core.write(&Record::End {
+                exits: digest.count(),
+                digest: digest.value(),
+            })?;
+            core.flush()?;
+        }
         self.inner.finish(digest)
+    }
+}
+
+/// The disk of a recorded run: every read is logged with its data, every write and flush with
+/// a digest, in order with the other records; the data goes to and comes from the image the
+/// live side provided.
+pub struct RecordingDisk {
+    image: Box<dyn Disk>,
+    core: SharedRecordCore,
+}
+
+fn log_error(e: BoundaryError) -> io::Error {
+    io::Error::other(e.to_string())
+}
+
+impl Disk for RecordingDisk {
+    fn size(&self) -> u64 {
+        self.image.size()
+    }
+
+    fn read_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.image.read_at(buf, offset)?;
+        lock(&self.core)
+            .write(&Record::DiskRead {
+                offset,
+                data: pack_disk_data(buf),
+            })
+            .map_err(log_error)?;
+        Ok(())
+    }
+
+    fn write_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
+        // The record first: a held write is tagged with the record that produced it.
+        lock(&self.core)
+            .write(&Record::DiskWrite {
+                offset,
+                len: buf.len() as u32,
+                crc: crc32c::crc32c(buf),
+            })
+            .map_err(log_error)?;
+        self.image.write_at(buf, offset)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        lock(&self.core)
+            .write(&Record::DiskFlush)
+            .map_err(log_error)?;
+        self.image.flush()
     }
 }
 

@@ -1,41 +1,114 @@
 //! The replayer: inputs come from a log, and everything the execution does is checked against
 //! it. The first mismatch is a divergence, reported with the exit where it showed.
+//!
+//! The log is a file (`--role replay`) or the logging channel from a primary (the backup); the
+//! replayer does not know which. It publishes how far it has got ([`Progress`]) so that a backup
+//! can acknowledge what it has executed.
 
 use crate::boundary::{Boundary, BoundaryError, Input, OutputKind, Point, WaitRequest};
+use crate::disk::Disk;
 use crate::exit::{ExitDigest, SyncExit};
-use crate::log::{exit_kind, Header, InputRec, LogReader, PointRec, Record};
+use crate::log::{decode_exit, unpack_disk_data, Header, InputRec, LogReader, PointRec, Record};
 use crate::record::output_kind_byte;
-use std::io::{Read, Write};
+use std::collections::VecDeque;
+use std::io::{self, Read, Write};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
 
-/// Replays a log.
-pub struct Replayer<R: Read> {
+/// How far a replay has got, published for the thread that acknowledges it.
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// Frames of the stream consumed (the header is frame 0): every record with a sequence
+    /// number below this has been replayed.
+    pub executed: AtomicU64,
+    /// The replayed guest's virtual time, ns.
+    pub vtime_ns: AtomicU64,
+    /// Synchronous exits replayed (since boot).
+    pub exits: AtomicU64,
+    generation: Mutex<u64>,
+    changed: Condvar,
+}
+
+impl Progress {
+    /// Wakes whoever waits for progress.
+    pub fn notify(&self) {
+        let mut g = self.generation.lock().unwrap_or_else(|e| e.into_inner());
+        *g += 1;
+        self.changed.notify_all();
+    }
+
+    /// Waits until [`Progress::notify`] is called after generation `seen`, or `timeout`;
+    /// returns the generation now.
+    pub fn wait(&self, seen: u64, timeout: Duration) -> u64 {
+        let g = self.generation.lock().unwrap_or_else(|e| e.into_inner());
+        if *g != seen {
+            return *g;
+        }
+        let (g, _) = self
+            .changed
+            .wait_timeout(g, timeout)
+            .unwrap_or_else(|e| e.into_inner());
+        *g
+    }
+}
+
+/// Disk writes a backup has replayed, with their data, kept until the primary reports them
+/// released: they are what a backup that goes live re-issues (they are idempotent).
+#[derive(Debug, Default)]
+pub struct KeptWrites {
+    writes: VecDeque<(u64, u64, Vec<u8>)>,
+    bytes: u64,
+}
+
+impl KeptWrites {
+    /// Keeps the write of record `seq`.
+    pub fn keep(&mut self, seq: u64, offset: u64, data: Vec<u8>) {
+        self.bytes += data.len() as u64;
+        self.writes.push_back((seq, offset, data));
+    }
+
+    /// Forgets the writes of records below `seq`: the primary has put them on the disk.
+    pub fn released(&mut self, seq: u64) {
+        while self.writes.front().is_some_and(|w| w.0 < seq) {
+            if let Some((_, _, d)) = self.writes.pop_front() {
+                self.bytes -= d.len() as u64;
+            }
+        }
+    }
+
+    /// The writes not known to be on the disk, oldest first: (seq, offset, data).
+    pub fn unreleased(&self) -> impl Iterator<Item = &(u64, u64, Vec<u8>)> {
+        self.writes.iter()
+    }
+
+    /// How many writes and bytes are kept.
+    pub fn len_bytes(&self) -> (usize, u64) {
+        (self.writes.len(), self.bytes)
+    }
+}
+
+/// The replay state, shared between the boundary and the disk it hands out.
+struct Core<R: Read> {
     log: LogReader<R>,
-    header: Header,
     next: Option<Record>,
-    out: Box<dyn Write + Send>,
+    /// Sequence number of `next` (frames consumed before it).
+    next_seq: u64,
     last_rip: u64,
     last_time: u64,
     exits: u64,
+    /// A divergence found by the disk, reported at the next boundary call.
+    pending: Option<BoundaryError>,
+    progress: Arc<Progress>,
+    kept: Option<Arc<Mutex<KeptWrites>>>,
+    diverge_at: Option<u64>,
 }
 
 fn describe(record: &Option<Record>, last_rip: u64) -> String {
     match record {
         None => "the end of the log".into(),
-        Some(Record::Exit {
-            kind,
-            addr,
-            data,
-            len,
-            rip_delta,
-        }) => match exit_kind(*kind) {
-            Some(k) => SyncExit {
-                kind: k,
-                addr: *addr,
-                data: *data,
-                len: *len,
-                rip: last_rip.wrapping_add(*rip_delta as u64),
-            }
-            .to_string(),
+        Some(rec @ Record::Exit { kind, .. }) => match decode_exit(rec, last_rip) {
+            Some(exit) => exit.to_string(),
             None => format!("an exit of unknown kind {kind}"),
         },
         Some(Record::Clock { .. }) => "a clock read".into(),
@@ -45,28 +118,150 @@ fn describe(record: &Option<Record>, last_rip: u64) -> String {
         Some(Record::Output { len, .. }) => format!("{len} bytes of output"),
         Some(Record::Checkpoint { .. }) => "a checkpoint".into(),
         Some(Record::End { exits, .. }) => format!("the end of the run after {exits} exits"),
+        Some(Record::DiskRead { offset, .. }) => format!("a disk read at byte {offset}"),
+        Some(Record::DiskWrite { offset, len, .. }) => {
+            format!("a disk write of {len} bytes at byte {offset}")
+        }
+        Some(Record::DiskFlush) => "a disk flush".into(),
+        Some(Record::Base { .. }) => "the base of a stream".into(),
+        Some(Record::Resync { .. }) => "a resync snapshot".into(),
     }
 }
 
-impl<R: Read> Replayer<R> {
+impl<R: Read> Core<R> {
+    fn advance(&mut self) -> Result<Record, BoundaryError> {
+        let rec = self
+            .next
+            .take()
+            .ok_or(BoundaryError::LogEnded { exit: self.exits })?;
+        self.next_seq += 1;
+        self.progress
+            .executed
+            .store(self.next_seq, Ordering::Release);
+        if matches!(rec, Record::Output { .. } | Record::DiskWrite { .. }) {
+            self.progress.notify();
+        }
+        self.next = self.log.read_record()?;
+        Ok(rec)
+    }
+
+    fn diverge(&self, got: String) -> BoundaryError {
+        BoundaryError::Divergence {
+            exit: self.exits,
+            expected: describe(&self.next, self.last_rip),
+            got,
+        }
+    }
+
+    fn check_pending(&mut self) -> Result<(), BoundaryError> {
+        match self.pending.take() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    fn set_time(&mut self, t: u64) {
+        self.last_time = t;
+        self.progress.vtime_ns.store(t, Ordering::Relaxed);
+    }
+
+    fn input(&mut self, rec: InputRec) -> Input {
+        match rec {
+            InputRec::TimeDelta(d) => {
+                let t = self.last_time.saturating_add(d);
+                self.set_time(t);
+                Input::Time(self.last_time)
+            }
+            InputRec::Serial(bytes) => Input::SerialRx(bytes),
+        }
+    }
+
+    /// Takes a [`Record::Base`] at the head of the stream.
+    fn take_base(&mut self) -> Result<(), BoundaryError> {
+        if let Some(Record::Base {
+            rip,
+            time_ns,
+            exits,
+        }) = self.next
+        {
+            self.advance()?;
+            self.last_rip = rip;
+            self.set_time(time_ns);
+            self.exits = exits;
+        }
+        Ok(())
+    }
+}
+
+/// Replays a log.
+pub struct Replayer<R: Read + Send + 'static> {
+    core: Arc<Mutex<Core<R>>>,
+    header: Header,
+    out: Box<dyn Write + Send>,
+}
+
+fn lock<R: Read>(core: &Arc<Mutex<Core<R>>>) -> MutexGuard<'_, Core<R>> {
+    core.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl<R: Read + Send + 'static> Replayer<R> {
     /// Opens a log for replay and writes replayed output to `out`.
     pub fn new(input: R, out: Box<dyn Write + Send>) -> Result<Self, BoundaryError> {
+        Self::with_progress(input, out, Arc::new(Progress::default()))
+    }
+
+    /// The same, publishing how far it got in `progress`.
+    pub fn with_progress(
+        input: R,
+        out: Box<dyn Write + Send>,
+        progress: Arc<Progress>,
+    ) -> Result<Self, BoundaryError> {
         let (mut log, header) = LogReader::new(input)?;
+        progress.executed.store(1, Ordering::Release);
         let next = log.read_record()?;
-        Ok(Replayer {
+        let mut core = Core {
             log,
-            header,
             next,
-            out,
+            next_seq: 1,
             last_rip: 0,
             last_time: 0,
             exits: 0,
+            pending: None,
+            progress,
+            kept: None,
+            diverge_at: None,
+        };
+        core.take_base()?;
+        Ok(Replayer {
+            core: Arc::new(Mutex::new(core)),
+            header,
+            out,
         })
     }
 
     /// The log's header.
     pub fn header(&self) -> &Header {
         &self.header
+    }
+
+    /// How far the replay has got.
+    pub fn progress(&self) -> Arc<Progress> {
+        lock(&self.core).progress.clone()
+    }
+
+    /// Keep the data of replayed disk writes here (a backup) instead of dropping it.
+    pub fn keep_writes(&mut self, kept: Arc<Mutex<KeptWrites>>) {
+        lock(&self.core).kept = Some(kept);
+    }
+
+    /// Test hook: report a divergence at this exit ordinal, once, as if the execution differed.
+    pub fn force_divergence_at(&mut self, exit: u64) {
+        lock(&self.core).diverge_at = Some(exit);
+    }
+
+    /// Synchronous exits replayed so far (since boot).
+    pub fn exits(&self) -> u64 {
+        lock(&self.core).exits
     }
 
     /// Refuses a log recorded for another machine.
@@ -80,126 +275,142 @@ impl<R: Read> Replayer<R> {
         Ok(())
     }
 
-    fn advance(&mut self) -> Result<Record, BoundaryError> {
-        let rec = self
-            .next
-            .take()
-            .ok_or(BoundaryError::LogEnded { exit: self.exits })?;
-        self.next = self.log.read_record()?;
-        Ok(rec)
-    }
-
-    fn diverge(&self, got: String) -> BoundaryError {
-        BoundaryError::Divergence {
-            exit: self.exits,
-            expected: describe(&self.next, self.last_rip),
-            got,
-        }
-    }
-
-    fn input(&mut self, rec: InputRec) -> Input {
-        match rec {
-            InputRec::TimeDelta(d) => {
-                self.last_time = self.last_time.saturating_add(d);
-                Input::Time(self.last_time)
+    /// After a divergence: drops records until the next [`Record::Resync`] and returns its
+    /// snapshot; the records after it are replayed relative to it.
+    pub fn skip_to_resync(&mut self) -> Result<Vec<u8>, BoundaryError> {
+        let mut core = lock(&self.core);
+        core.pending = None;
+        loop {
+            match core.advance()? {
+                Record::Resync {
+                    rip,
+                    time_ns,
+                    exits,
+                    data,
+                } => {
+                    core.last_rip = rip;
+                    core.set_time(time_ns);
+                    core.exits = exits;
+                    core.progress.exits.store(exits, Ordering::Relaxed);
+                    core.progress.notify();
+                    return Ok(data);
+                }
+                _ => continue,
             }
-            InputRec::Serial(bytes) => Input::SerialRx(bytes),
         }
     }
 }
 
-impl<R: Read> Boundary for Replayer<R> {
+impl<R: Read + Send + 'static> Boundary for Replayer<R> {
     fn rtc_epoch(&mut self) -> Result<i64, BoundaryError> {
         Ok(self.header.rtc_epoch)
     }
 
     fn exit(&mut self, exit: &SyncExit) -> Result<(), BoundaryError> {
-        if matches!(self.next, Some(Record::End { .. })) {
+        let mut core = lock(&self.core);
+        core.check_pending()?;
+        if matches!(core.next, Some(Record::End { .. })) {
             return Err(BoundaryError::EndOfLog);
         }
-        let matches = match &self.next {
-            Some(Record::Exit {
-                kind,
-                addr,
-                data,
-                len,
-                rip_delta,
-            }) => {
-                *kind == exit.kind as u8
-                    && *addr == exit.addr
-                    && *data == exit.data
-                    && *len == exit.len
-                    && self.last_rip.wrapping_add(*rip_delta as u64) == exit.rip
-            }
-            _ => false,
-        };
-        if !matches {
-            return Err(self.diverge(exit.to_string()));
+        if core.diverge_at == Some(core.exits) {
+            core.diverge_at = None;
+            return Err(core.diverge(format!(
+                "{exit} (a divergence forced by the FTVMM_TEST_DIVERGE_AT_EXIT test hook)"
+            )));
         }
-        self.advance()?;
-        self.last_rip = exit.rip;
-        self.exits += 1;
+        let logged = core
+            .next
+            .as_ref()
+            .and_then(|r| decode_exit(r, core.last_rip));
+        if logged.as_ref() != Some(exit) {
+            return Err(core.diverge(exit.to_string()));
+        }
+        core.advance()?;
+        core.last_rip = exit.rip;
+        core.exits += 1;
+        core.progress.exits.store(core.exits, Ordering::Relaxed);
         Ok(())
     }
 
     fn read_clock(&mut self) -> Result<u64, BoundaryError> {
-        match &self.next {
+        let mut core = lock(&self.core);
+        core.check_pending()?;
+        match core.next {
             Some(Record::Clock { delta }) => {
-                self.last_time = self.last_time.saturating_add(*delta);
-                self.advance()?;
-                Ok(self.last_time)
+                let t = core.last_time.saturating_add(delta);
+                core.set_time(t);
+                core.advance()?;
+                Ok(core.last_time)
             }
-            _ => Err(self.diverge("a clock read".into())),
+            _ => Err(core.diverge("a clock read".into())),
         }
     }
 
     fn poll(&mut self, point: Point, _req: &WaitRequest) -> Result<Option<Input>, BoundaryError> {
+        let mut core = lock(&self.core);
+        core.check_pending()?;
         let want = match point {
             Point::Exit => PointRec::Exit,
             Point::Kick => PointRec::Kick,
         };
-        match &self.next {
+        match &core.next {
             Some(Record::Poll { point: p, .. }) if *p == want => {}
             _ => return Ok(None),
         }
-        match self.advance()? {
-            Record::Poll { input, .. } => Ok(Some(self.input(input))),
+        match core.advance()? {
+            Record::Poll { input, .. } => Ok(Some(core.input(input))),
             _ => unreachable!("checked above"),
         }
     }
 
     fn wait(&mut self, _req: &WaitRequest) -> Result<Input, BoundaryError> {
-        if !matches!(self.next, Some(Record::Wake { .. })) {
-            return Err(self.diverge("a halt waiting for input".into()));
+        let mut core = lock(&self.core);
+        core.check_pending()?;
+        if !matches!(core.next, Some(Record::Wake { .. })) {
+            return Err(core.diverge("a halt waiting for input".into()));
         }
-        match self.advance()? {
-            Record::Wake { input } => Ok(self.input(input)),
+        match core.advance()? {
+            Record::Wake { input } => Ok(core.input(input)),
             _ => unreachable!("checked above"),
         }
     }
 
+    fn disk(&mut self, _image: Option<Box<dyn Disk>>, size: u64) -> Option<Box<dyn Disk>> {
+        // Replay never touches the image: reads come from the log, writes are checked and kept.
+        Some(Box::new(ReplayDisk {
+            core: self.core.clone(),
+            size,
+        }))
+    }
+
     fn interrupt(&mut self, vector: u8) -> Result<(), BoundaryError> {
-        if self.next != Some(Record::Interrupt { vector }) {
-            return Err(self.diverge(format!("interrupt vector {vector:#x} injected")));
+        let mut core = lock(&self.core);
+        core.check_pending()?;
+        if core.next != Some(Record::Interrupt { vector }) {
+            return Err(core.diverge(format!("interrupt vector {vector:#x} injected")));
         }
-        self.advance()?;
+        core.advance()?;
         Ok(())
     }
 
     fn output(&mut self, kind: OutputKind, bytes: &[u8]) -> Result<(), BoundaryError> {
-        let want = Record::Output {
-            kind: output_kind_byte(kind),
-            len: bytes.len() as u32,
-            crc: crc32c::crc32c(bytes),
-        };
-        if self.next.as_ref() != Some(&want) {
-            return Err(self.diverge(format!(
-                "{} bytes of output {:?}",
-                bytes.len(),
-                String::from_utf8_lossy(bytes)
-            )));
+        {
+            let mut core = lock(&self.core);
+            core.check_pending()?;
+            let want = Record::Output {
+                kind: output_kind_byte(kind),
+                len: bytes.len() as u32,
+                crc: crc32c::crc32c(bytes),
+            };
+            if core.next.as_ref() != Some(&want) {
+                return Err(core.diverge(format!(
+                    "{} bytes of output {:?}",
+                    bytes.len(),
+                    String::from_utf8_lossy(bytes)
+                )));
+            }
+            core.advance()?;
         }
-        self.advance()?;
         match kind {
             OutputKind::Serial => {
                 self.out.write_all(bytes).map_err(BoundaryError::Output)?;
@@ -218,28 +429,110 @@ impl<R: Read> Boundary for Replayer<R> {
     }
 
     fn pending_checkpoint(&mut self) -> Result<Option<Vec<u8>>, BoundaryError> {
-        if !matches!(self.next, Some(Record::Checkpoint { .. })) {
+        let mut core = lock(&self.core);
+        core.check_pending()?;
+        if !matches!(core.next, Some(Record::Checkpoint { .. })) {
             return Ok(None);
         }
-        match self.advance()? {
+        match core.advance()? {
             Record::Checkpoint { data } => Ok(Some(data)),
             _ => unreachable!("checked above"),
         }
     }
 
     fn finish(&mut self, digest: &ExitDigest) -> Result<(), BoundaryError> {
+        let mut core = lock(&self.core);
+        core.check_pending()?;
         let want = Record::End {
             exits: digest.count(),
             digest: digest.value(),
         };
-        if self.next.as_ref() != Some(&want) {
-            return Err(self.diverge(format!(
+        if core.next.as_ref() != Some(&want) {
+            return Err(core.diverge(format!(
                 "the end of the run after {} exits (digest {:016x})",
                 digest.count(),
                 digest.value()
             )));
         }
-        self.advance()?;
+        core.advance()?;
+        Ok(())
+    }
+}
+
+/// The disk of a replay: reads are served from the log, writes are checked against it (and
+/// kept, on a backup). A mismatch is a divergence, reported at the next boundary call (the
+/// device sees an I/O error meanwhile, which no longer matters).
+struct ReplayDisk<R: Read> {
+    core: Arc<Mutex<Core<R>>>,
+    size: u64,
+}
+
+fn diverged() -> io::Error {
+    io::Error::other("replay diverged")
+}
+
+impl<R: Read + Send> Disk for ReplayDisk<R> {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let mut core = lock(&self.core);
+        let got = format!("a disk read of {} bytes at byte {offset}", buf.len());
+        let data = match &core.next {
+            Some(Record::DiskRead { offset: o, data }) if *o == offset => unpack_disk_data(data),
+            _ => Err(String::new()),
+        };
+        match data {
+            Ok(d) if d.len() == buf.len() => {
+                buf.copy_from_slice(&d);
+                core.advance()
+                    .map_err(|e| io::Error::other(e.to_string()))?;
+                Ok(())
+            }
+            Ok(_) | Err(_) => {
+                let e = core.diverge(got);
+                core.pending.get_or_insert(e);
+                Err(diverged())
+            }
+        }
+    }
+
+    fn write_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let mut core = lock(&self.core);
+        let want = Record::DiskWrite {
+            offset,
+            len: buf.len() as u32,
+            crc: crc32c::crc32c(buf),
+        };
+        if core.next.as_ref() != Some(&want) {
+            let e = core.diverge(format!(
+                "a disk write of {} bytes at byte {offset}",
+                buf.len()
+            ));
+            core.pending.get_or_insert(e);
+            return Err(diverged());
+        }
+        let seq = core.next_seq;
+        core.advance()
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        if let Some(kept) = &core.kept {
+            kept.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .keep(seq, offset, buf.to_vec());
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        let mut core = lock(&self.core);
+        if core.next != Some(Record::DiskFlush) {
+            let e = core.diverge("a disk flush".into());
+            core.pending.get_or_insert(e);
+            return Err(diverged());
+        }
+        core.advance()
+            .map_err(|e| io::Error::other(e.to_string()))?;
         Ok(())
     }
 }

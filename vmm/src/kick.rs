@@ -52,8 +52,9 @@ pub struct Kicker {
 }
 
 impl Kicker {
-    /// Starts watching the calling thread, which must be the vCPU thread.
-    pub fn start(quantum: Duration) -> std::io::Result<Self> {
+    /// Starts watching the calling thread, which must be the vCPU thread. A stop requested by a
+    /// signal also raises `attention`, so that a halted guest's wait sees it.
+    pub fn start(quantum: Duration, attention: Arc<AtomicBool>) -> std::io::Result<Self> {
         register_signal_handler(kick_signal(), on_kick).map_err(std::io::Error::from)?;
         // SAFETY: pthread_self has no preconditions.
         let vcpu_thread = unsafe { libc::pthread_self() };
@@ -67,6 +68,9 @@ impl Kicker {
                     std::thread::park_timeout(quantum);
                     let generation = watch.generation.load(Ordering::Acquire);
                     let stop = STOP_REQUESTED.load(Ordering::Acquire);
+                    if stop {
+                        attention.store(true, Ordering::Release);
+                    }
                     if watch.in_guest.load(Ordering::Acquire) && (generation == seen || stop) {
                         watch.kicks.fetch_add(1, Ordering::Relaxed);
                         // SAFETY: the vCPU thread outlives this watcher: `Kicker::drop` (run on

@@ -9,15 +9,20 @@
 //! - [`vcpu`]: the vCPU loop: synchronous exits, interrupt injection, kicks, the exit digest.
 //! - [`compat`]: what this host's KVM cannot do itself, completed by the VMM (off on hardware KVM).
 //! - [`kick`]: regaining control of a vCPU that runs a whole quantum without an exit.
+//! - [`control`]: the control path into the vCPU (pause, snapshot, dirty pages, stop).
+//! - [`snapshot`]: snapshots, checkpoints, dirty-page sets.
+//! - [`transfer`]: the messages of a live state transfer to a backup.
 
 pub mod boot;
 pub mod compat;
 pub mod config;
+pub mod control;
 pub mod cpuid;
 pub mod kick;
 pub mod memory;
 pub mod platform;
 pub mod snapshot;
+pub mod transfer;
 pub mod vcpu;
 pub mod vm;
 

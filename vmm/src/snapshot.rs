@@ -19,8 +19,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 /// The magic at the start of a snapshot file.
 pub const SNAPSHOT_MAGIC: [u8; 8] = *b"FTVMMSNP";
-/// Snapshot format version (2: the body is LZ4-compressed).
-pub const SNAPSHOT_VERSION: u16 = 2;
+/// Snapshot format version (2: the body is LZ4-compressed; 3: the halted state).
+pub const SNAPSHOT_VERSION: u16 = 3;
 /// The largest uncompressed snapshot body: all of the largest guest RAM, plus room for state.
 const MAX_SNAPSHOT_BYTES: usize = (crate::config::MAX_MEMORY_BYTES as usize) + (64 << 20);
 const PAGE: u64 = 4096;
@@ -211,6 +211,97 @@ impl VcpuSnapshot {
     pub fn rip(&self) -> u64 {
         self.regs.rip
     }
+
+    /// The general registers, for state digests.
+    pub fn regs_only(&self) -> kvm_regs {
+        self.regs
+    }
+}
+
+/// A set of guest pages (a bitmap, one bit a page).
+#[derive(Clone, Debug, Default)]
+pub struct DirtySet {
+    words: Vec<u64>,
+}
+
+impl DirtySet {
+    /// An empty set for `ram_bytes` of RAM.
+    pub fn new(ram_bytes: u64) -> DirtySet {
+        DirtySet {
+            words: vec![0; (ram_bytes / PAGE).div_ceil(64) as usize],
+        }
+    }
+
+    /// Adds every page of `other`.
+    pub fn merge(&mut self, other: &DirtySet) {
+        for (a, b) in self.words.iter_mut().zip(&other.words) {
+            *a |= b;
+        }
+    }
+
+    /// Adds page `pfn`.
+    pub fn insert(&mut self, pfn: u64) {
+        if let Some(w) = self.words.get_mut((pfn / 64) as usize) {
+            *w |= 1 << (pfn % 64);
+        }
+    }
+
+    /// The page numbers in the set, ascending.
+    pub fn pfns(&self) -> impl Iterator<Item = u64> + '_ {
+        self.words.iter().enumerate().flat_map(|(i, &w)| {
+            (0..64)
+                .filter(move |b| w & (1u64 << b) != 0)
+                .map(move |b| i as u64 * 64 + b)
+        })
+    }
+
+    /// How many pages.
+    pub fn len(&self) -> usize {
+        self.words.iter().map(|w| w.count_ones() as usize).sum()
+    }
+
+    /// Whether the set is empty.
+    pub fn is_empty(&self) -> bool {
+        self.words.iter().all(|w| *w == 0)
+    }
+
+    /// Empties the set, returning what it held.
+    pub fn take(&mut self) -> DirtySet {
+        let n = self.words.len();
+        DirtySet {
+            words: std::mem::replace(&mut self.words, vec![0; n]),
+        }
+    }
+
+    /// The pages written since the last harvest: KVM's dirty log of slot 0 (reset by reading
+    /// it; `kvm_log` false when dirty logging is off) and vm-memory's bitmap of the VMM's own
+    /// writes (reset here too).
+    pub fn harvest(
+        vm: &VmFd,
+        mem: &GuestMemoryMmap,
+        kvm_log: bool,
+    ) -> Result<DirtySet, SnapshotError> {
+        let ram_bytes = mem.last_addr().0 + 1;
+        let mut set = DirtySet::new(ram_bytes);
+        if kvm_log {
+            let bitmap = kvm("KVM_GET_DIRTY_LOG", vm.get_dirty_log(0, ram_bytes as usize))?;
+            for (d, w) in set.words.iter_mut().zip(bitmap.iter()) {
+                *d |= *w;
+            }
+        }
+        for region in mem.iter() {
+            let base = region.start_addr().0;
+            // The region's own bitmap (not a slice of it), which can be reset.
+            let bm: &vm_memory::bitmap::AtomicBitmap = vm_memory::MmapRegion::bitmap(region);
+            for off in (0..region.len()).step_by(PAGE as usize) {
+                if bm.dirty_at(off as usize) {
+                    set.insert((base + off) / PAGE);
+                }
+            }
+            bm.reset();
+        }
+        Ok(set)
+    }
 }
 
 /// Pages of guest RAM: (guest page number, contents).
@@ -242,44 +333,27 @@ impl Pages {
         Ok(Pages { ram_bytes, pages })
     }
 
-    /// The pages written since the last call: the KVM dirty log of slot 0 (which resets it)
-    /// and vm-memory's bitmap of the VMM's writes (reset here too).
-    pub fn dirty(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<Pages, SnapshotError> {
+    /// The pages of a dirty set ([`DirtySet`]), read from RAM now.
+    pub fn from_set(mem: &GuestMemoryMmap, set: &DirtySet) -> Result<Pages, SnapshotError> {
+        Self::from_pfns(mem, set.pfns())
+    }
+
+    /// The pages `pfns`, read from RAM now.
+    pub fn from_pfns(
+        mem: &GuestMemoryMmap,
+        pfns: impl IntoIterator<Item = u64>,
+    ) -> Result<Pages, SnapshotError> {
         let ram_bytes = mem.last_addr().0 + 1;
-        let bitmap = kvm("KVM_GET_DIRTY_LOG", vm.get_dirty_log(0, ram_bytes as usize))?;
-        let mut dirty = vec![false; (ram_bytes / PAGE) as usize];
-        for (i, word) in bitmap.iter().enumerate() {
-            for bit in 0..64 {
-                if word & (1 << bit) != 0 {
-                    if let Some(d) = dirty.get_mut(i * 64 + bit) {
-                        *d = true;
-                    }
-                }
-            }
-        }
-        for region in mem.iter() {
-            let base = region.start_addr().0;
-            // The region's own bitmap (not a slice of it), which can be reset.
-            let bm: &vm_memory::bitmap::AtomicBitmap = vm_memory::MmapRegion::bitmap(region);
-            for off in (0..region.len()).step_by(PAGE as usize) {
-                if bm.dirty_at(off as usize) {
-                    if let Some(d) = dirty.get_mut(((base + off) / PAGE) as usize) {
-                        *d = true;
-                    }
-                }
-            }
-            bm.reset();
-        }
         let mut pages = Vec::new();
-        for (pfn, _) in dirty.iter().enumerate().filter(|(_, d)| **d) {
-            let addr = pfn as u64 * PAGE;
+        for pfn in pfns {
+            let addr = pfn * PAGE;
             let mut buf = vec![0u8; PAGE as usize];
             mem.read_slice(&mut buf, GuestAddress(addr))
                 .map_err(|e| SnapshotError::Memory {
                     addr,
                     why: e.to_string(),
                 })?;
-            pages.push((pfn as u64, buf));
+            pages.push((pfn, buf));
         }
         Ok(Pages { ram_bytes, pages })
     }
@@ -336,6 +410,8 @@ pub struct Snapshot {
     pub interrupt_flags: [u8; 3],
     /// The compatibility paths' state.
     pub compat: Option<crate::compat::SyscallFix>,
+    /// The guest is halted waiting for an interrupt (taken while a halted guest waited).
+    pub halted: bool,
 }
 
 impl Snapshot {

@@ -61,6 +61,9 @@ pub enum Event {
     Checkpoint,
     /// The log has a checkpoint here: restore it, then call [`Vcpu::kick_inputs`].
     Restore(Vec<u8>),
+    /// Another thread has a request for the vCPU ([`crate::control`]); serve it, then call
+    /// [`Vcpu::run`] again (a halted guest goes on waiting).
+    Control,
 }
 
 /// The state of the vCPU.
@@ -133,6 +136,9 @@ pub struct Vcpu {
     compat: bool,
     syscall_fix: Option<SyscallFix>,
     kicks: u64,
+    /// The guest executed HLT with interrupts on and is waiting for one: the next `run` waits
+    /// before it enters the guest again (KVM resumes after the HLT).
+    halted: bool,
 }
 
 impl Vcpu {
@@ -145,7 +151,18 @@ impl Vcpu {
             compat,
             syscall_fix: compat.then(SyscallFix::default),
             kicks: 0,
+            halted: false,
         }
+    }
+
+    /// Whether the guest is halted waiting for an interrupt (part of a snapshot).
+    pub fn halted(&self) -> bool {
+        self.halted
+    }
+
+    /// Restores the halted state from a snapshot.
+    pub fn set_halted(&mut self, halted: bool) {
+        self.halted = halted;
     }
 
     /// The digest over the synchronous exits so far.
@@ -180,14 +197,28 @@ impl Vcpu {
         mem: &GuestMemoryMmap,
         boundary: &mut dyn Boundary,
         kicker: &Kicker,
+        attention: &dyn Fn() -> bool,
     ) -> Result<Event, VcpuError> {
         while self.state == VcpuState::Running {
-            if let Some(data) = boundary.pending_checkpoint()? {
-                return Ok(Event::Restore(data));
-            }
             if kicker.stop_requested() {
                 self.finish(Stop::Interrupted);
                 break;
+            }
+            if attention() {
+                return Ok(Event::Control);
+            }
+            if self.halted {
+                match self.halt(platform, boundary) {
+                    Err(VcpuError::Boundary(BoundaryError::Interrupted)) => continue,
+                    other => other?,
+                }
+                if self.state == VcpuState::Running {
+                    self.after_exit(platform, mem, boundary)?;
+                }
+                continue;
+            }
+            if let Some(data) = boundary.pending_checkpoint()? {
+                return Ok(Event::Restore(data));
             }
             kicker.enter();
             let exit = self.run_once(platform, mem, boundary);
@@ -218,13 +249,16 @@ impl Vcpu {
                         Action::Reset => self.finish(Stop::Reset),
                     }
                     if kind == ExitKind::Hlt && self.state == VcpuState::Running {
-                        self.halt(platform, boundary)?;
+                        if self.fd.get_kvm_run().if_flag == 0 {
+                            self.finish(Stop::Halted);
+                        } else {
+                            self.halted = true;
+                            // A wait cut short by a request resumes at the top of the loop.
+                            continue;
+                        }
                     }
                     if self.state == VcpuState::Running {
-                        if let Some(fix) = &mut self.syscall_fix {
-                            fix.follow_guest(&self.fd, mem)?;
-                        }
-                        self.inputs(Point::Exit, platform, boundary, true)?;
+                        self.after_exit(platform, mem, boundary)?;
                     }
                 }
                 Exit::Kick => {
@@ -427,23 +461,34 @@ impl Vcpu {
         }
     }
 
-    /// The guest executed HLT. With interrupts off it has stopped for good; otherwise wait for
-    /// inputs until an interrupt is pending.
+    /// After a synchronous exit (and the halt it began, if any): follow the guest for the
+    /// compatibility paths, deliver the inputs due, inject.
+    fn after_exit(
+        &mut self,
+        platform: &mut Platform,
+        mem: &GuestMemoryMmap,
+        boundary: &mut dyn Boundary,
+    ) -> Result<(), VcpuError> {
+        if let Some(fix) = &mut self.syscall_fix {
+            fix.follow_guest(&self.fd, mem)?;
+        }
+        self.inputs(Point::Exit, platform, boundary, true)
+    }
+
+    /// The guest is halted with interrupts on: wait for inputs until an interrupt is pending.
+    /// A wait cut short by a control request returns `Interrupted` with the vCPU still halted.
     fn halt(
         &mut self,
         platform: &mut Platform,
         boundary: &mut dyn Boundary,
     ) -> Result<(), VcpuError> {
-        if self.fd.get_kvm_run().if_flag == 0 {
-            self.finish(Stop::Halted);
-            return Ok(());
-        }
         while !platform.interrupt_pending() {
             let req = platform.wait_request();
             tracing::trace!("halted: {req:?}");
             let input = boundary.wait(&req)?;
             platform.apply(input);
         }
+        self.halted = false;
         Ok(())
     }
 

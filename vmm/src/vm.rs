@@ -3,13 +3,15 @@
 use crate::boot::{self, BootError};
 use crate::compat;
 use crate::config::{VmConfig, MAX_MEMORY_BYTES, MIN_MEMORY_BYTES};
+use crate::control::{VcpuControl, VcpuEvent, VcpuResponse};
 use crate::cpuid::{self, DETERMINISTIC_PROFILE};
 use crate::kick::Kicker;
 use crate::memory::{self, GuestMemoryMmap, MemoryError};
 use crate::platform::{Platform, VIRTIO_BLK_IRQ, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE};
-use crate::snapshot::{saveable_msrs, Pages, Snapshot, SnapshotError, VcpuSnapshot};
+use crate::snapshot::{saveable_msrs, DirtySet, Pages, Snapshot, SnapshotError, VcpuSnapshot};
 use crate::vcpu::{Event, Stop, Vcpu, VcpuError};
-use devices::virtio::{FileDisk, MmioBlock};
+use devices::virtio::{DiskBackend, MmioBlock};
+use ft_core::disk::Disk;
 use ft_core::{Boundary, BoundaryError, ExitDigest};
 use kvm_ioctls::{Kvm, VmFd};
 use thiserror::Error;
@@ -82,6 +84,31 @@ pub struct Vm {
     stats: CheckpointStats,
     track_dirty: bool,
     shadow: Option<Vec<u8>>,
+    /// Pages written since the last checkpoint.
+    checkpoint_dirty: DirtySet,
+    /// Pages written since the last harvest of a live transfer, while one runs.
+    transfer_dirty: Option<DirtySet>,
+}
+
+/// The disk as the device's backend: whatever the boundary made of the image.
+struct BoundaryDisk(Box<dyn Disk>);
+
+impl DiskBackend for BoundaryDisk {
+    fn size(&self) -> u64 {
+        self.0.size()
+    }
+
+    fn read_at(&mut self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.0.read_at(buf, offset)
+    }
+
+    fn write_at(&mut self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.0.write_at(buf, offset)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
 }
 
 /// What checkpoints cost in this run.
@@ -100,21 +127,28 @@ pub struct CheckpointStats {
 impl Vm {
     /// Builds the VM described by `config`, ready to run from the kernel's entry point.
     /// `track_dirty` turns on KVM's dirty-page log, which incremental checkpoints need.
+    /// `image` is the disk image as the role may use it (`None`: not to be touched, e.g. a
+    /// backup's shared disk); the boundary decides what the guest's device gets from it.
     pub fn new(
         config: &VmConfig,
         boundary: &mut dyn Boundary,
         track_dirty: bool,
+        image: Option<Box<dyn Disk>>,
     ) -> Result<Vm, VmError> {
         if !(MIN_MEMORY_BYTES..=MAX_MEMORY_BYTES).contains(&config.memory_bytes) {
             return Err(VmError::MemorySize(config.memory_bytes));
         }
         let blk = match &config.disk {
             Some(path) => {
-                let disk = FileDisk::open(path, false).map_err(|source| VmError::Disk {
-                    path: path.display().to_string(),
-                    source,
-                })?;
-                Some(MmioBlock::new(Box::new(disk), false))
+                let size = std::fs::metadata(path)
+                    .map_err(|source| VmError::Disk {
+                        path: path.display().to_string(),
+                        source,
+                    })?
+                    .len();
+                boundary
+                    .disk(image, size)
+                    .map(|d| MmioBlock::new(Box::new(BoundaryDisk(d)), false))
             }
             None => None,
         };
@@ -170,23 +204,96 @@ impl Vm {
             stats: CheckpointStats::default(),
             track_dirty,
             shadow: None,
+            checkpoint_dirty: DirtySet::new(config.memory_bytes),
+            transfer_dirty: None,
         })
+    }
+
+    /// Guest RAM (a handle sharing the mapping, for the thread that copies it in a transfer).
+    pub fn memory(&self) -> GuestMemoryMmap {
+        self.mem.clone()
+    }
+
+    /// Guest RAM size in bytes.
+    pub fn config_memory(&self) -> u64 {
+        self.config.memory_bytes
+    }
+
+    /// Zeroes all of guest RAM (a backup, before it receives the primary's pages).
+    pub fn zero_memory(&mut self) -> Result<(), VmError> {
+        memory::zero(&self.mem).map_err(|e| {
+            VmError::Snapshot(SnapshotError::Memory {
+                addr: 0,
+                why: e.to_string(),
+            })
+        })?;
+        memory::reload(&self.vm, &self.mem, self.track_dirty)?;
+        Ok(())
+    }
+
+    /// Turns KVM's dirty-page log on (a primary, when a backup attaches).
+    pub fn track_dirty_pages(&mut self) -> Result<(), VmError> {
+        if !self.track_dirty {
+            // Delete and re-add the slot rather than only change its flags: with the flag
+            // change alone, writes through mappings KVM had already made writable went
+            // unlogged on this project's nested KVM (a backup's RAM differed from its
+            // primary's in one page after a Linux run).
+            memory::reload(&self.vm, &self.mem, true)?;
+            self.track_dirty = true;
+        }
+        Ok(())
+    }
+
+    /// Collects the pages written since the last harvest into the checkpoint set and, during a
+    /// transfer, the transfer set.
+    fn harvest(&mut self) -> Result<(), VmError> {
+        let set = DirtySet::harvest(&self.vm, &self.mem, self.track_dirty)?;
+        self.checkpoint_dirty.merge(&set);
+        if let Some(t) = &mut self.transfer_dirty {
+            t.merge(&set);
+        }
+        Ok(())
+    }
+
+    /// A digest of the whole VM's state: RAM, vCPU registers, devices and virtual time. Equal
+    /// digests on a primary and its backup at the same log position mean the same VM.
+    pub fn state_digest(&mut self) -> Result<u64, VmError> {
+        let ram = memory::digest(&self.mem);
+        let msrs = self.msrs.clone().unwrap_or_default();
+        let vcpu = VcpuSnapshot::save(self.vcpu.fd(), &msrs)?;
+        let platform = postcard::to_stdvec(&self.platform.state()).unwrap_or_default();
+        let regs = postcard::to_stdvec(&vcpu.regs_only()).unwrap_or_default();
+        let mut h = crc32c::crc32c(&ram.to_le_bytes());
+        h = crc32c::crc32c_append(h, &regs);
+        h = crc32c::crc32c_append(h, &platform);
+        Ok((ram << 32) ^ u64::from(h))
     }
 
     /// Takes a snapshot: full, or the pages written since the last one.
     pub fn snapshot(&mut self, full: bool) -> Result<Snapshot, VmError> {
         let interrupt_flags = self.vcpu.interrupt_flags();
         self.vcpu.settle()?;
-        if self.msrs.is_none() {
-            self.msrs = Some(saveable_msrs(&self.kvm, self.vcpu.fd())?);
-        }
+        self.harvest()?;
         let pages = if full {
+            self.checkpoint_dirty.take();
             Pages::full(&self.mem)?
         } else {
-            Pages::dirty(&self.vm, &self.mem)?
+            Pages::from_set(&self.mem, &self.checkpoint_dirty.take())?
         };
         if std::env::var_os("FTVMM_VERIFY_DIRTY").is_some() {
             self.verify_dirty(&pages);
+        }
+        self.snapshot_with(pages, full, interrupt_flags)
+    }
+
+    fn snapshot_with(
+        &mut self,
+        pages: Pages,
+        full: bool,
+        interrupt_flags: [u8; 3],
+    ) -> Result<Snapshot, VmError> {
+        if self.msrs.is_none() {
+            self.msrs = Some(saveable_msrs(&self.kvm, self.vcpu.fd())?);
         }
         let msrs = self.msrs.as_deref().unwrap_or(&[]);
         Ok(Snapshot {
@@ -197,7 +304,22 @@ impl Vm {
             digest: self.vcpu.digest().clone(),
             interrupt_flags,
             compat: self.vcpu.syscall_fix().cloned(),
+            halted: self.vcpu.halted(),
         })
+    }
+
+    /// The final state of a live transfer, taken while the vCPU is paused: the pages written
+    /// since the transfer's last harvest, and everything else. The checkpoint set keeps its
+    /// pages, so the next checkpoint covers everything since the previous one.
+    fn transfer_snapshot(&mut self) -> Result<Snapshot, VmError> {
+        let interrupt_flags = self.vcpu.interrupt_flags();
+        self.vcpu.settle()?;
+        self.harvest()?;
+        let rest = self.transfer_dirty.take().unwrap_or_default();
+        let pages = Pages::from_set(&self.mem, &rest)?;
+        // The backup's state is this one: the next checkpoint needs only what changes after.
+        self.checkpoint_dirty.take();
+        self.snapshot_with(pages, false, interrupt_flags)
     }
 
     /// Debugging aid (FTVMM_VERIFY_DIRTY=1): compares all of RAM with a copy taken at the
@@ -250,6 +372,7 @@ impl Vm {
             snap.interrupt_flags,
             snap.compat.clone(),
         );
+        self.vcpu.set_halted(snap.halted);
         Ok(())
     }
 
@@ -273,17 +396,44 @@ impl Vm {
         self.compat
     }
 
-    /// Runs the guest until it stops, taking and restoring checkpoints where the boundary asks.
-    pub fn run(&mut self, boundary: &mut dyn Boundary) -> Result<Stop, VmError> {
-        let kicker = Kicker::start(self.config.quantum).map_err(VmError::Kicker)?;
+    /// Runs the guest until it stops, taking and restoring checkpoints where the boundary asks
+    /// and serving the requests of `control`.
+    pub fn run(
+        &mut self,
+        boundary: &mut dyn Boundary,
+        control: &VcpuControl,
+    ) -> Result<Stop, VmError> {
+        let kicker =
+            Kicker::start(self.config.quantum, control.attention()).map_err(VmError::Kicker)?;
+        boundary.set_attention(control.attention());
+        control.running(true);
+        let result = self.run_loop(boundary, control, &kicker);
+        control.running(false);
+        // Whoever still waits for an answer learns that the vCPU is gone.
+        while let Some((_, reply)) = control.next(None) {
+            let _ = reply.send(VcpuResponse::Stopped);
+        }
+        result
+    }
+
+    fn run_loop(
+        &mut self,
+        boundary: &mut dyn Boundary,
+        control: &VcpuControl,
+        kicker: &Kicker,
+    ) -> Result<Stop, VmError> {
         loop {
-            let event = match self
-                .vcpu
-                .run(&mut self.platform, &self.mem, boundary, &kicker)
-            {
-                Err(VcpuError::Boundary(BoundaryError::EndOfLog)) => Event::Stopped(Stop::EndOfLog),
-                other => other?,
-            };
+            let attention = || control.pending();
+            let event =
+                match self
+                    .vcpu
+                    .run(&mut self.platform, &self.mem, boundary, kicker, &attention)
+                {
+                    Err(VcpuError::Boundary(BoundaryError::EndOfLog)) => {
+                        Event::Stopped(Stop::EndOfLog)
+                    }
+                    other => other?,
+                };
             match event {
                 Event::Stopped(stop) => {
                     boundary.finish(self.vcpu.digest())?;
@@ -305,6 +455,82 @@ impl Vm {
                     self.restore(&snap)?;
                     self.vcpu.kick_inputs(&mut self.platform, boundary)?;
                 }
+                Event::Control => {
+                    if let Some(stop) = self.serve(control, kicker)? {
+                        boundary.finish(self.vcpu.digest())?;
+                        return Ok(stop);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Serves the control requests that are waiting, and, once paused, all requests until a
+    /// `Resume`. Returns a stop if one was asked for.
+    fn serve(&mut self, control: &VcpuControl, kicker: &Kicker) -> Result<Option<Stop>, VmError> {
+        let mut paused = false;
+        loop {
+            if kicker.stop_requested() {
+                return Ok(Some(Stop::Interrupted));
+            }
+            let wait = paused.then_some(std::time::Duration::from_millis(50));
+            let Some((event, reply)) = control.next(wait) else {
+                if paused {
+                    continue;
+                }
+                return Ok(None);
+            };
+            let response = match event {
+                VcpuEvent::Pause => {
+                    paused = true;
+                    VcpuResponse::Paused
+                }
+                VcpuEvent::Resume => {
+                    paused = false;
+                    VcpuResponse::Resumed
+                }
+                VcpuEvent::Snapshot { .. } if !paused => {
+                    VcpuResponse::Refused("a snapshot needs the vCPU paused first".into())
+                }
+                VcpuEvent::Snapshot { full } => {
+                    let snap = if full {
+                        self.snapshot(true)
+                    } else {
+                        self.transfer_snapshot()
+                    };
+                    match snap {
+                        Ok(s) => VcpuResponse::Snapshot(Box::new(s)),
+                        Err(e) => VcpuResponse::Refused(e.to_string()),
+                    }
+                }
+                VcpuEvent::StartDirtyTracking => {
+                    match self.track_dirty_pages().and_then(|_| self.harvest()) {
+                        Ok(()) => {
+                            self.transfer_dirty = Some(DirtySet::new(self.config.memory_bytes));
+                            VcpuResponse::Ok
+                        }
+                        Err(e) => VcpuResponse::Refused(e.to_string()),
+                    }
+                }
+                VcpuEvent::DirtyPages => match self.harvest() {
+                    Ok(()) => match &mut self.transfer_dirty {
+                        Some(t) => VcpuResponse::DirtyPages(t.take().pfns().collect()),
+                        None => VcpuResponse::Refused("no transfer is tracking pages".into()),
+                    },
+                    Err(e) => VcpuResponse::Refused(e.to_string()),
+                },
+                VcpuEvent::StopDirtyTracking => {
+                    self.transfer_dirty = None;
+                    VcpuResponse::Ok
+                }
+                VcpuEvent::Stop => {
+                    let _ = reply.send(VcpuResponse::Stopped);
+                    return Ok(Some(Stop::Interrupted));
+                }
+            };
+            let _ = reply.send(response);
+            if !paused && !control.pending() {
+                return Ok(None);
             }
         }
     }

@@ -1,0 +1,352 @@
+//! The command line of `ftvmm`: flags, their parsers, and what every role needs from them
+//! (the machine configuration, the serial line, errors and exit statuses).
+
+use clap::{Parser, ValueEnum};
+use ft_core::live::{Clock, SerialSource};
+use ft_core::BoundaryError;
+use std::fs::File;
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Duration;
+use vmm::{CompatMode, VmConfig, VmError};
+
+/// What this process is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub(crate) enum Role {
+    /// Run the guest alone, with no fault tolerance (optionally recording it: `--record`).
+    Standalone,
+    /// Re-execute a recording (`--log`) on the same machine flags, checking every exit.
+    Replay,
+    /// Run the guest protected: accept a backup (`--listen`) and stream the log to it.
+    Primary,
+    /// Attach to a running primary (`--primary`), replay its log, stand by to take over.
+    Backup,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub(crate) enum Compat {
+    Auto,
+    On,
+    Off,
+}
+
+/// Where the guest's serial line goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum SerialOut {
+    Stdio,
+    File(PathBuf),
+}
+
+pub(crate) fn parse_serial(s: &str) -> Result<SerialOut, String> {
+    match s {
+        "stdio" => Ok(SerialOut::Stdio),
+        _ => match s.strip_prefix("file:") {
+            Some(p) if !p.is_empty() => Ok(SerialOut::File(PathBuf::from(p))),
+            _ => Err(format!("expected `stdio` or `file:PATH`, got `{s}`")),
+        },
+    }
+}
+
+/// A size with an optional K, M or G suffix (powers of 1024).
+pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, mult) = match t.char_indices().last() {
+        Some((i, 'K' | 'k')) => (&t[..i], 1u64 << 10),
+        Some((i, 'M' | 'm')) => (&t[..i], 1 << 20),
+        Some((i, 'G' | 'g')) => (&t[..i], 1 << 30),
+        _ => (t, 1),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| format!("expected a size like 256M, 1G or 4194304, got `{s}`"))
+}
+
+/// `host`, `virtual` (100us per exit) or `virtual:STEP` (e.g. `virtual:50us`).
+pub(crate) fn parse_clock(s: &str) -> Result<Clock, String> {
+    match s {
+        "host" => Ok(Clock::Host),
+        "virtual" => Ok(Clock::Virtual { step_ns: 100_000 }),
+        _ => match s.strip_prefix("virtual:") {
+            Some(step) => parse_duration(step).map(|d| Clock::Virtual {
+                step_ns: d.as_nanos() as u64,
+            }),
+            None => Err(format!(
+                "expected `host`, `virtual` or `virtual:STEP` (e.g. virtual:50us), got `{s}`"
+            )),
+        },
+    }
+}
+
+/// A duration like 10ms, 50ms, 1s.
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let bad = || format!("expected a duration like 10ms or 1s, got `{s}`");
+    let (num, unit) = if let Some(n) = t.strip_suffix("ms") {
+        (n, 1_000_000u64)
+    } else if let Some(n) = t.strip_suffix("us") {
+        (n, 1_000)
+    } else if let Some(n) = t.strip_suffix('s') {
+        (n, 1_000_000_000)
+    } else {
+        return Err(bad());
+    };
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    match n.checked_mul(unit) {
+        Some(ns) if ns > 0 => Ok(Duration::from_nanos(ns)),
+        _ => Err(bad()),
+    }
+}
+
+/// ftvmm: a fault-tolerant KVM hypervisor.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+pub(crate) struct Args {
+    /// What this process is.
+    #[arg(long, value_enum)]
+    pub(crate) role: Role,
+    /// The guest kernel: an uncompressed ELF (vmlinux or a test guest).
+    #[arg(long)]
+    pub(crate) kernel: PathBuf,
+    /// An initial ramdisk.
+    #[arg(long)]
+    pub(crate) initrd: Option<PathBuf>,
+    /// The kernel command line (the deterministic profile and device switches are appended).
+    #[arg(long, default_value = "console=ttyS0")]
+    pub(crate) cmdline: String,
+    /// Guest RAM, e.g. 256M or 1G.
+    #[arg(long, default_value = "256M", value_parser = parse_size)]
+    pub(crate) memory: u64,
+    /// A raw disk image, attached as virtio-blk (/dev/vda).
+    #[arg(long)]
+    pub(crate) disk: Option<PathBuf>,
+    /// Where the guest's serial output goes: `stdio` or `file:PATH`.
+    #[arg(long, default_value = "stdio", value_parser = parse_serial)]
+    pub(crate) serial: SerialOut,
+    /// Where the guest's serial input comes from: `-` (stdin), a file or pipe, or `none`.
+    /// Default: stdin with `--serial stdio`, none otherwise.
+    #[arg(long)]
+    pub(crate) serial_input: Option<String>,
+    /// Hold serial input back until the guest has printed this text (e.g. a shell prompt).
+    #[arg(long)]
+    pub(crate) serial_input_after: Option<String>,
+    /// Do not append the deterministic profile to the kernel command line.
+    #[arg(long)]
+    pub(crate) no_deterministic_profile: bool,
+    /// Completion of what this host's KVM cannot do (auto: only on hosts that need it).
+    #[arg(long, value_enum, default_value = "auto")]
+    pub(crate) kvm_compat: Compat,
+    /// What guest time follows: `host` (real time), or `virtual[:STEP]`: STEP (default 100us)
+    /// per VM exit and idle time skipped, so that runs with the same input are identical.
+    #[arg(long, default_value = "host", value_parser = parse_clock)]
+    pub(crate) clock: Clock,
+    /// A vCPU that runs this long without an exit is kicked, e.g. 10ms.
+    #[arg(long, default_value = "10ms", value_parser = parse_duration)]
+    pub(crate) quantum: Duration,
+    /// Record the run to this event log (standalone role).
+    #[arg(long)]
+    pub(crate) record: Option<PathBuf>,
+    /// The event log to replay (replay role).
+    #[arg(long)]
+    pub(crate) log: Option<PathBuf>,
+    /// When the VM stops (the guest exits, or SIGTERM/SIGINT), save a full snapshot here.
+    #[arg(long)]
+    pub(crate) snapshot_on_exit: Option<PathBuf>,
+    /// Start from this snapshot instead of booting (same machine flags as when it was taken).
+    #[arg(long)]
+    pub(crate) restore: Option<PathBuf>,
+    /// Log level for diagnostics on stderr (error, warn, info, debug, trace).
+    #[arg(long, default_value = "warn")]
+    pub(crate) log_level: String,
+    /// Primary: the address to accept a backup on, e.g. 0.0.0.0:7000.
+    #[arg(long)]
+    pub(crate) listen: Option<String>,
+    /// Backup: the primary's address, e.g. 10.0.0.1:7000.
+    #[arg(long)]
+    pub(crate) primary: Option<String>,
+    /// Primary and backup: the pre-shared key both ends prove they hold (a file of at least 16
+    /// bytes, e.g. `head -c 32 /dev/urandom > key`).
+    #[arg(long)]
+    pub(crate) key_file: Option<PathBuf>,
+    /// A Unix socket for `ftvmm ctl` (status).
+    #[arg(long)]
+    pub(crate) api_socket: Option<PathBuf>,
+    /// Primary: log bytes in flight to the backup before the vCPU stalls, e.g. 16M.
+    #[arg(long, default_value = "16M", value_parser = parse_size)]
+    pub(crate) log_buffer: u64,
+    /// Primary: slow the vCPU when the backup's replay lags by more than this virtual time.
+    #[arg(long, default_value = "100ms", value_parser = parse_duration)]
+    pub(crate) max_lag: Duration,
+    /// Primary: output leaves once the backup has `received` its log record (the VMware FT
+    /// rule), or has `executed` it and produced the same output (verified output).
+    #[arg(long, value_enum, default_value = "received")]
+    pub(crate) ack: AckArg,
+    /// Primary and backup: the peer is lost after this long without a frame or heartbeat.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    pub(crate) peer_timeout: Duration,
+}
+
+/// `--ack`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub(crate) enum AckArg {
+    /// The backup holds the log record.
+    Received,
+    /// The backup replayed it and produced the same output.
+    Executed,
+}
+
+pub(crate) fn serial_source(args: &Args) -> Result<SerialSource, String> {
+    let spec = match (&args.serial_input, &args.serial) {
+        (Some(s), _) => s.as_str(),
+        (None, SerialOut::Stdio) => "-",
+        (None, SerialOut::File(_)) => "none",
+    };
+    Ok(match spec {
+        "none" => SerialSource::None,
+        "-" => SerialSource::Reader(Box::new(std::io::stdin())),
+        path => {
+            let file =
+                File::open(path).map_err(|e| format!("cannot open serial input {path}: {e}"))?;
+            let is_file = file.metadata().map(|m| m.is_file()).unwrap_or(false);
+            if is_file {
+                // A script: all of it is known now, and waits for the guest to be ready.
+                let bytes = std::fs::read(path)
+                    .map_err(|e| format!("cannot read serial input {path}: {e}"))?;
+                SerialSource::Bytes(bytes)
+            } else {
+                SerialSource::Reader(Box::new(file))
+            }
+        }
+    })
+}
+
+pub(crate) fn serial_sink(args: &Args) -> Result<Box<dyn Write + Send>, String> {
+    Ok(match &args.serial {
+        SerialOut::Stdio => Box::new(std::io::stdout()),
+        SerialOut::File(p) => Box::new(
+            File::create(p)
+                .map_err(|e| format!("cannot create serial output {}: {e}", p.display()))?,
+        ),
+    })
+}
+
+pub(crate) fn check_file(what: &str, path: &PathBuf) -> Result<(), String> {
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_file() => Ok(()),
+        Ok(_) => Err(format!("{what} {} is not a regular file", path.display())),
+        Err(e) => Err(format!("{what} {}: {e}", path.display())),
+    }
+}
+
+/// Exit status for a replay that diverged from its recording.
+pub(crate) const DIVERGENCE_STATUS: u8 = 3;
+
+/// What went wrong, and the exit status it gets.
+pub(crate) struct Failure {
+    pub(crate) message: String,
+    pub(crate) status: u8,
+}
+
+impl From<&str> for Failure {
+    fn from(message: &str) -> Self {
+        Failure {
+            message: message.to_string(),
+            status: 2,
+        }
+    }
+}
+
+impl From<String> for Failure {
+    fn from(message: String) -> Self {
+        Failure { message, status: 2 }
+    }
+}
+
+impl From<VmError> for Failure {
+    fn from(e: VmError) -> Self {
+        let status = match &e {
+            VmError::Boundary(BoundaryError::Divergence { .. })
+            | VmError::Vcpu(vmm::vcpu::VcpuError::Boundary(BoundaryError::Divergence { .. })) => {
+                DIVERGENCE_STATUS
+            }
+            _ => 2,
+        };
+        Failure {
+            message: e.to_string(),
+            status,
+        }
+    }
+}
+
+pub(crate) fn machine_config(args: &Args) -> Result<VmConfig, String> {
+    check_file("kernel", &args.kernel)?;
+    if let Some(p) = &args.initrd {
+        check_file("initrd", p)?;
+    }
+    if let Some(p) = &args.disk {
+        check_file("disk image", p)?;
+    }
+    Ok(VmConfig {
+        kernel: args.kernel.clone(),
+        initrd: args.initrd.clone(),
+        cmdline: args.cmdline.clone(),
+        memory_bytes: args.memory,
+        disk: args.disk.clone(),
+        deterministic_profile: !args.no_deterministic_profile,
+        kvm_compat: match args.kvm_compat {
+            Compat::Auto => CompatMode::Auto,
+            Compat::On => CompatMode::On,
+            Compat::Off => CompatMode::Off,
+        },
+        quantum: args.quantum,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("256M"), Ok(256 << 20));
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("12X").is_err());
+        assert!(parse_size("M").is_err());
+        assert!(parse_size("99999999999999999G").is_err());
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("10ms"), Ok(Duration::from_millis(10)));
+        assert_eq!(parse_duration("1s"), Ok(Duration::from_secs(1)));
+        assert!(parse_duration("0ms").is_err());
+        assert!(parse_duration("10").is_err());
+    }
+
+    #[test]
+    fn clocks() {
+        assert_eq!(parse_clock("host"), Ok(Clock::Host));
+        assert_eq!(
+            parse_clock("virtual"),
+            Ok(Clock::Virtual { step_ns: 100_000 })
+        );
+        assert_eq!(
+            parse_clock("virtual:50us"),
+            Ok(Clock::Virtual { step_ns: 50_000 })
+        );
+        assert!(parse_clock("wall").is_err());
+        assert!(parse_clock("virtual:fast").is_err());
+    }
+
+    #[test]
+    fn serial_specs() {
+        assert_eq!(parse_serial("stdio"), Ok(SerialOut::Stdio));
+        assert_eq!(
+            parse_serial("file:/tmp/x"),
+            Ok(SerialOut::File(PathBuf::from("/tmp/x")))
+        );
+        assert!(parse_serial("file:").is_err());
+        assert!(parse_serial("tcp:1").is_err());
+    }
+}

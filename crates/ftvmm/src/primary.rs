@@ -1,0 +1,564 @@
+//! `--role primary`: runs the guest, accepts one backup at a time, transfers the running VM to
+//! it (iterative pre-copy, then one short pause), streams the event log to it and holds output
+//! until the backup has acknowledged the log up to it (ft_core::primary).
+//!
+//! Threads: the vCPU (this thread, `Vm::run`), the pair manager (accepts backups, runs the
+//! transfer and resyncs, through the vCPU control path), the output releaser, the network
+//! runtime of the logging channel, the API socket.
+
+use crate::cli::{machine_config, serial_sink, serial_source, AckArg, Args, Failure};
+use crate::report;
+use crate::status::{ApiServer, StatusFn};
+use ft_core::disk::{Disk, ImageFile};
+use ft_core::live::LiveBoundary;
+use ft_core::log::{Header, Record, VERSION};
+use ft_core::primary::{AckMode, HeldDisk, HeldSerial, Link};
+use ft_core::record::{Recorder, SharedRecordCore};
+use ft_core::Boundary;
+use logging_channel::{ChannelConfig, Connection, Listener, Msg, Psk, PROTOCOL_VERSION};
+use std::io::IsTerminal;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use vmm::control::{VcpuEvent, VcpuHandle, VcpuResponse};
+use vmm::memory::GuestMemoryMmap;
+use vmm::transfer::{read_pages, TransferMsg, PAGES_PER_MESSAGE};
+use vmm::vm::kernel_cmdline;
+use vmm::{config_identity, Vm};
+
+/// How long the control thread waits for the vCPU to answer a request.
+const VCPU_ANSWER: Duration = Duration::from_secs(10);
+/// Pre-copy stops when a round leaves no more than this many pages dirty...
+const LAST_ROUND_PAGES: usize = 256;
+/// ...or after this many rounds.
+const MAX_ROUNDS: u32 = 12;
+
+/// What one attach measured.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub(crate) struct AttachReport {
+    pub(crate) peer: String,
+    pub(crate) rounds: u32,
+    pub(crate) bytes: u64,
+    pub(crate) pages: u64,
+    pub(crate) total_ms: f64,
+    pub(crate) pause_ms: f64,
+}
+
+/// The pair's counters, from the primary's side.
+#[derive(Default)]
+struct PairState {
+    attaches: AtomicU64,
+    refused: AtomicU64,
+    resyncs: AtomicU64,
+    last_attach: Mutex<Option<AttachReport>>,
+    stop: AtomicBool,
+}
+
+fn psk(args: &Args) -> Result<Psk, String> {
+    let path = args
+        .key_file
+        .as_ref()
+        .ok_or("--role primary and --role backup need --key-file PATH (a pre-shared key)")?;
+    Psk::from_file(path).map_err(|e| e.to_string())
+}
+
+pub(crate) fn channel_config(args: &Args) -> Result<ChannelConfig, String> {
+    let mut cfg = ChannelConfig::new(psk(args)?);
+    cfg.log_buffer = usize::try_from(args.log_buffer).unwrap_or(usize::MAX);
+    cfg.timeout = args.peer_timeout;
+    Ok(cfg)
+}
+
+/// Runs the primary role; returns the exit status.
+pub(crate) fn run(args: &Args) -> Result<u8, Failure> {
+    let config = machine_config(args)?;
+    for (flag, set) in [
+        ("--record", args.record.is_some()),
+        ("--log", args.log.is_some()),
+        ("--primary", args.primary.is_some()),
+    ] {
+        if set {
+            return Err(format!("{flag} is not for --role primary").into());
+        }
+    }
+    let listen = args
+        .listen
+        .clone()
+        .ok_or("--role primary needs --listen ADDR (where backups attach)")?;
+    let channel = channel_config(args)?;
+    let (hash, summary) = config_identity(&config, &kernel_cmdline(&config))?;
+
+    let mode = match args.ack {
+        AckArg::Received => AckMode::Received,
+        AckArg::Executed => AckMode::Executed,
+    };
+    // The live side reads the host; its serial output goes through the output rule.
+    let mut live =
+        LiveBoundary::with_clock(serial_source(args)?, Box::new(std::io::sink()), args.clock);
+    let rtc_epoch = live.rtc_epoch().map_err(|e| e.to_string())?;
+    let header = Header {
+        version: VERSION,
+        config_hash: hash,
+        config_summary: summary.clone(),
+        rtc_epoch,
+    };
+    let link = Link::new(header, mode, args.max_lag);
+    live.set_output(Box::new(HeldSerial::new(link.clone())));
+    if let Some(marker) = &args.serial_input_after {
+        live = live.input_after(marker.as_bytes());
+    }
+    let mut recorder = Recorder::new(
+        live,
+        Box::new(ft_core::primary::StreamSink::new(link.clone())),
+        rtc_epoch,
+    )
+    .map_err(|e| e.to_string())?;
+    let core = recorder.core();
+
+    let (image, release_image): (Option<Box<dyn Disk>>, _) = match &config.disk {
+        Some(path) => {
+            let img = ImageFile::open(path)
+                .map_err(|e| format!("cannot open disk image {}: {e}", path.display()))?;
+            let for_release = img
+                .try_clone()
+                .map_err(|e| format!("disk image {}: {e}", path.display()))?;
+            (
+                Some(Box::new(HeldDisk::new(link.clone(), img))),
+                Some(for_release),
+            )
+        }
+        None => (None, None),
+    };
+    let releaser = link
+        .start_releaser(serial_sink(args)?, release_image)
+        .map_err(|e| format!("cannot start the output releaser: {e}"))?;
+
+    vmm::kick::stop_on_signals().map_err(|e| format!("cannot install signal handlers: {e}"))?;
+    let mut vm = Vm::new(&config, &mut recorder, false, image)?;
+    tracing::info!("kernel command line: {}", vm.cmdline());
+    if let Some(path) = &args.restore {
+        let snap = vmm::snapshot::Snapshot::read_file(path).map_err(|e| e.to_string())?;
+        vm.restore(&snap)?;
+        recorder.restored(vm.now_ns());
+        tracing::info!("restored {} (rip {:#x})", path.display(), snap.vcpu.rip());
+    }
+
+    let listener =
+        Listener::bind(&listen, channel).map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+    let addr = listener.local_addr();
+    tracing::warn!(
+        "primary listening for a backup on {addr}: no backup attached, running UNPROTECTED"
+    );
+
+    let (handle, control) = vmm::control::channel();
+    let pair = Arc::new(PairState::default());
+    let manager = {
+        let ctx = Manager {
+            listener,
+            link: link.clone(),
+            core,
+            vcpu: handle,
+            mem: vm.memory(),
+            hash,
+            summary,
+            pair: pair.clone(),
+            ram_pages: config.memory_bytes / 4096,
+        };
+        std::thread::Builder::new()
+            .name("pair-manager".into())
+            .spawn(move || ctx.run())
+            .map_err(|e| format!("cannot start the pair manager: {e}"))?
+    };
+    let _api = match &args.api_socket {
+        Some(path) => Some(ApiServer::start(
+            path,
+            primary_status(link.clone(), pair.clone(), addr.to_string()),
+        )?),
+        None => None,
+    };
+
+    let result = vm.run(&mut recorder, &control);
+    control.finish();
+    pair.stop.store(true, Ordering::Release);
+    let _ = manager.join();
+    // What the backup acknowledges now may still leave; then the rest (unprotected).
+    releaser.finish(Duration::from_secs(2));
+    if let Some(conn) = link.connection() {
+        conn.close("the primary stopped");
+    }
+    report::finish(args, &mut vm, result)
+}
+
+fn primary_status(link: Arc<Link>, pair: Arc<PairState>, listen: String) -> StatusFn {
+    let start = Instant::now();
+    let last = Mutex::new((Instant::now(), 0u64, 0u64));
+    Arc::new(move || {
+        let conn = link.connection();
+        let stats = &link.stats;
+        let sent = stats.sent_seq.load(Ordering::Relaxed);
+        let (received, executed, backup_vtime) = conn.as_ref().map_or((0, 0, 0), |c| c.acked());
+        let vtime = stats.vtime_ns.load(Ordering::Relaxed);
+        let wire = conn.as_ref().map(|c| c.stats());
+        let (bytes_out, bytes_in) = wire.map_or((0, 0), |w| (w.bytes_sent, w.bytes_received));
+        let rate = {
+            let mut l = last.lock().unwrap_or_else(|e| e.into_inner());
+            let dt = l.0.elapsed().as_secs_f64().max(1e-3);
+            let r = (bytes_out.saturating_sub(l.1) + bytes_in.saturating_sub(l.2)) as f64 / dt;
+            *l = (Instant::now(), bytes_out, bytes_in);
+            r
+        };
+        let attach = pair
+            .last_attach
+            .lock()
+            .map(|a| a.clone())
+            .unwrap_or_default();
+        serde_json::json!({
+            "role": "primary",
+            "listen": listen,
+            "peer": conn.as_ref().map(|c| c.peer_addr().to_string()),
+            "protected": link.protected(),
+            "ack_mode": match link.mode() { AckMode::Received => "received", AckMode::Executed => "executed" },
+            "uptime_s": start.elapsed().as_secs_f64(),
+            "log": {
+                "sent": sent,
+                "received": received,
+                "executed": executed,
+                "bytes": stats.log_bytes.load(Ordering::Relaxed),
+            },
+            "lag": {
+                "records": sent.saturating_sub(executed),
+                "vtime_ns": if conn.is_some() { vtime.saturating_sub(backup_vtime) } else { 0 },
+                "throttled": stats.throttled.load(Ordering::Relaxed),
+            },
+            "outputs_held": stats.held.load(Ordering::Relaxed),
+            "outputs_held_bytes": stats.held_bytes.load(Ordering::Relaxed),
+            "outputs_released": stats.released.load(Ordering::Relaxed),
+            "channel": {
+                "bytes_sent": bytes_out,
+                "bytes_received": bytes_in,
+                "bytes_per_s": rate,
+            },
+            "attaches": pair.attaches.load(Ordering::Relaxed),
+            "backups_refused": pair.refused.load(Ordering::Relaxed),
+            "resyncs": pair.resyncs.load(Ordering::Relaxed),
+            "last_backup_lost": link.lost(),
+            "attach": attach,
+        })
+    })
+}
+
+/// The pair manager: accepts backups, runs their transfer, serves resync requests.
+struct Manager {
+    listener: Listener,
+    link: Arc<Link>,
+    core: SharedRecordCore,
+    vcpu: VcpuHandle,
+    mem: GuestMemoryMmap,
+    hash: u64,
+    summary: String,
+    pair: Arc<PairState>,
+    ram_pages: u64,
+}
+
+impl Manager {
+    fn run(self) {
+        while !self.pair.stop.load(Ordering::Acquire) {
+            if let Some(conn) = self.listener.accept_timeout(Duration::from_millis(50)) {
+                self.greet(conn);
+            }
+            if let Some(conn) = self.link.connection() {
+                loop {
+                    match conn.try_recv() {
+                        Ok(Some(Msg::ResyncRequest { reason })) => {
+                            tracing::warn!(
+                                "backup {} asks for a resync: {reason}",
+                                conn.peer_addr()
+                            );
+                            if let Err(e) = self.resync() {
+                                tracing::error!("resync failed: {e}");
+                                self.link.detach(&format!("resync failed: {e}"));
+                            }
+                        }
+                        Ok(Some(Msg::Bye { reason })) => {
+                            self.link.detach(&format!("the backup left: {reason}"));
+                            break;
+                        }
+                        Ok(Some(other)) => {
+                            tracing::debug!("ignored from the backup: {other:?}");
+                        }
+                        Ok(None) => break,
+                        Err(e) => {
+                            let why = conn.failure().unwrap_or_else(|| e.to_string());
+                            self.link.detach(&why);
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// A new connection: check it, then attach it or refuse it.
+    fn greet(&self, conn: Connection) {
+        let peer = conn.peer_addr();
+        let refuse = |reason: String| {
+            tracing::warn!("refused backup {peer}: {reason}");
+            self.pair.refused.fetch_add(1, Ordering::Relaxed);
+            let _ = conn.send(Msg::Refused { reason });
+            conn.close("refused");
+        };
+        let hello = match conn.recv_timeout(Duration::from_secs(5)) {
+            Ok(Some(Msg::Hello {
+                version,
+                config_hash,
+                config_summary,
+            })) => (version, config_hash, config_summary),
+            Ok(other) => {
+                return refuse(format!("expected Hello, got {other:?}"));
+            }
+            Err(e) => {
+                tracing::warn!("backup {peer} left before saying hello: {e}");
+                return;
+            }
+        };
+        if hello.0 != PROTOCOL_VERSION {
+            return refuse(format!(
+                "protocol version {} is not this primary's {PROTOCOL_VERSION}",
+                hello.0
+            ));
+        }
+        if let Some(current) = self.link.connection() {
+            return refuse(format!(
+                "this primary already has a backup ({}); stop it first",
+                current.peer_addr()
+            ));
+        }
+        if hello.1 != self.hash {
+            return refuse(format!(
+                "the machine flags differ: the primary has [{}], the backup has [{}]",
+                self.summary, hello.2
+            ));
+        }
+        if let Err(e) = conn.send(Msg::Welcome) {
+            tracing::warn!("backup {peer}: {e}");
+            return;
+        }
+        match self.attach(&conn) {
+            Ok(report) => {
+                tracing::warn!(
+                    "backup {peer} attached: {} rounds, {:.1} MiB in {:.0} ms, pause {:.1} ms: PROTECTED",
+                    report.rounds,
+                    report.bytes as f64 / (1 << 20) as f64,
+                    report.total_ms,
+                    report.pause_ms
+                );
+                self.pair.attaches.fetch_add(1, Ordering::Relaxed);
+                if let Ok(mut a) = self.pair.last_attach.lock() {
+                    *a = Some(report);
+                }
+            }
+            Err(e) => {
+                tracing::error!("attaching backup {peer} failed: {e}: still UNPROTECTED");
+                let _ = self.vcpu.request(VcpuEvent::StopDirtyTracking, VCPU_ANSWER);
+                conn.close(&e);
+            }
+        }
+    }
+
+    fn ask(&self, event: VcpuEvent) -> Result<VcpuResponse, String> {
+        match self.vcpu.request(event, VCPU_ANSWER) {
+            VcpuResponse::Refused(why) => Err(why),
+            VcpuResponse::Stopped => Err("the guest stopped".into()),
+            r => Ok(r),
+        }
+    }
+
+    fn send_pages(
+        &self,
+        conn: &Connection,
+        round: u32,
+        pfns: &[u64],
+        report: &mut AttachReport,
+    ) -> Result<(), String> {
+        for chunk in pfns.chunks(PAGES_PER_MESSAGE) {
+            let pages = read_pages(&self.mem, chunk, round == 1);
+            if pages.is_empty() {
+                continue;
+            }
+            report.pages += pages.len() as u64;
+            let msg = TransferMsg::Pages { round, pages }.encode();
+            report.bytes += msg.len() as u64;
+            conn.send(Msg::Transfer(msg)).map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// Live state transfer to a new backup (ARCHITECTURE.md, "Attaching a backup").
+    fn attach(&self, conn: &Connection) -> Result<AttachReport, String> {
+        let start = Instant::now();
+        let mut report = AttachReport {
+            peer: conn.peer_addr().to_string(),
+            ..AttachReport::default()
+        };
+        let progress = Progress::new(conn.peer_addr().to_string());
+        self.ask(VcpuEvent::StartDirtyTracking)?;
+        // Round 1: all of RAM (zero pages skipped: the backup starts from zeroed RAM).
+        let all: Vec<u64> = (0..self.ram_pages).collect();
+        let mut round = 1;
+        self.send_pages(conn, round, &all, &mut report)?;
+        progress.round(round, &report, start, 0);
+        let mut prev = usize::MAX;
+        loop {
+            let dirty = match self.ask(VcpuEvent::DirtyPages)? {
+                VcpuResponse::DirtyPages(p) => p,
+                other => return Err(format!("unexpected answer {other:?}")),
+            };
+            // Stop when few pages are left, when the set stops shrinking, or after a bound;
+            // what is left goes in the pause.
+            if dirty.len() <= LAST_ROUND_PAGES
+                || dirty.len() * 10 >= prev * 9
+                || round >= MAX_ROUNDS
+            {
+                // The pages of this harvest go in the final snapshot: give them back.
+                return self.finish_attach(conn, dirty, report, start, &progress);
+            }
+            prev = dirty.len();
+            round += 1;
+            self.send_pages(conn, round, &dirty, &mut report)?;
+            progress.round(round, &report, start, dirty.len());
+            if !conn.is_alive() {
+                return Err(conn.failure().unwrap_or_else(|| "connection lost".into()));
+            }
+        }
+    }
+
+    fn finish_attach(
+        &self,
+        conn: &Connection,
+        leftover: Vec<u64>,
+        mut report: AttachReport,
+        start: Instant,
+        progress: &Progress,
+    ) -> Result<AttachReport, String> {
+        report.rounds = progress.rounds();
+        let pause = Instant::now();
+        self.ask(VcpuEvent::Pause)?;
+        let result = (|| {
+            let mut snap = match self.ask(VcpuEvent::Snapshot { full: false })? {
+                VcpuResponse::Snapshot(s) => s,
+                other => return Err(format!("unexpected answer {other:?}")),
+            };
+            // The last harvest's pages were taken out of the transfer set: add them.
+            let extra = read_pages(&self.mem, &leftover, false);
+            report.pages += (snap.pages.pages.len() + extra.len()) as u64;
+            snap.pages.pages.extend(extra);
+            let exits = snap.digest.count();
+            let msg = TransferMsg::Final {
+                snapshot: snap.encode(),
+            }
+            .encode();
+            report.bytes += msg.len() as u64;
+            conn.send(Msg::Transfer(msg)).map_err(|e| e.to_string())?;
+            // The log stream starts here: its header, then the base of the deltas after it.
+            self.link.attach(conn.clone());
+            let mut core = self.core.lock().unwrap_or_else(|e| e.into_inner());
+            let (rip, time_ns, _) = core.base();
+            core.write_record(&Record::Base {
+                rip,
+                time_ns,
+                exits,
+            })
+            .map_err(|e| e.to_string())?;
+            core.flush().map_err(|e| e.to_string())?;
+            Ok(())
+        })();
+        let resumed = self.ask(VcpuEvent::Resume);
+        report.pause_ms = pause.elapsed().as_secs_f64() * 1e3;
+        report.total_ms = start.elapsed().as_secs_f64() * 1e3;
+        let _ = self.ask(VcpuEvent::StopDirtyTracking);
+        progress.done(&report);
+        if let Err(e) = result {
+            self.link.detach(&e);
+            return Err(e);
+        }
+        resumed?;
+        Ok(report)
+    }
+
+    /// A full snapshot into the stream, for a backup that diverged.
+    fn resync(&self) -> Result<(), String> {
+        self.ask(VcpuEvent::Pause)?;
+        let result = (|| {
+            let snap = match self.ask(VcpuEvent::Snapshot { full: true })? {
+                VcpuResponse::Snapshot(s) => s,
+                other => return Err(format!("unexpected answer {other:?}")),
+            };
+            let exits = snap.digest.count();
+            let mut core = self.core.lock().unwrap_or_else(|e| e.into_inner());
+            let (rip, time_ns, _) = core.base();
+            core.write_record(&Record::Resync {
+                rip,
+                time_ns,
+                exits,
+                data: snap.encode(),
+            })
+            .map_err(|e| e.to_string())?;
+            core.flush().map_err(|e| e.to_string())
+        })();
+        self.ask(VcpuEvent::Resume)?;
+        self.pair.resyncs.fetch_add(1, Ordering::Relaxed);
+        result
+    }
+}
+
+/// Attach progress: a line per round, or one line rewritten in place on a terminal.
+struct Progress {
+    peer: String,
+    tty: bool,
+    rounds: std::cell::Cell<u32>,
+}
+
+impl Progress {
+    fn new(peer: String) -> Progress {
+        Progress {
+            peer,
+            tty: std::io::stderr().is_terminal(),
+            rounds: std::cell::Cell::new(0),
+        }
+    }
+
+    fn rounds(&self) -> u32 {
+        self.rounds.get()
+    }
+
+    fn round(&self, round: u32, r: &AttachReport, start: Instant, dirty: usize) {
+        self.rounds.set(round);
+        let secs = start.elapsed().as_secs_f64().max(1e-3);
+        let mib = r.bytes as f64 / (1 << 20) as f64;
+        let line = format!(
+            "attach {}: round {round}: {} pages, {mib:.1} MiB sent, {:.1} MiB/s, {} pages dirty",
+            self.peer,
+            r.pages,
+            mib / secs,
+            dirty
+        );
+        if self.tty {
+            eprint!("\r\x1b[2K{line}");
+        } else {
+            tracing::info!("{line}");
+        }
+    }
+
+    fn done(&self, r: &AttachReport) {
+        if self.tty {
+            eprintln!();
+        }
+        tracing::info!(
+            "attach {}: done in {:.0} ms, {} pages, pause {:.1} ms",
+            self.peer,
+            r.total_ms,
+            r.pages,
+            r.pause_ms
+        );
+    }
+}

@@ -1,0 +1,261 @@
+//! The backup's side of the logging channel: the log stream as a reader for the replayer, and
+//! the acknowledgements of what was received and what was replayed.
+//!
+//! ```text
+//!  Connection --Log--> receiver thread --bytes--> StreamReader --> Replayer (vCPU thread)
+//!      ^                   |  Ack{received}                          | Progress
+//!      +-------------------+<------------- acker thread <------------+
+//! ```
+
+use crate::replay::{KeptWrites, Progress};
+use logging_channel::{Connection, Msg};
+use std::collections::VecDeque;
+use std::io::{self, Read};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+struct Queue {
+    chunks: VecDeque<Vec<u8>>,
+    /// Why the stream ended (the reader returns end-of-file once the chunks are drained).
+    ended: Option<String>,
+    bytes: u64,
+}
+
+/// The backup's end of a pair's stream.
+pub struct BackupLink {
+    conn: Connection,
+    queue: Mutex<Queue>,
+    arrived: Condvar,
+    /// Frames received (every frame with a lower sequence number is here).
+    received: AtomicU64,
+    /// The primary has released the outputs of frames below this.
+    released: AtomicU64,
+    progress: Arc<Progress>,
+    kept: Arc<Mutex<KeptWrites>>,
+    acked: Mutex<(u64, u64, u64)>,
+    stop: AtomicBool,
+    resync_requested: AtomicBool,
+}
+
+impl BackupLink {
+    /// Starts receiving the log stream from `conn` (after the state transfer), acknowledging
+    /// with the replay's `progress`, and forgetting kept writes as the primary releases them.
+    pub fn start(
+        conn: Connection,
+        progress: Arc<Progress>,
+        kept: Arc<Mutex<KeptWrites>>,
+    ) -> io::Result<(Arc<BackupLink>, Vec<JoinHandle<()>>)> {
+        let link = Arc::new(BackupLink {
+            conn,
+            queue: Mutex::new(Queue {
+                chunks: VecDeque::new(),
+                ended: None,
+                bytes: 0,
+            }),
+            arrived: Condvar::new(),
+            received: AtomicU64::new(0),
+            released: AtomicU64::new(0),
+            progress,
+            kept,
+            acked: Mutex::new((0, 0, 0)),
+            stop: AtomicBool::new(false),
+            resync_requested: AtomicBool::new(false),
+        });
+        let rx = link.clone();
+        let receiver = std::thread::Builder::new()
+            .name("log-receive".into())
+            .spawn(move || rx.receive_loop())?;
+        let ack = link.clone();
+        let acker = std::thread::Builder::new()
+            .name("log-ack".into())
+            .spawn(move || ack.ack_loop())?;
+        Ok((link, vec![receiver, acker]))
+    }
+
+    fn queue(&self) -> MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A reader of the log stream for the replayer.
+    pub fn reader(self: &Arc<Self>) -> StreamReader {
+        StreamReader {
+            link: self.clone(),
+            current: Vec::new(),
+            pos: 0,
+        }
+    }
+
+    /// The connection.
+    pub fn connection(&self) -> &Connection {
+        &self.conn
+    }
+
+    /// Frames received so far.
+    pub fn received(&self) -> u64 {
+        self.received.load(Ordering::Acquire)
+    }
+
+    /// The primary has released the outputs of frames below this.
+    pub fn released(&self) -> u64 {
+        self.released.load(Ordering::Acquire)
+    }
+
+    /// Bytes received and not yet replayed.
+    pub fn buffered(&self) -> u64 {
+        self.queue().bytes
+    }
+
+    /// Why the stream ended, if it did.
+    pub fn ended(&self) -> Option<String> {
+        self.queue().ended.clone()
+    }
+
+    /// Asks the primary for a full snapshot to carry on from (after a divergence).
+    pub fn request_resync(&self, reason: &str) {
+        self.resync_requested.store(true, Ordering::Release);
+        if let Err(e) = self.conn.send(Msg::ResyncRequest {
+            reason: reason.to_string(),
+        }) {
+            tracing::warn!("cannot ask the primary for a resync: {e}");
+        }
+    }
+
+    /// Stops the threads: the reader then ends.
+    pub fn stop(&self, why: &str) {
+        self.stop.store(true, Ordering::Release);
+        self.end(why.to_string());
+    }
+
+    fn end(&self, why: String) {
+        let mut q = self.queue();
+        q.ended.get_or_insert(why);
+        self.arrived.notify_all();
+        self.progress.notify();
+    }
+
+    /// Sends an Ack if anything moved; acks are cumulative and sent in order.
+    fn ack(&self) {
+        let mut last = self.acked.lock().unwrap_or_else(|e| e.into_inner());
+        let now = (
+            self.received.load(Ordering::Acquire),
+            self.progress.executed.load(Ordering::Acquire),
+            self.progress.vtime_ns.load(Ordering::Relaxed),
+        );
+        if now == *last {
+            return;
+        }
+        *last = now;
+        if let Err(e) = self.conn.send(Msg::Ack {
+            received: now.0,
+            executed: now.1,
+            vtime_ns: now.2,
+        }) {
+            tracing::debug!("ack not sent: {e}");
+        }
+    }
+
+    fn receive_loop(&self) {
+        while !self.stop.load(Ordering::Acquire) {
+            match self.conn.recv_timeout(Duration::from_millis(100)) {
+                Ok(None) => continue,
+                Ok(Some(Msg::Log {
+                    first_seq,
+                    frames,
+                    bytes,
+                })) => {
+                    let expected = self.received.load(Ordering::Acquire);
+                    if first_seq != expected {
+                        self.end(format!(
+                            "the primary's log stream skipped from frame {expected} to {first_seq}"
+                        ));
+                        return;
+                    }
+                    {
+                        let mut q = self.queue();
+                        q.bytes += bytes.len() as u64;
+                        q.chunks.push_back(bytes);
+                        self.arrived.notify_all();
+                    }
+                    self.received
+                        .store(first_seq + u64::from(frames), Ordering::Release);
+                    self.ack();
+                }
+                Ok(Some(Msg::Released { seq })) => {
+                    self.released.fetch_max(seq, Ordering::AcqRel);
+                    self.kept
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .released(seq);
+                }
+                Ok(Some(Msg::Bye { reason })) => {
+                    self.end(format!("the primary closed the channel: {reason}"));
+                    return;
+                }
+                Ok(Some(Msg::Refused { reason })) => {
+                    self.end(format!("the primary refused: {reason}"));
+                    return;
+                }
+                Ok(Some(other)) => {
+                    tracing::warn!("unexpected message from the primary: {other:?}");
+                }
+                Err(e) => {
+                    let why = self.conn.failure().unwrap_or_else(|| e.to_string());
+                    self.end(format!("the primary is lost: {why}"));
+                    return;
+                }
+            }
+        }
+    }
+
+    fn ack_loop(&self) {
+        let mut seen = 0;
+        while !self.stop.load(Ordering::Acquire) && self.ended().is_none() {
+            seen = self.progress.wait(seen, Duration::from_millis(5));
+            self.ack();
+        }
+    }
+}
+
+/// The log stream as bytes, for the replayer's [`crate::log::LogReader`]: blocks until bytes
+/// arrive; end of file once the stream ended and everything received was read.
+pub struct StreamReader {
+    link: Arc<BackupLink>,
+    current: Vec<u8>,
+    pos: usize,
+}
+
+impl Read for StreamReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        while self.pos >= self.current.len() {
+            let mut q = self.link.queue();
+            loop {
+                if let Some(chunk) = q.chunks.pop_front() {
+                    q.bytes -= chunk.len() as u64;
+                    self.current = chunk;
+                    self.pos = 0;
+                    break;
+                }
+                if q.ended.is_some() {
+                    return Ok(0);
+                }
+                // About to block: everything received is replayed, say so.
+                self.link.progress.notify();
+                q = self
+                    .link
+                    .arrived
+                    .wait_timeout(q, Duration::from_millis(100))
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
+            }
+        }
+        let n = buf.len().min(self.current.len() - self.pos);
+        buf[..n].copy_from_slice(&self.current[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}

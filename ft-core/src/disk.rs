@@ -1,0 +1,158 @@
+//! The disk as the determinism boundary sees it: what the guest's virtio-blk device reads and
+//! writes, behind one small trait.
+//!
+//! Disk contents are an input (a backup replaying a shared disk must not read it: the primary
+//! may already have written past the point the backup is at, DESIGN.md section 7) and disk
+//! writes are outputs (under fault tolerance they reach the image only once the backup holds
+//! the log up to them). So the VMM never hands the image to the device itself: it asks the
+//! boundary ([`crate::Boundary::disk`]), which wraps it as its role needs.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+/// The unit of disk addressing (virtio-blk sectors).
+pub const SECTOR: u64 = 512;
+
+/// Storage a virtio-blk device reads and writes. Offsets and lengths are whole sectors.
+pub trait Disk: Send {
+    /// Size in bytes.
+    fn size(&self) -> u64;
+    /// Fills `buf` from byte `offset`.
+    fn read_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// Writes all of `buf` at byte `offset`.
+    fn write_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Makes the writes so far durable.
+    fn flush(&mut self) -> io::Result<()>;
+}
+
+/// A raw disk image file.
+#[derive(Debug)]
+pub struct ImageFile {
+    file: File,
+    size: u64,
+}
+
+impl ImageFile {
+    /// Opens the image at `path` for reading and writing.
+    pub fn open(path: &Path) -> io::Result<Self> {
+        let file = OpenOptions::new().read(true).write(true).open(path)?;
+        let size = file.metadata()?.len();
+        Ok(ImageFile { file, size })
+    }
+
+    /// A second handle on the same image (for the thread that releases held writes).
+    pub fn try_clone(&self) -> io::Result<Self> {
+        Ok(ImageFile {
+            file: self.file.try_clone()?,
+            size: self.size,
+        })
+    }
+}
+
+impl Disk for ImageFile {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.file.read_exact_at(buf, offset)
+    }
+
+    fn write_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.file.write_all_at(buf, offset)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+}
+
+/// Writes that the guest has made but that have not reached the image yet, by sector, each
+/// tagged with the id of the write that produced it. Reads see them
+/// (read-your-writes) until they are released.
+#[derive(Debug, Default)]
+pub struct HeldWrites {
+    sectors: BTreeMap<u64, (u64, Box<[u8; SECTOR as usize]>)>,
+    bytes: u64,
+}
+
+impl HeldWrites {
+    /// Holds `data` at byte `offset`, produced by write `seq`.
+    pub fn insert(&mut self, seq: u64, offset: u64, data: &[u8]) {
+        for (i, chunk) in data.chunks(SECTOR as usize).enumerate() {
+            let mut sector = Box::new([0u8; SECTOR as usize]);
+            sector[..chunk.len()].copy_from_slice(chunk);
+            let key = offset / SECTOR + i as u64;
+            if self.sectors.insert(key, (seq, sector)).is_none() {
+                self.bytes += SECTOR;
+            }
+        }
+    }
+
+    /// Overlays the held sectors of `[offset, offset + buf.len())` on `buf`.
+    pub fn overlay(&self, buf: &mut [u8], offset: u64) {
+        if self.sectors.is_empty() {
+            return;
+        }
+        let first = offset / SECTOR;
+        let last = (offset + buf.len() as u64).div_ceil(SECTOR);
+        for (&sector, (_, data)) in self.sectors.range(first..last) {
+            let start = (sector - first) as usize * SECTOR as usize;
+            let end = (start + SECTOR as usize).min(buf.len());
+            buf[start..end].copy_from_slice(&data[..end - start]);
+        }
+    }
+
+    /// Forgets the sectors of write `seq`, which has reached the image
+    /// (a later write to the same sector stays held).
+    pub fn release(&mut self, seq: u64, offset: u64, len: usize) {
+        let first = offset / SECTOR;
+        let last = (offset + len as u64).div_ceil(SECTOR);
+        for sector in first..last {
+            if self.sectors.get(&sector).is_some_and(|(s, _)| *s == seq) {
+                self.sectors.remove(&sector);
+                self.bytes -= SECTOR;
+            }
+        }
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Whether nothing is held.
+    pub fn is_empty(&self) -> bool {
+        self.sectors.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn held_writes_overlay_and_release_by_version() {
+        let mut h = HeldWrites::default();
+        h.insert(5, 1024, &[1u8; 1024]);
+        h.insert(7, 1536, &[2u8; 512]);
+        let mut buf = vec![0u8; 2048];
+        h.overlay(&mut buf, 512);
+        assert_eq!(&buf[..512], &[0u8; 512][..]);
+        assert_eq!(&buf[512..1024], &[1u8; 512][..]);
+        assert_eq!(&buf[1024..1536], &[2u8; 512][..]);
+        assert_eq!(h.bytes(), 1024);
+        // The older write reaches the image: its newer overwrite stays held.
+        h.release(5, 1024, 1024);
+        assert_eq!(h.bytes(), 512);
+        let mut buf = vec![9u8; 1024];
+        h.overlay(&mut buf, 1024);
+        assert_eq!(&buf[..512], &[9u8; 512][..]);
+        assert_eq!(&buf[512..], &[2u8; 512][..]);
+        h.release(7, 1536, 512);
+        assert!(h.is_empty());
+    }
+}

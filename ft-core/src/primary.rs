@@ -1,0 +1,671 @@
+//! The primary's side of fault tolerance: the log stream to an attached backup and the output
+//! rule (DESIGN.md sections 4 and 5).
+//!
+//! ```text
+//!  vCPU thread                                   releaser thread
+//!  Recorder --records--> StreamSink --Log--> Connection --Ack--> (acked seq)
+//!     |                                                              |
+//!     +-- serial bytes --> HeldSerial --+                            v
+//!     +-- disk writes ---> HeldDisk ----+--> held queue (seq order) --> stdout / disk image
+//! ```
+//!
+//! Every record of the stream has a sequence number (its frame's index; the stream header is
+//! frame 0). An output produced by record `s` (its `Output` or `DiskWrite` record) is held until
+//! the backup acknowledges: with [`AckMode::Received`], that it holds frame `s`; with
+//! [`AckMode::Executed`], that it has replayed it (and so produced the same output: verified).
+//! Outputs leave in sequence order, serial and disk alike; the guest keeps running meanwhile, and
+//! reads see the disk writes still held. With no backup attached the primary is unprotected:
+//! outputs leave at once (after any still held). A backup that is lost leaves the primary
+//! unprotected: what it held is released.
+
+use crate::disk::{Disk, HeldWrites, ImageFile};
+use crate::log::{encode_frame, Header, LogError, Record, RecordSink, MAGIC};
+use logging_channel::{Connection, Msg};
+use std::collections::VecDeque;
+use std::io::{self, Write};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// When an output may leave the primary.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AckMode {
+    /// The backup holds the log up to the output's record (the VMware FT rule).
+    Received,
+    /// The backup has replayed up to the output and produced the same bytes (verified output).
+    Executed,
+}
+
+/// A log batch is sent once it is this large...
+const BATCH_BYTES: usize = 64 << 10;
+/// ...or this old, at the next record.
+const BATCH_AGE: Duration = Duration::from_millis(2);
+
+/// An output waiting for the rule.
+enum Output {
+    Serial(Vec<u8>),
+    /// `id` tags the write's sectors among the held writes (unique per write).
+    DiskWrite {
+        offset: u64,
+        data: Vec<u8>,
+        id: u64,
+    },
+    DiskFlush,
+}
+
+struct Held {
+    /// The stream the output's record went to (0: none, unprotected).
+    stream: u64,
+    seq: u64,
+    out: Output,
+    since: Instant,
+}
+
+impl Held {
+    fn bytes(&self) -> u64 {
+        match &self.out {
+            Output::Serial(b) => b.len() as u64,
+            Output::DiskWrite { data, .. } => data.len() as u64,
+            Output::DiskFlush => 0,
+        }
+    }
+}
+
+struct State {
+    /// The attached backup's connection and its stream number.
+    conn: Option<(u64, Connection)>,
+    next_stream: u64,
+    held: VecDeque<Held>,
+    shutdown: bool,
+    /// Why the last backup was lost.
+    lost: Option<String>,
+}
+
+/// Counters of the pair, from the primary's side (read by the status endpoint).
+#[derive(Debug, Default)]
+pub struct PrimaryStats {
+    /// Records of the current stream written (its next sequence number).
+    pub sent_seq: AtomicU64,
+    /// Log bytes sent to backups, all streams.
+    pub log_bytes: AtomicU64,
+    /// Outputs held now, and their bytes.
+    pub held: AtomicU64,
+    /// Bytes of the outputs held now.
+    pub held_bytes: AtomicU64,
+    /// Outputs released in all.
+    pub released: AtomicU64,
+    /// Virtual time of the primary's guest as recorded, ns.
+    pub vtime_ns: AtomicU64,
+    /// Output latency samples (ns from hold to release), for the benchmark: the last 4096.
+    latencies: Mutex<VecDeque<u64>>,
+    /// Times the vCPU was slowed because the backup lagged.
+    pub throttled: AtomicU64,
+}
+
+impl PrimaryStats {
+    fn record_latency(&self, d: Duration) {
+        let mut l = self.latencies.lock().unwrap_or_else(|e| e.into_inner());
+        if l.len() == 4096 {
+            l.pop_front();
+        }
+        l.push_back(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+    }
+
+    /// The output latencies measured so far (ns), oldest first.
+    pub fn latencies(&self) -> Vec<u64> {
+        self.latencies
+            .lock()
+            .map(|l| l.iter().copied().collect())
+            .unwrap_or_default()
+    }
+}
+
+/// What the vCPU thread, the releaser and the VMM's control thread share.
+pub struct Link {
+    state: Mutex<State>,
+    changed: Condvar,
+    /// Sequence number of the last record of the current stream.
+    last_seq: AtomicU64,
+    /// Bumped on every attach and detach, so the sink notices without taking the lock.
+    generation: AtomicU64,
+    header: Header,
+    mode: AckMode,
+    max_lag_ns: u64,
+    writes: Mutex<HeldWrites>,
+    write_ids: AtomicU64,
+    /// Counters for status.
+    pub stats: PrimaryStats,
+    protected: AtomicBool,
+}
+
+impl Link {
+    /// A link whose streams start with `header`.
+    pub fn new(header: Header, mode: AckMode, max_lag: Duration) -> Arc<Link> {
+        Arc::new(Link {
+            state: Mutex::new(State {
+                conn: None,
+                next_stream: 1,
+                held: VecDeque::new(),
+                shutdown: false,
+                lost: None,
+            }),
+            changed: Condvar::new(),
+            last_seq: AtomicU64::new(0),
+            generation: AtomicU64::new(0),
+            header,
+            mode,
+            max_lag_ns: u64::try_from(max_lag.as_nanos()).unwrap_or(u64::MAX),
+            writes: Mutex::new(HeldWrites::default()),
+            write_ids: AtomicU64::new(1),
+            stats: PrimaryStats::default(),
+            protected: AtomicBool::new(false),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Starts streaming to a backup. Call with the vCPU paused, then write the stream's
+    /// [`Record::Base`] through the recorder: the header goes out before it.
+    pub fn attach(&self, conn: Connection) {
+        let mut s = self.lock();
+        let stream = s.next_stream;
+        s.next_stream += 1;
+        s.conn = Some((stream, conn));
+        s.lost = None;
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.protected.store(true, Ordering::Release);
+        self.changed.notify_all();
+    }
+
+    /// The backup is gone: the primary runs unprotected and releases what it held.
+    pub fn detach(&self, why: &str) {
+        let mut s = self.lock();
+        if let Some((_, conn)) = s.conn.take() {
+            tracing::warn!(
+                "backup {} lost ({why}): running UNPROTECTED until a backup attaches",
+                conn.peer_addr()
+            );
+            conn.close(why);
+            s.lost = Some(why.to_string());
+        }
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.protected.store(false, Ordering::Release);
+        self.changed.notify_all();
+    }
+
+    /// Whether a backup is attached.
+    pub fn protected(&self) -> bool {
+        self.protected.load(Ordering::Acquire)
+    }
+
+    /// The attached backup's connection.
+    pub fn connection(&self) -> Option<Connection> {
+        self.lock().conn.as_ref().map(|(_, c)| c.clone())
+    }
+
+    /// Why the last backup was lost, if one was.
+    pub fn lost(&self) -> Option<String> {
+        self.lock().lost.clone()
+    }
+
+    /// The ack mode.
+    pub fn mode(&self) -> AckMode {
+        self.mode
+    }
+
+    fn hold(&self, out: Output) {
+        let mut s = self.lock();
+        let stream = s.conn.as_ref().map_or(0, |(n, _)| *n);
+        let held = Held {
+            stream,
+            seq: self.last_seq.load(Ordering::Acquire),
+            out,
+            since: Instant::now(),
+        };
+        self.stats.held.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .held_bytes
+            .fetch_add(held.bytes(), Ordering::Relaxed);
+        s.held.push_back(held);
+        self.changed.notify_all();
+    }
+
+    /// Starts the thread that releases held outputs to `serial` and the disk `image`.
+    pub fn start_releaser(
+        self: &Arc<Self>,
+        serial: Box<dyn Write + Send>,
+        image: Option<ImageFile>,
+    ) -> io::Result<Releaser> {
+        let link = self.clone();
+        let thread = std::thread::Builder::new()
+            .name("output-release".into())
+            .spawn(move || link.release_loop(serial, image))?;
+        Ok(Releaser {
+            link: self.clone(),
+            thread: Some(thread),
+        })
+    }
+
+    fn releasable(&self, h: &Held, conn: &Option<(u64, Connection)>) -> bool {
+        let Some((stream, c)) = conn else {
+            return true;
+        };
+        if h.stream != *stream {
+            return true;
+        }
+        let (received, executed, _) = c.acked();
+        let acked = match self.mode {
+            AckMode::Received => received,
+            AckMode::Executed => executed,
+        };
+        acked > h.seq
+    }
+
+    fn release_loop(&self, mut serial: Box<dyn Write + Send>, mut image: Option<ImageFile>) {
+        let mut released_seq = 0u64;
+        let mut released_stream = 0u64;
+        loop {
+            let mut batch = Vec::new();
+            let wait_on = {
+                let mut s = self.lock();
+                if let Some((_, c)) = &s.conn {
+                    if !c.is_alive() {
+                        let why = c.failure().unwrap_or_else(|| "connection closed".into());
+                        drop(s);
+                        self.detach(&why);
+                        continue;
+                    }
+                }
+                while let Some(h) = s.held.front() {
+                    if !self.releasable(h, &s.conn) {
+                        break;
+                    }
+                    if let Some(h) = s.held.pop_front() {
+                        batch.push(h);
+                    }
+                }
+                if batch.is_empty() {
+                    if s.shutdown && s.held.is_empty() {
+                        return;
+                    }
+                    match (&s.conn, s.held.is_empty()) {
+                        (Some((_, c)), false) => Some(c.clone()),
+                        _ => {
+                            let _unused = self
+                                .changed
+                                .wait_timeout(s, Duration::from_millis(50))
+                                .unwrap_or_else(|e| e.into_inner());
+                            None
+                        }
+                    }
+                } else {
+                    None
+                }
+            };
+            if let Some(c) = wait_on {
+                c.wait_ack(c.acked(), Duration::from_millis(20));
+                continue;
+            }
+            let mut serial_dirty = false;
+            for h in &batch {
+                if let Err(e) = self.perform(h, &mut serial, &mut image, &mut serial_dirty) {
+                    tracing::error!("cannot release guest output: {e}");
+                }
+                self.stats.held.fetch_sub(1, Ordering::Relaxed);
+                self.stats
+                    .held_bytes
+                    .fetch_sub(h.bytes(), Ordering::Relaxed);
+                self.stats.released.fetch_add(1, Ordering::Relaxed);
+                self.stats.record_latency(h.since.elapsed());
+                if h.stream != 0 {
+                    released_stream = h.stream;
+                    released_seq = h.seq + 1;
+                }
+            }
+            if serial_dirty {
+                let _ = serial.flush();
+            }
+            if released_stream != 0 {
+                let s = self.lock();
+                if let Some((stream, c)) = &s.conn {
+                    if *stream == released_stream {
+                        let _ = c.send(Msg::Released { seq: released_seq });
+                    }
+                }
+                released_stream = 0;
+            }
+        }
+    }
+
+    fn perform(
+        &self,
+        h: &Held,
+        serial: &mut Box<dyn Write + Send>,
+        image: &mut Option<ImageFile>,
+        serial_dirty: &mut bool,
+    ) -> io::Result<()> {
+        match &h.out {
+            Output::Serial(bytes) => {
+                serial.write_all(bytes)?;
+                *serial_dirty = true;
+            }
+            Output::DiskWrite { offset, data, id } => {
+                // Under the lock: a read must see either the held write or the image with it.
+                let mut w = self.writes.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(img) = image.as_mut() {
+                    img.write_at(data, *offset)?;
+                }
+                w.release(*id, *offset, data.len());
+            }
+            Output::DiskFlush => {
+                if let Some(img) = image.as_mut() {
+                    img.flush()?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the rule allows the vCPU to go on (the backup's replay is not too far behind in
+    /// virtual time); sleeps the vCPU a little while it is not.
+    fn throttle(&self, conn: &Connection, vtime_ns: u64) {
+        let start = Instant::now();
+        let mut counted = false;
+        loop {
+            let (_, executed, backup_vtime) = conn.acked();
+            if executed == 0
+                || vtime_ns.saturating_sub(backup_vtime) <= self.max_lag_ns
+                || !conn.is_alive()
+                || start.elapsed() > Duration::from_secs(1)
+            {
+                return;
+            }
+            if !counted {
+                self.stats.throttled.fetch_add(1, Ordering::Relaxed);
+                counted = true;
+            }
+            conn.wait_ack(conn.acked(), Duration::from_millis(1));
+        }
+    }
+}
+
+/// The thread that releases held outputs; stopping it releases whatever the rule allows, then
+/// (unprotected) everything.
+pub struct Releaser {
+    link: Arc<Link>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Releaser {
+    /// Releases everything still held that the rule allows, waiting for acknowledgements up to
+    /// `timeout`, then stops.
+    pub fn finish(mut self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline && self.link.stats.held.load(Ordering::Relaxed) > 0 {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        {
+            let mut s = self.link.lock();
+            s.shutdown = true;
+            self.link.changed.notify_all();
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Releaser {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The recorder's sink on a primary: records go to the attached backup's stream, in batches;
+/// with no backup they go nowhere.
+pub struct StreamSink {
+    link: Arc<Link>,
+    generation: u64,
+    conn: Option<Connection>,
+    next_seq: u64,
+    batch: Vec<u8>,
+    batch_first: u64,
+    batch_frames: u32,
+    batch_started: Option<Instant>,
+    vtime_ns: u64,
+    since_lag_check: u32,
+    bytes: u64,
+}
+
+impl StreamSink {
+    /// A sink feeding `link`.
+    pub fn new(link: Arc<Link>) -> StreamSink {
+        StreamSink {
+            link,
+            generation: u64::MAX,
+            conn: None,
+            next_seq: 0,
+            batch: Vec::new(),
+            batch_first: 0,
+            batch_frames: 0,
+            batch_started: None,
+            vtime_ns: 0,
+            since_lag_check: 0,
+            bytes: 0,
+        }
+    }
+
+    /// Notices an attach or a detach.
+    fn follow_link(&mut self) {
+        let g = self.link.generation.load(Ordering::Acquire);
+        if g == self.generation {
+            return;
+        }
+        self.generation = g;
+        self.batch.clear();
+        self.batch_frames = 0;
+        self.batch_started = None;
+        self.conn = self.link.connection();
+        if self.conn.is_some() {
+            // A new stream: magic and header (frame 0) first.
+            self.batch.extend_from_slice(&MAGIC);
+            let header = postcard::to_stdvec(&self.link.header).unwrap_or_default();
+            self.batch.extend_from_slice(&encode_frame(&header));
+            self.batch_first = 0;
+            self.batch_frames = 1;
+            self.next_seq = 1;
+            self.batch_started = Some(Instant::now());
+            self.link.last_seq.store(0, Ordering::Release);
+        }
+    }
+
+    fn send_batch(&mut self) {
+        let Some(conn) = &self.conn else { return };
+        if self.batch_frames == 0 {
+            return;
+        }
+        let bytes = std::mem::take(&mut self.batch);
+        let len = bytes.len() as u64;
+        let (first, frames) = (self.batch_first, self.batch_frames);
+        self.batch_first = self.next_seq;
+        self.batch_frames = 0;
+        self.batch_started = None;
+        // Blocks while the backup's buffer is full: the vCPU stalls, nothing is dropped.
+        match conn.send_log(first, frames, bytes) {
+            Ok(()) => {
+                self.link.stats.log_bytes.fetch_add(len, Ordering::Relaxed);
+            }
+            Err(e) => {
+                self.conn = None;
+                self.link.detach(&e.to_string());
+            }
+        }
+    }
+
+    fn track_time(&mut self, record: &Record) {
+        use crate::log::InputRec;
+        let delta = match record {
+            Record::Clock { delta } => *delta,
+            Record::Poll {
+                input: InputRec::TimeDelta(d),
+                ..
+            }
+            | Record::Wake {
+                input: InputRec::TimeDelta(d),
+            } => *d,
+            Record::Base { time_ns, .. } | Record::Resync { time_ns, .. } => {
+                self.vtime_ns = *time_ns;
+                0
+            }
+            _ => 0,
+        };
+        self.vtime_ns = self.vtime_ns.saturating_add(delta);
+    }
+}
+
+impl RecordSink for StreamSink {
+    fn record(&mut self, record: &Record) -> Result<u64, LogError> {
+        self.follow_link();
+        self.track_time(record);
+        self.link
+            .stats
+            .vtime_ns
+            .store(self.vtime_ns, Ordering::Relaxed);
+        if self.conn.is_none() {
+            return Ok(0);
+        }
+        let payload = postcard::to_stdvec(record).unwrap_or_default();
+        let frame = encode_frame(&payload);
+        self.bytes += frame.len() as u64;
+        self.batch.extend_from_slice(&frame);
+        if self.batch_frames == 0 {
+            self.batch_first = self.next_seq;
+            self.batch_started = Some(Instant::now());
+        }
+        self.batch_frames += 1;
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.link.last_seq.store(seq, Ordering::Release);
+        self.link
+            .stats
+            .sent_seq
+            .store(self.next_seq, Ordering::Relaxed);
+        // An output waits for this record: send it now. Otherwise batch by size and age.
+        let urgent = matches!(
+            record,
+            Record::Output { .. }
+                | Record::DiskWrite { .. }
+                | Record::DiskFlush
+                | Record::Checkpoint { .. }
+                | Record::Resync { .. }
+                | Record::End { .. }
+        );
+        if urgent
+            || self.batch.len() >= BATCH_BYTES
+            || self.batch_started.is_some_and(|t| t.elapsed() >= BATCH_AGE)
+        {
+            self.send_batch();
+        }
+        self.since_lag_check += 1;
+        if self.since_lag_check >= 64 {
+            self.since_lag_check = 0;
+            if let Some(conn) = &self.conn {
+                self.link.throttle(conn, self.vtime_ns);
+            }
+        }
+        Ok(seq)
+    }
+
+    fn flush(&mut self) -> Result<(), LogError> {
+        self.follow_link();
+        self.send_batch();
+        Ok(())
+    }
+
+    fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    fn following(&self) -> bool {
+        self.link.protected()
+    }
+}
+
+/// The serial line of a primary: bytes are held until the rule releases them.
+pub struct HeldSerial {
+    link: Arc<Link>,
+}
+
+impl HeldSerial {
+    /// Serial output through `link`'s rule.
+    pub fn new(link: Arc<Link>) -> HeldSerial {
+        HeldSerial { link }
+    }
+}
+
+impl Write for HeldSerial {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if !buf.is_empty() {
+            self.link.hold(Output::Serial(buf.to_vec()));
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The shared disk of a primary: writes are held until the rule releases them (and reads see
+/// them meanwhile); reads go to the image.
+pub struct HeldDisk {
+    link: Arc<Link>,
+    image: ImageFile,
+}
+
+impl HeldDisk {
+    /// The disk `image` through `link`'s rule.
+    pub fn new(link: Arc<Link>, image: ImageFile) -> HeldDisk {
+        HeldDisk { link, image }
+    }
+}
+
+impl Disk for HeldDisk {
+    fn size(&self) -> u64 {
+        self.image.size()
+    }
+
+    fn read_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let w = self.link.writes.lock().unwrap_or_else(|e| e.into_inner());
+        self.image.read_at(buf, offset)?;
+        w.overlay(buf, offset);
+        Ok(())
+    }
+
+    fn write_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let id = self.link.write_ids.fetch_add(1, Ordering::Relaxed);
+        self.link
+            .writes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, offset, buf);
+        self.link.hold(Output::DiskWrite {
+            offset,
+            data: buf.to_vec(),
+            id,
+        });
+        Ok(())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.link.hold(Output::DiskFlush);
+        Ok(())
+    }
+}

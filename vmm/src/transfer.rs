@@ -1,0 +1,132 @@
+//! What a live state transfer sends, primary to backup, inside the logging channel's
+//! `Transfer` messages (docs/PROTOCOL.md, "State transfer").
+//!
+//! ```text
+//!  primary                                        backup
+//!  round 1: every non-zero page  -- Pages -->     zeroed RAM, pages written in
+//!  round n: pages dirtied since  -- Pages -->     ...
+//!  (pause) final pages + vCPU, devices, clock
+//!                                -- Final -->     restore; replay the log from here
+//! ```
+//!
+//! Each message is `lz4(postcard(TransferMsg))` with the uncompressed size first, like a
+//! snapshot; a decoder refuses sizes no valid message has before allocating.
+
+use crate::memory::GuestMemoryMmap;
+use serde::{Deserialize, Serialize};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+
+/// Guest pages per `Pages` message (1 MiB uncompressed).
+pub const PAGES_PER_MESSAGE: usize = 256;
+const PAGE: u64 = 4096;
+/// The largest uncompressed transfer message: a full `Pages` batch with room to spare, or a
+/// final snapshot (bounded like a snapshot file's body).
+const MAX_MESSAGE: usize = (crate::config::MAX_MEMORY_BYTES as usize) + (64 << 20);
+
+/// One message of a transfer.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum TransferMsg {
+    /// Guest pages of pre-copy round `round` (1-based): (page number, 4096 bytes).
+    Pages {
+        /// The round.
+        round: u32,
+        /// The pages.
+        pages: Vec<(u64, Vec<u8>)>,
+    },
+    /// The end of the transfer: an encoded incremental snapshot (the last pages, vCPU, devices,
+    /// clock, exit digest), taken while the primary was paused.
+    Final {
+        /// `Snapshot::encode` of it.
+        snapshot: Vec<u8>,
+    },
+}
+
+impl TransferMsg {
+    /// Encodes for the channel.
+    pub fn encode(&self) -> Vec<u8> {
+        lz4_flex::compress_prepend_size(&postcard::to_stdvec(self).unwrap_or_default())
+    }
+
+    /// Decodes what [`TransferMsg::encode`] made, refusing impossible sizes before allocating.
+    pub fn decode(bytes: &[u8]) -> Result<TransferMsg, String> {
+        let claimed = bytes
+            .get(..4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
+            .ok_or("transfer message shorter than its size prefix")?;
+        let most = (bytes.len() - 4).saturating_mul(255).saturating_add(16);
+        if claimed > MAX_MESSAGE || claimed > most {
+            return Err(format!(
+                "transfer message claims {claimed} bytes from {} compressed",
+                bytes.len() - 4
+            ));
+        }
+        let raw = lz4_flex::decompress_size_prepended(bytes)
+            .map_err(|e| format!("transfer message: LZ4: {e}"))?;
+        postcard::from_bytes(&raw).map_err(|e| format!("transfer message: {e}"))
+    }
+}
+
+/// Reads pages `pfns` of guest RAM (while the guest may run: a page torn by a concurrent write
+/// is dirty again and goes in a later round). With `skip_zero`, zero pages are left out (round
+/// 1, onto a backup whose RAM was zeroed).
+pub fn read_pages(mem: &GuestMemoryMmap, pfns: &[u64], skip_zero: bool) -> Vec<(u64, Vec<u8>)> {
+    let mut out = Vec::with_capacity(pfns.len());
+    for &pfn in pfns {
+        let mut buf = vec![0u8; PAGE as usize];
+        if mem.read_slice(&mut buf, GuestAddress(pfn * PAGE)).is_err() {
+            continue;
+        }
+        if skip_zero && buf.iter().all(|b| *b == 0) {
+            continue;
+        }
+        out.push((pfn, buf));
+    }
+    out
+}
+
+/// Writes received pages into guest RAM, refusing pages outside it or of the wrong size.
+pub fn write_pages(mem: &GuestMemoryMmap, pages: &[(u64, Vec<u8>)]) -> Result<(), String> {
+    let ram = mem.last_addr().0 + 1;
+    for (pfn, data) in pages {
+        let addr = pfn.checked_mul(PAGE).filter(|a| a + PAGE <= ram);
+        let Some(addr) = addr else {
+            return Err(format!("page {pfn:#x} is outside guest RAM"));
+        };
+        if data.len() != PAGE as usize {
+            return Err(format!("page {pfn:#x} has {} bytes", data.len()));
+        }
+        mem.write_slice(data, GuestAddress(addr))
+            .map_err(|e| format!("page {pfn:#x}: {e}"))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_bounds() {
+        let msg = TransferMsg::Pages {
+            round: 1,
+            pages: vec![(3, vec![7u8; 4096])],
+        };
+        let bytes = msg.encode();
+        match TransferMsg::decode(&bytes).unwrap() {
+            TransferMsg::Pages { round, pages } => {
+                assert_eq!(round, 1);
+                assert_eq!(pages, vec![(3, vec![7u8; 4096])]);
+            }
+            other => panic!("{other:?}"),
+        }
+        let mut lie = (1u32 << 30).to_le_bytes().to_vec();
+        lie.extend_from_slice(&[0; 8]);
+        assert!(TransferMsg::decode(&lie).is_err());
+        assert!(TransferMsg::decode(&[1]).is_err());
+        let mem = crate::memory::create(8 << 20).unwrap();
+        assert!(write_pages(&mem, &[(1 << 40, vec![0; 4096])]).is_err());
+        assert!(write_pages(&mem, &[(1, vec![0; 10])]).is_err());
+        write_pages(&mem, &[(1, vec![9; 4096])]).unwrap();
+        assert_eq!(read_pages(&mem, &[0, 1], true).len(), 1);
+    }
+}
