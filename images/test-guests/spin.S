@@ -28,7 +28,11 @@
 
 .include "defs.inc"
 
+.ifdef SPIN_LONG
+.equ SPIN_ITERS, 2000000000     # spin-long.elf: ~5x longer, for attaching a backup to it
+.else
 .equ SPIN_ITERS, 400000000      # tune here; checksum above is for 400000000
+.endif
 .equ SPIN_SEED,  0x9e3779b97f4a7c15
 
 .text

@@ -18,7 +18,11 @@
 
 .equ HZ, 100
 .equ EVERY, 10
+.ifdef TICKS_LONG
+.equ LAST, 1000                 # ticks-long.elf: ten seconds, for attaching a backup to it
+.else
 .equ LAST, 100
+.endif
 
 .text
 .globl main

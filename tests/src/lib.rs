@@ -258,3 +258,408 @@ impl Ftvmm {
         }
     }
 }
+
+/// An `ftvmm` process running in the background: its output is collected as it comes, it can
+/// be signalled, and it is killed (only it, by its PID) when dropped.
+pub struct Proc {
+    child: std::process::Child,
+    stdin: Option<std::process::ChildStdin>,
+    out: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    err: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    readers: Vec<std::thread::JoinHandle<()>>,
+    start: Instant,
+    status: Option<ExitStatus>,
+}
+
+fn collect(
+    mut from: impl Read + Send + 'static,
+    into: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        loop {
+            match from.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => into.lock().unwrap().extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+}
+
+impl Ftvmm {
+    /// Starts the process in the background with a pipe as its stdin (serial input with
+    /// `--serial-input -`).
+    pub fn spawn(self) -> Proc {
+        self.spawn_with_env(&[])
+    }
+
+    /// The same, with extra environment variables.
+    pub fn spawn_with_env(self, env: &[(&str, &str)]) -> Proc {
+        let mut cmd = Command::new(ftvmm_bin());
+        cmd.args(&self.args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn ftvmm");
+        let out = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let err = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let readers = vec![
+            collect(child.stdout.take().expect("stdout"), out.clone()),
+            collect(child.stderr.take().expect("stderr"), err.clone()),
+        ];
+        Proc {
+            stdin: child.stdin.take(),
+            child,
+            out,
+            err,
+            readers,
+            start: Instant::now(),
+            status: None,
+        }
+    }
+}
+
+impl Proc {
+    /// The process ID.
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Everything it printed on stdout so far.
+    pub fn stdout(&self) -> String {
+        String::from_utf8_lossy(&self.out.lock().unwrap()).into_owned()
+    }
+
+    /// Everything it printed on stderr so far.
+    pub fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.err.lock().unwrap()).into_owned()
+    }
+
+    fn wait_for(&self, what: impl Fn(&Proc) -> bool, limit: Duration) -> bool {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if what(self) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        what(self)
+    }
+
+    /// Waits until stdout contains `marker`; false after `limit`.
+    pub fn wait_stdout(&self, marker: &str, limit: Duration) -> bool {
+        self.wait_for(|p| p.stdout().contains(marker), limit)
+    }
+
+    /// Waits until stderr contains `marker`; false after `limit`.
+    pub fn wait_stderr(&self, marker: &str, limit: Duration) -> bool {
+        self.wait_for(|p| p.stderr().contains(marker), limit)
+    }
+
+    /// The first word after `prefix` on stderr (e.g. the address after "listening on ").
+    pub fn stderr_word_after(&self, prefix: &str) -> Option<String> {
+        let err = self.stderr();
+        let at = err.find(prefix)? + prefix.len();
+        err[at..]
+            .split(char::is_whitespace)
+            .next()
+            .map(|w| w.trim_end_matches([':', ',']).to_string())
+    }
+
+    /// Types `bytes` on its serial input.
+    pub fn type_input(&mut self, bytes: &[u8]) {
+        if let Some(stdin) = self.stdin.as_mut() {
+            let _ = stdin.write_all(bytes);
+            let _ = stdin.flush();
+        }
+    }
+
+    /// Sends it signal `sig`.
+    pub fn signal(&self, sig: i32) {
+        if self.status.is_none() {
+            // SAFETY: kill(2) on our own child's pid, which has not been reaped (status is
+            // None), so the pid still names it.
+            unsafe { libc::kill(self.child.id() as libc::pid_t, sig) };
+        }
+    }
+
+    /// Whether it has exited.
+    pub fn exited(&mut self) -> bool {
+        if self.status.is_none() {
+            self.status = self.child.try_wait().ok().flatten();
+        }
+        self.status.is_some()
+    }
+
+    /// Waits for it to exit (killing it after `limit`) and returns what it did.
+    pub fn wait(mut self, limit: Duration) -> Run {
+        let start = Instant::now();
+        while !self.exited() && start.elapsed() < limit {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if !self.exited() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        drop(self.stdin.take());
+        for r in self.readers.drain(..) {
+            let _ = r.join();
+        }
+        Run {
+            status: self.status,
+            stdout: self.stdout(),
+            stderr: self.stderr(),
+            elapsed: self.start.elapsed(),
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if !self.exited() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A TCP proxy between a backup and its primary, on 127.0.0.1, that the test controls: it can
+/// hold back what the backup sends (acknowledgements) and flip one byte of it.
+pub struct Proxy {
+    addr: std::net::SocketAddr,
+    /// While set, bytes from the backup wait in the proxy.
+    pub hold_upstream: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// When non-zero, the byte at this offset of the backup's stream (from 1) is flipped.
+    pub flip_upstream_at: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Proxy {
+    /// Proxies connections made to [`Proxy::addr`] to `target`.
+    pub fn start(target: &str) -> Proxy {
+        use std::sync::atomic::{AtomicBool, AtomicU64};
+        use std::sync::Arc;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("proxy bind");
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let hold = Arc::new(AtomicBool::new(false));
+        let flip = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (h, f, s, target) = (hold.clone(), flip.clone(), stop.clone(), target.to_string());
+        std::thread::spawn(move || {
+            while !s.load(std::sync::atomic::Ordering::Acquire) {
+                let Ok((down, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                };
+                let _ = down.set_nonblocking(false);
+                let Ok(up) = std::net::TcpStream::connect(&target) else {
+                    continue;
+                };
+                let (d2, u2) = (down.try_clone().unwrap(), up.try_clone().unwrap());
+                let (h, f) = (h.clone(), f.clone());
+                // backup -> primary, with hold and flip
+                std::thread::spawn(move || pump(down, up, Some((h, f))));
+                // primary -> backup
+                std::thread::spawn(move || pump(u2, d2, None));
+            }
+        });
+        Proxy {
+            addr,
+            hold_upstream: hold,
+            flip_upstream_at: flip,
+            stop,
+        }
+    }
+
+    /// Where the backup should connect.
+    pub fn addr(&self) -> String {
+        self.addr.to_string()
+    }
+}
+
+type Controls = (
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+    std::sync::Arc<std::sync::atomic::AtomicU64>,
+);
+
+fn pump(mut from: std::net::TcpStream, mut to: std::net::TcpStream, ctl: Option<Controls>) {
+    use std::sync::atomic::Ordering;
+    let mut buf = [0u8; 16384];
+    let mut offset = 0u64;
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if let Some((hold, flip)) = &ctl {
+            while hold.load(Ordering::Acquire) {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            let at = flip.load(Ordering::Acquire);
+            if at > offset && at <= offset + n as u64 {
+                buf[(at - offset - 1) as usize] ^= 0x01;
+                flip.store(0, Ordering::Release);
+            }
+        }
+        offset += n as u64;
+        if to.write_all(&buf[..n]).is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown(std::net::Shutdown::Both);
+    let _ = from.shutdown(std::net::Shutdown::Both);
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
+    }
+}
+
+/// `ftvmm ctl --api-socket PATH status`, parsed as JSON-ish text: the number after `"key": `
+/// (the first occurrence).
+pub fn ctl_status(socket: &Path) -> String {
+    let out = Command::new(ftvmm_bin())
+        .args([
+            "ctl",
+            "--api-socket",
+            &socket.display().to_string(),
+            "status",
+        ])
+        .output()
+        .expect("run ftvmm ctl");
+    if out.stdout.is_empty() {
+        return String::from_utf8_lossy(&out.stderr).into_owned();
+    }
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The number after `"key": ` in a status document.
+pub fn json_number(doc: &str, key: &str) -> Option<u64> {
+    let pat = format!("\"{key}\": ");
+    let at = doc.find(&pat)? + pat.len();
+    doc[at..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// A pre-shared key file for a pair, in `dir`.
+pub fn key_file(dir: &Path, name: &str, seed: u8) -> PathBuf {
+    let p = dir.join(name);
+    let key: Vec<u8> = (0..32u8)
+        .map(|i| i.wrapping_mul(31).wrapping_add(seed))
+        .collect();
+    std::fs::write(&p, key).expect("write key");
+    p
+}
+
+/// The Linux guest's kernel and initramfs (images/build-linux), or None when
+/// `FTVMM_SKIP_LINUX` is set.
+pub fn linux_images() -> Option<(PathBuf, PathBuf)> {
+    if std::env::var_os("FTVMM_SKIP_LINUX").is_some() {
+        eprintln!("FTVMM_SKIP_LINUX is set: skipping the Linux guest tests");
+        return None;
+    }
+    let dir = root().join("images/out/linux");
+    let (k, i) = (dir.join("vmlinux"), dir.join("initramfs.cpio"));
+    assert!(
+        k.exists() && i.exists(),
+        "{} or {} missing: run images/build-linux (or set FTVMM_SKIP_LINUX=1)",
+        k.display(),
+        i.display()
+    );
+    Some((k, i))
+}
+
+/// The command line every Linux test uses.
+pub const LINUX_CMDLINE: &str = "console=ttyS0 panic=-1";
+/// The Linux guest's shell prompt.
+pub const LINUX_PROMPT: &str = "ftvmm# ";
+
+/// The Linux guest booted to its shell prompt, saved: a snapshot, the disk it had (16 MiB,
+/// blank at boot) and what the boot printed.
+pub struct LinuxReady {
+    /// The snapshot at the prompt.
+    pub snapshot: PathBuf,
+    /// The disk as it was when the snapshot was taken (copy it before use).
+    pub disk: PathBuf,
+    /// The boot's serial output.
+    pub boot_output: String,
+}
+
+fn file_key(p: &Path) -> String {
+    let m = std::fs::metadata(p).expect("metadata");
+    let mtime = m
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos());
+    format!("{}-{mtime}", m.len())
+}
+
+/// Boots the Linux guest once and keeps the snapshot at its prompt under target/, shared by
+/// every test binary (and reused by later runs) as long as ftvmm, the kernel and the
+/// initramfs are unchanged: CI boots Linux once.
+pub fn linux_ready() -> Option<&'static LinuxReady> {
+    static READY: std::sync::OnceLock<Option<LinuxReady>> = std::sync::OnceLock::new();
+    READY
+        .get_or_init(|| {
+            let (kernel, initrd) = linux_images()?;
+            let key = format!(
+                "{}_{}_{}",
+                file_key(&ftvmm_bin()),
+                file_key(&kernel),
+                file_key(&initrd)
+            );
+            let dir = root().join("target/test-scratch/linux-ready");
+            let (snapshot, disk, out) = (
+                dir.join("ready.snap"),
+                dir.join("disk.img"),
+                dir.join("boot.out"),
+            );
+            let stamp = dir.join("key");
+            if std::fs::read_to_string(&stamp).ok().as_deref() == Some(key.as_str())
+                && snapshot.exists()
+            {
+                return Some(LinuxReady {
+                    snapshot,
+                    disk,
+                    boot_output: std::fs::read_to_string(&out).unwrap_or_default(),
+                });
+            }
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(&disk, vec![0u8; 16 << 20]).unwrap();
+            let run = Ftvmm::standalone(&kernel)
+                .args([
+                    "--initrd",
+                    initrd.to_str().unwrap(),
+                    "--cmdline",
+                    LINUX_CMDLINE,
+                    "--disk",
+                    disk.to_str().unwrap(),
+                    "--snapshot-on-exit",
+                    snapshot.to_str().unwrap(),
+                    "--serial-input",
+                    "none",
+                ])
+                .timeout(Duration::from_secs(600))
+                .run_until_output(LINUX_PROMPT);
+            run.assert_code(0);
+            assert!(snapshot.exists(), "no snapshot saved:\n{}", run.stderr);
+            std::fs::write(&out, &run.stdout).unwrap();
+            std::fs::write(&stamp, &key).unwrap();
+            Some(LinuxReady {
+                snapshot,
+                disk,
+                boot_output: run.stdout,
+            })
+        })
+        .as_ref()
+}

@@ -1,0 +1,565 @@
+//! The fault-tolerant pair as real processes: a primary, a backup attached to it while its
+//! guest runs, the logging channel over real TCP on loopback (through a proxy the test controls
+//! where it needs to), real /dev/kvm, real signals.
+//!
+//! A backup and its primary must end in the same state: both print the exit digest line and,
+//! with `--log-level info`, a `state-digest=` (RAM, registers, devices) when the guest stops.
+
+use ftvmm_tests::{
+    ctl_status, json_number, key_file, linux_ready, scratch, test_guest, Ftvmm, Proc, Proxy, Run,
+    LINUX_CMDLINE, LINUX_PROMPT,
+};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+const LISTENING: &str = "listening for a backup on ";
+const ATTACHED: &str = " attached: ";
+
+/// Machine flags of a tiny guest.
+fn tiny(name: &str) -> Vec<String> {
+    vec![
+        "--kernel".into(),
+        test_guest(name).display().to_string(),
+        "--serial-input".into(),
+        "none".into(),
+    ]
+}
+
+fn primary(machine: &[String], key: &Path, extra: &[&str]) -> Proc {
+    Ftvmm::raw(&["--role", "primary", "--listen", "127.0.0.1:0"])
+        .args(["--key-file", key.to_str().unwrap(), "--log-level", "info"])
+        .args(machine)
+        .args(extra)
+        .spawn()
+}
+
+fn listen_addr(p: &Proc) -> String {
+    assert!(
+        p.wait_stderr(LISTENING, Duration::from_secs(20)),
+        "the primary never listened:\n{}",
+        p.stderr()
+    );
+    p.stderr_word_after(LISTENING)
+        .expect("address")
+        .trim_end_matches(':')
+        .to_string()
+}
+
+fn backup(machine: &[String], key: &Path, addr: &str, extra: &[&str]) -> Proc {
+    backup_env(machine, key, addr, extra, &[])
+}
+
+fn backup_env(
+    machine: &[String],
+    key: &Path,
+    addr: &str,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> Proc {
+    Ftvmm::raw(&["--role", "backup", "--primary", addr])
+        .args(["--key-file", key.to_str().unwrap(), "--log-level", "info"])
+        .args(machine)
+        .args(extra)
+        .spawn_with_env(env)
+}
+
+fn wait_attached(p: &Proc) {
+    assert!(
+        p.wait_stderr(ATTACHED, Duration::from_secs(60)),
+        "the backup never attached:\n{}",
+        p.stderr()
+    );
+}
+
+fn state_digest(run: &Run) -> u64 {
+    run.stat("state-digest")
+}
+
+/// Both ended cleanly, at the same exit with the same state; the backup emitted nothing.
+fn assert_same_end(p: &Run, b: &Run) {
+    p.assert_code(0);
+    b.assert_code(0);
+    assert_eq!(
+        p.digest_line(),
+        b.digest_line(),
+        "exit digests differ\n--- primary ---\n{}\n--- backup ---\n{}",
+        p.stderr,
+        b.stderr
+    );
+    assert_eq!(
+        state_digest(p),
+        state_digest(b),
+        "state digests differ\n--- primary ---\n{}\n--- backup ---\n{}",
+        p.stderr,
+        b.stderr
+    );
+    assert!(
+        b.stdout.is_empty(),
+        "the backup emitted output: {}",
+        b.stdout
+    );
+}
+
+/// The `tick N` lines are complete and in order up to `last`.
+fn assert_ticks(out: &str, last: u32) {
+    let want: String = (1..=last / 10)
+        .map(|i| format!("tick {}\n", i * 10))
+        .collect();
+    assert_eq!(out, want, "serial output is not every tick in order");
+}
+
+#[test]
+fn backup_attaches_to_a_running_guest_and_ends_in_its_state() {
+    let dir = scratch("ft-attach-ticks");
+    let key = key_file(&dir, "key", 1);
+    let m = tiny("ticks-long");
+    let p = primary(&m, &key, &[]);
+    let addr = listen_addr(&p);
+    // The guest is running and unprotected, and says so.
+    assert!(p.wait_stdout("tick 10\n", Duration::from_secs(20)));
+    assert!(p.stderr().contains("UNPROTECTED"), "{}", p.stderr());
+    let b = backup(&m, &key, &addr, &[]);
+    wait_attached(&p);
+    let (p, b) = (
+        p.wait(Duration::from_secs(60)),
+        b.wait(Duration::from_secs(60)),
+    );
+    assert_same_end(&p, &b);
+    assert_ticks(&p.stdout, 1000);
+    assert!(p.stderr.contains("attach 127.0.0.1"), "{}", p.stderr);
+}
+
+#[test]
+fn a_guest_that_computes_is_followed_through_checkpoints() {
+    let dir = scratch("ft-attach-spin");
+    let key = key_file(&dir, "key", 2);
+    let m = tiny("spin-long");
+    let p = primary(&m, &key, &[]);
+    let addr = listen_addr(&p);
+    std::thread::sleep(Duration::from_millis(300));
+    let b = backup(&m, &key, &addr, &[]);
+    wait_attached(&p);
+    let (p, b) = (
+        p.wait(Duration::from_secs(90)),
+        b.wait(Duration::from_secs(90)),
+    );
+    assert_same_end(&p, &b);
+    assert!(p.stat("checkpoints") > 0, "{}", p.stderr);
+    assert!(p.stdout.starts_with("spin checksum="), "{}", p.stdout);
+}
+
+#[test]
+fn output_waits_for_the_acknowledgement_and_the_guest_keeps_running() {
+    let dir = scratch("ft-held-output");
+    let key = key_file(&dir, "key", 3);
+    let sock = dir.join("api.sock");
+    let m = tiny("ticks-long");
+    let p = primary(
+        &m,
+        &key,
+        &[
+            "--api-socket",
+            sock.to_str().unwrap(),
+            "--peer-timeout",
+            "10s",
+        ],
+    );
+    let addr = listen_addr(&p);
+    let proxy = Proxy::start(&addr);
+    let b = backup(&m, &key, &proxy.addr(), &["--peer-timeout", "10s"]);
+    wait_attached(&p);
+    assert!(p.wait_stdout("tick 100\n", Duration::from_secs(20)));
+    // Hold the backup's acknowledgements: output must stop leaving, the guest must not stop.
+    proxy
+        .hold_upstream
+        .store(true, std::sync::atomic::Ordering::Release);
+    std::thread::sleep(Duration::from_millis(300));
+    let shown = p.stdout().len();
+    let sent = json_number(&ctl_status(&sock), "sent").expect("status");
+    std::thread::sleep(Duration::from_millis(1500));
+    let status = ctl_status(&sock);
+    assert_eq!(
+        p.stdout().len(),
+        shown,
+        "output left the primary without an acknowledgement"
+    );
+    assert!(
+        json_number(&status, "sent").unwrap() > sent,
+        "the guest stopped while its output waited: {status}"
+    );
+    assert!(
+        json_number(&status, "outputs_held").unwrap() > 0,
+        "{status}"
+    );
+    proxy
+        .hold_upstream
+        .store(false, std::sync::atomic::Ordering::Release);
+    let (p, b) = (
+        p.wait(Duration::from_secs(60)),
+        b.wait(Duration::from_secs(60)),
+    );
+    assert_same_end(&p, &b);
+    assert_ticks(&p.stdout, 1000);
+}
+
+#[test]
+fn a_stopped_backup_stalls_the_primary_and_nothing_is_lost() {
+    let dir = scratch("ft-stall");
+    let key = key_file(&dir, "key", 4);
+    let sock = dir.join("api.sock");
+    let m = tiny("ticks-long");
+    let p = primary(
+        &m,
+        &key,
+        &[
+            "--api-socket",
+            sock.to_str().unwrap(),
+            "--log-buffer",
+            "1K",
+            // Only the buffer may stop the vCPU here, not the lag throttle.
+            "--max-lag",
+            "60s",
+            "--peer-timeout",
+            "60s",
+        ],
+    );
+    let addr = listen_addr(&p);
+    let b = backup(&m, &key, &addr, &["--peer-timeout", "60s"]);
+    wait_attached(&p);
+    b.signal(libc::SIGSTOP);
+    // The buffer fills within a second or two, then the vCPU stalls: the log stops growing.
+    let mut last = 0;
+    let mut stalled = false;
+    let mut seen = Vec::new();
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(15) {
+        std::thread::sleep(Duration::from_millis(700));
+        let sent = json_number(&ctl_status(&sock), "sent").unwrap_or(0);
+        seen.push(sent);
+        if sent == last && sent > 0 {
+            stalled = true;
+            break;
+        }
+        last = sent;
+    }
+    let out_at_stall = p.stdout();
+    b.signal(libc::SIGCONT);
+    assert!(
+        stalled,
+        "the primary never stalled on a full buffer: log positions {seen:?}\n{}",
+        ctl_status(&sock)
+    );
+    assert!(
+        !out_at_stall.contains("tick 1000"),
+        "the guest finished while its backup was stopped"
+    );
+    let (p, b) = (
+        p.wait(Duration::from_secs(90)),
+        b.wait(Duration::from_secs(90)),
+    );
+    assert_same_end(&p, &b);
+    assert_ticks(&p.stdout, 1000);
+}
+
+#[test]
+fn a_second_backup_and_a_backup_without_the_key_are_refused() {
+    let dir = scratch("ft-refused");
+    let key = key_file(&dir, "key", 5);
+    let wrong = key_file(&dir, "wrong", 6);
+    let m = tiny("ticks-long");
+    let p = primary(&m, &key, &[]);
+    let addr = listen_addr(&p);
+    let b = backup(&m, &key, &addr, &[]);
+    wait_attached(&p);
+    let second = backup(&m, &key, &addr, &[]).wait(Duration::from_secs(30));
+    second.assert_code(2);
+    assert!(
+        second.stderr.contains("already has a backup"),
+        "{}",
+        second.stderr
+    );
+    let keyless = backup(&m, &wrong, &addr, &[]).wait(Duration::from_secs(30));
+    keyless.assert_code(2);
+    assert!(
+        keyless.stderr.contains("key"),
+        "no word about the key: {}",
+        keyless.stderr
+    );
+    let other = tiny("spin-long");
+    let mismatched = backup(&other, &key, &addr, &[]).wait(Duration::from_secs(30));
+    mismatched.assert_code(2);
+    let (p, b) = (
+        p.wait(Duration::from_secs(60)),
+        b.wait(Duration::from_secs(60)),
+    );
+    assert_same_end(&p, &b);
+    assert!(p.stderr.contains("refused backup"), "{}", p.stderr);
+}
+
+#[test]
+fn a_backup_with_other_machine_flags_is_refused_naming_both() {
+    let dir = scratch("ft-flags");
+    let key = key_file(&dir, "key", 7);
+    let p = primary(&tiny("ticks-long"), &key, &[]);
+    let addr = listen_addr(&p);
+    let mut other = tiny("ticks-long");
+    other.extend(["--memory".to_string(), "64M".to_string()]);
+    let b = backup(&other, &key, &addr, &[]).wait(Duration::from_secs(30));
+    b.assert_code(2);
+    assert!(
+        b.stderr.contains("machine flags differ") && b.stderr.contains("256 MiB RAM"),
+        "{}",
+        b.stderr
+    );
+    assert!(b.stderr.contains("64 MiB RAM"), "{}", b.stderr);
+    p.signal(libc::SIGTERM);
+    p.wait(Duration::from_secs(30));
+}
+
+#[test]
+fn a_frame_altered_on_the_wire_drops_the_backup_and_the_primary_carries_on() {
+    let dir = scratch("ft-flip");
+    let key = key_file(&dir, "key", 8);
+    let m = tiny("ticks-long");
+    let p = primary(&m, &key, &[]);
+    let addr = listen_addr(&p);
+    let proxy = Proxy::start(&addr);
+    let b = backup(&m, &key, &proxy.addr(), &[]);
+    wait_attached(&p);
+    // Well after the handshake: flip a bit in the backup's next bytes (an ack or heartbeat).
+    proxy
+        .flip_upstream_at
+        .store(2000, std::sync::atomic::Ordering::Release);
+    assert!(
+        p.wait_stderr(
+            "UNPROTECTED until a backup attaches",
+            Duration::from_secs(30)
+        ),
+        "{}",
+        p.stderr()
+    );
+    let p = p.wait(Duration::from_secs(60));
+    let b = b.wait(Duration::from_secs(60));
+    p.assert_code(0);
+    assert_ticks(&p.stdout, 1000);
+    assert!(
+        p.stderr.contains("authentication") || b.stderr.contains("authentication"),
+        "no side said why:\n{}\n{}",
+        p.stderr,
+        b.stderr
+    );
+}
+
+#[test]
+fn a_divergence_is_reported_and_healed_by_a_resync() {
+    let dir = scratch("ft-resync");
+    let key = key_file(&dir, "key", 9);
+    let sock = dir.join("b.sock");
+    let m = tiny("ticks-long");
+    let p = primary(&m, &key, &[]);
+    let addr = listen_addr(&p);
+    let b = backup_env(
+        &m,
+        &key,
+        &addr,
+        &["--api-socket", sock.to_str().unwrap()],
+        &[("FTVMM_TEST_DIVERGE_AT_EXIT", "1500")],
+    );
+    wait_attached(&p);
+    assert!(
+        b.wait_stderr("resynchronised", Duration::from_secs(30)),
+        "{}",
+        b.stderr()
+    );
+    let status = ctl_status(&sock);
+    assert_eq!(json_number(&status, "divergences"), Some(1), "{status}");
+    assert_eq!(json_number(&status, "resyncs"), Some(1), "{status}");
+    let (p, b) = (
+        p.wait(Duration::from_secs(60)),
+        b.wait(Duration::from_secs(60)),
+    );
+    assert!(b.stderr.contains("divergence at exit 1500"), "{}", b.stderr);
+    assert_same_end(&p, &b);
+    assert_ticks(&p.stdout, 1000);
+}
+
+/// The Linux guest from its shell-prompt snapshot as a primary, with a copy of its disk.
+struct LinuxPair {
+    p: Proc,
+    b: Proc,
+    _disk: PathBuf,
+}
+
+fn linux_machine(disk: &Path) -> Option<Vec<String>> {
+    let (k, i) = ftvmm_tests::linux_images()?;
+    Some(
+        [
+            "--kernel",
+            k.to_str().unwrap(),
+            "--initrd",
+            i.to_str().unwrap(),
+            "--cmdline",
+            LINUX_CMDLINE,
+            "--disk",
+            disk.to_str().unwrap(),
+        ]
+        .map(String::from)
+        .to_vec(),
+    )
+}
+
+fn linux_pair(name: &str, primary_extra: &[&str]) -> Option<LinuxPair> {
+    let ready = linux_ready()?;
+    let dir = scratch(name);
+    let key = key_file(&dir, "key", 10);
+    let disk = dir.join("disk.img");
+    std::fs::copy(&ready.disk, &disk).unwrap();
+    let m = linux_machine(&disk)?;
+    let mut extra = vec![
+        "--restore",
+        ready.snapshot.to_str().unwrap(),
+        "--serial-input",
+        "-",
+    ];
+    extra.extend_from_slice(primary_extra);
+    let p = primary(&m, &key, &extra);
+    let addr = listen_addr(&p);
+    let b = backup(&m, &key, &addr, &["--peer-timeout", "20s"]);
+    wait_attached(&p);
+    Some(LinuxPair { p, b, _disk: disk })
+}
+
+#[test]
+fn linux_under_ft_runs_a_workload_and_the_backup_ends_in_its_state() {
+    let Some(mut pair) = linux_pair("ft-linux-counter", &[]) else {
+        return;
+    };
+    pair.p.type_input(b"/workloads/counter\n");
+    assert!(
+        pair.p.wait_stdout("n=20\r\n", Duration::from_secs(120)),
+        "{}",
+        pair.p.stdout()
+    );
+    pair.p.type_input(b"\x03");
+    assert!(pair.p.wait_stdout(LINUX_PROMPT, Duration::from_secs(60)));
+    std::thread::sleep(Duration::from_millis(500));
+    pair.p.type_input(b"poweroff -f\n");
+    let (p, b) = (
+        pair.p.wait(Duration::from_secs(120)),
+        pair.b.wait(Duration::from_secs(120)),
+    );
+    assert_same_end(&p, &b);
+    assert!(p.stat("checkpoints") > 0, "{}", p.stderr);
+}
+
+fn sector(disk: &Path, n: u64) -> Vec<u8> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(disk).unwrap();
+    f.seek(SeekFrom::Start(n * 512)).unwrap();
+    let mut buf = vec![0u8; 512];
+    f.read_exact(&mut buf).unwrap();
+    buf
+}
+
+#[test]
+fn linux_disk_writes_wait_for_the_backup_and_the_image_matches_a_standalone_run() {
+    const COMMAND: &[u8] = b"DISKWRITE_COUNT=12 /workloads/diskwrite\n";
+    const DONE: &str = "diskwrite: 12 records written";
+    let Some(ready) = linux_ready() else { return };
+    // The reference: the same command on a standalone run from the same snapshot.
+    let dir = scratch("ft-linux-disk-reference");
+    let reference = dir.join("disk.img");
+    std::fs::copy(&ready.disk, &reference).unwrap();
+    let m = linux_machine(&reference).unwrap();
+    let mut solo = Ftvmm::raw(&["--role", "standalone"])
+        .args(&m)
+        .args(["--restore", ready.snapshot.to_str().unwrap()])
+        .args(["--serial-input", "-"])
+        .spawn();
+    solo.type_input(COMMAND);
+    assert!(
+        solo.wait_stdout(DONE, Duration::from_secs(180)),
+        "{}",
+        solo.stdout()
+    );
+    solo.type_input(b"poweroff -f\n");
+    solo.wait(Duration::from_secs(60)).assert_code(0);
+
+    // Under FT, with the backup's acknowledgements held at first.
+    let ready2 = linux_ready().unwrap();
+    let dir = scratch("ft-linux-disk");
+    let key = key_file(&dir, "key", 11);
+    let disk = dir.join("disk.img");
+    std::fs::copy(&ready2.disk, &disk).unwrap();
+    let m = linux_machine(&disk).unwrap();
+    let sock = dir.join("api.sock");
+    let mut p = primary(
+        &m,
+        &key,
+        &[
+            "--restore",
+            ready2.snapshot.to_str().unwrap(),
+            "--serial-input",
+            "-",
+            "--api-socket",
+            sock.to_str().unwrap(),
+            "--peer-timeout",
+            "20s",
+        ],
+    );
+    let addr = listen_addr(&p);
+    let proxy = Proxy::start(&addr);
+    let b = backup(&m, &key, &proxy.addr(), &["--peer-timeout", "20s"]);
+    wait_attached(&p);
+    proxy
+        .hold_upstream
+        .store(true, std::sync::atomic::Ordering::Release);
+    p.type_input(COMMAND);
+    // The guest writes its first record, but the record may not reach the image.
+    let start = Instant::now();
+    let mut held_write = false;
+    while start.elapsed() < Duration::from_secs(15) {
+        std::thread::sleep(Duration::from_millis(250));
+        let status = ctl_status(&sock);
+        if json_number(&status, "outputs_held_bytes").unwrap_or(0) >= 512 {
+            held_write = true;
+            break;
+        }
+    }
+    assert!(
+        held_write,
+        "no disk write was ever held: {}",
+        ctl_status(&sock)
+    );
+    assert!(
+        sector(&disk, 0).iter().all(|b| *b == 0),
+        "a disk write reached the image before the backup acknowledged it"
+    );
+    assert!(!p.stdout().contains("record 1 synced"));
+    proxy
+        .hold_upstream
+        .store(false, std::sync::atomic::Ordering::Release);
+    assert!(
+        p.wait_stdout(DONE, Duration::from_secs(180)),
+        "{}",
+        p.stdout()
+    );
+    p.type_input(b"poweroff -f\n");
+    let (p, b) = (
+        p.wait(Duration::from_secs(120)),
+        b.wait(Duration::from_secs(120)),
+    );
+    assert_same_end(&p, &b);
+    for n in 1..=12 {
+        assert!(
+            p.stdout.contains(&format!("record {n} synced\r\n")),
+            "{}",
+            p.stdout
+        );
+    }
+    assert_eq!(
+        std::fs::read(&disk).unwrap(),
+        std::fs::read(&reference).unwrap(),
+        "the image differs from the standalone run's"
+    );
+}
