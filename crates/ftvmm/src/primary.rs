@@ -186,7 +186,27 @@ pub(crate) fn run(args: &Args) -> Result<u8, Failure> {
     if let Some(conn) = link.connection() {
         conn.close("the primary stopped");
     }
+    let (p50, p99) = latency_percentiles(&link.stats.latencies());
+    tracing::info!(
+        "pair: attaches={} resyncs={} outputs-released={} output-latency-p50-us={p50} output-latency-p99-us={p99} log-bytes={} throttled={}",
+        pair.attaches.load(Ordering::Relaxed),
+        pair.resyncs.load(Ordering::Relaxed),
+        link.stats.released.load(Ordering::Relaxed),
+        link.stats.log_bytes.load(Ordering::Relaxed),
+        link.stats.throttled.load(Ordering::Relaxed),
+    );
     report::finish(args, &mut vm, result)
+}
+
+/// The 50th and 99th percentiles of output latencies (ns in, us out).
+fn latency_percentiles(ns: &[u64]) -> (u64, u64) {
+    if ns.is_empty() {
+        return (0, 0);
+    }
+    let mut v = ns.to_vec();
+    v.sort_unstable();
+    let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize] / 1000;
+    (at(0.5), at(0.99))
 }
 
 fn primary_status(link: Arc<Link>, pair: Arc<PairState>, listen: String) -> StatusFn {
@@ -233,6 +253,10 @@ fn primary_status(link: Arc<Link>, pair: Arc<PairState>, listen: String) -> Stat
             "outputs_held": stats.held.load(Ordering::Relaxed),
             "outputs_held_bytes": stats.held_bytes.load(Ordering::Relaxed),
             "outputs_released": stats.released.load(Ordering::Relaxed),
+            "output_latency_us": {
+                "p50": latency_percentiles(&stats.latencies()).0,
+                "p99": latency_percentiles(&stats.latencies()).1,
+            },
             "channel": {
                 "bytes_sent": bytes_out,
                 "bytes_received": bytes_in,
