@@ -563,3 +563,61 @@ fn linux_disk_writes_wait_for_the_backup_and_the_image_matches_a_standalone_run(
         "the image differs from the standalone run's"
     );
 }
+
+#[test]
+fn verified_output_mode_runs_the_pair_to_the_same_end() {
+    let dir = scratch("ft-executed");
+    let key = key_file(&dir, "key", 12);
+    let m = tiny("ticks-long");
+    let p = primary(&m, &key, &["--ack", "executed"]);
+    let addr = listen_addr(&p);
+    let b = backup(&m, &key, &addr, &[]);
+    wait_attached(&p);
+    let (p, b) = (
+        p.wait(Duration::from_secs(60)),
+        b.wait(Duration::from_secs(60)),
+    );
+    assert_same_end(&p, &b);
+    assert_ticks(&p.stdout, 1000);
+}
+
+/// A guest halted waiting for input sees a stop request (the vCPU's wait is cut short), and a
+/// snapshot taken there restores to the same state.
+#[test]
+fn a_halted_guest_stops_on_request_and_restores_to_the_same_state() {
+    let dir = scratch("ft-halted-stop");
+    let snap = dir.join("halted.snap");
+    let p = Ftvmm::standalone(&test_guest("echo"))
+        .args(["--serial-input", "-", "--log-level", "info"])
+        .args(["--snapshot-on-exit", snap.to_str().unwrap()])
+        .spawn();
+    std::thread::sleep(Duration::from_millis(500));
+    let asked = Instant::now();
+    p.signal(libc::SIGTERM);
+    let run = p.wait(Duration::from_secs(10));
+    run.assert_code(0);
+    assert!(
+        asked.elapsed() < Duration::from_secs(2),
+        "a halted guest took {:?} to stop",
+        asked.elapsed()
+    );
+    let saved = state_digest(&run);
+    let restored = Ftvmm::standalone(&test_guest("echo"))
+        .args(["--serial-input", "-", "--log-level", "info"])
+        .args(["--restore", snap.to_str().unwrap()])
+        .input(b"hi\rq", Duration::from_millis(300))
+        .timeout(Duration::from_secs(20))
+        .run();
+    restored.assert_code(0);
+    let line = restored
+        .stderr
+        .lines()
+        .find(|l| l.contains("restored "))
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        line.ends_with(&format!("state-digest={saved}")),
+        "restored state differs from the saved one: saved {saved}, {line}"
+    );
+    assert_eq!(restored.stdout, "HI\r\nbye\n");
+}

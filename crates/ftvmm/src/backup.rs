@@ -129,7 +129,8 @@ pub(crate) fn run(args: &Args) -> Result<u8, Failure> {
     )?;
     vm.zero_memory()?;
     let mem = vm.memory();
-    let (mut pages, mut bytes) = (0u64, 0u64);
+    let (mut pages, mut bytes, mut round) = (0u64, 0u64, 0u32);
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let final_state = loop {
         let msg = conn
             .recv_timeout(Duration::from_secs(60))
@@ -140,11 +141,28 @@ pub(crate) fn run(args: &Args) -> Result<u8, Failure> {
         };
         bytes += data.len() as u64;
         match TransferMsg::decode(&data).map_err(|e| format!("primary {addr}: {e}"))? {
-            TransferMsg::Pages { pages: p, .. } => {
+            TransferMsg::Pages { pages: p, round: r } => {
                 pages += p.len() as u64;
                 write_pages(&mem, &p).map_err(|e| format!("primary {addr}: {e}"))?;
+                let secs = started.elapsed().as_secs_f64().max(1e-3);
+                let mib = bytes as f64 / (1 << 20) as f64;
+                let line = format!(
+                    "receiving from {addr}: round {r}: {pages} pages, {mib:.1} MiB, {:.1} MiB/s",
+                    mib / secs
+                );
+                if tty {
+                    eprint!("\r\x1b[2K{line}");
+                } else if r != round {
+                    tracing::info!("{line}");
+                }
+                round = r;
             }
-            TransferMsg::Final { snapshot } => break snapshot,
+            TransferMsg::Final { snapshot } => {
+                if tty {
+                    eprintln!();
+                }
+                break snapshot;
+            }
         }
     };
     let snap = Snapshot::decode(&final_state).map_err(|e| e.to_string())?;

@@ -94,7 +94,12 @@ pub(crate) fn run(args: &Args) -> Result<u8, Failure> {
         let snap = vmm::snapshot::Snapshot::read_file(path).map_err(|e| e.to_string())?;
         vm.restore(&snap)?;
         boundary.restored(vm.now_ns());
-        tracing::info!("restored {} (rip {:#x})", path.display(), snap.vcpu.rip());
+        tracing::info!(
+            "restored {} (rip {:#x}) state-digest={}",
+            path.display(),
+            snap.vcpu.rip(),
+            vm.state_digest().unwrap_or(0)
+        );
     }
     let (_handle, control) = vmm::control::channel();
     let result = vm.run(boundary.as_mut(), &control);
