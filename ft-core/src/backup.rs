@@ -165,6 +165,13 @@ impl BackupLink {
                     frames,
                     bytes,
                 })) => {
+                    let bytes = match unpack_batch(&bytes) {
+                        Ok(b) => b,
+                        Err(e) => {
+                            self.end(format!("the primary sent a log batch that {e}"));
+                            return;
+                        }
+                    };
                     let expected = self.received.load(Ordering::Acquire);
                     if first_seq != expected {
                         self.end(format!(
@@ -172,6 +179,7 @@ impl BackupLink {
                         ));
                         return;
                     }
+                    let has_output = batch_has_output(&bytes);
                     {
                         let mut q = self.queue();
                         q.bytes += bytes.len() as u64;
@@ -180,7 +188,12 @@ impl BackupLink {
                     }
                     self.received
                         .store(first_seq + u64::from(frames), Ordering::Release);
-                    self.ack();
+                    // An output on the primary waits for this: acknowledge now. Otherwise the
+                    // acker's next round will (bandwidth: one ack per batch was most of an
+                    // idle pair's traffic).
+                    if has_output {
+                        self.ack();
+                    }
                 }
                 Ok(Some(Msg::Released { seq })) => {
                     self.released.fetch_max(seq, Ordering::AcqRel);
@@ -212,10 +225,63 @@ impl BackupLink {
     fn ack_loop(&self) {
         let mut seen = 0;
         while !self.stop.load(Ordering::Acquire) && self.ended().is_none() {
-            seen = self.progress.wait(seen, Duration::from_millis(5));
+            // Woken at once when the replay passes an output (verified output waits for that);
+            // otherwise every ACK_PERIOD, for the primary's lag and flow control.
+            seen = self.progress.wait(seen, ACK_PERIOD);
             self.ack();
         }
     }
+}
+
+/// How often the backup acknowledges when no output waits for it.
+const ACK_PERIOD: Duration = Duration::from_millis(20);
+
+/// A `Log` message's bytes are the frames LZ4-compressed (block format, uncompressed size
+/// first); a claim above what LZ4 can expand to, or above the largest frame, is refused before
+/// allocating.
+fn unpack_batch(packed: &[u8]) -> Result<Vec<u8>, String> {
+    let claimed = packed
+        .get(..4)
+        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
+        .ok_or("is shorter than its size prefix")?;
+    let most = (packed.len() - 4).saturating_mul(255).saturating_add(16);
+    if claimed > most || claimed > crate::log::MAX_FRAME as usize + (1 << 20) {
+        return Err(format!(
+            "claims {claimed} bytes from {} compressed",
+            packed.len()
+        ));
+    }
+    lz4_flex::decompress_size_prepended(packed).map_err(|e| format!("does not decompress: {e}"))
+}
+
+/// Whether a batch of log frames holds a record that produces an output (Output, DiskWrite,
+/// DiskFlush): a light scan of each frame's first payload byte, the record's variant index.
+fn batch_has_output(mut bytes: &[u8]) -> bool {
+    if bytes.starts_with(&crate::log::MAGIC) {
+        bytes = &bytes[8..];
+    }
+    while !bytes.is_empty() {
+        let mut len = 0u64;
+        let mut used = 0;
+        for (i, b) in bytes.iter().take(5).enumerate() {
+            len |= u64::from(b & 0x7f) << (7 * i);
+            used = i + 1;
+            if b & 0x80 == 0 {
+                break;
+            }
+        }
+        let Some(payload) = bytes.get(used..) else {
+            return false;
+        };
+        if matches!(payload.first(), Some(5 | 9 | 10)) {
+            return true;
+        }
+        let Some(rest) = bytes.get(used + len as usize + 4..) else {
+            return false;
+        };
+        bytes = rest;
+    }
+    false
 }
 
 /// The log stream as bytes, for the replayer's [`crate::log::LogReader`]: blocks until bytes
@@ -243,8 +309,6 @@ impl Read for StreamReader {
                 if q.ended.is_some() {
                     return Ok(0);
                 }
-                // About to block: everything received is replayed, say so.
-                self.link.progress.notify();
                 q = self
                     .link
                     .arrived
@@ -257,5 +321,31 @@ impl Read for StreamReader {
         buf[..n].copy_from_slice(&self.current[self.pos..self.pos + n]);
         self.pos += n;
         Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::log::{encode_record, Record};
+
+    #[test]
+    fn batches_with_outputs_are_recognised() {
+        let quiet: Vec<u8> = [Record::Clock { delta: 5 }, Record::Interrupt { vector: 32 }]
+            .iter()
+            .flat_map(encode_record)
+            .collect();
+        assert!(!batch_has_output(&quiet));
+        let mut loud = quiet.clone();
+        loud.extend(encode_record(&Record::Output {
+            kind: 0,
+            len: 1,
+            crc: 2,
+        }));
+        assert!(batch_has_output(&loud));
+        let mut disk = crate::log::MAGIC.to_vec();
+        disk.extend(encode_record(&Record::DiskFlush));
+        assert!(batch_has_output(&disk));
+        assert!(!batch_has_output(&[0xff, 0xff]));
     }
 }

@@ -217,7 +217,7 @@ fn primary_status(link: Arc<Link>, pair: Arc<PairState>, listen: String) -> Stat
         let stats = &link.stats;
         let sent = stats.sent_seq.load(Ordering::Relaxed);
         let (received, executed, backup_vtime) = conn.as_ref().map_or((0, 0, 0), |c| c.acked());
-        let vtime = stats.vtime_ns.load(Ordering::Relaxed);
+        let vtime = stats.sent_vtime_ns.load(Ordering::Relaxed);
         let wire = conn.as_ref().map(|c| c.stats());
         let (bytes_out, bytes_in) = wire.map_or((0, 0), |w| (w.bytes_sent, w.bytes_received));
         let rate = {
