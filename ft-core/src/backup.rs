@@ -14,12 +14,17 @@ use std::io::{self, Read};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 struct Queue {
     chunks: VecDeque<Vec<u8>>,
     /// Why the stream ended (the reader returns end-of-file once the chunks are drained).
     ended: Option<String>,
+    /// Whether it ended because the primary was lost (not a clean close or a refusal).
+    lost: bool,
+    /// When it ended, and when the last message before that arrived.
+    ended_at: Option<Instant>,
+    last_message: Instant,
     bytes: u64,
 }
 
@@ -52,6 +57,9 @@ impl BackupLink {
             queue: Mutex::new(Queue {
                 chunks: VecDeque::new(),
                 ended: None,
+                lost: false,
+                ended_at: None,
+                last_message: Instant::now(),
                 bytes: 0,
             }),
             arrived: Condvar::new(),
@@ -112,6 +120,18 @@ impl BackupLink {
         self.queue().ended.clone()
     }
 
+    /// Whether the stream ended because the primary was lost (silence, a broken connection),
+    /// rather than closed by it; and how long before the end its last message came.
+    pub fn lost(&self) -> Option<(String, Duration)> {
+        let q = self.queue();
+        match (&q.ended, q.lost, q.ended_at) {
+            (Some(why), true, Some(at)) => {
+                Some((why.clone(), at.saturating_duration_since(q.last_message)))
+            }
+            _ => None,
+        }
+    }
+
     /// Asks the primary for a full snapshot to carry on from (after a divergence).
     pub fn request_resync(&self, reason: &str) {
         self.resync_requested.store(true, Ordering::Release);
@@ -125,12 +145,16 @@ impl BackupLink {
     /// Stops the threads: the reader then ends.
     pub fn stop(&self, why: &str) {
         self.stop.store(true, Ordering::Release);
-        self.end(why.to_string());
+        self.end(why.to_string(), false);
     }
 
-    fn end(&self, why: String) {
+    fn end(&self, why: String, lost: bool) {
         let mut q = self.queue();
-        q.ended.get_or_insert(why);
+        if q.ended.is_none() {
+            q.ended = Some(why);
+            q.lost = lost;
+            q.ended_at = Some(Instant::now());
+        }
         self.arrived.notify_all();
         self.progress.notify();
     }
@@ -158,25 +182,39 @@ impl BackupLink {
 
     fn receive_loop(&self) {
         while !self.stop.load(Ordering::Acquire) {
-            match self.conn.recv_timeout(Duration::from_millis(100)) {
+            let msg = match self.conn.recv_timeout(Duration::from_millis(100)) {
                 Ok(None) => continue,
-                Ok(Some(Msg::Log {
+                Ok(Some(msg)) => msg,
+                Err(e) => {
+                    let why = self.conn.failure().unwrap_or_else(|| e.to_string());
+                    // A close the primary announced (its Bye came first) is not a loss.
+                    let clean = matches!(e, logging_channel::ChannelError::Closed(_));
+                    self.end(format!("the primary is lost: {why}"), !clean);
+                    return;
+                }
+            };
+            self.queue().last_message = Instant::now();
+            match msg {
+                Msg::Log {
                     first_seq,
                     frames,
                     bytes,
-                })) => {
+                } => {
                     let bytes = match unpack_batch(&bytes) {
                         Ok(b) => b,
                         Err(e) => {
-                            self.end(format!("the primary sent a log batch that {e}"));
+                            self.end(format!("the primary sent a log batch that {e}"), true);
                             return;
                         }
                     };
                     let expected = self.received.load(Ordering::Acquire);
                     if first_seq != expected {
-                        self.end(format!(
-                            "the primary's log stream skipped from frame {expected} to {first_seq}"
-                        ));
+                        self.end(
+                            format!(
+                                "the primary's log stream skipped from frame {expected} to {first_seq}"
+                            ),
+                            true,
+                        );
                         return;
                     }
                     let has_output = batch_has_output(&bytes);
@@ -195,28 +233,23 @@ impl BackupLink {
                         self.ack();
                     }
                 }
-                Ok(Some(Msg::Released { seq })) => {
+                Msg::Released { seq } => {
                     self.released.fetch_max(seq, Ordering::AcqRel);
                     self.kept
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
                         .released(seq);
                 }
-                Ok(Some(Msg::Bye { reason })) => {
-                    self.end(format!("the primary closed the channel: {reason}"));
+                Msg::Bye { reason } => {
+                    self.end(format!("the primary closed the channel: {reason}"), false);
                     return;
                 }
-                Ok(Some(Msg::Refused { reason })) => {
-                    self.end(format!("the primary refused: {reason}"));
+                Msg::Refused { reason } => {
+                    self.end(format!("the primary refused: {reason}"), false);
                     return;
                 }
-                Ok(Some(other)) => {
+                other => {
                     tracing::warn!("unexpected message from the primary: {other:?}");
-                }
-                Err(e) => {
-                    let why = self.conn.failure().unwrap_or_else(|| e.to_string());
-                    self.end(format!("the primary is lost: {why}"));
-                    return;
                 }
             }
         }

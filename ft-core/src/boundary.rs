@@ -120,6 +120,13 @@ pub enum BoundaryError {
     /// and waits again.
     #[error("wait interrupted by a control request")]
     Interrupted,
+    /// This side may not go on: it lost the arbitration for the lock, or cannot reach it. It
+    /// stops and emits nothing more.
+    #[error("this side may not go on: {why}; it stops and emits nothing more")]
+    Fenced {
+        /// Why.
+        why: String,
+    },
     /// Any other failure of the implementation, described.
     #[error("{0}")]
     Other(String),

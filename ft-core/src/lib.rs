@@ -11,10 +11,12 @@ pub mod boundary;
 pub mod disk;
 pub mod exit;
 pub mod live;
+pub mod lock;
 pub mod log;
 pub mod primary;
 pub mod record;
 pub mod replay;
+pub mod takeover;
 
 pub use boundary::{Boundary, BoundaryError, Input, OutputKind, Point, WaitRequest};
 pub use exit::{ExitDigest, ExitKind, SyncExit};

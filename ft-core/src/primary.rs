@@ -15,8 +15,13 @@
 //! [`AckMode::Executed`], that it has replayed it (and so produced the same output: verified).
 //! Outputs leave in sequence order, serial and disk alike; the guest keeps running meanwhile, and
 //! reads see the disk writes still held. With no backup attached the primary is unprotected:
-//! outputs leave at once (after any still held). A backup that is lost leaves the primary
-//! unprotected: what it held is released.
+//! outputs leave at once (after any still held).
+//!
+//! A backup that is lost leaves the primary [`Mode::Arbitrating`]: nothing unacknowledged leaves
+//! until the primary has won the test-and-set on the lock ([`crate::lock`]) in the pair's epoch
+//! (then [`Link::won`]: unprotected, what it held is released) or lost it ([`Link::fence`]:
+//! nothing more ever leaves; the VMM stops the guest). Without a lock the primary goes
+//! unprotected at once (and a partition could leave two live sides: the role warns).
 
 use crate::disk::{Disk, HeldWrites, ImageFile};
 use crate::log::{encode_frame, Header, LogError, Record, RecordSink, MAGIC};
@@ -75,9 +80,23 @@ impl Held {
     }
 }
 
+/// Where the pair stands, from the primary's side.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// No backup: this side holds the lock in the current epoch; outputs leave at once.
+    Unprotected,
+    /// A backup is attached: outputs leave when it acknowledges them.
+    Protected,
+    /// The backup was lost: outputs wait until the lock decides.
+    Arbitrating,
+    /// This side lost the lock (or cannot reach it): nothing more ever leaves.
+    Fenced,
+}
+
 struct State {
     /// The attached backup's connection and its stream number.
     conn: Option<(u64, Connection)>,
+    mode: Mode,
     next_stream: u64,
     held: VecDeque<Held>,
     shutdown: bool,
@@ -143,14 +162,23 @@ pub struct Link {
     /// Counters for status.
     pub stats: PrimaryStats,
     protected: AtomicBool,
+    /// Whether losing a backup needs arbitration (a lock is configured).
+    arbitrated: bool,
+    /// The pair's epoch in the lock (0 without one).
+    epoch: AtomicU64,
 }
 
 impl Link {
-    /// A link whose streams start with `header`.
-    pub fn new(header: Header, mode: AckMode, max_lag: Duration) -> Arc<Link> {
+    /// A link whose streams start with `header`. With `epoch`, this side holds the lock at
+    /// that epoch and a lost backup is arbitrated; without, a lost backup leaves it unprotected
+    /// at once.
+    pub fn new(header: Header, mode: AckMode, max_lag: Duration, epoch: Option<u64>) -> Arc<Link> {
         Arc::new(Link {
+            arbitrated: epoch.is_some(),
+            epoch: AtomicU64::new(epoch.unwrap_or(0)),
             state: Mutex::new(State {
                 conn: None,
+                mode: Mode::Unprotected,
                 next_stream: 1,
                 held: VecDeque::new(),
                 shutdown: false,
@@ -180,20 +208,32 @@ impl Link {
         let stream = s.next_stream;
         s.next_stream += 1;
         s.conn = Some((stream, conn));
+        s.mode = Mode::Protected;
         s.lost = None;
         self.generation.fetch_add(1, Ordering::AcqRel);
         self.protected.store(true, Ordering::Release);
         self.changed.notify_all();
     }
 
-    /// The backup is gone: the primary runs unprotected and releases what it held.
+    /// The backup is gone. Without a lock, the primary runs unprotected and releases what it
+    /// held; with one, it holds everything until the lock decides ([`Link::won`],
+    /// [`Link::fence`]).
     pub fn detach(&self, why: &str) {
         let mut s = self.lock();
         if let Some((_, conn)) = s.conn.take() {
-            tracing::warn!(
-                "backup {} lost ({why}): running UNPROTECTED until a backup attaches",
-                conn.peer_addr()
-            );
+            if self.arbitrated {
+                tracing::warn!(
+                    "backup {} lost ({why}): output held until the lock decides",
+                    conn.peer_addr()
+                );
+                s.mode = Mode::Arbitrating;
+            } else {
+                tracing::warn!(
+                    "backup {} lost ({why}): running UNPROTECTED until a backup attaches",
+                    conn.peer_addr()
+                );
+                s.mode = Mode::Unprotected;
+            }
             conn.close(why);
             s.lost = Some(why.to_string());
         }
@@ -207,6 +247,48 @@ impl Link {
         self.protected.load(Ordering::Acquire)
     }
 
+    /// Where the pair stands.
+    pub fn mode(&self) -> Mode {
+        self.lock().mode
+    }
+
+    /// The pair's epoch in the lock.
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    /// This side won the lock at `epoch` after losing its backup: it runs unprotected and
+    /// releases what it held.
+    pub fn won(&self, epoch: u64) {
+        let mut s = self.lock();
+        self.epoch.store(epoch, Ordering::Release);
+        if s.mode == Mode::Arbitrating {
+            s.mode = Mode::Unprotected;
+            tracing::warn!(
+                "won the lock at epoch {epoch}: running UNPROTECTED until a backup attaches"
+            );
+        }
+        self.changed.notify_all();
+    }
+
+    /// This side lost the lock (or cannot reach it): nothing it holds, and nothing it will
+    /// produce, ever leaves.
+    pub fn fence(&self, why: &str) {
+        let mut s = self.lock();
+        s.mode = Mode::Fenced;
+        if let Some((_, conn)) = s.conn.take() {
+            conn.close(why);
+        }
+        let dropped = s.held.len();
+        s.held.clear();
+        self.stats.held.store(0, Ordering::Relaxed);
+        self.stats.held_bytes.store(0, Ordering::Relaxed);
+        self.protected.store(false, Ordering::Release);
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        tracing::error!("fenced ({why}): {dropped} held outputs dropped, nothing more leaves");
+        self.changed.notify_all();
+    }
+
     /// The attached backup's connection.
     pub fn connection(&self) -> Option<Connection> {
         self.lock().conn.as_ref().map(|(_, c)| c.clone())
@@ -218,12 +300,15 @@ impl Link {
     }
 
     /// The ack mode.
-    pub fn mode(&self) -> AckMode {
+    pub fn ack_mode(&self) -> AckMode {
         self.mode
     }
 
     fn hold(&self, out: Output) {
         let mut s = self.lock();
+        if s.mode == Mode::Fenced {
+            return;
+        }
         let stream = s.conn.as_ref().map_or(0, |(n, _)| *n);
         let held = Held {
             stream,
@@ -255,11 +340,17 @@ impl Link {
         })
     }
 
-    fn releasable(&self, h: &Held, conn: &Option<(u64, Connection)>) -> bool {
-        let Some((stream, c)) = conn else {
+    fn releasable(&self, h: &Held, s: &State) -> bool {
+        match s.mode {
+            Mode::Fenced | Mode::Arbitrating => return false,
+            Mode::Unprotected => return true,
+            Mode::Protected => {}
+        }
+        let Some((stream, c)) = &s.conn else {
             return true;
         };
         if h.stream != *stream {
+            // Produced before this backup attached, while this side held the lock alone.
             return true;
         }
         let (received, executed, _) = c.acked();
@@ -286,7 +377,7 @@ impl Link {
                     }
                 }
                 while let Some(h) = s.held.front() {
-                    if !self.releasable(h, &s.conn) {
+                    if !self.releasable(h, &s) {
                         break;
                     }
                     if let Some(h) = s.held.pop_front() {
@@ -567,7 +658,8 @@ impl RecordSink for StreamSink {
             .stats
             .sent_seq
             .store(self.next_seq, Ordering::Relaxed);
-        // An output waits for this record: send it now. Otherwise batch by size and age.
+        // An output waits for this record, or a backup needs it to start: send it now.
+        // Otherwise batch by size and age.
         let urgent = matches!(
             record,
             Record::Output { .. }
@@ -575,6 +667,7 @@ impl RecordSink for StreamSink {
                 | Record::DiskFlush
                 | Record::Checkpoint { .. }
                 | Record::Resync { .. }
+                | Record::Base { .. }
                 | Record::End { .. }
         );
         if urgent

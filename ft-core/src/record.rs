@@ -79,6 +79,14 @@ impl<B: Boundary> Recorder<B> {
         self.rtc_epoch
     }
 
+    /// Carries on from where a replay ended: the deltas of the next records are relative to
+    /// `rip` and `time_ns` (a backup that goes live; a later backup's stream starts from here).
+    pub fn continue_from(&mut self, rip: u64, time_ns: u64) {
+        let mut core = lock(&self.core);
+        core.last_rip = rip;
+        core.last_time = time_ns;
+    }
+
     /// The shared log, for the VMM's control thread.
     pub fn core(&self) -> SharedRecordCore {
         self.core.clone()

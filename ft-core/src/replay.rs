@@ -53,38 +53,82 @@ impl Progress {
     }
 }
 
-/// Disk writes a backup has replayed, with their data, kept until the primary reports them
-/// released: they are what a backup that goes live re-issues (they are idempotent).
+/// An output a backup replayed, kept until the primary reports it released.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KeptOutput {
+    /// Serial bytes.
+    Serial(Vec<u8>),
+    /// A disk write (idempotent: re-issuing it is harmless).
+    DiskWrite {
+        /// Byte offset.
+        offset: u64,
+        /// The data.
+        data: Vec<u8>,
+    },
+    /// A disk flush.
+    DiskFlush,
+}
+
+/// The outputs a backup has replayed, with their data, in order, kept until the primary reports
+/// them released: what a backup that goes live emits again (at least once at the failover edge,
+/// exactly once before it).
 #[derive(Debug, Default)]
 pub struct KeptWrites {
-    writes: VecDeque<(u64, u64, Vec<u8>)>,
+    outputs: VecDeque<(u64, KeptOutput)>,
     bytes: u64,
+    writes: usize,
+}
+
+fn kept_bytes(o: &KeptOutput) -> u64 {
+    match o {
+        KeptOutput::Serial(b) => b.len() as u64,
+        KeptOutput::DiskWrite { data, .. } => data.len() as u64,
+        KeptOutput::DiskFlush => 0,
+    }
 }
 
 impl KeptWrites {
-    /// Keeps the write of record `seq`.
+    /// Keeps the disk write of record `seq`.
     pub fn keep(&mut self, seq: u64, offset: u64, data: Vec<u8>) {
-        self.bytes += data.len() as u64;
-        self.writes.push_back((seq, offset, data));
+        self.keep_output(seq, KeptOutput::DiskWrite { offset, data });
     }
 
-    /// Forgets the writes of records below `seq`: the primary has put them on the disk.
+    /// Keeps the output of record `seq`.
+    pub fn keep_output(&mut self, seq: u64, out: KeptOutput) {
+        self.bytes += kept_bytes(&out);
+        if matches!(out, KeptOutput::DiskWrite { .. }) {
+            self.writes += 1;
+        }
+        self.outputs.push_back((seq, out));
+    }
+
+    /// Forgets the outputs of records below `seq`: the primary has released them.
     pub fn released(&mut self, seq: u64) {
-        while self.writes.front().is_some_and(|w| w.0 < seq) {
-            if let Some((_, _, d)) = self.writes.pop_front() {
-                self.bytes -= d.len() as u64;
+        while self.outputs.front().is_some_and(|w| w.0 < seq) {
+            if let Some((_, o)) = self.outputs.pop_front() {
+                self.bytes -= kept_bytes(&o);
+                if matches!(o, KeptOutput::DiskWrite { .. }) {
+                    self.writes -= 1;
+                }
             }
         }
     }
 
-    /// The writes not known to be on the disk, oldest first: (seq, offset, data).
-    pub fn unreleased(&self) -> impl Iterator<Item = &(u64, u64, Vec<u8>)> {
-        self.writes.iter()
+    /// The outputs not known to be released, oldest first, with their record's sequence number.
+    pub fn unreleased(&self) -> impl Iterator<Item = &(u64, KeptOutput)> {
+        self.outputs.iter()
     }
 
-    /// How many writes and bytes are kept.
+    /// Takes every kept output, oldest first.
+    pub fn take(&mut self) -> Vec<(u64, KeptOutput)> {
+        self.bytes = 0;
+        self.writes = 0;
+        self.outputs.drain(..).collect()
+    }
+
+    /// How many disk writes, and how many bytes of output in all, are kept.
     pub fn len_bytes(&self) -> (usize, u64) {
-        (self.writes.len(), self.bytes)
+        (self.writes, self.bytes)
     }
 }
 
@@ -102,6 +146,9 @@ struct Core<R: Read> {
     progress: Arc<Progress>,
     kept: Option<Arc<Mutex<KeptWrites>>>,
     diverge_at: Option<u64>,
+    /// The log broke off in a frame that does not read (corrupt, truncated): reported where the
+    /// replay needs the record that was not there.
+    broken: Option<crate::log::LogError>,
 }
 
 fn describe(record: &Option<Record>, last_rip: u64) -> String {
@@ -141,11 +188,25 @@ impl<R: Read> Core<R> {
         if matches!(rec, Record::Output { .. } | Record::DiskWrite { .. }) {
             self.progress.notify();
         }
-        self.next = self.log.read_record()?;
+        // The record taken is replayed whatever comes next: a stream that breaks off after it
+        // (a truncated frame) ends here, and the next call sees the end.
+        self.next = match self.log.read_record() {
+            Ok(r) => r,
+            Err(e) => {
+                self.broken = Some(e);
+                None
+            }
+        };
         Ok(rec)
     }
 
-    fn diverge(&self, got: String) -> BoundaryError {
+    fn diverge(&mut self, got: String) -> BoundaryError {
+        // At the end of a log that broke off in a bad frame, the bad frame is the error.
+        if self.next.is_none() {
+            if let Some(e) = self.broken.take() {
+                return BoundaryError::Log(e);
+            }
+        }
         BoundaryError::Divergence {
             exit: self.exits,
             expected: describe(&self.next, self.last_rip),
@@ -230,6 +291,7 @@ impl<R: Read + Send + 'static> Replayer<R> {
             progress,
             kept: None,
             diverge_at: None,
+            broken: None,
         };
         core.take_base()?;
         Ok(Replayer {
@@ -262,6 +324,24 @@ impl<R: Read + Send + 'static> Replayer<R> {
     /// Synchronous exits replayed so far (since boot).
     pub fn exits(&self) -> u64 {
         lock(&self.core).exits
+    }
+
+    /// Whether everything the log holds has been replayed (and the log has ended: the reader
+    /// reported its end).
+    pub fn at_end(&self) -> bool {
+        lock(&self.core).next.is_none()
+    }
+
+    /// Where the replay stands, for a live run that carries on from here: the last exit's RIP,
+    /// the last virtual time given out, the exits so far, and the next record's sequence number.
+    pub fn position(&self) -> (u64, u64, u64, u64) {
+        let c = lock(&self.core);
+        (c.last_rip, c.last_time, c.exits, c.next_seq)
+    }
+
+    /// Drops a divergence the disk found at the end of the log (the run goes on live instead).
+    pub fn clear_pending(&mut self) {
+        lock(&self.core).pending = None;
     }
 
     /// Refuses a log recorded for another machine.
@@ -409,7 +489,14 @@ impl<R: Read + Send + 'static> Boundary for Replayer<R> {
                     String::from_utf8_lossy(bytes)
                 )));
             }
+            let seq = core.next_seq;
             core.advance()?;
+            if let Some(kept) = &core.kept {
+                kept.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .keep_output(seq, KeptOutput::Serial(bytes.to_vec()));
+                return Ok(());
+            }
         }
         match kind {
             OutputKind::Serial => {
@@ -531,8 +618,14 @@ impl<R: Read + Send> Disk for ReplayDisk<R> {
             core.pending.get_or_insert(e);
             return Err(diverged());
         }
+        let seq = core.next_seq;
         core.advance()
             .map_err(|e| io::Error::other(e.to_string()))?;
+        if let Some(kept) = &core.kept {
+            kept.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .keep_output(seq, KeptOutput::DiskFlush);
+        }
         Ok(())
     }
 }

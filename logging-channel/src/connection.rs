@@ -33,6 +33,9 @@ pub struct ChannelStats {
     /// On the wire: frame headers and Noise messages, handshake excluded.
     pub bytes_sent: u64,
     pub bytes_received: u64,
+    /// The longest time between two frames received, in microseconds: how close a healthy
+    /// peer came to the timeout (what the failover timeout is chosen from).
+    pub max_silence_us: u64,
     /// Bytes of log batches sent and not yet covered by an Ack's `received`.
     pub log_bytes_outstanding: u64,
     /// Messages of every kind, heartbeats and acks included.
@@ -127,6 +130,7 @@ struct Shared {
     dead: watch::Sender<bool>,
     bytes_sent: AtomicU64,
     bytes_received: AtomicU64,
+    max_silence_us: AtomicU64,
     msgs_sent: AtomicU64,
     msgs_received: AtomicU64,
 }
@@ -248,6 +252,7 @@ impl Connection {
             dead,
             bytes_sent: AtomicU64::new(0),
             bytes_received: AtomicU64::new(0),
+            max_silence_us: AtomicU64::new(0),
             msgs_sent: AtomicU64::new(0),
             msgs_received: AtomicU64::new(0),
         });
@@ -425,6 +430,7 @@ impl Connection {
         ChannelStats {
             bytes_sent: shared.bytes_sent.load(Ordering::Relaxed),
             bytes_received: shared.bytes_received.load(Ordering::Relaxed),
+            max_silence_us: shared.max_silence_us.load(Ordering::Relaxed),
             log_bytes_outstanding: shared.lock().in_flight_bytes as u64,
             msgs_sent: shared.msgs_sent.load(Ordering::Relaxed),
             msgs_received: shared.msgs_received.load(Ordering::Relaxed),
@@ -468,6 +474,7 @@ async fn reader(
     let mut frame = Box::new([0u8; MAX_NOISE_MSG]);
     let mut chunk = vec![0u8; MAX_NOISE_MSG];
     let mut plain = Vec::new();
+    let mut last = Instant::now();
     loop {
         let read = tokio::select! {
             _ = dead_signal(&mut dead) => return,
@@ -491,6 +498,9 @@ async fn reader(
         shared
             .bytes_received
             .fetch_add(2 + len as u64, Ordering::Relaxed);
+        let gap = u64::try_from(last.elapsed().as_micros()).unwrap_or(u64::MAX);
+        shared.max_silence_us.fetch_max(gap, Ordering::Relaxed);
+        last = Instant::now();
         let decrypted = noise
             .lock()
             .unwrap_or_else(PoisonError::into_inner)

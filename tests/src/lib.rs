@@ -118,6 +118,7 @@ impl Run {
 
 /// Builder for one `ftvmm` process.
 pub struct Ftvmm {
+    netns: Option<String>,
     args: Vec<String>,
     input: Option<Vec<u8>>,
     input_delay: Duration,
@@ -128,6 +129,7 @@ impl Ftvmm {
     /// `ftvmm --role standalone --kernel <kernel>`.
     pub fn standalone(kernel: &Path) -> Self {
         Ftvmm {
+            netns: None,
             args: vec![
                 "--role".into(),
                 "standalone".into(),
@@ -143,11 +145,19 @@ impl Ftvmm {
     /// A process with exactly these arguments.
     pub fn raw(args: &[&str]) -> Self {
         Ftvmm {
+            netns: None,
             args: args.iter().map(|s| s.to_string()).collect(),
             input: None,
             input_delay: Duration::ZERO,
             timeout: Duration::from_secs(60),
         }
+    }
+
+    /// Runs the process inside network namespace `ns` (a simulated host), with
+    /// `ip netns exec`, which keeps the PID: signals still reach ftvmm itself.
+    pub fn in_netns(mut self, ns: &str) -> Self {
+        self.netns = Some(ns.to_string());
+        self
     }
 
     /// Adds arguments.
@@ -295,7 +305,14 @@ impl Ftvmm {
 
     /// The same, with extra environment variables.
     pub fn spawn_with_env(self, env: &[(&str, &str)]) -> Proc {
-        let mut cmd = Command::new(ftvmm_bin());
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(ftvmm_bin());
+                c
+            }
+            None => Command::new(ftvmm_bin()),
+        };
         cmd.args(&self.args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -662,4 +679,118 @@ pub fn linux_ready() -> Option<&'static LinuxReady> {
             })
         })
         .as_ref()
+}
+
+/// Simulated hosts for multi-host tests: network namespaces, each with two links: `eth0` on the
+/// pair network (10.231.S.h/16), where primary and backup talk, and `eth1` on the storage
+/// network (10.232.S.h/16), where a lock service lives. A partition cuts a host's pair link and
+/// leaves its storage link up, as when two hosts lose each other but not their shared storage.
+/// The bridges live in a namespace of their own (the "switch"). Created with unique names,
+/// removed on drop even when the test fails; traffic stays inside them. Needs root (the tests
+/// run as root here, see ENVIRONMENT.md).
+pub struct Hosts {
+    names: Vec<String>,
+    bridge_ns: String,
+    subnet: u8,
+}
+
+fn ip(args: &[&str]) -> Result<(), String> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| format!("ip: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+impl Hosts {
+    /// `n` hosts on the two networks.
+    pub fn new(tag: &str, n: usize) -> Hosts {
+        let id = std::process::id() % 10000;
+        let subnet = (id % 200) as u8 + 20;
+        let bridge_ns = format!("ftsw-{tag}-{id}");
+        let names: Vec<String> = (0..n).map(|i| format!("fth{i}-{tag}-{id}")).collect();
+        let hosts = Hosts {
+            names,
+            bridge_ns,
+            subnet,
+        };
+        hosts.cleanup();
+        let setup = || -> Result<(), String> {
+            let sw = hosts.bridge_ns.as_str();
+            ip(&["netns", "add", sw])?;
+            for br in ["br0", "br1"] {
+                ip(&["-n", sw, "link", "add", br, "type", "bridge"])?;
+                ip(&["-n", sw, "link", "set", br, "up"])?;
+            }
+            for (i, ns) in hosts.names.iter().enumerate() {
+                ip(&["netns", "add", ns])?;
+                ip(&["-n", ns, "link", "set", "lo", "up"])?;
+                for (net, br) in [(0, "br0"), (1, "br1")] {
+                    let (inner, outer) = (format!("eth{net}"), format!("p{net}h{i}"));
+                    ip(&[
+                        "-n", ns, "link", "add", &inner, "type", "veth", "peer", "name", &outer,
+                        "netns", sw,
+                    ])?;
+                    let addr = format!("10.{}.{}.{}/16", 231 + net, hosts.subnet, i + 1);
+                    ip(&["-n", ns, "addr", "add", &addr, "dev", &inner])?;
+                    ip(&["-n", ns, "link", "set", &inner, "up"])?;
+                    ip(&["-n", sw, "link", "set", &outer, "master", br])?;
+                    ip(&["-n", sw, "link", "set", &outer, "up"])?;
+                }
+            }
+            Ok(())
+        };
+        if let Err(e) = setup() {
+            hosts.cleanup();
+            panic!("cannot set up the test hosts: {e}");
+        }
+        hosts
+    }
+
+    /// The namespace of host `i`.
+    pub fn ns(&self, i: usize) -> &str {
+        &self.names[i]
+    }
+
+    /// The pair-network address of host `i`.
+    pub fn addr(&self, i: usize) -> String {
+        format!("10.231.{}.{}", self.subnet, i + 1)
+    }
+
+    /// The storage-network address of host `i` (where a lock service listens).
+    pub fn storage_addr(&self, i: usize) -> String {
+        format!("10.232.{}.{}", self.subnet, i + 1)
+    }
+
+    /// Cuts host `i` off the pair network (its storage link stays up).
+    pub fn cut(&self, i: usize) {
+        let dev = format!("p0h{i}");
+        ip(&["-n", &self.bridge_ns, "link", "set", &dev, "down"]).expect("cut");
+    }
+
+    /// Joins host `i` back to the pair network.
+    pub fn heal(&self, i: usize) {
+        let dev = format!("p0h{i}");
+        ip(&["-n", &self.bridge_ns, "link", "set", &dev, "up"]).expect("heal");
+    }
+
+    fn cleanup(&self) {
+        for ns in self.names.iter().chain(std::iter::once(&self.bridge_ns)) {
+            let _ = ip(&["netns", "del", ns]);
+        }
+    }
+}
+
+impl Drop for Hosts {
+    fn drop(&mut self) {
+        self.cleanup();
+    }
 }

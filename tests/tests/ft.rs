@@ -25,11 +25,22 @@ fn tiny(name: &str) -> Vec<String> {
     ]
 }
 
+/// These tests are about the pair, not failure detection: a long timeout keeps a loaded CI
+/// machine from declaring a healthy peer lost.
+fn timeout_unless_given(extra: &[&str]) -> Vec<String> {
+    if extra.iter().any(|a| a.ends_with("-timeout")) {
+        vec![]
+    } else {
+        vec!["--failover-timeout".into(), "20s".into()]
+    }
+}
+
 fn primary(machine: &[String], key: &Path, extra: &[&str]) -> Proc {
     Ftvmm::raw(&["--role", "primary", "--listen", "127.0.0.1:0"])
         .args(["--key-file", key.to_str().unwrap(), "--log-level", "info"])
         .args(machine)
         .args(extra)
+        .args(timeout_unless_given(extra))
         .spawn()
 }
 
@@ -60,6 +71,7 @@ fn backup_env(
         .args(["--key-file", key.to_str().unwrap(), "--log-level", "info"])
         .args(machine)
         .args(extra)
+        .args(timeout_unless_given(extra))
         .spawn_with_env(env)
 }
 

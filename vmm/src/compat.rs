@@ -14,13 +14,12 @@
 //! On hardware KVM none of this triggers; `--kvm-compat off` turns it off entirely.
 
 use crate::config::CompatMode;
+use crate::debugregs::DebugRegs;
 use crate::memory::GuestMemoryMmap;
 use ft_core::{ExitKind, SyncExit};
 use iced_x86::{Decoder, DecoderOptions, FastFormatter, Instruction, Mnemonic, OpKind, Register};
 use kvm_bindings::{
-    kvm_debug_exit_arch, kvm_guest_debug, kvm_guest_debug_arch, kvm_msr_entry, kvm_regs,
-    kvm_segment, kvm_sregs, kvm_vcpu_events, Msrs, KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_SINGLESTEP,
-    KVM_GUESTDBG_USE_HW_BP,
+    kvm_debug_exit_arch, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, kvm_vcpu_events, Msrs,
 };
 use kvm_ioctls::VcpuFd;
 use std::path::Path;
@@ -116,7 +115,8 @@ pub fn translate(mem: &GuestMemoryMmap, sregs: &kvm_sregs, gva: u64) -> Option<u
     Some(table | (gva & 0xfff))
 }
 
-fn read_virt(
+/// Reads guest virtual memory through the guest's page tables, byte by byte.
+pub(crate) fn read_virt(
     mem: &GuestMemoryMmap,
     sregs: &kvm_sregs,
     gva: u64,
@@ -423,9 +423,7 @@ const MSR_FMASK: u32 = 0xc000_0084;
 const EFER_SCE: u64 = 1;
 const PF_VECTOR: u64 = 14;
 const DR6_BS: u64 = 1 << 14;
-const DR7_L0: u64 = 1;
-const DR7_FIXED: u64 = 0x400;
-/// `Debug` exit codes in [`SyncExit::addr`].
+/// `Debug` exit codes in [`SyncExit::addr`] (4 is [`crate::tsc::DEBUG_RDTSC`]).
 const DEBUG_SYSCALL: u64 = 1;
 const DEBUG_PF_STEP: u64 = 2;
 const DEBUG_STEPPED: u64 = 3;
@@ -442,7 +440,8 @@ const DEBUG_STEPPED: u64 = 3;
 ///
 /// The breakpoint follows the guest: the VMM re-reads IDTR and gate 14 at every synchronous exit
 /// and moves the breakpoint when they change. It is armed only once the guest has enabled
-/// `SYSCALL` (EFER.SCE): before that no system call can happen.
+/// `SYSCALL` (EFER.SCE): before that no system call can happen. It lives in DR0, which
+/// [`DebugRegs`] keeps for it (the other slots hold the guest TSC sites of [`crate::tsc`]).
 #[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct SyscallFix {
     /// Where the breakpoint is, if armed.
@@ -486,22 +485,10 @@ impl SyscallFix {
         self.stepping
     }
 
-    fn set_debug(&self, vcpu: &VcpuFd) -> Result<(), CompatError> {
-        let mut dbg = kvm_guest_debug {
-            control: 0,
-            pad: 0,
-            arch: kvm_guest_debug_arch { debugreg: [0; 8] },
-        };
-        if let Some(addr) = self.armed_at {
-            dbg.control = KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_HW_BP;
-            if self.stepping {
-                dbg.control |= KVM_GUESTDBG_SINGLESTEP;
-            } else {
-                dbg.arch.debugreg[0] = addr;
-                dbg.arch.debugreg[7] = DR7_FIXED | DR7_L0;
-            }
-        }
-        kvm("KVM_SET_GUEST_DEBUG", vcpu.set_guest_debug(&dbg))
+    /// Tells the debug registers' owner what this completion needs now and programs KVM.
+    fn set_debug(&self, vcpu: &VcpuFd, regs: &mut DebugRegs) -> Result<(), CompatError> {
+        regs.set_syscall(self.armed_at, self.stepping && self.armed_at.is_some());
+        kvm("KVM_SET_GUEST_DEBUG", regs.apply(vcpu))
     }
 
     /// The guest's #PF entry point, from its IDT, if it has one.
@@ -521,10 +508,16 @@ impl SyscallFix {
         Some(lo | (mid << 16) | (hi << 32))
     }
 
-    /// Programs KVM's guest-debug state from this value (after a restore).
-    pub fn reapply(&mut self, vcpu: &VcpuFd, mem: &GuestMemoryMmap) -> Result<(), CompatError> {
-        self.set_debug(vcpu)?;
-        self.follow_guest(vcpu, mem)
+    /// Programs KVM's guest-debug state from this value (after a restore), with the other
+    /// users' slots as `regs` has them.
+    pub fn reapply(
+        &mut self,
+        vcpu: &VcpuFd,
+        mem: &GuestMemoryMmap,
+        regs: &mut DebugRegs,
+    ) -> Result<(), CompatError> {
+        self.set_debug(vcpu, regs)?;
+        self.follow_guest(vcpu, mem, regs)
     }
 
     /// Moves the breakpoint to the guest's current #PF entry (called at every synchronous exit).
@@ -532,6 +525,7 @@ impl SyscallFix {
         &mut self,
         vcpu: &VcpuFd,
         mem: &GuestMemoryMmap,
+        regs: &mut DebugRegs,
     ) -> Result<(), CompatError> {
         if self.stepping {
             return Ok(());
@@ -549,7 +543,7 @@ impl SyscallFix {
                 want
             );
             self.armed_at = want;
-            self.set_debug(vcpu)?;
+            self.set_debug(vcpu, regs)?;
         }
         Ok(())
     }
@@ -561,9 +555,10 @@ impl SyscallFix {
         vcpu: &VcpuFd,
         mem: &GuestMemoryMmap,
         arch: &kvm_debug_exit_arch,
+        regs: &mut DebugRegs,
     ) -> Result<Option<SyncExit>, CompatError> {
         let start = std::time::Instant::now();
-        let exit = self.handle_debug(vcpu, mem, arch)?;
+        let exit = self.handle_debug(vcpu, mem, arch, regs)?;
         let ns = u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX);
         match exit.map(|e| e.addr) {
             Some(DEBUG_SYSCALL) => self.syscall_ns += ns,
@@ -578,11 +573,12 @@ impl SyscallFix {
         vcpu: &VcpuFd,
         mem: &GuestMemoryMmap,
         arch: &kvm_debug_exit_arch,
+        dregs: &mut DebugRegs,
     ) -> Result<Option<SyncExit>, CompatError> {
         let rip = arch.pc;
         if self.stepping && arch.dr6 & DR6_BS != 0 {
             self.stepping = false;
-            self.set_debug(vcpu)?;
+            self.set_debug(vcpu, dregs)?;
             return Ok(Some(SyncExit {
                 kind: ExitKind::Debug,
                 addr: DEBUG_STEPPED,
@@ -649,7 +645,7 @@ impl SyscallFix {
         // An ordinary page fault: let the guest's handler run, stepping over the breakpoint.
         self.page_faults += 1;
         self.stepping = true;
-        self.set_debug(vcpu)?;
+        self.set_debug(vcpu, dregs)?;
         Ok(Some(SyncExit {
             kind: ExitKind::Debug,
             addr: DEBUG_PF_STEP,

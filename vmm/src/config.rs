@@ -14,6 +14,16 @@ pub enum CompatMode {
     Off,
 }
 
+/// Whether the guest kernel's RDTSC at its entropy sites is completed by the VMM (see
+/// [`crate::tsc`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GuestTscMode {
+    /// Hardware breakpoints on the sites, when the kernel has a symbol table.
+    Breakpoints,
+    /// Off: the guest reads the host's TSC there, and replay's RAM differs from its recording's.
+    Off,
+}
+
 /// Everything needed to build a VM.
 #[derive(Clone, Debug)]
 pub struct VmConfig {
@@ -31,6 +41,8 @@ pub struct VmConfig {
     pub deterministic_profile: bool,
     /// Compatibility paths for this host's KVM.
     pub kvm_compat: CompatMode,
+    /// The guest kernel's RDTSC at its entropy sites.
+    pub guest_tsc: GuestTscMode,
     /// A vCPU that runs this long without a synchronous exit is kicked.
     pub quantum: Duration,
 }

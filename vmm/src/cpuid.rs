@@ -14,9 +14,10 @@ use kvm_ioctls::Kvm;
 ///
 /// - `notsc`, `nolapic`, `noapic`: the hidden TSC, local APIC and I/O APIC.
 /// - `clearcpuid=...`: leaf 1 and leaf 7 features the kernel would otherwise use. `tsc` first:
-///   `notsc` only marks the TSC unstable, and the kernel still reads it for random-number
-///   entropy, which then differs in every boot (user-space ASLR, hash seeds, and so the exits).
-///   `xsave` (Linux 6.1 has no `noxsave` any more) takes away AVX and everything else built on
+///   `notsc` only marks the TSC unstable; with the feature cleared the kernel keeps no time with
+///   it. It does not stop the entropy reads: `random_get_entropy()` is `rdtsc()` whenever the
+///   kernel is built with `CONFIG_X86_TSC` (always on x86-64), so [`crate::tsc`] completes
+///   those in the VMM. `xsave` (Linux 6.1 has no `noxsave` any more) takes away AVX and everything else built on
 ///   it. Then RDRAND/RDSEED/RDPID/RDTSCP (random or host-time input), SMAP/SMEP/UMIP/PKU
 ///   (CLAC/STAC and friends), POPCNT/MOVBE/FSGSBASE/AES/... (instructions this host's CPL0
 ///   emulator cannot run, or that only matter for speed), ERMS/FSRM (else copies use

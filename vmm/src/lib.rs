@@ -8,6 +8,9 @@
 //! - [`platform`]: the devices on their ports and addresses, interrupt routing, virtual time.
 //! - [`vcpu`]: the vCPU loop: synchronous exits, interrupt injection, kicks, the exit digest.
 //! - [`compat`]: what this host's KVM cannot do itself, completed by the VMM (off on hardware KVM).
+//! - [`tsc`]: the guest kernel's RDTSC at its entropy sites, completed by the VMM from the
+//!   virtual clock (KVM has no RDTSC exiting for user space).
+//! - [`debugregs`]: DR0..DR3, shared by the SYSCALL completion and the TSC sites.
 //! - [`kick`]: regaining control of a vCPU that runs a whole quantum without an exit.
 //! - [`control`]: the control path into the vCPU (pause, snapshot, dirty pages, stop).
 //! - [`snapshot`]: snapshots, checkpoints, dirty-page sets.
@@ -18,13 +21,15 @@ pub mod compat;
 pub mod config;
 pub mod control;
 pub mod cpuid;
+pub mod debugregs;
 pub mod kick;
 pub mod memory;
 pub mod platform;
 pub mod snapshot;
 pub mod transfer;
+pub mod tsc;
 pub mod vcpu;
 pub mod vm;
 
-pub use config::{CompatMode, VmConfig};
+pub use config::{CompatMode, GuestTscMode, VmConfig};
 pub use vm::{config_identity, CheckpointStats, MemoryStats, Vm, VmError};

@@ -38,6 +38,9 @@ pub enum TransferMsg {
     Final {
         /// `Snapshot::encode` of it.
         snapshot: Vec<u8>,
+        /// The pair's epoch in the lock (0 without one): what the backup races from if the
+        /// primary is lost.
+        epoch: u64,
     },
 }
 

@@ -6,9 +6,11 @@
 //! for an interrupt window, whose opening is itself a synchronous exit.
 
 use crate::compat::{self, CompatError, SyscallFix};
+use crate::debugregs::DebugRegs;
 use crate::kick::Kicker;
 use crate::memory::GuestMemoryMmap;
 use crate::platform::{Action, Platform};
+use crate::tsc::{GuestTsc, TscError};
 use ft_core::exit::le_bytes_to_u64;
 use ft_core::{Boundary, BoundaryError, ExitDigest, ExitKind, Point, SyncExit};
 use kvm_bindings::{kvm_debug_exit_arch, kvm_interrupt};
@@ -92,6 +94,9 @@ pub enum VcpuError {
     /// The compatibility paths failed.
     #[error(transparent)]
     Compat(#[from] CompatError),
+    /// Completing a guest TSC site failed.
+    #[error(transparent)]
+    Tsc(TscError),
     /// An emulation failure happened with the compatibility paths off.
     #[error("KVM could not emulate the instruction at rip {rip:#x} and --kvm-compat is off")]
     EmulationFailure {
@@ -106,6 +111,16 @@ pub enum VcpuError {
         /// Where.
         rip: u64,
     },
+}
+
+impl From<TscError> for VcpuError {
+    fn from(e: TscError) -> Self {
+        match e {
+            // A clock read that failed is the boundary's error (a divergence, the end of the log).
+            TscError::Boundary(b) => VcpuError::Boundary(b),
+            other => VcpuError::Tsc(other),
+        }
+    }
 }
 
 fn kvm<T>(what: &'static str, r: Result<T, kvm_ioctls::Error>) -> Result<T, VcpuError> {
@@ -135,6 +150,10 @@ pub struct Vcpu {
     digest: ExitDigest,
     compat: bool,
     syscall_fix: Option<SyscallFix>,
+    /// The guest kernel's RDTSC sites the VMM completes ([`crate::tsc`]).
+    tsc: GuestTsc,
+    /// DR0..DR3, shared by the SYSCALL completion and the TSC sites.
+    debug: DebugRegs,
     kicks: u64,
     /// The guest executed HLT with interrupts on and is waiting for one: the next `run` waits
     /// before it enters the guest again (KVM resumes after the HLT).
@@ -142,14 +161,19 @@ pub struct Vcpu {
 }
 
 impl Vcpu {
-    /// Wraps a configured vCPU.
-    pub fn new(fd: VcpuFd, compat: bool) -> Self {
+    /// Wraps a configured vCPU. Its debug registers are programmed by the first
+    /// [`Vcpu::reapply_debug`].
+    pub fn new(fd: VcpuFd, compat: bool, tsc: GuestTsc) -> Self {
+        let mut debug = DebugRegs::new(compat);
+        debug.set_tsc_sites(&tsc.addresses());
         Vcpu {
             fd,
             state: VcpuState::Running,
             digest: ExitDigest::new(),
             compat,
             syscall_fix: compat.then(SyscallFix::default),
+            tsc,
+            debug,
             kicks: 0,
             halted: false,
         }
@@ -188,6 +212,11 @@ impl Vcpu {
     /// The SYSCALL completion's counters, when the compatibility paths are on.
     pub fn syscall_fix(&self) -> Option<&SyscallFix> {
         self.syscall_fix.as_ref()
+    }
+
+    /// The guest TSC sites and their counters.
+    pub fn tsc(&self) -> &GuestTsc {
+        &self.tsc
     }
 
     /// Runs the guest until it stops or the VMM must act on the whole VM (a checkpoint).
@@ -277,10 +306,21 @@ impl Vcpu {
                     }
                 }
                 Exit::Debug(arch) => {
-                    let exit = match &mut self.syscall_fix {
-                        Some(fix) => fix.on_debug(&self.fd, mem, &arch)?,
-                        None => None,
-                    };
+                    // A TSC site, unless the SYSCALL completion is stepping (all breakpoints
+                    // are off then: the exit is its step).
+                    let stepping = self.syscall_fix.as_ref().is_some_and(SyscallFix::stepping);
+                    let mut exit = None;
+                    if !stepping {
+                        let mut now = || {
+                            let t = boundary.read_clock()?;
+                            platform.advance_time(t);
+                            Ok(platform.now_ns())
+                        };
+                        exit = self.tsc.complete(&self.fd, mem, arch.pc, &mut now)?;
+                    }
+                    if let (None, Some(fix)) = (exit, &mut self.syscall_fix) {
+                        exit = fix.on_debug(&self.fd, mem, &arch, &mut self.debug)?;
+                    }
                     let Some(exit) = exit else {
                         return Err(VcpuError::UnexpectedExit {
                             what: format!("debug exception {} dr6={:#x}", arch.exception, arch.dr6),
@@ -387,10 +427,15 @@ impl Vcpu {
         }
     }
 
-    /// Re-applies the compatibility paths' debug registers after a restore.
-    pub fn reapply_compat(&mut self, mem: &GuestMemoryMmap) -> Result<(), VcpuError> {
-        if let Some(fix) = &mut self.syscall_fix {
-            fix.reapply(&self.fd, mem)?;
+    /// Programs the debug registers (the TSC sites and the SYSCALL completion's breakpoint) into
+    /// KVM: when the VM is built, and after a restore, once [`Vcpu::restore_extra`] has put back
+    /// the completion's state and RAM is restored.
+    pub fn reapply_debug(&mut self, mem: &GuestMemoryMmap) -> Result<(), VcpuError> {
+        self.tsc.follow(mem);
+        self.debug.set_tsc_sites(&self.tsc.addresses());
+        match &mut self.syscall_fix {
+            Some(fix) => fix.reapply(&self.fd, mem, &mut self.debug)?,
+            None => kvm("KVM_SET_GUEST_DEBUG", self.debug.apply(&self.fd))?,
         }
         Ok(())
     }
@@ -461,16 +506,20 @@ impl Vcpu {
         }
     }
 
-    /// After a synchronous exit (and the halt it began, if any): follow the guest for the
-    /// compatibility paths, deliver the inputs due, inject.
+    /// After a synchronous exit (and the halt it began, if any): follow the guest for the TSC
+    /// sites and the compatibility paths, deliver the inputs due, inject.
     fn after_exit(
         &mut self,
         platform: &mut Platform,
         mem: &GuestMemoryMmap,
         boundary: &mut dyn Boundary,
     ) -> Result<(), VcpuError> {
+        if self.tsc.follow(mem) {
+            self.debug.set_tsc_sites(&self.tsc.addresses());
+            kvm("KVM_SET_GUEST_DEBUG", self.debug.apply(&self.fd))?;
+        }
         if let Some(fix) = &mut self.syscall_fix {
-            fix.follow_guest(&self.fd, mem)?;
+            fix.follow_guest(&self.fd, mem, &mut self.debug)?;
         }
         self.inputs(Point::Exit, platform, boundary, true)
     }

@@ -9,6 +9,7 @@ use crate::kick::Kicker;
 use crate::memory::{self, GuestMemoryMmap, MemoryError};
 use crate::platform::{Platform, VIRTIO_BLK_IRQ, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE};
 use crate::snapshot::{saveable_msrs, DirtySet, Pages, Snapshot, SnapshotError, VcpuSnapshot};
+use crate::tsc::GuestTsc;
 use crate::vcpu::{Event, Stop, Vcpu, VcpuError};
 use devices::virtio::{DiskBackend, MmioBlock};
 use ft_core::disk::Disk;
@@ -188,11 +189,15 @@ impl Vm {
                 "absent"
             }
         );
+        let tsc_slots = crate::debugregs::DebugRegs::new(compat).tsc_slots();
+        let tsc = GuestTsc::setup(config.guest_tsc, &config.kernel, tsc_slots);
         let platform = Platform::new(boundary.rtc_epoch()?, blk);
+        let mut vcpu = Vcpu::new(fd, compat, tsc);
+        vcpu.reapply_debug(&mem)?;
         // The boot writes are the same in every run: checkpoints start from here.
         memory::reset_vmm_dirty(&mem);
         Ok(Vm {
-            vcpu: Vcpu::new(fd, compat),
+            vcpu,
             vm,
             kvm: kvm_fd,
             platform,
@@ -364,7 +369,6 @@ impl Vm {
         memory::reload(&self.vm, &self.mem, self.track_dirty)?;
         snap.vcpu.restore(self.vcpu.fd())?;
         self.platform.restore(&snap.platform);
-        self.vcpu.reapply_compat(&self.mem)?;
         // KVM's kvm_run flags are those of the last exit, not of the restored state: put back
         // the ones the snapshot was taken with, so injection decides exactly as it did there.
         self.vcpu.restore_extra(
@@ -372,6 +376,9 @@ impl Vm {
             snap.interrupt_flags,
             snap.compat.clone(),
         );
+        // Then the debug registers, from the restored SYSCALL completion state (a snapshot
+        // taken mid-step must go on stepping) and the TSC sites.
+        self.vcpu.reapply_debug(&self.mem)?;
         self.vcpu.set_halted(snap.halted);
         Ok(())
     }
@@ -627,9 +634,10 @@ pub fn config_identity(config: &VmConfig, cmdline: &str) -> Result<(u64, String)
         .and_then(|p| std::fs::metadata(p).ok())
         .map_or(0, |m| m.len());
     let summary = format!(
-        "kernel crc {kernel:08x}, initrd crc {initrd:08x}, {} MiB RAM, disk {disk} bytes, compat {}, cmdline {cmdline:?}",
+        "kernel crc {kernel:08x}, initrd crc {initrd:08x}, {} MiB RAM, disk {disk} bytes, compat {}, guest TSC {:?}, cmdline {cmdline:?}",
         config.memory_bytes >> 20,
         compat::resolve(config.kvm_compat),
+        config.guest_tsc,
     );
     Ok((u64::from(crc32c::crc32c(summary.as_bytes())), summary))
 }

@@ -4,17 +4,26 @@
 //! the shared disk: disk reads come in the log, disk writes are kept until the primary reports
 //! them released. A divergence is reported and healed with a full snapshot from the primary.
 
-use crate::cli::{machine_config, Args, Failure};
-use crate::primary::channel_config;
+use crate::cli::{machine_config, serial_sink, serial_source, Args, Failure};
+use crate::primary::{
+    ack_mode, channel_config, held_image, open_lock, ServiceParts, Services, TakeoverRecord,
+    FENCED_STATUS,
+};
 use crate::report;
 use crate::status::{ApiServer, StatusFn};
 use ft_core::backup::BackupLink;
 use ft_core::disk::Disk;
+use ft_core::disk::ImageFile;
 use ft_core::live::{LiveBoundary, SerialSource};
-use ft_core::replay::{KeptWrites, Progress, Replayer};
+use ft_core::lock::{self, Arbiter, Race};
+use ft_core::log::{Header, VERSION};
+use ft_core::primary::{HeldSerial, Link};
+use ft_core::record::Recorder;
+use ft_core::replay::{KeptOutput, KeptWrites, Progress, Replayer};
+use ft_core::takeover::{Decision, GoLive, LiveSide, SwitchPoint, Takeover};
 use ft_core::{Boundary, BoundaryError};
-use logging_channel::{connect, Msg, PROTOCOL_VERSION};
-use std::io;
+use logging_channel::{connect, Listener, Msg, PROTOCOL_VERSION};
+use std::io::{self, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -76,7 +85,6 @@ pub(crate) fn run(args: &Args) -> Result<u8, Failure> {
     for (flag, set) in [
         ("--record", args.record.is_some()),
         ("--log", args.log.is_some()),
-        ("--listen", args.listen.is_some()),
         ("--restore", args.restore.is_some()),
         ("--snapshot-on-exit", args.snapshot_on_exit.is_some()),
     ] {
@@ -157,14 +165,15 @@ pub(crate) fn run(args: &Args) -> Result<u8, Failure> {
                 }
                 round = r;
             }
-            TransferMsg::Final { snapshot } => {
+            TransferMsg::Final { snapshot, epoch } => {
                 if tty {
                     eprintln!();
                 }
-                break snapshot;
+                break (snapshot, epoch);
             }
         }
     };
+    let (final_state, epoch) = final_state;
     let snap = Snapshot::decode(&final_state).map_err(|e| e.to_string())?;
     vm.restore(&snap)?;
     let counters = Arc::new(BackupCounters::default());
@@ -192,34 +201,95 @@ pub(crate) fn run(args: &Args) -> Result<u8, Failure> {
     {
         replayer.force_divergence_at(n);
     }
-    *slot.slot.lock().unwrap_or_else(|e| e.into_inner()) = replayer.disk(None, disk_size);
+    let rtc_epoch = replayer.header().rtc_epoch;
+
+    // Arbitration: when the stream ends because the primary is lost, race for the lock.
+    let arbiter: Option<Arc<dyn Arbiter>> = open_lock(args)?.map(Arc::from);
+    let owner = lock::owner_name("backup");
+    let decision = Arc::new(Decision::default());
+    let lost_at = Arc::new(Mutex::new(None::<(Instant, String, Duration)>));
+    {
+        let (link, decision, arbiter, owner, lost_at) = (
+            link.clone(),
+            decision.clone(),
+            arbiter.clone(),
+            owner.clone(),
+            lost_at.clone(),
+        );
+        std::thread::Builder::new()
+            .name("arbiter".into())
+            .spawn(move || loop {
+                if let Some((why, silence)) = link.lost() {
+                    *lost_at.lock().unwrap_or_else(|e| e.into_inner()) =
+                        Some((Instant::now(), why.clone(), silence));
+                    decision.set(race(arbiter.as_deref(), epoch, &owner, &why));
+                    return;
+                }
+                if let Some(why) = link.ended() {
+                    decision.set(Err(why));
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            })
+            .map_err(|e| format!("cannot start the arbiter thread: {e}"))?;
+    }
+
+    // The role's status: the backup's until it goes live, then the primary's.
+    let status: Arc<Mutex<StatusFn>> = Arc::new(Mutex::new(backup_status(
+        addr.clone(),
+        link.clone(),
+        progress.clone(),
+        kept.clone(),
+        counters.clone(),
+        epoch,
+    )));
+    let (handle, control) = vmm::control::channel();
+    let services: Arc<Mutex<Option<Services>>> = Arc::new(Mutex::new(None));
+    let go_live = go_live_builder(GoLiveParts {
+        args: args.clone(),
+        config: config.clone(),
+        hash,
+        summary: summary.clone(),
+        rtc_epoch,
+        kept: kept.clone(),
+        arbiter,
+        owner,
+        vcpu: handle,
+        mem: vm.memory(),
+        services: services.clone(),
+        status: status.clone(),
+        old_primary: addr.clone(),
+        lost_at,
+    });
+    let mut boundary = Takeover::new(replayer, decision, go_live);
+    *slot.slot.lock().unwrap_or_else(|e| e.into_inner()) = boundary.disk(None, disk_size);
 
     vmm::kick::stop_on_signals().map_err(|e| format!("cannot install signal handlers: {e}"))?;
     let _api = match &args.api_socket {
-        Some(path) => Some(ApiServer::start(
-            path,
-            backup_status(
-                addr.clone(),
-                link.clone(),
-                progress.clone(),
-                kept.clone(),
-                counters.clone(),
-            ),
-        )?),
+        Some(path) => {
+            let current = status.clone();
+            let dynamic: StatusFn = Arc::new(move || {
+                let f = current.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                f()
+            });
+            Some(ApiServer::start(path, dynamic)?)
+        }
         None => None,
     };
-    let (_handle, control) = vmm::control::channel();
-    loop {
-        let result = vm.run(&mut replayer, &control);
+    let result = loop {
+        let result = vm.run(&mut boundary, &control);
         match result {
             Err(VmError::Vcpu(VcpuError::Boundary(e @ BoundaryError::Divergence { .. })))
-            | Err(VmError::Boundary(e @ BoundaryError::Divergence { .. })) => {
+            | Err(VmError::Boundary(e @ BoundaryError::Divergence { .. }))
+                if !boundary.is_live() =>
+            {
                 counters.divergences.fetch_add(1, Ordering::Relaxed);
                 tracing::error!("{e}: asking the primary for a resync");
                 link.request_resync(&e.to_string());
-                let data = match replayer.skip_to_resync() {
+                let data = match boundary.with_replayer(|r| r.skip_to_resync()) {
                     Ok(d) => d,
                     Err(e2) => {
+                        control.finish();
                         return lost(args, &mut vm, &link, &format!("{e}; then {e2}"));
                     }
                 };
@@ -231,20 +301,211 @@ pub(crate) fn run(args: &Args) -> Result<u8, Failure> {
                     snap.digest.count()
                 );
             }
-            Err(VmError::Vcpu(VcpuError::Boundary(e @ BoundaryError::LogEnded { .. })))
-            | Err(VmError::Vcpu(VcpuError::Boundary(e @ BoundaryError::Log(_))))
-                if link.ended().is_some() =>
-            {
-                return lost(args, &mut vm, &link, &e.to_string());
-            }
-            other => {
-                if other.is_ok() {
-                    tracing::info!("the primary's guest stopped; the backup stops with it");
-                }
-                return report::finish(args, &mut vm, other);
+            other => break other,
+        }
+    };
+    control.finish();
+    let live_services = services.lock().unwrap_or_else(|e| e.into_inner()).take();
+    if let Some(services) = live_services {
+        // This process went live: it ends as the primary it became.
+        let fenced = services.shutdown(result.is_ok());
+        if let Some(why) = fenced {
+            let _ = report::finish(args, &mut vm, result);
+            return Err(Failure {
+                message: format!("this primary stopped: {why}"),
+                status: FENCED_STATUS,
+            });
+        }
+        return report::finish(args, &mut vm, result);
+    }
+    match result {
+        Err(VmError::Vcpu(VcpuError::Boundary(BoundaryError::Fenced { why })))
+        | Err(VmError::Boundary(BoundaryError::Fenced { why })) => {
+            let _ = report::finish(args, &mut vm, Ok(vmm::vcpu::Stop::EndOfLog));
+            if link.lost().is_some() && arbiter_configured(args) {
+                Err(Failure {
+                    message: format!(
+                        "the primary is lost but this backup may not take over: {why}"
+                    ),
+                    status: FENCED_STATUS,
+                })
+            } else {
+                Ok(PRIMARY_LOST_STATUS)
             }
         }
+        other => {
+            if other.is_ok() {
+                tracing::info!("the primary's guest stopped; the backup stops with it");
+            }
+            report::finish(args, &mut vm, other)
+        }
     }
+}
+
+fn arbiter_configured(args: &Args) -> bool {
+    args.lock.is_some()
+}
+
+/// Races for the lock from `epoch`.
+fn race(arbiter: Option<&dyn Arbiter>, epoch: u64, owner: &str, why: &str) -> Result<u64, String> {
+    let Some(arbiter) = arbiter else {
+        return Err(format!(
+            "{why}; without --lock a backup never takes over (it could not rule out a live primary)"
+        ));
+    };
+    match arbiter.test_and_set(epoch, owner) {
+        Ok(Race::Won(e)) => {
+            tracing::warn!("{why}: won the lock {} at epoch {e}", arbiter.spec());
+            Ok(e)
+        }
+        Ok(Race::Lost(state)) => Err(format!(
+            "{why}; lost the lock {} to {} at epoch {}",
+            arbiter.spec(),
+            state.owner,
+            state.epoch
+        )),
+        Err(e) => Err(format!("{why}; {e}")),
+    }
+}
+
+/// What going live needs (moved into the closure the takeover boundary calls once).
+struct GoLiveParts {
+    args: Args,
+    config: vmm::VmConfig,
+    hash: u64,
+    summary: String,
+    rtc_epoch: i64,
+    kept: Arc<Mutex<KeptWrites>>,
+    arbiter: Option<Arc<dyn Arbiter>>,
+    owner: String,
+    vcpu: vmm::control::VcpuHandle,
+    mem: vmm::memory::GuestMemoryMmap,
+    services: Arc<Mutex<Option<Services>>>,
+    status: Arc<Mutex<StatusFn>>,
+    old_primary: String,
+    lost_at: Arc<Mutex<Option<(Instant, String, Duration)>>>,
+}
+
+/// Going live: emit again what the primary may not have released (disk writes re-issued,
+/// serial bytes re-sent: at least once at the failover edge), then become a primary from the
+/// point where the log ended, and accept a new backup.
+fn go_live_builder(p: GoLiveParts) -> GoLive {
+    Box::new(move |point: SwitchPoint| -> Result<LiveSide, String> {
+        let args = &p.args;
+        let mut serial = serial_sink(args)?;
+        let mut image = match &p.config.disk {
+            Some(path) => Some(
+                ImageFile::open(path)
+                    .map_err(|e| format!("cannot open disk image {}: {e}", path.display()))?,
+            ),
+            None => None,
+        };
+        let kept = p.kept.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let (mut serial_bytes, mut writes) = (0usize, 0usize);
+        for (_, out) in &kept {
+            match out {
+                KeptOutput::Serial(b) => {
+                    serial_bytes += b.len();
+                    serial
+                        .write_all(b)
+                        .map_err(|e| format!("serial output: {e}"))?;
+                }
+                KeptOutput::DiskWrite { offset, data } => {
+                    writes += 1;
+                    if let Some(img) = image.as_mut() {
+                        img.write_at(data, *offset)
+                            .map_err(|e| format!("re-issuing a disk write: {e}"))?;
+                    }
+                }
+                KeptOutput::DiskFlush => {}
+            }
+        }
+        let _ = serial.flush();
+        if let Some(img) = image.as_mut() {
+            img.flush().map_err(|e| format!("disk flush: {e}"))?;
+        }
+        tracing::warn!(
+            "re-emitted what the lost primary may not have released: {serial_bytes} serial bytes, {writes} disk writes"
+        );
+
+        let mut live =
+            LiveBoundary::with_clock(serial_source(args)?, Box::new(io::sink()), args.clock);
+        let header = Header {
+            version: VERSION,
+            config_hash: p.hash,
+            config_summary: p.summary.clone(),
+            rtc_epoch: p.rtc_epoch,
+        };
+        let link = Link::new(
+            header,
+            ack_mode(args),
+            args.max_lag,
+            p.arbiter.as_ref().map(|_| point.epoch),
+        );
+        live.set_output(Box::new(HeldSerial::new(link.clone())));
+        live.restored(point.time_ns);
+        let mut recorder = Recorder::new(
+            live,
+            Box::new(ft_core::primary::StreamSink::new(link.clone())),
+            p.rtc_epoch,
+        )
+        .map_err(|e| e.to_string())?;
+        recorder.continue_from(point.rip, point.time_ns);
+        let (held, release_image) = held_image(&p.config, &link)?;
+        let size = p
+            .config
+            .disk
+            .as_ref()
+            .and_then(|d| std::fs::metadata(d).ok())
+            .map_or(0, |m| m.len());
+        let disk = recorder.disk(held, size);
+        let listen = args.listen.clone().unwrap_or_else(|| "127.0.0.1:0".into());
+        let listener = Listener::bind(&listen, channel_config(args)?)
+            .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+        let record = {
+            let lost = p.lost_at.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let (at, why, silence) =
+                lost.unwrap_or((Instant::now(), String::new(), Duration::ZERO));
+            TakeoverRecord {
+                at_unix_s: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs()),
+                epoch: point.epoch,
+                from: p.old_primary.clone(),
+                why,
+                detect_ms: silence.as_secs_f64() * 1e3,
+                go_live_ms: at.elapsed().as_secs_f64() * 1e3,
+            }
+        };
+        tracing::warn!(
+            "LIVE: took over from {} at epoch {} (detected {:.0} ms after its last message, live {:.0} ms later)",
+            record.from,
+            record.epoch,
+            record.detect_ms,
+            record.go_live_ms
+        );
+        let services = Services::start(ServiceParts {
+            listener,
+            link,
+            core: recorder.core(),
+            vcpu: p.vcpu.clone(),
+            mem: p.mem.clone(),
+            hash: p.hash,
+            summary: p.summary.clone(),
+            ram_pages: p.config.memory_bytes / 4096,
+            serial,
+            release_image,
+            arbiter: p.arbiter.clone(),
+            owner: p.owner.clone(),
+            history: vec![record],
+        })?;
+        *p.status.lock().unwrap_or_else(|e| e.into_inner()) = services.status();
+        *p.services.lock().unwrap_or_else(|e| e.into_inner()) = Some(services);
+        Ok(LiveSide {
+            boundary: Box::new(recorder),
+            disk,
+        })
+    })
 }
 
 fn lost(args: &Args, vm: &mut Vm, link: &BackupLink, what: &str) -> Result<u8, Failure> {
@@ -262,6 +523,7 @@ fn backup_status(
     progress: Arc<Progress>,
     kept: Arc<Mutex<KeptWrites>>,
     counters: Arc<BackupCounters>,
+    epoch: u64,
 ) -> StatusFn {
     Arc::new(move || {
         let stats = link.connection().stats();
@@ -284,15 +546,17 @@ fn backup_status(
                 "vtime_ns": progress.vtime_ns.load(Ordering::Relaxed),
             },
             "kept_writes": writes,
-            "kept_write_bytes": write_bytes,
+            "kept_output_bytes": write_bytes,
             "channel": {
                 "bytes_sent": stats.bytes_sent,
                 "bytes_received": stats.bytes_received,
+                "max_silence_ms": stats.max_silence_us as f64 / 1e3,
             },
             "divergences": counters.divergences.load(Ordering::Relaxed),
             "resyncs": counters.resyncs.load(Ordering::Relaxed),
             "attach_ms": counters.attach_ms.load(Ordering::Relaxed),
             "ended": link.ended(),
+            "epoch": epoch,
         })
     })
 }

@@ -8,7 +8,7 @@ use std::fs::File;
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
-use vmm::{CompatMode, VmConfig, VmError};
+use vmm::{CompatMode, GuestTscMode, VmConfig, VmError};
 
 /// What this process is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -27,6 +27,16 @@ pub(crate) enum Role {
 pub(crate) enum Compat {
     Auto,
     On,
+    Off,
+}
+
+/// `--guest-tsc`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub(crate) enum GuestTsc {
+    /// Hardware breakpoints on the kernel's entropy RDTSC sites; the VMM completes them from
+    /// the virtual clock (needs a kernel with a symbol table).
+    Breakpoints,
+    /// The guest reads the host's TSC there, unobserved.
     Off,
 }
 
@@ -99,7 +109,7 @@ pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 /// ftvmm: a fault-tolerant KVM hypervisor.
-#[derive(Parser, Debug)]
+#[derive(Parser, Debug, Clone)]
 #[command(version, about)]
 pub(crate) struct Args {
     /// What this process is.
@@ -136,6 +146,10 @@ pub(crate) struct Args {
     /// Completion of what this host's KVM cannot do (auto: only on hosts that need it).
     #[arg(long, value_enum, default_value = "auto")]
     pub(crate) kvm_compat: Compat,
+    /// The guest kernel's RDTSC at its entropy sites (drivers/char/random.c): `breakpoints`
+    /// makes it read virtual time, logged like any input; `off` leaves it to the host's TSC.
+    #[arg(long, value_enum, default_value = "breakpoints")]
+    pub(crate) guest_tsc: GuestTsc,
     /// What guest time follows: `host` (real time), or `virtual[:STEP]`: STEP (default 100us)
     /// per VM exit and idle time skipped, so that runs with the same input are identical.
     #[arg(long, default_value = "host", value_parser = parse_clock)]
@@ -181,9 +195,17 @@ pub(crate) struct Args {
     /// rule), or has `executed` it and produced the same output (verified output).
     #[arg(long, value_enum, default_value = "received")]
     pub(crate) ack: AckArg,
-    /// Primary and backup: the peer is lost after this long without a frame or heartbeat.
-    #[arg(long, default_value = "2s", value_parser = parse_duration)]
-    pub(crate) peer_timeout: Duration,
+    /// Primary and backup: the peer is lost after this long without a frame or heartbeat
+    /// (heartbeats go every 50 ms); then the lock decides which side goes on. The default is 5x
+    /// the longest gap measured between frames of a healthy pair here (docs/FAILOVER.md).
+    #[arg(long, alias = "peer-timeout", default_value = "300ms", value_parser = parse_duration)]
+    pub(crate) failover_timeout: Duration,
+    /// Primary and backup: where the pair arbitrates when it loses its channel:
+    /// `file:PATH` (a lock block on storage both hosts see) or `etcd:HOST:PORT[,...]/KEY`.
+    /// Without one, a backup never takes over and a primary that loses its backup goes on
+    /// unprotected (a partition could then leave two live sides).
+    #[arg(long)]
+    pub(crate) lock: Option<String>,
 }
 
 /// `--ack`.
@@ -297,6 +319,10 @@ pub(crate) fn machine_config(args: &Args) -> Result<VmConfig, String> {
             Compat::Auto => CompatMode::Auto,
             Compat::On => CompatMode::On,
             Compat::Off => CompatMode::Off,
+        },
+        guest_tsc: match args.guest_tsc {
+            GuestTsc::Breakpoints => GuestTscMode::Breakpoints,
+            GuestTsc::Off => GuestTscMode::Off,
         },
         quantum: args.quantum,
     })

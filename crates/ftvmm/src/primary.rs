@@ -11,8 +11,9 @@ use crate::report;
 use crate::status::{ApiServer, StatusFn};
 use ft_core::disk::{Disk, ImageFile};
 use ft_core::live::LiveBoundary;
+use ft_core::lock::{self, Arbiter, Race};
 use ft_core::log::{Header, Record, VERSION};
-use ft_core::primary::{AckMode, HeldDisk, HeldSerial, Link};
+use ft_core::primary::{AckMode, HeldDisk, HeldSerial, Link, Mode};
 use ft_core::record::{Recorder, SharedRecordCore};
 use ft_core::Boundary;
 use logging_channel::{ChannelConfig, Connection, Listener, Msg, Psk, PROTOCOL_VERSION};
@@ -52,6 +53,10 @@ struct PairState {
     resyncs: AtomicU64,
     last_attach: Mutex<Option<AttachReport>>,
     stop: AtomicBool,
+    /// Why this side was fenced, once it was.
+    fenced: Mutex<Option<String>>,
+    /// Takeovers this process made.
+    history: Mutex<Vec<TakeoverRecord>>,
 }
 
 fn psk(args: &Args) -> Result<Psk, String> {
@@ -65,7 +70,7 @@ fn psk(args: &Args) -> Result<Psk, String> {
 pub(crate) fn channel_config(args: &Args) -> Result<ChannelConfig, String> {
     let mut cfg = ChannelConfig::new(psk(args)?);
     cfg.log_buffer = usize::try_from(args.log_buffer).unwrap_or(usize::MAX);
-    cfg.timeout = args.peer_timeout;
+    cfg.timeout = args.failover_timeout;
     Ok(cfg)
 }
 
@@ -88,10 +93,23 @@ pub(crate) fn run(args: &Args) -> Result<u8, Failure> {
     let channel = channel_config(args)?;
     let (hash, summary) = config_identity(&config, &kernel_cmdline(&config))?;
 
-    let mode = match args.ack {
-        AckArg::Received => AckMode::Received,
-        AckArg::Executed => AckMode::Executed,
+    // The lock first: a primary that cannot hold it must not run at all.
+    let owner = lock::owner_name("primary");
+    let arbiter = open_lock(args)?;
+    let epoch = match &arbiter {
+        Some(l) => {
+            let e = l.claim(&owner).map_err(|e| e.to_string())?;
+            tracing::info!("holding lock {} at epoch {e} as {owner}", l.spec());
+            Some(e)
+        }
+        None => {
+            tracing::warn!(
+                "no --lock: if this pair is partitioned, both sides may stay live (split brain)"
+            );
+            None
+        }
     };
+
     // The live side reads the host; its serial output goes through the output rule.
     let mut live =
         LiveBoundary::with_clock(serial_source(args)?, Box::new(std::io::sink()), args.clock);
@@ -102,7 +120,7 @@ pub(crate) fn run(args: &Args) -> Result<u8, Failure> {
         config_summary: summary.clone(),
         rtc_epoch,
     };
-    let link = Link::new(header, mode, args.max_lag);
+    let link = Link::new(header, ack_mode(args), args.max_lag, epoch);
     live.set_output(Box::new(HeldSerial::new(link.clone())));
     if let Some(marker) = &args.serial_input_after {
         live = live.input_after(marker.as_bytes());
@@ -114,24 +132,7 @@ pub(crate) fn run(args: &Args) -> Result<u8, Failure> {
     )
     .map_err(|e| e.to_string())?;
     let core = recorder.core();
-
-    let (image, release_image): (Option<Box<dyn Disk>>, _) = match &config.disk {
-        Some(path) => {
-            let img = ImageFile::open(path)
-                .map_err(|e| format!("cannot open disk image {}: {e}", path.display()))?;
-            let for_release = img
-                .try_clone()
-                .map_err(|e| format!("disk image {}: {e}", path.display()))?;
-            (
-                Some(Box::new(HeldDisk::new(link.clone(), img))),
-                Some(for_release),
-            )
-        }
-        None => (None, None),
-    };
-    let releaser = link
-        .start_releaser(serial_sink(args)?, release_image)
-        .map_err(|e| format!("cannot start the output releaser: {e}"))?;
+    let (image, release_image) = held_image(&config, &link)?;
 
     vmm::kick::stop_on_signals().map_err(|e| format!("cannot install signal handlers: {e}"))?;
     let mut vm = Vm::new(&config, &mut recorder, false, image)?;
@@ -145,57 +146,213 @@ pub(crate) fn run(args: &Args) -> Result<u8, Failure> {
 
     let listener =
         Listener::bind(&listen, channel).map_err(|e| format!("cannot listen on {listen}: {e}"))?;
-    let addr = listener.local_addr();
-    tracing::warn!(
-        "primary listening for a backup on {addr}: no backup attached, running UNPROTECTED"
-    );
-
     let (handle, control) = vmm::control::channel();
-    let pair = Arc::new(PairState::default());
-    let manager = {
-        let ctx = Manager {
-            listener,
-            link: link.clone(),
-            core,
-            vcpu: handle,
-            mem: vm.memory(),
-            hash,
-            summary,
-            pair: pair.clone(),
-            ram_pages: config.memory_bytes / 4096,
-        };
-        std::thread::Builder::new()
-            .name("pair-manager".into())
-            .spawn(move || ctx.run())
-            .map_err(|e| format!("cannot start the pair manager: {e}"))?
-    };
+    let services = Services::start(ServiceParts {
+        listener,
+        link: link.clone(),
+        core,
+        vcpu: handle,
+        mem: vm.memory(),
+        hash,
+        summary,
+        ram_pages: config.memory_bytes / 4096,
+        serial: serial_sink(args)?,
+        release_image,
+        arbiter: arbiter.map(Arc::from),
+        owner,
+        history: Vec::new(),
+    })?;
     let _api = match &args.api_socket {
-        Some(path) => Some(ApiServer::start(
-            path,
-            primary_status(link.clone(), pair.clone(), addr.to_string()),
-        )?),
+        Some(path) => Some(ApiServer::start(path, services.status())?),
         None => None,
     };
 
     let result = vm.run(&mut recorder, &control);
     control.finish();
-    pair.stop.store(true, Ordering::Release);
-    let _ = manager.join();
-    // What the backup acknowledges now may still leave; then the rest (unprotected).
-    releaser.finish(Duration::from_secs(2));
-    if let Some(conn) = link.connection() {
-        conn.close("the primary stopped");
+    let fenced = services.shutdown(result.is_ok());
+    match fenced {
+        Some(why) => {
+            let _ = report::finish(args, &mut vm, result);
+            Err(Failure {
+                message: format!("this primary stopped: {why}"),
+                status: FENCED_STATUS,
+            })
+        }
+        None => report::finish(args, &mut vm, result),
     }
-    let (p50, p99) = latency_percentiles(&link.stats.latencies());
-    tracing::info!(
-        "pair: attaches={} resyncs={} outputs-released={} output-latency-p50-us={p50} output-latency-p99-us={p99} log-bytes={} throttled={}",
-        pair.attaches.load(Ordering::Relaxed),
-        pair.resyncs.load(Ordering::Relaxed),
-        link.stats.released.load(Ordering::Relaxed),
-        link.stats.log_bytes.load(Ordering::Relaxed),
-        link.stats.throttled.load(Ordering::Relaxed),
-    );
-    report::finish(args, &mut vm, result)
+}
+
+/// Exit status of a side that lost the arbitration (or could not reach the lock) and stopped.
+pub(crate) const FENCED_STATUS: u8 = 5;
+
+pub(crate) fn ack_mode(args: &Args) -> AckMode {
+    match args.ack {
+        AckArg::Received => AckMode::Received,
+        AckArg::Executed => AckMode::Executed,
+    }
+}
+
+pub(crate) fn open_lock(args: &Args) -> Result<Option<Box<dyn Arbiter>>, String> {
+    args.lock
+        .as_deref()
+        .map(|spec| lock::open(spec).map_err(|e| e.to_string()))
+        .transpose()
+}
+
+/// The disk as the guest sees it (through the output rule), and a second handle on the image
+/// for the thread that releases held writes.
+pub(crate) type HeldImage = (Option<Box<dyn Disk>>, Option<ImageFile>);
+
+/// The disk image through the output rule (for the guest), and a second handle on it for the
+/// thread that releases held writes.
+pub(crate) fn held_image(config: &vmm::VmConfig, link: &Arc<Link>) -> Result<HeldImage, String> {
+    match &config.disk {
+        Some(path) => {
+            let img = ImageFile::open(path)
+                .map_err(|e| format!("cannot open disk image {}: {e}", path.display()))?;
+            let for_release = img
+                .try_clone()
+                .map_err(|e| format!("disk image {}: {e}", path.display()))?;
+            Ok((
+                Some(Box::new(HeldDisk::new(link.clone(), img))),
+                Some(for_release),
+            ))
+        }
+        None => Ok((None, None)),
+    }
+}
+
+/// A takeover this process made (it was a backup and went live).
+#[derive(Clone, Debug, serde::Serialize)]
+pub(crate) struct TakeoverRecord {
+    /// Unix time of the takeover, seconds.
+    pub(crate) at_unix_s: u64,
+    /// The epoch won.
+    pub(crate) epoch: u64,
+    /// The primary that was lost.
+    pub(crate) from: String,
+    /// Why it was considered lost.
+    pub(crate) why: String,
+    /// From the last frame received from the old primary to the end of its stream, ms.
+    pub(crate) detect_ms: f64,
+    /// From the end of the stream to the live guest, ms.
+    pub(crate) go_live_ms: f64,
+}
+
+/// What a primary's services are made of.
+pub(crate) struct ServiceParts {
+    pub(crate) listener: Listener,
+    pub(crate) link: Arc<Link>,
+    pub(crate) core: SharedRecordCore,
+    pub(crate) vcpu: VcpuHandle,
+    pub(crate) mem: GuestMemoryMmap,
+    pub(crate) hash: u64,
+    pub(crate) summary: String,
+    pub(crate) ram_pages: u64,
+    pub(crate) serial: Box<dyn std::io::Write + Send>,
+    pub(crate) release_image: Option<ImageFile>,
+    pub(crate) arbiter: Option<Arc<dyn Arbiter>>,
+    pub(crate) owner: String,
+    pub(crate) history: Vec<TakeoverRecord>,
+}
+
+/// A primary's threads beside the vCPU: the output releaser and the pair manager.
+pub(crate) struct Services {
+    link: Arc<Link>,
+    pair: Arc<PairState>,
+    releaser: ft_core::primary::Releaser,
+    manager: std::thread::JoinHandle<()>,
+    listen: String,
+    arbiter: Option<Arc<dyn Arbiter>>,
+    owner: String,
+}
+
+impl Services {
+    /// Starts the releaser and the pair manager.
+    pub(crate) fn start(parts: ServiceParts) -> Result<Services, String> {
+        let releaser = parts
+            .link
+            .start_releaser(parts.serial, parts.release_image)
+            .map_err(|e| format!("cannot start the output releaser: {e}"))?;
+        let listen = parts.listener.local_addr().to_string();
+        tracing::warn!(
+            "primary listening for a backup on {listen}: no backup attached, running UNPROTECTED"
+        );
+        let pair = Arc::new(PairState::default());
+        *pair.history.lock().unwrap_or_else(|e| e.into_inner()) = parts.history;
+        let ctx = Manager {
+            listener: parts.listener,
+            link: parts.link.clone(),
+            core: parts.core,
+            vcpu: parts.vcpu,
+            mem: parts.mem,
+            hash: parts.hash,
+            summary: parts.summary,
+            pair: pair.clone(),
+            ram_pages: parts.ram_pages,
+            arbiter: parts.arbiter.clone(),
+            owner: parts.owner.clone(),
+        };
+        let manager = std::thread::Builder::new()
+            .name("pair-manager".into())
+            .spawn(move || ctx.run())
+            .map_err(|e| format!("cannot start the pair manager: {e}"))?;
+        Ok(Services {
+            link: parts.link,
+            pair,
+            releaser,
+            manager,
+            listen,
+            arbiter: parts.arbiter,
+            owner: parts.owner,
+        })
+    }
+
+    /// The status document of this primary.
+    pub(crate) fn status(&self) -> StatusFn {
+        primary_status(
+            self.link.clone(),
+            self.pair.clone(),
+            self.listen.clone(),
+            self.arbiter.as_ref().map(|a| a.spec()),
+        )
+    }
+
+    /// Stops the manager, lets what the rule allows leave, closes the backup's channel and,
+    /// after a clean stop, frees the lock. Returns why this side was fenced, if it was.
+    pub(crate) fn shutdown(self, clean: bool) -> Option<String> {
+        self.pair.stop.store(true, Ordering::Release);
+        let _ = self.manager.join();
+        // What the backup acknowledges now may still leave; then the rest (unprotected).
+        self.releaser.finish(Duration::from_secs(2));
+        if let Some(conn) = self.link.connection() {
+            conn.close("the primary stopped");
+        }
+        let (p50, p99) = latency_percentiles(&self.link.stats.latencies());
+        tracing::info!(
+            "pair: attaches={} resyncs={} outputs-released={} output-latency-p50-us={p50} output-latency-p99-us={p99} log-bytes={} throttled={} epoch={}",
+            self.pair.attaches.load(Ordering::Relaxed),
+            self.pair.resyncs.load(Ordering::Relaxed),
+            self.link.stats.released.load(Ordering::Relaxed),
+            self.link.stats.log_bytes.load(Ordering::Relaxed),
+            self.link.stats.throttled.load(Ordering::Relaxed),
+            self.link.epoch(),
+        );
+        let fenced = self
+            .pair
+            .fenced
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if fenced.is_none() && clean {
+            if let Some(a) = &self.arbiter {
+                if let Err(e) = a.release(self.link.epoch(), &self.owner) {
+                    tracing::warn!("cannot free the lock: {e}");
+                }
+            }
+        }
+        fenced
+    }
 }
 
 /// The 50th and 99th percentiles of output latencies (ns in, us out).
@@ -209,7 +366,12 @@ fn latency_percentiles(ns: &[u64]) -> (u64, u64) {
     (at(0.5), at(0.99))
 }
 
-fn primary_status(link: Arc<Link>, pair: Arc<PairState>, listen: String) -> StatusFn {
+fn primary_status(
+    link: Arc<Link>,
+    pair: Arc<PairState>,
+    listen: String,
+    lock: Option<String>,
+) -> StatusFn {
     let start = Instant::now();
     let last = Mutex::new((Instant::now(), 0u64, 0u64));
     Arc::new(move || {
@@ -220,6 +382,7 @@ fn primary_status(link: Arc<Link>, pair: Arc<PairState>, listen: String) -> Stat
         let vtime = stats.sent_vtime_ns.load(Ordering::Relaxed);
         let wire = conn.as_ref().map(|c| c.stats());
         let (bytes_out, bytes_in) = wire.map_or((0, 0), |w| (w.bytes_sent, w.bytes_received));
+        let max_silence_ms = wire.map_or(0.0, |w| w.max_silence_us as f64 / 1e3);
         let rate = {
             let mut l = last.lock().unwrap_or_else(|e| e.into_inner());
             let dt = l.0.elapsed().as_secs_f64().max(1e-3);
@@ -237,7 +400,7 @@ fn primary_status(link: Arc<Link>, pair: Arc<PairState>, listen: String) -> Stat
             "listen": listen,
             "peer": conn.as_ref().map(|c| c.peer_addr().to_string()),
             "protected": link.protected(),
-            "ack_mode": match link.mode() { AckMode::Received => "received", AckMode::Executed => "executed" },
+            "ack_mode": match link.ack_mode() { AckMode::Received => "received", AckMode::Executed => "executed" },
             "uptime_s": start.elapsed().as_secs_f64(),
             "log": {
                 "sent": sent,
@@ -261,12 +424,18 @@ fn primary_status(link: Arc<Link>, pair: Arc<PairState>, listen: String) -> Stat
                 "bytes_sent": bytes_out,
                 "bytes_received": bytes_in,
                 "bytes_per_s": rate,
+                "max_silence_ms": max_silence_ms,
             },
             "attaches": pair.attaches.load(Ordering::Relaxed),
             "backups_refused": pair.refused.load(Ordering::Relaxed),
             "resyncs": pair.resyncs.load(Ordering::Relaxed),
             "last_backup_lost": link.lost(),
             "attach": attach,
+            "mode": format!("{:?}", link.mode()).to_lowercase(),
+            "lock": lock,
+            "epoch": link.epoch(),
+            "takeovers": pair.history.lock().map(|h| h.clone()).unwrap_or_default(),
+            "fenced": pair.fenced.lock().map(|f| f.clone()).unwrap_or_default(),
         })
     })
 }
@@ -282,11 +451,52 @@ struct Manager {
     summary: String,
     pair: Arc<PairState>,
     ram_pages: u64,
+    arbiter: Option<Arc<dyn Arbiter>>,
+    owner: String,
 }
 
 impl Manager {
+    /// The backup was lost and a lock decides: race for it. Winning leaves this side
+    /// unprotected (its held output is released); losing, or not reaching the lock, fences it
+    /// and stops the guest.
+    fn arbitrate(&self) {
+        let Some(arbiter) = &self.arbiter else {
+            return;
+        };
+        let epoch = self.link.epoch();
+        let outcome = match arbiter.test_and_set(epoch, &self.owner) {
+            Ok(Race::Won(e)) => Ok(e),
+            Ok(Race::Lost(state)) => Err(format!(
+                "lost the lock {} to {} at epoch {}",
+                arbiter.spec(),
+                state.owner,
+                state.epoch
+            )),
+            Err(e) => Err(e.to_string()),
+        };
+        match outcome {
+            Ok(e) => self.link.won(e),
+            Err(why) => {
+                self.link.fence(&why);
+                *self.pair.fenced.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
+                let _ = self.vcpu.request(VcpuEvent::Stop, VCPU_ANSWER);
+            }
+        }
+    }
+
     fn run(self) {
         while !self.pair.stop.load(Ordering::Acquire) {
+            match self.link.mode() {
+                Mode::Arbitrating => {
+                    self.arbitrate();
+                    continue;
+                }
+                Mode::Fenced => {
+                    std::thread::sleep(Duration::from_millis(50));
+                    continue;
+                }
+                Mode::Unprotected | Mode::Protected => {}
+            }
             if let Some(conn) = self.listener.accept_timeout(Duration::from_millis(50)) {
                 self.greet(conn);
             }
@@ -479,6 +689,7 @@ impl Manager {
             let exits = snap.digest.count();
             let msg = TransferMsg::Final {
                 snapshot: snap.encode(),
+                epoch: self.link.epoch(),
             }
             .encode();
             report.bytes += msg.len() as u64;

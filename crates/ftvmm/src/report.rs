@@ -33,12 +33,14 @@ pub(crate) fn finish(
     let mem = vm.memory_stats();
     let cp = vm.checkpoint_stats();
     tracing::info!(
-        "stats: kicks={} syscalls-completed={} syscall-vmm-ns={} page-faults-stepped={} page-fault-vmm-ns={} checkpoints={} checkpoint-bytes={} checkpoint-max-pause-us={} vmm-rss-kib={} guest-rss-kib={} state-digest={}",
+        "stats: kicks={} syscalls-completed={} syscall-vmm-ns={} page-faults-stepped={} page-fault-vmm-ns={} tsc-reads={} tsc-vmm-ns={} checkpoints={} checkpoint-bytes={} checkpoint-max-pause-us={} vmm-rss-kib={} guest-rss-kib={} state-digest={}",
         vm.kicks(),
         fix.map_or(0, |f| f.syscalls),
         fix.map_or(0, |f| f.syscall_ns),
         fix.map_or(0, |f| f.page_faults),
         fix.map_or(0, |f| f.page_fault_ns),
+        vm.vcpu().tsc().reads,
+        vm.vcpu().tsc().vmm_ns,
         cp.count,
         cp.bytes,
         cp.max_pause.as_micros(),

@@ -1,0 +1,614 @@
+//! Failover on simulated hosts: each host is a network namespace (tests/src/lib.rs `Hosts`), the
+//! primary on host 0 and the backup on host 1, joined by a bridge; the lock is a file both see
+//! (the shared filesystem) or a real etcd (Debian's etcd-server) on a third host. "Kill a host"
+//! is SIGKILL of its ftvmm; "partition" takes its link down while both still reach the lock.
+//!
+//! What the client sees on the serial line is the primary's output until it dies, then the new
+//! primary's: together they must be the failure-free stream, with no gap and at most a small
+//! duplicated tail (output the old primary may or may not have released is sent again).
+//!
+//! `FTVMM_FAILOVER_TRIALS=N` runs N kill trials of each Linux workload instead of the default.
+
+use ftvmm_tests::{
+    ctl_status, json_number, key_file, linux_images, linux_ready, scratch, test_guest, Ftvmm,
+    Hosts, Proc, Run, LINUX_CMDLINE,
+};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+const PORT: u16 = 7000;
+/// Output the old primary may have released before it died, re-sent by the new one: a few
+/// UART bytes (the guest writes the serial line a byte at a time).
+const MAX_DUP: usize = 64;
+
+struct Pair<'h> {
+    hosts: &'h Hosts,
+    key: PathBuf,
+    lock: String,
+    machine: Vec<String>,
+    extra: Vec<String>,
+}
+
+impl Pair<'_> {
+    fn primary_on(&self, host: usize, more: &[&str]) -> Proc {
+        let listen = format!("{}:{PORT}", self.hosts.addr(host));
+        Ftvmm::raw(&["--role", "primary", "--listen", &listen])
+            .in_netns(self.hosts.ns(host))
+            .args([
+                "--key-file",
+                self.key.to_str().unwrap(),
+                "--lock",
+                &self.lock,
+            ])
+            .args(["--log-level", "info"])
+            .args(&self.machine)
+            .args(&self.extra)
+            .args(more)
+            .spawn()
+    }
+
+    fn backup_on(&self, host: usize, primary: usize, more: &[&str]) -> Proc {
+        let listen = format!("{}:{PORT}", self.hosts.addr(host));
+        let target = format!("{}:{PORT}", self.hosts.addr(primary));
+        Ftvmm::raw(&[
+            "--role",
+            "backup",
+            "--primary",
+            &target,
+            "--listen",
+            &listen,
+        ])
+        .in_netns(self.hosts.ns(host))
+        .args([
+            "--key-file",
+            self.key.to_str().unwrap(),
+            "--lock",
+            &self.lock,
+        ])
+        .args(["--log-level", "info"])
+        .args(&self.machine)
+        .args(&self.extra)
+        .args(more)
+        .spawn()
+    }
+}
+
+fn wait_listening(p: &Proc) {
+    assert!(
+        p.wait_stderr("listening for a backup on ", Duration::from_secs(30)),
+        "{}",
+        p.stderr()
+    );
+}
+
+fn wait_attached(p: &Proc, n: usize) {
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(90) {
+        if p.stderr().matches(" attached: ").count() >= n {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("backup {n} never attached:\n{}", p.stderr());
+}
+
+fn wait_live(b: &Proc) {
+    assert!(
+        b.wait_stderr("LIVE: took over", Duration::from_secs(60)),
+        "the backup never went live:\n{}",
+        b.stderr()
+    );
+}
+
+/// `before` (the dead primary's output) and `after` (the new primary's) joined: `after` may
+/// begin with up to `MAX_DUP` bytes that end `before`. Returns every way of joining them.
+fn joins(before: &str, after: &str) -> Vec<String> {
+    (0..=MAX_DUP.min(after.len()))
+        .filter(|&k| after.is_char_boundary(k) && before.ends_with(&after[..k]))
+        .map(|k| format!("{before}{}", &after[k..]))
+        .collect()
+}
+
+fn ticks_upto(out: &str) -> Option<u32> {
+    let mut n = 0;
+    for line in out.lines() {
+        let v: u32 = line.strip_prefix("tick ")?.parse().ok()?;
+        if v != n + 10 {
+            return None;
+        }
+        n = v;
+    }
+    Some(n)
+}
+
+/// The joined serial stream is every tick in order, up to `last`.
+fn assert_ticks_across(before: &str, after: &str, last: u32) {
+    assert!(
+        joins(before, after)
+            .iter()
+            .any(|s| ticks_upto(s) == Some(last) && s.ends_with('\n')),
+        "the client's stream has a gap or a wrong line:\n--- before ---\n{before}\n--- after ---\n{after}"
+    );
+}
+
+fn tiny_pair<'h>(hosts: &'h Hosts, dir: &Path, lock: String) -> Pair<'h> {
+    Pair {
+        hosts,
+        key: key_file(dir, "key", 21),
+        lock,
+        machine: vec![
+            "--kernel".into(),
+            test_guest("ticks-long").display().to_string(),
+            "--serial-input".into(),
+            "none".into(),
+        ],
+        extra: vec![],
+    }
+}
+
+fn file_lock(dir: &Path) -> String {
+    format!("file:{}", dir.join("pair.lock").display())
+}
+
+#[test]
+fn killing_the_primary_host_hands_the_guest_to_the_backup() {
+    let dir = scratch("fo-kill-primary");
+    let hosts = Hosts::new("kp", 2);
+    let pair = tiny_pair(&hosts, &dir, file_lock(&dir));
+    let p = pair.primary_on(0, &[]);
+    wait_listening(&p);
+    let b = pair.backup_on(1, 0, &[]);
+    wait_attached(&p, 1);
+    assert!(p.wait_stdout("tick 200\n", Duration::from_secs(30)));
+    p.signal(libc::SIGKILL);
+    let p = p.wait(Duration::from_secs(10));
+    wait_live(&b);
+    let b = b.wait(Duration::from_secs(60));
+    b.assert_code(0);
+    assert_ticks_across(&p.stdout, &b.stdout, 1000);
+    let lock = std::fs::read(dir.join("pair.lock")).unwrap();
+    assert_eq!(&lock[..8], b"FTVMLOCK");
+}
+
+#[test]
+fn killing_the_backup_host_leaves_the_primary_running_and_a_new_backup_attaches() {
+    let dir = scratch("fo-kill-backup");
+    let hosts = Hosts::new("kb", 3);
+    let sock = dir.join("p.sock");
+    let pair = tiny_pair(&hosts, &dir, file_lock(&dir));
+    let p = pair.primary_on(0, &["--api-socket", sock.to_str().unwrap()]);
+    wait_listening(&p);
+    let b = pair.backup_on(1, 0, &[]);
+    wait_attached(&p, 1);
+    assert!(p.wait_stdout("tick 100\n", Duration::from_secs(30)));
+    b.signal(libc::SIGKILL);
+    let _ = b.wait(Duration::from_secs(10));
+    assert!(
+        p.wait_stderr("won the lock at epoch 2", Duration::from_secs(10)),
+        "{}",
+        p.stderr()
+    );
+    let shown = p.stdout().len();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(p.stdout().len() > shown, "the primary's output stopped");
+    let b2 = pair.backup_on(2, 0, &[]);
+    wait_attached(&p, 2);
+    let status = ctl_status(&sock);
+    assert_eq!(json_number(&status, "epoch"), Some(2), "{status}");
+    assert!(status.contains("\"protected\": true"), "{status}");
+    let (p, b2) = (
+        p.wait(Duration::from_secs(60)),
+        b2.wait(Duration::from_secs(60)),
+    );
+    p.assert_code(0);
+    b2.assert_code(0);
+    assert_eq!(p.digest_line(), b2.digest_line());
+    assert_ticks_across(&p.stdout, "", 1000);
+}
+
+#[test]
+fn a_primary_stopped_past_the_timeout_finds_its_backup_live_and_emits_nothing() {
+    let dir = scratch("fo-sigstop");
+    let hosts = Hosts::new("ss", 2);
+    let pair = tiny_pair(&hosts, &dir, file_lock(&dir));
+    let p = pair.primary_on(0, &[]);
+    wait_listening(&p);
+    let b = pair.backup_on(1, 0, &[]);
+    wait_attached(&p, 1);
+    assert!(p.wait_stdout("tick 100\n", Duration::from_secs(30)));
+    p.signal(libc::SIGSTOP);
+    let frozen = p.stdout();
+    wait_live(&b);
+    p.signal(libc::SIGCONT);
+    let p = p.wait(Duration::from_secs(30));
+    assert_eq!(
+        p.code(),
+        5,
+        "the old primary did not stop fenced:\n{}",
+        p.stderr
+    );
+    assert_eq!(
+        p.stdout, frozen,
+        "the old primary emitted output after it lost the lock"
+    );
+    assert!(p.stderr.contains("lost the lock"), "{}", p.stderr);
+    let b = b.wait(Duration::from_secs(60));
+    b.assert_code(0);
+    assert_ticks_across(&p.stdout, &b.stdout, 1000);
+}
+
+/// Partition at a random moment: exactly one side stays live; the other emits nothing after
+/// the cut (beyond what its peer had acknowledged before it).
+fn partition_trials(tag: &str, lock_for: impl Fn(&Path) -> String, trials: usize) {
+    for trial in 0..trials {
+        let dir = scratch(&format!("fo-part-{tag}-{trial}"));
+        let hosts = Hosts::new(&format!("pt{trial}{}", &tag[..1]), 3);
+        // With etcd, the lock service runs on host 2, reached over the storage network.
+        let etcd = (tag == "etcd").then(|| Etcd::start(&hosts, 2, &dir));
+        let lock = match &etcd {
+            Some(e) => format!("etcd:{}/ftvmm/trial{trial}", e.endpoint),
+            None => lock_for(&dir),
+        };
+        let pair = tiny_pair(&hosts, &dir, lock);
+        let p = pair.primary_on(0, &[]);
+        wait_listening(&p);
+        let b = pair.backup_on(1, 0, &[]);
+        wait_attached(&p, 1);
+        let wait_ms = 300 + (trial as u64 * 977) % 2500;
+        std::thread::sleep(Duration::from_millis(wait_ms));
+        hosts.cut(1);
+        let (p, b) = (
+            p.wait(Duration::from_secs(60)),
+            b.wait(Duration::from_secs(60)),
+        );
+        let live: Vec<&Run> = [&p, &b].into_iter().filter(|r| r.code() == 0).collect();
+        assert_eq!(
+            live.len(),
+            1,
+            "trial {trial}: not exactly one live side\n--- primary ({}) ---\n{}\n--- backup ({}) ---\n{}",
+            p.code(),
+            p.stderr,
+            b.code(),
+            b.stderr
+        );
+        let loser = if p.code() == 0 { &b } else { &p };
+        assert_eq!(loser.code(), 5, "trial {trial}: {}", loser.stderr);
+        if p.code() == 0 {
+            // The primary went on: its stream alone is complete; the backup emitted nothing.
+            assert!(
+                b.stdout.is_empty(),
+                "trial {trial}: the losing backup emitted output"
+            );
+            assert_ticks_across(&p.stdout, "", 1000);
+        } else {
+            assert_ticks_across(&p.stdout, &b.stdout, 1000);
+        }
+        drop(etcd);
+    }
+}
+
+#[test]
+fn a_partition_leaves_exactly_one_live_side_file_lock() {
+    partition_trials("file", file_lock, 3);
+}
+
+#[test]
+fn a_partition_leaves_exactly_one_live_side_etcd_lock() {
+    partition_trials("etcd", |_| String::new(), 3);
+}
+
+#[test]
+fn reprotect_and_fail_over_three_times_in_a_row() {
+    let dir = scratch("fo-thrice");
+    let hosts = Hosts::new("tr", 4);
+    let pair = tiny_pair(&hosts, &dir, file_lock(&dir));
+    let mut live = pair.primary_on(0, &[]);
+    wait_listening(&live);
+    let mut host = 0;
+    // What the client has seen so far, across every primary.
+    let mut client = String::new();
+    for round in 1..=3 {
+        let next = round % 4;
+        let b = pair.backup_on(next, host, &[]);
+        wait_attached(&live, 1);
+        std::thread::sleep(Duration::from_millis(800));
+        live.signal(libc::SIGKILL);
+        let dead = live.wait(Duration::from_secs(10));
+        client = joins(&client, &dead.stdout)
+            .into_iter()
+            .find(|s| ticks_upto(s).is_some())
+            .unwrap_or_else(|| {
+                panic!(
+                    "round {round}: a gap before the failover:\n{client}\n---\n{}",
+                    dead.stdout
+                )
+            });
+        wait_live(&b);
+        assert!(
+            b.stderr().contains(&format!("at epoch {}", round + 1)),
+            "round {round}: {}",
+            b.stderr()
+        );
+        live = b;
+        host = next;
+    }
+    let last = live.wait(Duration::from_secs(60));
+    last.assert_code(0);
+    assert_ticks_across(&client, &last.stdout, 1000);
+}
+
+#[test]
+fn a_corrupt_or_missing_lock_stops_the_side_that_needs_it_and_is_not_overwritten() {
+    let dir = scratch("fo-badlock");
+    let hosts = Hosts::new("bl", 2);
+    let lock_path = dir.join("pair.lock");
+    // A primary refuses to start on a corrupt lock block, and leaves it as it is.
+    std::fs::write(&lock_path, vec![0x42u8; 512]).unwrap();
+    let pair = tiny_pair(&hosts, &dir, file_lock(&dir));
+    let p = pair.primary_on(0, &[]).wait(Duration::from_secs(30));
+    p.assert_code(2);
+    assert!(p.stderr.contains("corrupt"), "{}", p.stderr);
+    assert!(p.stdout.is_empty());
+    assert_eq!(std::fs::read(&lock_path).unwrap(), vec![0x42u8; 512]);
+    // A pair whose lock is corrupted under it: the backup that finds it so after the primary
+    // dies says so, emits nothing, and overwrites nothing.
+    std::fs::remove_file(&lock_path).unwrap();
+    let p = pair.primary_on(0, &[]);
+    wait_listening(&p);
+    let b = pair.backup_on(1, 0, &[]);
+    wait_attached(&p, 1);
+    std::thread::sleep(Duration::from_millis(500));
+    std::fs::write(&lock_path, vec![0x17u8; 512]).unwrap();
+    p.signal(libc::SIGKILL);
+    let _ = p.wait(Duration::from_secs(10));
+    let b = b.wait(Duration::from_secs(30));
+    assert_eq!(b.code(), 5, "{}", b.stderr);
+    assert!(b.stderr.contains("corrupt"), "{}", b.stderr);
+    assert!(
+        b.stdout.is_empty(),
+        "the backup emitted output: {}",
+        b.stdout
+    );
+    assert_eq!(std::fs::read(&lock_path).unwrap(), vec![0x17u8; 512]);
+    // Unreachable: the lock file is gone.
+    std::fs::remove_file(&lock_path).unwrap();
+    let p = pair.primary_on(0, &[]);
+    wait_listening(&p);
+    let b = pair.backup_on(1, 0, &[]);
+    wait_attached(&p, 1);
+    std::thread::sleep(Duration::from_millis(500));
+    std::fs::remove_file(&lock_path).unwrap();
+    p.signal(libc::SIGKILL);
+    let _ = p.wait(Duration::from_secs(10));
+    let b = b.wait(Duration::from_secs(30));
+    assert_eq!(b.code(), 5, "{}", b.stderr);
+    assert!(b.stderr.contains("unreachable"), "{}", b.stderr);
+    assert!(b.stdout.is_empty());
+    assert!(
+        !lock_path.exists(),
+        "the backup created a lock it could not win"
+    );
+}
+
+/// A real etcd (Debian's etcd-server) on a simulated host, listening on its storage-network
+/// address, its data in the test's scratch directory; stopped (by PID) on drop.
+struct Etcd {
+    child: std::process::Child,
+    endpoint: String,
+}
+
+impl Etcd {
+    fn start(hosts: &Hosts, host: usize, dir: &Path) -> Etcd {
+        let bin = ["/usr/bin/etcd", "/usr/local/bin/etcd"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .expect("etcd not installed: scripts/test installs etcd-server (apt-get install etcd-server)");
+        let addr = hosts.storage_addr(host);
+        let endpoint = format!("{addr}:2379");
+        let peer = format!("http://{addr}:2380");
+        let child = std::process::Command::new("ip")
+            .args(["netns", "exec", hosts.ns(host), bin])
+            .args([
+                "--name",
+                "ftvmm-test",
+                "--data-dir",
+                dir.join("etcd").to_str().unwrap(),
+            ])
+            .args(["--listen-client-urls", &format!("http://{endpoint}")])
+            .args(["--advertise-client-urls", &format!("http://{endpoint}")])
+            .args(["--listen-peer-urls", &peer])
+            .args(["--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", &format!("ftvmm-test={peer}")])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(dir.join("etcd.log")).expect("etcd log"))
+            .spawn()
+            .expect("start etcd");
+        let etcd = Etcd {
+            child,
+            endpoint: endpoint.clone(),
+        };
+        // Wait until it answers, from inside its namespace.
+        let start = Instant::now();
+        loop {
+            let ok = std::process::Command::new("ip")
+                .args(["netns", "exec", hosts.ns(host), "bash", "-c"])
+                .arg(format!("exec 3<>/dev/tcp/{addr}/2379"))
+                .stderr(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if ok {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "etcd did not start"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        etcd
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+// --- Linux workloads ----------------------------------------------------------------------
+
+fn linux_pair<'h>(hosts: &'h Hosts, dir: &Path, disk: &Path) -> Option<Pair<'h>> {
+    let (k, i) = linux_images()?;
+    Some(Pair {
+        hosts,
+        key: key_file(dir, "key", 22),
+        lock: file_lock(dir),
+        machine: [
+            "--kernel",
+            k.to_str().unwrap(),
+            "--initrd",
+            i.to_str().unwrap(),
+            "--cmdline",
+            LINUX_CMDLINE,
+            "--disk",
+            disk.to_str().unwrap(),
+        ]
+        .map(String::from)
+        .to_vec(),
+        extra: vec![],
+    })
+}
+
+fn trials() -> usize {
+    std::env::var("FTVMM_FAILOVER_TRIALS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10)
+}
+
+/// Numbers `n` of `prefix<n>` lines, in order of appearance (lines cut short are skipped).
+fn numbers(out: &str, prefix: &str, suffix: &str) -> Vec<u64> {
+    out.split('\n')
+        .filter_map(|l| {
+            l.trim_end_matches('\r')
+                .strip_prefix(prefix)?
+                .strip_suffix(suffix)?
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
+fn consecutive(v: &[u64]) -> bool {
+    v.windows(2).all(|w| w[1] == w[0] + 1)
+}
+
+/// One failover trial on the Linux guest: the workload runs, the primary's host dies at a
+/// random moment, the backup carries on. Returns (before, after) serial output.
+fn linux_trial(
+    tag: &str,
+    trial: usize,
+    command: &str,
+    progress: &str,
+    after_lines: usize,
+) -> Option<(String, String, PathBuf)> {
+    let ready = linux_ready()?;
+    let dir = scratch(&format!("fo-linux-{tag}-{trial}"));
+    let disk = dir.join("disk.img");
+    std::fs::copy(&ready.disk, &disk).unwrap();
+    let hosts = Hosts::new(&format!("l{}{trial}", &tag[..1]), 2);
+    let pair = linux_pair(&hosts, &dir, &disk)?;
+    let snap = ready.snapshot.to_str().unwrap().to_string();
+    let mut p = pair.primary_on(0, &["--restore", &snap, "--serial-input", "-"]);
+    wait_listening(&p);
+    let b = pair.backup_on(1, 0, &["--serial-input", "none"]);
+    wait_attached(&p, 1);
+    p.type_input(format!("{command}\n").as_bytes());
+    assert!(
+        p.wait_stdout(progress, Duration::from_secs(300)),
+        "trial {trial}: the workload never started:\n{}",
+        p.stdout()
+    );
+    // A random moment: 0-3 s after the workload showed progress.
+    let ms = (trial as u64 * 7919 + std::process::id() as u64) % 3000;
+    std::thread::sleep(Duration::from_millis(ms));
+    p.signal(libc::SIGKILL);
+    let p = p.wait(Duration::from_secs(10));
+    wait_live(&b);
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(300) {
+        if b.stdout().matches('\n').count() >= after_lines {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    b.signal(libc::SIGKILL);
+    let b = b.wait(Duration::from_secs(10));
+    Some((p.stdout, b.stdout, disk))
+}
+
+#[test]
+fn linux_counter_survives_the_primary_host_dying_at_random_moments() {
+    for trial in 0..trials() {
+        let Some((before, after, _)) =
+            linux_trial("counter", trial, "/workloads/counter", "n=3\r\n", 12)
+        else {
+            return;
+        };
+        let ok = joins(&before, &after).iter().any(|s| {
+            let n = numbers(s, "n=", "");
+            !n.is_empty()
+                && n[0] == 1
+                && consecutive(&n)
+                && n.len() >= numbers(&before, "n=", "").len() + 5
+        });
+        assert!(
+            ok,
+            "trial {trial}: the counter has a gap, a wrong value or stopped\n--- before ---\n{before}\n--- after ---\n{after}"
+        );
+    }
+}
+
+/// The records on the disk: record n at sector n-1, valid, in order.
+fn records_on_disk(disk: &Path) -> u64 {
+    let data = std::fs::read(disk).unwrap();
+    let mut n = 0;
+    for sector in data.chunks(512) {
+        let line = String::from_utf8_lossy(sector);
+        let line = line.trim_end_matches('\0');
+        if !line.starts_with(&format!("FTVMMREC {} ", n + 1)) {
+            break;
+        }
+        n += 1;
+    }
+    n
+}
+
+#[test]
+fn linux_diskwrite_survives_the_primary_host_dying_and_keeps_every_synced_record() {
+    for trial in 0..trials() {
+        let Some((before, after, disk)) = linux_trial(
+            "diskwrite",
+            trial,
+            "/workloads/diskwrite",
+            "record 1 synced\r\n",
+            2,
+        ) else {
+            return;
+        };
+        let seen = joins(&before, &after)
+            .iter()
+            .map(|s| numbers(s, "record ", " synced"))
+            .find(|n| !n.is_empty() && n[0] == 1 && consecutive(n));
+        let Some(seen) = seen else {
+            panic!("trial {trial}: the client's record lines have a gap\n--- before ---\n{before}\n--- after ---\n{after}");
+        };
+        let last_seen = *seen.last().unwrap();
+        let on_disk = records_on_disk(&disk);
+        assert!(
+            on_disk >= last_seen,
+            "trial {trial}: the client saw record {last_seen} synced, the disk holds 1..{on_disk}"
+        );
+    }
+}
