@@ -6,7 +6,7 @@
 //! | --- | --- | --- |
 //! | 0x000 | MagicValue | "virt" (0x74726976) |
 //! | 0x004 | Version | 2 |
-//! | 0x008 | DeviceID | from the device (2 = block) |
+//! | 0x008 | DeviceID | from the device (1 = net, 2 = block) |
 //! | 0x00c | VendorID | "FTVM" (0x4654564d) |
 //! | 0x010 / 0x014 | DeviceFeatures / DeviceFeaturesSel | 32 feature bits per page |
 //! | 0x020 / 0x024 | DriverFeatures / DriverFeaturesSel | ignored after FEATURES_OK |
@@ -28,6 +28,11 @@
 //! than a queue ahead, a used ring it cannot write) puts the device in the DEVICE_NEEDS_RESET
 //! state with a configuration change interrupt; it then ignores notifications until the driver
 //! resets it.
+//!
+//! A device may also complete buffers outside a notification, when the VMM pushes an input
+//! into it (a received network frame): [`VirtioMmio::with_queue`] gives it the queue under the
+//! same conditions, raises the used-buffer interrupt for what it completed and puts the device
+//! in DEVICE_NEEDS_RESET if the ring is broken.
 
 use serde::{Deserialize, Serialize};
 use virtio_bindings::virtio_config::{
@@ -51,6 +56,7 @@ use virtio_queue::{Queue, QueueState, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 
 use super::block::{VirtioBlk, VirtioBlkState};
+use super::net::{VirtioNet, VirtioNetState};
 use super::{DiskBackend, QueueSnapshot, VirtioDevice, VirtioError};
 use crate::GuestMemoryMmap;
 
@@ -136,6 +142,9 @@ pub struct VirtioMmioState<S> {
 /// The saved state of [`MmioBlock`].
 pub type MmioBlockState = VirtioMmioState<VirtioBlkState>;
 
+/// The saved state of [`MmioNet`].
+pub type MmioNetState = VirtioMmioState<VirtioNetState>;
+
 /// A virtio device `D` on the virtio-mmio transport.
 #[derive(Debug)]
 pub struct VirtioMmio<D: VirtioDevice> {
@@ -160,6 +169,10 @@ impl MmioBlock {
         VirtioMmio::with_device(VirtioBlk::new(disk, read_only))
     }
 }
+
+/// virtio-net on virtio-mmio: the device in a virtio-mmio slot (its own methods are in
+/// [`super::net`]).
+pub type MmioNet = VirtioMmio<VirtioNet>;
 
 fn new_queue(max_size: u16) -> Queue {
     match Queue::new(max_size) {
@@ -196,6 +209,69 @@ impl<D: VirtioDevice> VirtioMmio<D> {
     /// The device behind the transport.
     pub fn device(&self) -> &D {
         &self.device
+    }
+
+    /// The device behind the transport, to take what it produced (e.g. transmitted frames).
+    pub fn device_mut(&mut self) -> &mut D {
+        &mut self.device
+    }
+
+    /// Whether queue `index` can be used now: FEATURES_OK and DRIVER_OK set, the device not
+    /// failed or needing reset, the queue ready and its rings inside guest memory.
+    pub fn queue_usable(&self, index: usize, mem: &GuestMemoryMmap) -> bool {
+        self.status & (DRIVER_OK | FEATURES_OK) == DRIVER_OK | FEATURES_OK
+            && self.status & (NEEDS_RESET | FAILED) == 0
+            && self
+                .queues
+                .get(index)
+                .is_some_and(|q| q.ready() && q.is_valid(mem))
+    }
+
+    /// Queue `index`, to look at (e.g. whether the driver has posted buffers).
+    pub fn queue(&self, index: usize) -> Option<&Queue> {
+        self.queues.get(index)
+    }
+
+    /// Lets the device use queue `index` outside a notification, for an input the VMM pushes
+    /// (a received frame). `f` gets the device, the queue and guest memory and returns its
+    /// result and how many buffers it added to the used ring; the transport raises the
+    /// used-buffer interrupt for them unless the driver suppressed it.
+    ///
+    /// `Ok(None)`: the queue cannot be used now (no DRIVER_OK, needs reset, not ready) and `f`
+    /// did not run. `Err`: the ring is broken (its rings are outside guest memory, or `f`
+    /// failed): the device goes to DEVICE_NEEDS_RESET, as for a notification.
+    pub fn with_queue<R>(
+        &mut self,
+        index: usize,
+        mem: &GuestMemoryMmap,
+        f: impl FnOnce(&mut D, &mut Queue, &GuestMemoryMmap) -> Result<(R, u32), VirtioError>,
+    ) -> Result<Option<R>, VirtioError> {
+        if self.status & (DRIVER_OK | FEATURES_OK) != DRIVER_OK | FEATURES_OK
+            || self.status & (NEEDS_RESET | FAILED) != 0
+        {
+            return Ok(None);
+        }
+        let Some(queue) = self.queues.get_mut(index).filter(|q| q.ready()) else {
+            return Ok(None);
+        };
+        if !queue.is_valid(mem) {
+            let e = VirtioError::RingsOutsideMemory { queue: index };
+            self.needs_reset(&e);
+            return Err(e);
+        }
+        match f(&mut self.device, queue, mem) {
+            Ok((r, used)) => {
+                if used > 0 && !Self::interrupt_suppressed(queue, mem) {
+                    self.interrupt_status |= VIRTIO_MMIO_INT_VRING;
+                }
+                Ok(Some(r))
+            }
+            Err(e) => {
+                self.interrupt_status |= VIRTIO_MMIO_INT_VRING;
+                self.needs_reset(&e);
+                Err(e)
+            }
+        }
     }
 
     /// The device status register.

@@ -4,16 +4,22 @@
 //!   file, feature negotiation, the device status state machine, the split virtqueues
 //!   (`virtio_queue::Queue`) and the interrupt status.
 //! - [`block`]: virtio-blk ([`VirtioBlk`]) over a [`DiskBackend`].
+//! - [`net`]: virtio-net ([`VirtioNet`]): frames the guest transmits are collected for the VMM
+//!   to take; frames the VMM pushes are written into the guest's receive buffers.
 //!
-//! [`MmioBlock`] is the virtio-blk device on its transport, what the VMM puts in a slot.
+//! [`MmioBlock`] and [`MmioNet`] are the devices on their transport, what the VMM puts in a
+//! slot.
 //!
-//! Requests are processed synchronously, inside the guest's `QueueNotify` write, so the device
-//! adds no non-determinism of its own: the only input it reads besides guest memory is the
-//! disk, through the backend. Guest memory is written only through vm-memory, so the dirty
+//! Requests are processed synchronously, inside the guest's `QueueNotify` write, so the devices
+//! add no non-determinism of their own: the only inputs they read besides guest memory are the
+//! disk, through the backend, and the received frames, which the VMM hands to
+//! [`MmioNet::receive`] at a moment it chooses (for fault tolerance, an input logged at an
+//! exit). Guest memory is written only through vm-memory, so the dirty
 //! bitmap of the VMM's `GuestMemoryMmap` records every page a device writes.
 
 pub mod block;
 pub mod mmio;
+pub mod net;
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -26,7 +32,8 @@ use virtio_queue::{Queue, QueueState};
 use crate::GuestMemoryMmap;
 
 pub use block::{VirtioBlk, VirtioBlkState};
-pub use mmio::{MmioBlock, MmioBlockState, VirtioMmio, VirtioMmioState};
+pub use mmio::{MmioBlock, MmioBlockState, MmioNet, MmioNetState, VirtioMmio, VirtioMmioState};
+pub use net::{VirtioNet, VirtioNetState};
 
 /// Errors of the virtio transport and queue handling.
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +53,12 @@ pub enum VirtioError {
         queue: usize,
         /// What virtio-queue found.
         source: virtio_queue::Error,
+    },
+    /// A ready queue whose rings are not inside guest memory.
+    #[error("virtqueue {queue}: its rings are not inside guest memory")]
+    RingsOutsideMemory {
+        /// Queue index.
+        queue: usize,
     },
     /// A saved queue state is invalid.
     #[error("saved state of virtqueue {queue} is invalid: {source}")]
@@ -131,7 +144,7 @@ pub trait VirtioDevice {
     /// The device's own saved state (the transport saves the queues and registers).
     type State: Clone + std::fmt::Debug + PartialEq + Serialize + for<'de> Deserialize<'de>;
 
-    /// The virtio device ID (2 = block).
+    /// The virtio device ID (1 = net, 2 = block).
     fn device_id(&self) -> u32;
     /// The maximum size of each of the device's queues (a power of two).
     fn queue_max_sizes(&self) -> &[u16];

@@ -1,4 +1,4 @@
-//! virtio-mmio + virtio-blk tests: a driver written by hand against guest memory.
+//! virtio-mmio + virtio-blk + virtio-net tests: a driver written by hand against guest memory.
 
 use std::io;
 use std::path::PathBuf;
@@ -119,17 +119,17 @@ impl DiskBackend for BrokenDisk {
     }
 }
 
-fn r32(dev: &mut MmioBlock, mem: &GuestMemoryMmap, offset: u64) -> u32 {
+fn r32<D: VirtioDevice>(dev: &mut VirtioMmio<D>, mem: &GuestMemoryMmap, offset: u64) -> u32 {
     let mut b = [0u8; 4];
     dev.mmio_read(offset, &mut b, mem);
     u32::from_le_bytes(b)
 }
 
-fn w32(dev: &mut MmioBlock, mem: &GuestMemoryMmap, offset: u64, v: u32) {
+fn w32<D: VirtioDevice>(dev: &mut VirtioMmio<D>, mem: &GuestMemoryMmap, offset: u64, v: u32) {
     dev.mmio_write(offset, &v.to_le_bytes(), mem);
 }
 
-fn features(dev: &mut MmioBlock, mem: &GuestMemoryMmap) -> u64 {
+fn features<D: VirtioDevice>(dev: &mut VirtioMmio<D>, mem: &GuestMemoryMmap) -> u64 {
     w32(dev, mem, R_DEV_FEATURES_SEL, 0);
     let lo = r32(dev, mem, R_DEV_FEATURES);
     w32(dev, mem, R_DEV_FEATURES_SEL, 1);
@@ -768,4 +768,563 @@ fn restored_device_behaves_identically() {
     assert_eq!(b.state(), a.state(), "try_restore changed nothing");
     b.restore(&bad);
     assert_eq!(b.status(), 0);
+}
+
+/// virtio-net: queue 0 (receiveq) at DESC/AVAIL/USED, queue 1 (transmitq) at the TX_* rings.
+mod net {
+    use super::*;
+    use crate::virtio::net::{MAX_FRAME_LEN, NET_HDR_LEN};
+
+    const MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
+    const TX_DESC: u64 = 0x4000;
+    const TX_AVAIL: u64 = 0x5000;
+    const TX_USED: u64 = 0x6000;
+    const RX_BUF: u64 = 0x2_0000;
+    const TX_BUF: u64 = 0x4_0000;
+    const F_MRG_RXBUF: u64 = 1 << 15;
+
+    /// The driver side of one queue of the net device.
+    struct NetQueue {
+        desc: u64,
+        avail: u64,
+        used: u64,
+        next_desc: u16,
+        avail_idx: u16,
+    }
+
+    impl NetQueue {
+        fn rx() -> Self {
+            NetQueue {
+                desc: DESC,
+                avail: AVAIL,
+                used: USED,
+                next_desc: 0,
+                avail_idx: 0,
+            }
+        }
+
+        fn tx() -> Self {
+            NetQueue {
+                desc: TX_DESC,
+                avail: TX_AVAIL,
+                used: TX_USED,
+                next_desc: 0,
+                avail_idx: 0,
+            }
+        }
+
+        /// Puts a chain of (addr, len, device-writable) buffers in the table; returns its head.
+        fn chain(&mut self, mem: &GuestMemoryMmap, bufs: &[(u64, u32, bool)]) -> u16 {
+            let head = self.next_desc;
+            for (k, &(addr, len, write)) in bufs.iter().enumerate() {
+                let i = (head + k as u16) % QSIZE;
+                let last = k + 1 == bufs.len();
+                let flags = if write { F_WRITE } else { 0 } | if last { 0 } else { F_NEXT };
+                Driver::write_desc(mem, self.desc, i, addr, len, flags, (i + 1) % QSIZE);
+            }
+            self.next_desc = (head + bufs.len() as u16) % QSIZE;
+            head
+        }
+
+        fn offer(&mut self, mem: &GuestMemoryMmap, head: u16) {
+            let slot = self.avail + 4 + 2 * u64::from(self.avail_idx % QSIZE);
+            mem.write_obj(head, GuestAddress(slot)).unwrap();
+            self.avail_idx = self.avail_idx.wrapping_add(1);
+            mem.write_obj(self.avail_idx, GuestAddress(self.avail + 2))
+                .unwrap();
+        }
+
+        fn used_idx(&self, mem: &GuestMemoryMmap) -> u16 {
+            mem.read_obj(GuestAddress(self.used + 2)).unwrap()
+        }
+
+        fn used_elem(&self, mem: &GuestMemoryMmap, i: u16) -> (u32, u32) {
+            let at = self.used + 4 + 8 * u64::from(i % QSIZE);
+            (
+                mem.read_obj(GuestAddress(at)).unwrap(),
+                mem.read_obj(GuestAddress(at + 4)).unwrap(),
+            )
+        }
+    }
+
+    /// What Linux's virtio_net probe does: VERSION_1 | MAC | INDIRECT_DESC, both queues.
+    fn net_init(dev: &mut MmioNet, mem: &GuestMemoryMmap) {
+        assert_eq!(r32(dev, mem, R_DEVICE_ID), 1);
+        w32(dev, mem, R_STATUS, 0);
+        w32(dev, mem, R_STATUS, S_ACK);
+        w32(dev, mem, R_STATUS, S_ACK | S_DRIVER);
+        let f = features(dev, mem);
+        w32(dev, mem, R_DRV_FEATURES_SEL, 0);
+        w32(dev, mem, R_DRV_FEATURES, f as u32);
+        w32(dev, mem, R_DRV_FEATURES_SEL, 1);
+        w32(dev, mem, R_DRV_FEATURES, (f >> 32) as u32);
+        w32(dev, mem, R_STATUS, S_ACK | S_DRIVER | S_FEATURES_OK);
+        assert_ne!(r32(dev, mem, R_STATUS) & S_FEATURES_OK, 0);
+        for (q, (desc, avail, used)) in [(DESC, AVAIL, USED), (TX_DESC, TX_AVAIL, TX_USED)]
+            .into_iter()
+            .enumerate()
+        {
+            w32(dev, mem, R_QUEUE_SEL, q as u32);
+            assert_eq!(r32(dev, mem, R_QUEUE_NUM_MAX), 256);
+            w32(dev, mem, R_QUEUE_NUM, u32::from(QSIZE));
+            w32(dev, mem, R_DESC_LOW, desc as u32);
+            w32(dev, mem, R_DESC_HIGH, 0);
+            w32(dev, mem, R_DRIVER_LOW, avail as u32);
+            w32(dev, mem, R_DRIVER_HIGH, 0);
+            w32(dev, mem, R_DEVICE_LOW, used as u32);
+            w32(dev, mem, R_DEVICE_HIGH, 0);
+            w32(dev, mem, R_QUEUE_READY, 1);
+        }
+        w32(
+            dev,
+            mem,
+            R_STATUS,
+            S_ACK | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK,
+        );
+    }
+
+    fn ready_net() -> (MmioNet, GuestMemoryMmap, NetQueue, NetQueue) {
+        let mem = memory();
+        let mut dev = MmioNet::new(MAC);
+        net_init(&mut dev, &mem);
+        (dev, mem, NetQueue::rx(), NetQueue::tx())
+    }
+
+    /// A frame of `len` bytes: destination MAC, source MAC, ethertype, then a pattern.
+    fn frame(len: usize, seed: u8) -> Vec<u8> {
+        let mut f: Vec<u8> = (0..len)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+            .collect();
+        f[..6].copy_from_slice(&MAC);
+        f[6..12].copy_from_slice(&[0x52, 0x54, 0, 0, 0, seed]);
+        f[12..14].copy_from_slice(&[0x08, 0x00]);
+        f
+    }
+
+    /// Writes a 12-byte header of junk (the device ignores it) and `frame` at `at`.
+    fn put_tx(mem: &GuestMemoryMmap, at: u64, frame: &[u8]) {
+        mem.write_slice(&[0xa5; NET_HDR_LEN], GuestAddress(at))
+            .unwrap();
+        mem.write_slice(frame, GuestAddress(at + NET_HDR_LEN as u64))
+            .unwrap();
+    }
+
+    fn notify_tx(dev: &mut MmioNet, mem: &GuestMemoryMmap) {
+        w32(dev, mem, R_NOTIFY, 1);
+    }
+
+    fn read(mem: &GuestMemoryMmap, at: u64, len: usize) -> Vec<u8> {
+        let mut v = vec![0u8; len];
+        mem.read_slice(&mut v, GuestAddress(at)).unwrap();
+        v
+    }
+
+    #[test]
+    fn identification_features_and_mac() {
+        let mem = memory();
+        let mut dev = MmioNet::new(MAC);
+        assert_eq!(dev.mac(), MAC);
+        assert_eq!(r32(&mut dev, &mem, R_DEVICE_ID), 1);
+        assert_eq!(features(&mut dev, &mem), 1 << 32 | 1 << 28 | 1 << 5);
+        // The MAC, as Linux reads it (byte by byte) and in wider accesses.
+        for (i, &b) in MAC.iter().enumerate() {
+            let mut one = [0u8; 1];
+            dev.mmio_read(R_CONFIG + i as u64, &mut one, &mem);
+            assert_eq!(one[0], b);
+        }
+        let mut eight = [0xffu8; 8];
+        dev.mmio_read(R_CONFIG, &mut eight, &mem);
+        assert_eq!(eight, [0x52, 0x54, 0x00, 0x12, 0x34, 0x56, 0, 0]);
+        // Read-only: writes are ignored.
+        dev.mmio_write(R_CONFIG, &[0; 6], &mem);
+        dev.mmio_read(R_CONFIG, &mut eight, &mem);
+        assert_eq!(eight[..6], MAC);
+        // Two queues of 256, no third.
+        for q in 0..3 {
+            w32(&mut dev, &mem, R_QUEUE_SEL, q);
+            let max = if q < 2 { 256 } else { 0 };
+            assert_eq!(r32(&mut dev, &mem, R_QUEUE_NUM_MAX), max, "queue {q}");
+        }
+        // Mergeable buffers (not offered): refused.
+        w32(&mut dev, &mem, R_STATUS, S_ACK | S_DRIVER);
+        w32(&mut dev, &mem, R_DRV_FEATURES_SEL, 0);
+        w32(
+            &mut dev,
+            &mem,
+            R_DRV_FEATURES,
+            (1 << 5 | F_MRG_RXBUF) as u32,
+        );
+        w32(&mut dev, &mem, R_DRV_FEATURES_SEL, 1);
+        w32(&mut dev, &mem, R_DRV_FEATURES, 1);
+        w32(&mut dev, &mem, R_STATUS, S_ACK | S_DRIVER | S_FEATURES_OK);
+        assert_eq!(r32(&mut dev, &mem, R_STATUS) & S_FEATURES_OK, 0);
+        // Everything offered: accepted.
+        net_init(&mut dev, &mem);
+        assert_eq!(
+            dev.state().device.acked_features,
+            1 << 32 | 1 << 28 | 1 << 5
+        );
+        assert_eq!(dev.status() & S_DRIVER_OK, S_DRIVER_OK);
+        // A reset forgets the features.
+        w32(&mut dev, &mem, R_STATUS, 0);
+        assert_eq!(dev.state().device.acked_features, 0);
+    }
+
+    #[test]
+    fn transmit_one_frame() {
+        let (mut dev, mem, _rx, mut tx) = ready_net();
+        let f = frame(60, 1);
+        put_tx(&mem, TX_BUF, &f);
+        let head = tx.chain(&mem, &[(TX_BUF, (NET_HDR_LEN + 60) as u32, false)]);
+        tx.offer(&mem, head);
+        notify_tx(&mut dev, &mem);
+        assert_eq!(tx.used_idx(&mem), 1);
+        assert_eq!(tx.used_elem(&mem, 0), (u32::from(head), 0));
+        assert!(dev.irq_level());
+        assert_eq!(dev.take_tx(), vec![f]);
+        assert!(dev.take_tx().is_empty(), "taken once");
+        assert_eq!(dev.status() & S_NEEDS_RESET, 0);
+    }
+
+    #[test]
+    fn transmit_several_frames_split_and_indirect() {
+        let (mut dev, mem, _rx, mut tx) = ready_net();
+        // A: header and frame in one descriptor.
+        let a = frame(100, 2);
+        put_tx(&mem, TX_BUF, &a);
+        let head = tx.chain(&mem, &[(TX_BUF, 112, false)]);
+        tx.offer(&mem, head);
+        // B: the header split over two descriptors, the frame over three.
+        let b = frame(3000, 3);
+        let base = TX_BUF + 0x1000;
+        put_tx(&mem, base, &b);
+        let head = tx.chain(
+            &mem,
+            &[
+                (base, 5, false),
+                (base + 5, 7, false),
+                (base + 12, 20, false),
+                (base + 32, 1000, false),
+                (base + 1032, 1980, false),
+            ],
+        );
+        tx.offer(&mem, head);
+        // C: through an indirect table (header, then the frame in two pieces).
+        let c = frame(1514, 4);
+        let base = TX_BUF + 0x3000;
+        put_tx(&mem, base, &c);
+        let table = 0x9000;
+        Driver::write_desc(&mem, table, 0, base, 12, F_NEXT, 1);
+        Driver::write_desc(&mem, table, 1, base + 12, 14, F_NEXT, 2);
+        Driver::write_desc(&mem, table, 2, base + 26, 1500, 0, 0);
+        let head = tx.next_desc;
+        Driver::write_desc(&mem, TX_DESC, head, table, 48, F_INDIRECT, 0);
+        tx.next_desc += 1;
+        tx.offer(&mem, head);
+        // D: the largest frame.
+        let d = frame(MAX_FRAME_LEN, 5);
+        let base = TX_BUF + 0x1_0000;
+        put_tx(&mem, base, &d);
+        let head = tx.chain(&mem, &[(base, (NET_HDR_LEN + MAX_FRAME_LEN) as u32, false)]);
+        tx.offer(&mem, head);
+
+        notify_tx(&mut dev, &mem);
+        assert_eq!(tx.used_idx(&mem), 4);
+        for i in 0..4 {
+            assert_eq!(tx.used_elem(&mem, i).1, 0);
+        }
+        assert_eq!(dev.take_tx(), vec![a, b, c, d]);
+    }
+
+    #[test]
+    fn receive_into_posted_buffer() {
+        let (mut dev, mem, mut rx, _tx) = ready_net();
+        assert!(!dev.rx_ready(&mem), "no buffer posted yet");
+        mem.write_slice(&[0xee; 0x2000], GuestAddress(RX_BUF))
+            .unwrap();
+        // Split: 12 bytes for the header, then room for a full frame elsewhere.
+        let head = rx.chain(&mem, &[(RX_BUF, 12, true), (RX_BUF + 0x1000, 1514, true)]);
+        rx.offer(&mem, head);
+        w32(&mut dev, &mem, R_NOTIFY, 0);
+        assert!(!dev.irq_level(), "posting buffers completes nothing");
+        assert!(dev.rx_ready(&mem));
+        let f = frame(100, 6);
+        assert!(dev.receive(&f, &mem).unwrap());
+        let mut hdr = [0u8; 12];
+        hdr[10] = 1;
+        assert_eq!(
+            read(&mem, RX_BUF, 12),
+            hdr,
+            "zeroed header, num_buffers = 1"
+        );
+        assert_eq!(read(&mem, RX_BUF + 0x1000, 100), f);
+        assert_eq!(
+            read(&mem, RX_BUF + 0x1000 + 100, 1),
+            [0xee],
+            "nothing beyond"
+        );
+        assert_eq!(rx.used_idx(&mem), 1);
+        assert_eq!(rx.used_elem(&mem, 0), (u32::from(head), 112));
+        assert_eq!(r32(&mut dev, &mem, R_INT_STATUS), 1);
+        assert!(!dev.rx_ready(&mem), "the only buffer is used");
+        assert!(!dev.receive(&f, &mem).unwrap(), "no buffer: dropped");
+        // Through the dirty bitmap, like every device write.
+        let region = mem.find_region(GuestAddress(0)).unwrap();
+        assert!(region.bitmap().dirty_at(RX_BUF as usize + 0x1000));
+
+        // One buffer for header and frame together; the driver suppresses interrupts.
+        w32(&mut dev, &mem, R_INT_ACK, 1);
+        mem.write_obj(1u16, GuestAddress(AVAIL)).unwrap();
+        let head = rx.chain(&mem, &[(RX_BUF + 0x2000, 1526, true)]);
+        rx.offer(&mem, head);
+        let g = frame(1514, 7);
+        assert!(dev.receive(&g, &mem).unwrap());
+        assert_eq!(read(&mem, RX_BUF + 0x2000, 12), hdr);
+        assert_eq!(read(&mem, RX_BUF + 0x2000 + 12, 1514), g);
+        assert_eq!(rx.used_elem(&mem, 1), (u32::from(head), 1526));
+        assert!(!dev.irq_level(), "VRING_AVAIL_F_NO_INTERRUPT honoured");
+    }
+
+    #[test]
+    fn receive_without_buffer_or_driver() {
+        let mem = memory();
+        let mut dev = MmioNet::new(MAC);
+        let f = frame(60, 8);
+        assert!(!dev.rx_ready(&mem));
+        assert!(!dev.receive(&f, &mem).unwrap(), "no driver");
+        net_init(&mut dev, &mem);
+        assert!(!dev.rx_ready(&mem));
+        assert!(!dev.receive(&f, &mem).unwrap(), "no buffer");
+        assert!(!dev.irq_level());
+        assert_eq!(used_idx(&mem), 0);
+        // Queue ready but DRIVER_OK not yet set.
+        let mut rx = NetQueue::rx();
+        let head = rx.chain(&mem, &[(RX_BUF, 2048, true)]);
+        rx.offer(&mem, head);
+        w32(&mut dev, &mem, R_STATUS, S_ACK | S_DRIVER | S_FEATURES_OK);
+        assert!(!dev.rx_ready(&mem));
+        assert!(!dev.receive(&f, &mem).unwrap());
+        assert_eq!(used_idx(&mem), 0);
+    }
+
+    #[test]
+    fn receive_too_small_buffer_keeps_it() {
+        let (mut dev, mem, mut rx, _tx) = ready_net();
+        let head = rx.chain(&mem, &[(RX_BUF, 60, true)]);
+        rx.offer(&mem, head);
+        // 12 + 49 > 60: dropped, the buffer stays available.
+        assert!(!dev.receive(&frame(49, 9), &mem).unwrap());
+        assert_eq!(rx.used_idx(&mem), 0);
+        assert!(!dev.irq_level());
+        assert!(dev.rx_ready(&mem));
+        // Frames outside 14..=65550 bytes are dropped before looking at the ring.
+        assert!(!dev.receive(&[0; 13], &mem).unwrap());
+        assert!(!dev.receive(&vec![0; MAX_FRAME_LEN + 1], &mem).unwrap());
+        // A frame that fits exactly goes into that same buffer.
+        let f = frame(48, 10);
+        assert!(dev.receive(&f, &mem).unwrap());
+        assert_eq!(rx.used_elem(&mem, 0), (u32::from(head), 60));
+        assert_eq!(read(&mem, RX_BUF + 12, 48), f);
+        assert_eq!(dev.status() & S_NEEDS_RESET, 0);
+    }
+
+    #[test]
+    fn broken_receive_buffers_are_returned_empty() {
+        let (mut dev, mem, mut rx, _tx) = ready_net();
+        // Device-readable: returned with length 0.
+        let bad = rx.chain(&mem, &[(RX_BUF, 2048, false)]);
+        rx.offer(&mem, bad);
+        // Outside guest memory.
+        let outside = rx.chain(&mem, &[(MEM_SIZE as u64 - 100, 2048, true)]);
+        rx.offer(&mem, outside);
+        // A loop.
+        let looped = rx.next_desc;
+        Driver::write_desc(&mem, DESC, looped, RX_BUF, 8, F_NEXT | F_WRITE, looped);
+        rx.next_desc += 1;
+        rx.offer(&mem, looped);
+        // A head beyond the queue: skipped, no used entry.
+        rx.offer(&mem, 300);
+        let good = rx.chain(&mem, &[(RX_BUF + 0x1000, 2048, true)]);
+        rx.offer(&mem, good);
+        let f = frame(64, 11);
+        for _ in 0..4 {
+            assert!(!dev.receive(&f, &mem).unwrap());
+        }
+        assert_eq!(rx.used_idx(&mem), 3);
+        for (i, head) in [bad, outside, looped].into_iter().enumerate() {
+            assert_eq!(rx.used_elem(&mem, i as u16), (u32::from(head), 0));
+        }
+        assert!(dev.receive(&f, &mem).unwrap());
+        assert_eq!(rx.used_elem(&mem, 3), (u32::from(good), 76));
+        assert_eq!(read(&mem, RX_BUF + 0x1000 + 12, 64), f);
+        assert_eq!(dev.status() & S_NEEDS_RESET, 0);
+    }
+
+    #[test]
+    fn broken_receive_ring_needs_reset() {
+        let (mut dev, mem, _rx, _tx) = ready_net();
+        mem.write_obj(1000u16, GuestAddress(AVAIL + 2)).unwrap();
+        assert!(dev.rx_ready(&mem));
+        assert!(dev.receive(&frame(60, 12), &mem).is_err());
+        assert_ne!(dev.status() & S_NEEDS_RESET, 0);
+        assert_eq!(r32(&mut dev, &mem, R_INT_STATUS) & 2, 2);
+        assert!(!dev.rx_ready(&mem));
+        assert!(
+            !dev.receive(&frame(60, 12), &mem).unwrap(),
+            "ignored until reset"
+        );
+        // Reset and start over.
+        mem.write_slice(&[0u8; 0x6000], GuestAddress(DESC)).unwrap();
+        net_init(&mut dev, &mem);
+        let mut rx = NetQueue::rx();
+        let head = rx.chain(&mem, &[(RX_BUF, 2048, true)]);
+        rx.offer(&mem, head);
+        assert!(dev.receive(&frame(60, 13), &mem).unwrap());
+    }
+
+    #[test]
+    fn bad_transmit_descriptors_are_dropped() {
+        let (mut dev, mem, _rx, mut tx) = ready_net();
+        let f = frame(60, 14);
+        put_tx(&mem, TX_BUF, &f);
+        // 0: a loop 0 -> 1 -> 0.
+        Driver::write_desc(&mem, TX_DESC, 0, TX_BUF, 12, F_NEXT, 1);
+        Driver::write_desc(&mem, TX_DESC, 1, TX_BUF + 12, 60, F_NEXT, 0);
+        tx.offer(&mem, 0);
+        // 2: a next index beyond the queue.
+        Driver::write_desc(&mem, TX_DESC, 2, TX_BUF, 12, F_NEXT, 200);
+        tx.offer(&mem, 2);
+        // 3: a device-writable descriptor.
+        Driver::write_desc(&mem, TX_DESC, 3, TX_BUF, 12, F_NEXT, 4);
+        Driver::write_desc(&mem, TX_DESC, 4, TX_BUF + 12, 60, F_WRITE, 0);
+        tx.offer(&mem, 3);
+        // 5: a buffer outside guest memory.
+        Driver::write_desc(&mem, TX_DESC, 5, TX_BUF, 12, F_NEXT, 6);
+        Driver::write_desc(&mem, TX_DESC, 6, MEM_SIZE as u64 - 30, 60, 0, 0);
+        tx.offer(&mem, 5);
+        // 7: too short: a header and 13 bytes.
+        Driver::write_desc(&mem, TX_DESC, 7, TX_BUF, 25, 0, 0);
+        tx.offer(&mem, 7);
+        // 8: shorter than a header.
+        Driver::write_desc(&mem, TX_DESC, 8, TX_BUF, 4, 0, 0);
+        tx.offer(&mem, 8);
+        // 9: a huge length (beyond 65550 bytes of frame, and beyond memory).
+        Driver::write_desc(&mem, TX_DESC, 9, TX_BUF, u32::MAX, 0, 0);
+        tx.offer(&mem, 9);
+        // 10: an indirect table of a length that is not a multiple of 16.
+        Driver::write_desc(&mem, TX_DESC, 10, 0x9000, 20, F_INDIRECT, 0);
+        tx.offer(&mem, 10);
+        // A head beyond the queue: no used entry.
+        tx.offer(&mem, 300);
+        tx.next_desc = 11;
+        notify_tx(&mut dev, &mem);
+        let heads = [0u32, 2, 3, 5, 7, 8, 9, 10];
+        assert_eq!(tx.used_idx(&mem), heads.len() as u16);
+        for (i, head) in heads.into_iter().enumerate() {
+            assert_eq!(tx.used_elem(&mem, i as u16), (head, 0));
+        }
+        assert!(dev.take_tx().is_empty(), "every frame dropped");
+        assert_eq!(dev.status() & S_NEEDS_RESET, 0);
+        // The device still works.
+        let head = tx.chain(&mem, &[(TX_BUF, 72, false)]);
+        tx.offer(&mem, head);
+        notify_tx(&mut dev, &mem);
+        assert_eq!(dev.take_tx(), vec![f]);
+        assert_eq!(tx.used_idx(&mem), heads.len() as u16 + 1);
+    }
+
+    #[test]
+    fn broken_transmit_ring_needs_reset() {
+        let (mut dev, mem, _rx, _tx) = ready_net();
+        mem.write_obj(1000u16, GuestAddress(TX_AVAIL + 2)).unwrap();
+        notify_tx(&mut dev, &mem);
+        assert_ne!(dev.status() & S_NEEDS_RESET, 0);
+        assert_eq!(r32(&mut dev, &mem, R_INT_STATUS) & 2, 2);
+    }
+
+    #[test]
+    fn state_round_trip() {
+        let (mut a, mem_a, mut rx, mut tx) = ready_net();
+        // One frame transmitted and not taken, one received.
+        let sent = frame(80, 15);
+        put_tx(&mem_a, TX_BUF, &sent);
+        let head = tx.chain(&mem_a, &[(TX_BUF, 92, false)]);
+        tx.offer(&mem_a, head);
+        notify_tx(&mut a, &mem_a);
+        for k in 0..2 {
+            let head = rx.chain(&mem_a, &[(RX_BUF + k * 0x1000, 2048, true)]);
+            rx.offer(&mem_a, head);
+        }
+        assert!(a.receive(&frame(70, 16), &mem_a).unwrap());
+        let saved = a.state();
+        assert_eq!(saved.device.mac, MAC);
+        assert_eq!(saved.device.tx, vec![sent.clone()]);
+        assert_eq!(saved.queues[0].next_used, 1);
+        assert_eq!(saved.queues[1].next_used, 1);
+
+        // Another device, with another MAC, restored onto a copy of guest memory.
+        let mem_b = memory();
+        let mut all = vec![0u8; MEM_SIZE];
+        mem_a.read_slice(&mut all, GuestAddress(0)).unwrap();
+        mem_b.write_slice(&all, GuestAddress(0)).unwrap();
+        let mut b = MmioNet::new([2, 0, 0, 0, 0, 1]);
+        b.try_restore(&saved).unwrap();
+        assert_eq!(b.state(), saved);
+        assert_eq!(b.mac(), MAC, "the saved MAC, which the guest has read");
+
+        for (dev, mem) in [(&mut a, &mem_a), (&mut b, &mem_b)] {
+            assert_eq!(dev.take_tx(), vec![sent.clone()]);
+            assert!(dev.rx_ready(mem));
+            assert!(dev.receive(&frame(90, 17), mem).unwrap());
+            assert!(!dev.rx_ready(mem));
+        }
+        let mut all_b = vec![0u8; MEM_SIZE];
+        mem_a.read_slice(&mut all, GuestAddress(0)).unwrap();
+        mem_b.read_slice(&mut all_b, GuestAddress(0)).unwrap();
+        assert!(all == all_b, "same guest memory after the same frame");
+        assert_eq!(a.state(), b.state());
+    }
+
+    #[test]
+    fn garbage_rings_never_panic() {
+        let (mut dev, mem, _rx, _tx) = ready_net();
+        let mut x = 0x9e37_79b9u32;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x
+        };
+        for round in 0..300 {
+            let junk: Vec<u8> = (0..0x6000).map(|_| next() as u8).collect();
+            mem.write_slice(&junk, GuestAddress(DESC)).unwrap();
+            if round % 3 == 0 {
+                // Small numbers: descriptors that point somewhere plausible.
+                for i in 0..QSIZE {
+                    let v = next();
+                    for table in [DESC, TX_DESC] {
+                        Driver::write_desc(
+                            &mem,
+                            table,
+                            i,
+                            u64::from(v & 0xf_ffff),
+                            v >> 20,
+                            (v >> 8) as u16 & 7,
+                            (v >> 12) as u16 % 20,
+                        );
+                    }
+                }
+                mem.write_obj((next() % 20) as u16, GuestAddress(AVAIL + 2))
+                    .unwrap();
+                mem.write_obj((next() % 20) as u16, GuestAddress(TX_AVAIL + 2))
+                    .unwrap();
+            }
+            net_init(&mut dev, &mem);
+            notify_tx(&mut dev, &mem);
+            let len = (next() % 2000) as usize;
+            let _ = dev.rx_ready(&mem);
+            let _ = dev.receive(&vec![0x55; len], &mem);
+            let _ = dev.take_tx();
+        }
+    }
 }
