@@ -9,6 +9,7 @@
 //! | the virtual clock read by a device (PIT counter, RTC registers, port 0x61) | [`Boundary::read_clock`] | the host's monotonic clock |
 //! | virtual time passing a timer deadline, and so timer interrupts | [`Boundary::poll`], [`Boundary::wait`] | the host's monotonic clock |
 //! | bytes received on the serial line | [`Boundary::poll`], [`Boundary::wait`] | stdin, a file or a pipe |
+//! | Ethernet frames received by the NIC | [`Boundary::poll`], [`Boundary::wait`] | a tap device |
 //! | the points where a long-running guest is interrupted (kicks) | [`Point::Kick`] | a host timer |
 //! | the contents of the disk the guest reads | [`Boundary::disk`] | the disk image |
 //!
@@ -38,6 +39,8 @@ use thiserror::Error;
 pub enum OutputKind {
     /// Bytes transmitted by the guest's UART.
     Serial,
+    /// One Ethernet frame transmitted by the guest's NIC.
+    Net,
 }
 
 /// A flag another thread raises to cut a blocking boundary call short (a halted guest's
@@ -51,6 +54,8 @@ pub enum Input {
     Time(u64),
     /// Bytes arrived on the serial line (never more than the request's `serial_room`).
     SerialRx(Vec<u8>),
+    /// One Ethernet frame arrived for the guest's NIC (only when the request's `net_ready`).
+    NetRx(Vec<u8>),
 }
 
 /// Where in the execution the VMM asks for inputs.
@@ -72,6 +77,8 @@ pub struct WaitRequest {
     pub deadline_ns: Option<u64>,
     /// How many serial bytes the guest's UART can take now.
     pub serial_room: usize,
+    /// Whether the guest's NIC has a receive buffer posted for a frame now.
+    pub net_ready: bool,
 }
 
 /// Errors of a boundary implementation.

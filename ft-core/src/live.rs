@@ -14,8 +14,9 @@ use crate::boundary::{Attention, Boundary, BoundaryError, Input, OutputKind, Poi
 use crate::exit::SyncExit;
 use std::collections::VecDeque;
 use std::io::{Read, Write};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// What virtual time follows.
@@ -43,6 +44,46 @@ pub enum SerialSource {
     Reader(Box<dyn Read + Send>),
 }
 
+/// Frames a NIC's host side received, waiting for the guest: a bounded queue (a frame that
+/// finds it full is dropped at the tap, as a NIC drops what it has no room for).
+#[derive(Default)]
+pub struct NetQueue {
+    frames: Mutex<VecDeque<Vec<u8>>>,
+    /// Frames dropped because the queue was full.
+    pub dropped: AtomicU64,
+}
+
+impl NetQueue {
+    /// The most frames that wait for the guest.
+    pub const CAPACITY: usize = 256;
+
+    /// Queues a frame; false (and counted) if the queue is full.
+    pub fn push(&self, frame: Vec<u8>) -> bool {
+        let mut q = self.frames.lock().unwrap_or_else(|e| e.into_inner());
+        if q.len() >= Self::CAPACITY {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        q.push_back(frame);
+        true
+    }
+
+    fn pop(&self) -> Option<Vec<u8>> {
+        self.frames
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop_front()
+    }
+}
+
+/// The host side of the guest's NIC: frames in (filled by a reader of the tap), frames out.
+pub struct NetPort {
+    /// Frames received, waiting for the guest.
+    pub rx: Arc<NetQueue>,
+    /// Where transmitted frames go (one `write` per frame).
+    pub tx: Box<dyn Write + Send>,
+}
+
 /// Inputs from the host, outputs to a writer.
 pub struct LiveBoundary {
     clock: Clock,
@@ -63,6 +104,7 @@ pub struct LiveBoundary {
     recent: Vec<u8>,
     out: Box<dyn Write + Send>,
     attention: Option<Attention>,
+    net: Option<NetPort>,
 }
 
 impl LiveBoundary {
@@ -126,7 +168,28 @@ impl LiveBoundary {
             recent: Vec::new(),
             out,
             attention: None,
+            net: None,
         }
+    }
+
+    /// Gives the guest a NIC whose frames come from and go to `port`.
+    pub fn with_net(mut self, port: NetPort) -> Self {
+        self.net = Some(port);
+        self
+    }
+
+    /// Sends transmitted frames to `tx` from now on (keeps the receive queue).
+    pub fn set_net_output(&mut self, tx: Box<dyn Write + Send>) {
+        if let Some(n) = self.net.as_mut() {
+            n.tx = tx;
+        }
+    }
+
+    fn take_frame(&mut self, ready: bool) -> Option<Input> {
+        if !ready {
+            return None;
+        }
+        self.net.as_ref()?.rx.pop().map(Input::NetRx)
     }
 
     /// Sends serial output to `out` from now on.
@@ -230,6 +293,9 @@ impl Boundary for LiveBoundary {
             // Only time is delivered at a kick: see `Boundary::kick_due`.
             return Ok(None);
         }
+        if let Some(frame) = self.take_frame(req.net_ready) {
+            return Ok(Some(frame));
+        }
         self.drain_channel();
         let now = self.host_ns();
         let latency = Self::INPUT_LATENCY.as_nanos() as u64;
@@ -247,6 +313,9 @@ impl Boundary for LiveBoundary {
             self.drain_channel();
             if let Some(input) = self.take_pending(req.serial_room) {
                 return Ok(input);
+            }
+            if let Some(frame) = self.take_frame(req.net_ready) {
+                return Ok(frame);
             }
             let now = self.host_ns();
             if let Some(deadline) = req.deadline_ns {
@@ -280,7 +349,7 @@ impl Boundary for LiveBoundary {
             } else {
                 None
             };
-            if rx.is_none() && req.deadline_ns.is_none() {
+            if rx.is_none() && req.deadline_ns.is_none() && self.net.is_none() {
                 return Err(BoundaryError::NothingToWaitFor);
             }
             let received = match (rx, timeout) {
@@ -346,6 +415,16 @@ impl Boundary for LiveBoundary {
                 self.out.write_all(bytes).map_err(BoundaryError::Output)?;
                 self.out.flush().map_err(BoundaryError::Output)
             }
+            OutputKind::Net => match self.net.as_mut() {
+                // A frame the tap refuses (down, no reader) is lost, as on a wire.
+                Some(n) => {
+                    if let Err(e) = n.tx.write_all(bytes) {
+                        tracing::debug!("frame not sent: {e}");
+                    }
+                    Ok(())
+                }
+                None => Ok(()),
+            },
         }
     }
 }
@@ -359,7 +438,45 @@ mod tests {
             now_ns: now,
             deadline_ns: deadline,
             serial_room: room,
+            net_ready: false,
         }
+    }
+
+    #[test]
+    fn frames_wait_in_a_bounded_queue_and_go_out_whole() {
+        let q = Arc::new(NetQueue::default());
+        for i in 0..NetQueue::CAPACITY + 3 {
+            let _ = q.push(vec![i as u8; 60]);
+        }
+        assert_eq!(q.dropped.load(Ordering::Relaxed), 3);
+        let sent = Arc::new(Mutex::new(Vec::<Vec<u8>>::new()));
+        struct Frames(Arc<Mutex<Vec<Vec<u8>>>>);
+        impl Write for Frames {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().push(b.to_vec());
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let mut b =
+            LiveBoundary::new(SerialSource::None, Box::new(std::io::sink())).with_net(NetPort {
+                rx: q.clone(),
+                tx: Box::new(Frames(sent.clone())),
+            });
+        // Not ready: nothing is delivered; ready: one frame per poll, oldest first.
+        assert_eq!(b.poll(Point::Exit, &req(0, None, 0)).unwrap(), None);
+        let mut ready = req(0, None, 0);
+        ready.net_ready = true;
+        assert_eq!(
+            b.poll(Point::Exit, &ready).unwrap(),
+            Some(Input::NetRx(vec![0u8; 60]))
+        );
+        b.output(OutputKind::Net, &[1, 2, 3]).unwrap();
+        assert_eq!(sent.lock().unwrap().as_slice(), &[vec![1u8, 2, 3]]);
+        // A halted guest with only a NIC waits for frames rather than failing.
+        assert!(matches!(b.wait(&ready), Ok(Input::NetRx(_))));
     }
 
     #[test]

@@ -62,6 +62,8 @@ pub enum InputRec {
     TimeDelta(u64),
     /// Serial bytes received.
     Serial(Vec<u8>),
+    /// An Ethernet frame received by the NIC.
+    Net(Vec<u8>),
 }
 
 /// One record of the log.

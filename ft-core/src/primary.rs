@@ -53,6 +53,7 @@ const BATCH_AGE: Duration = Duration::from_millis(50);
 /// An output waiting for the rule.
 enum Output {
     Serial(Vec<u8>),
+    Net(Vec<u8>),
     /// `id` tags the write's sectors among the held writes (unique per write).
     DiskWrite {
         offset: u64,
@@ -73,7 +74,7 @@ struct Held {
 impl Held {
     fn bytes(&self) -> u64 {
         match &self.out {
-            Output::Serial(b) => b.len() as u64,
+            Output::Serial(b) | Output::Net(b) => b.len() as u64,
             Output::DiskWrite { data, .. } => data.len() as u64,
             Output::DiskFlush => 0,
         }
@@ -324,16 +325,18 @@ impl Link {
         self.changed.notify_all();
     }
 
-    /// Starts the thread that releases held outputs to `serial` and the disk `image`.
+    /// Starts the thread that releases held outputs to `serial`, the network `net` (one write
+    /// per frame) and the disk `image`.
     pub fn start_releaser(
         self: &Arc<Self>,
         serial: Box<dyn Write + Send>,
+        net: Option<Box<dyn Write + Send>>,
         image: Option<ImageFile>,
     ) -> io::Result<Releaser> {
         let link = self.clone();
         let thread = std::thread::Builder::new()
             .name("output-release".into())
-            .spawn(move || link.release_loop(serial, image))?;
+            .spawn(move || link.release_loop(serial, net, image))?;
         Ok(Releaser {
             link: self.clone(),
             thread: Some(thread),
@@ -361,7 +364,12 @@ impl Link {
         acked > h.seq
     }
 
-    fn release_loop(&self, mut serial: Box<dyn Write + Send>, mut image: Option<ImageFile>) {
+    fn release_loop(
+        &self,
+        mut serial: Box<dyn Write + Send>,
+        mut net: Option<Box<dyn Write + Send>>,
+        mut image: Option<ImageFile>,
+    ) {
         let mut released_seq = 0u64;
         let mut released_stream = 0u64;
         loop {
@@ -408,7 +416,9 @@ impl Link {
             }
             let mut serial_dirty = false;
             for h in &batch {
-                if let Err(e) = self.perform(h, &mut serial, &mut image, &mut serial_dirty) {
+                if let Err(e) =
+                    self.perform(h, &mut serial, &mut net, &mut image, &mut serial_dirty)
+                {
                     tracing::error!("cannot release guest output: {e}");
                 }
                 self.stats.held.fetch_sub(1, Ordering::Relaxed);
@@ -441,6 +451,7 @@ impl Link {
         &self,
         h: &Held,
         serial: &mut Box<dyn Write + Send>,
+        net: &mut Option<Box<dyn Write + Send>>,
         image: &mut Option<ImageFile>,
         serial_dirty: &mut bool,
     ) -> io::Result<()> {
@@ -448,6 +459,14 @@ impl Link {
             Output::Serial(bytes) => {
                 serial.write_all(bytes)?;
                 *serial_dirty = true;
+            }
+            Output::Net(frame) => {
+                if let Some(n) = net.as_mut() {
+                    // A frame the tap refuses is lost, as on a wire.
+                    if let Err(e) = n.write_all(frame) {
+                        tracing::debug!("frame not sent: {e}");
+                    }
+                }
             }
             Output::DiskWrite { offset, data, id } => {
                 // Under the lock: a read must see either the held write or the image with it.
@@ -722,6 +741,31 @@ impl Write for HeldSerial {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         if !buf.is_empty() {
             self.link.hold(Output::Serial(buf.to_vec()));
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The NIC of a primary: each frame (one `write`) is held until the rule releases it.
+pub struct HeldNet {
+    link: Arc<Link>,
+}
+
+impl HeldNet {
+    /// Frames through `link`'s rule.
+    pub fn new(link: Arc<Link>) -> HeldNet {
+        HeldNet { link }
+    }
+}
+
+impl Write for HeldNet {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if !buf.is_empty() {
+            self.link.hold(Output::Net(buf.to_vec()));
         }
         Ok(buf.len())
     }

@@ -105,6 +105,7 @@ impl<B: Boundary> Recorder<B> {
                 InputRec::TimeDelta(delta)
             }
             Input::SerialRx(bytes) => InputRec::Serial(bytes.clone()),
+            Input::NetRx(frame) => InputRec::Net(frame.clone()),
         }
     }
 }
@@ -277,5 +278,6 @@ impl Disk for RecordingDisk {
 pub fn output_kind_byte(kind: OutputKind) -> u8 {
     match kind {
         OutputKind::Serial => 0,
+        OutputKind::Net => 1,
     }
 }

@@ -58,6 +58,8 @@ impl Progress {
 pub enum KeptOutput {
     /// Serial bytes.
     Serial(Vec<u8>),
+    /// An Ethernet frame (re-sending one is harmless: the network may duplicate frames).
+    Net(Vec<u8>),
     /// A disk write (idempotent: re-issuing it is harmless).
     DiskWrite {
         /// Byte offset.
@@ -81,7 +83,7 @@ pub struct KeptWrites {
 
 fn kept_bytes(o: &KeptOutput) -> u64 {
     match o {
-        KeptOutput::Serial(b) => b.len() as u64,
+        KeptOutput::Serial(b) | KeptOutput::Net(b) => b.len() as u64,
         KeptOutput::DiskWrite { data, .. } => data.len() as u64,
         KeptOutput::DiskFlush => 0,
     }
@@ -234,6 +236,7 @@ impl<R: Read> Core<R> {
                 Input::Time(self.last_time)
             }
             InputRec::Serial(bytes) => Input::SerialRx(bytes),
+            InputRec::Net(frame) => Input::NetRx(frame),
         }
     }
 
@@ -492,9 +495,13 @@ impl<R: Read + Send + 'static> Boundary for Replayer<R> {
             let seq = core.next_seq;
             core.advance()?;
             if let Some(kept) = &core.kept {
+                let out = match kind {
+                    OutputKind::Serial => KeptOutput::Serial(bytes.to_vec()),
+                    OutputKind::Net => KeptOutput::Net(bytes.to_vec()),
+                };
                 kept.lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .keep_output(seq, KeptOutput::Serial(bytes.to_vec()));
+                    .keep_output(seq, out);
                 return Ok(());
             }
         }
@@ -503,6 +510,8 @@ impl<R: Read + Send + 'static> Boundary for Replayer<R> {
                 self.out.write_all(bytes).map_err(BoundaryError::Output)?;
                 self.out.flush().map_err(BoundaryError::Output)
             }
+            // A replay from a file has no network to send to.
+            OutputKind::Net => Ok(()),
         }
     }
 

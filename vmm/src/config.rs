@@ -45,7 +45,22 @@ pub struct VmConfig {
     pub guest_tsc: GuestTscMode,
     /// A vCPU that runs this long without a synchronous exit is kicked.
     pub quantum: Duration,
+    /// A virtio-net NIC.
+    pub net: Option<NetConfig>,
 }
+
+/// The guest's NIC: its host side and its MAC.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetConfig {
+    /// The tap interface on this host (the backup's may have another name).
+    pub tap: String,
+    /// The guest's MAC address (the same on both hosts of a pair).
+    pub mac: [u8; 6],
+}
+
+/// The MAC a NIC gets when none is given: locally administered, fixed (a pair's two sides
+/// must agree on it).
+pub const DEFAULT_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0xf7, 0x00, 0x01];
 
 /// The largest guest RAM: it must stay below the MMIO hole at 0xd000_0000 (docs/PLATFORM.md).
 pub const MAX_MEMORY_BYTES: u64 = 3 << 30;

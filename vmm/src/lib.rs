@@ -26,10 +26,11 @@ pub mod kick;
 pub mod memory;
 pub mod platform;
 pub mod snapshot;
+pub mod tap;
 pub mod transfer;
 pub mod tsc;
 pub mod vcpu;
 pub mod vm;
 
-pub use config::{CompatMode, GuestTscMode, VmConfig};
+pub use config::{CompatMode, GuestTscMode, NetConfig, VmConfig};
 pub use vm::{config_identity, CheckpointStats, MemoryStats, Vm, VmError};

@@ -10,7 +10,7 @@ use devices::pic::{Pic, PicState};
 use devices::pit::{Pit, PitState};
 use devices::rtc::{Rtc, RtcState};
 use devices::serial::{Uart, UartState};
-use devices::virtio::{MmioBlock, MmioBlockState};
+use devices::virtio::{MmioBlock, MmioBlockState, MmioNet, MmioNetState};
 use ft_core::{Boundary, BoundaryError, Input, OutputKind, WaitRequest};
 use serde::{Deserialize, Serialize};
 
@@ -28,6 +28,8 @@ pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
 pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
 /// The virtio-blk interrupt line.
 pub const VIRTIO_BLK_IRQ: u8 = 5;
+/// The virtio-net interrupt line (its slot is the second, at `VIRTIO_MMIO_BASE + 0x1000`).
+pub const VIRTIO_NET_IRQ: u8 = 6;
 /// The PIT's interrupt line.
 pub const PIT_IRQ: u8 = 0;
 /// The RTC's interrupt line.
@@ -52,6 +54,7 @@ pub struct PlatformState {
     rtc: RtcState,
     uart: UartState,
     blk: Option<MmioBlockState>,
+    net: Option<MmioNetState>,
     now_ns: u64,
 }
 
@@ -62,21 +65,37 @@ pub struct Platform {
     rtc: Rtc,
     uart: Uart,
     blk: Option<MmioBlock>,
+    net: Option<MmioNet>,
+    /// Guest RAM, where received frames are written.
+    mem: GuestMemoryMmap,
     /// Virtual time, nanoseconds since boot. Moves only by inputs from the boundary.
     now_ns: u64,
 }
 
 impl Platform {
-    /// A platform with the RTC showing `rtc_epoch` at boot and an optional virtio-blk disk.
-    pub fn new(rtc_epoch: i64, blk: Option<MmioBlock>) -> Self {
+    /// A platform with the RTC showing `rtc_epoch` at boot, an optional virtio-blk disk and an
+    /// optional virtio-net NIC.
+    pub fn new(
+        rtc_epoch: i64,
+        blk: Option<MmioBlock>,
+        net: Option<MmioNet>,
+        mem: GuestMemoryMmap,
+    ) -> Self {
         Platform {
             pic: Pic::new(),
             pit: Pit::new(),
             rtc: Rtc::new(rtc_epoch),
             uart: Uart::new(),
             blk,
+            net,
+            mem,
             now_ns: 0,
         }
+    }
+
+    /// The NIC's MAC, if there is a NIC.
+    pub fn net_mac(&self) -> Option<[u8; 6]> {
+        self.net.as_ref().map(MmioNet::mac)
     }
 
     /// Saves every device and the clock.
@@ -87,6 +106,7 @@ impl Platform {
             rtc: self.rtc.state(),
             uart: self.uart.state(),
             blk: self.blk.as_ref().map(MmioBlock::state),
+            net: self.net.as_ref().map(MmioNet::state),
             now_ns: self.now_ns,
         }
     }
@@ -100,6 +120,9 @@ impl Platform {
         self.uart = Uart::from_state(&s.uart);
         if let (Some(blk), Some(state)) = (self.blk.as_mut(), s.blk.as_ref()) {
             blk.restore(state);
+        }
+        if let (Some(net), Some(state)) = (self.net.as_mut(), s.net.as_ref()) {
+            net.restore(state);
         }
         self.now_ns = s.now_ns;
     }
@@ -135,10 +158,12 @@ impl Platform {
         } else {
             0
         };
+        let net_ready = self.net.as_ref().is_some_and(|n| n.rx_ready(&self.mem));
         WaitRequest {
             now_ns: self.now_ns,
             deadline_ns: deadline,
             serial_room,
+            net_ready,
         }
     }
 
@@ -168,6 +193,18 @@ impl Platform {
                 }
                 self.update_irqs();
             }
+            Input::NetRx(frame) => {
+                if let Some(net) = self.net.as_mut() {
+                    match net.receive(&frame, &self.mem) {
+                        Ok(true) => {}
+                        // The boundary offers frames only when a buffer is posted; the driver
+                        // may have changed its mind since: dropped, as by a NIC.
+                        Ok(false) => tracing::debug!("NIC dropped a received frame"),
+                        Err(e) => tracing::warn!("NIC: {e}"),
+                    }
+                }
+                self.update_irqs();
+            }
         }
     }
 
@@ -185,6 +222,10 @@ impl Platform {
             let level = blk.irq_level();
             self.pic.set_irq(VIRTIO_BLK_IRQ, level);
         }
+        if let Some(net) = &self.net {
+            let level = net.irq_level();
+            self.pic.set_irq(VIRTIO_NET_IRQ, level);
+        }
     }
 
     /// Sends what the guest transmitted to the world.
@@ -192,6 +233,11 @@ impl Platform {
         let out = self.uart.take_output();
         if !out.is_empty() {
             boundary.output(OutputKind::Serial, &out)?;
+        }
+        if let Some(net) = self.net.as_mut() {
+            for frame in net.take_tx() {
+                boundary.output(OutputKind::Net, &frame)?;
+            }
         }
         Ok(())
     }
@@ -270,26 +316,44 @@ impl Platform {
 
     /// A read from `addr` outside guest RAM.
     pub fn mmio_read(&mut self, addr: u64, data: &mut [u8], mem: &GuestMemoryMmap) {
-        match self.virtio_slot(addr) {
-            Some((blk, offset)) => blk.mmio_read(offset, data, mem),
-            None => data.fill(0xff),
+        match Self::virtio_slot(addr) {
+            Some((0, offset)) if self.blk.is_some() => {
+                if let Some(blk) = self.blk.as_mut() {
+                    blk.mmio_read(offset, data, mem);
+                }
+            }
+            Some((1, offset)) if self.net.is_some() => {
+                if let Some(net) = self.net.as_mut() {
+                    net.mmio_read(offset, data, mem);
+                }
+            }
+            _ => data.fill(0xff),
         }
         self.update_irqs();
     }
 
     /// A write to `addr` outside guest RAM.
     pub fn mmio_write(&mut self, addr: u64, data: &[u8], mem: &GuestMemoryMmap) {
-        if let Some((blk, offset)) = self.virtio_slot(addr) {
-            blk.mmio_write(offset, data, mem);
+        match Self::virtio_slot(addr) {
+            Some((0, offset)) => {
+                if let Some(blk) = self.blk.as_mut() {
+                    blk.mmio_write(offset, data, mem);
+                }
+            }
+            Some((1, offset)) => {
+                if let Some(net) = self.net.as_mut() {
+                    net.mmio_write(offset, data, mem);
+                }
+            }
+            _ => {}
         }
         self.update_irqs();
     }
 
-    fn virtio_slot(&mut self, addr: u64) -> Option<(&mut MmioBlock, u64)> {
+    /// Which virtio-mmio slot `addr` is in (0: the disk, 1: the NIC) and the offset in it.
+    fn virtio_slot(addr: u64) -> Option<(u64, u64)> {
         let offset = addr.checked_sub(VIRTIO_MMIO_BASE)?;
-        if offset >= VIRTIO_MMIO_SIZE {
-            return None;
-        }
-        self.blk.as_mut().map(|b| (b, offset))
+        let slot = offset / VIRTIO_MMIO_SIZE;
+        (slot < 2).then_some((slot, offset % VIRTIO_MMIO_SIZE))
     }
 }

@@ -19,8 +19,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 /// The magic at the start of a snapshot file.
 pub const SNAPSHOT_MAGIC: [u8; 8] = *b"FTVMMSNP";
-/// Snapshot format version (2: the body is LZ4-compressed; 3: the halted state).
-pub const SNAPSHOT_VERSION: u16 = 3;
+/// Snapshot format version (2: the body is LZ4-compressed; 3: the halted state; 4: the NIC).
+pub const SNAPSHOT_VERSION: u16 = 4;
 /// The largest uncompressed snapshot body: all of the largest guest RAM, plus room for state.
 const MAX_SNAPSHOT_BYTES: usize = (crate::config::MAX_MEMORY_BYTES as usize) + (64 << 20);
 const PAGE: u64 = 4096;

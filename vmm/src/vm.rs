@@ -191,7 +191,11 @@ impl Vm {
         );
         let tsc_slots = crate::debugregs::DebugRegs::new(compat).tsc_slots();
         let tsc = GuestTsc::setup(config.guest_tsc, &config.kernel, tsc_slots);
-        let platform = Platform::new(boundary.rtc_epoch()?, blk);
+        let net = config
+            .net
+            .as_ref()
+            .map(|n| devices::virtio::MmioNet::new(n.mac));
+        let platform = Platform::new(boundary.rtc_epoch()?, blk, net, mem.clone());
         let mut vcpu = Vcpu::new(fd, compat, tsc);
         vcpu.reapply_debug(&mem)?;
         // The boot writes are the same in every run: checkpoints start from here.
@@ -633,8 +637,15 @@ pub fn config_identity(config: &VmConfig, cmdline: &str) -> Result<(u64, String)
         .as_ref()
         .and_then(|p| std::fs::metadata(p).ok())
         .map_or(0, |m| m.len());
+    let net = config.net.as_ref().map_or("none".to_string(), |n| {
+        let m = n.mac;
+        format!(
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            m[0], m[1], m[2], m[3], m[4], m[5]
+        )
+    });
     let summary = format!(
-        "kernel crc {kernel:08x}, initrd crc {initrd:08x}, {} MiB RAM, disk {disk} bytes, compat {}, guest TSC {:?}, cmdline {cmdline:?}",
+        "kernel crc {kernel:08x}, initrd crc {initrd:08x}, {} MiB RAM, disk {disk} bytes, nic {net}, compat {}, guest TSC {:?}, cmdline {cmdline:?}",
         config.memory_bytes >> 20,
         compat::resolve(config.kvm_compat),
         config.guest_tsc,
@@ -654,6 +665,14 @@ pub fn kernel_cmdline(config: &VmConfig) -> String {
             VIRTIO_MMIO_SIZE / 1024,
             VIRTIO_MMIO_BASE,
             VIRTIO_BLK_IRQ
+        ));
+    }
+    if config.net.is_some() {
+        parts.push(format!(
+            "virtio_mmio.device={}K@{:#x}:{}",
+            VIRTIO_MMIO_SIZE / 1024,
+            VIRTIO_MMIO_BASE + VIRTIO_MMIO_SIZE,
+            crate::platform::VIRTIO_NET_IRQ
         ));
     }
     parts.retain(|p| !p.is_empty());

@@ -4,7 +4,7 @@
 //! the shared disk: disk reads come in the log, disk writes are kept until the primary reports
 //! them released. A divergence is reported and healed with a full snapshot from the primary.
 
-use crate::cli::{machine_config, serial_sink, serial_source, Args, Failure};
+use crate::cli::{machine_config, open_net, serial_sink, serial_source, Args, Failure};
 use crate::primary::{
     ack_mode, channel_config, held_image, open_lock, ServiceParts, Services, TakeoverRecord,
     FENCED_STATUS,
@@ -14,10 +14,10 @@ use crate::status::{ApiServer, StatusFn};
 use ft_core::backup::BackupLink;
 use ft_core::disk::Disk;
 use ft_core::disk::ImageFile;
-use ft_core::live::{LiveBoundary, SerialSource};
+use ft_core::live::{LiveBoundary, NetPort, SerialSource};
 use ft_core::lock::{self, Arbiter, Race};
 use ft_core::log::{Header, VERSION};
-use ft_core::primary::{HeldSerial, Link};
+use ft_core::primary::{HeldNet, HeldSerial, Link};
 use ft_core::record::Recorder;
 use ft_core::replay::{KeptOutput, KeptWrites, Progress, Replayer};
 use ft_core::takeover::{Decision, GoLive, LiveSide, SwitchPoint, Takeover};
@@ -400,8 +400,14 @@ fn go_live_builder(p: GoLiveParts) -> GoLive {
             ),
             None => None,
         };
+        // The NIC's host side on this host: opened only now (a backup never reads its tap).
+        let net = open_net(&p.config)?;
+        let mut tap_out = match &net {
+            Some((tap, _)) => Some(tap.writer().map_err(|e| format!("tap: {e}"))?),
+            None => None,
+        };
         let kept = p.kept.lock().unwrap_or_else(|e| e.into_inner()).take();
-        let (mut serial_bytes, mut writes) = (0usize, 0usize);
+        let (mut serial_bytes, mut writes, mut frames) = (0usize, 0usize, 0usize);
         for (_, out) in &kept {
             match out {
                 KeptOutput::Serial(b) => {
@@ -409,6 +415,12 @@ fn go_live_builder(p: GoLiveParts) -> GoLive {
                     serial
                         .write_all(b)
                         .map_err(|e| format!("serial output: {e}"))?;
+                }
+                KeptOutput::Net(frame) => {
+                    frames += 1;
+                    if let Some(t) = tap_out.as_mut() {
+                        let _ = t.write_all(frame);
+                    }
                 }
                 KeptOutput::DiskWrite { offset, data } => {
                     writes += 1;
@@ -424,8 +436,26 @@ fn go_live_builder(p: GoLiveParts) -> GoLive {
         if let Some(img) = image.as_mut() {
             img.flush().map_err(|e| format!("disk flush: {e}"))?;
         }
+        // Tell the network the guest is here now: switches learn its MAC on this host's port.
+        if let (Some(t), Some(net)) = (tap_out.as_mut(), &p.config.net) {
+            match vmm::tap::guest_ip(&p.config.cmdline) {
+                Some(ip) => {
+                    let _ = t.write_all(&vmm::tap::gratuitous_arp(net.mac, ip));
+                    tracing::warn!(
+                        "announced {}.{}.{}.{} at the guest's MAC (gratuitous ARP)",
+                        ip[0],
+                        ip[1],
+                        ip[2],
+                        ip[3]
+                    );
+                }
+                None => tracing::warn!(
+                    "the guest's address is not on its command line (ftvmm.ip=): no gratuitous ARP"
+                ),
+            }
+        }
         tracing::warn!(
-            "re-emitted what the lost primary may not have released: {serial_bytes} serial bytes, {writes} disk writes"
+            "re-emitted what the lost primary may not have released: {serial_bytes} serial bytes, {frames} frames, {writes} disk writes"
         );
 
         let mut live =
@@ -443,6 +473,12 @@ fn go_live_builder(p: GoLiveParts) -> GoLive {
             p.arbiter.as_ref().map(|_| point.epoch),
         );
         live.set_output(Box::new(HeldSerial::new(link.clone())));
+        if let Some((_, queue)) = &net {
+            live = live.with_net(NetPort {
+                rx: queue.clone(),
+                tx: Box::new(HeldNet::new(link.clone())),
+            });
+        }
         live.restored(point.time_ns);
         let mut recorder = Recorder::new(
             live,
@@ -494,6 +530,7 @@ fn go_live_builder(p: GoLiveParts) -> GoLive {
             summary: p.summary.clone(),
             ram_pages: p.config.memory_bytes / 4096,
             serial,
+            net: tap_out.map(|t| Box::new(t) as Box<dyn Write + Send>),
             release_image,
             arbiter: p.arbiter.clone(),
             owner: p.owner.clone(),

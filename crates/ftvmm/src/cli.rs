@@ -8,7 +8,7 @@ use std::fs::File;
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
-use vmm::{CompatMode, GuestTscMode, VmConfig, VmError};
+use vmm::{CompatMode, GuestTscMode, NetConfig, VmConfig, VmError};
 
 /// What this process is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -200,6 +200,11 @@ pub(crate) struct Args {
     /// the longest gap measured between frames of a healthy pair here (docs/FAILOVER.md).
     #[arg(long, alias = "peer-timeout", default_value = "300ms", value_parser = parse_duration)]
     pub(crate) failover_timeout: Duration,
+    /// A virtio-net NIC whose host side is the tap interface NAME (create it with
+    /// `ip tuntap add NAME mode tap`): `tap=NAME[,mac=MAC]`. A backup opens its tap only when
+    /// it goes live.
+    #[arg(long, value_parser = parse_net)]
+    pub(crate) net: Option<NetConfig>,
     /// Primary and backup: where the pair arbitrates when it loses its channel:
     /// `file:PATH` (a lock block on storage both hosts see) or `etcd:HOST:PORT[,...]/KEY`.
     /// Without one, a backup never takes over and a primary that loses its backup goes on
@@ -250,6 +255,26 @@ pub(crate) fn serial_sink(args: &Args) -> Result<Box<dyn Write + Send>, String> 
                 .map_err(|e| format!("cannot create serial output {}: {e}", p.display()))?,
         ),
     })
+}
+
+/// The NIC's host side, if the machine has one: the tap, opened, with a thread reading its
+/// frames into the queue the boundary delivers from.
+pub(crate) fn open_net(
+    config: &VmConfig,
+) -> Result<Option<(vmm::tap::Tap, std::sync::Arc<ft_core::live::NetQueue>)>, String> {
+    let Some(net) = &config.net else {
+        return Ok(None);
+    };
+    let tap = vmm::tap::Tap::open(&net.tap).map_err(|e| {
+        format!(
+            "cannot open tap {}: {e} (create it with `ip tuntap add {} mode tap`)",
+            net.tap, net.tap
+        )
+    })?;
+    let queue = std::sync::Arc::new(ft_core::live::NetQueue::default());
+    tap.start_reader(queue.clone())
+        .map_err(|e| format!("tap {}: {e}", net.tap))?;
+    Ok(Some((tap, queue)))
 }
 
 pub(crate) fn check_file(what: &str, path: &PathBuf) -> Result<(), String> {
@@ -325,6 +350,27 @@ pub(crate) fn machine_config(args: &Args) -> Result<VmConfig, String> {
             GuestTsc::Off => GuestTscMode::Off,
         },
         quantum: args.quantum,
+        net: args.net.clone(),
+    })
+}
+
+/// `tap=NAME[,mac=MAC]`.
+fn parse_net(s: &str) -> Result<NetConfig, String> {
+    let bad = || format!("expected tap=NAME[,mac=52:54:00:12:34:56], got `{s}`");
+    let mut tap = None;
+    let mut mac = vmm::config::DEFAULT_MAC;
+    for part in s.split(',') {
+        match part.split_once('=') {
+            Some(("tap", name)) if !name.is_empty() && name.len() < 16 => {
+                tap = Some(name.to_string())
+            }
+            Some(("mac", m)) => mac = vmm::tap::parse_mac(m).ok_or_else(bad)?,
+            _ => return Err(bad()),
+        }
+    }
+    Ok(NetConfig {
+        tap: tap.ok_or_else(bad)?,
+        mac,
     })
 }
 

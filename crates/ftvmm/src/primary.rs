@@ -6,14 +6,14 @@
 //! transfer and resyncs, through the vCPU control path), the output releaser, the network
 //! runtime of the logging channel, the API socket.
 
-use crate::cli::{machine_config, serial_sink, serial_source, AckArg, Args, Failure};
+use crate::cli::{machine_config, open_net, serial_sink, serial_source, AckArg, Args, Failure};
 use crate::report;
 use crate::status::{ApiServer, StatusFn};
 use ft_core::disk::{Disk, ImageFile};
-use ft_core::live::LiveBoundary;
+use ft_core::live::{LiveBoundary, NetPort};
 use ft_core::lock::{self, Arbiter, Race};
 use ft_core::log::{Header, Record, VERSION};
-use ft_core::primary::{AckMode, HeldDisk, HeldSerial, Link, Mode};
+use ft_core::primary::{AckMode, HeldDisk, HeldNet, HeldSerial, Link, Mode};
 use ft_core::record::{Recorder, SharedRecordCore};
 use ft_core::Boundary;
 use logging_channel::{ChannelConfig, Connection, Listener, Msg, Psk, PROTOCOL_VERSION};
@@ -122,6 +122,15 @@ pub(crate) fn run(args: &Args) -> Result<u8, Failure> {
     };
     let link = Link::new(header, ack_mode(args), args.max_lag, epoch);
     live.set_output(Box::new(HeldSerial::new(link.clone())));
+    let mut net_out = None;
+    if let Some((tap, queue)) = open_net(&config)? {
+        net_out = Some(Box::new(tap.writer().map_err(|e| format!("tap: {e}"))?)
+            as Box<dyn std::io::Write + Send>);
+        live = live.with_net(NetPort {
+            rx: queue,
+            tx: Box::new(HeldNet::new(link.clone())),
+        });
+    }
     if let Some(marker) = &args.serial_input_after {
         live = live.input_after(marker.as_bytes());
     }
@@ -157,6 +166,7 @@ pub(crate) fn run(args: &Args) -> Result<u8, Failure> {
         summary,
         ram_pages: config.memory_bytes / 4096,
         serial: serial_sink(args)?,
+        net: net_out,
         release_image,
         arbiter: arbiter.map(Arc::from),
         owner,
@@ -250,6 +260,7 @@ pub(crate) struct ServiceParts {
     pub(crate) summary: String,
     pub(crate) ram_pages: u64,
     pub(crate) serial: Box<dyn std::io::Write + Send>,
+    pub(crate) net: Option<Box<dyn std::io::Write + Send>>,
     pub(crate) release_image: Option<ImageFile>,
     pub(crate) arbiter: Option<Arc<dyn Arbiter>>,
     pub(crate) owner: String,
@@ -272,7 +283,7 @@ impl Services {
     pub(crate) fn start(parts: ServiceParts) -> Result<Services, String> {
         let releaser = parts
             .link
-            .start_releaser(parts.serial, parts.release_image)
+            .start_releaser(parts.serial, parts.net, parts.release_image)
             .map_err(|e| format!("cannot start the output releaser: {e}"))?;
         let listen = parts.listener.local_addr().to_string();
         tracing::warn!(
@@ -410,7 +421,8 @@ fn primary_status(
             },
             "lag": {
                 "records": sent.saturating_sub(executed),
-                "vtime_ns": if conn.is_some() { vtime.saturating_sub(backup_vtime) } else { 0 },
+                // Before the backup's first acknowledgement there is no lag to speak of.
+                "vtime_ns": if conn.is_some() && executed > 0 { vtime.saturating_sub(backup_vtime) } else { 0 },
                 "throttled": stats.throttled.load(Ordering::Relaxed),
             },
             "outputs_held": stats.held.load(Ordering::Relaxed),

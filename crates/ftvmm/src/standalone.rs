@@ -1,9 +1,9 @@
 //! `--role standalone` (optionally recording) and `--role replay`: one VMM, no peer.
 
-use crate::cli::{machine_config, serial_sink, serial_source, Args, Failure, Role};
+use crate::cli::{machine_config, open_net, serial_sink, serial_source, Args, Failure, Role};
 use crate::report;
 use ft_core::disk::{Disk, ImageFile};
-use ft_core::live::LiveBoundary;
+use ft_core::live::{LiveBoundary, NetPort};
 use ft_core::log::{Header, LogWriter, VERSION};
 use ft_core::record::Recorder;
 use ft_core::replay::Replayer;
@@ -36,7 +36,15 @@ pub(crate) fn run(args: &Args) -> Result<u8, Failure> {
     }
     let (hash, summary) = config_identity(&config, &kernel_cmdline(&config))?;
     let live = || -> Result<LiveBoundary, String> {
-        let live = LiveBoundary::with_clock(serial_source(args)?, serial_sink(args)?, args.clock);
+        let mut live =
+            LiveBoundary::with_clock(serial_source(args)?, serial_sink(args)?, args.clock);
+        if let Some((tap, queue)) = open_net(&config)? {
+            let tx = tap.writer().map_err(|e| format!("tap: {e}"))?;
+            live = live.with_net(NetPort {
+                rx: queue,
+                tx: Box::new(tx),
+            });
+        }
         Ok(match &args.serial_input_after {
             Some(marker) => live.input_after(marker.as_bytes()),
             None => live,
