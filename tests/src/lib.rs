@@ -193,7 +193,15 @@ impl Ftvmm {
 
     fn run_inner(self, stop_at: Option<String>) -> Run {
         let start = Instant::now();
-        let mut child = Command::new(ftvmm_bin())
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(ftvmm_bin());
+                c
+            }
+            None => Command::new(ftvmm_bin()),
+        };
+        let mut child = cmd
             .args(&self.args)
             .stdin(if self.input.is_some() {
                 Stdio::piped()
@@ -782,6 +790,31 @@ impl Hosts {
         ip(&["-n", &self.bridge_ns, "link", "set", &dev, "up"]).expect("heal");
     }
 
+    /// Gives host `i` a tap for a guest's NIC, bridged with its storage link (the guest LAN):
+    /// a local bridge `brg` takes `eth1` and its address, and the tap `tap` joins it.
+    pub fn add_guest_tap(&self, i: usize, tap: &str) {
+        let ns = self.ns(i);
+        let addr = format!("{}/16", self.storage_addr(i));
+        let steps: [&[&str]; 8] = [
+            &["-n", ns, "link", "add", "brg", "type", "bridge"],
+            &["-n", ns, "addr", "del", &addr, "dev", "eth1"],
+            &["-n", ns, "link", "set", "eth1", "master", "brg"],
+            &["-n", ns, "addr", "add", &addr, "dev", "brg"],
+            &["-n", ns, "link", "set", "brg", "up"],
+            &["-n", ns, "tuntap", "add", tap, "mode", "tap"],
+            &["-n", ns, "link", "set", tap, "master", "brg"],
+            &["-n", ns, "link", "set", tap, "up"],
+        ];
+        for step in steps {
+            ip(step).expect("guest tap");
+        }
+    }
+
+    /// Adds `addr` (e.g. `10.240.0.2/16`) to host `i`'s storage link: a client on the guest LAN.
+    pub fn add_guest_lan_addr(&self, i: usize, addr: &str) {
+        ip(&["-n", self.ns(i), "addr", "add", addr, "dev", "eth1"]).expect("client address");
+    }
+
     fn cleanup(&self) {
         for ns in self.names.iter().chain(std::iter::once(&self.bridge_ns)) {
             let _ = ip(&["netns", "del", ns]);
@@ -794,3 +827,82 @@ impl Drop for Hosts {
         self.cleanup();
     }
 }
+
+/// The guest's address on the guest LAN of [`Hosts`] (10.240.0.0/16 on the storage bridge).
+pub const GUEST_IP: &str = "10.240.0.100";
+/// The guest's MAC in the networked snapshot.
+pub const GUEST_MAC: &str = "52:54:00:f7:00:01";
+
+/// The Linux guest booted with a NIC (`ftvmm.ip=10.240.0.100/16`, its services listening) to
+/// its shell prompt, saved; booted once and shared like [`linux_ready`]. Restore it with
+/// `--net tap=<a tap>` and [`LINUX_NET_CMDLINE`].
+pub fn linux_net_ready() -> Option<&'static LinuxReady> {
+    static READY: std::sync::OnceLock<Option<LinuxReady>> = std::sync::OnceLock::new();
+    READY
+        .get_or_init(|| {
+            let (kernel, initrd) = linux_images()?;
+            let key = format!(
+                "{}_{}_{}",
+                file_key(&ftvmm_bin()),
+                file_key(&kernel),
+                file_key(&initrd)
+            );
+            let dir = root().join("target/test-scratch/linux-net-ready");
+            let (snapshot, disk, out, stamp) = (
+                dir.join("ready.snap"),
+                dir.join("disk.img"),
+                dir.join("boot.out"),
+                dir.join("key"),
+            );
+            if std::fs::read_to_string(&stamp).ok().as_deref() == Some(key.as_str())
+                && snapshot.exists()
+            {
+                return Some(LinuxReady {
+                    snapshot,
+                    disk,
+                    boot_output: std::fs::read_to_string(&out).unwrap_or_default(),
+                });
+            }
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(&disk, vec![0u8; 16 << 20]).unwrap();
+            // A host of its own, with a tap nobody reads: the boot needs the NIC to exist.
+            let hosts = Hosts::new("boot", 1);
+            hosts.add_guest_tap(0, "ftg0");
+            let run = Ftvmm::standalone(&kernel)
+                .in_netns(hosts.ns(0))
+                .args([
+                    "--initrd",
+                    initrd.to_str().unwrap(),
+                    "--cmdline",
+                    LINUX_NET_CMDLINE,
+                    "--disk",
+                    disk.to_str().unwrap(),
+                    "--net",
+                    &format!("tap=ftg0,mac={GUEST_MAC}"),
+                    "--snapshot-on-exit",
+                    snapshot.to_str().unwrap(),
+                    "--serial-input",
+                    "none",
+                ])
+                .timeout(Duration::from_secs(600))
+                .run_until_output(LINUX_PROMPT);
+            run.assert_code(0);
+            assert!(
+                run.stdout.contains("ftvmm-guest: eth0 10.240.0.100/16"),
+                "the guest did not configure its NIC:\n{}",
+                run.stdout
+            );
+            std::fs::write(&out, &run.stdout).unwrap();
+            std::fs::write(&stamp, &key).unwrap();
+            Some(LinuxReady {
+                snapshot,
+                disk,
+                boot_output: run.stdout,
+            })
+        })
+        .as_ref()
+}
+
+/// The command line of the networked Linux guest.
+pub const LINUX_NET_CMDLINE: &str = "console=ttyS0 panic=-1 ftvmm.ip=10.240.0.100/16";

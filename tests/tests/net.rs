@@ -1,0 +1,231 @@
+//! virtio-net under fault tolerance, on simulated hosts (tests/src/lib.rs `Hosts`): the primary
+//! on host 0 and the backup on host 1, each with a tap for the guest's NIC bridged to the guest
+//! LAN, and a client on host 2. The guest is the Linux guest booted once with a NIC
+//! (`linux_net_ready`), serving echo (7), a checksumming sink (9), a counting source (19) and
+//! HTTP (80) at 10.240.0.100; `tests/net_client.py` talks to them and checks every byte.
+//!
+//! `FTVMM_NET_TRIALS=N` runs N failover trials of the transfers instead of the default.
+
+use ftvmm_tests::{
+    key_file, linux_images, linux_net_ready, root, scratch, Ftvmm, Hosts, Proc, GUEST_IP,
+    GUEST_MAC, LINUX_NET_CMDLINE,
+};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const PORT: u16 = 7000;
+
+struct NetPair {
+    p: Proc,
+    b: Proc,
+    // Dropped last: the processes above die before their namespaces go.
+    hosts: Hosts,
+}
+
+fn machine(disk: &Path) -> Option<Vec<String>> {
+    let (k, i) = linux_images()?;
+    Some(
+        [
+            "--kernel",
+            k.to_str().unwrap(),
+            "--initrd",
+            i.to_str().unwrap(),
+            "--cmdline",
+            LINUX_NET_CMDLINE,
+            "--disk",
+            disk.to_str().unwrap(),
+            "--net",
+            &format!("tap=tapg,mac={GUEST_MAC}"),
+            "--log-level",
+            "info",
+        ]
+        .map(String::from)
+        .to_vec(),
+    )
+}
+
+fn net_pair(tag: &str) -> Option<NetPair> {
+    let ready = linux_net_ready()?;
+    let dir = scratch(&format!("net-{tag}"));
+    let disk = dir.join("disk.img");
+    std::fs::copy(&ready.disk, &disk).unwrap();
+    let key = key_file(&dir, "key", 31);
+    let lock = format!("file:{}", dir.join("pair.lock").display());
+    let hosts = Hosts::new(tag, 3);
+    hosts.add_guest_tap(0, "tapg");
+    hosts.add_guest_tap(1, "tapg");
+    hosts.add_guest_lan_addr(2, "10.240.0.2/16");
+    let m = machine(&disk)?;
+    let p = Ftvmm::raw(&["--role", "primary"])
+        .in_netns(hosts.ns(0))
+        .args(["--listen", &format!("{}:{PORT}", hosts.addr(0))])
+        .args(["--key-file", key.to_str().unwrap(), "--lock", &lock])
+        .args([
+            "--restore",
+            ready.snapshot.to_str().unwrap(),
+            "--serial-input",
+            "none",
+        ])
+        .args(&m)
+        .spawn();
+    assert!(
+        p.wait_stderr("listening for a backup", Duration::from_secs(60)),
+        "{}",
+        p.stderr()
+    );
+    let b = Ftvmm::raw(&["--role", "backup"])
+        .in_netns(hosts.ns(1))
+        .args(["--primary", &format!("{}:{PORT}", hosts.addr(0))])
+        .args(["--listen", &format!("{}:{PORT}", hosts.addr(1))])
+        .args(["--key-file", key.to_str().unwrap(), "--lock", &lock])
+        .args(["--serial-input", "none"])
+        .args(&m)
+        .spawn();
+    assert!(
+        p.wait_stderr(" attached: ", Duration::from_secs(90)),
+        "the backup never attached:\n{}\n{}",
+        p.stderr(),
+        b.stderr()
+    );
+    Some(NetPair { p, b, hosts })
+}
+
+/// Runs the test client on host 2 (in the background).
+fn client(hosts: &Hosts, args: &[&str]) -> Child {
+    let script = root().join("tests/net_client.py");
+    Command::new("ip")
+        .args(["netns", "exec", hosts.ns(2), "python3"])
+        .arg(script)
+        .arg(GUEST_IP)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run the test client")
+}
+
+fn finish(c: Child) -> (bool, String) {
+    let out = c.wait_with_output().expect("client");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+fn ping(hosts: &Hosts) -> bool {
+    Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            hosts.ns(2),
+            "ping",
+            "-c",
+            "3",
+            "-W",
+            "5",
+            GUEST_IP,
+        ])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+#[test]
+fn the_guest_answers_ping_and_serves_tcp_under_ft() {
+    let Some(pair) = net_pair("nb") else {
+        return;
+    };
+    assert!(ping(&pair.hosts), "no answer to ping");
+    for args in [
+        &["echo", "20"][..],
+        &["sink", "50000"],
+        &["source", "50000"],
+        &["http"],
+    ] {
+        let (ok, out) = finish(client(&pair.hosts, args));
+        assert!(ok, "{args:?}: {out}\n{}", pair.p.stderr());
+    }
+    // The backup sent nothing on its own tap while it followed.
+    assert!(pair.b.stdout().is_empty());
+}
+
+fn trials() -> usize {
+    std::env::var("FTVMM_NET_TRIALS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10)
+}
+
+/// Transfers both ways and a request/response stream, with the primary's host dying in the
+/// middle: each must complete with every byte right, on the backup now live.
+#[test]
+fn tcp_connections_survive_the_primary_host_dying() {
+    for trial in 0..trials() {
+        let Some(pair) = net_pair(&format!("nf{trial}")) else {
+            return;
+        };
+        let up = client(&pair.hosts, &["sink", "120000"]);
+        let down = client(&pair.hosts, &["source", "120000"]);
+        let talk = client(&pair.hosts, &["echo", "60"]);
+        let ms = 300 + (trial as u64 * 613) % 1500;
+        std::thread::sleep(Duration::from_millis(ms));
+        pair.p.signal(libc::SIGKILL);
+        assert!(
+            pair.b
+                .wait_stderr("LIVE: took over", Duration::from_secs(60)),
+            "trial {trial}: the backup never went live:\n{}",
+            pair.b.stderr()
+        );
+        assert!(
+            pair.b.stderr().contains("gratuitous ARP"),
+            "trial {trial}: {}",
+            pair.b.stderr()
+        );
+        let start = Instant::now();
+        for (what, c) in [
+            ("guest<-client", up),
+            ("guest->client", down),
+            ("echo", talk),
+        ] {
+            let (ok, out) = finish(c);
+            assert!(
+                ok,
+                "trial {trial} (kill after {ms} ms): {what}: {out}\n--- backup ---\n{}",
+                pair.b.stderr()
+            );
+        }
+        assert!(start.elapsed() < Duration::from_secs(400));
+    }
+}
+
+#[test]
+fn a_standalone_guest_has_the_same_nic() {
+    let Some(ready) = linux_net_ready() else {
+        return;
+    };
+    let dir = scratch("net-standalone");
+    let disk = dir.join("disk.img");
+    std::fs::copy(&ready.disk, &disk).unwrap();
+    let hosts = Hosts::new("ns", 3);
+    hosts.add_guest_tap(0, "tapg");
+    hosts.add_guest_lan_addr(2, "10.240.0.2/16");
+    let vm = Ftvmm::raw(&["--role", "standalone"])
+        .in_netns(hosts.ns(0))
+        .args([
+            "--restore",
+            ready.snapshot.to_str().unwrap(),
+            "--serial-input",
+            "none",
+        ])
+        .args(machine(&disk).unwrap())
+        .spawn();
+    std::thread::sleep(Duration::from_millis(500));
+    let (ok, out) = finish(client(&hosts, &["echo", "5"]));
+    assert!(ok, "{out}\n{}", vm.stderr());
+    let (ok, out) = finish(client(&hosts, &["http"]));
+    assert!(ok, "{out}");
+    drop(vm);
+}
