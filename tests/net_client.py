@@ -37,7 +37,9 @@ def main():
         n = int(sys.argv[3])
         s = connect(addr, 7)
         f = s.makefile('rwb', buffering=0)
+        lat = []
         for i in range(n):
+            t0 = time.time()
             line = f'request {i} {random.getrandbits(64):016x}\n'.encode()
             f.write(line)
             got = b''
@@ -50,7 +52,10 @@ def main():
             if got != line:
                 print(f'FAIL echo: request {i}: sent {line!r}, got {got!r}')
                 return 1
-        print(f'OK echo {n} lines in {time.time() - start:.1f} s')
+            lat.append(time.time() - t0)
+        lat.sort()
+        p50, p99 = lat[len(lat) // 2], lat[min(len(lat) - 1, int(len(lat) * 0.99))]
+        print(f'OK echo {n} lines in {time.time() - start:.1f} s p50_ms={p50 * 1e3:.1f} p99_ms={p99 * 1e3:.1f}')
     elif what == 'sink':
         n = int(sys.argv[3])
         data = random.randbytes(n)
