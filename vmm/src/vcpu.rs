@@ -301,7 +301,7 @@ impl Vcpu {
                             if boundary.wants_checkpoints() {
                                 return Ok(Event::Checkpoint);
                             }
-                            self.kick_inputs(platform, boundary)?;
+                            self.kick_inputs(platform, mem, boundary)?;
                         }
                     }
                 }
@@ -373,12 +373,16 @@ impl Vcpu {
     }
 
     /// Delivers the inputs due at a kick (after the checkpoint that makes the point
-    /// reproducible, when there is one).
+    /// reproducible, when there is one). The breakpoints follow the guest here too: a replay
+    /// that restores the checkpoint computes them from the restored state, so the recording
+    /// must have them from the same state.
     pub fn kick_inputs(
         &mut self,
         platform: &mut Platform,
+        mem: &GuestMemoryMmap,
         boundary: &mut dyn Boundary,
     ) -> Result<(), VcpuError> {
+        self.follow_debug(mem)?;
         self.inputs(Point::Kick, platform, boundary, true)
     }
 
@@ -514,6 +518,14 @@ impl Vcpu {
         mem: &GuestMemoryMmap,
         boundary: &mut dyn Boundary,
     ) -> Result<(), VcpuError> {
+        self.follow_debug(mem)?;
+        self.inputs(Point::Exit, platform, boundary, true)
+    }
+
+    /// Moves the breakpoints with the guest: the TSC site that shares a register during boot,
+    /// and the SYSCALL completion's #PF entry. Only at points a replay finds again (synchronous
+    /// exits, checkpoints); a restore recomputes them from the restored state.
+    fn follow_debug(&mut self, mem: &GuestMemoryMmap) -> Result<(), VcpuError> {
         if self.tsc.follow(mem) {
             self.debug.set_tsc_sites(&self.tsc.addresses());
             kvm("KVM_SET_GUEST_DEBUG", self.debug.apply(&self.fd))?;
@@ -521,7 +533,7 @@ impl Vcpu {
         if let Some(fix) = &mut self.syscall_fix {
             fix.follow_guest(&self.fd, mem, &mut self.debug)?;
         }
-        self.inputs(Point::Exit, platform, boundary, true)
+        Ok(())
     }
 
     /// The guest is halted with interrupts on: wait for inputs until an interrupt is pending.

@@ -459,12 +459,14 @@ impl Vm {
                     self.stats.bytes += bytes.len() as u64;
                     self.stats.max_pause = self.stats.max_pause.max(pause);
                     self.stats.total_pause += pause;
-                    self.vcpu.kick_inputs(&mut self.platform, boundary)?;
+                    self.vcpu
+                        .kick_inputs(&mut self.platform, &self.mem, boundary)?;
                 }
                 Event::Restore(bytes) => {
                     let snap = Snapshot::decode(&bytes)?;
                     self.restore(&snap)?;
-                    self.vcpu.kick_inputs(&mut self.platform, boundary)?;
+                    self.vcpu
+                        .kick_inputs(&mut self.platform, &self.mem, boundary)?;
                 }
                 Event::Control => {
                     if let Some(stop) = self.serve(control, kicker)? {
