@@ -101,7 +101,9 @@ pub const BOOT_FUNCTION: &str = "random_init";
 /// The kernel variable that says interrupts have not been enabled yet in this boot:
 /// `start_kernel()` sets it first thing and clears it right before its first
 /// `local_irq_enable()`, so no `add_interrupt_randomness()` can run while it is set. The VMM
-/// reads it (a byte of guest RAM) at every synchronous exit and after a restore.
+/// reads it (a byte of guest RAM) at every synchronous exit, at checkpoints and after a
+/// restore, at the guest-physical address its ELF segment was loaded to: the VMM boots the
+/// `vmlinux` itself, with no decompressor to relocate it, so the kernel runs where it is linked.
 pub const BOOT_FLAG: &str = "early_boot_irqs_disabled";
 
 const RDTSC: [u8; 2] = [0x0f, 0x31];
