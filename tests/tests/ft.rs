@@ -36,7 +36,9 @@ fn timeout_unless_given(extra: &[&str]) -> Vec<String> {
 }
 
 fn primary(machine: &[String], key: &Path, extra: &[&str]) -> Proc {
+    // Both sides on one host CPU: see `Ftvmm::on_cpu` (user-space CPUID shows the host CPU here).
     Ftvmm::raw(&["--role", "primary", "--listen", "127.0.0.1:0"])
+        .on_cpu(0)
         .args(["--key-file", key.to_str().unwrap(), "--log-level", "info"])
         .args(machine)
         .args(extra)
@@ -68,6 +70,7 @@ fn backup_env(
     env: &[(&str, &str)],
 ) -> Proc {
     Ftvmm::raw(&["--role", "backup", "--primary", addr])
+        .on_cpu(0)
         .args(["--key-file", key.to_str().unwrap(), "--log-level", "info"])
         .args(machine)
         .args(extra)

@@ -192,7 +192,9 @@ fn a_snapshot_taken_mid_run_finishes_in_a_fresh_process() {
 #[test]
 fn checkpoints_after_mmio_reads_replay_exactly() {
     let dir = scratch("replay-readspin");
-    let (rec, log) = record("readspin", &dir, &[], None);
+    // Each compute stretch of the guest is ~10k emulated instructions (~8 ms here): a short
+    // quantum makes sure kicks land in them whatever the machine's speed.
+    let (rec, log) = record("readspin", &dir, &["--quantum", "2ms"], None);
     // The log must hold the case: a checkpoint whose preceding exit is an MMIO read.
     let file = std::fs::File::open(&log).unwrap();
     let (mut reader, _) = LogReader::new(std::io::BufReader::new(file)).unwrap();
