@@ -642,62 +642,78 @@ fn file_key(p: &Path) -> String {
     format!("{}-{mtime}", m.len())
 }
 
-/// Boots the Linux guest once and keeps the snapshot at its prompt under target/, shared by
-/// every test binary (and reused by later runs) as long as ftvmm, the kernel and the
-/// initramfs are unchanged: CI boots Linux once.
+/// Boots a Linux guest once to its shell prompt and keeps the snapshot under
+/// target/test-scratch/`name`, shared by every test binary (and reused by later runs) as long
+/// as ftvmm, the kernel and the initramfs are unchanged. `boot` runs the boot (ftvmm with its
+/// images, a blank 16 MiB disk and the snapshot path) and checks it.
+fn boot_once(
+    name: &str,
+    boot: impl FnOnce(&Path, &Path, &Path, &Path) -> Run,
+) -> Option<LinuxReady> {
+    let (kernel, initrd) = linux_images()?;
+    let key = format!(
+        "{}_{}_{}",
+        file_key(&ftvmm_bin()),
+        file_key(&kernel),
+        file_key(&initrd)
+    );
+    let dir = root().join("target/test-scratch").join(name);
+    let (snapshot, disk, out, stamp) = (
+        dir.join("ready.snap"),
+        dir.join("disk.img"),
+        dir.join("boot.out"),
+        dir.join("key"),
+    );
+    if std::fs::read_to_string(&stamp).ok().as_deref() == Some(key.as_str()) && snapshot.exists() {
+        return Some(LinuxReady {
+            snapshot,
+            disk,
+            boot_output: std::fs::read_to_string(&out).unwrap_or_default(),
+        });
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(&disk, vec![0u8; 16 << 20]).unwrap();
+    let run = boot(&kernel, &initrd, &disk, &snapshot);
+    run.assert_code(0);
+    assert!(snapshot.exists(), "no snapshot saved:\n{}", run.stderr);
+    std::fs::write(&out, &run.stdout).unwrap();
+    std::fs::write(&stamp, &key).unwrap();
+    Some(LinuxReady {
+        snapshot,
+        disk,
+        boot_output: run.stdout,
+    })
+}
+
+/// The arguments of a Linux boot that stops at the prompt with a snapshot.
+fn boot_args(initrd: &Path, cmdline: &str, disk: &Path, snapshot: &Path) -> Vec<String> {
+    [
+        "--initrd",
+        initrd.to_str().unwrap(),
+        "--cmdline",
+        cmdline,
+        "--disk",
+        disk.to_str().unwrap(),
+        "--snapshot-on-exit",
+        snapshot.to_str().unwrap(),
+        "--serial-input",
+        "none",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+/// The Linux guest booted to its shell prompt and saved (see `boot_once`): CI boots it once.
 pub fn linux_ready() -> Option<&'static LinuxReady> {
     static READY: std::sync::OnceLock<Option<LinuxReady>> = std::sync::OnceLock::new();
     READY
         .get_or_init(|| {
-            let (kernel, initrd) = linux_images()?;
-            let key = format!(
-                "{}_{}_{}",
-                file_key(&ftvmm_bin()),
-                file_key(&kernel),
-                file_key(&initrd)
-            );
-            let dir = root().join("target/test-scratch/linux-ready");
-            let (snapshot, disk, out) = (
-                dir.join("ready.snap"),
-                dir.join("disk.img"),
-                dir.join("boot.out"),
-            );
-            let stamp = dir.join("key");
-            if std::fs::read_to_string(&stamp).ok().as_deref() == Some(key.as_str())
-                && snapshot.exists()
-            {
-                return Some(LinuxReady {
-                    snapshot,
-                    disk,
-                    boot_output: std::fs::read_to_string(&out).unwrap_or_default(),
-                });
-            }
-            let _ = std::fs::remove_dir_all(&dir);
-            std::fs::create_dir_all(&dir).unwrap();
-            std::fs::write(&disk, vec![0u8; 16 << 20]).unwrap();
-            let run = Ftvmm::standalone(&kernel)
-                .args([
-                    "--initrd",
-                    initrd.to_str().unwrap(),
-                    "--cmdline",
-                    LINUX_CMDLINE,
-                    "--disk",
-                    disk.to_str().unwrap(),
-                    "--snapshot-on-exit",
-                    snapshot.to_str().unwrap(),
-                    "--serial-input",
-                    "none",
-                ])
-                .timeout(Duration::from_secs(600))
-                .run_until_output(LINUX_PROMPT);
-            run.assert_code(0);
-            assert!(snapshot.exists(), "no snapshot saved:\n{}", run.stderr);
-            std::fs::write(&out, &run.stdout).unwrap();
-            std::fs::write(&stamp, &key).unwrap();
-            Some(LinuxReady {
-                snapshot,
-                disk,
-                boot_output: run.stdout,
+            boot_once("linux-ready", |kernel, initrd, disk, snapshot| {
+                Ftvmm::standalone(kernel)
+                    .args(boot_args(initrd, LINUX_CMDLINE, disk, snapshot))
+                    .timeout(Duration::from_secs(600))
+                    .run_until_output(LINUX_PROMPT)
             })
         })
         .as_ref()
@@ -854,65 +870,22 @@ pub fn linux_net_ready() -> Option<&'static LinuxReady> {
     static READY: std::sync::OnceLock<Option<LinuxReady>> = std::sync::OnceLock::new();
     READY
         .get_or_init(|| {
-            let (kernel, initrd) = linux_images()?;
-            let key = format!(
-                "{}_{}_{}",
-                file_key(&ftvmm_bin()),
-                file_key(&kernel),
-                file_key(&initrd)
-            );
-            let dir = root().join("target/test-scratch/linux-net-ready");
-            let (snapshot, disk, out, stamp) = (
-                dir.join("ready.snap"),
-                dir.join("disk.img"),
-                dir.join("boot.out"),
-                dir.join("key"),
-            );
-            if std::fs::read_to_string(&stamp).ok().as_deref() == Some(key.as_str())
-                && snapshot.exists()
-            {
-                return Some(LinuxReady {
-                    snapshot,
-                    disk,
-                    boot_output: std::fs::read_to_string(&out).unwrap_or_default(),
-                });
-            }
-            let _ = std::fs::remove_dir_all(&dir);
-            std::fs::create_dir_all(&dir).unwrap();
-            std::fs::write(&disk, vec![0u8; 16 << 20]).unwrap();
-            // A host of its own, with a tap nobody reads: the boot needs the NIC to exist.
-            let hosts = Hosts::new("boot", 1);
-            hosts.add_guest_tap(0, "ftg0");
-            let run = Ftvmm::standalone(&kernel)
-                .in_netns(hosts.ns(0))
-                .args([
-                    "--initrd",
-                    initrd.to_str().unwrap(),
-                    "--cmdline",
-                    LINUX_NET_CMDLINE,
-                    "--disk",
-                    disk.to_str().unwrap(),
-                    "--net",
-                    &format!("tap=ftg0,mac={GUEST_MAC}"),
-                    "--snapshot-on-exit",
-                    snapshot.to_str().unwrap(),
-                    "--serial-input",
-                    "none",
-                ])
-                .timeout(Duration::from_secs(600))
-                .run_until_output(LINUX_PROMPT);
-            run.assert_code(0);
-            assert!(
-                run.stdout.contains("ftvmm-guest: eth0 10.240.0.100/16"),
-                "the guest did not configure its NIC:\n{}",
-                run.stdout
-            );
-            std::fs::write(&out, &run.stdout).unwrap();
-            std::fs::write(&stamp, &key).unwrap();
-            Some(LinuxReady {
-                snapshot,
-                disk,
-                boot_output: run.stdout,
+            boot_once("linux-net-ready", |kernel, initrd, disk, snapshot| {
+                // A host of its own, with a tap nobody reads: the boot needs the NIC to exist.
+                let hosts = Hosts::new("boot", 1);
+                hosts.add_guest_tap(0, "ftg0");
+                let run = Ftvmm::standalone(kernel)
+                    .in_netns(hosts.ns(0))
+                    .args(boot_args(initrd, LINUX_NET_CMDLINE, disk, snapshot))
+                    .args(["--net", &format!("tap=ftg0,mac={GUEST_MAC}")])
+                    .timeout(Duration::from_secs(600))
+                    .run_until_output(LINUX_PROMPT);
+                assert!(
+                    run.stdout.contains("ftvmm-guest: eth0 10.240.0.100/16"),
+                    "the guest did not configure its NIC:\n{}",
+                    run.stdout
+                );
+                run
             })
         })
         .as_ref()
