@@ -616,6 +616,26 @@ pub fn linux_images() -> Option<(PathBuf, PathBuf)> {
     Some((k, i))
 }
 
+/// The machine flags of the Linux guest with `cmdline` and `disk` (its kernel and initramfs
+/// from [`linux_images`]); None when the Linux tests are skipped.
+pub fn linux_machine(cmdline: &str, disk: &Path) -> Option<Vec<String>> {
+    let (k, i) = linux_images()?;
+    Some(
+        [
+            "--kernel",
+            k.to_str().unwrap(),
+            "--initrd",
+            i.to_str().unwrap(),
+            "--cmdline",
+            cmdline,
+            "--disk",
+            disk.to_str().unwrap(),
+        ]
+        .map(String::from)
+        .to_vec(),
+    )
+}
+
 /// The command line every Linux test uses.
 pub const LINUX_CMDLINE: &str = "console=ttyS0 panic=-1";
 /// The Linux guest's shell prompt.

@@ -10,7 +10,7 @@
 //! `FTVMM_FAILOVER_TRIALS=N` runs N kill trials of each Linux workload instead of the default.
 
 use ftvmm_tests::{
-    ctl_status, json_number, key_file, linux_images, linux_ready, scratch, test_guest, Ftvmm,
+    ctl_status, json_number, key_file, linux_machine, linux_ready, scratch, test_guest, Ftvmm,
     Hosts, Proc, Run, LINUX_CMDLINE,
 };
 use std::path::{Path, PathBuf};
@@ -459,23 +459,11 @@ impl Drop for Etcd {
 // --- Linux workloads ----------------------------------------------------------------------
 
 fn linux_pair<'h>(hosts: &'h Hosts, dir: &Path, disk: &Path) -> Option<Pair<'h>> {
-    let (k, i) = linux_images()?;
     Some(Pair {
         hosts,
         key: key_file(dir, "key", 22),
         lock: file_lock(dir),
-        machine: [
-            "--kernel",
-            k.to_str().unwrap(),
-            "--initrd",
-            i.to_str().unwrap(),
-            "--cmdline",
-            LINUX_CMDLINE,
-            "--disk",
-            disk.to_str().unwrap(),
-        ]
-        .map(String::from)
-        .to_vec(),
+        machine: linux_machine(LINUX_CMDLINE, disk)?,
         extra: vec![],
     })
 }

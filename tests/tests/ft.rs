@@ -406,21 +406,7 @@ struct LinuxPair {
 }
 
 fn linux_machine(disk: &Path) -> Option<Vec<String>> {
-    let (k, i) = ftvmm_tests::linux_images()?;
-    Some(
-        [
-            "--kernel",
-            k.to_str().unwrap(),
-            "--initrd",
-            i.to_str().unwrap(),
-            "--cmdline",
-            LINUX_CMDLINE,
-            "--disk",
-            disk.to_str().unwrap(),
-        ]
-        .map(String::from)
-        .to_vec(),
-    )
+    ftvmm_tests::linux_machine(LINUX_CMDLINE, disk)
 }
 
 fn linux_pair(name: &str, primary_extra: &[&str]) -> Option<LinuxPair> {

@@ -7,7 +7,7 @@
 //! `FTVMM_NET_TRIALS=N` runs N failover trials of the transfers instead of the default.
 
 use ftvmm_tests::{
-    key_file, linux_images, linux_net_ready, root, scratch, Ftvmm, Hosts, Proc, GUEST_IP,
+    key_file, linux_machine, linux_net_ready, root, scratch, Ftvmm, Hosts, Proc, GUEST_IP,
     GUEST_MAC, LINUX_NET_CMDLINE,
 };
 use std::path::Path;
@@ -24,25 +24,14 @@ struct NetPair {
 }
 
 fn machine(disk: &Path) -> Option<Vec<String>> {
-    let (k, i) = linux_images()?;
-    Some(
-        [
-            "--kernel",
-            k.to_str().unwrap(),
-            "--initrd",
-            i.to_str().unwrap(),
-            "--cmdline",
-            LINUX_NET_CMDLINE,
-            "--disk",
-            disk.to_str().unwrap(),
-            "--net",
-            &format!("tap=tapg,mac={GUEST_MAC}"),
-            "--log-level",
-            "info",
-        ]
-        .map(String::from)
-        .to_vec(),
-    )
+    let mut m = linux_machine(LINUX_NET_CMDLINE, disk)?;
+    m.extend([
+        "--net".to_string(),
+        format!("tap=tapg,mac={GUEST_MAC}"),
+        "--log-level".to_string(),
+        "info".to_string(),
+    ]);
+    Some(m)
 }
 
 fn net_pair(tag: &str) -> Option<NetPair> {
