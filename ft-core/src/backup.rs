@@ -203,7 +203,7 @@ impl BackupLink {
                     let bytes = match unpack_batch(&bytes) {
                         Ok(b) => b,
                         Err(e) => {
-                            self.end(format!("the primary sent a log batch that {e}"), true);
+                            self.end(format!("the primary sent a bad log batch: {e}"), true);
                             return;
                         }
                     };
@@ -270,21 +270,9 @@ impl BackupLink {
 const ACK_PERIOD: Duration = Duration::from_millis(20);
 
 /// A `Log` message's bytes are the frames LZ4-compressed (block format, uncompressed size
-/// first); a claim above what LZ4 can expand to, or above the largest frame, is refused before
-/// allocating.
+/// first), at most one frame of the largest size and then some.
 fn unpack_batch(packed: &[u8]) -> Result<Vec<u8>, String> {
-    let claimed = packed
-        .get(..4)
-        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
-        .ok_or("is shorter than its size prefix")?;
-    let most = (packed.len() - 4).saturating_mul(255).saturating_add(16);
-    if claimed > most || claimed > crate::log::MAX_FRAME as usize + (1 << 20) {
-        return Err(format!(
-            "claims {claimed} bytes from {} compressed",
-            packed.len()
-        ));
-    }
-    lz4_flex::decompress_size_prepended(packed).map_err(|e| format!("does not decompress: {e}"))
+    crate::log::unpack_lz4(packed, crate::log::MAX_FRAME as usize + (1 << 20))
 }
 
 /// Whether a batch of log frames holds a record that produces an output (Output, DiskWrite,

@@ -180,16 +180,32 @@ pub fn pack_disk_data(data: &[u8]) -> Vec<u8> {
 
 /// Decompresses [`Record::DiskRead`] data, refusing a claimed size above [`MAX_DISK_READ`].
 pub fn unpack_disk_data(packed: &[u8]) -> Result<Vec<u8>, String> {
+    unpack_lz4(packed, MAX_DISK_READ).map_err(|e| format!("disk read data: {e}"))
+}
+
+/// Decompresses an LZ4 block that starts with its uncompressed size (u32 little-endian), as
+/// `lz4_flex::compress_prepend_size` makes it. Whatever sent it may be hostile: a claimed size
+/// above `max`, or above what LZ4 can expand the rest to (255 times: one token byte, then
+/// length bytes of 255), is refused before anything is allocated. The one check for snapshots,
+/// transfer messages, log batches and disk-read data.
+pub fn unpack_lz4(packed: &[u8], max: usize) -> Result<Vec<u8>, String> {
     let claimed = packed
         .get(..4)
         .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
-        .ok_or("disk read data shorter than its size prefix")?;
-    if claimed > MAX_DISK_READ {
+        .ok_or("shorter than its size prefix")?;
+    if claimed > max {
         return Err(format!(
-            "disk read claims {claimed} bytes, more than {MAX_DISK_READ}"
+            "claims {claimed} bytes uncompressed, more than {max}"
         ));
     }
-    lz4_flex::decompress_size_prepended(packed).map_err(|e| format!("disk read data: {e}"))
+    let most = (packed.len() - 4).saturating_mul(255).saturating_add(16);
+    if claimed > most {
+        return Err(format!(
+            "claims {claimed} bytes uncompressed from {} compressed, more than LZ4 can expand to",
+            packed.len() - 4
+        ));
+    }
+    lz4_flex::decompress_size_prepended(packed).map_err(|e| format!("LZ4: {e}"))
 }
 
 /// Where a recorder's records go: a log file, or the logging channel to a backup. Each record

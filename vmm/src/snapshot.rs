@@ -425,28 +425,9 @@ impl Snapshot {
 
     /// Decodes what [`Snapshot::encode`] made.
     pub fn decode(bytes: &[u8]) -> Result<Snapshot, SnapshotError> {
-        // The size prefix is checked against a bound before anything is allocated: a corrupt
-        // or hostile prefix must not make the VMM allocate gigabytes.
-        let claimed = bytes
-            .get(..4)
-            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
-            .ok_or_else(|| SnapshotError::Decode("shorter than its size prefix".into()))?;
-        if claimed > MAX_SNAPSHOT_BYTES {
-            return Err(SnapshotError::Decode(format!(
-                "claims {claimed} bytes uncompressed, more than {MAX_SNAPSHOT_BYTES}"
-            )));
-        }
-        // An LZ4 block expands at most 255 times (one token byte then length bytes of 255):
-        // a larger claim is a lie, refused before the claimed buffer is allocated.
-        let most = (bytes.len() - 4).saturating_mul(255).saturating_add(16);
-        if claimed > most {
-            return Err(SnapshotError::Decode(format!(
-                "claims {claimed} bytes uncompressed from {} compressed, more than LZ4 can expand to",
-                bytes.len() - 4
-            )));
-        }
-        let raw = lz4_flex::decompress_size_prepended(bytes)
-            .map_err(|e| SnapshotError::Decode(format!("LZ4: {e}")))?;
+        // A corrupt or hostile size prefix must not make the VMM allocate gigabytes.
+        let raw =
+            ft_core::log::unpack_lz4(bytes, MAX_SNAPSHOT_BYTES).map_err(SnapshotError::Decode)?;
         postcard::from_bytes(&raw).map_err(|e| SnapshotError::Decode(e.to_string()))
     }
 

@@ -52,19 +52,8 @@ impl TransferMsg {
 
     /// Decodes what [`TransferMsg::encode`] made, refusing impossible sizes before allocating.
     pub fn decode(bytes: &[u8]) -> Result<TransferMsg, String> {
-        let claimed = bytes
-            .get(..4)
-            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
-            .ok_or("transfer message shorter than its size prefix")?;
-        let most = (bytes.len() - 4).saturating_mul(255).saturating_add(16);
-        if claimed > MAX_MESSAGE || claimed > most {
-            return Err(format!(
-                "transfer message claims {claimed} bytes from {} compressed",
-                bytes.len() - 4
-            ));
-        }
-        let raw = lz4_flex::decompress_size_prepended(bytes)
-            .map_err(|e| format!("transfer message: LZ4: {e}"))?;
+        let raw = ft_core::log::unpack_lz4(bytes, MAX_MESSAGE)
+            .map_err(|e| format!("transfer message: {e}"))?;
         postcard::from_bytes(&raw).map_err(|e| format!("transfer message: {e}"))
     }
 }
