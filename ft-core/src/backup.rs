@@ -26,6 +26,8 @@ struct Queue {
     ended_at: Option<Instant>,
     last_message: Instant,
     bytes: u64,
+    /// The epoch of a planned switchover ([`Msg::Handover`]): the stream ended by it.
+    handover: Option<u64>,
 }
 
 /// The backup's end of a pair's stream.
@@ -61,6 +63,7 @@ impl BackupLink {
                 ended_at: None,
                 last_message: Instant::now(),
                 bytes: 0,
+                handover: None,
             }),
             arrived: Condvar::new(),
             received: AtomicU64::new(0),
@@ -130,6 +133,12 @@ impl BackupLink {
             }
             _ => None,
         }
+    }
+
+    /// The primary's epoch, when the stream ended by a planned switchover: this side is to go
+    /// live at its end.
+    pub fn handover(&self) -> Option<u64> {
+        self.queue().handover
     }
 
     /// Asks the primary for a full snapshot to carry on from (after a divergence).
@@ -246,6 +255,11 @@ impl BackupLink {
                 }
                 Msg::Refused { reason } => {
                     self.end(format!("the primary refused: {reason}"), false);
+                    return;
+                }
+                Msg::Handover { epoch } => {
+                    self.queue().handover = Some(epoch);
+                    self.end("the primary handed the guest over".into(), false);
                     return;
                 }
                 other => {

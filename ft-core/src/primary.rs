@@ -92,6 +92,9 @@ pub enum Mode {
     Arbitrating,
     /// This side lost the lock (or cannot reach it): nothing more ever leaves.
     Fenced,
+    /// A planned switchover: the guest is paused, everything it produced has left, and the
+    /// backup is going live. Nothing leaves from here ([`Link::begin_handover`]).
+    HandedOver,
 }
 
 struct State {
@@ -222,7 +225,9 @@ impl Link {
     pub fn detach(&self, why: &str) {
         let mut s = self.lock();
         if let Some((_, conn)) = s.conn.take() {
-            if self.arbitrated {
+            if s.mode == Mode::HandedOver {
+                // The backup went live (or is going live) by a switchover: not a loss.
+            } else if self.arbitrated {
                 tracing::warn!(
                     "backup {} lost ({why}): output held until the lock decides",
                     conn.peer_addr()
@@ -290,6 +295,37 @@ impl Link {
         self.changed.notify_all();
     }
 
+    /// A planned switchover begins: call with the guest paused, its log flushed and nothing
+    /// held. From here nothing leaves this side; the backup goes live at the stream's end.
+    pub fn begin_handover(&self) {
+        let mut s = self.lock();
+        s.mode = Mode::HandedOver;
+        self.protected.store(false, Ordering::Release);
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.changed.notify_all();
+    }
+
+    /// The switchover did not complete (the backup did not confirm it went live): whether it
+    /// did is unknown, so the lock decides as when a backup is lost; without a lock this side
+    /// cannot rule out a live backup and is fenced.
+    pub fn handover_failed(&self, why: &str) {
+        let mut s = self.lock();
+        if let Some((_, conn)) = s.conn.take() {
+            conn.close(why);
+        }
+        s.lost = Some(why.to_string());
+        if self.arbitrated {
+            tracing::warn!("switchover failed ({why}): the lock decides which side runs");
+            s.mode = Mode::Arbitrating;
+            self.changed.notify_all();
+        } else {
+            drop(s);
+            self.fence(&format!(
+                "switchover failed ({why}) and without --lock this side cannot rule out a live backup"
+            ));
+        }
+    }
+
     /// The attached backup's connection.
     pub fn connection(&self) -> Option<Connection> {
         self.lock().conn.as_ref().map(|(_, c)| c.clone())
@@ -345,7 +381,7 @@ impl Link {
 
     fn releasable(&self, h: &Held, s: &State) -> bool {
         match s.mode {
-            Mode::Fenced | Mode::Arbitrating => return false,
+            Mode::Fenced | Mode::Arbitrating | Mode::HandedOver => return false,
             Mode::Unprotected => return true,
             Mode::Protected => {}
         }

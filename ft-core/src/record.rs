@@ -17,9 +17,16 @@ pub struct RecordCore {
     last_rip: u64,
     last_time: u64,
     exits: u64,
+    checkpoints: u64,
+    checkpoint_bytes: u64,
 }
 
 impl RecordCore {
+    /// Checkpoints written, and their bytes (as the VMM encoded them).
+    pub fn checkpoints(&self) -> (u64, u64) {
+        (self.checkpoints, self.checkpoint_bytes)
+    }
+
     fn write(&mut self, rec: &Record) -> Result<u64, BoundaryError> {
         Ok(self.sink.record(rec)?)
     }
@@ -69,6 +76,8 @@ impl<B: Boundary> Recorder<B> {
                 last_rip: 0,
                 last_time: 0,
                 exits: 0,
+                checkpoints: 0,
+                checkpoint_bytes: 0,
             })),
             rtc_epoch,
         })
@@ -201,9 +210,12 @@ impl<B: Boundary> Boundary for Recorder<B> {
     }
 
     fn checkpoint(&mut self, snapshot: &[u8]) -> Result<(), BoundaryError> {
-        lock(&self.core).write(&Record::Checkpoint {
+        let mut core = lock(&self.core);
+        core.write(&Record::Checkpoint {
             data: snapshot.to_vec(),
         })?;
+        core.checkpoints += 1;
+        core.checkpoint_bytes += snapshot.len() as u64;
         Ok(())
     }
 

@@ -79,6 +79,9 @@ pub struct KeptWrites {
     outputs: VecDeque<(u64, KeptOutput)>,
     bytes: u64,
     writes: usize,
+    /// The primary has released the outputs of every record below this: an output replayed
+    /// after the marker arrived is not kept.
+    released_below: u64,
 }
 
 fn kept_bytes(o: &KeptOutput) -> u64 {
@@ -97,6 +100,9 @@ impl KeptWrites {
 
     /// Keeps the output of record `seq`.
     pub fn keep_output(&mut self, seq: u64, out: KeptOutput) {
+        if seq < self.released_below {
+            return;
+        }
         self.bytes += kept_bytes(&out);
         if matches!(out, KeptOutput::DiskWrite { .. }) {
             self.writes += 1;
@@ -106,6 +112,7 @@ impl KeptWrites {
 
     /// Forgets the outputs of records below `seq`: the primary has released them.
     pub fn released(&mut self, seq: u64) {
+        self.released_below = self.released_below.max(seq);
         while self.outputs.front().is_some_and(|w| w.0 < seq) {
             if let Some((_, o)) = self.outputs.pop_front() {
                 self.bytes -= kept_bytes(&o);
@@ -449,6 +456,10 @@ impl<R: Read + Send + 'static> Boundary for Replayer<R> {
     fn wait(&mut self, _req: &WaitRequest) -> Result<Input, BoundaryError> {
         let mut core = lock(&self.core);
         core.check_pending()?;
+        // A run stopped (SIGTERM, `ctl stop`) while its guest waited in a halt ends here.
+        if matches!(core.next, Some(Record::End { .. })) {
+            return Err(BoundaryError::EndOfLog);
+        }
         if !matches!(core.next, Some(Record::Wake { .. })) {
             return Err(core.diverge("a halt waiting for input".into()));
         }
@@ -636,5 +647,25 @@ impl<R: Read + Send> Disk for ReplayDisk<R> {
                 .keep_output(seq, KeptOutput::DiskFlush);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outputs_the_primary_released_are_not_kept() {
+        let mut kept = KeptWrites::default();
+        kept.keep_output(3, KeptOutput::Serial(b"abc".to_vec()));
+        kept.keep(5, 512, vec![1; 512]);
+        kept.released(5);
+        assert_eq!(kept.len_bytes(), (1, 512));
+        // Replayed after the primary's marker arrived: already out, nothing to re-emit.
+        kept.keep_output(4, KeptOutput::Serial(b"late".to_vec()));
+        assert_eq!(kept.len_bytes(), (1, 512));
+        kept.keep_output(6, KeptOutput::Serial(b"new".to_vec()));
+        let seqs: Vec<u64> = kept.take().into_iter().map(|(s, _)| s).collect();
+        assert_eq!(seqs, [5, 6]);
     }
 }

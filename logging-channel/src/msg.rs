@@ -51,6 +51,14 @@ pub enum Msg {
     Heartbeat,
     /// Clean close.
     Bye { reason: String },
+    /// Primary -> backup, a planned switchover: the primary has paused its guest, every log
+    /// frame and every `Released` marker went out before this, and its guest will never run
+    /// again unless this backup declines. The backup replays to the end of the stream, takes
+    /// the lock from `epoch` and goes live there.
+    Handover { epoch: u64 },
+    /// Backup -> primary: the backup went live after a [`Msg::Handover`] and accepts backups at
+    /// `listen` (a port on an unspecified address means the address the primary reached it at).
+    HandedOver { listen: String },
 }
 
 /// `msg` framed for the plaintext stream: `len: u32 LE` then `postcard(msg)`.
@@ -144,6 +152,10 @@ mod tests {
             Msg::Heartbeat,
             Msg::Bye {
                 reason: "done".into(),
+            },
+            Msg::Handover { epoch: 3 },
+            Msg::HandedOver {
+                listen: "10.0.0.2:7000".into(),
             },
         ]
     }

@@ -6,11 +6,11 @@
 
 use crate::cli::{machine_config, open_net, serial_sink, serial_source, Args, Failure};
 use crate::primary::{
-    ack_mode, channel_config, held_image, open_lock, ServiceParts, Services, TakeoverRecord,
-    FENCED_STATUS,
+    ack_mode, channel_config, end_as_primary, held_image, open_lock, ServiceParts, Services,
+    TakeoverRecord, FENCED_STATUS,
 };
 use crate::report;
-use crate::status::{ApiServer, StatusFn};
+use crate::status::{status_only, ApiServer, StatusFn, SwappableApi};
 use ft_core::backup::BackupLink;
 use ft_core::disk::Disk;
 use ft_core::disk::ImageFile;
@@ -22,7 +22,7 @@ use ft_core::record::Recorder;
 use ft_core::replay::{KeptOutput, KeptWrites, Progress, Replayer};
 use ft_core::takeover::{Decision, GoLive, LiveSide, SwitchPoint, Takeover};
 use ft_core::{Boundary, BoundaryError};
-use logging_channel::{connect, Listener, Msg, PROTOCOL_VERSION};
+use logging_channel::{connect, Connection, Listener, Msg, PROTOCOL_VERSION};
 use std::io::{self, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -219,6 +219,19 @@ pub(crate) fn run(args: &Args) -> Result<u8, Failure> {
         std::thread::Builder::new()
             .name("arbiter".into())
             .spawn(move || loop {
+                if let Some(theirs) = link.handover() {
+                    *lost_at.lock().unwrap_or_else(|e| e.into_inner()) =
+                        Some((Instant::now(), "planned switchover".into(), Duration::ZERO));
+                    let outcome = take_over(arbiter.as_deref(), epoch, theirs, &owner);
+                    if let Err(why) = &outcome {
+                        tracing::error!("switchover declined: {why}");
+                        let _ = link.connection().send(Msg::Refused {
+                            reason: why.clone(),
+                        });
+                    }
+                    decision.set(outcome);
+                    return;
+                }
                 if let Some((why, silence)) = link.lost() {
                     *lost_at.lock().unwrap_or_else(|e| e.into_inner()) =
                         Some((Instant::now(), why.clone(), silence));
@@ -243,6 +256,14 @@ pub(crate) fn run(args: &Args) -> Result<u8, Failure> {
         counters.clone(),
         epoch,
     )));
+    let dynamic_status: StatusFn = {
+        let current = status.clone();
+        Arc::new(move || {
+            let f = current.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            f()
+        })
+    };
+    let api = SwappableApi::new(status_only(dynamic_status.clone(), "backup"));
     let (handle, control) = vmm::control::channel();
     let services: Arc<Mutex<Option<Services>>> = Arc::new(Mutex::new(None));
     let go_live = go_live_builder(GoLiveParts {
@@ -258,6 +279,8 @@ pub(crate) fn run(args: &Args) -> Result<u8, Failure> {
         mem: vm.memory(),
         services: services.clone(),
         status: status.clone(),
+        api: api.clone(),
+        old_link: link.clone(),
         old_primary: addr.clone(),
         lost_at,
     });
@@ -265,17 +288,11 @@ pub(crate) fn run(args: &Args) -> Result<u8, Failure> {
     *slot.slot.lock().unwrap_or_else(|e| e.into_inner()) = boundary.disk(None, disk_size);
 
     vmm::kick::stop_on_signals().map_err(|e| format!("cannot install signal handlers: {e}"))?;
-    let _api = match &args.api_socket {
-        Some(path) => {
-            let current = status.clone();
-            let dynamic: StatusFn = Arc::new(move || {
-                let f = current.lock().unwrap_or_else(|e| e.into_inner()).clone();
-                f()
-            });
-            Some(ApiServer::start(path, dynamic)?)
-        }
+    let api_server = match &args.api_socket {
+        Some(path) => Some(ApiServer::start(path, api.api())?),
         None => None,
     };
+    let _metrics = crate::metrics::serve(args, dynamic_status)?;
     let result = loop {
         let result = vm.run(&mut boundary, &control);
         match result {
@@ -308,15 +325,9 @@ pub(crate) fn run(args: &Args) -> Result<u8, Failure> {
     let live_services = services.lock().unwrap_or_else(|e| e.into_inner()).take();
     if let Some(services) = live_services {
         // This process went live: it ends as the primary it became.
-        let fenced = services.shutdown(result.is_ok());
-        if let Some(why) = fenced {
-            let _ = report::finish(args, &mut vm, result);
-            return Err(Failure {
-                message: format!("this primary stopped: {why}"),
-                status: FENCED_STATUS,
-            });
-        }
-        return report::finish(args, &mut vm, result);
+        let ending = services.shutdown(result.is_ok());
+        drop(api_server);
+        return end_as_primary(args, &mut vm, result, ending);
     }
     match result {
         Err(VmError::Vcpu(VcpuError::Boundary(BoundaryError::Fenced { why })))
@@ -368,6 +379,24 @@ fn race(arbiter: Option<&dyn Arbiter>, epoch: u64, owner: &str, why: &str) -> Re
     }
 }
 
+/// A planned switchover: the primary handed the guest over at `theirs`, its epoch. With a lock
+/// this side still takes it (so that the old primary can never come back); without one the
+/// handover itself decides.
+fn take_over(
+    arbiter: Option<&dyn Arbiter>,
+    epoch: u64,
+    theirs: u64,
+    owner: &str,
+) -> Result<u64, String> {
+    if theirs != epoch {
+        tracing::warn!("the primary hands over at epoch {theirs}, this backup attached at {epoch}");
+    }
+    match arbiter {
+        Some(_) => race(arbiter, theirs, owner, "planned switchover"),
+        None => Ok(theirs),
+    }
+}
+
 /// What going live needs (moved into the closure the takeover boundary calls once).
 struct GoLiveParts {
     args: Args,
@@ -382,6 +411,10 @@ struct GoLiveParts {
     mem: vmm::memory::GuestMemoryMmap,
     services: Arc<Mutex<Option<Services>>>,
     status: Arc<Mutex<StatusFn>>,
+    api: SwappableApi,
+    /// The channel to the old primary, and whether it handed the guest over (then it waits
+    /// for [`Msg::HandedOver`] on it).
+    old_link: Arc<BackupLink>,
     old_primary: String,
     lost_at: Arc<Mutex<Option<(Instant, String, Duration)>>>,
 }
@@ -498,6 +531,9 @@ fn go_live_builder(p: GoLiveParts) -> GoLive {
         let listen = args.listen.clone().unwrap_or_else(|| "127.0.0.1:0".into());
         let listener = Listener::bind(&listen, channel_config(args)?)
             .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+        if p.old_link.handover().is_some() {
+            confirm_handover(p.old_link.connection(), &listener);
+        }
         let record = {
             let lost = p.lost_at.lock().unwrap_or_else(|e| e.into_inner()).clone();
             let (at, why, silence) =
@@ -509,17 +545,27 @@ fn go_live_builder(p: GoLiveParts) -> GoLive {
                 epoch: point.epoch,
                 from: p.old_primary.clone(),
                 why,
+                planned: p.old_link.handover().is_some(),
                 detect_ms: silence.as_secs_f64() * 1e3,
                 go_live_ms: at.elapsed().as_secs_f64() * 1e3,
             }
         };
-        tracing::warn!(
+        if record.planned {
+            tracing::warn!(
+                "LIVE: took over from {} at epoch {} by a planned switchover (live {:.1} ms after its handover)",
+                record.from,
+                record.epoch,
+                record.go_live_ms
+            );
+        } else {
+            tracing::warn!(
             "LIVE: took over from {} at epoch {} (detected {:.0} ms after its last message, live {:.0} ms later)",
             record.from,
             record.epoch,
             record.detect_ms,
             record.go_live_ms
         );
+        }
         let services = Services::start(ServiceParts {
             listener,
             link,
@@ -537,12 +583,25 @@ fn go_live_builder(p: GoLiveParts) -> GoLive {
             history: vec![record],
         })?;
         *p.status.lock().unwrap_or_else(|e| e.into_inner()) = services.status();
+        p.api.set(services.api());
         *p.services.lock().unwrap_or_else(|e| e.into_inner()) = Some(services);
         Ok(LiveSide {
             boundary: Box::new(recorder),
             disk,
         })
     })
+}
+
+/// Tells the old primary of a switchover that this side is live and where it accepts backups.
+fn confirm_handover(conn: &Connection, listener: &Listener) {
+    let listen = listener.local_addr().to_string();
+    if let Err(e) = conn.send(Msg::HandedOver {
+        listen: listen.clone(),
+    }) {
+        // It stopped its guest for good already; only its `--then backup` waits for this.
+        tracing::warn!("cannot confirm the switchover to the old primary: {e}");
+    }
+    conn.close("switchover done");
 }
 
 fn lost(args: &Args, vm: &mut Vm, link: &BackupLink, what: &str) -> Result<u8, Failure> {

@@ -108,6 +108,13 @@ pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     }
 }
 
+/// How diagnostics are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum LogFormat {
+    Text,
+    Json,
+}
+
 /// ftvmm: a fault-tolerant KVM hypervisor.
 #[derive(Parser, Debug, Clone)]
 #[command(version, about)]
@@ -169,9 +176,18 @@ pub(crate) struct Args {
     /// Start from this snapshot instead of booting (same machine flags as when it was taken).
     #[arg(long)]
     pub(crate) restore: Option<PathBuf>,
-    /// Log level for diagnostics on stderr (error, warn, info, debug, trace).
+    /// Log level for diagnostics on stderr (error, warn, info, debug, trace, or a tracing
+    /// filter such as `warn,ft_core=info`).
     #[arg(long, default_value = "warn")]
     pub(crate) log_level: String,
+    /// Diagnostics on stderr as `text` (one line per event) or `json` (one JSON object per
+    /// line: timestamp, level, fields, message), for a log collector.
+    #[arg(long, value_enum, default_value = "text")]
+    pub(crate) log_format: LogFormat,
+    /// Serve Prometheus metrics over HTTP at this address (`GET /metrics`), e.g.
+    /// 127.0.0.1:9477. docs/OPERATIONS.md lists them.
+    #[arg(long)]
+    pub(crate) metrics: Option<String>,
     /// Primary: the address to accept a backup on, e.g. 0.0.0.0:7000.
     #[arg(long)]
     pub(crate) listen: Option<String>,
@@ -182,7 +198,7 @@ pub(crate) struct Args {
     /// bytes, e.g. `head -c 32 /dev/urandom > key`).
     #[arg(long)]
     pub(crate) key_file: Option<PathBuf>,
-    /// A Unix socket for `ftvmm ctl` (status).
+    /// A Unix socket for `ftvmm ctl` (status, stop, switchover).
     #[arg(long)]
     pub(crate) api_socket: Option<PathBuf>,
     /// Primary: log bytes in flight to the backup before the vCPU stalls, e.g. 16M.

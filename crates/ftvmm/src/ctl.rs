@@ -1,7 +1,9 @@
 //! `ftvmm ctl --api-socket PATH <request>`: asks a running ftvmm through its API socket and
-//! prints the answer (JSON).
+//! prints the answer (JSON). Exit status 0 when it was done, 2 when it was refused or the
+//! socket does not answer as an ftvmm's would (one line on stderr says why).
 
-use clap::Parser;
+use crate::status::{Request, Then};
+use clap::{Parser, Subcommand};
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
@@ -15,19 +17,44 @@ struct CtlArgs {
     /// The API socket the ftvmm was started with (`--api-socket`).
     #[arg(long)]
     api_socket: PathBuf,
-    /// What to ask: `status`.
-    request: String,
+    #[command(subcommand)]
+    request: CtlRequest,
+}
+
+#[derive(Subcommand, Debug)]
+enum CtlRequest {
+    /// The pair's status as JSON (docs/OPERATIONS.md lists the fields).
+    Status,
+    /// Stops the guest cleanly: a primary stops its backup with it.
+    Stop,
+    /// Hands the running guest to the backup with nothing lost: the primary drains its log,
+    /// the backup goes live where it ends, and this side stops or becomes the new backup.
+    Switchover {
+        /// What the old primary does afterwards.
+        #[arg(long, value_enum, default_value = "stop")]
+        then: Then,
+    },
 }
 
 pub(crate) fn main() -> ExitCode {
     let args = CtlArgs::parse_from(std::env::args().skip(1));
-    match ask(&args) {
+    let request = match args.request {
+        CtlRequest::Status => Request::Status,
+        CtlRequest::Stop => Request::Stop,
+        CtlRequest::Switchover { then } => Request::Switchover(then),
+    };
+    match ask(&args.api_socket, request) {
         Ok(answer) => {
             print!("{answer}");
-            if answer.contains("\"error\"") {
-                ExitCode::from(2)
-            } else {
-                ExitCode::SUCCESS
+            match serde_json::from_str::<serde_json::Value>(&answer) {
+                Ok(v) if v.get("error").is_some() => {
+                    eprintln!(
+                        "ftvmm ctl: refused: {}",
+                        v["error"].as_str().unwrap_or_default()
+                    );
+                    ExitCode::from(2)
+                }
+                _ => ExitCode::SUCCESS,
             }
         }
         Err(e) => {
@@ -37,20 +64,36 @@ pub(crate) fn main() -> ExitCode {
     }
 }
 
-fn ask(args: &CtlArgs) -> Result<String, String> {
-    let path = args.api_socket.display();
-    let mut stream = UnixStream::connect(&args.api_socket).map_err(|e| {
+/// The longest answer read (a status document is a few KiB).
+const MAX_ANSWER: u64 = 1 << 20;
+
+fn ask(socket: &std::path::Path, request: Request) -> Result<String, String> {
+    let path = socket.display();
+    let mut stream = UnixStream::connect(socket).map_err(|e| {
         format!("cannot reach {path}: {e} (is an ftvmm running with --api-socket {path}?)")
     })?;
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
-    writeln!(stream, "{}", args.request).map_err(|e| format!("{path}: {e}"))?;
+    // A switchover waits for the backup to drain the log and go live.
+    let wait = match request {
+        Request::Switchover(_) => Duration::from_secs(120),
+        _ => Duration::from_secs(30),
+    };
+    let _ = stream.set_read_timeout(Some(wait));
+    let _ = stream.set_write_timeout(Some(Duration::from_secs(5)));
+    writeln!(stream, "{}", request.line()).map_err(|e| format!("{path}: {e}"))?;
     let mut answer = String::new();
     stream
+        .take(MAX_ANSWER)
         .read_to_string(&mut answer)
         .map_err(|e| format!("{path}: no answer: {e}"))?;
     if answer.is_empty() {
         return Err(format!(
-            "{path}: the ftvmm closed the socket without answering"
+            "{path}: the socket closed without answering (not an ftvmm API socket?)"
+        ));
+    }
+    if serde_json::from_str::<serde_json::Value>(&answer).is_err() {
+        return Err(format!(
+            "{path}: the answer is not JSON: not an ftvmm API socket (it said: {:?})",
+            answer.chars().take(80).collect::<String>()
         ));
     }
     Ok(answer)

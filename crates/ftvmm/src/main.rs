@@ -11,6 +11,7 @@
 mod backup;
 mod cli;
 mod ctl;
+mod metrics;
 mod primary;
 mod report;
 mod standalone;
@@ -27,12 +28,16 @@ fn main() -> ExitCode {
     let args = Args::parse();
     let filter = tracing_subscriber::EnvFilter::try_new(&args.log_level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_target(false)
-        .init();
+        .with_target(false);
+    match args.log_format {
+        cli::LogFormat::Text => logs
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        cli::LogFormat::Json => logs.json().with_ansi(false).init(),
+    }
     let result = match args.role {
         Role::Standalone | Role::Replay => standalone::run(&args),
         Role::Primary => primary::run(&args),

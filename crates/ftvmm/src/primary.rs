@@ -8,7 +8,7 @@
 
 use crate::cli::{machine_config, open_net, serial_sink, serial_source, AckArg, Args, Failure};
 use crate::report;
-use crate::status::{ApiServer, StatusFn};
+use crate::status::{refusal, ApiFn, ApiServer, Request, StatusFn, Then};
 use ft_core::disk::{Disk, ImageFile};
 use ft_core::live::{LiveBoundary, NetPort};
 use ft_core::lock::{self, Arbiter, Race};
@@ -19,7 +19,7 @@ use ft_core::Boundary;
 use logging_channel::{ChannelConfig, Connection, Listener, Msg, Psk, PROTOCOL_VERSION};
 use std::io::IsTerminal;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 use vmm::control::{VcpuEvent, VcpuHandle, VcpuResponse};
 use vmm::memory::GuestMemoryMmap;
@@ -57,6 +57,49 @@ struct PairState {
     fenced: Mutex<Option<String>>,
     /// Takeovers this process made.
     history: Mutex<Vec<TakeoverRecord>>,
+    /// Where the guest went in a planned switchover, once it did.
+    handed_over: Mutex<Option<HandedOverTo>>,
+    /// `ctl stop` asked for this stop.
+    stop_requested: AtomicBool,
+    /// Switchovers this side made as the primary, the last one's figures.
+    switchovers: AtomicU64,
+    last_switchover: Mutex<Option<serde_json::Value>>,
+}
+
+/// The new primary of a planned switchover, and what this side does next.
+#[derive(Clone, Debug)]
+pub(crate) struct HandedOverTo {
+    /// Where the new primary accepts backups.
+    pub(crate) addr: String,
+    pub(crate) then: Then,
+}
+
+/// How a primary's services ended.
+pub(crate) struct Ending {
+    /// Why this side was fenced, if it was.
+    pub(crate) fenced: Option<String>,
+    /// Where the guest went, after a switchover.
+    pub(crate) handed_over: Option<HandedOverTo>,
+    /// Whether `ctl stop` stopped it.
+    pub(crate) stop_requested: bool,
+}
+
+impl Ending {
+    /// The exit status of a run that stopped on request (`ctl stop`, a switchover): 0, not
+    /// the 130 of a signal.
+    pub(crate) fn status(&self, status: u8) -> u8 {
+        if (self.stop_requested || self.handed_over.is_some()) && status == 130 {
+            0
+        } else {
+            status
+        }
+    }
+}
+
+/// A request for the pair manager, from the API socket.
+enum Command {
+    Stop(mpsc::Sender<serde_json::Value>),
+    Switchover(Then, mpsc::Sender<serde_json::Value>),
 }
 
 fn psk(args: &Args) -> Result<Psk, String> {
@@ -172,24 +215,86 @@ pub(crate) fn run(args: &Args) -> Result<u8, Failure> {
         owner,
         history: Vec::new(),
     })?;
-    let _api = match &args.api_socket {
-        Some(path) => Some(ApiServer::start(path, services.status())?),
+    let api = match &args.api_socket {
+        Some(path) => Some(ApiServer::start(path, services.api())?),
         None => None,
     };
+    let _metrics = crate::metrics::serve(args, services.status())?;
 
     let result = vm.run(&mut recorder, &control);
     control.finish();
-    let fenced = services.shutdown(result.is_ok());
-    match fenced {
-        Some(why) => {
-            let _ = report::finish(args, &mut vm, result);
-            Err(Failure {
-                message: format!("this primary stopped: {why}"),
-                status: FENCED_STATUS,
-            })
-        }
-        None => report::finish(args, &mut vm, result),
+    let ending = services.shutdown(result.is_ok());
+    drop(api);
+    end_as_primary(args, &mut vm, result, ending)
+}
+
+/// The end of a run as a primary (also of a backup that went live): the report, the exit
+/// status, and after a switchover with `--then backup`, this process becomes the new
+/// primary's backup.
+pub(crate) fn end_as_primary(
+    args: &Args,
+    vm: &mut Vm,
+    result: Result<vmm::vcpu::Stop, vmm::VmError>,
+    ending: Ending,
+) -> Result<u8, Failure> {
+    if let Some(why) = &ending.fenced {
+        let _ = report::finish(args, vm, result);
+        return Err(Failure {
+            message: format!("this primary stopped: {why}"),
+            status: FENCED_STATUS,
+        });
     }
+    let status = report::finish(args, vm, result).map(|s| ending.status(s))?;
+    match &ending.handed_over {
+        Some(to) if to.then == Then::Backup => Err(become_backup(&to.addr)),
+        _ => Ok(status),
+    }
+}
+
+/// Replaces this process with `ftvmm --role backup --primary ADDR` and the same machine and
+/// pair flags (what only a primary takes is left out). Returns only when that fails.
+fn become_backup(addr: &str) -> Failure {
+    use std::os::unix::process::CommandExt;
+    let argv: Vec<String> = std::env::args().collect();
+    let mut next = backup_argv(&argv[1..]);
+    next.extend([
+        "--role".to_string(),
+        "backup".into(),
+        "--primary".into(),
+        addr.into(),
+    ]);
+    tracing::warn!("switchover done: attaching to the new primary {addr} as its backup");
+    let exe = std::env::current_exe().unwrap_or_else(|_| argv[0].clone().into());
+    let err = std::process::Command::new(exe).args(&next).exec();
+    Failure {
+        message: format!("cannot become the new primary's backup: {err}"),
+        status: 2,
+    }
+}
+
+/// A primary's arguments without the flags a backup does not take.
+fn backup_argv(args: &[String]) -> Vec<String> {
+    const DROP_WITH_VALUE: [&str; 6] = [
+        "--role",
+        "--primary",
+        "--restore",
+        "--snapshot-on-exit",
+        "--record",
+        "--log",
+    ];
+    let mut out = Vec::new();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let flag = a.split('=').next().unwrap_or(a);
+        if DROP_WITH_VALUE.contains(&flag) {
+            if !a.contains('=') {
+                it.next();
+            }
+            continue;
+        }
+        out.push(a.clone());
+    }
+    out
 }
 
 /// Exit status of a side that lost the arbitration (or could not reach the lock) and stopped.
@@ -243,6 +348,8 @@ pub(crate) struct TakeoverRecord {
     pub(crate) from: String,
     /// Why it was considered lost.
     pub(crate) why: String,
+    /// A planned switchover (the old primary handed the guest over), not a failure.
+    pub(crate) planned: bool,
     /// From the last frame received from the old primary to the end of its stream, ms.
     pub(crate) detect_ms: f64,
     /// From the end of the stream to the live guest, ms.
@@ -270,6 +377,8 @@ pub(crate) struct ServiceParts {
 /// A primary's threads beside the vCPU: the output releaser and the pair manager.
 pub(crate) struct Services {
     link: Arc<Link>,
+    core: SharedRecordCore,
+    commands: mpsc::Sender<Command>,
     pair: Arc<PairState>,
     releaser: ft_core::primary::Releaser,
     manager: std::thread::JoinHandle<()>,
@@ -291,10 +400,12 @@ impl Services {
         );
         let pair = Arc::new(PairState::default());
         *pair.history.lock().unwrap_or_else(|e| e.into_inner()) = parts.history;
+        let (commands, requests) = mpsc::channel();
         let ctx = Manager {
             listener: parts.listener,
             link: parts.link.clone(),
-            core: parts.core,
+            core: parts.core.clone(),
+            requests,
             vcpu: parts.vcpu,
             mem: parts.mem,
             hash: parts.hash,
@@ -310,6 +421,8 @@ impl Services {
             .map_err(|e| format!("cannot start the pair manager: {e}"))?;
         Ok(Services {
             link: parts.link,
+            core: parts.core,
+            commands,
             pair,
             releaser,
             manager,
@@ -324,14 +437,37 @@ impl Services {
         primary_status(
             self.link.clone(),
             self.pair.clone(),
+            self.core.clone(),
             self.listen.clone(),
             self.arbiter.as_ref().map(|a| a.spec()),
         )
     }
 
+    /// What this primary answers on its API socket: status, stop, switchover.
+    pub(crate) fn api(&self) -> ApiFn {
+        let status = self.status();
+        let commands = self.commands.clone();
+        Arc::new(move |req| {
+            let (reply, answer) = mpsc::channel();
+            let (cmd, limit) = match req {
+                Request::Status => return status(),
+                Request::Stop => (Command::Stop(reply), Duration::from_secs(30)),
+                Request::Switchover(then) => {
+                    (Command::Switchover(then, reply), SWITCHOVER_LIMIT * 3)
+                }
+            };
+            if commands.send(cmd).is_err() {
+                return refusal("this primary is stopping");
+            }
+            answer
+                .recv_timeout(limit)
+                .unwrap_or_else(|_| refusal("the pair manager did not answer"))
+        })
+    }
+
     /// Stops the manager, lets what the rule allows leave, closes the backup's channel and,
-    /// after a clean stop, frees the lock. Returns why this side was fenced, if it was.
-    pub(crate) fn shutdown(self, clean: bool) -> Option<String> {
+    /// after a clean stop, frees the lock.
+    pub(crate) fn shutdown(self, clean: bool) -> Ending {
         self.pair.stop.store(true, Ordering::Release);
         let _ = self.manager.join();
         // What the backup acknowledges now may still leave; then the rest (unprotected).
@@ -355,14 +491,25 @@ impl Services {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
-        if fenced.is_none() && clean {
+        let handed_over = self
+            .pair
+            .handed_over
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        // After a switchover the lock is the new primary's.
+        if fenced.is_none() && handed_over.is_none() && clean {
             if let Some(a) = &self.arbiter {
                 if let Err(e) = a.release(self.link.epoch(), &self.owner) {
                     tracing::warn!("cannot free the lock: {e}");
                 }
             }
         }
-        fenced
+        Ending {
+            fenced,
+            handed_over,
+            stop_requested: self.pair.stop_requested.load(Ordering::Acquire),
+        }
     }
 }
 
@@ -380,6 +527,7 @@ fn latency_percentiles(ns: &[u64]) -> (u64, u64) {
 fn primary_status(
     link: Arc<Link>,
     pair: Arc<PairState>,
+    core: SharedRecordCore,
     listen: String,
     lock: Option<String>,
 ) -> StatusFn {
@@ -406,6 +554,8 @@ fn primary_status(
             .lock()
             .map(|a| a.clone())
             .unwrap_or_default();
+        let (checkpoints, checkpoint_bytes) =
+            core.lock().map(|c| c.checkpoints()).unwrap_or_default();
         serde_json::json!({
             "role": "primary",
             "listen": listen,
@@ -448,6 +598,11 @@ fn primary_status(
             "epoch": link.epoch(),
             "takeovers": pair.history.lock().map(|h| h.clone()).unwrap_or_default(),
             "fenced": pair.fenced.lock().map(|f| f.clone()).unwrap_or_default(),
+            "checkpoints": checkpoints,
+            "checkpoint_bytes": checkpoint_bytes,
+            "switchovers": pair.switchovers.load(Ordering::Relaxed),
+            "last_switchover": pair.last_switchover.lock().map(|s| s.clone()).unwrap_or_default(),
+            "handed_over_to": pair.handed_over.lock().ok().and_then(|h| h.as_ref().map(|h| h.addr.clone())),
         })
     })
 }
@@ -457,6 +612,7 @@ struct Manager {
     listener: Listener,
     link: Arc<Link>,
     core: SharedRecordCore,
+    requests: mpsc::Receiver<Command>,
     vcpu: VcpuHandle,
     mem: GuestMemoryMmap,
     hash: u64,
@@ -498,12 +654,15 @@ impl Manager {
 
     fn run(self) {
         while !self.pair.stop.load(Ordering::Acquire) {
+            while let Ok(cmd) = self.requests.try_recv() {
+                self.serve(cmd);
+            }
             match self.link.mode() {
                 Mode::Arbitrating => {
                     self.arbitrate();
                     continue;
                 }
-                Mode::Fenced => {
+                Mode::Fenced | Mode::HandedOver => {
                     std::thread::sleep(Duration::from_millis(50));
                     continue;
                 }
@@ -542,6 +701,143 @@ impl Manager {
                 }
             }
         }
+    }
+
+    fn serve(&self, cmd: Command) {
+        match cmd {
+            Command::Stop(reply) => {
+                tracing::warn!("stopping the pair on request (ctl stop)");
+                self.pair.stop_requested.store(true, Ordering::Release);
+                let answer = match self.vcpu.request(VcpuEvent::Stop, VCPU_ANSWER) {
+                    VcpuResponse::Stopped => serde_json::json!({ "stopping": true }),
+                    other => refusal(format!("the vCPU did not stop: {other:?}")),
+                };
+                let _ = reply.send(answer);
+            }
+            Command::Switchover(then, reply) => {
+                let answer = match self.switchover(then) {
+                    Ok(done) => {
+                        self.pair.switchovers.fetch_add(1, Ordering::Relaxed);
+                        if let Ok(mut l) = self.pair.last_switchover.lock() {
+                            *l = Some(done.clone());
+                        }
+                        done
+                    }
+                    Err(e) => {
+                        tracing::error!("switchover: {e}");
+                        refusal(e)
+                    }
+                };
+                let _ = reply.send(answer);
+            }
+        }
+    }
+
+    /// A planned switchover (docs/FAILOVER.md): pause, drain the log and the held output,
+    /// hand the stream's end to the backup, which takes the lock and goes live there; then
+    /// this side's guest stops for good. If the backup does not confirm, the lock decides
+    /// which side runs, as when a backup is lost.
+    fn switchover(&self, then: Then) -> Result<serde_json::Value, String> {
+        let conn = match (self.link.mode(), self.link.connection()) {
+            (Mode::Protected, Some(c)) => c,
+            (mode, _) => {
+                return Err(format!(
+                    "no backup to hand over to: this primary is {}",
+                    format!("{mode:?}").to_lowercase()
+                ))
+            }
+        };
+        let peer = conn.peer_addr();
+        let start = Instant::now();
+        tracing::warn!("switchover to {peer}: pausing the guest and draining the log");
+        self.ask(VcpuEvent::Pause)?;
+        let drained = self.drain(&conn);
+        let drain_ms = start.elapsed().as_secs_f64() * 1e3;
+        if let Err(e) = drained {
+            let _ = self.ask(VcpuEvent::Resume);
+            return Err(format!(
+                "switchover to {peer} abandoned, the guest runs on here: {e}"
+            ));
+        }
+        // The point of no return for this side's output: nothing leaves here any more.
+        self.link.begin_handover();
+        let epoch = self.link.epoch();
+        let sent = self.link.stats.sent_seq.load(Ordering::Acquire);
+        let confirmed = conn
+            .send(Msg::Released { seq: sent })
+            .and_then(|()| conn.send(Msg::Handover { epoch }))
+            .map_err(|e| e.to_string())
+            .and_then(|()| wait_handed_over(&conn));
+        match confirmed {
+            Ok(listen) => {
+                let addr = reachable(&listen, peer);
+                *self
+                    .pair
+                    .handed_over
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()) = Some(HandedOverTo {
+                    addr: addr.clone(),
+                    then,
+                });
+                self.link.detach("handed over");
+                let total_ms = start.elapsed().as_secs_f64() * 1e3;
+                tracing::warn!(
+                    "switchover done: {peer} is the primary now (accepting backups on {addr}); drained in {drain_ms:.0} ms, live {total_ms:.0} ms after the pause; this side {}",
+                    match then { Then::Stop => "stops", Then::Backup => "becomes its backup" }
+                );
+                let _ = self.vcpu.request(VcpuEvent::Stop, VCPU_ANSWER);
+                Ok(serde_json::json!({
+                    "switchover": "done",
+                    "new_primary": addr,
+                    "then": then.as_str(),
+                    "epoch": epoch,
+                    "drain_ms": drain_ms,
+                    "pause_ms": total_ms,
+                }))
+            }
+            Err(e) => {
+                let why = format!("the backup {peer} did not take the guest: {e}");
+                self.link.handover_failed(&why);
+                if self.link.mode() == Mode::Arbitrating {
+                    self.arbitrate();
+                }
+                if self.link.mode() == Mode::Fenced {
+                    let fenced = format!("{why}; this side is fenced");
+                    *self.pair.fenced.lock().unwrap_or_else(|e| e.into_inner()) =
+                        Some(fenced.clone());
+                    let _ = self.vcpu.request(VcpuEvent::Stop, VCPU_ANSWER);
+                    return Err(fenced);
+                }
+                self.ask(VcpuEvent::Resume)?;
+                Err(format!(
+                    "{why}; this side won the lock and runs on, UNPROTECTED"
+                ))
+            }
+        }
+    }
+
+    /// With the guest paused: every record out, every held output released (the backup has
+    /// acknowledged the whole log).
+    fn drain(&self, conn: &Connection) -> Result<(), String> {
+        self.core
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .flush()
+            .map_err(|e| e.to_string())?;
+        let deadline = Instant::now() + SWITCHOVER_LIMIT;
+        while self.link.stats.held.load(Ordering::Acquire) > 0 {
+            if !conn.is_alive() || self.link.mode() != Mode::Protected {
+                return Err("the backup was lost while the log drained".into());
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "the backup did not acknowledge the log within {} s",
+                    SWITCHOVER_LIMIT.as_secs()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Ok(())
     }
 
     /// A new connection: check it, then attach it or refuse it.
@@ -758,6 +1054,38 @@ impl Manager {
     }
 }
 
+/// How long a switchover waits for the backup to acknowledge the log, and then to go live.
+const SWITCHOVER_LIMIT: Duration = Duration::from_secs(30);
+
+/// Waits for the backup's [`Msg::HandedOver`]; its refusal or its loss is an error.
+fn wait_handed_over(conn: &Connection) -> Result<String, String> {
+    let deadline = Instant::now() + SWITCHOVER_LIMIT;
+    while Instant::now() < deadline {
+        match conn.recv_timeout(Duration::from_millis(100)) {
+            Ok(Some(Msg::HandedOver { listen })) => return Ok(listen),
+            Ok(Some(Msg::Refused { reason })) => return Err(format!("it declined: {reason}")),
+            Ok(Some(Msg::Bye { reason })) => return Err(format!("it left: {reason}")),
+            Ok(_) => {}
+            Err(e) => return Err(conn.failure().unwrap_or_else(|| e.to_string())),
+        }
+    }
+    Err(format!(
+        "it did not confirm within {} s",
+        SWITCHOVER_LIMIT.as_secs()
+    ))
+}
+
+/// The new primary's listening address as this side can reach it: an unspecified address
+/// (`0.0.0.0:P`) means the address this side reached it at.
+fn reachable(listen: &str, peer: std::net::SocketAddr) -> String {
+    match listen.parse::<std::net::SocketAddr>() {
+        Ok(a) if a.ip().is_unspecified() => {
+            std::net::SocketAddr::new(peer.ip(), a.port()).to_string()
+        }
+        _ => listen.to_string(),
+    }
+}
+
 /// Attach progress: a line per round, or one line rewritten in place on a terminal.
 struct Progress {
     peer: String,
@@ -807,5 +1135,55 @@ impl Progress {
             r.pages,
             r.pause_ms
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_primary_becomes_a_backup_with_its_machine_and_pair_flags() {
+        let args: Vec<String> = [
+            "--role",
+            "primary",
+            "--listen",
+            "10.0.0.1:7000",
+            "--restore",
+            "vm.snap",
+            "--kernel",
+            "k",
+            "--snapshot-on-exit=x.snap",
+            "--key-file",
+            "key",
+            "--lock",
+            "file:/l",
+            "--memory",
+            "256M",
+        ]
+        .map(String::from)
+        .to_vec();
+        assert_eq!(
+            backup_argv(&args),
+            [
+                "--listen",
+                "10.0.0.1:7000",
+                "--kernel",
+                "k",
+                "--key-file",
+                "key",
+                "--lock",
+                "file:/l",
+                "--memory",
+                "256M"
+            ]
+        );
+    }
+
+    #[test]
+    fn an_unspecified_listen_address_is_reached_at_the_peer() {
+        let peer: std::net::SocketAddr = "10.1.2.3:45678".parse().unwrap();
+        assert_eq!(reachable("0.0.0.0:7000", peer), "10.1.2.3:7000");
+        assert_eq!(reachable("10.9.9.9:7000", peer), "10.9.9.9:7000");
     }
 }

@@ -1,18 +1,114 @@
-//! The API socket: a Unix socket on which `ftvmm ctl` asks a running VMM for its status.
+//! The API socket: a Unix socket on which `ftvmm ctl` asks a running VMM for its status and
+//! tells it to stop or to hand its guest over to its backup.
 //!
-//! The protocol is one request line (`status`), answered with one JSON document, then the
-//! connection closes. docs/OPERATIONS.md lists every field of the status.
+//! The protocol is one request line, answered with one JSON document, then the connection
+//! closes. Requests: `status`, `stop`, `switchover stop|backup`. An answer with an `"error"`
+//! field is a refusal. docs/OPERATIONS.md lists every field of the status.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 /// What builds the status document.
 pub(crate) type StatusFn = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
+
+/// What the old primary does once its backup went live in a switchover.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Then {
+    /// Stop (exit 0).
+    Stop,
+    /// Attach to the new primary as its backup.
+    Backup,
+}
+
+impl Then {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Then::Stop => "stop",
+            Then::Backup => "backup",
+        }
+    }
+}
+
+/// One request on the API socket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Request {
+    Status,
+    Stop,
+    Switchover(Then),
+}
+
+impl Request {
+    /// The request line for this request.
+    pub(crate) fn line(self) -> String {
+        match self {
+            Request::Status => "status".into(),
+            Request::Stop => "stop".into(),
+            Request::Switchover(then) => format!("switchover {}", then.as_str()),
+        }
+    }
+
+    fn parse(line: &str) -> Result<Request, String> {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.as_slice() {
+            ["status"] => Ok(Request::Status),
+            ["stop"] => Ok(Request::Stop),
+            ["switchover"] | ["switchover", "stop"] => Ok(Request::Switchover(Then::Stop)),
+            ["switchover", "backup"] => Ok(Request::Switchover(Then::Backup)),
+            _ => Err(format!(
+                "unknown request `{}`: try `status`, `stop` or `switchover stop|backup`",
+                line.trim()
+            )),
+        }
+    }
+}
+
+/// Answers requests: what a role serves on its API socket.
+pub(crate) type ApiFn = Arc<dyn Fn(Request) -> serde_json::Value + Send + Sync>;
+
+/// An error answer.
+pub(crate) fn refusal(why: impl std::fmt::Display) -> serde_json::Value {
+    serde_json::json!({ "error": why.to_string() })
+}
+
+/// A role whose answers change as it goes (a backup that goes live answers as a primary).
+#[derive(Clone)]
+pub(crate) struct SwappableApi(Arc<Mutex<ApiFn>>);
+
+impl SwappableApi {
+    pub(crate) fn new(api: ApiFn) -> SwappableApi {
+        SwappableApi(Arc::new(Mutex::new(api)))
+    }
+
+    /// Answers with `api` from now on.
+    pub(crate) fn set(&self, api: ApiFn) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = api;
+    }
+
+    /// The answering function (looked up at each request).
+    pub(crate) fn api(&self) -> ApiFn {
+        let me = self.0.clone();
+        Arc::new(move |req| {
+            let api = me.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            api(req)
+        })
+    }
+}
+
+/// An API that answers only `status`.
+pub(crate) fn status_only(status: StatusFn, role: &'static str) -> ApiFn {
+    Arc::new(move |req| match req {
+        Request::Status => status(),
+        Request::Stop | Request::Switchover(_) => refusal(format!(
+            "this ftvmm is a {role}: send `{}` to the primary's API socket",
+            req.line()
+        )),
+    })
+}
 
 /// The thread serving the API socket; removes the socket when dropped.
 pub(crate) struct ApiServer {
@@ -24,7 +120,7 @@ pub(crate) struct ApiServer {
 impl ApiServer {
     /// Serves `path`. A socket file left by a VMM that is gone is replaced; one that answers is
     /// in use, and refused.
-    pub(crate) fn start(path: &Path, status: StatusFn) -> Result<ApiServer, String> {
+    pub(crate) fn start(path: &Path, api: ApiFn) -> Result<ApiServer, String> {
         if path.exists() {
             if UnixStream::connect(path).is_ok() {
                 return Err(format!(
@@ -46,7 +142,16 @@ impl ApiServer {
             .spawn(move || {
                 while !flag.load(Ordering::Acquire) {
                     match listener.accept() {
-                        Ok((stream, _)) => answer(stream, &status),
+                        Ok((stream, _)) => {
+                            // A switchover takes a while: status keeps answering meanwhile.
+                            let api = api.clone();
+                            let spawned = std::thread::Builder::new()
+                                .name("api-request".into())
+                                .spawn(move || answer(stream, &api));
+                            if let Err(e) = spawned {
+                                tracing::warn!("API socket: cannot answer: {e}");
+                            }
+                        }
                         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                             std::thread::sleep(Duration::from_millis(20));
                         }
@@ -66,17 +171,20 @@ impl ApiServer {
     }
 }
 
-fn answer(stream: UnixStream, status: &StatusFn) {
+/// The longest request line read (a request is a few words).
+const MAX_REQUEST: u64 = 256;
+
+fn answer(stream: UnixStream, api: &ApiFn) {
     let _ = stream.set_nonblocking(false);
     let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
     let mut line = String::new();
-    let mut reader = BufReader::new(&stream);
+    let mut reader = BufReader::new((&stream).take(MAX_REQUEST));
     if reader.read_line(&mut line).is_err() {
         return;
     }
-    let reply = match line.trim() {
-        "status" => status(),
-        other => serde_json::json!({ "error": format!("unknown request `{other}`: try `status`") }),
+    let reply = match Request::parse(&line) {
+        Ok(req) => api(req),
+        Err(e) => refusal(e),
     };
     let mut out = &stream;
     let _ = writeln!(out, "{reply:#}");
@@ -89,5 +197,34 @@ impl Drop for ApiServer {
             let _ = t.join();
         }
         let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_parse() {
+        assert_eq!(Request::parse("status\n"), Ok(Request::Status));
+        assert_eq!(Request::parse(" stop "), Ok(Request::Stop));
+        assert_eq!(
+            Request::parse("switchover"),
+            Ok(Request::Switchover(Then::Stop))
+        );
+        assert_eq!(
+            Request::parse("switchover backup"),
+            Ok(Request::Switchover(Then::Backup))
+        );
+        for r in [
+            Request::Status,
+            Request::Stop,
+            Request::Switchover(Then::Backup),
+        ] {
+            assert_eq!(Request::parse(&r.line()), Ok(r));
+        }
+        assert!(Request::parse("switchover sideways").is_err());
+        assert!(Request::parse("").is_err());
+        assert!(Request::parse("GET / HTTP/1.1").is_err());
     }
 }

@@ -1,0 +1,443 @@
+//! `--metrics ADDR`: the pair's figures for Prometheus, at `GET /metrics` in the OpenMetrics
+//! text format (encoded by the `prometheus-client` crate).
+//!
+//! Every metric is read from the same status document `ftvmm ctl status` prints, at scrape
+//! time, so the two never disagree; docs/OPERATIONS.md lists them. The HTTP side is a small
+//! blocking server on its own thread: one request per connection, GET only, bounded reads.
+
+use crate::cli::Args;
+use crate::status::StatusFn;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use serde_json::Value;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// What a metric is in Prometheus' terms.
+#[derive(Clone, Copy)]
+enum Kind {
+    /// A value that goes up and down.
+    Gauge,
+    /// A count that only grows (exposed with the `_total` suffix).
+    Counter,
+}
+
+/// One metric: its name (without `ftvmm_`), help, kind, where it is in the status document
+/// (a JSON pointer), and the factor from that value to the metric's unit.
+struct Metric {
+    name: &'static str,
+    help: &'static str,
+    kind: Kind,
+    pointer: &'static str,
+    scale: f64,
+}
+
+const fn m(
+    name: &'static str,
+    help: &'static str,
+    kind: Kind,
+    pointer: &'static str,
+    scale: f64,
+) -> Metric {
+    Metric {
+        name,
+        help,
+        kind,
+        pointer,
+        scale,
+    }
+}
+
+/// Every metric, primary and backup alike; one missing from a role's status is left out.
+const METRICS: &[Metric] = &[
+    m(
+        "protected",
+        "1 while a backup follows this primary (or this backup follows its primary)",
+        Kind::Gauge,
+        "/protected",
+        1.0,
+    ),
+    m(
+        "epoch",
+        "The pair's epoch in the lock",
+        Kind::Gauge,
+        "/epoch",
+        1.0,
+    ),
+    m(
+        "lag_seconds",
+        "How far the backup's replay is behind the primary, in guest virtual time",
+        Kind::Gauge,
+        "/lag/vtime_ns",
+        1e-9,
+    ),
+    m(
+        "lag_records",
+        "Log records sent (primary) or received (backup) and not yet replayed by the backup",
+        Kind::Gauge,
+        "/lag/records",
+        1.0,
+    ),
+    m(
+        "log_records_sent",
+        "Log records sent to the current backup",
+        Kind::Counter,
+        "/log/sent",
+        1.0,
+    ),
+    m(
+        "log_records_received",
+        "Log records the backup holds",
+        Kind::Counter,
+        "/log/received",
+        1.0,
+    ),
+    m(
+        "log_records_executed",
+        "Log records the backup has replayed",
+        Kind::Counter,
+        "/log/executed",
+        1.0,
+    ),
+    m(
+        "log_bytes",
+        "Log bytes sent to backups, all streams",
+        Kind::Counter,
+        "/log/bytes",
+        1.0,
+    ),
+    m(
+        "log_buffered_bytes",
+        "Log bytes the backup holds and has not replayed",
+        Kind::Gauge,
+        "/log/buffered_bytes",
+        1.0,
+    ),
+    m(
+        "outputs_held",
+        "Outputs (serial, disk writes, frames) held for the backup's acknowledgement",
+        Kind::Gauge,
+        "/outputs_held",
+        1.0,
+    ),
+    m(
+        "outputs_held_bytes",
+        "Bytes of the outputs held",
+        Kind::Gauge,
+        "/outputs_held_bytes",
+        1.0,
+    ),
+    m(
+        "outputs_released",
+        "Outputs released",
+        Kind::Counter,
+        "/outputs_released",
+        1.0,
+    ),
+    m(
+        "output_latency_p50_seconds",
+        "Median time an output was held (last 4096)",
+        Kind::Gauge,
+        "/output_latency_us/p50",
+        1e-6,
+    ),
+    m(
+        "output_latency_p99_seconds",
+        "99th percentile of the time an output was held (last 4096)",
+        Kind::Gauge,
+        "/output_latency_us/p99",
+        1e-6,
+    ),
+    m(
+        "throttled",
+        "Times the vCPU was slowed because the backup lagged more than --max-lag",
+        Kind::Counter,
+        "/lag/throttled",
+        1.0,
+    ),
+    m(
+        "kept_output_bytes",
+        "Bytes of replayed output the backup keeps until the primary releases it",
+        Kind::Gauge,
+        "/kept_output_bytes",
+        1.0,
+    ),
+    m(
+        "checkpoints",
+        "Checkpoints recorded (a paused guest's dirty pages, where no exit came)",
+        Kind::Counter,
+        "/checkpoints",
+        1.0,
+    ),
+    m(
+        "checkpoint_bytes",
+        "Bytes of the checkpoints recorded",
+        Kind::Counter,
+        "/checkpoint_bytes",
+        1.0,
+    ),
+    m(
+        "divergences",
+        "Divergences the backup found",
+        Kind::Counter,
+        "/divergences",
+        1.0,
+    ),
+    m(
+        "resyncs",
+        "Full snapshots sent (primary) or restored (backup) after a divergence",
+        Kind::Counter,
+        "/resyncs",
+        1.0,
+    ),
+    m(
+        "attaches",
+        "Backups attached",
+        Kind::Counter,
+        "/attaches",
+        1.0,
+    ),
+    m(
+        "backups_refused",
+        "Backups refused (another attached, other machine flags, wrong key)",
+        Kind::Counter,
+        "/backups_refused",
+        1.0,
+    ),
+    m(
+        "switchovers",
+        "Planned switchovers this primary handed its guest over in",
+        Kind::Counter,
+        "/switchovers",
+        1.0,
+    ),
+    m(
+        "channel_sent_bytes",
+        "Bytes sent on the logging channel",
+        Kind::Counter,
+        "/channel/bytes_sent",
+        1.0,
+    ),
+    m(
+        "channel_received_bytes",
+        "Bytes received on the logging channel",
+        Kind::Counter,
+        "/channel/bytes_received",
+        1.0,
+    ),
+    m(
+        "channel_max_silence_seconds",
+        "Longest gap between two messages from the peer",
+        Kind::Gauge,
+        "/channel/max_silence_ms",
+        1e-3,
+    ),
+    m(
+        "uptime_seconds",
+        "Seconds since this side became a primary",
+        Kind::Gauge,
+        "/uptime_s",
+        1.0,
+    ),
+];
+
+/// The metrics of one status document, in the OpenMetrics text format.
+pub(crate) fn render(status: &Value) -> String {
+    let mut registry = Registry::with_prefix("ftvmm");
+    let role = status["role"].as_str().unwrap_or("unknown").to_string();
+    let roles = Family::<Vec<(String, String)>, Gauge>::default();
+    roles.get_or_create(&vec![("role".into(), role)]).set(1);
+    registry.register(
+        "role",
+        "What this ftvmm is now: primary or backup (1 on the current role)",
+        roles,
+    );
+    let failovers = status["takeovers"].as_array().map_or(0, |t| {
+        t.iter()
+            .filter(|r| r["planned"] != Value::Bool(true))
+            .count() as u64
+    });
+    let c = Counter::<u64>::default();
+    c.inc_by(failovers);
+    registry.register(
+        "failovers",
+        "Takeovers this process made after losing its primary (switchovers not counted)",
+        c,
+    );
+    let fenced = Gauge::<i64>::default();
+    fenced.set(i64::from(!status["fenced"].is_null()));
+    registry.register(
+        "fenced",
+        "1 once this side lost the lock and stopped",
+        fenced,
+    );
+    for metric in METRICS {
+        let Some(v) = status.pointer(metric.pointer) else {
+            continue;
+        };
+        let value = match v {
+            Value::Bool(b) => f64::from(u8::from(*b)),
+            Value::Number(n) => n.as_f64().unwrap_or(0.0),
+            _ => continue,
+        } * metric.scale;
+        match metric.kind {
+            Kind::Gauge => {
+                let g = Gauge::<f64, AtomicU64>::default();
+                g.set(value);
+                registry.register(metric.name, metric.help, g);
+            }
+            Kind::Counter => {
+                let c = Counter::<f64, AtomicU64>::default();
+                c.inc_by(value.max(0.0));
+                registry.register(metric.name, metric.help, c);
+            }
+        }
+    }
+    let mut out = String::new();
+    // Writing into a String cannot fail.
+    let _ = encode(&mut out, &registry);
+    out
+}
+
+/// The metrics server; stops when dropped.
+pub(crate) struct MetricsServer {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// Starts the server `--metrics` asks for, if it does.
+pub(crate) fn serve(args: &Args, status: StatusFn) -> Result<Option<MetricsServer>, String> {
+    let Some(addr) = &args.metrics else {
+        return Ok(None);
+    };
+    let listener =
+        TcpListener::bind(addr).map_err(|e| format!("--metrics: cannot listen on {addr}: {e}"))?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| format!("--metrics {addr}: {e}"))?;
+    let bound = listener
+        .local_addr()
+        .map_or_else(|_| addr.clone(), |a| a.to_string());
+    tracing::warn!("metrics at http://{bound}/metrics");
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    let thread = std::thread::Builder::new()
+        .name("metrics".into())
+        .spawn(move || {
+            while !flag.load(Ordering::Acquire) {
+                match listener.accept() {
+                    Ok((stream, _)) => answer(stream, &status),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    Err(e) => {
+                        tracing::debug!("metrics: {e}");
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                }
+            }
+        })
+        .map_err(|e| format!("cannot start the metrics thread: {e}"))?;
+    Ok(Some(MetricsServer {
+        stop,
+        thread: Some(thread),
+    }))
+}
+
+/// The longest request head read.
+const MAX_HEAD: usize = 8192;
+
+fn answer(mut stream: TcpStream, status: &StatusFn) {
+    let _ = stream.set_nonblocking(false);
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    let _ = stream.set_write_timeout(Some(Duration::from_secs(2)));
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < MAX_HEAD {
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    let line = head.split(|&b| b == b'\n').next().unwrap_or_default();
+    let line = String::from_utf8_lossy(line);
+    let mut words = line.split_whitespace();
+    let (method, path) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
+    let (code, kind, body) = match (method, path.split('?').next().unwrap_or("")) {
+        ("GET", "/metrics") => (
+            "200 OK",
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            render(&status()),
+        ),
+        ("GET", "/") => (
+            "200 OK",
+            "text/plain; charset=utf-8",
+            "ftvmm: metrics at /metrics\n".to_string(),
+        ),
+        ("GET", _) => ("404 Not Found", "text/plain", "not found\n".to_string()),
+        _ => (
+            "405 Method Not Allowed",
+            "text/plain",
+            "GET only\n".to_string(),
+        ),
+    };
+    let _ = write!(
+        stream,
+        "HTTP/1.1 {code}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+}
+
+impl Drop for MetricsServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_status_document_becomes_metrics() {
+        let status = serde_json::json!({
+            "role": "primary",
+            "protected": true,
+            "epoch": 3,
+            "lag": { "vtime_ns": 25_000_000u64, "records": 4, "throttled": 0 },
+            "log": { "sent": 10, "bytes": 4096 },
+            "outputs_held": 2,
+            "takeovers": [{ "epoch": 2 }],
+            "fenced": null,
+            "checkpoints": 7,
+        });
+        let text = render(&status);
+        for want in [
+            "ftvmm_role{role=\"primary\"} 1",
+            "ftvmm_protected 1",
+            "ftvmm_epoch 3",
+            "ftvmm_lag_seconds 0.025",
+            "ftvmm_log_bytes_total 4096",
+            "ftvmm_outputs_held 2",
+            "ftvmm_failovers_total 1",
+            "ftvmm_fenced 0",
+            "ftvmm_checkpoints_total 7",
+            "# TYPE ftvmm_log_bytes counter",
+            "# EOF",
+        ] {
+            assert!(text.contains(want), "no `{want}` in:\n{text}");
+        }
+        // A figure the role does not have is left out, not shown as 0.
+        assert!(!text.contains("ftvmm_divergences"), "{text}");
+    }
+}
