@@ -8,6 +8,9 @@ Exit status 0 when everything checked out, 1 otherwise (with the reason on stdou
                                       CRC-32 it answers are compared with ours
   net_client.py ADDR source BYTES     BYTES from port 19, compared with "1\\n2\\n3\\n..."
   net_client.py ADDR http             GET / on port 80
+  net_client.py ADDR talk SECONDS     echo requests back to back for SECONDS on one connection,
+                                      each answer checked; a progress line on stderr each second;
+                                      the result gives the longest wait for an answer (max_ms)
 Timeouts are long (the guest kernel is emulated; a failover may pause the connection).
 """
 import random, socket, sys, time, zlib
@@ -56,6 +59,33 @@ def main():
         lat.sort()
         p50, p99 = lat[len(lat) // 2], lat[min(len(lat) - 1, int(len(lat) * 0.99))]
         print(f'OK echo {n} lines in {time.time() - start:.1f} s p50_ms={p50 * 1e3:.1f} p99_ms={p99 * 1e3:.1f}')
+    elif what == 'talk':
+        secs = float(sys.argv[3])
+        s = connect(addr, 7)
+        lat, i, shown = [], 0, start
+        while time.time() - start < secs:
+            t0 = time.time()
+            line = f'request {i} {random.getrandbits(64):016x}\n'.encode()
+            s.sendall(line)
+            got = b''
+            while not got.endswith(b'\n'):
+                b = s.recv(4096)
+                if not b:
+                    print(f'FAIL talk: connection closed after {i} answers')
+                    return 1
+                got += b
+            if got != line:
+                print(f'FAIL talk: request {i}: sent {line!r}, got {got!r}')
+                return 1
+            lat.append(time.time() - t0)
+            i += 1
+            if time.time() - shown >= 1:
+                shown = time.time()
+                print(f'talk: {i} answers, last {lat[-1] * 1e3:.0f} ms', file=sys.stderr, flush=True)
+        lat.sort()
+        p50, p99 = lat[len(lat) // 2], lat[min(len(lat) - 1, int(len(lat) * 0.99))]
+        print(f'OK talk {i} lines in {time.time() - start:.1f} s p50_ms={p50 * 1e3:.1f} '
+              f'p99_ms={p99 * 1e3:.1f} max_ms={lat[-1] * 1e3:.0f}')
     elif what == 'sink':
         n = int(sys.argv[3])
         data = random.randbytes(n)

@@ -223,6 +223,16 @@ impl<R: Read> Core<R> {
         }
     }
 
+    /// A recording stopped here (SIGTERM, `ctl stop`, a primary stopped on request): whatever
+    /// the guest asks for next lies beyond its end. The run ends cleanly at the exit count
+    /// where the recording ended.
+    fn ended_here(&self) -> Result<(), BoundaryError> {
+        match self.next {
+            Some(Record::End { exits, .. }) if exits == self.exits => Err(BoundaryError::EndOfLog),
+            _ => Ok(()),
+        }
+    }
+
     fn check_pending(&mut self) -> Result<(), BoundaryError> {
         match self.pending.take() {
             Some(e) => Err(e),
@@ -425,6 +435,7 @@ impl<R: Read + Send + 'static> Boundary for Replayer<R> {
     fn read_clock(&mut self) -> Result<u64, BoundaryError> {
         let mut core = lock(&self.core);
         core.check_pending()?;
+        core.ended_here()?;
         match core.next {
             Some(Record::Clock { delta }) => {
                 let t = core.last_time.saturating_add(delta);
@@ -456,10 +467,7 @@ impl<R: Read + Send + 'static> Boundary for Replayer<R> {
     fn wait(&mut self, _req: &WaitRequest) -> Result<Input, BoundaryError> {
         let mut core = lock(&self.core);
         core.check_pending()?;
-        // A run stopped (SIGTERM, `ctl stop`) while its guest waited in a halt ends here.
-        if matches!(core.next, Some(Record::End { .. })) {
-            return Err(BoundaryError::EndOfLog);
-        }
+        core.ended_here()?;
         if !matches!(core.next, Some(Record::Wake { .. })) {
             return Err(core.diverge("a halt waiting for input".into()));
         }
@@ -480,6 +488,7 @@ impl<R: Read + Send + 'static> Boundary for Replayer<R> {
     fn interrupt(&mut self, vector: u8) -> Result<(), BoundaryError> {
         let mut core = lock(&self.core);
         core.check_pending()?;
+        core.ended_here()?;
         if core.next != Some(Record::Interrupt { vector }) {
             return Err(core.diverge(format!("interrupt vector {vector:#x} injected")));
         }
@@ -491,6 +500,7 @@ impl<R: Read + Send + 'static> Boundary for Replayer<R> {
         {
             let mut core = lock(&self.core);
             core.check_pending()?;
+            core.ended_here()?;
             let want = Record::Output {
                 kind: output_kind_byte(kind),
                 len: bytes.len() as u32,

@@ -18,24 +18,29 @@ pub fn root() -> PathBuf {
         .to_path_buf()
 }
 
-/// The `ftvmm` binary: `$FTVMM_BIN`, or the one built next to this test binary's profile.
+/// The `ftvmm` binary: `$FTVMM_BIN`, or the one built next to this binary (a program in
+/// target/<profile>/) or to this test binary's profile (target/<profile>/deps/<test>).
 pub fn ftvmm_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("FTVMM_BIN") {
         return PathBuf::from(p);
     }
-    // target/<profile>/deps/<test-binary>
     let exe = std::env::current_exe().expect("current_exe");
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("test binary in target/<profile>/deps");
-    let bin = profile_dir.join("ftvmm");
-    assert!(
-        bin.exists(),
-        "{} not found: build it first (cargo build -p ftvmm, with the same profile as the tests)",
-        bin.display()
-    );
-    bin
+    let candidates: Vec<PathBuf> = exe
+        .ancestors()
+        .skip(1)
+        .take(2)
+        .map(|d| d.join("ftvmm"))
+        .collect();
+    candidates
+        .iter()
+        .find(|p| p.is_file())
+        .cloned()
+        .unwrap_or_else(|| {
+            panic!(
+                "{} not found: build it first (cargo build -p ftvmm, with the same profile)",
+                candidates[candidates.len() - 1].display()
+            )
+        })
 }
 
 /// A test guest's ELF, built by images/build-test-guests.
@@ -431,6 +436,11 @@ impl Proc {
             self.status = self.child.try_wait().ok().flatten();
         }
         self.status.is_some()
+    }
+
+    /// Its exit code, once it exited (None while it runs, or when a signal ended it).
+    pub fn exit_code(&self) -> Option<i32> {
+        self.status.and_then(|s| s.code())
     }
 
     /// Waits for it to exit (killing it after `limit`) and returns what it did.
@@ -913,3 +923,35 @@ pub fn linux_net_ready() -> Option<&'static LinuxReady> {
 
 /// The command line of the networked Linux guest.
 pub const LINUX_NET_CMDLINE: &str = "console=ttyS0 panic=-1 ftvmm.ip=10.240.0.100/16";
+
+/// Output an old primary may have released before it died, re-sent by the new one: a few UART
+/// bytes (the guest writes the serial line a byte at a time).
+pub const MAX_DUP: usize = 64;
+
+/// `before` (the dead primary's output) and `after` (the new primary's) joined: `after` may
+/// begin with up to [`MAX_DUP`] bytes that end `before`. Returns every way of joining them.
+pub fn joins(before: &str, after: &str) -> Vec<String> {
+    (0..=MAX_DUP.min(after.len()))
+        .filter(|&k| after.is_char_boundary(k) && before.ends_with(&after[..k]))
+        .map(|k| format!("{before}{}", &after[k..]))
+        .collect()
+}
+
+/// Numbers `n` of `prefix<n>suffix` lines, in order of appearance (lines cut short are
+/// skipped).
+pub fn numbers(out: &str, prefix: &str, suffix: &str) -> Vec<u64> {
+    out.split('\n')
+        .filter_map(|l| {
+            l.trim_end_matches('\r')
+                .strip_prefix(prefix)?
+                .strip_suffix(suffix)?
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
+/// Whether `v` counts up by one.
+pub fn consecutive(v: &[u64]) -> bool {
+    v.windows(2).all(|w| w[1] == w[0] + 1)
+}

@@ -10,17 +10,13 @@
 //! `FTVMM_FAILOVER_TRIALS=N` runs N kill trials of each Linux workload instead of the default.
 
 use ftvmm_tests::{
-    ctl_status, json_number, key_file, linux_machine, linux_ready, scratch, test_guest, Ftvmm,
-    Hosts, Proc, Run, LINUX_CMDLINE,
+    consecutive, ctl_status, joins, json_number, key_file, linux_machine, linux_ready, numbers,
+    scratch, test_guest, Ftvmm, Hosts, Proc, Run, LINUX_CMDLINE,
 };
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 const PORT: u16 = 7000;
-/// Output the old primary may have released before it died, re-sent by the new one: a few
-/// UART bytes (the guest writes the serial line a byte at a time).
-const MAX_DUP: usize = 64;
-
 struct Pair<'h> {
     hosts: &'h Hosts,
     key: PathBuf,
@@ -98,15 +94,6 @@ fn wait_live(b: &Proc) {
         "the backup never went live:\n{}",
         b.stderr()
     );
-}
-
-/// `before` (the dead primary's output) and `after` (the new primary's) joined: `after` may
-/// begin with up to `MAX_DUP` bytes that end `before`. Returns every way of joining them.
-fn joins(before: &str, after: &str) -> Vec<String> {
-    (0..=MAX_DUP.min(after.len()))
-        .filter(|&k| after.is_char_boundary(k) && before.ends_with(&after[..k]))
-        .map(|k| format!("{before}{}", &after[k..]))
-        .collect()
 }
 
 fn ticks_upto(out: &str) -> Option<u32> {
@@ -473,23 +460,6 @@ fn trials() -> usize {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(10)
-}
-
-/// Numbers `n` of `prefix<n>` lines, in order of appearance (lines cut short are skipped).
-fn numbers(out: &str, prefix: &str, suffix: &str) -> Vec<u64> {
-    out.split('\n')
-        .filter_map(|l| {
-            l.trim_end_matches('\r')
-                .strip_prefix(prefix)?
-                .strip_suffix(suffix)?
-                .parse()
-                .ok()
-        })
-        .collect()
-}
-
-fn consecutive(v: &[u64]) -> bool {
-    v.windows(2).all(|w| w[1] == w[0] + 1)
 }
 
 /// One failover trial on the Linux guest: the workload runs, the primary's host dies at a
