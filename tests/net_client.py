@@ -33,6 +33,35 @@ def recv_all(s):
         out += b
 
 
+def talk(s, start, secs, lat):
+    """Echo requests back to back on `s` for `secs` seconds (see the module doc)."""
+    i, shown = 0, start
+    while time.time() - start < secs:
+        t0 = time.time()
+        line = f'request {i} {random.getrandbits(64):016x}\n'.encode()
+        s.sendall(line)
+        got = b''
+        while not got.endswith(b'\n'):
+            b = s.recv(4096)
+            if not b:
+                print(f'FAIL talk: connection closed after {i} answers')
+                return 1
+            got += b
+        if got != line:
+            print(f'FAIL talk: request {i}: sent {line!r}, got {got!r}')
+            return 1
+        lat.append(time.time() - t0)
+        i += 1
+        if time.time() - shown >= 1:
+            shown = time.time()
+            print(f'talk: {i} answers, last {lat[-1] * 1e3:.0f} ms', file=sys.stderr, flush=True)
+    lat.sort()
+    p50, p99 = lat[len(lat) // 2], lat[min(len(lat) - 1, int(len(lat) * 0.99))]
+    print(f'OK talk {i} lines in {time.time() - start:.1f} s p50_ms={p50 * 1e3:.1f} '
+          f'p99_ms={p99 * 1e3:.1f} max_ms={lat[-1] * 1e3:.0f}')
+    return 0
+
+
 def main():
     addr, what = sys.argv[1], sys.argv[2]
     start = time.time()
@@ -63,29 +92,11 @@ def main():
         secs = float(sys.argv[3])
         s = connect(addr, 7)
         lat, i, shown = [], 0, start
-        while time.time() - start < secs:
-            t0 = time.time()
-            line = f'request {i} {random.getrandbits(64):016x}\n'.encode()
-            s.sendall(line)
-            got = b''
-            while not got.endswith(b'\n'):
-                b = s.recv(4096)
-                if not b:
-                    print(f'FAIL talk: connection closed after {i} answers')
-                    return 1
-                got += b
-            if got != line:
-                print(f'FAIL talk: request {i}: sent {line!r}, got {got!r}')
-                return 1
-            lat.append(time.time() - t0)
-            i += 1
-            if time.time() - shown >= 1:
-                shown = time.time()
-                print(f'talk: {i} answers, last {lat[-1] * 1e3:.0f} ms', file=sys.stderr, flush=True)
-        lat.sort()
-        p50, p99 = lat[len(lat) // 2], lat[min(len(lat) - 1, int(len(lat) * 0.99))]
-        print(f'OK talk {i} lines in {time.time() - start:.1f} s p50_ms={p50 * 1e3:.1f} '
-              f'p99_ms={p99 * 1e3:.1f} max_ms={lat[-1] * 1e3:.0f}')
+        try:
+            return talk(s, start, secs, lat)
+        except OSError as e:
+            print(f'FAIL talk: {e} after {len(lat)} answers, {time.time() - start:.1f} s in')
+            return 1
     elif what == 'sink':
         n = int(sys.argv[3])
         data = random.randbytes(n)

@@ -1,0 +1,532 @@
+//! The operator's tools on real pairs: `ftvmm ctl` (status, stop, switchover), the Prometheus
+//! endpoint, JSON logs, and the failover demo itself.
+//!
+//! A switchover hands the guest from the primary to the backup with nothing lost and nothing
+//! repeated: the serial stream, cut where each switchover happened and put back together, is
+//! the failure-free stream byte for byte; the disk holds every record the guest reported
+//! synced; a TCP conversation from a client goes on throughout.
+
+use ftvmm_tests::{
+    consecutive, ftvmm_bin, key_file, linux_machine, linux_net_ready, numbers, root, scratch,
+    test_guest, Ftvmm, Hosts, Proc, GUEST_IP, GUEST_MAC, LINUX_NET_CMDLINE,
+};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const PORT: u16 = 7000;
+
+/// `ftvmm ctl` with these arguments: (exit code, stdout, stderr).
+fn ctl(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(ftvmm_bin())
+        .arg("ctl")
+        .args(args)
+        .output()
+        .expect("run ftvmm ctl");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn ctl_json(sock: &Path, request: &[&str]) -> serde_json::Value {
+    let mut args = vec!["--api-socket", sock.to_str().unwrap()];
+    args.extend(request);
+    let (code, out, err) = ctl(&args);
+    assert_eq!(code, 0, "ctl {request:?}: {out}{err}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("ctl {request:?}: {e}: {out}"))
+}
+
+#[test]
+fn ctl_against_a_dead_or_foreign_socket_fails_in_one_clear_line() {
+    let dir = scratch("ops-ctl-dead");
+    // Nothing there.
+    let missing = dir.join("missing.sock");
+    let (code, out, err) = ctl(&["--api-socket", missing.to_str().unwrap(), "status"]);
+    assert_eq!(code, 2);
+    assert!(out.is_empty());
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("cannot reach") && err.contains("is an ftvmm running"),
+        "{err}"
+    );
+    // A socket file whose ftvmm is gone (bound, then its listener closed).
+    let stale = dir.join("stale.sock");
+    drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+    let (code, _, err) = ctl(&["--api-socket", stale.to_str().unwrap(), "status"]);
+    assert_eq!(code, 2);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("Connection refused"), "{err}");
+    // Something that is not an ftvmm answers.
+    let foreign = dir.join("foreign.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&foreign).unwrap();
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut buf = [0u8; 64];
+        let _ = s.read(&mut buf);
+        let _ = s.write_all(b"220 smtp.example ESMTP ready\r\n");
+    });
+    let (code, _, err) = ctl(&["--api-socket", foreign.to_str().unwrap(), "status"]);
+    server.join().unwrap();
+    assert_eq!(code, 2);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("not an ftvmm API socket"), "{err}");
+    // A wrong request never reaches a socket.
+    let (code, _, err) = ctl(&["--api-socket", missing.to_str().unwrap(), "reboot"]);
+    assert_eq!(code, 2, "{err}");
+}
+
+fn tiny_args(dir: &Path) -> Vec<String> {
+    let key = key_file(dir, "key", 41);
+    [
+        "--kernel",
+        test_guest("ticks-long").to_str().unwrap(),
+        "--key-file",
+        key.to_str().unwrap(),
+        "--lock",
+        &format!("file:{}", dir.join("pair.lock").display()),
+        "--log-level",
+        "info",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+/// The Prometheus endpoint of a protected primary, scraped over HTTP; and its logs as JSON.
+#[test]
+fn a_pair_shows_its_metrics_to_prometheus_and_logs_json() {
+    let dir = scratch("ops-metrics");
+    let args = tiny_args(&dir);
+    let sock = dir.join("p.sock");
+    let p = Ftvmm::raw(&["--role", "primary", "--listen", "127.0.0.1:0"])
+        .args([
+            "--api-socket",
+            sock.to_str().unwrap(),
+            "--serial-input",
+            "none",
+        ])
+        .args(["--metrics", "127.0.0.1:0", "--log-format", "json"])
+        .args(&args)
+        .spawn();
+    assert!(p.wait_stderr("metrics at http://", Duration::from_secs(30)));
+    let listen = p
+        .stderr_word_after("listening for a backup on ")
+        .expect("listen address");
+    let metrics = p
+        .stderr_word_after("metrics at http://")
+        .expect("metrics address")
+        .trim_end_matches("/metrics\"}}")
+        .trim_end_matches("/metrics")
+        .to_string();
+    let b = Ftvmm::raw(&["--role", "backup", "--primary", &listen])
+        .args(["--serial-input", "none"])
+        .args(&args)
+        .spawn();
+    assert!(
+        p.wait_stderr(" attached: ", Duration::from_secs(30)),
+        "{}",
+        p.stderr()
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let text = http_get(&metrics, "/metrics");
+    assert!(text.starts_with("HTTP/1.1 200 OK"), "{text}");
+    assert!(text.contains("application/openmetrics-text"), "{text}");
+    for want in [
+        "ftvmm_role{role=\"primary\"} 1",
+        "ftvmm_protected 1",
+        "ftvmm_epoch 1",
+        "ftvmm_fenced 0",
+        "ftvmm_failovers_total 0",
+        "# TYPE ftvmm_log_bytes counter",
+        "# EOF",
+    ] {
+        assert!(text.contains(want), "no `{want}` in:\n{text}");
+    }
+    let log_bytes = metric(&text, "ftvmm_log_bytes_total");
+    assert!(log_bytes > 0.0, "{text}");
+    // The same figure as the status document's (scraped a moment apart: it only grows).
+    let status = ctl_json(&sock, &["status"]);
+    assert!(status["log"]["bytes"].as_f64().unwrap() >= log_bytes);
+    assert!(http_get(&metrics, "/nothing").starts_with("HTTP/1.1 404"));
+    // Every diagnostic line is a JSON object, up to the digest line that ends every run.
+    let (p, b) = (
+        p.wait(Duration::from_secs(60)),
+        b.wait(Duration::from_secs(60)),
+    );
+    p.assert_code(0);
+    b.assert_code(0);
+    let lines: Vec<&str> = p.stderr.lines().collect();
+    let (last, logs) = lines.split_last().unwrap();
+    assert!(last.starts_with("ftvmm: exits="), "{last}");
+    assert!(logs.len() >= 3, "{}", p.stderr);
+    for line in logs {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: not JSON: {line}"));
+        assert!(
+            v["level"].is_string() && v["fields"]["message"].is_string(),
+            "{line}"
+        );
+    }
+}
+
+fn http_get(addr: &str, path: &str) -> String {
+    let mut s = std::net::TcpStream::connect(addr).expect("connect to the metrics endpoint");
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
+}
+
+/// Two simulated hosts running a pair; each switchover moves the primary to the other host,
+/// whose old primary becomes the backup again (`--then backup`).
+struct Hopper {
+    hosts: Hosts,
+    procs: [Proc; 2],
+    socks: [PathBuf; 2],
+    /// Which host runs the primary now.
+    primary: usize,
+    /// The serial stream as the outside world saw it, put together at each switchover.
+    seen: String,
+    /// How much of each process's stdout is in `seen` already.
+    taken: [usize; 2],
+}
+
+impl Hopper {
+    /// With `nic`, hosts 0 and 1 get a tap for the guest's NIC and host 2 an address on the
+    /// guest LAN (a client).
+    fn start(
+        tag: &str,
+        dir: &Path,
+        machine: &[String],
+        primary_args: &[&str],
+        nic: bool,
+    ) -> Hopper {
+        let hosts = Hosts::new(tag, 3);
+        if nic {
+            hosts.add_guest_tap(0, "tapg");
+            hosts.add_guest_tap(1, "tapg");
+            hosts.add_guest_lan_addr(2, "10.240.0.2/16");
+        }
+        let socks = [dir.join("h0.sock"), dir.join("h1.sock")];
+        let spawn = |h: usize, role: &str, extra: &[&str]| {
+            Ftvmm::raw(&["--role", role])
+                .in_netns(hosts.ns(h))
+                .args(["--listen", &format!("{}:{PORT}", hosts.addr(h))])
+                .args(["--api-socket", socks[h].to_str().unwrap()])
+                .args(machine)
+                .args(extra)
+                .spawn()
+        };
+        let p = spawn(0, "primary", primary_args);
+        assert!(
+            p.wait_stderr("listening for a backup", Duration::from_secs(60)),
+            "{}",
+            p.stderr()
+        );
+        let target = format!("{}:{PORT}", hosts.addr(0));
+        let b = spawn(
+            1,
+            "backup",
+            &["--primary", &target, "--serial-input", "none"],
+        );
+        assert!(
+            p.wait_stderr(" attached: ", Duration::from_secs(90)),
+            "{}\n{}",
+            p.stderr(),
+            b.stderr()
+        );
+        Hopper {
+            hosts,
+            procs: [p, b],
+            socks,
+            primary: 0,
+            seen: String::new(),
+            taken: [0, 0],
+        }
+    }
+
+    /// Hands the guest to the other host and waits until the old primary is its backup.
+    fn switch(&mut self, round: usize) -> serde_json::Value {
+        let (old, new) = (self.primary, 1 - self.primary);
+        let attached_before = self.procs[new].stderr().matches(" attached: ").count();
+        let done = ctl_json(&self.socks[old], &["switchover", "--then", "backup"]);
+        assert_eq!(done["switchover"], "done", "round {round}: {done}");
+        // The old primary's guest stopped for good before ctl returned: its output is final.
+        let out = self.procs[old].stdout();
+        self.seen.push_str(&out[self.taken[old]..]);
+        self.taken[old] = out.len();
+        self.primary = new;
+        let start = Instant::now();
+        while self.procs[new].stderr().matches(" attached: ").count() <= attached_before {
+            assert!(
+                start.elapsed() < Duration::from_secs(90),
+                "round {round}: the old primary never attached as a backup:\n--- old ---\n{}\n--- new ---\n{}",
+                self.procs[old].stderr(),
+                self.procs[new].stderr()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        done
+    }
+
+    /// The stream up to now, the current primary's part included.
+    fn stream(&self) -> String {
+        let p = self.primary;
+        format!("{}{}", self.seen, &self.procs[p].stdout()[self.taken[p]..])
+    }
+}
+
+fn ticks_upto(out: &str) -> Option<u32> {
+    let mut n = 0;
+    for line in out.lines() {
+        let v: u32 = line.strip_prefix("tick ")?.parse().ok()?;
+        if v != n + 10 {
+            return None;
+        }
+        n = v;
+    }
+    Some(n)
+}
+
+#[test]
+fn switchover_back_and_forth_loses_and_repeats_nothing() {
+    let dir = scratch("ops-switch-tiny");
+    let args = tiny_args(&dir);
+    let mut h = Hopper::start("sw", &dir, &args, &["--serial-input", "none"], false);
+    assert!(h.procs[0].wait_stdout("tick 50\n", Duration::from_secs(30)));
+    for round in 0..4 {
+        let done = h.switch(round);
+        assert!(done["pause_ms"].as_f64().unwrap() < 5000.0, "{done}");
+    }
+    // The guest ends by itself: both sides stop there with the same state.
+    let status = ctl_json(&h.socks[h.primary], &["status"]);
+    assert_eq!(status["switchovers"], 0, "a fresh primary counts its own");
+    assert_eq!(status["epoch"], 5, "{status}");
+    let start = Instant::now();
+    while !h.stream().ends_with("tick 1000\n") {
+        assert!(start.elapsed() < Duration::from_secs(60), "{}", h.stream());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let stream = h.stream();
+    let Hopper {
+        procs: [a, b],
+        hosts,
+        ..
+    } = h;
+    let (a, b) = (
+        a.wait(Duration::from_secs(30)),
+        b.wait(Duration::from_secs(30)),
+    );
+    drop(hosts);
+    a.assert_code(0);
+    b.assert_code(0);
+    assert_eq!(a.digest_line(), b.digest_line());
+    assert_eq!(
+        ticks_upto(&stream),
+        Some(1000),
+        "the stream across four switchovers is not the failure-free one:\n{stream}"
+    );
+    assert_nothing_re_emitted(&[&a.stderr, &b.stderr]);
+}
+
+/// A switchover re-emits nothing: the old primary released everything before it handed over.
+fn assert_nothing_re_emitted(logs: &[&str]) {
+    for line in logs.iter().flat_map(|l| l.lines()) {
+        if line.contains("re-emitted") {
+            assert!(
+                line.contains(": 0 serial bytes, 0 frames, 0 disk writes"),
+                "{line}"
+            );
+        }
+    }
+}
+
+/// The records on the disk: record n at sector n-1, valid, in order.
+fn records_on_disk(disk: &Path) -> u64 {
+    let data = std::fs::read(disk).unwrap();
+    let mut n = 0;
+    for sector in data.chunks(512) {
+        let line = String::from_utf8_lossy(sector);
+        if !line
+            .trim_end_matches('\0')
+            .starts_with(&format!("FTVMMREC {} ", n + 1))
+        {
+            break;
+        }
+        n += 1;
+    }
+    n
+}
+
+/// A Linux pair on two simulated hosts with a NIC each (host 2 is a client on the guest LAN),
+/// restored from the networked snapshot, `command` typed at its shell.
+fn linux_hopper(tag: &str, dir: &Path, command: &str, started: &str) -> Option<(Hopper, PathBuf)> {
+    let ready = linux_net_ready()?;
+    let disk = dir.join("disk.img");
+    std::fs::copy(&ready.disk, &disk).unwrap();
+    let key = key_file(dir, "key", 42);
+    let mut machine = linux_machine(LINUX_NET_CMDLINE, &disk)?;
+    machine.extend(
+        [
+            "--net",
+            &format!("tap=tapg,mac={GUEST_MAC}"),
+            "--key-file",
+            key.to_str().unwrap(),
+            "--lock",
+            &format!("file:{}", dir.join("pair.lock").display()),
+            "--log-level",
+            "info",
+        ]
+        .map(String::from),
+    );
+    let snap = ready.snapshot.to_str().unwrap();
+    let mut h = Hopper::start(
+        tag,
+        dir,
+        &machine,
+        &["--restore", snap, "--serial-input", "-"],
+        true,
+    );
+    h.procs[0].type_input(format!("{command}\n").as_bytes());
+    assert!(
+        h.procs[0].wait_stdout(started, Duration::from_secs(120)),
+        "{}",
+        h.procs[0].stdout()
+    );
+    Some((h, disk))
+}
+
+/// Ten switchovers, `pause` apart; returns the pauses (ms).
+fn hop_ten_times(h: &mut Hopper, pause: Duration) -> Vec<f64> {
+    let mut pauses = Vec::new();
+    for round in 0..10 {
+        std::thread::sleep(pause);
+        let done = h.switch(round);
+        pauses.push(done["pause_ms"].as_f64().unwrap());
+    }
+    eprintln!("switchover pauses (ms): {pauses:.1?}");
+    pauses
+}
+
+/// A clean stop of the pair: both sides end at the same point; returns the whole serial stream.
+fn stop_pair(h: Hopper) -> String {
+    let _ = ctl_json(&h.socks[h.primary], &["stop"]);
+    let stream = h.stream();
+    let Hopper {
+        procs: [a, b],
+        hosts,
+        ..
+    } = h;
+    let (a, b) = (
+        a.wait(Duration::from_secs(60)),
+        b.wait(Duration::from_secs(60)),
+    );
+    drop(hosts);
+    a.assert_code(0);
+    b.assert_code(0);
+    assert_eq!(a.digest_line(), b.digest_line());
+    assert_nothing_re_emitted(&[&a.stderr, &b.stderr]);
+    stream
+}
+
+/// Ten switchovers of a Linux guest writing and syncing disk records (each reported on the
+/// serial line): the stream has every record once and in order, and the disk holds every
+/// record reported synced (the failover tests' checks).
+#[test]
+fn linux_diskwrite_survives_ten_switchovers() {
+    let dir = scratch("ops-switch-disk");
+    let Some((mut h, disk)) = linux_hopper("swd", &dir, "/workloads/diskwrite", "record 2 synced")
+    else {
+        return;
+    };
+    hop_ten_times(&mut h, Duration::from_millis(1500));
+    let stream = stop_pair(h);
+    let synced = numbers(&stream, "record ", " synced");
+    assert!(
+        !synced.is_empty() && synced[0] == 1 && consecutive(&synced),
+        "the record lines have a gap or a repeat across the switchovers:\n{stream}"
+    );
+    let last = *synced.last().unwrap();
+    assert!(last >= 6, "the workload hardly ran: {stream}");
+    let on_disk = records_on_disk(&disk);
+    assert!(
+        on_disk >= last,
+        "the client saw record {last} synced, the disk holds 1..{on_disk}"
+    );
+}
+
+/// Ten switchovers of a Linux guest counting on its serial line while a client on a third host
+/// talks to it over one TCP connection: the counter has no gap and no repeat, every answer
+/// the client got was right, and the connection lives through all ten.
+#[test]
+fn linux_counter_and_a_tcp_conversation_survive_ten_switchovers() {
+    let dir = scratch("ops-switch-net");
+    let Some((mut h, _)) = linux_hopper("swn", &dir, "/workloads/counter", "n=3\r\n") else {
+        return;
+    };
+    let client = Command::new("ip")
+        .args(["netns", "exec", h.hosts.ns(2), "python3"])
+        .arg(root().join("tests/net_client.py"))
+        .args([GUEST_IP, "talk", "40"])
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(dir.join("client.progress")).unwrap())
+        .spawn()
+        .expect("client");
+    hop_ten_times(&mut h, Duration::from_millis(1500));
+    let out = client.wait_with_output().unwrap();
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() {
+        for (i, p) in h.procs.iter().enumerate() {
+            std::fs::write(dir.join(format!("h{i}.log")), p.stderr()).unwrap();
+        }
+        panic!(
+            "the client's conversation broke: {said} (logs in {})",
+            dir.display()
+        );
+    }
+    eprintln!("client: {said}");
+    let stream = stop_pair(h);
+    let n = numbers(&stream, "n=", "");
+    assert!(
+        !n.is_empty() && n[0] == 1 && consecutive(&n),
+        "the counter has a gap or a repeat across the switchovers:\n{stream}"
+    );
+}
+
+/// The README's first command ends with this demo: it must pass here too.
+#[test]
+fn the_failover_demo_passes() {
+    if std::env::var_os("FTVMM_SKIP_LINUX").is_some() {
+        return;
+    }
+    let demo = ftvmm_bin().with_file_name("ftvmm-demo");
+    assert!(
+        demo.exists(),
+        "{} not built (cargo build --release --workspace --bins)",
+        demo.display()
+    );
+    let out = Command::new(&demo).output().expect("run the demo");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "the demo failed ({:?}):\n{text}\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("CLEAN TAKEOVER"), "{text}");
+    // It left nothing behind: no namespace of its own.
+    let ns = Command::new("ip").args(["netns", "list"]).output().unwrap();
+    assert!(
+        !String::from_utf8_lossy(&ns.stdout).contains("-demo-"),
+        "the demo left namespaces behind"
+    );
+}
