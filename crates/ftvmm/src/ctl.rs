@@ -79,7 +79,10 @@ fn ask(socket: &std::path::Path, request: Request) -> Result<String, String> {
     };
     let _ = stream.set_read_timeout(Some(wait));
     let _ = stream.set_write_timeout(Some(Duration::from_secs(5)));
-    writeln!(stream, "{}", request.line()).map_err(|e| format!("{path}: {e}"))?;
+    // One write: a peer that answers the first bytes and closes must not see a half request.
+    stream
+        .write_all(format!("{}\n", request.line()).as_bytes())
+        .map_err(|e| format!("{path}: {e} (not an ftvmm API socket?)"))?;
     let mut answer = String::new();
     stream
         .take(MAX_ANSWER)
