@@ -9,6 +9,7 @@ use crate::disk::Disk;
 use crate::exit::{ExitDigest, SyncExit};
 use crate::log::{exit_record, pack_disk_data, InputRec, PointRec, Record, RecordSink};
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 /// What the records are relative to, and where they go. Shared with the recording disk.
@@ -17,14 +18,23 @@ pub struct RecordCore {
     last_rip: u64,
     last_time: u64,
     exits: u64,
-    checkpoints: u64,
-    checkpoint_bytes: u64,
+    counters: Arc<RecordCounters>,
+}
+
+/// Figures of a recording that other threads read without taking the core's lock (the vCPU
+/// thread may hold it for long, blocked on a full log buffer).
+#[derive(Debug, Default)]
+pub struct RecordCounters {
+    /// Checkpoints written.
+    pub checkpoints: AtomicU64,
+    /// Their bytes, as the VMM encoded them.
+    pub checkpoint_bytes: AtomicU64,
 }
 
 impl RecordCore {
-    /// Checkpoints written, and their bytes (as the VMM encoded them).
-    pub fn checkpoints(&self) -> (u64, u64) {
-        (self.checkpoints, self.checkpoint_bytes)
+    /// The recording's counters, to read from any thread.
+    pub fn counters(&self) -> Arc<RecordCounters> {
+        self.counters.clone()
     }
 
     fn write(&mut self, rec: &Record) -> Result<u64, BoundaryError> {
@@ -76,8 +86,7 @@ impl<B: Boundary> Recorder<B> {
                 last_rip: 0,
                 last_time: 0,
                 exits: 0,
-                checkpoints: 0,
-                checkpoint_bytes: 0,
+                counters: Arc::default(),
             })),
             rtc_epoch,
         })
@@ -214,8 +223,10 @@ impl<B: Boundary> Boundary for Recorder<B> {
         core.write(&Record::Checkpoint {
             data: snapshot.to_vec(),
         })?;
-        core.checkpoints += 1;
-        core.checkpoint_bytes += snapshot.len() as u64;
+        core.counters.checkpoints.fetch_add(1, Ordering::Relaxed);
+        core.counters
+            .checkpoint_bytes
+            .fetch_add(snapshot.len() as u64, Ordering::Relaxed);
         Ok(())
     }
 

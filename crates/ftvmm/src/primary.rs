@@ -14,7 +14,7 @@ use ft_core::live::{LiveBoundary, NetPort};
 use ft_core::lock::{self, Arbiter, Race};
 use ft_core::log::{Header, Record, VERSION};
 use ft_core::primary::{AckMode, HeldDisk, HeldNet, HeldSerial, Link, Mode};
-use ft_core::record::{Recorder, SharedRecordCore};
+use ft_core::record::{RecordCounters, Recorder, SharedRecordCore};
 use ft_core::Boundary;
 use logging_channel::{ChannelConfig, Connection, Listener, Msg, Psk, PROTOCOL_VERSION};
 use std::io::IsTerminal;
@@ -377,7 +377,7 @@ pub(crate) struct ServiceParts {
 /// A primary's threads beside the vCPU: the output releaser and the pair manager.
 pub(crate) struct Services {
     link: Arc<Link>,
-    core: SharedRecordCore,
+    counters: Arc<RecordCounters>,
     commands: mpsc::Sender<Command>,
     pair: Arc<PairState>,
     releaser: ft_core::primary::Releaser,
@@ -401,6 +401,12 @@ impl Services {
         let pair = Arc::new(PairState::default());
         *pair.history.lock().unwrap_or_else(|e| e.into_inner()) = parts.history;
         let (commands, requests) = mpsc::channel();
+        // Taken now: the vCPU may hold the core's lock for long later (a full log buffer).
+        let counters = parts
+            .core
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .counters();
         let ctx = Manager {
             listener: parts.listener,
             link: parts.link.clone(),
@@ -421,7 +427,7 @@ impl Services {
             .map_err(|e| format!("cannot start the pair manager: {e}"))?;
         Ok(Services {
             link: parts.link,
-            core: parts.core,
+            counters,
             commands,
             pair,
             releaser,
@@ -437,7 +443,7 @@ impl Services {
         primary_status(
             self.link.clone(),
             self.pair.clone(),
-            self.core.clone(),
+            self.counters.clone(),
             self.listen.clone(),
             self.arbiter.as_ref().map(|a| a.spec()),
         )
@@ -527,7 +533,7 @@ fn latency_percentiles(ns: &[u64]) -> (u64, u64) {
 fn primary_status(
     link: Arc<Link>,
     pair: Arc<PairState>,
-    core: SharedRecordCore,
+    counters: Arc<RecordCounters>,
     listen: String,
     lock: Option<String>,
 ) -> StatusFn {
@@ -554,8 +560,10 @@ fn primary_status(
             .lock()
             .map(|a| a.clone())
             .unwrap_or_default();
-        let (checkpoints, checkpoint_bytes) =
-            core.lock().map(|c| c.checkpoints()).unwrap_or_default();
+        let (checkpoints, checkpoint_bytes) = (
+            counters.checkpoints.load(Ordering::Relaxed),
+            counters.checkpoint_bytes.load(Ordering::Relaxed),
+        );
         serde_json::json!({
             "role": "primary",
             "listen": listen,
