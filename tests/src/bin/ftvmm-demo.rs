@@ -446,7 +446,7 @@ fn demo(screen: &mut Screen, dir: &Path, started: &mut Started) -> Step<String> 
     let st = status(&pair.sock(1))?;
     let record = &st["takeovers"][0];
     screen.say(&format!(
-        "host B is LIVE {:.0} ms after the kill (silence noticed after {:.0} ms, lock won at epoch {}, live {:.1} ms later)",
+        "host B is LIVE {:.0} ms after the kill (A's stream ended {:.0} ms after its last message; B won the lock at epoch {} and was live {:.1} ms later)",
         takeover.as_secs_f64() * 1e3,
         record["detect_ms"].as_f64().unwrap_or(0.0),
         record["epoch"],
