@@ -144,9 +144,13 @@ impl Platform {
 
     /// What the boundary needs to decide on inputs.
     pub fn wait_request(&self) -> WaitRequest {
+        // A timer whose line the PIC masks wakes nobody: its edges only set IRR, which the
+        // next time input catches up with. (The PIT counts from power-on, as after a PC's
+        // firmware; a guest that masks IRQ 0 must not be woken 18.2 times a second.)
+        let unmasked = |irq: u8, t: Option<u64>| t.filter(|_| !self.pic.masked(irq));
         let deadline = [
-            self.pit.next_irq0_ns(self.now_ns),
-            self.rtc.next_irq8_ns(self.now_ns),
+            unmasked(PIT_IRQ, self.pit.next_irq0_ns(self.now_ns)),
+            unmasked(RTC_IRQ, self.rtc.next_irq8_ns(self.now_ns)),
         ]
         .into_iter()
         .flatten()
