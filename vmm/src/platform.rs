@@ -305,6 +305,10 @@ impl Platform {
             0x70 | 0x71 => {
                 let now = self.clock(boundary)?;
                 self.rtc.pio_write(port, value, now);
+                // Enabling an interrupt whose flag is already set raises IRQ 8 now, as on the
+                // MC146818 (and QEMU's): the edge must reach the PIC at this write, not at the
+                // next time input (the census's `firmware` guest waited for it in vain).
+                self.advance_time(now);
             }
             p if (COM1_BASE..COM1_BASE + 8).contains(&p) => {
                 self.uart.pio_write((p - COM1_BASE) as u8, value);
