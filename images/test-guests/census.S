@@ -621,8 +621,8 @@ t_pclmul:
         movq    %xmm0, %rax
         ret
 
-ENTRY xgetbv, t_xgetbv, 0
-t_xgetbv:
+ENTRY xgetbv, t_xgetbv, 0, 6
+t_xgetbv:                                       # CR4.OSXSAVE is clear: #UD
         xor     %ecx, %ecx
         xgetbv
         xor     %eax, %eax
@@ -729,22 +729,42 @@ t_str:  sldt    %ax
         movzwl  %ax, %eax
         ret
 
-ENTRY lar-lsl, t_lar, 0x0000ffff
-t_lar:  mov     $KERNEL_DS, %ecx
-        lsl     %ecx, %eax                      # flat data segment limit, low bits
+ENTRY lsl, t_lsl, 0xffffffff
+t_lsl:  mov     $KERNEL_DS, %ecx
+        mov     $-1, %rax
+        lsl     %ecx, %eax                      # flat data segment: 4 GiB - 1
         jnz     1f
-        and     $0xffff, %eax
         ret
 1:      mov     $-1, %rax
         ret
 
-ENTRY verr-verw, t_verw, 0
-t_verw: mov     $KERNEL_DS, %ecx
-        verw    %cx
+ENTRY lar, t_lar, 0x00c09200
+t_lar:  mov     $KERNEL_DS, %ecx
+        lar     %ecx, %eax                      # G, D/B, P, DPL0, data read/write
+        jnz     1f
+        and     $~0x100, %eax                   # the accessed bit, whatever the CPU set
+        ret
+1:      mov     $-1, %rax
+        ret
+
+ENTRY verr-verw, t_verw, 0x010100
+t_verw: xor     %eax, %eax
+        mov     $KERNEL_DS, %ecx
+        verw    %cx                             # writable data: ZF=1
         setnz   %al
-        verr    %cx
+        mov     $KERNEL_CS, %ecx
+        verw    %cx                             # code is never writable: ZF=0
         setnz   %ah
-        movzwl  %ax, %eax
+        verr    %cx                             # readable code: ZF=1
+        setnz   %dl
+        xor     %ecx, %ecx
+        verr    %cx                             # the null selector: ZF=0
+        setnz   %cl
+        movzbl  %dl, %edx
+        shl     $8, %edx
+        or      %edx, %eax
+        shl     $16, %ecx
+        or      %ecx, %eax
         ret
 
 ENTRY mov-sreg, t_movseg, KERNEL_DS

@@ -372,6 +372,63 @@ fn sse_fault(sregs: &kvm_sregs) -> Option<u8> {
     }
 }
 
+/// The 8-byte descriptor `selector` names in the GDT or the LDT; None for a null selector or
+/// one beyond its table's limit.
+fn descriptor(mem: &GuestMemoryMmap, sregs: &kvm_sregs, selector: u16) -> Option<u64> {
+    let ldt = selector & 4 != 0;
+    if !ldt && selector & !3 == 0 {
+        return None;
+    }
+    let (base, limit) = if ldt {
+        if sregs.ldt.unusable != 0 || sregs.ldt.present == 0 {
+            return None;
+        }
+        (sregs.ldt.base, u64::from(sregs.ldt.limit))
+    } else {
+        (sregs.gdt.base, u64::from(sregs.gdt.limit))
+    };
+    let offset = u64::from(selector & !7);
+    if offset + 7 > limit {
+        return None;
+    }
+    let mut raw = [0u8; 8];
+    read_virt(mem, sregs, base + offset, &mut raw).ok()?;
+    Some(u64::from_le_bytes(raw))
+}
+
+/// What VERR, VERW, LAR or LSL find in descriptor `d` (SDM vol. 2, their "Operation" in
+/// 64-bit mode): None when ZF is to be cleared; otherwise LAR's access rights, LSL's limit
+/// in bytes, or 0 for VERR/VERW.
+fn check_descriptor(m: Mnemonic, d: u64, sregs: &kvm_sregs, selector: u16) -> Option<u64> {
+    let ty = (d >> 40) & 0xf;
+    let code_or_data = (d >> 44) & 1 != 0;
+    let dpl = (d >> 45) & 3;
+    let cpl = u64::from(sregs.cs.selector & 3);
+    let rpl = u64::from(selector & 3);
+    let code = code_or_data && ty & 8 != 0;
+    let conforming = code && ty & 4 != 0;
+    if !conforming && (dpl < cpl || dpl < rpl) {
+        return None;
+    }
+    match m {
+        Mnemonic::Verr => (code_or_data && (!code || ty & 2 != 0)).then_some(0),
+        Mnemonic::Verw => (code_or_data && !code && ty & 2 != 0).then_some(0),
+        // System types valid in 64-bit mode: LDT, available and busy 64-bit TSS, and (LAR
+        // only) the 64-bit call gate.
+        Mnemonic::Lar => {
+            (code_or_data || matches!(ty, 2 | 9 | 0xb | 0xc)).then_some((d >> 32) & 0x00f0_ff00)
+        }
+        _ => (code_or_data || matches!(ty, 2 | 9 | 0xb)).then(|| {
+            let limit = (d & 0xffff) | ((d >> 32) & 0xf_0000);
+            if (d >> 55) & 1 != 0 {
+                limit << 12 | 0xfff
+            } else {
+                limit
+            }
+        }),
+    }
+}
+
 /// Completes the instruction that made the last `KVM_RUN` stop with an internal error.
 /// Returns the synchronous exit it counts as.
 pub fn complete_emulation_failure(
@@ -560,6 +617,73 @@ pub fn complete_emulation_failure(
                 regs.rax = lo;
                 regs.rdx = hi;
                 regs.rflags &= !RFLAGS_ZF;
+            }
+        }
+        Mnemonic::Xgetbv => {
+            // #UD without CR4.OSXSAVE (this KVM's emulator stops instead); XCR0 from KVM,
+            // #GP(0) for any other XCR (XGETBV1's XCR1 is never offered: XSAVE is hidden).
+            const CR4_OSXSAVE: u64 = 1 << 18;
+            let fault = if sregs.cr4 & CR4_OSXSAVE == 0 {
+                Some((UD_VECTOR, None))
+            } else if regs.rcx & 0xffff_ffff != 0 {
+                Some((GP_VECTOR, Some(0)))
+            } else {
+                None
+            };
+            if let Some((vector, code)) = fault {
+                inject_fault(vcpu, vector, code)?;
+                kvm("KVM_SET_REGS", vcpu.set_regs(&regs))?;
+                return Ok(SyncExit {
+                    kind: ExitKind::Emulated,
+                    addr: instr.mnemonic() as u64,
+                    data: u64::from(vector),
+                    len: instr.len() as u8,
+                    rip,
+                });
+            }
+            let xcrs = kvm("KVM_GET_XCRS", vcpu.get_xcrs())?;
+            let n = (xcrs.nr_xcrs as usize).min(xcrs.xcrs.len());
+            let xcr0 = xcrs.xcrs[..n]
+                .iter()
+                .find(|x| x.xcr == 0)
+                .map_or(1, |x| x.value);
+            regs.rax = xcr0 & 0xffff_ffff;
+            regs.rdx = xcr0 >> 32;
+            result = xcr0;
+        }
+        Mnemonic::Verr | Mnemonic::Verw | Mnemonic::Lar | Mnemonic::Lsl => {
+            // The selector: VERR/VERW's only operand, LAR/LSL's source (a register or m16).
+            let src = if matches!(instr.mnemonic(), Mnemonic::Verr | Mnemonic::Verw) {
+                0
+            } else {
+                1
+            };
+            let selector = match instr.op_kind(src) {
+                OpKind::Register => read_reg(&regs, instr.op_register(src).full_register())
+                    .ok_or_else(|| unsupported(&instr))? as u16,
+                OpKind::Memory => {
+                    let ea = effective_address(&instr, &regs, &sregs)
+                        .ok_or_else(|| unsupported(&instr))?;
+                    let mut buf = [0u8; 2];
+                    read_virt(mem, &sregs, ea, &mut buf)
+                        .map_err(|why| CompatError::GuestMemory { gva: ea, rip, why })?;
+                    u16::from_le_bytes(buf)
+                }
+                _ => return Err(unsupported(&instr)),
+            };
+            let value = descriptor(mem, &sregs, selector)
+                .and_then(|d| check_descriptor(instr.mnemonic(), d, &sregs, selector));
+            match value {
+                Some(v) => {
+                    if matches!(instr.mnemonic(), Mnemonic::Lar | Mnemonic::Lsl) {
+                        let dst = instr.op0_register();
+                        let v = if dst.size() == 2 { v & 0xffff } else { v };
+                        write_reg(&mut regs, dst, v).ok_or_else(|| unsupported(&instr))?;
+                    }
+                    regs.rflags |= RFLAGS_ZF;
+                    result = v | 1 << 32;
+                }
+                None => regs.rflags &= !RFLAGS_ZF,
             }
         }
         Mnemonic::Int3 => {
