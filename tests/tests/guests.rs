@@ -116,5 +116,8 @@ fn devices_power_on_as_firmware_leaves_them() {
         assert_eq!(run.stdout, want, "--clock {clock}");
         digests.push(run.digest_line().map(str::to_string));
     }
-    assert_eq!(digests[1], digests[2], "two runs on the virtual clock differ");
+    assert_eq!(
+        digests[1], digests[2],
+        "two runs on the virtual clock differ"
+    );
 }
