@@ -448,6 +448,27 @@ mod tests {
     }
 
     #[test]
+    fn power_on_is_the_firmware_state() {
+        let mut pic = Pic::new();
+        assert_eq!(pic.pio_read(0x21), 0xfb, "all masked but the cascade");
+        assert_eq!(pic.pio_read(0xa1), 0xff);
+        assert!(pic.masked(0) && pic.masked(8) && !pic.masked(2));
+        // A request on a masked line waits in IRR; unmasked, it arrives on the BIOS vector.
+        pulse(&mut pic, 0);
+        assert!(!pic.intr());
+        pic.pio_write(0x21, 0xfa);
+        assert_eq!(pic.acknowledge(), Some(0x08));
+        pic.pio_write(0x20, 0x20);
+        pic.pio_write(0xa1, 0xfe);
+        pulse(&mut pic, 8);
+        assert_eq!(pic.acknowledge(), Some(0x70));
+        // Linux's init_8259A reprograms it as if it were fresh.
+        linux_init(&mut pic);
+        pulse(&mut pic, 0);
+        assert_eq!(pic.acknowledge(), Some(0x30));
+    }
+
+    #[test]
     fn power_on_is_quiet() {
         let mut pic = Pic::new();
         assert!(!pic.intr());

@@ -970,6 +970,45 @@ mod tests {
     }
 
     #[test]
+    fn descriptor_checks_follow_the_sdm() {
+        let sregs = |cpl: u16| kvm_sregs {
+            cs: kvm_segment {
+                selector: 0x08 | cpl,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let data = 0x00cf_9200_0000_ffffu64; // flat read/write data, DPL0, 4 KiB granular
+        let code = 0x00af_9a00_0000_ffffu64; // 64-bit code, readable, DPL0
+        let user_data = 0x00cf_f200_0000_ffffu64; // DPL3
+        let tss = 0x0000_8900_0000_0067u64; // available 64-bit TSS, limit 0x67
+        let k = sregs(0);
+        assert_eq!(check_descriptor(Mnemonic::Verw, data, &k, 0x10), Some(0));
+        assert_eq!(check_descriptor(Mnemonic::Verw, code, &k, 0x08), None);
+        assert_eq!(check_descriptor(Mnemonic::Verr, code, &k, 0x08), Some(0));
+        assert_eq!(
+            check_descriptor(Mnemonic::Lsl, data, &k, 0x10),
+            Some(0xffff_ffff)
+        );
+        assert_eq!(
+            check_descriptor(Mnemonic::Lar, data, &k, 0x10),
+            Some(0x00c0_9200)
+        );
+        assert_eq!(check_descriptor(Mnemonic::Lsl, tss, &k, 0x30), Some(0x67));
+        assert_eq!(check_descriptor(Mnemonic::Verr, tss, &k, 0x30), None);
+        // Privilege: a DPL0 segment is invisible to CPL3 and to RPL3, a DPL3 one is not.
+        assert_eq!(
+            check_descriptor(Mnemonic::Verw, data, &sregs(3), 0x13),
+            None
+        );
+        assert_eq!(check_descriptor(Mnemonic::Verw, data, &k, 0x13), None);
+        assert_eq!(
+            check_descriptor(Mnemonic::Verw, user_data, &sregs(3), 0x23),
+            Some(0)
+        );
+    }
+
+    #[test]
     fn translate_walks_4_level_tables() {
         let mem = crate::memory::create(16 << 20).unwrap();
         // PML4 at 0x1000 -> PDPT 0x2000 -> PD 0x3000 -> PT 0x4000; map va 0x40_0000_1000 -> 0x9000.
