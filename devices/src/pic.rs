@@ -263,17 +263,58 @@ impl PicChipState {
 }
 
 /// The 8259A master/slave pair.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Pic {
     master: PicChipState,
     slave: PicChipState,
 }
 
+impl Default for Pic {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Pic {
-    /// A pair in its power-on state: vector base 0, nothing masked, nothing pending. Guests
-    /// initialise it with ICW1-ICW4 before enabling interrupts.
+    /// A pair as a PC's firmware leaves it (docs/PLATFORM.md): initialised (ICW1-ICW4: edge
+    /// triggered, cascaded, 8086 mode, normal EOI) with the master's vectors at 0x08 and the
+    /// slave's at 0x70, every input masked but the cascade (IRQ 2), nothing pending or in
+    /// service. Guests usually initialise it again before enabling interrupts; one that does
+    /// not gets nothing until it unmasks an input.
     pub fn new() -> Self {
-        Self::default()
+        let mut pic = Pic {
+            master: PicChipState::default(),
+            slave: PicChipState::default(),
+        };
+        for (cmd, data, base, wiring, mask) in [
+            (
+                MASTER_CMD,
+                MASTER_DATA,
+                0x08,
+                1 << CASCADE_IRQ,
+                !(1u8 << CASCADE_IRQ),
+            ),
+            (SLAVE_CMD, SLAVE_DATA, 0x70, CASCADE_IRQ, 0xff),
+        ] {
+            pic.pio_write(cmd, 0x11);
+            pic.pio_write(data, base);
+            pic.pio_write(data, wiring);
+            pic.pio_write(data, 0x01);
+            pic.pio_write(data, mask);
+        }
+        pic
+    }
+
+    /// Whether IRQ line `irq` (0..=15) is masked, on its chip or (8..=15) at the cascade: a
+    /// request on it cannot reach the CPU until the guest unmasks it.
+    pub fn masked(&self, irq: u8) -> bool {
+        match irq {
+            0..=7 => self.master.imr & (1 << irq) != 0,
+            8..=15 => {
+                self.slave.imr & (1 << (irq - 8)) != 0 || self.master.imr & (1 << CASCADE_IRQ) != 0
+            }
+            _ => true,
+        }
     }
 
     /// Propagates the slave's INT output to the master's IR2.
@@ -404,6 +445,27 @@ mod tests {
         let v = pic.pio_read(cmd);
         pic.pio_write(cmd, 0x0a);
         v
+    }
+
+    #[test]
+    fn power_on_is_the_firmware_state() {
+        let mut pic = Pic::new();
+        assert_eq!(pic.pio_read(0x21), 0xfb, "all masked but the cascade");
+        assert_eq!(pic.pio_read(0xa1), 0xff);
+        assert!(pic.masked(0) && pic.masked(8) && !pic.masked(2));
+        // A request on a masked line waits in IRR; unmasked, it arrives on the BIOS vector.
+        pulse(&mut pic, 0);
+        assert!(!pic.intr());
+        pic.pio_write(0x21, 0xfa);
+        assert_eq!(pic.acknowledge(), Some(0x08));
+        pic.pio_write(0x20, 0x20);
+        pic.pio_write(0xa1, 0xfe);
+        pulse(&mut pic, 8);
+        assert_eq!(pic.acknowledge(), Some(0x70));
+        // Linux's init_8259A reprograms it as if it were fresh.
+        linux_init(&mut pic);
+        pulse(&mut pic, 0);
+        assert_eq!(pic.acknowledge(), Some(0x30));
     }
 
     #[test]

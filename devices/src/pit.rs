@@ -28,8 +28,9 @@
 //! - Port 0x61 bit 4, the refresh toggle, flips every 15.085 us of virtual time.
 //!
 //! A count of 1 in modes 2 and 3 is illegal on the 8254; here OUT then stays high and the
-//! channel produces no edges. Channel 1 counts but drives nothing. Nothing counts at power-on:
-//! every channel waits, OUT high, until the guest programs it.
+//! channel produces no edges. Channel 1 counts but drives nothing. At power-on every channel is
+//! where a PC's firmware leaves it ([`Pit::new`]): mode 3, count 65536, channels 0 and 1
+//! counting.
 //!
 //! # Channel 0 and IRQ 0
 //!
@@ -169,6 +170,8 @@ pub struct PitChannelState {
 }
 
 impl PitChannelState {
+    /// A channel as a PC's firmware leaves it: mode 3, binary, lobyte/hibyte, count 65536
+    /// loaded (no NULL COUNT), counting from tick 0 when its gate is high.
     fn power_on(gate: bool) -> Self {
         PitChannelState {
             mode_bits: 3,
@@ -176,12 +179,16 @@ impl PitChannelState {
             bcd: false,
             count: 0x10000,
             cr: 0x10000,
-            armed: false,
-            run: Run::Idle { ce: 0 },
+            armed: true,
+            run: if gate {
+                Run::Counting { start: 0, phase: 0 }
+            } else {
+                Run::Idle { ce: 0x10000 }
+            },
             out_idle: true,
             gate,
             reload: None,
-            null_count: true,
+            null_count: false,
             write_msb_next: false,
             write_lsb: 0,
             read_msb_next: false,
@@ -625,8 +632,10 @@ impl Default for Pit {
 }
 
 impl Pit {
-    /// A PIT at power-on: nothing counts until the guest programs a channel; channel 2's gate
-    /// (port 0x61 bit 0) is low.
+    /// A PIT as a PC's firmware leaves it (docs/PLATFORM.md): every channel in mode 3 with
+    /// count 65536 loaded, no NULL COUNT; channels 0 and 1 (gate tied high) count from virtual
+    /// time 0, so channel 0's OUT toggles at 18.2 Hz; channel 2's gate (port 0x61 bit 0) is low,
+    /// so it waits, OUT high.
     pub fn new() -> Self {
         Pit {
             channels: [
@@ -814,11 +823,28 @@ mod tests {
     }
 
     #[test]
-    fn power_on_is_silent() {
+    fn power_on_is_the_firmware_state() {
         let mut pit = Pit::new();
-        assert_eq!(pit.poll_irq0(10_000_000_000), 0);
-        assert_eq!(pit.next_irq0_ns(0), None);
+        // Read-back of the status of all three channels: OUT high at tick 0, NULL COUNT clear,
+        // lobyte/hibyte, mode 3, binary (0xb6), as SeaBIOS leaves channel 0 and QEMU's reset
+        // leaves all three.
+        pit.pio_write(0x43, 0xee, 0);
+        for ch in 0..3 {
+            assert_eq!(pit.pio_read(0x40 + ch, 0), 0xb6, "channel {ch}");
+        }
+        // Linux's i8254 entropy read (kaslr_get_random_long): latch, read, until no NULL COUNT.
+        pit.pio_write(0x43, 0xe2, at(7));
+        assert_eq!(pit.pio_read(0x40, at(7)) & 0x40, 0);
+        // Channel 0 counts 65536 from tick 0 in mode 3 (down by two per tick): 18.2 Hz on IRQ 0.
+        assert_eq!(latched(&mut pit, 0, at(1)), 0xfffe);
+        assert_eq!(pit.next_irq0_ns(0), Some(at(65536)));
+        assert_eq!(pit.poll_irq0(at(10 * 65536)), 10);
+        // Channel 2 waits for its gate: it does not count, OUT2 high.
         assert_eq!(pit.pio_read(0x61, 0) & 0x20, 0x20, "idle OUT2 is high");
+        assert_eq!(latched(&mut pit, 2, at(100)), 0);
+        // Raising gate 2 starts it.
+        pit.pio_write(0x61, 1, at(100));
+        assert_eq!(latched(&mut pit, 2, at(101)), 0xfffe);
     }
 
     #[test]
@@ -1005,8 +1031,8 @@ mod tests {
         pit.pio_write(0x43, 0xee, at(300));
         assert_eq!(
             pit.pio_read(0x41, at(300)),
-            0x80 | 0x40 | 0x36,
-            "power-on: idle"
+            0x80 | 0x36,
+            "power-on: counting 65536 in mode 3, first half"
         );
     }
 

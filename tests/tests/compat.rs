@@ -101,3 +101,180 @@ fn the_mode_is_logged() {
     };
     assert!(r.stderr.contains(want), "{}", r.stderr);
 }
+
+/// What happened to one instruction of the census guest.
+#[derive(Debug, Clone, PartialEq)]
+enum Outcome {
+    /// Executed with the SDM's result (or raised exactly the fault the entry expects).
+    Ok,
+    /// Executed, with another result (the census prints the value).
+    Wrong(String),
+    /// Raised an exception the entry did not expect (vector).
+    Fault(u32),
+    /// Stopped the VM: an emulation failure neither KVM nor ftvmm completes (ftvmm's line).
+    Stops(String),
+}
+
+impl Outcome {
+    fn cell(&self) -> String {
+        match self {
+            Outcome::Ok => "ok".into(),
+            Outcome::Wrong(_) => "wrong result".into(),
+            Outcome::Fault(6) => "#UD".into(),
+            Outcome::Fault(13) => "#GP".into(),
+            Outcome::Fault(v) => format!("fault {v}"),
+            Outcome::Stops(_) => "stops the VM".into(),
+        }
+    }
+}
+
+/// Runs the census guest from its first entry to its last with `--kvm-compat <compat>`,
+/// booting it again past each instruction that stops the VM (`census.from=`).
+fn census(compat: &str) -> Vec<(String, Outcome)> {
+    let mut rows: Vec<(String, Outcome)> = Vec::new();
+    let mut from = 0usize;
+    loop {
+        let r = Ftvmm::standalone(&test_guest("census"))
+            .args([
+                "--kvm-compat",
+                compat,
+                "--cmdline",
+                &format!("census.from={from}"),
+            ])
+            .run();
+        let mut stopped = None;
+        for line in r.stdout.lines() {
+            let Some(rest) = line.strip_prefix("census: ") else {
+                continue;
+            };
+            let mut w = rest.split_whitespace();
+            let (index, name) = (w.next().unwrap(), w.next().unwrap());
+            let index: usize = index.parse().unwrap();
+            assert_eq!(index, rows.len(), "{}", r.stdout);
+            let outcome = match (w.next(), w.next()) {
+                (Some("ok"), None) => Outcome::Ok,
+                (Some("wrong"), Some(v)) => Outcome::Wrong(v.to_string()),
+                (Some("fault"), Some(v)) => Outcome::Fault(v.parse().unwrap()),
+                (None, None) => {
+                    // The VM stopped in this entry: ftvmm says which instruction.
+                    let why = r
+                        .stderr
+                        .lines()
+                        .find(|l| l.starts_with("ftvmm: error"))
+                        .unwrap_or("(no error line)")
+                        .to_string();
+                    assert_eq!(r.code(), 2, "{}\n{}", r.stdout, r.stderr);
+                    stopped = Some(index);
+                    Outcome::Stops(why)
+                }
+                other => panic!("census line {line:?}: {other:?}"),
+            };
+            rows.push((name.to_string(), outcome));
+        }
+        match stopped {
+            Some(i) => from = i + 1,
+            None => {
+                assert!(
+                    r.stdout.ends_with("census done\n"),
+                    "{}\n{}",
+                    r.stdout,
+                    r.stderr
+                );
+                r.assert_code(0);
+                return rows;
+            }
+        }
+    }
+}
+
+/// Instructions the census finds this KVM and ftvmm cannot run right, and why a guest kernel
+/// on ftvmm does not run them (docs/CENSUS.md).
+const NOT_FOR_GUEST_KERNELS: &[(&str, &str)] = &[
+    ("movbe", "movbe hidden"),
+    ("lzcnt", "abm hidden"),
+    ("tzcnt", "bmi1 hidden"),
+    ("andn", "bmi1 hidden"),
+    ("bextr", "bmi1 hidden"),
+    ("blsr", "bmi1 hidden"),
+    ("shlx", "bmi2 hidden"),
+    ("rorx", "bmi2 hidden"),
+    ("pext", "bmi2 hidden"),
+    ("mulx", "bmi2 hidden"),
+    ("crc32", "sse4_2 hidden"),
+    ("fld1-faddp-fistp", "no x87 arithmetic in kernels"),
+    ("fnsave-frstor", "FXSR present"),
+    ("movd-xmm", "sse2 users hidden"),
+    ("movq-xmm", "sse2 users hidden"),
+    ("movaps", "sse2 users hidden"),
+    ("pxor", "sse2 users hidden"),
+    ("paddd", "sse2 users hidden"),
+    ("pshufd", "sse2 users hidden"),
+    ("pcmpeqb-pmovmskb", "sse2 users hidden"),
+    ("addsd-cvtsd2si", "sse2 users hidden"),
+    ("pshufb-ssse3", "ssse3 hidden"),
+    ("pinsrd-sse41", "sse4_1 hidden"),
+    ("pcmpestri-sse42", "sse4_2 hidden"),
+    ("aesenc", "aes hidden"),
+    ("pclmulqdq", "pclmulqdq hidden"),
+    ("clwb", "clwb hidden"),
+    ("rdfsbase", "fsgsbase hidden"),
+    ("rdtscp", "rdtscp hidden"),
+    ("rdpid", "rdpid hidden"),
+    ("rdrand", "rdrand hidden"),
+    ("rdseed", "rdseed hidden"),
+    ("rdpkru", "pku hidden"),
+];
+
+#[test]
+fn instruction_census() {
+    let on = census("on");
+    assert!(on.len() >= 80, "{on:?}");
+    // Everything a guest kernel on ftvmm may run works: every instruction that does not is
+    // one the platform keeps from the kernel, for the reason the list gives.
+    for (name, outcome) in &on {
+        if *outcome != Outcome::Ok {
+            assert!(
+                NOT_FOR_GUEST_KERNELS.iter().any(|(n, _)| n == name),
+                "{name}: {outcome:?}, and the platform does not keep it from guest kernels"
+            );
+        }
+    }
+    for name in [
+        "cmpxchg16b",
+        "ldmxcsr-stmxcsr",
+        "fnstcw-fldcw",
+        "popcnt",
+        "int3",
+        "verr-verw",
+        "lar",
+        "lsl",
+        "xgetbv",
+    ] {
+        assert!(
+            on.iter().any(|(n, o)| n == name && *o == Outcome::Ok),
+            "{name}: {on:?}"
+        );
+    }
+    if !nested_host() {
+        return;
+    }
+    // The table of docs/CENSUS.md is this host's: each row starts with what was measured.
+    let off = census("off");
+    assert_eq!(off.len(), on.len());
+    let doc = std::fs::read_to_string(ftvmm_tests::root().join("docs/CENSUS.md")).unwrap();
+    let mut table = String::new();
+    let mut missing = Vec::new();
+    for ((name, a), (_, b)) in off.iter().zip(&on) {
+        let why = NOT_FOR_GUEST_KERNELS
+            .iter()
+            .find(|(n, _)| n == name)
+            .map_or("", |(_, w)| w);
+        let row = format!("| `{name}` | {} | {} |", a.cell(), b.cell());
+        table += &format!("{row} {why} |\n");
+        if !doc.lines().any(|l| l.starts_with(&row)) {
+            missing.push(row);
+        }
+    }
+    eprintln!("measured:\n{table}");
+    assert!(missing.is_empty(), "docs/CENSUS.md lacks {missing:#?}");
+}

@@ -95,3 +95,29 @@ fn spin_is_interrupted_by_timer_ticks_while_it_computes() {
         "only {ticks} ticks during the computation: {line}"
     );
 }
+
+#[test]
+fn devices_power_on_as_firmware_leaves_them() {
+    // docs/PLATFORM.md, "Power-on state": PIT channels in mode 3 (lobyte/hibyte, OUT high, no
+    // NULL COUNT), channels 0 and 1 counting, channel 2 waiting for its gate; the PIC pair
+    // initialised with vectors 0x08 and 0x70, all masked but the cascade; the RTC running
+    // (divider on, 1024 Hz selected, BCD, 24 hours) with a valid time. On every clock, and
+    // twice the same.
+    let want = "pit status 0=b6 1=b6 2=b6 counting=110\n\
+                pic imr=fb,ff irr=00,00 isr=00,00 vectors=08,70\n\
+                rtc a=26 b=02 d=80 time=valid\n\
+                firmware done\n";
+    let mut digests = Vec::new();
+    for clock in ["host", "virtual", "virtual"] {
+        let run = Ftvmm::standalone(&test_guest("firmware"))
+            .args(["--clock", clock])
+            .run();
+        run.assert_code(0);
+        assert_eq!(run.stdout, want, "--clock {clock}");
+        digests.push(run.digest_line().map(str::to_string));
+    }
+    assert_eq!(
+        digests[1], digests[2],
+        "two runs on the virtual clock differ"
+    );
+}

@@ -125,6 +125,51 @@ fn a_shell_command_runs_and_answers() {
     assert!(run.stdout.contains("hello-42"), "{}", run.stdout);
 }
 
+/// The profile's `clearcpuid=` fits the kernel's 127 characters because clearing a feature
+/// clears its dependants (arch/x86/kernel/cpu/cpuid-deps.c): `sse2` takes SSE3 (`pni`) up to
+/// SSE4.2, AES and PCLMULQDQ with it, `xsave` takes AVX. The guest's own view says so.
+#[test]
+fn clearcpuid_hides_the_dependent_features_too() {
+    if skip() {
+        return;
+    }
+    let (run, _) = restore_and_type(
+        "linux-cpuflags",
+        "grep -m1 ^flags /proc/cpuinfo; echo flags-$((2+3))-done\n",
+        "flags-5-done",
+    );
+    let flags: Vec<&str> = run
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("flags"))
+        .unwrap_or_else(|| panic!("no flags line:\n{}", run.stdout))
+        .split_whitespace()
+        .collect();
+    for hidden in [
+        "sse2",
+        "pni",
+        "ssse3",
+        "sse4_1",
+        "sse4_2",
+        "aes",
+        "pclmulqdq",
+        "cx16",
+        "xsave",
+        "avx",
+        "avx2",
+        "popcnt",
+        "movbe",
+        "rdrand",
+        "bmi1",
+        "erms",
+    ] {
+        assert!(!flags.contains(&hidden), "{hidden} is visible: {flags:?}");
+    }
+    for kept in ["fpu", "fxsr", "sse", "cx8", "cmov"] {
+        assert!(flags.contains(&kept), "{kept} is gone: {flags:?}");
+    }
+}
+
 #[test]
 fn the_disk_is_dev_vda_and_keeps_what_is_written() {
     if skip() {

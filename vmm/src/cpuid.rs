@@ -18,11 +18,24 @@ use kvm_ioctls::Kvm;
 ///   it. It does not stop the entropy reads: `random_get_entropy()` is `rdtsc()` whenever the
 ///   kernel is built with `CONFIG_X86_TSC` (always on x86-64), so [`crate::tsc`] completes
 ///   those in the VMM. `xsave` (Linux 6.1 has no `noxsave` any more) takes away AVX and everything else built on
-///   it. Then RDRAND/RDSEED/RDPID/RDTSCP (random or host-time input), SMAP/SMEP/UMIP/PKU
-///   (CLAC/STAC and friends), POPCNT/MOVBE/FSGSBASE/AES/... (instructions this host's CPL0
+///   it. Then RDRAND/RDSEED/RDPID/RDTSCP (random or host-time input), SMAP/SMEP/UMIP
+///   (CLAC/STAC and friends), POPCNT/MOVBE/FSGSBASE/BMI/ABM (instructions this host's CPL0
 ///   emulator cannot run, or that only matter for speed), ERMS/FSRM (else copies use
-///   `rep movsb`, which the emulator runs a byte at a time). The kernel reads at most 127
-///   characters of this option: keep it short.
+///   `rep movsb`, which the emulator runs a byte at a time), `cx16` (CMPXCHG16B: the emulator
+///   cannot run it and SLUB's fast path would run it tens of thousands of times per boot;
+///   without it SLUB takes its lock instead) and `sse2`. The kernel reads at most 127
+///   characters of this option: keep it short. Clearing a feature also clears every feature
+///   that depends on it in the kernel's table (arch/x86/kernel/cpu/cpuid-deps.c, applied
+///   transitively by `setup_clear_cpu_cap`), which is how a short option hides a lot: `xsave`
+///   takes AVX, AVX2, AVX-512, FMA, PKU, XSAVEOPT/C/S with it; `sse2` takes SSE3, SSSE3,
+///   SSE4.1, SSE4.2, PCLMULQDQ, AES-NI, SHA-NI, GFNI and F16C, whose kernel users (BLAKE2s,
+///   ChaCha, CRC32C, AES... in a distribution kernel) would otherwise run SSE code the
+///   emulator cannot. SSE2 itself stays usable: on x86-64 it is in the kernel's required
+///   features, whose tests compile to constants, so no code path changes for it.
+/// - `cryptomgr.notests`: no boot-time self-tests of the kernel's crypto algorithms. They
+///   check the implementations against known answers (RSA, DH, ECDSA... in a distribution
+///   kernel: ~20 minutes of emulated arithmetic here) and change nothing the guest runs with;
+///   kernels without the crypto manager ignore it.
 /// - `norandmaps`: no user-space address randomization, whatever the random state.
 /// - `nopti`, `mitigations=off`: fewer emulated instructions on every kernel entry.
 /// - `nokaslr`: the same addresses in every boot, so exits compare across runs.
@@ -31,12 +44,17 @@ use kvm_ioctls::Kvm;
 /// - `no_timer_check`: skip the check that the timer interrupt works, which reads the clock
 ///   against a busy loop.
 pub const DETERMINISTIC_PROFILE: &str = "notsc nolapic noapic nopti nokaslr norandmaps \
-     mitigations=off lpj=5000 no_timer_check \
-     clearcpuid=tsc,xsave,rdrand,rdseed,rdpid,rdtscp,smap,smep,umip,pku,popcnt,movbe,fsgsbase,\
-     erms,fsrm,aes,pclmulqdq,bmi1,bmi2,abm";
+     mitigations=off lpj=5000 no_timer_check cryptomgr.notests \
+     clearcpuid=tsc,xsave,rdrand,rdseed,rdpid,rdtscp,smap,smep,umip,popcnt,movbe,fsgsbase,\
+     erms,fsrm,bmi1,bmi2,abm,cx16,sse2";
 
 // Leaf 1 ECX.
+const ECX_SSE3: u32 = 1;
 const ECX_PCLMULQDQ: u32 = 1 << 1;
+const ECX_SSSE3: u32 = 1 << 9;
+const ECX_CX16: u32 = 1 << 13;
+const ECX_SSE41: u32 = 1 << 19;
+const ECX_SSE42: u32 = 1 << 20;
 const ECX_MONITOR: u32 = 1 << 3;
 const ECX_VMX: u32 = 1 << 5;
 const ECX_FMA: u32 = 1 << 12;
@@ -79,7 +97,15 @@ pub fn filter(cpuid: CpuId) -> CpuId {
         .map(|mut e| {
             match e.function {
                 1 => {
-                    e.ecx &= !(ECX_PCLMULQDQ
+                    // SSE3 and later, CMPXCHG16B: the kernel-side reasons are in
+                    // DETERMINISTIC_PROFILE; hiding them here too gives the guest the same
+                    // features on every host, so a pair may span host kinds.
+                    e.ecx &= !(ECX_SSE3
+                        | ECX_SSSE3
+                        | ECX_CX16
+                        | ECX_SSE41
+                        | ECX_SSE42
+                        | ECX_PCLMULQDQ
                         | ECX_MONITOR
                         | ECX_VMX
                         | ECX_FMA
@@ -172,6 +198,10 @@ mod tests {
         let leaf1 = e.iter().find(|x| x.function == 1).unwrap();
         assert_eq!(
             leaf1.ecx & (ECX_RDRAND | ECX_XSAVE | ECX_AVX | ECX_TSC_DEADLINE),
+            0
+        );
+        assert_eq!(
+            leaf1.ecx & (ECX_SSE3 | ECX_SSSE3 | ECX_SSE41 | ECX_SSE42 | ECX_CX16),
             0
         );
         assert_eq!(leaf1.edx & (EDX_TSC | EDX_APIC), 0);

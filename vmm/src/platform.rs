@@ -144,9 +144,13 @@ impl Platform {
 
     /// What the boundary needs to decide on inputs.
     pub fn wait_request(&self) -> WaitRequest {
+        // A timer whose line the PIC masks wakes nobody: its edges only set IRR, which the
+        // next time input catches up with. (The PIT counts from power-on, as after a PC's
+        // firmware; a guest that masks IRQ 0 must not be woken 18.2 times a second.)
+        let unmasked = |irq: u8, t: Option<u64>| t.filter(|_| !self.pic.masked(irq));
         let deadline = [
-            self.pit.next_irq0_ns(self.now_ns),
-            self.rtc.next_irq8_ns(self.now_ns),
+            unmasked(PIT_IRQ, self.pit.next_irq0_ns(self.now_ns)),
+            unmasked(RTC_IRQ, self.rtc.next_irq8_ns(self.now_ns)),
         ]
         .into_iter()
         .flatten()
@@ -301,6 +305,10 @@ impl Platform {
             0x70 | 0x71 => {
                 let now = self.clock(boundary)?;
                 self.rtc.pio_write(port, value, now);
+                // Enabling an interrupt whose flag is already set raises IRQ 8 now, as on the
+                // MC146818 (and QEMU's): the edge must reach the PIC at this write, not at the
+                // next time input (the census's `firmware` guest waited for it in vain).
+                self.advance_time(now);
             }
             p if (COM1_BASE..COM1_BASE + 8).contains(&p) => {
                 self.uart.pio_write((p - COM1_BASE) as u8, value);

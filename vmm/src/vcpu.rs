@@ -292,6 +292,13 @@ impl Vcpu {
                 }
                 Exit::Kick => {
                     self.kicks += 1;
+                    // Where a guest computes without exits, sampled at kicks: enable with
+                    // `--log-level warn,ftvmm::profile=trace` (docs/STOCK-KERNELS.md).
+                    if tracing::enabled!(target: "ftvmm::profile", tracing::Level::TRACE) {
+                        if let Ok(regs) = self.fd.get_regs() {
+                            tracing::trace!(target: "ftvmm::profile", "kick rip={:#x}", regs.rip);
+                        }
+                    }
                     if boundary.acts_at_kicks() {
                         let time_due = boundary.kick_due(&platform.wait_request())?;
                         // Without exact interrupt windows (see `exact_irq_window`), a pending
