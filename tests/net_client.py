@@ -33,30 +33,43 @@ def recv_all(s):
         out += b
 
 
+def exchange(s, what, i):
+    """One echo request on `s`: sends line `i`, reads the answer up to its newline and checks
+    it. Returns the failure as text, or None."""
+    line = f'request {i} {random.getrandbits(64):016x}\n'.encode()
+    s.sendall(line)
+    got = b''
+    while not got.endswith(b'\n'):
+        b = s.recv(4096)
+        if not b:
+            return f'FAIL {what}: connection closed after {i} answers'
+        got += b
+    if got != line:
+        return f'FAIL {what}: request {i}: sent {line!r}, got {got!r}'
+    return None
+
+
+def percentiles(lat):
+    """The 50th and 99th percentiles of the latencies `lat` (sorted in place)."""
+    lat.sort()
+    return lat[len(lat) // 2], lat[min(len(lat) - 1, int(len(lat) * 0.99))]
+
+
 def talk(s, start, secs, lat):
     """Echo requests back to back on `s` for `secs` seconds (see the module doc)."""
     i, shown = 0, start
     while time.time() - start < secs:
         t0 = time.time()
-        line = f'request {i} {random.getrandbits(64):016x}\n'.encode()
-        s.sendall(line)
-        got = b''
-        while not got.endswith(b'\n'):
-            b = s.recv(4096)
-            if not b:
-                print(f'FAIL talk: connection closed after {i} answers')
-                return 1
-            got += b
-        if got != line:
-            print(f'FAIL talk: request {i}: sent {line!r}, got {got!r}')
+        failed = exchange(s, 'talk', i)
+        if failed:
+            print(failed)
             return 1
         lat.append(time.time() - t0)
         i += 1
         if time.time() - shown >= 1:
             shown = time.time()
             print(f'talk: {i} answers, last {lat[-1] * 1e3:.0f} ms', file=sys.stderr, flush=True)
-    lat.sort()
-    p50, p99 = lat[len(lat) // 2], lat[min(len(lat) - 1, int(len(lat) * 0.99))]
+    p50, p99 = percentiles(lat)
     print(f'OK talk {i} lines in {time.time() - start:.1f} s p50_ms={p50 * 1e3:.1f} '
           f'p99_ms={p99 * 1e3:.1f} max_ms={lat[-1] * 1e3:.0f}')
     return 0
@@ -68,30 +81,20 @@ def main():
     if what == 'echo':
         n = int(sys.argv[3])
         s = connect(addr, 7)
-        f = s.makefile('rwb', buffering=0)
         lat = []
         for i in range(n):
             t0 = time.time()
-            line = f'request {i} {random.getrandbits(64):016x}\n'.encode()
-            f.write(line)
-            got = b''
-            while not got.endswith(b'\n'):
-                b = s.recv(4096)
-                if not b:
-                    print(f'FAIL echo: connection closed after {i} answers')
-                    return 1
-                got += b
-            if got != line:
-                print(f'FAIL echo: request {i}: sent {line!r}, got {got!r}')
+            failed = exchange(s, 'echo', i)
+            if failed:
+                print(failed)
                 return 1
             lat.append(time.time() - t0)
-        lat.sort()
-        p50, p99 = lat[len(lat) // 2], lat[min(len(lat) - 1, int(len(lat) * 0.99))]
+        p50, p99 = percentiles(lat)
         print(f'OK echo {n} lines in {time.time() - start:.1f} s p50_ms={p50 * 1e3:.1f} p99_ms={p99 * 1e3:.1f}')
     elif what == 'talk':
         secs = float(sys.argv[3])
         s = connect(addr, 7)
-        lat, i, shown = [], 0, start
+        lat = []
         try:
             return talk(s, start, secs, lat)
         except OSError as e:

@@ -955,3 +955,19 @@ pub fn numbers(out: &str, prefix: &str, suffix: &str) -> Vec<u64> {
 pub fn consecutive(v: &[u64]) -> bool {
     v.windows(2).all(|w| w[1] == w[0] + 1)
 }
+
+/// The records the Linux guest's `diskwrite` left on `disk`: record n at sector n-1, valid,
+/// in order; the number of them.
+pub fn records_on_disk(disk: &Path) -> u64 {
+    let data = std::fs::read(disk).unwrap();
+    let mut n = 0;
+    for sector in data.chunks(512) {
+        let line = String::from_utf8_lossy(sector);
+        let line = line.trim_end_matches('\0');
+        if !line.starts_with(&format!("FTVMMREC {} ", n + 1)) {
+            break;
+        }
+        n += 1;
+    }
+    n
+}

@@ -11,7 +11,7 @@
 
 use ftvmm_tests::{
     consecutive, ctl_status, joins, json_number, key_file, linux_machine, linux_ready, numbers,
-    scratch, test_guest, Ftvmm, Hosts, Proc, Run, LINUX_CMDLINE,
+    records_on_disk, scratch, test_guest, Ftvmm, Hosts, Proc, Run, LINUX_CMDLINE,
 };
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -526,21 +526,6 @@ fn linux_counter_survives_the_primary_host_dying_at_random_moments() {
             "trial {trial}: the counter has a gap, a wrong value or stopped\n--- before ---\n{before}\n--- after ---\n{after}"
         );
     }
-}
-
-/// The records on the disk: record n at sector n-1, valid, in order.
-fn records_on_disk(disk: &Path) -> u64 {
-    let data = std::fs::read(disk).unwrap();
-    let mut n = 0;
-    for sector in data.chunks(512) {
-        let line = String::from_utf8_lossy(sector);
-        let line = line.trim_end_matches('\0');
-        if !line.starts_with(&format!("FTVMMREC {} ", n + 1)) {
-            break;
-        }
-        n += 1;
-    }
-    n
 }
 
 #[test]

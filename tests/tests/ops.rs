@@ -7,8 +7,8 @@
 //! synced; a TCP conversation from a client goes on throughout.
 
 use ftvmm_tests::{
-    consecutive, ftvmm_bin, key_file, linux_machine, linux_net_ready, numbers, root, scratch,
-    test_guest, Ftvmm, Hosts, Proc, GUEST_IP, GUEST_MAC, LINUX_NET_CMDLINE,
+    consecutive, ftvmm_bin, key_file, linux_machine, linux_net_ready, numbers, records_on_disk,
+    root, scratch, test_guest, Ftvmm, Hosts, Proc, GUEST_IP, GUEST_MAC, LINUX_NET_CMDLINE,
 };
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -278,6 +278,24 @@ impl Hopper {
         done
     }
 
+    /// Waits (up to `limit`) for both sides to end: each exits 0, both at the same point,
+    /// neither re-emitted anything. Returns the whole serial stream.
+    fn end(self, limit: Duration) -> String {
+        let stream = self.stream();
+        let Hopper {
+            procs: [a, b],
+            hosts,
+            ..
+        } = self;
+        let (a, b) = (a.wait(limit), b.wait(limit));
+        drop(hosts);
+        a.assert_code(0);
+        b.assert_code(0);
+        assert_eq!(a.digest_line(), b.digest_line());
+        assert_nothing_re_emitted(&[&a.stderr, &b.stderr]);
+        stream
+    }
+
     /// The stream up to now, the current primary's part included.
     fn stream(&self) -> String {
         let p = self.primary;
@@ -316,26 +334,12 @@ fn switchover_back_and_forth_loses_and_repeats_nothing() {
         assert!(start.elapsed() < Duration::from_secs(60), "{}", h.stream());
         std::thread::sleep(Duration::from_millis(20));
     }
-    let stream = h.stream();
-    let Hopper {
-        procs: [a, b],
-        hosts,
-        ..
-    } = h;
-    let (a, b) = (
-        a.wait(Duration::from_secs(30)),
-        b.wait(Duration::from_secs(30)),
-    );
-    drop(hosts);
-    a.assert_code(0);
-    b.assert_code(0);
-    assert_eq!(a.digest_line(), b.digest_line());
+    let stream = h.end(Duration::from_secs(30));
     assert_eq!(
         ticks_upto(&stream),
         Some(1000),
         "the stream across four switchovers is not the failure-free one:\n{stream}"
     );
-    assert_nothing_re_emitted(&[&a.stderr, &b.stderr]);
 }
 
 /// A switchover re-emits nothing: the old primary released everything before it handed over.
@@ -348,23 +352,6 @@ fn assert_nothing_re_emitted(logs: &[&str]) {
             );
         }
     }
-}
-
-/// The records on the disk: record n at sector n-1, valid, in order.
-fn records_on_disk(disk: &Path) -> u64 {
-    let data = std::fs::read(disk).unwrap();
-    let mut n = 0;
-    for sector in data.chunks(512) {
-        let line = String::from_utf8_lossy(sector);
-        if !line
-            .trim_end_matches('\0')
-            .starts_with(&format!("FTVMMREC {} ", n + 1))
-        {
-            break;
-        }
-        n += 1;
-    }
-    n
 }
 
 /// A Linux pair on two simulated hosts with a NIC each (host 2 is a client on the guest LAN),
@@ -420,22 +407,7 @@ fn hop_ten_times(h: &mut Hopper, pause: Duration) -> Vec<f64> {
 /// A clean stop of the pair: both sides end at the same point; returns the whole serial stream.
 fn stop_pair(h: Hopper) -> String {
     let _ = ctl_json(&h.socks[h.primary], &["stop"]);
-    let stream = h.stream();
-    let Hopper {
-        procs: [a, b],
-        hosts,
-        ..
-    } = h;
-    let (a, b) = (
-        a.wait(Duration::from_secs(60)),
-        b.wait(Duration::from_secs(60)),
-    );
-    drop(hosts);
-    a.assert_code(0);
-    b.assert_code(0);
-    assert_eq!(a.digest_line(), b.digest_line());
-    assert_nothing_re_emitted(&[&a.stderr, &b.stderr]);
-    stream
+    h.end(Duration::from_secs(60))
 }
 
 /// Ten switchovers of a Linux guest writing and syncing disk records (each reported on the

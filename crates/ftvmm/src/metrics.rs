@@ -6,7 +6,7 @@
 //! blocking server on its own thread: one request per connection, GET only, bounded reads.
 
 use crate::cli::Args;
-use crate::status::StatusFn;
+use crate::status::{AcceptLoop, StatusFn};
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -15,9 +15,7 @@ use prometheus_client::registry::Registry;
 use serde_json::Value;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
-use std::thread::JoinHandle;
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 /// What a metric is in Prometheus' terms.
@@ -308,8 +306,7 @@ pub(crate) fn render(status: &Value) -> String {
 
 /// The metrics server; stops when dropped.
 pub(crate) struct MetricsServer {
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
+    _accept: AcceptLoop,
 }
 
 /// Starts the server `--metrics` asks for, if it does.
@@ -326,29 +323,12 @@ pub(crate) fn serve(args: &Args, status: StatusFn) -> Result<Option<MetricsServe
         .local_addr()
         .map_or_else(|_| addr.clone(), |a| a.to_string());
     tracing::warn!("metrics at http://{bound}/metrics");
-    let stop = Arc::new(AtomicBool::new(false));
-    let flag = stop.clone();
-    let thread = std::thread::Builder::new()
-        .name("metrics".into())
-        .spawn(move || {
-            while !flag.load(Ordering::Acquire) {
-                match listener.accept() {
-                    Ok((stream, _)) => answer(stream, &status),
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                        std::thread::sleep(Duration::from_millis(20));
-                    }
-                    Err(e) => {
-                        tracing::debug!("metrics: {e}");
-                        std::thread::sleep(Duration::from_millis(100));
-                    }
-                }
-            }
-        })
-        .map_err(|e| format!("cannot start the metrics thread: {e}"))?;
-    Ok(Some(MetricsServer {
-        stop,
-        thread: Some(thread),
-    }))
+    let accept = AcceptLoop::spawn(
+        "metrics",
+        move || listener.accept().map(|(stream, _)| stream),
+        move |stream| answer(stream, &status),
+    )?;
+    Ok(Some(MetricsServer { _accept: accept }))
 }
 
 /// The longest request head read.
@@ -393,15 +373,6 @@ fn answer(mut stream: TcpStream, status: &StatusFn) {
         "HTTP/1.1 {code}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
-}
-
-impl Drop for MetricsServer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Release);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
 }
 
 #[cfg(test)]

@@ -110,11 +110,59 @@ pub(crate) fn status_only(status: StatusFn, role: &'static str) -> ApiFn {
     })
 }
 
+/// A thread that accepts connections from a non-blocking listener (`accept`) and hands each
+/// to `serve`, until dropped. The API socket and the metrics endpoint both run on one.
+pub(crate) struct AcceptLoop {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl AcceptLoop {
+    pub(crate) fn spawn<S: 'static>(
+        name: &str,
+        mut accept: impl FnMut() -> std::io::Result<S> + Send + 'static,
+        serve: impl Fn(S) + Send + 'static,
+    ) -> Result<AcceptLoop, String> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let label = name.to_string();
+        let thread = std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || {
+                while !flag.load(Ordering::Acquire) {
+                    match accept() {
+                        Ok(conn) => serve(conn),
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                            std::thread::sleep(Duration::from_millis(20));
+                        }
+                        Err(e) => {
+                            tracing::warn!("{label}: {e}");
+                            std::thread::sleep(Duration::from_millis(100));
+                        }
+                    }
+                }
+            })
+            .map_err(|e| format!("cannot start the {name} thread: {e}"))?;
+        Ok(AcceptLoop {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for AcceptLoop {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// The thread serving the API socket; removes the socket when dropped.
 pub(crate) struct ApiServer {
     path: PathBuf,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
+    _accept: AcceptLoop,
 }
 
 impl ApiServer {
@@ -135,38 +183,23 @@ impl ApiServer {
         listener
             .set_nonblocking(true)
             .map_err(|e| format!("API socket {}: {e}", path.display()))?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        let thread = std::thread::Builder::new()
-            .name("api-socket".into())
-            .spawn(move || {
-                while !flag.load(Ordering::Acquire) {
-                    match listener.accept() {
-                        Ok((stream, _)) => {
-                            // A switchover takes a while: status keeps answering meanwhile.
-                            let api = api.clone();
-                            let spawned = std::thread::Builder::new()
-                                .name("api-request".into())
-                                .spawn(move || answer(stream, &api));
-                            if let Err(e) = spawned {
-                                tracing::warn!("API socket: cannot answer: {e}");
-                            }
-                        }
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                            std::thread::sleep(Duration::from_millis(20));
-                        }
-                        Err(e) => {
-                            tracing::warn!("API socket: {e}");
-                            std::thread::sleep(Duration::from_millis(100));
-                        }
-                    }
+        let accept = AcceptLoop::spawn(
+            "api-socket",
+            move || listener.accept().map(|(stream, _)| stream),
+            move |stream| {
+                // A switchover takes a while: status keeps answering meanwhile.
+                let api = api.clone();
+                let spawned = std::thread::Builder::new()
+                    .name("api-request".into())
+                    .spawn(move || answer(stream, &api));
+                if let Err(e) = spawned {
+                    tracing::warn!("API socket: cannot answer: {e}");
                 }
-            })
-            .map_err(|e| format!("cannot start the API socket thread: {e}"))?;
+            },
+        )?;
         Ok(ApiServer {
             path: path.to_path_buf(),
-            stop,
-            thread: Some(thread),
+            _accept: accept,
         })
     }
 }
@@ -192,10 +225,6 @@ fn answer(stream: UnixStream, api: &ApiFn) {
 
 impl Drop for ApiServer {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Release);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
         let _ = std::fs::remove_file(&self.path);
     }
 }
