@@ -70,7 +70,41 @@ pub struct Platform {
     mem: GuestMemoryMmap,
     /// Virtual time, nanoseconds since boot. Moves only by inputs from the boundary.
     now_ns: u64,
+    /// Timer ticks that fell due while an earlier one waited are delivered one by one, each
+    /// after the guest took the previous one, instead of coalescing (`--timer-reinject`).
+    reinject: bool,
+    /// Measurement only (not state): the timer interrupts' delays.
+    pub ticks: TickStats,
 }
+
+/// How late timer interrupts reached the guest: virtual time from the PIT edge that raised
+/// IRQ 0 to the injection of its vector. Measurement only: not saved, not part of the VM.
+#[derive(Clone, Debug, Default)]
+pub struct TickStats {
+    /// Virtual time of the edge delivered to the PIC and not yet injected.
+    due_ns: Option<u64>,
+    /// Delays in microseconds, one per injected timer interrupt.
+    pub delays_us: Vec<u32>,
+    /// Edges dropped (coalesced) because too many were owed.
+    pub dropped: u64,
+}
+
+impl TickStats {
+    /// The `q` quantile (0..=1) of the delays, in microseconds.
+    pub fn quantile_us(&self, q: f64) -> u64 {
+        let mut v = self.delays_us.clone();
+        if v.is_empty() {
+            return 0;
+        }
+        v.sort_unstable();
+        let i = ((v.len() - 1) as f64 * q).round() as usize;
+        u64::from(v[i.min(v.len() - 1)])
+    }
+}
+
+/// The most timer ticks owed to a guest in reinject mode (2 s at Linux's HZ=100); more are
+/// dropped, so that a guest stopped for long (a paused VM) is not flooded.
+pub const MAX_OWED_TICKS: u64 = 200;
 
 impl Platform {
     /// A platform with the RTC showing `rtc_epoch` at boot, an optional virtio-blk disk and an
@@ -90,7 +124,15 @@ impl Platform {
             net,
             mem,
             now_ns: 0,
+            reinject: false,
+            ticks: TickStats::default(),
         }
+    }
+
+    /// Delivers timer ticks one by one, each after the guest took the previous one
+    /// (KVM's in-kernel PIT does the same in its reinject mode), instead of coalescing them.
+    pub fn set_reinject(&mut self, on: bool) {
+        self.reinject = on;
     }
 
     /// The NIC's MAC, if there is a NIC.
@@ -125,6 +167,7 @@ impl Platform {
             net.restore(state);
         }
         self.now_ns = s.now_ns;
+        self.ticks.due_ns = None;
     }
 
     /// Virtual time now.
@@ -132,9 +175,24 @@ impl Platform {
         self.now_ns
     }
 
-    /// The PIC, for the vCPU's interrupt acknowledge cycle.
-    pub fn pic_mut(&mut self) -> &mut Pic {
-        &mut self.pic
+    /// The interrupt acknowledge cycle: the vector to inject, if the PIC has one. Taking a
+    /// timer interrupt lets the next owed tick in (reinject mode).
+    pub fn acknowledge(&mut self) -> Option<u8> {
+        let vector = self.pic.acknowledge()?;
+        if vector == self.pic.irq0_vector() && !self.pic.irq0_requested() {
+            if let Some(due) = self.ticks.due_ns.take() {
+                let us = self.now_ns.saturating_sub(due) / 1000;
+                self.ticks
+                    .delays_us
+                    .push(u32::try_from(us).unwrap_or(u32::MAX));
+            }
+            if self.reinject && self.pit.take_owed_irq0() > 0 {
+                // The owed edge's own due time is past; count its delay from now.
+                self.ticks.due_ns = Some(self.now_ns);
+                self.pulse(PIT_IRQ);
+            }
+        }
+        Some(vector)
     }
 
     /// Whether the PIC asserts INTR.
@@ -169,8 +227,25 @@ impl Platform {
 
     /// Moves virtual time forward to `t` and raises the timer interrupts that fell due.
     pub fn advance_time(&mut self, t: u64) {
+        let before = self.now_ns;
         self.now_ns = self.now_ns.max(t);
-        if self.pit.poll_irq0(self.now_ns) > 0 {
+        // Measurement: the first edge after the previous time is when this tick fell due.
+        let first_due = self.pit.next_irq0_ns(before);
+        let edges = if self.reinject {
+            self.ticks.dropped += self.pit.count_irq0(self.now_ns, MAX_OWED_TICKS);
+            if self.pic.irq0_requested() {
+                // One waits in the PIC already: the others stay owed until it is taken.
+                0
+            } else {
+                self.pit.take_owed_irq0()
+            }
+        } else {
+            self.pit.poll_irq0(self.now_ns)
+        };
+        if edges > 0 {
+            if self.ticks.due_ns.is_none() {
+                self.ticks.due_ns = Some(first_due.unwrap_or(self.now_ns).min(self.now_ns));
+            }
             self.pulse(PIT_IRQ);
         }
         if self.rtc.poll_irq8(self.now_ns) {
@@ -355,5 +430,67 @@ impl Platform {
         let offset = addr.checked_sub(VIRTIO_MMIO_BASE)?;
         let slot = offset / VIRTIO_MMIO_SIZE;
         (slot < 2).then_some((slot, offset % VIRTIO_MMIO_SIZE))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ft_core::live::{Clock, LiveBoundary, SerialSource};
+
+    /// A platform with the PIC set up as Linux does (vectors 0x30.., all unmasked) and the
+    /// PIT's channel 0 at 100 Hz.
+    fn platform(reinject: bool) -> Platform {
+        let mem = crate::memory::create(1 << 20).unwrap();
+        let mut p = Platform::new(0, None, None, mem);
+        p.set_reinject(reinject);
+        let mut b = LiveBoundary::with_clock(
+            SerialSource::None,
+            Box::new(std::io::sink()),
+            Clock::Virtual { step_ns: 1 },
+        );
+        for (port, v) in [
+            (0x20, 0x11),
+            (0x21, 0x30),
+            (0x21, 0x04),
+            (0x21, 0x01),
+            (0x21, 0x00),
+        ] {
+            p.pio_write(port, &[v], &mut b).unwrap();
+        }
+        for (port, v) in [(0x43u16, 0x34u8), (0x40, 0x9c), (0x40, 0x2e)] {
+            p.pio_write(port, &[v], &mut b).unwrap();
+        }
+        p
+    }
+
+    fn timer_interrupts(p: &mut Platform) -> usize {
+        let mut n = 0;
+        while p.interrupt_pending() {
+            assert_eq!(p.acknowledge(), Some(0x30));
+            p.pio_write(
+                0x20,
+                &[0x20],
+                &mut LiveBoundary::new(SerialSource::None, Box::new(std::io::sink())),
+            )
+            .unwrap();
+            n += 1;
+        }
+        n
+    }
+
+    #[test]
+    fn late_ticks_are_reinjected_one_after_the_other() {
+        let mut p = platform(true);
+        p.advance_time(55_000_000);
+        assert_eq!(timer_interrupts(&mut p), 5);
+        assert_eq!(p.ticks.delays_us.len(), 5);
+    }
+
+    #[test]
+    fn without_reinject_late_ticks_coalesce() {
+        let mut p = platform(false);
+        p.advance_time(55_000_000);
+        assert_eq!(timer_interrupts(&mut p), 1);
     }
 }

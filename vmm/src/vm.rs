@@ -11,6 +11,7 @@ use crate::platform::{Platform, VIRTIO_BLK_IRQ, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SI
 use crate::snapshot::{saveable_msrs, DirtySet, Pages, Snapshot, SnapshotError, VcpuSnapshot};
 use crate::tsc::GuestTsc;
 use crate::vcpu::{Event, Stop, Vcpu, VcpuError};
+use crate::window::Window;
 use devices::virtio::{DiskBackend, MmioBlock};
 use ft_core::disk::Disk;
 use ft_core::{Boundary, BoundaryError, ExitDigest};
@@ -113,8 +114,10 @@ impl DiskBackend for BoundaryDisk {
 }
 
 /// What checkpoints cost in this run.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct CheckpointStats {
+    /// Each pause, in microseconds.
+    pub pauses_us: Vec<u32>,
     /// How many were taken.
     pub count: u64,
     /// Their encoded bytes, in all.
@@ -123,6 +126,19 @@ pub struct CheckpointStats {
     pub max_pause: std::time::Duration,
     /// All pauses together.
     pub total_pause: std::time::Duration,
+}
+
+impl CheckpointStats {
+    /// The `q` quantile (0..=1) of the pauses, in microseconds.
+    pub fn pause_quantile_us(&self, q: f64) -> u64 {
+        let mut v = self.pauses_us.clone();
+        if v.is_empty() {
+            return 0;
+        }
+        v.sort_unstable();
+        let i = ((v.len() - 1) as f64 * q).round() as usize;
+        u64::from(v[i.min(v.len() - 1)])
+    }
 }
 
 impl Vm {
@@ -195,8 +211,12 @@ impl Vm {
             .net
             .as_ref()
             .map(|n| devices::virtio::MmioNet::new(n.mac));
-        let platform = Platform::new(boundary.rtc_epoch()?, blk, net, mem.clone());
-        let mut vcpu = Vcpu::new(fd, compat, tsc);
+        let mut platform = Platform::new(boundary.rtc_epoch()?, blk, net, mem.clone());
+        platform.set_reinject(config.timer_reinject);
+        let free_slots = tsc_slots.saturating_sub(tsc.addresses().len());
+        let window = Window::setup(&config.kernel, &config.window_sites, free_slots);
+        let mut vcpu = Vcpu::new(fd, compat, tsc, window);
+        vcpu.patch_guest(&mem, true);
         vcpu.reapply_debug(&mem)?;
         // The boot writes are the same in every run: checkpoints start from here.
         memory::reset_vmm_dirty(&mem);
@@ -380,10 +400,17 @@ impl Vm {
             snap.interrupt_flags,
             snap.compat.clone(),
         );
+        self.vcpu.patch_guest(&self.mem, false);
         // Then the debug registers, from the restored SYSCALL completion state (a snapshot
         // taken mid-step must go on stepping) and the TSC sites.
         self.vcpu.reapply_debug(&self.mem)?;
         self.vcpu.set_halted(snap.halted);
+        if snap.full {
+            // Whoever replays from here restores the same snapshot first: the next checkpoint
+            // needs only what changes after it (not every page the restore wrote).
+            self.harvest()?;
+            self.checkpoint_dirty.take();
+        }
         Ok(())
     }
 
@@ -394,7 +421,12 @@ impl Vm {
 
     /// Checkpoint statistics of this run.
     pub fn checkpoint_stats(&self) -> CheckpointStats {
-        self.stats
+        self.stats.clone()
+    }
+
+    /// The platform (its timer-interrupt statistics).
+    pub fn platform(&self) -> &Platform {
+        &self.platform
     }
 
     /// The full kernel command line the guest got.
@@ -458,6 +490,8 @@ impl Vm {
                     self.stats.count += 1;
                     self.stats.bytes += bytes.len() as u64;
                     self.stats.max_pause = self.stats.max_pause.max(pause);
+                    let us = u32::try_from(pause.as_micros()).unwrap_or(u32::MAX);
+                    self.stats.pauses_us.push(us);
                     self.stats.total_pause += pause;
                     self.vcpu
                         .kick_inputs(&mut self.platform, &self.mem, boundary)?;
@@ -647,10 +681,12 @@ pub fn config_identity(config: &VmConfig, cmdline: &str) -> Result<(u64, String)
         )
     });
     let summary = format!(
-        "kernel crc {kernel:08x}, initrd crc {initrd:08x}, {} MiB RAM, disk {disk} bytes, nic {net}, compat {}, guest TSC {:?}, cmdline {cmdline:?}",
+        "kernel crc {kernel:08x}, initrd crc {initrd:08x}, {} MiB RAM, disk {disk} bytes, nic {net}, compat {}, guest TSC {:?}, window {:?}, timer reinject {}, cmdline {cmdline:?}",
         config.memory_bytes >> 20,
         compat::resolve(config.kvm_compat),
         config.guest_tsc,
+        config.window_sites,
+        config.timer_reinject,
     );
     Ok((u64::from(crc32c::crc32c(summary.as_bytes())), summary))
 }

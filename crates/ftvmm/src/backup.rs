@@ -459,7 +459,8 @@ fn go_live_builder(p: GoLiveParts) -> GoLive {
         );
 
         let mut live =
-            LiveBoundary::with_clock(serial_source(args)?, Box::new(io::sink()), args.clock);
+            LiveBoundary::with_clock(serial_source(args)?, Box::new(io::sink()), args.clock)
+                .with_kick_bound(args.checkpoint_bound);
         let header = Header {
             version: VERSION,
             config_hash: p.hash,

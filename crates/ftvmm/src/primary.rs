@@ -112,7 +112,8 @@ pub(crate) fn run(args: &Args) -> Result<u8, Failure> {
 
     // The live side reads the host; its serial output goes through the output rule.
     let mut live =
-        LiveBoundary::with_clock(serial_source(args)?, Box::new(std::io::sink()), args.clock);
+        LiveBoundary::with_clock(serial_source(args)?, Box::new(std::io::sink()), args.clock)
+            .with_kick_bound(args.checkpoint_bound);
     let rtc_epoch = live.rtc_epoch().map_err(|e| e.to_string())?;
     let header = Header {
         version: VERSION,

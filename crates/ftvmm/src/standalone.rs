@@ -29,15 +29,11 @@ pub(crate) fn run(args: &Args) -> Result<u8, Failure> {
         }
         _ => {}
     }
-    if args.role == Role::Replay && args.restore.is_some() {
-        return Err("--restore cannot be combined with --role replay"
-            .to_string()
-            .into());
-    }
     let (hash, summary) = config_identity(&config, &kernel_cmdline(&config))?;
     let live = || -> Result<LiveBoundary, String> {
         let mut live =
-            LiveBoundary::with_clock(serial_source(args)?, serial_sink(args)?, args.clock);
+            LiveBoundary::with_clock(serial_source(args)?, serial_sink(args)?, args.clock)
+                .with_kick_bound(args.checkpoint_bound);
         if let Some((tap, queue)) = open_net(&config)? {
             let tx = tap.writer().map_err(|e| format!("tap: {e}"))?;
             live = live.with_net(NetPort {
