@@ -8,7 +8,9 @@ use crate::cpuid::{self, DETERMINISTIC_PROFILE};
 use crate::kick::Kicker;
 use crate::memory::{self, GuestMemoryMmap, MemoryError};
 use crate::platform::{Platform, VIRTIO_BLK_IRQ, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE};
-use crate::snapshot::{saveable_msrs, DirtySet, Pages, Snapshot, SnapshotError, VcpuSnapshot};
+use crate::snapshot::{
+    saveable_msrs, DirtySet, PageCache, Pages, Snapshot, SnapshotError, VcpuSnapshot,
+};
 use crate::tsc::GuestTsc;
 use crate::vcpu::{Event, Stop, Vcpu, VcpuError};
 use crate::window::Window;
@@ -88,6 +90,8 @@ pub struct Vm {
     shadow: Option<Vec<u8>>,
     /// Pages written since the last checkpoint.
     checkpoint_dirty: DirtySet,
+    /// The pages of recent checkpoints, which checkpoints are encoded against.
+    page_cache: PageCache,
     /// Pages written since the last harvest of a live transfer, while one runs.
     transfer_dirty: Option<DirtySet>,
 }
@@ -234,6 +238,7 @@ impl Vm {
             track_dirty,
             shadow: None,
             checkpoint_dirty: DirtySet::new(config.memory_bytes),
+            page_cache: PageCache::default(),
             transfer_dirty: None,
         })
     }
@@ -317,10 +322,16 @@ impl Vm {
 
     fn snapshot_with(
         &mut self,
-        pages: Pages,
+        mut pages: Pages,
         full: bool,
         interrupt_flags: [u8; 3],
     ) -> Result<Snapshot, VmError> {
+        let delta = if full {
+            self.page_cache.clear();
+            Vec::new()
+        } else {
+            self.page_cache.encode(&mut pages)
+        };
         if self.msrs.is_none() {
             self.msrs = Some(saveable_msrs(&self.kvm, self.vcpu.fd())?);
         }
@@ -334,6 +345,7 @@ impl Vm {
             interrupt_flags,
             compat: self.vcpu.syscall_fix().cloned(),
             halted: self.vcpu.halted(),
+            delta,
         })
     }
 
@@ -346,8 +358,10 @@ impl Vm {
         self.harvest()?;
         let rest = self.transfer_dirty.take().unwrap_or_default();
         let pages = Pages::from_set(&self.mem, &rest)?;
-        // The backup's state is this one: the next checkpoint needs only what changes after.
+        // The backup's state is this one: the next checkpoint needs only what changes after,
+        // against a page cache both sides start empty here.
         self.checkpoint_dirty.take();
+        self.page_cache.clear();
         self.snapshot_with(pages, false, interrupt_flags)
     }
 
@@ -389,7 +403,14 @@ impl Vm {
         // MMIO read diverged a few exits later; the `readspin` guest reproduces it). Complete it
         // now, on the old state.
         self.vcpu.settle()?;
-        snap.pages.apply(&self.mem, snap.full)?;
+        if snap.full {
+            self.page_cache.clear();
+            snap.pages.apply(&self.mem, true)?;
+        } else {
+            self.page_cache
+                .decode(&snap.pages, &snap.delta)?
+                .apply(&self.mem, false)?;
+        }
         memory::reload(&self.vm, &self.mem, self.track_dirty)?;
         snap.vcpu.restore(self.vcpu.fd())?;
         self.platform.restore(&snap.platform);
@@ -422,6 +443,17 @@ impl Vm {
     /// Checkpoint statistics of this run.
     pub fn checkpoint_stats(&self) -> CheckpointStats {
         self.stats.clone()
+    }
+
+    /// Encodes checkpoint pages against the page cache (`true`, the default) or raw. Only the
+    /// encoding side needs to know: a checkpoint says how each page is encoded.
+    pub fn set_checkpoint_delta(&mut self, on: bool) {
+        self.page_cache.raw_only = !on;
+    }
+
+    /// Checkpoint pages encoded (or decoded) against the page cache, and raw.
+    pub fn page_cache_stats(&self) -> (u64, u64) {
+        (self.page_cache.hits, self.page_cache.misses)
     }
 
     /// The platform (its timer-interrupt statistics).

@@ -135,6 +135,7 @@ pub(crate) fn run(args: &Args) -> Result<u8, Failure> {
         false,
         Some(Box::new(slot.clone())),
     )?;
+    vm.set_checkpoint_delta(args.checkpoint_delta == crate::cli::OnOff::On);
     vm.zero_memory()?;
     let mem = vm.memory();
     let (mut pages, mut bytes, mut round) = (0u64, 0u64, 0u32);

@@ -215,6 +215,10 @@ pub(crate) struct Args {
     /// at the first kick.
     #[arg(long, default_value = "30ms", value_parser = parse_duration_or_zero)]
     pub(crate) checkpoint_bound: Duration,
+    /// Checkpoint pages written again travel as a delta (XOR, then LZ4) against the copy the
+    /// previous checkpoints carried, kept on both sides (`on`), or whole (`off`).
+    #[arg(long, value_enum, default_value = "on")]
+    pub(crate) checkpoint_delta: OnOff,
     /// A vCPU that runs this long without an exit is kicked, e.g. 10ms.
     #[arg(long, default_value = "10ms", value_parser = parse_duration)]
     pub(crate) quantum: Duration,

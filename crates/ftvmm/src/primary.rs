@@ -146,6 +146,7 @@ pub(crate) fn run(args: &Args) -> Result<u8, Failure> {
 
     vmm::kick::stop_on_signals().map_err(|e| format!("cannot install signal handlers: {e}"))?;
     let mut vm = Vm::new(&config, &mut recorder, false, image)?;
+    vm.set_checkpoint_delta(args.checkpoint_delta == crate::cli::OnOff::On);
     tracing::info!("kernel command line: {}", vm.cmdline());
     if let Some(path) = &args.restore {
         let snap = vmm::snapshot::Snapshot::read_file(path).map_err(|e| e.to_string())?;
