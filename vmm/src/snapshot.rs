@@ -523,12 +523,6 @@ impl PageCache {
     /// holds: the pages' contents, and caches them. Fails (a corrupt or foreign checkpoint)
     /// rather than guess.
     pub fn decode(&mut self, pages: &Pages, codes: &[u8]) -> Result<Pages, SnapshotError> {
-        if codes.is_empty() {
-            for (pfn, data) in &pages.pages {
-                self.insert(*pfn, data);
-            }
-            return Ok(pages.clone());
-        }
         if codes.len() != pages.pages.len() {
             return Err(SnapshotError::Decode(format!(
                 "{} page codes for {} pages",
@@ -581,9 +575,10 @@ pub struct Snapshot {
     pub compat: Option<crate::compat::SyscallFix>,
     /// The guest is halted waiting for an interrupt (taken while a halted guest waited).
     pub halted: bool,
-    /// How each of `pages` is encoded ([`PageCache`]): empty when every page is raw (a full
-    /// snapshot, a snapshot file), else one code per page.
-    pub delta: Vec<u8>,
+    /// How each of `pages` is encoded against the [`PageCache`], one code per page, in a
+    /// checkpoint; `None` in a base both sides start their caches from, empty (a full
+    /// snapshot, a snapshot file, the final state of an attach): its pages are raw.
+    pub delta: Option<Vec<u8>>,
 }
 
 impl Snapshot {
@@ -731,6 +726,7 @@ mod tests {
         assert!(again.pages[0].1.is_empty());
         // A receiver that never saw page 3 refuses the delta rather than guess.
         let err = PageCache::new(8).decode(&again, &[SAME]).unwrap_err();
+        assert!(PageCache::new(8).decode(&again, &[]).is_err());
         assert!(err.to_string().contains("page cache"), "{err}");
         assert!(PageCache::new(8).decode(&again, &[SAME, RAW]).is_err());
     }

@@ -317,20 +317,23 @@ impl Vm {
         if std::env::var_os("FTVMM_VERIFY_DIRTY").is_some() {
             self.verify_dirty(&pages);
         }
-        self.snapshot_with(pages, full, interrupt_flags)
+        self.snapshot_with(pages, full, full, interrupt_flags)
     }
 
+    /// A snapshot of `pages` and the rest; `base`: one both sides start their page caches from
+    /// (a full snapshot, an attach's final state), else a checkpoint encoded against the cache.
     fn snapshot_with(
         &mut self,
         mut pages: Pages,
         full: bool,
+        base: bool,
         interrupt_flags: [u8; 3],
     ) -> Result<Snapshot, VmError> {
-        let delta = if full {
+        let delta = if base {
             self.page_cache.clear();
-            Vec::new()
+            None
         } else {
-            self.page_cache.encode(&mut pages)
+            Some(self.page_cache.encode(&mut pages))
         };
         if self.msrs.is_none() {
             self.msrs = Some(saveable_msrs(&self.kvm, self.vcpu.fd())?);
@@ -359,10 +362,9 @@ impl Vm {
         let rest = self.transfer_dirty.take().unwrap_or_default();
         let pages = Pages::from_set(&self.mem, &rest)?;
         // The backup's state is this one: the next checkpoint needs only what changes after,
-        // against a page cache both sides start empty here.
+        // against a page cache both sides start empty here (a base snapshot).
         self.checkpoint_dirty.take();
-        self.page_cache.clear();
-        self.snapshot_with(pages, false, interrupt_flags)
+        self.snapshot_with(pages, false, true, interrupt_flags)
     }
 
     /// Debugging aid (FTVMM_VERIFY_DIRTY=1): compares all of RAM with a copy taken at the
@@ -403,13 +405,15 @@ impl Vm {
         // MMIO read diverged a few exits later; the `readspin` guest reproduces it). Complete it
         // now, on the old state.
         self.vcpu.settle()?;
-        if snap.full {
-            self.page_cache.clear();
-            snap.pages.apply(&self.mem, true)?;
-        } else {
-            self.page_cache
-                .decode(&snap.pages, &snap.delta)?
-                .apply(&self.mem, false)?;
+        match &snap.delta {
+            None => {
+                self.page_cache.clear();
+                snap.pages.apply(&self.mem, snap.full)?;
+            }
+            Some(codes) => self
+                .page_cache
+                .decode(&snap.pages, codes)?
+                .apply(&self.mem, snap.full)?,
         }
         memory::reload(&self.vm, &self.mem, self.track_dirty)?;
         snap.vcpu.restore(self.vcpu.fd())?;
