@@ -487,6 +487,41 @@ mod tests {
         assert_eq!(p.ticks.delays_us.len(), 5);
     }
 
+    /// Whatever the pattern of late and early acknowledgements, the guest gets exactly one timer
+    /// interrupt per PIT edge (none dropped below the cap), never more.
+    #[test]
+    fn reinjection_never_delivers_more_ticks_than_edges() {
+        let mut p = platform(true);
+        let mut b = LiveBoundary::new(SerialSource::None, Box::new(std::io::sink()));
+        let (mut now, mut seed, mut acks) = (0u64, 0x9e37_79b9_7f4a_7c15u64, 0u64);
+        for _ in 0..20_000 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            now += seed % 30_000_000;
+            p.advance_time(now);
+            if seed % 3 != 0 && p.interrupt_pending() {
+                assert_eq!(p.acknowledge(), Some(0x30));
+                acks += 1;
+                if seed % 5 != 0 {
+                    p.pio_write(0x20, &[0x20], &mut b).unwrap();
+                }
+            }
+            if seed % 7 == 0 {
+                p.pio_write(0x20, &[0x20], &mut b).unwrap();
+            }
+        }
+        let edges = now / 10_000_000;
+        let owed = p.pit.owed_irq0() + u64::from(p.pic.irq0_requested());
+        assert!(acks <= edges, "{acks} interrupts for {edges} edges");
+        assert_eq!(
+            acks + owed + p.ticks.dropped,
+            edges,
+            "{acks} + {owed} owed + {} dropped",
+            p.ticks.dropped
+        );
+    }
+
     #[test]
     fn without_reinject_late_ticks_coalesce() {
         let mut p = platform(false);

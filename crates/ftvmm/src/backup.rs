@@ -177,6 +177,8 @@ pub(crate) fn run(args: &Args) -> Result<u8, Failure> {
     let (final_state, epoch) = final_state;
     let snap = Snapshot::decode(&final_state).map_err(|e| e.to_string())?;
     vm.restore(&snap)?;
+    drop(snap);
+    vmm::memory::trim_heap();
     let counters = Arc::new(BackupCounters::default());
     let attach_ms = started.elapsed().as_millis() as u64;
     counters.attach_ms.store(attach_ms, Ordering::Relaxed);

@@ -153,6 +153,8 @@ pub(crate) fn run(args: &Args) -> Result<u8, Failure> {
         vm.restore(&snap)?;
         recorder.restored(vm.now_ns());
         tracing::info!("restored {} (rip {:#x})", path.display(), snap.vcpu.rip());
+        drop(snap);
+        vmm::memory::trim_heap();
     }
 
     let listener =

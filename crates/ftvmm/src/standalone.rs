@@ -105,6 +105,8 @@ pub(crate) fn run(args: &Args) -> Result<u8, Failure> {
             snap.vcpu.rip(),
             vm.state_digest().unwrap_or(0)
         );
+        drop(snap);
+        vmm::memory::trim_heap();
     }
     let (_handle, control) = vmm::control::channel();
     let result = vm.run(boundary.as_mut(), &control);
