@@ -195,6 +195,11 @@ impl Platform {
         Some(vector)
     }
 
+    /// Whether timer ticks are owed to the guest (it is behind: reinjection is catching up).
+    pub fn ticks_owed(&self) -> bool {
+        self.reinject && self.pit.owed_irq0() > 0
+    }
+
     /// Whether the PIC asserts INTR.
     pub fn interrupt_pending(&self) -> bool {
         self.pic.intr()

@@ -341,9 +341,12 @@ impl Vcpu {
                         // Without exact interrupt windows (see `exact_irq_window`), a pending
                         // interrupt also waits for a point like this one.
                         let injectable = platform.interrupt_pending() && self.interruptible();
+                        // Ticks owed to a guest that is behind (reinjection) are catch-up:
+                        // they wait for a reproducible point rather than cost a checkpoint
+                        // each (a fresh deadline still can, through `kick_due`).
                         let waiting = self
                             .pending_since
-                            .filter(|_| injectable)
+                            .filter(|_| injectable && !platform.ticks_owed())
                             .map(|t| t.elapsed());
                         if boundary.kick_due(&platform.wait_request(), waiting)? {
                             if boundary.wants_checkpoints() {
