@@ -338,6 +338,16 @@ impl Pic {
         self.cascade();
     }
 
+    /// Whether IRQ 0's edge waits in the master's IRR (not yet acknowledged).
+    pub fn irq0_requested(&self) -> bool {
+        self.master.irr & 1 != 0
+    }
+
+    /// The vector of IRQ 0 (the master's base, as the guest programmed it).
+    pub fn irq0_vector(&self) -> u8 {
+        self.master.irq_base
+    }
+
     /// True when the master's INTR output is asserted (an unmasked request with priority above
     /// in-service).
     pub fn intr(&self) -> bool {

@@ -739,6 +739,32 @@ impl Pit {
         std::mem::take(&mut self.irq0_pending)
     }
 
+    /// Reinject mode (the policy of KVM's in-kernel PIT, `KVM_REINJECT_CONTROL`): counts channel 0's edges up to `now_ns` and
+    /// keeps them owed, for [`Pit::take_owed_irq0`] one at a time, each after the guest took
+    /// the previous one. At most `max_owed` stay owed: the edges beyond are dropped
+    /// (coalesced), and their number returned.
+    pub fn count_irq0(&mut self, now_ns: u64, max_owed: u64) -> u64 {
+        self.catch_up(tick_at(now_ns));
+        let dropped = self.irq0_pending.saturating_sub(max_owed);
+        self.irq0_pending -= dropped;
+        dropped
+    }
+
+    /// One owed channel 0 edge, if there is one (0 or 1).
+    pub fn take_owed_irq0(&mut self) -> u64 {
+        if self.irq0_pending > 0 {
+            self.irq0_pending -= 1;
+            1
+        } else {
+            0
+        }
+    }
+
+    /// Channel 0 edges counted and not yet delivered.
+    pub fn owed_irq0(&self) -> u64 {
+        self.irq0_pending
+    }
+
     /// The virtual time (ns) of channel 0's next rising OUT edge after `now_ns`, if it will
     /// have one (used to advance time when the guest halts). Edges at or before `now_ns` are
     /// what [`Pit::poll_irq0`] returns.
@@ -845,6 +871,21 @@ mod tests {
         // Raising gate 2 starts it.
         pit.pio_write(0x61, 1, at(100));
         assert_eq!(latched(&mut pit, 2, at(101)), 0xfffe);
+    }
+
+    #[test]
+    fn reinject_mode_owes_every_edge_up_to_a_cap() {
+        let mut pit = Pit::new();
+        program(&mut pit, 0, 0x34, 1193, 0);
+        // Five edges in 5 ms: all owed, handed out one at a time.
+        assert_eq!(pit.count_irq0(5_000_000, 100), 0);
+        assert_eq!(pit.owed_irq0(), 5);
+        let taken: u64 = (0..7).map(|_| pit.take_owed_irq0()).sum();
+        assert_eq!(taken, 5);
+        assert_eq!(pit.owed_irq0(), 0);
+        // A long stop: edges beyond the cap are dropped and counted.
+        assert_eq!(pit.count_irq0(1_005_000_000, 100), 900);
+        assert_eq!(pit.owed_irq0(), 100);
     }
 
     #[test]

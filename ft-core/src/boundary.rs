@@ -180,8 +180,16 @@ pub trait Boundary {
     fn output(&mut self, kind: OutputKind, bytes: &[u8]) -> Result<(), BoundaryError>;
 
     /// The vCPU was kicked: is an input due that must be delivered here, at a point replay cannot
-    /// find again? Only time is ever delivered at a kick (serial input waits for an exit).
-    fn kick_due(&mut self, req: &WaitRequest) -> Result<bool, BoundaryError>;
+    /// find again, or has the interrupt the guest could take here (`waiting`: one is pending
+    /// and the guest is interruptible, for this long) waited long enough for a reproducible
+    /// point? Only time
+    /// is ever delivered at a kick (serial input waits for an exit). A live boundary may let
+    /// either wait a bounded while for the next synchronous exit, where no checkpoint is needed.
+    fn kick_due(
+        &mut self,
+        req: &WaitRequest,
+        waiting: Option<std::time::Duration>,
+    ) -> Result<bool, BoundaryError>;
 
     /// Whether the VMM may deliver inputs or inject interrupts at a kick at all. A live run on
     /// the host clock may; a recorder may if its live side may (it checkpoints there); a run on

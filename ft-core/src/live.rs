@@ -105,6 +105,9 @@ pub struct LiveBoundary {
     out: Box<dyn Write + Send>,
     attention: Option<Attention>,
     net: Option<NetPort>,
+    /// How long a due timer tick or a pending interrupt may wait at kicks for a synchronous
+    /// exit before the VMM acts at a kick ([`Boundary::kick_due`]).
+    kick_bound: Duration,
 }
 
 impl LiveBoundary {
@@ -169,7 +172,15 @@ impl LiveBoundary {
             out,
             attention: None,
             net: None,
+            kick_bound: Duration::ZERO,
         }
+    }
+
+    /// Lets a due timer tick or a pending interrupt wait up to `bound` at kicks for a
+    /// synchronous exit (where a recorder needs no checkpoint) before the VMM acts at a kick.
+    pub fn with_kick_bound(mut self, bound: Duration) -> Self {
+        self.kick_bound = bound;
+        self
     }
 
     /// Gives the guest a NIC whose frames come from and go to `port`.
@@ -391,10 +402,18 @@ impl Boundary for LiveBoundary {
         self.clock == Clock::Host
     }
 
-    fn kick_due(&mut self, req: &WaitRequest) -> Result<bool, BoundaryError> {
-        Ok(req
+    fn kick_due(
+        &mut self,
+        req: &WaitRequest,
+        waiting: Option<Duration>,
+    ) -> Result<bool, BoundaryError> {
+        let now = self.host_ns();
+        let bound = u64::try_from(self.kick_bound.as_nanos()).unwrap_or(u64::MAX);
+        let time_due = req
             .deadline_ns
-            .is_some_and(|d| self.host_ns() >= d && self.last_clock > req.now_ns))
+            .is_some_and(|d| now >= d.saturating_add(bound) && self.last_clock > req.now_ns);
+        let waited = waiting.is_some_and(|w| w >= self.kick_bound);
+        Ok(time_due || waited)
     }
 
     fn output(&mut self, kind: OutputKind, bytes: &[u8]) -> Result<(), BoundaryError> {

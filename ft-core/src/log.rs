@@ -23,9 +23,11 @@ use thiserror::Error;
 
 /// The first 8 bytes of every log.
 pub const MAGIC: [u8; 8] = *b"FTVMMLOG";
-/// The format version this build writes (2 added the disk, base and resync records); it reads
-/// versions 1 and 2.
-pub const VERSION: u16 = 2;
+/// The format version this build writes (2 added the disk, base and resync records; 3 changed
+/// the checkpoint data: snapshot format 5, pages encoded against a page cache, and added the
+/// interrupt-window exits); it reads versions 1 to 3 (the checkpoints of older logs do not
+/// decode: snapshots are tied to the build).
+pub const VERSION: u16 = 3;
 /// The largest frame payload (a full checkpoint of a 3 GiB guest fits in a few frames' worth of
 /// pages; checkpoints are split by the writer if they are larger).
 pub const MAX_FRAME: u32 = 1 << 30;

@@ -206,8 +206,12 @@ impl<B: Boundary> Boundary for Recorder<B> {
         self.inner.output(kind, bytes)
     }
 
-    fn kick_due(&mut self, req: &WaitRequest) -> Result<bool, BoundaryError> {
-        self.inner.kick_due(req)
+    fn kick_due(
+        &mut self,
+        req: &WaitRequest,
+        waiting: Option<std::time::Duration>,
+    ) -> Result<bool, BoundaryError> {
+        self.inner.kick_due(req, waiting)
     }
 
     fn acts_at_kicks(&self) -> bool {

@@ -536,7 +536,19 @@ impl<R: Read + Send + 'static> Boundary for Replayer<R> {
         }
     }
 
-    fn kick_due(&mut self, _req: &WaitRequest) -> Result<bool, BoundaryError> {
+    fn restored(&mut self, now_ns: u64) {
+        // A recording that began from a snapshot (`--restore`): its first time deltas are
+        // relative to the snapshot's virtual time, as the recorder's were.
+        let mut core = lock(&self.core);
+        let t = core.last_time.max(now_ns);
+        core.set_time(t);
+    }
+
+    fn kick_due(
+        &mut self,
+        _req: &WaitRequest,
+        _waiting: Option<std::time::Duration>,
+    ) -> Result<bool, BoundaryError> {
         // Replay acts only where the log says: its own kicks are never points.
         Ok(false)
     }

@@ -231,8 +231,12 @@ impl<R: Read + Send + 'static> Boundary for Takeover<R> {
         delegate!(self, output(kind, bytes))
     }
 
-    fn kick_due(&mut self, req: &WaitRequest) -> Result<bool, BoundaryError> {
-        lock(&self.inner).live().kick_due(req)
+    fn kick_due(
+        &mut self,
+        req: &WaitRequest,
+        waiting: Option<std::time::Duration>,
+    ) -> Result<bool, BoundaryError> {
+        lock(&self.inner).live().kick_due(req, waiting)
     }
 
     fn acts_at_kicks(&self) -> bool {

@@ -707,6 +707,13 @@ fn boot_once(
     let run = boot(&kernel, &initrd, &disk, &snapshot);
     run.assert_code(0);
     assert!(snapshot.exists(), "no snapshot saved:\n{}", run.stderr);
+    let faults = guest_faults(&run.stdout);
+    assert!(
+        faults.is_empty(),
+        "user processes of the guest faulted during its boot:\n{}\n\nthe whole output:\n{}",
+        faults.join("\n"),
+        run.stdout
+    );
     std::fs::write(&out, &run.stdout).unwrap();
     std::fs::write(&stamp, &key).unwrap();
     Some(LinuxReady {
@@ -714,6 +721,20 @@ fn boot_once(
         disk,
         boot_output: run.stdout,
     })
+}
+
+/// The lines where the Linux guest's kernel reports a user process killed by a fault
+/// (`segfault at`, `traps: ... general protection fault`, `invalid opcode`): on a correct
+/// platform the guest's own programs never fault, so each one is a platform defect (seen once:
+/// interrupts injected at the entry of `__alloc_pages`, docs/ARCHITECTURE.md).
+pub fn guest_faults(out: &str) -> Vec<&str> {
+    out.lines()
+        .filter(|l| {
+            l.contains("segfault at ")
+                || (l.contains("traps: ")
+                    && (l.contains("general protection") || l.contains("invalid opcode")))
+        })
+        .collect()
 }
 
 /// The arguments of a Linux boot that stops at the prompt with a snapshot.
@@ -970,4 +991,24 @@ pub fn records_on_disk(disk: &Path) -> u64 {
         n += 1;
     }
     n
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guest_faults_finds_the_kernels_fault_reports() {
+        // Lines from a networked boot with `--window-sites __alloc_pages` (2026-11-30).
+        let out = "Run /init as init process\n\
+            ftvmm-guest: eth0 10.240.0.100/16\n\
+            traps: nc[29] general protection fault ip:41bf19 sp:7fffffffea50 error:0 in busybox[401000+184000]\n\
+            exe[38]: segfault at 0 ip 00000000004a4d02 sp 00007fffffffec48 error 4 in busybox[401000+184000]\n\
+            Segmentation fault\n\
+            ftvmm-guest: ready\n";
+        let f = guest_faults(out);
+        assert_eq!(f.len(), 2, "{f:?}");
+        assert!(f[0].starts_with("traps: nc[29]") && f[1].starts_with("exe[38]"));
+        assert!(guest_faults("ftvmm-guest: ready\nftvmm# echo segfault\n").is_empty());
+    }
 }

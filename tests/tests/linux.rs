@@ -376,6 +376,24 @@ fn first_cpu() -> usize {
         .expect("no CPU to run on")
 }
 
+/// The highest host CPU this process may run on.
+fn last_cpu() -> usize {
+    // SAFETY: sched_getaffinity(2) fills the cpu_set_t it is given, of the size it is told.
+    let set = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        assert_eq!(
+            libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set),
+            0
+        );
+        set
+    };
+    // SAFETY: CPU_ISSET reads the set, for a CPU number below CPU_SETSIZE.
+    (0..libc::CPU_SETSIZE as usize)
+        .rev()
+        .find(|&c| unsafe { libc::CPU_ISSET(c, &set) })
+        .expect("no CPU to run on")
+}
+
 /// The guest-physical addresses of the pages that differ.
 fn differing_pages(a: &[u8], b: &[u8]) -> Vec<String> {
     assert_eq!(a.len(), b.len(), "RAM dumps of different sizes");
@@ -480,5 +498,171 @@ fn a_backup_replaying_a_workload_ends_with_the_primarys_ram() {
         differ.join(" "),
         p.stderr,
         b.stderr
+    );
+}
+
+/// A CPU hog on host CPU `cpu` (a shell spinning), paused and resumed at random moments by a
+/// thread of the test, so that the load beside the VMM changes unpredictably. Started and
+/// stopped by the test, by PID.
+struct Hog {
+    pid: libc::pid_t,
+    child: std::process::Child,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Hog {
+    fn start(cpu: usize) -> Hog {
+        use std::os::unix::process::CommandExt;
+        use std::sync::atomic::Ordering;
+        let mut cmd = std::process::Command::new("sh");
+        cmd.args(["-c", "while :; do :; done"]);
+        // SAFETY: between fork and exec the closure only calls sched_setaffinity(2), which is
+        // async-signal-safe, on a CPU set it owns.
+        unsafe {
+            cmd.pre_exec(move || {
+                let mut set: libc::cpu_set_t = std::mem::zeroed();
+                libc::CPU_SET(cpu, &mut set);
+                if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().expect("spawn the CPU hog");
+        let pid = child.id() as libc::pid_t;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let mut seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64)
+            | 1;
+        eprintln!("CPU hog pid {pid} on CPU {cpu}, seed {seed:#x}");
+        let thread = std::thread::spawn(move || {
+            let mut running = true;
+            while !flag.load(Ordering::Acquire) {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                std::thread::sleep(Duration::from_millis(1 + seed % 40));
+                running = !running;
+                let sig = if running {
+                    libc::SIGCONT
+                } else {
+                    libc::SIGSTOP
+                };
+                // SAFETY: kill(2) on the hog's own PID, which this test started and has not
+                // reaped yet (`Hog::drop` stops this thread before it waits for the child).
+                unsafe { libc::kill(pid, sig) };
+            }
+        });
+        Hog {
+            pid,
+            child,
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Hog {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        // SAFETY: kill(2) on the hog's PID, not yet reaped (the wait follows).
+        unsafe {
+            libc::kill(self.pid, libc::SIGCONT);
+            libc::kill(self.pid, libc::SIGKILL);
+        }
+        let _ = self.child.wait();
+    }
+}
+
+/// A workload recorded on the host clock while a CPU hog competes for the same host CPU at
+/// random moments: kicks, interrupt-window hits and late timer ticks (reinjected) fall wherever
+/// the host's scheduling puts them, and the replay (restored from the same snapshot) still
+/// takes the same exits, prints the same output and ends with the same RAM, page for page.
+/// Recorder, hog and replay share one host CPU (see the test above for why the RAM comparison
+/// needs one CPU): the last one, so that the hog does not starve the pair of the test above,
+/// pinned to the first, when both run at once (its peer timeout is 300 ms).
+#[test]
+fn a_workload_recorded_under_a_competing_cpu_hog_replays_exactly() {
+    if skip() {
+        return;
+    }
+    let b = booted();
+    let dir = scratch("linux-hog");
+    let (rec_disk, rep_disk, log) = (
+        dir.join("record.img"),
+        dir.join("replay.img"),
+        dir.join("counter.ftl"),
+    );
+    std::fs::copy(&b.disk, &rec_disk).unwrap();
+    std::fs::copy(&b.disk, &rep_disk).unwrap();
+    let (k, i) = images();
+    let machine = |disk: &std::path::Path| {
+        vec![
+            "--kernel".to_string(),
+            k.display().to_string(),
+            "--initrd".into(),
+            i.display().to_string(),
+            "--cmdline".into(),
+            CMDLINE.into(),
+            "--disk".into(),
+            disk.display().to_string(),
+            "--restore".into(),
+            b.snapshot.display().to_string(),
+            "--log-level".into(),
+            "info".into(),
+        ]
+    };
+    let cpu = last_cpu();
+    let hog = Hog::start(cpu);
+    let mut rec_args = vec!["--role".to_string(), "standalone".into()];
+    rec_args.extend(machine(&rec_disk));
+    rec_args.extend(["--serial-input", "-", "--record"].map(String::from));
+    rec_args.push(log.display().to_string());
+    let rec_args: Vec<&str> = rec_args.iter().map(String::as_str).collect();
+    let mut recorder = Pinned::spawn(&dir, "record", cpu, &rec_args);
+    let mut stdin = recorder.child.stdin.take().unwrap();
+    std::io::Write::write_all(
+        &mut stdin,
+        b"/workloads/counter & sleep 4; kill $!; echo stopped-$((6*7)); sleep 1; poweroff -f\n",
+    )
+    .unwrap();
+    let (rec, rec_ram) = recorder.finish(Duration::from_secs(300));
+    drop(stdin);
+    drop(hog);
+    rec.assert_code(0);
+    assert!(rec.stdout.contains("stopped-42"), "{}", rec.stdout);
+    assert!(
+        rec.stat("window-hits") > 0,
+        "no interrupt-window site was hit:\n{}",
+        rec.stderr
+    );
+    let mut rep_args = vec!["--role".to_string(), "replay".into()];
+    rep_args.extend(machine(&rep_disk));
+    rep_args.push("--log".into());
+    rep_args.push(log.display().to_string());
+    let rep_args: Vec<&str> = rep_args.iter().map(String::as_str).collect();
+    let (rep, rep_ram) =
+        Pinned::spawn(&dir, "replay", cpu, &rep_args).finish(Duration::from_secs(300));
+    rep.assert_code(0);
+    assert_eq!(rep.stdout, rec.stdout, "replayed output differs");
+    assert_eq!(
+        rep.digest_line(),
+        rec.digest_line(),
+        "{}\n{}",
+        rec.stderr,
+        rep.stderr
+    );
+    let differ = differing_pages(&rec_ram, &rep_ram);
+    assert!(
+        differ.is_empty(),
+        "{} pages of guest RAM differ between recording and replay: {}",
+        differ.len(),
+        differ.join(" ")
     );
 }

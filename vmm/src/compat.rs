@@ -139,7 +139,7 @@ pub(crate) fn read_virt(
     Ok(())
 }
 
-fn write_virt(
+pub(crate) fn write_virt(
     mem: &GuestMemoryMmap,
     sregs: &kvm_sregs,
     gva: u64,

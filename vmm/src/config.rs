@@ -18,6 +18,10 @@ pub enum CompatMode {
 /// [`crate::tsc`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GuestTscMode {
+    /// Each site's instruction replaced by `HLT` in guest RAM (an exit on every KVM without an
+    /// in-kernel irqchip), when the kernel has a symbol table: no debug register is used, and
+    /// every site of the entropy functions is covered.
+    Patch,
     /// Hardware breakpoints on the sites, when the kernel has a symbol table.
     Breakpoints,
     /// Off: the guest reads the host's TSC there, and replay's RAM differs from its recording's.
@@ -43,6 +47,10 @@ pub struct VmConfig {
     pub kvm_compat: CompatMode,
     /// The guest kernel's RDTSC at its entropy sites.
     pub guest_tsc: GuestTscMode,
+    /// Timer ticks that fall due while one waits are delivered one by one, not coalesced.
+    pub timer_reinject: bool,
+    /// Kernel functions whose entries are interrupt-window sites ([`crate::window`]).
+    pub window_sites: Vec<String>,
     /// A vCPU that runs this long without a synchronous exit is kicked.
     pub quantum: Duration,
     /// A virtio-net NIC.

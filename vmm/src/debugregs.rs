@@ -1,7 +1,8 @@
 //! The one owner of the vCPU's hardware debug state (`KVM_SET_GUEST_DEBUG`).
 //!
-//! x86 has four debug address registers, DR0..DR3, and two users in this VMM want them: the
-//! SYSCALL completion of [`crate::compat`] and the guest TSC sites of [`crate::tsc`]. Each user
+//! x86 has four debug address registers, DR0..DR3, and three users in this VMM want them: the
+//! SYSCALL completion of [`crate::compat`], the guest TSC sites of [`crate::tsc`] (with
+//! `--guest-tsc breakpoints`) and the interrupt-window sites of [`crate::window`]. Each user
 //! tells [`DebugRegs`] what it wants; [`DebugRegs::state`] computes the one `kvm_guest_debug`
 //! from both, and [`DebugRegs::apply`] hands it to KVM. Nothing else calls
 //! `KVM_SET_GUEST_DEBUG`.
@@ -12,7 +13,10 @@
 //! | slot | with the compatibility paths on | with them off |
 //! | --- | --- | --- |
 //! | DR0 | the SYSCALL completion's breakpoint on the guest's #PF entry (armed once the guest enabled `SYSCALL`) | guest TSC site 1 |
-//! | DR1..DR3 | guest TSC sites 1..3 | guest TSC sites 2..4 |
+//! | DR1..DR3 | guest TSC sites 1..3 (`--guest-tsc breakpoints`), then window sites | guest TSC sites 2..4, then window sites |
+//!
+//! With `--guest-tsc patch` (the default) the TSC sites take no slot and the window sites have
+//! DR1..DR3 (DR0..DR3 with the compatibility paths off).
 //!
 //! While the SYSCALL completion single-steps over a page fault, every breakpoint is disarmed:
 //! the step runs the first instruction of the guest's #PF handler, which is no TSC site, and
@@ -45,6 +49,8 @@ pub struct DebugRegs {
     single_step: bool,
     /// Guest TSC sites, in the slots after the SYSCALL completion's.
     tsc_sites: Vec<u64>,
+    /// Interrupt-window sites, in the slots after the TSC sites.
+    window: Vec<u64>,
 }
 
 impl DebugRegs {
@@ -66,6 +72,11 @@ impl DebugRegs {
     pub fn set_tsc_sites(&mut self, sites: &[u64]) {
         let n = sites.len().min(self.tsc_slots());
         self.tsc_sites = sites[..n].to_vec();
+    }
+
+    /// The interrupt-window sites to arm (empty: disarmed).
+    pub fn set_window(&mut self, sites: &[u64]) {
+        self.window = sites.to_vec();
     }
 
     /// The SYSCALL completion's breakpoint (`None`: disarmed) and whether it single-steps.
@@ -96,8 +107,15 @@ impl DebugRegs {
             .iter()
             .enumerate()
             .map(|(i, &a)| (first_tsc + i, a));
+        let first_window = first_tsc + self.tsc_sites.len();
+        let window = self
+            .window
+            .iter()
+            .enumerate()
+            .map(|(i, &a)| (first_window + i, a))
+            .filter(|(slot, _)| *slot < SLOTS);
         let mut dr7 = 0;
-        for (slot, addr) in syscall.into_iter().chain(tsc) {
+        for (slot, addr) in syscall.into_iter().chain(tsc).chain(window) {
             dbg.arch.debugreg[slot] = addr;
             dr7 |= dr7_local_enable(slot);
         }
@@ -159,6 +177,23 @@ mod tests {
         regs.set_syscall(Some(PF), false);
         assert_eq!(&regs.state().arch.debugreg[..3], &[PF, 0x1000, 0x2000]);
         assert_eq!(regs.state().arch.debugreg[7], 0x400 | 0b0001_0101);
+    }
+
+    #[test]
+    fn window_sites_take_the_slots_after_the_others() {
+        let mut regs = DebugRegs::new(true);
+        regs.set_window(&[0x7000, 0x8000, 0x9000]);
+        regs.set_syscall(Some(PF), false);
+        let s = regs.state();
+        assert_eq!(&s.arch.debugreg[..4], &[PF, 0x7000, 0x8000, 0x9000]);
+        // With a TSC site in DR1 the last window site has no slot.
+        regs.set_tsc_sites(&SITES[..1]);
+        let s = regs.state();
+        assert_eq!(&s.arch.debugreg[..4], &[PF, 0x1000, 0x7000, 0x8000]);
+        assert_eq!(s.arch.debugreg[7], 0x400 | 0b0101_0101);
+        // Stepping disarms them too.
+        regs.set_syscall(Some(PF), true);
+        assert_eq!(regs.state().arch.debugreg, [0; 8]);
     }
 
     #[test]

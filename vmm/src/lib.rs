@@ -10,7 +10,9 @@
 //! - [`compat`]: what this host's KVM cannot do itself, completed by the VMM (off on hardware KVM).
 //! - [`tsc`]: the guest kernel's RDTSC at its entropy sites, completed by the VMM from the
 //!   virtual clock (KVM has no RDTSC exiting for user space).
-//! - [`debugregs`]: DR0..DR3, shared by the SYSCALL completion and the TSC sites.
+//! - [`window`]: interrupt-window sites, breakpoints in busy kernel code where a due interrupt
+//!   is injected at a reproducible point instead of behind a checkpoint.
+//! - [`debugregs`]: DR0..DR3, shared by the SYSCALL completion, the TSC sites and the window.
 //! - [`kick`]: regaining control of a vCPU that runs a whole quantum without an exit.
 //! - [`control`]: the control path into the vCPU (pause, snapshot, dirty pages, stop).
 //! - [`snapshot`]: snapshots, checkpoints, dirty-page sets.
@@ -31,6 +33,7 @@ pub mod transfer;
 pub mod tsc;
 pub mod vcpu;
 pub mod vm;
+pub mod window;
 
 pub use config::{CompatMode, GuestTscMode, NetConfig, VmConfig};
 pub use vm::{config_identity, CheckpointStats, MemoryStats, Vm, VmError};

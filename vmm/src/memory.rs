@@ -143,3 +143,15 @@ pub fn digest(mem: &GuestMemoryMmap) -> u64 {
     }
     h
 }
+
+/// Gives the heap's free memory back to the system: a restore decodes a whole snapshot (one
+/// allocation per page) and frees it, and glibc would otherwise keep those pages resident, as
+/// much again as the guest's used RAM on top of it (measured: ~20 MiB after restoring the Linux
+/// guest at its prompt).
+pub fn trim_heap() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim(3) only releases free heap memory; it has no preconditions.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}

@@ -70,7 +70,41 @@ pub struct Platform {
     mem: GuestMemoryMmap,
     /// Virtual time, nanoseconds since boot. Moves only by inputs from the boundary.
     now_ns: u64,
+    /// Timer ticks that fell due while an earlier one waited are delivered one by one, each
+    /// after the guest took the previous one, instead of coalescing (`--timer-reinject`).
+    reinject: bool,
+    /// Measurement only (not state): the timer interrupts' delays.
+    pub ticks: TickStats,
 }
+
+/// How late timer interrupts reached the guest: virtual time from the PIT edge that raised
+/// IRQ 0 to the injection of its vector. Measurement only: not saved, not part of the VM.
+#[derive(Clone, Debug, Default)]
+pub struct TickStats {
+    /// Virtual time of the edge delivered to the PIC and not yet injected.
+    due_ns: Option<u64>,
+    /// Delays in microseconds, one per injected timer interrupt.
+    pub delays_us: Vec<u32>,
+    /// Edges dropped (coalesced) because too many were owed.
+    pub dropped: u64,
+}
+
+impl TickStats {
+    /// The `q` quantile (0..=1) of the delays, in microseconds.
+    pub fn quantile_us(&self, q: f64) -> u64 {
+        let mut v = self.delays_us.clone();
+        if v.is_empty() {
+            return 0;
+        }
+        v.sort_unstable();
+        let i = ((v.len() - 1) as f64 * q).round() as usize;
+        u64::from(v[i.min(v.len() - 1)])
+    }
+}
+
+/// The most timer ticks owed to a guest in reinject mode (2 s at Linux's HZ=100); more are
+/// dropped, so that a guest stopped for long (a paused VM) is not flooded.
+pub const MAX_OWED_TICKS: u64 = 200;
 
 impl Platform {
     /// A platform with the RTC showing `rtc_epoch` at boot, an optional virtio-blk disk and an
@@ -90,7 +124,15 @@ impl Platform {
             net,
             mem,
             now_ns: 0,
+            reinject: false,
+            ticks: TickStats::default(),
         }
+    }
+
+    /// Delivers timer ticks one by one, each after the guest took the previous one
+    /// (KVM's in-kernel PIT does the same in its reinject mode), instead of coalescing them.
+    pub fn set_reinject(&mut self, on: bool) {
+        self.reinject = on;
     }
 
     /// The NIC's MAC, if there is a NIC.
@@ -125,6 +167,7 @@ impl Platform {
             net.restore(state);
         }
         self.now_ns = s.now_ns;
+        self.ticks.due_ns = None;
     }
 
     /// Virtual time now.
@@ -132,9 +175,26 @@ impl Platform {
         self.now_ns
     }
 
-    /// The PIC, for the vCPU's interrupt acknowledge cycle.
-    pub fn pic_mut(&mut self) -> &mut Pic {
-        &mut self.pic
+    /// The interrupt acknowledge cycle: the vector to inject, if the PIC has one. The next owed
+    /// tick (reinject mode) goes in at the next time input after it, when no other interrupt
+    /// waits ([`Platform::advance_time`]); in a Linux guest every interrupt handler reads the
+    /// clock (its entropy `RDTSC`), so ticks catch up one per interrupt handled.
+    pub fn acknowledge(&mut self) -> Option<u8> {
+        let vector = self.pic.acknowledge()?;
+        if vector == self.pic.irq0_vector() && !self.pic.irq0_requested() {
+            if let Some(due) = self.ticks.due_ns.take() {
+                let us = self.now_ns.saturating_sub(due) / 1000;
+                self.ticks
+                    .delays_us
+                    .push(u32::try_from(us).unwrap_or(u32::MAX));
+            }
+        }
+        Some(vector)
+    }
+
+    /// Whether timer ticks are owed to the guest (it is behind: reinjection is catching up).
+    pub fn ticks_owed(&self) -> bool {
+        self.reinject && self.pit.owed_irq0() > 0
     }
 
     /// Whether the PIC asserts INTR.
@@ -173,8 +233,28 @@ impl Platform {
 
     /// Moves virtual time forward to `t` and raises the timer interrupts that fell due.
     pub fn advance_time(&mut self, t: u64) {
+        let before = self.now_ns;
         self.now_ns = self.now_ns.max(t);
-        if self.pit.poll_irq0(self.now_ns) > 0 {
+        // Measurement: the first edge after the previous time is when this tick fell due.
+        let first_due = self.pit.next_irq0_ns(before);
+        let edges = if self.reinject {
+            self.ticks.dropped += self.pit.count_irq0(self.now_ns, MAX_OWED_TICKS);
+            if self.pic.irq0_requested() || self.pic.intr() {
+                // One waits in the PIC already, or another device's interrupt does: the ticks
+                // stay owed until then. Releasing the next one as soon as the last was taken
+                // kept IRQ 0, the highest priority, requested all the time in a guest that was
+                // behind, and starved the UART's IRQ 4 (its tty output stopped mid-line).
+                0
+            } else {
+                self.pit.take_owed_irq0()
+            }
+        } else {
+            self.pit.poll_irq0(self.now_ns)
+        };
+        if edges > 0 {
+            if self.ticks.due_ns.is_none() {
+                self.ticks.due_ns = Some(first_due.unwrap_or(self.now_ns).min(self.now_ns));
+            }
             self.pulse(PIT_IRQ);
         }
         if self.rtc.poll_irq8(self.now_ns) {
@@ -363,5 +443,122 @@ impl Platform {
         let offset = addr.checked_sub(VIRTIO_MMIO_BASE)?;
         let slot = offset / VIRTIO_MMIO_SIZE;
         (slot < 2).then_some((slot, offset % VIRTIO_MMIO_SIZE))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ft_core::live::{Clock, LiveBoundary, SerialSource};
+
+    /// A platform with the PIC set up as Linux does (vectors 0x30.., all unmasked) and the
+    /// PIT's channel 0 at 100 Hz.
+    fn platform(reinject: bool) -> Platform {
+        let mem = crate::memory::create(1 << 20).unwrap();
+        let mut p = Platform::new(0, None, None, mem);
+        p.set_reinject(reinject);
+        let mut b = LiveBoundary::with_clock(
+            SerialSource::None,
+            Box::new(std::io::sink()),
+            Clock::Virtual { step_ns: 1 },
+        );
+        for (port, v) in [
+            (0x20, 0x11),
+            (0x21, 0x30),
+            (0x21, 0x04),
+            (0x21, 0x01),
+            (0x21, 0x00),
+        ] {
+            p.pio_write(port, &[v], &mut b).unwrap();
+        }
+        for (port, v) in [(0x43u16, 0x34u8), (0x40, 0x9c), (0x40, 0x2e)] {
+            p.pio_write(port, &[v], &mut b).unwrap();
+        }
+        p
+    }
+
+    fn timer_interrupts(p: &mut Platform) -> usize {
+        let mut n = 0;
+        while p.interrupt_pending() {
+            assert_eq!(p.acknowledge(), Some(0x30));
+            p.pio_write(
+                0x20,
+                &[0x20],
+                &mut LiveBoundary::new(SerialSource::None, Box::new(std::io::sink())),
+            )
+            .unwrap();
+            n += 1;
+            // The handler reads the clock, as Linux's does: the next owed tick goes in.
+            let now = p.now_ns();
+            p.advance_time(now);
+        }
+        n
+    }
+
+    #[test]
+    fn late_ticks_are_reinjected_one_after_the_other() {
+        let mut p = platform(true);
+        p.advance_time(55_000_000);
+        assert_eq!(timer_interrupts(&mut p), 5);
+        assert_eq!(p.ticks.delays_us.len(), 5);
+    }
+
+    /// Whatever the pattern of late and early acknowledgements, the guest gets exactly one timer
+    /// interrupt per PIT edge (none dropped below the cap), never more.
+    #[test]
+    fn reinjection_never_delivers_more_ticks_than_edges() {
+        let mut p = platform(true);
+        let mut b = LiveBoundary::new(SerialSource::None, Box::new(std::io::sink()));
+        let (mut now, mut seed, mut acks) = (0u64, 0x9e37_79b9_7f4a_7c15u64, 0u64);
+        for _ in 0..20_000 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            now += seed % 30_000_000;
+            p.advance_time(now);
+            if seed % 3 != 0 && p.interrupt_pending() {
+                assert_eq!(p.acknowledge(), Some(0x30));
+                acks += 1;
+                if seed % 5 != 0 {
+                    p.pio_write(0x20, &[0x20], &mut b).unwrap();
+                }
+            }
+            if seed % 7 == 0 {
+                p.pio_write(0x20, &[0x20], &mut b).unwrap();
+            }
+        }
+        let edges = now / 10_000_000;
+        let owed = p.pit.owed_irq0() + u64::from(p.pic.irq0_requested());
+        assert!(acks <= edges, "{acks} interrupts for {edges} edges");
+        assert_eq!(
+            acks + owed + p.ticks.dropped,
+            edges,
+            "{acks} + {owed} owed + {} dropped",
+            p.ticks.dropped
+        );
+    }
+
+    /// Owed ticks do not starve a lower-priority device: a UART interrupt raised while the
+    /// guest is behind is taken before the next owed tick.
+    #[test]
+    fn owed_ticks_let_other_interrupts_in() {
+        let mut p = platform(true);
+        let mut b = LiveBoundary::new(SerialSource::None, Box::new(std::io::sink()));
+        p.advance_time(55_000_000);
+        assert_eq!(p.acknowledge(), Some(0x30));
+        p.pio_write(0x20, &[0x20], &mut b).unwrap();
+        p.pulse(COM1_IRQ);
+        p.advance_time(55_000_000);
+        assert_eq!(p.acknowledge(), Some(0x34), "the UART first");
+        p.pio_write(0x20, &[0x20], &mut b).unwrap();
+        p.advance_time(55_000_000);
+        assert_eq!(p.acknowledge(), Some(0x30), "then the next owed tick");
+    }
+
+    #[test]
+    fn without_reinject_late_ticks_coalesce() {
+        let mut p = platform(false);
+        p.advance_time(55_000_000);
+        assert_eq!(timer_interrupts(&mut p), 1);
     }
 }

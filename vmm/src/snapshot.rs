@@ -19,8 +19,9 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 /// The magic at the start of a snapshot file.
 pub const SNAPSHOT_MAGIC: [u8; 8] = *b"FTVMMSNP";
-/// Snapshot format version (2: the body is LZ4-compressed; 3: the halted state; 4: the NIC).
-pub const SNAPSHOT_VERSION: u16 = 4;
+/// Snapshot format version (2: the body is LZ4-compressed; 3: the halted state; 4: the NIC;
+/// 5: page deltas against the page cache, [`PageCache`]).
+pub const SNAPSHOT_VERSION: u16 = 5;
 /// The largest uncompressed snapshot body: all of the largest guest RAM, plus room for state.
 const MAX_SNAPSHOT_BYTES: usize = (crate::config::MAX_MEMORY_BYTES as usize) + (64 << 20);
 const PAGE: u64 = 4096;
@@ -376,7 +377,13 @@ impl Pages {
             })?;
         }
         for (pfn, data) in &self.pages {
-            let addr = pfn * PAGE;
+            let addr = pfn.saturating_mul(PAGE);
+            if data.len() != PAGE as usize {
+                return Err(SnapshotError::Decode(format!(
+                    "page {pfn:#x} has {} bytes, not {PAGE}",
+                    data.len()
+                )));
+            }
             mem.write_slice(data, GuestAddress(addr))
                 .map_err(|e| SnapshotError::Memory {
                     addr,
@@ -389,6 +396,162 @@ impl Pages {
     /// Bytes of page data.
     pub fn bytes(&self) -> usize {
         self.pages.len() * PAGE as usize
+    }
+}
+
+/// A page in a checkpoint is its contents (code [`RAW`]), its contents XOR the cached copy
+/// ([`XOR`]: mostly zeros, which LZ4 packs to little), or the cached copy unchanged
+/// ([`SAME`]: no bytes at all).
+pub const RAW: u8 = 0;
+/// See [`RAW`].
+pub const XOR: u8 = 1;
+/// See [`RAW`].
+pub const SAME: u8 = 2;
+
+/// The most pages a [`PageCache`] keeps (4 MiB).
+pub const PAGE_CACHE_PAGES: usize = 1024;
+
+/// The pages of the most recent checkpoints, as both sides know them: the recorder keeps what it
+/// sent, the replayer (or backup) what it received, and both update it by the same rule at every
+/// checkpoint, so a page written again can travel as a delta against the copy both hold.
+///
+/// Not the backup's RAM: at a checkpoint the backup's RAM is the primary's at the last
+/// synchronous exit before the kick, which the primary never saw; the cache is what the previous
+/// checkpoints carried, which both sides saw. Bounded: when full, the page cached longest ago
+/// goes (ties by page number), the same choice on both sides. Emptied by a full snapshot and at
+/// a backup's attach.
+#[derive(Clone, Debug)]
+pub struct PageCache {
+    capacity: usize,
+    /// Page number -> (insertion stamp, contents).
+    pages: std::collections::HashMap<u64, (u64, Box<[u8]>)>,
+    /// (stamp, page number), oldest first.
+    order: std::collections::BTreeSet<(u64, u64)>,
+    stamp: u64,
+    /// Pages encoded or decoded as [`XOR`] or [`SAME`], and as [`RAW`] (measurement).
+    pub hits: u64,
+    /// See `hits`.
+    pub misses: u64,
+    /// Encode every page raw (`--checkpoint-delta off`), still keeping the cache as the other
+    /// side keeps it.
+    pub raw_only: bool,
+}
+
+impl Default for PageCache {
+    fn default() -> Self {
+        Self::new(PAGE_CACHE_PAGES)
+    }
+}
+
+impl PageCache {
+    /// An empty cache of at most `capacity` pages.
+    pub fn new(capacity: usize) -> Self {
+        PageCache {
+            capacity,
+            pages: Default::default(),
+            order: Default::default(),
+            stamp: 0,
+            hits: 0,
+            misses: 0,
+            raw_only: false,
+        }
+    }
+
+    /// Forgets everything (a full snapshot, an attach: what both sides hold is RAM itself).
+    pub fn clear(&mut self) {
+        self.pages.clear();
+        self.order.clear();
+    }
+
+    /// Pages held.
+    pub fn len(&self) -> usize {
+        self.pages.len()
+    }
+
+    /// Whether it holds no page.
+    pub fn is_empty(&self) -> bool {
+        self.pages.is_empty()
+    }
+
+    fn insert(&mut self, pfn: u64, data: &[u8]) {
+        self.stamp += 1;
+        if let Some((old, _)) = self.pages.remove(&pfn) {
+            self.order.remove(&(old, pfn));
+        }
+        while self.pages.len() >= self.capacity.max(1) {
+            let Some(&(stamp, victim)) = self.order.iter().next() else {
+                break;
+            };
+            self.order.remove(&(stamp, victim));
+            self.pages.remove(&victim);
+        }
+        self.order.insert((self.stamp, pfn));
+        self.pages.insert(pfn, (self.stamp, data.into()));
+    }
+
+    /// Encodes `pages` (their contents now) against the cache, in place, and caches the
+    /// contents. Returns the codes, one per page.
+    pub fn encode(&mut self, pages: &mut Pages) -> Vec<u8> {
+        let mut codes = Vec::with_capacity(pages.pages.len());
+        for (pfn, data) in &mut pages.pages {
+            let code = match self.pages.get(pfn) {
+                Some((_, cached)) if cached.len() == data.len() && !self.raw_only => {
+                    self.hits += 1;
+                    let mut xor: Vec<u8> =
+                        data.iter().zip(cached.iter()).map(|(a, b)| a ^ b).collect();
+                    let same = xor.iter().all(|b| *b == 0);
+                    let code = if same { SAME } else { XOR };
+                    if same {
+                        xor.clear();
+                    }
+                    let now = std::mem::replace(data, xor);
+                    self.insert(*pfn, &now);
+                    code
+                }
+                _ => {
+                    self.misses += 1;
+                    self.insert(*pfn, data);
+                    RAW
+                }
+            };
+            codes.push(code);
+        }
+        codes
+    }
+
+    /// Decodes what [`PageCache::encode`] made on the other side, whose cache held what this one
+    /// holds: the pages' contents, and caches them. Fails (a corrupt or foreign checkpoint)
+    /// rather than guess.
+    pub fn decode(&mut self, pages: &Pages, codes: &[u8]) -> Result<Pages, SnapshotError> {
+        if codes.len() != pages.pages.len() {
+            return Err(SnapshotError::Decode(format!(
+                "{} page codes for {} pages",
+                codes.len(),
+                pages.pages.len()
+            )));
+        }
+        let mut out = Vec::with_capacity(pages.pages.len());
+        for ((pfn, data), &code) in pages.pages.iter().zip(codes) {
+            let cached = self.pages.get(pfn).map(|(_, c)| c);
+            let page: Vec<u8> = match (code, cached) {
+                (RAW, _) => data.clone(),
+                (XOR, Some(c)) if c.len() == data.len() => {
+                    data.iter().zip(c.iter()).map(|(a, b)| a ^ b).collect()
+                }
+                (SAME, Some(c)) if data.is_empty() => c.to_vec(),
+                _ => {
+                    return Err(SnapshotError::Decode(format!(
+                        "page {pfn:#x}: code {code} does not fit the page cache (a checkpoint from another stream?)"
+                    )))
+                }
+            };
+            self.insert(*pfn, &page);
+            out.push((*pfn, page));
+        }
+        Ok(Pages {
+            ram_bytes: pages.ram_bytes,
+            pages: out,
+        })
     }
 }
 
@@ -412,6 +575,10 @@ pub struct Snapshot {
     pub compat: Option<crate::compat::SyscallFix>,
     /// The guest is halted waiting for an interrupt (taken while a halted guest waited).
     pub halted: bool,
+    /// How each of `pages` is encoded against the [`PageCache`], one code per page, in a
+    /// checkpoint; `None` in a base both sides start their caches from, empty (a full
+    /// snapshot, a snapshot file, the final state of an attach): its pages are raw.
+    pub delta: Option<Vec<u8>>,
 }
 
 impl Snapshot {
@@ -474,6 +641,95 @@ impl Snapshot {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    /// A page: mostly one byte value, with a few runs of others.
+    fn page() -> impl Strategy<Value = Vec<u8>> {
+        (
+            any::<u8>(),
+            proptest::collection::vec((0..4096usize, 1..64usize, any::<u8>()), 0..6),
+        )
+            .prop_map(|(fill, runs)| {
+                let mut p = vec![fill; PAGE as usize];
+                for (at, len, v) in runs {
+                    let end = (at + len).min(p.len());
+                    p[at..end].fill(v);
+                }
+                p
+            })
+    }
+
+    /// An edit of a page: a few bytes changed, or none.
+    fn edits() -> impl Strategy<Value = Vec<(usize, u8)>> {
+        proptest::collection::vec((0..4096usize, any::<u8>()), 0..8)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(200))]
+        /// A sequence of checkpoints over a small RAM, each writing some pages (new ones or edits
+        /// of earlier ones), encoded by one cache and decoded by another: every page decodes to
+        /// the bytes it had, whatever the cache's size (evictions included).
+        #[test]
+        fn pages_encoded_against_the_cache_decode_to_the_same_bytes(
+            first in proptest::collection::vec(page(), 1..12),
+            rounds in proptest::collection::vec(proptest::collection::vec((0..24u64, edits()), 1..16), 1..8),
+            capacity in 1..20usize,
+        ) {
+            let mut ram: std::collections::HashMap<u64, Vec<u8>> =
+                first.into_iter().enumerate().map(|(i, p)| (i as u64, p)).collect();
+            let (mut sender, mut receiver) = (PageCache::new(capacity), PageCache::new(capacity));
+            let mut checkpoints: Vec<Vec<u64>> = vec![ram.keys().copied().collect()];
+            for round in rounds {
+                let mut written = Vec::new();
+                for (pfn, edit) in round {
+                    let p = ram.entry(pfn).or_insert_with(|| vec![pfn as u8; PAGE as usize]);
+                    for (at, v) in edit {
+                        p[at] = v;
+                    }
+                    written.push(pfn);
+                }
+                written.sort_unstable();
+                written.dedup();
+                checkpoints.push(written);
+            }
+            for pfns in checkpoints {
+                let mut pages = Pages {
+                    ram_bytes: 1 << 20,
+                    pages: pfns.iter().map(|p| (*p, ram[p].clone())).collect(),
+                };
+                let codes = sender.encode(&mut pages);
+                // Through the log's encoding, as a checkpoint travels.
+                let wire: Pages = postcard::from_bytes(&postcard::to_stdvec(&pages).unwrap()).unwrap();
+                let decoded = receiver.decode(&wire, &codes).unwrap();
+                prop_assert_eq!(decoded.pages.len(), pfns.len());
+                for (pfn, data) in &decoded.pages {
+                    prop_assert_eq!(data, &ram[pfn]);
+                }
+                prop_assert_eq!(sender.len(), receiver.len());
+            }
+        }
+    }
+
+    #[test]
+    fn an_unchanged_page_costs_no_bytes_and_a_foreign_code_is_refused() {
+        let mut cache = PageCache::new(8);
+        let mut pages = Pages {
+            ram_bytes: 1 << 20,
+            pages: vec![(3, vec![7; 4096])],
+        };
+        assert_eq!(cache.encode(&mut pages), vec![RAW]);
+        let mut again = Pages {
+            ram_bytes: 1 << 20,
+            pages: vec![(3, vec![7; 4096])],
+        };
+        assert_eq!(cache.encode(&mut again), vec![SAME]);
+        assert!(again.pages[0].1.is_empty());
+        // A receiver that never saw page 3 refuses the delta rather than guess.
+        let err = PageCache::new(8).decode(&again, &[SAME]).unwrap_err();
+        assert!(PageCache::new(8).decode(&again, &[]).is_err());
+        assert!(err.to_string().contains("page cache"), "{err}");
+        assert!(PageCache::new(8).decode(&again, &[SAME, RAW]).is_err());
+    }
 
     #[test]
     fn pages_round_trip_compressed() {

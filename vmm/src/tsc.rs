@@ -108,6 +108,8 @@ pub const BOOT_FLAG: &str = "early_boot_irqs_disabled";
 
 const RDTSC: [u8; 2] = [0x0f, 0x31];
 const RDTSCP: [u8; 3] = [0x0f, 0x01, 0xf9];
+const HLT: u8 = 0xf4;
+const NOP: u8 = 0x90;
 const MSR_TSC_AUX: u32 = 0xc000_0103;
 const RFLAGS_RF: u64 = 1 << 16;
 
@@ -174,6 +176,9 @@ pub struct Site {
     pub rip: u64,
     /// `RDTSCP` rather than `RDTSC`.
     pub rdtscp: bool,
+    /// Where the instruction is in guest-physical memory (the kernel runs where it is
+    /// linked: the VMM loads each segment at its `p_paddr`), if a loadable segment holds it.
+    pub gpa: Option<u64>,
 }
 
 impl Site {
@@ -239,7 +244,7 @@ const MAX_FUNCTION: u64 = 64 << 10;
 
 /// The parts of a kernel ELF file the finder reads: section headers, loadable segments and the
 /// symbol table.
-struct Kernel {
+pub(crate) struct Kernel {
     file: File,
     path: String,
     sections: Vec<Section>,
@@ -259,7 +264,7 @@ struct Symbol<'a> {
 }
 
 impl Kernel {
-    fn open(path: &Path) -> Result<Kernel, TscError> {
+    pub(crate) fn open(path: &Path) -> Result<Kernel, TscError> {
         let file = File::open(path).map_err(|source| TscError::Io {
             path: path.display().to_string(),
             source,
@@ -401,6 +406,7 @@ impl Kernel {
                     function_addr: addr,
                     rip: instr.ip(),
                     rdtscp,
+                    gpa: self.gpa_of(instr.ip()),
                 });
             }
         }
@@ -412,11 +418,41 @@ impl Kernel {
         let sym = self
             .symbols()
             .find(|s| s.name == name && s.kind != STT_FUNC)?;
+        self.gpa_of(sym.value)
+    }
+
+    /// The guest-physical address the byte at kernel address `vaddr` is loaded at.
+    fn gpa_of(&self, vaddr: u64) -> Option<u64> {
         let seg = self
             .segments
             .iter()
-            .find(|g| sym.value >= g.vaddr && sym.value < g.vaddr.saturating_add(g.memsz))?;
-        Some(sym.value - seg.vaddr + seg.paddr)
+            .find(|g| vaddr >= g.vaddr && vaddr < g.vaddr.saturating_add(g.memsz))?;
+        Some(vaddr - seg.vaddr + seg.paddr)
+    }
+
+    /// The first bytes (at most `len`) of function `name` (exact name) and its address.
+    pub(crate) fn function_code(
+        &self,
+        name: &str,
+        len: u64,
+    ) -> Result<Option<(u64, Vec<u8>)>, TscError> {
+        let Some(sym) = self
+            .symbols()
+            .find(|s| s.kind == STT_FUNC && s.name == name)
+        else {
+            return Ok(None);
+        };
+        let Some(sec) = self.sections.get(sym.shndx) else {
+            return Ok(None);
+        };
+        let len = len
+            .min(sym.size)
+            .min((sec.addr + sec.size).saturating_sub(sym.value));
+        if sec.flags & SHF_EXECINSTR == 0 || sym.value < sec.addr || len == 0 {
+            return Ok(None);
+        }
+        let code = self.read(sec.offset + (sym.value - sec.addr), len)?;
+        Ok(Some((sym.value, code)))
     }
 }
 
@@ -454,6 +490,9 @@ pub struct GuestTsc {
     /// not change under them; checking every hit cost a `KVM_GET_SREGS`, a quarter of the
     /// VMM's time per completion here).
     checked: Vec<u64>,
+    /// With `--guest-tsc patch`: every site, its instruction replaced in guest RAM by `HLT`
+    /// and `NOP`s ([`GuestTsc::patch`]); no debug register is used.
+    patched: Vec<Site>,
     /// `RDTSC`s completed.
     pub reads: u64,
     /// Time the VMM spent completing them, in nanoseconds, the clock read through the
@@ -469,6 +508,32 @@ impl GuestTsc {
         if mode == GuestTscMode::Off {
             tracing::info!("guest TSC: --guest-tsc off: the kernel's RDTSC runs unobserved");
             return GuestTsc::default();
+        }
+        if mode == GuestTscMode::Patch {
+            let mut functions = ENTROPY_FUNCTIONS.to_vec();
+            functions.push(BOOT_FUNCTION);
+            return match find_sites(kernel, &functions) {
+                Ok(sites) => {
+                    let sites: Vec<Site> = sites.into_iter().filter(|s| s.gpa.is_some()).collect();
+                    tracing::info!(
+                        "guest TSC: {} RDTSC sites patched to HLT: {}",
+                        sites.len(),
+                        sites
+                            .iter()
+                            .map(Site::to_string)
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    );
+                    GuestTsc {
+                        patched: sites,
+                        ..Default::default()
+                    }
+                }
+                Err(e) => {
+                    tracing::info!("guest TSC: no sites ({e}): the kernel's RDTSC runs unobserved");
+                    GuestTsc::default()
+                }
+            };
         }
         let found = Kernel::open(kernel).and_then(|k| {
             let mut functions = ENTROPY_FUNCTIONS.to_vec();
@@ -576,6 +641,70 @@ impl GuestTsc {
         true
     }
 
+    /// `--guest-tsc patch`: writes `HLT` (then `NOP`s) over each site's instruction in guest
+    /// RAM, where it is still the original instruction (after the kernel is loaded, and after
+    /// a restore, which may bring back unpatched text). A site whose bytes are neither is
+    /// dropped with a warning. `HLT` exits to the VMM on every KVM without an in-kernel
+    /// irqchip, whatever the guest's IF, so no debug register is needed; the exit is completed
+    /// like a breakpoint's ([`GuestTsc::complete_hlt`]).
+    ///
+    /// [`BOOT_FUNCTION`] is init text, which the kernel frees after boot and reuses: its site
+    /// is patched only when the kernel is loaded (`boot`), never over whatever a restored
+    /// snapshot holds there.
+    pub fn patch(&mut self, mem: &GuestMemoryMmap, boot: bool) {
+        self.patched.retain(|site| {
+            let Some(gpa) = site.gpa else { return false };
+            if !boot && symbol_matches(&site.function, BOOT_FUNCTION) {
+                return true;
+            }
+            let opcode = site.opcode();
+            let mut bytes = [0u8; 3];
+            let bytes = &mut bytes[..opcode.len()];
+            if mem.read_slice(bytes, GuestAddress(gpa)).is_err() {
+                return false;
+            }
+            let mut hlt = [HLT, NOP, NOP];
+            let hlt = &mut hlt[..opcode.len()];
+            if bytes == hlt {
+                return true;
+            }
+            if bytes != opcode {
+                // Init text the kernel freed after boot (a snapshot taken later) is poisoned.
+                tracing::debug!("guest TSC: {site} holds {bytes:02x?}, not RDTSC: left alone");
+                return false;
+            }
+            mem.write_slice(hlt, GuestAddress(gpa)).is_ok()
+        });
+    }
+
+    /// Whether a `HLT` exit with RIP `rip_after` is a patched site's (RIP is past the `HLT`).
+    pub fn is_patched_hlt(&self, rip_after: u64) -> bool {
+        self.patched
+            .iter()
+            .any(|s| s.rip.wrapping_add(1) == rip_after)
+    }
+
+    /// Completes a patched site's `RDTSC` at the `HLT` exit with RIP `rip_after`, as
+    /// [`GuestTsc::complete`] does a breakpoint's.
+    pub fn complete_hlt(
+        &mut self,
+        vcpu: &VcpuFd,
+        rip_after: u64,
+        now: &mut dyn FnMut() -> Result<u64, BoundaryError>,
+    ) -> Result<Option<SyncExit>, TscError> {
+        let Some(site) = self
+            .patched
+            .iter()
+            .find(|s| s.rip.wrapping_add(1) == rip_after)
+            .cloned()
+        else {
+            return Ok(None);
+        };
+        let regs = kvm("KVM_GET_REGS", vcpu.get_regs())?;
+        self.finish(vcpu, &site, regs, std::time::Instant::now(), now)
+            .map(Some)
+    }
+
     /// Completes the `RDTSC` the vCPU stopped at, if `rip` is one of the sites: EDX:EAX (and
     /// ECX for `RDTSCP`) from `now()`, the virtual time in nanoseconds, RIP past it. Returns
     /// the synchronous exit it counts as, or `None` if the debug exit was not at a site.
@@ -590,7 +719,7 @@ impl GuestTsc {
             return Ok(None);
         };
         let start = std::time::Instant::now();
-        let mut regs = kvm("KVM_GET_REGS", vcpu.get_regs())?;
+        let regs = kvm("KVM_GET_REGS", vcpu.get_regs())?;
         let opcode = site.opcode();
         if !self.checked.contains(&rip) {
             let sregs = kvm("KVM_GET_SREGS", vcpu.get_sregs())?;
@@ -607,6 +736,19 @@ impl GuestTsc {
             }
             self.checked.push(rip);
         }
+        self.finish(vcpu, &site, regs, start, now).map(Some)
+    }
+
+    fn finish(
+        &mut self,
+        vcpu: &VcpuFd,
+        site: &Site,
+        mut regs: kvm_bindings::kvm_regs,
+        start: std::time::Instant,
+        now: &mut dyn FnMut() -> Result<u64, BoundaryError>,
+    ) -> Result<SyncExit, TscError> {
+        let rip = site.rip;
+        let opcode = site.opcode();
         let waited = std::time::Instant::now();
         let tsc = now()?;
         // A replayer's clock read can wait for the log: that is not the VMM's work.
@@ -623,13 +765,13 @@ impl GuestTsc {
         self.reads += 1;
         let work = start.elapsed().saturating_sub(waited);
         self.vmm_ns += u64::try_from(work.as_nanos()).unwrap_or(u64::MAX);
-        Ok(Some(SyncExit {
+        Ok(SyncExit {
             kind: ExitKind::Debug,
             addr: DEBUG_RDTSC,
             data: tsc,
             len: opcode.len() as u8,
             rip,
-        }))
+        })
     }
 }
 
@@ -659,6 +801,47 @@ mod tests {
             );
             None
         }
+    }
+
+    #[test]
+    fn patch_puts_hlt_over_rdtsc_once_and_leaves_other_bytes_alone() {
+        let mem = crate::memory::create(1 << 20).unwrap();
+        let site = |gpa: u64, rdtscp| Site {
+            function: "f".into(),
+            function_addr: 0xffff_ffff_8100_0000,
+            rip: 0xffff_ffff_8100_0000 + gpa,
+            rdtscp,
+            gpa: Some(gpa),
+        };
+        mem.write_slice(&RDTSC, GuestAddress(0x1000)).unwrap();
+        mem.write_slice(&RDTSCP, GuestAddress(0x2000)).unwrap();
+        mem.write_slice(&[0xcc, 0xcc], GuestAddress(0x3000))
+            .unwrap();
+        let mut tsc = GuestTsc {
+            patched: vec![site(0x1000, false), site(0x2000, true), site(0x3000, false)],
+            ..Default::default()
+        };
+        tsc.patch(&mem, true);
+        let read = |gpa: u64, n: usize| {
+            let mut b = vec![0u8; n];
+            mem.read_slice(&mut b, GuestAddress(gpa)).unwrap();
+            b
+        };
+        assert_eq!(read(0x1000, 2), [HLT, NOP]);
+        assert_eq!(read(0x2000, 3), [HLT, NOP, NOP]);
+        assert_eq!(read(0x3000, 2), [0xcc, 0xcc]);
+        assert_eq!(
+            tsc.patched.len(),
+            2,
+            "the site that is not RDTSC is dropped"
+        );
+        assert!(tsc.is_patched_hlt(0xffff_ffff_8100_1001));
+        assert!(!tsc.is_patched_hlt(0xffff_ffff_8100_1000));
+        // A restore brings back patched text: nothing changes, nothing is dropped.
+        tsc.patch(&mem, false);
+        assert_eq!(tsc.patched.len(), 2);
+        assert_eq!(read(0x1000, 2), [HLT, NOP]);
+        assert!(tsc.addresses().is_empty(), "no debug register used");
     }
 
     #[test]

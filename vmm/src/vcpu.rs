@@ -11,6 +11,7 @@ use crate::kick::Kicker;
 use crate::memory::GuestMemoryMmap;
 use crate::platform::{Action, Platform};
 use crate::tsc::{GuestTsc, TscError};
+use crate::window::Window;
 use ft_core::exit::le_bytes_to_u64;
 use ft_core::{Boundary, BoundaryError, ExitDigest, ExitKind, Point, SyncExit};
 use kvm_bindings::{kvm_debug_exit_arch, kvm_interrupt};
@@ -158,14 +159,39 @@ pub struct Vcpu {
     /// The guest executed HLT with interrupts on and is waiting for one: the next `run` waits
     /// before it enters the guest again (KVM resumes after the HLT).
     halted: bool,
+    /// The interrupt-window sites ([`crate::window`]), armed for the whole run.
+    window: Window,
+    /// Since when (host time) an interrupt has been pending without being injected: how long
+    /// it has waited for a reproducible point, for the decision at a kick (which is live only).
+    pending_since: Option<std::time::Instant>,
+    /// Measurement aid (FTVMM_EXIT_TRACE=path): one line per exit.
+    trace: Option<(std::time::Instant, std::io::BufWriter<std::fs::File>)>,
 }
 
 impl Vcpu {
+    fn trace(&mut self, what: &str, addr: u64) {
+        if self.trace.is_none() {
+            return;
+        }
+        let rip = self.fd.get_regs().map(|r| r.rip).unwrap_or(0);
+        let run = self.fd.get_kvm_run();
+        let (f, r) = (run.if_flag, run.ready_for_interrupt_injection);
+        if let Some((t0, w)) = &mut self.trace {
+            use std::io::Write;
+            let _ = writeln!(
+                w,
+                "{} {what} {addr:#x} {rip:#x} {f} {r}",
+                t0.elapsed().as_nanos()
+            );
+        }
+    }
+
     /// Wraps a configured vCPU. Its debug registers are programmed by the first
     /// [`Vcpu::reapply_debug`].
-    pub fn new(fd: VcpuFd, compat: bool, tsc: GuestTsc) -> Self {
+    pub fn new(fd: VcpuFd, compat: bool, tsc: GuestTsc, window: Window) -> Self {
         let mut debug = DebugRegs::new(compat);
         debug.set_tsc_sites(&tsc.addresses());
+        debug.set_window(&window.addresses());
         Vcpu {
             fd,
             state: VcpuState::Running,
@@ -176,7 +202,20 @@ impl Vcpu {
             debug,
             kicks: 0,
             halted: false,
+            window,
+            pending_since: None,
+            trace: std::env::var_os("FTVMM_EXIT_TRACE").and_then(|p| {
+                Some((
+                    std::time::Instant::now(),
+                    std::io::BufWriter::new(std::fs::File::create(p).ok()?),
+                ))
+            }),
         }
+    }
+
+    /// The interrupt-window sites and their counters.
+    pub fn window(&self) -> &Window {
+        &self.window
     }
 
     /// Whether the guest is halted waiting for an interrupt (part of a snapshot).
@@ -260,7 +299,12 @@ impl Vcpu {
                     len,
                     action,
                 } => {
+                    self.trace(&format!("k{}", kind as u8), addr);
                     let rip = kvm("KVM_GET_REGS", self.fd.get_regs())?.rip;
+                    if kind == ExitKind::Hlt && self.tsc.is_patched_hlt(rip) {
+                        self.patched_tsc(rip, platform, boundary)?;
+                        continue;
+                    }
                     self.synchronous(
                         SyncExit {
                             kind,
@@ -291,6 +335,7 @@ impl Vcpu {
                     }
                 }
                 Exit::Kick => {
+                    self.trace("kick", 0);
                     self.kicks += 1;
                     // Where a guest computes without exits, sampled at kicks: enable with
                     // `--log-level warn,ftvmm::profile=trace` (docs/STOCK-KERNELS.md).
@@ -300,11 +345,17 @@ impl Vcpu {
                         }
                     }
                     if boundary.acts_at_kicks() {
-                        let time_due = boundary.kick_due(&platform.wait_request())?;
                         // Without exact interrupt windows (see `exact_irq_window`), a pending
                         // interrupt also waits for a point like this one.
                         let injectable = platform.interrupt_pending() && self.interruptible();
-                        if time_due || injectable {
+                        // Ticks owed to a guest that is behind (reinjection) are catch-up:
+                        // they wait for a reproducible point rather than cost a checkpoint
+                        // each (a fresh deadline still can, through `kick_due`).
+                        let waiting = self
+                            .pending_since
+                            .filter(|_| injectable && !platform.ticks_owed())
+                            .map(|t| t.elapsed());
+                        if boundary.kick_due(&platform.wait_request(), waiting)? {
                             if boundary.wants_checkpoints() {
                                 return Ok(Event::Checkpoint);
                             }
@@ -312,7 +363,12 @@ impl Vcpu {
                         }
                     }
                 }
+                Exit::Debug(arch) if !self.stepping() && self.window.site(arch.pc).is_some() => {
+                    self.trace("win", arch.pc);
+                    self.window_hit(arch.pc, platform, mem, boundary)?;
+                }
                 Exit::Debug(arch) => {
+                    self.trace("debug", arch.pc);
                     // A TSC site, unless the SYSCALL completion is stepping (all breakpoints
                     // are off then: the exit is its step).
                     let stepping = self.syscall_fix.as_ref().is_some_and(SyscallFix::stepping);
@@ -373,6 +429,76 @@ impl Vcpu {
         !self.compat
     }
 
+    /// A `HLT` that `--guest-tsc patch` put in place of an `RDTSC` (RIP past it): completed
+    /// like a breakpoint on the site, and the same synchronous exit.
+    fn patched_tsc(
+        &mut self,
+        rip_after: u64,
+        platform: &mut Platform,
+        boundary: &mut dyn Boundary,
+    ) -> Result<(), VcpuError> {
+        let mut now = || {
+            let t = boundary.read_clock()?;
+            platform.advance_time(t);
+            Ok(platform.now_ns())
+        };
+        let Some(exit) = self.tsc.complete_hlt(&self.fd, rip_after, &mut now)? else {
+            return Ok(());
+        };
+        self.synchronous(exit, boundary)?;
+        // The VMM changed RAX, RDX (ECX) and RIP only: IF and the interrupt shadow are as KVM
+        // saw them at the HLT, so a pending interrupt can be injected here. It must: a guest
+        // that loops over RDTSC with interrupts on (try_to_generate_entropy(), waiting for
+        // timer jitter before its CRNG is ready) exits at every read, is never kicked, and
+        // would otherwise never get the timer interrupt it waits for (measured: mke2fs stalled
+        // with ~1500 reads a second and 149 timer interrupts in 90 s).
+        self.inputs(Point::Exit, platform, boundary, true)?;
+        Ok(())
+    }
+
+    /// Whether the SYSCALL completion is single-stepping (every breakpoint is off then).
+    fn stepping(&self) -> bool {
+        self.syscall_fix.as_ref().is_some_and(SyscallFix::stepping)
+    }
+
+    /// A hit of an interrupt-window site at `pc`: a synchronous exit where the inputs due are
+    /// delivered and a pending interrupt is injected if the guest can take it. The VMM
+    /// executes the site's first instruction ([`crate::window::Step`]): the breakpoint would
+    /// fire again if the guest resumed on it. KVM's view of interruptibility is the one at the
+    /// site, and a jump, a register move or a no-op does not change it.
+    fn window_hit(
+        &mut self,
+        pc: u64,
+        platform: &mut Platform,
+        mem: &GuestMemoryMmap,
+        boundary: &mut dyn Boundary,
+    ) -> Result<(), VcpuError> {
+        let Some(step) = self.window.site(pc).map(|s| s.step) else {
+            return Ok(());
+        };
+        self.window.hits += 1;
+        self.synchronous(Window::exit(pc), boundary)?;
+        let mut regs = kvm("KVM_GET_REGS", self.fd.get_regs())?;
+        let sregs = if step.touches_memory() {
+            Some(kvm("KVM_GET_SREGS", self.fd.get_sregs())?)
+        } else {
+            None
+        };
+        step.apply(&mut regs, mem, sregs.as_ref())
+            .map_err(|why| VcpuError::UnexpectedExit {
+                what: format!("interrupt-window site: cannot execute its first instruction: {why}"),
+                rip: pc,
+            })?;
+        // The instruction completed: RF is clear after it, as after any other.
+        regs.rflags &= !(1 << 16);
+        kvm("KVM_SET_REGS", self.fd.set_regs(&regs))?;
+        let injected = self.inputs(Point::Exit, platform, boundary, true)?;
+        if injected {
+            self.window.injections += 1;
+        }
+        Ok(())
+    }
+
     /// Whether the guest can take an interrupt now, by KVM's account at the last exit.
     fn interruptible(&mut self) -> bool {
         let run = self.fd.get_kvm_run();
@@ -390,7 +516,8 @@ impl Vcpu {
         boundary: &mut dyn Boundary,
     ) -> Result<(), VcpuError> {
         self.follow_debug(mem)?;
-        self.inputs(Point::Kick, platform, boundary, true)
+        self.inputs(Point::Kick, platform, boundary, true)?;
+        Ok(())
     }
 
     /// Completes a pending port or MMIO read (KVM finishes it on the next entry) without running
@@ -436,6 +563,12 @@ impl Vcpu {
         if let (Some(mine), Some(theirs)) = (self.syscall_fix.as_mut(), fix) {
             *mine = theirs;
         }
+    }
+
+    /// `--guest-tsc patch`: puts `HLT` over the guest TSC sites in RAM, when the kernel is
+    /// loaded (`boot`) and after a restore ([`GuestTsc::patch`]).
+    pub fn patch_guest(&mut self, mem: &GuestMemoryMmap, boot: bool) {
+        self.tsc.patch(mem, boot);
     }
 
     /// Programs the debug registers (the TSC sites and the SYSCALL completion's breakpoint) into
@@ -526,7 +659,8 @@ impl Vcpu {
         boundary: &mut dyn Boundary,
     ) -> Result<(), VcpuError> {
         self.follow_debug(mem)?;
-        self.inputs(Point::Exit, platform, boundary, true)
+        self.inputs(Point::Exit, platform, boundary, true)?;
+        Ok(())
     }
 
     /// Moves the breakpoints with the guest: the TSC site that shares a register during boot,
@@ -568,28 +702,33 @@ impl Vcpu {
         platform: &mut Platform,
         boundary: &mut dyn Boundary,
         may_inject: bool,
-    ) -> Result<(), VcpuError> {
+    ) -> Result<bool, VcpuError> {
         while let Some(input) = boundary.poll(point, &platform.wait_request())? {
             platform.apply(input);
         }
         let stepping = self.syscall_fix.as_ref().is_some_and(SyscallFix::stepping);
         let exact_window = self.exact_irq_window();
         let interruptible = self.interruptible();
+        if !platform.interrupt_pending() {
+            self.pending_since = None;
+        } else if self.pending_since.is_none() {
+            self.pending_since = Some(std::time::Instant::now());
+        }
         let run = self.fd.get_kvm_run();
         if !platform.interrupt_pending() || stepping {
             // While stepping over a page fault, an open window would exit at once, forever.
             run.request_interrupt_window = 0;
-            return Ok(());
+            return Ok(false);
         }
         if !may_inject || !interruptible {
             // Wait for the window to open: an exit of its own where KVM places it exactly, or
             // else the next synchronous exit (or kick) at which the guest is interruptible.
             run.request_interrupt_window = u8::from(exact_window);
-            return Ok(());
+            return Ok(false);
         }
         run.request_interrupt_window = 0;
-        let Some(vector) = platform.pic_mut().acknowledge() else {
-            return Ok(());
+        let Some(vector) = platform.acknowledge() else {
+            return Ok(false);
         };
         let irq = kvm_interrupt {
             irq: u32::from(vector),
@@ -603,6 +742,8 @@ impl Vcpu {
             });
         }
         boundary.interrupt(vector)?;
-        Ok(())
+        self.pending_since = None;
+        self.trace("inj", u64::from(vector));
+        Ok(true)
     }
 }

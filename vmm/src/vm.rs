@@ -8,9 +8,12 @@ use crate::cpuid::{self, DETERMINISTIC_PROFILE};
 use crate::kick::Kicker;
 use crate::memory::{self, GuestMemoryMmap, MemoryError};
 use crate::platform::{Platform, VIRTIO_BLK_IRQ, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE};
-use crate::snapshot::{saveable_msrs, DirtySet, Pages, Snapshot, SnapshotError, VcpuSnapshot};
+use crate::snapshot::{
+    saveable_msrs, DirtySet, PageCache, Pages, Snapshot, SnapshotError, VcpuSnapshot,
+};
 use crate::tsc::GuestTsc;
 use crate::vcpu::{Event, Stop, Vcpu, VcpuError};
+use crate::window::Window;
 use devices::virtio::{DiskBackend, MmioBlock};
 use ft_core::disk::Disk;
 use ft_core::{Boundary, BoundaryError, ExitDigest};
@@ -87,6 +90,8 @@ pub struct Vm {
     shadow: Option<Vec<u8>>,
     /// Pages written since the last checkpoint.
     checkpoint_dirty: DirtySet,
+    /// The pages of recent checkpoints, which checkpoints are encoded against.
+    page_cache: PageCache,
     /// Pages written since the last harvest of a live transfer, while one runs.
     transfer_dirty: Option<DirtySet>,
 }
@@ -113,8 +118,10 @@ impl DiskBackend for BoundaryDisk {
 }
 
 /// What checkpoints cost in this run.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct CheckpointStats {
+    /// Each pause, in microseconds.
+    pub pauses_us: Vec<u32>,
     /// How many were taken.
     pub count: u64,
     /// Their encoded bytes, in all.
@@ -123,6 +130,19 @@ pub struct CheckpointStats {
     pub max_pause: std::time::Duration,
     /// All pauses together.
     pub total_pause: std::time::Duration,
+}
+
+impl CheckpointStats {
+    /// The `q` quantile (0..=1) of the pauses, in microseconds.
+    pub fn pause_quantile_us(&self, q: f64) -> u64 {
+        let mut v = self.pauses_us.clone();
+        if v.is_empty() {
+            return 0;
+        }
+        v.sort_unstable();
+        let i = ((v.len() - 1) as f64 * q).round() as usize;
+        u64::from(v[i.min(v.len() - 1)])
+    }
 }
 
 impl Vm {
@@ -195,8 +215,12 @@ impl Vm {
             .net
             .as_ref()
             .map(|n| devices::virtio::MmioNet::new(n.mac));
-        let platform = Platform::new(boundary.rtc_epoch()?, blk, net, mem.clone());
-        let mut vcpu = Vcpu::new(fd, compat, tsc);
+        let mut platform = Platform::new(boundary.rtc_epoch()?, blk, net, mem.clone());
+        platform.set_reinject(config.timer_reinject);
+        let free_slots = tsc_slots.saturating_sub(tsc.addresses().len());
+        let window = Window::setup(&config.kernel, &config.window_sites, free_slots);
+        let mut vcpu = Vcpu::new(fd, compat, tsc, window);
+        vcpu.patch_guest(&mem, true);
         vcpu.reapply_debug(&mem)?;
         // The boot writes are the same in every run: checkpoints start from here.
         memory::reset_vmm_dirty(&mem);
@@ -214,6 +238,7 @@ impl Vm {
             track_dirty,
             shadow: None,
             checkpoint_dirty: DirtySet::new(config.memory_bytes),
+            page_cache: PageCache::default(),
             transfer_dirty: None,
         })
     }
@@ -292,15 +317,24 @@ impl Vm {
         if std::env::var_os("FTVMM_VERIFY_DIRTY").is_some() {
             self.verify_dirty(&pages);
         }
-        self.snapshot_with(pages, full, interrupt_flags)
+        self.snapshot_with(pages, full, full, interrupt_flags)
     }
 
+    /// A snapshot of `pages` and the rest; `base`: one both sides start their page caches from
+    /// (a full snapshot, an attach's final state), else a checkpoint encoded against the cache.
     fn snapshot_with(
         &mut self,
-        pages: Pages,
+        mut pages: Pages,
         full: bool,
+        base: bool,
         interrupt_flags: [u8; 3],
     ) -> Result<Snapshot, VmError> {
+        let delta = if base {
+            self.page_cache.clear();
+            None
+        } else {
+            Some(self.page_cache.encode(&mut pages))
+        };
         if self.msrs.is_none() {
             self.msrs = Some(saveable_msrs(&self.kvm, self.vcpu.fd())?);
         }
@@ -314,6 +348,7 @@ impl Vm {
             interrupt_flags,
             compat: self.vcpu.syscall_fix().cloned(),
             halted: self.vcpu.halted(),
+            delta,
         })
     }
 
@@ -326,9 +361,10 @@ impl Vm {
         self.harvest()?;
         let rest = self.transfer_dirty.take().unwrap_or_default();
         let pages = Pages::from_set(&self.mem, &rest)?;
-        // The backup's state is this one: the next checkpoint needs only what changes after.
+        // The backup's state is this one: the next checkpoint needs only what changes after,
+        // against a page cache both sides start empty here (a base snapshot).
         self.checkpoint_dirty.take();
-        self.snapshot_with(pages, false, interrupt_flags)
+        self.snapshot_with(pages, false, true, interrupt_flags)
     }
 
     /// Debugging aid (FTVMM_VERIFY_DIRTY=1): compares all of RAM with a copy taken at the
@@ -369,7 +405,16 @@ impl Vm {
         // MMIO read diverged a few exits later; the `readspin` guest reproduces it). Complete it
         // now, on the old state.
         self.vcpu.settle()?;
-        snap.pages.apply(&self.mem, snap.full)?;
+        match &snap.delta {
+            None => {
+                self.page_cache.clear();
+                snap.pages.apply(&self.mem, snap.full)?;
+            }
+            Some(codes) => self
+                .page_cache
+                .decode(&snap.pages, codes)?
+                .apply(&self.mem, snap.full)?,
+        }
         memory::reload(&self.vm, &self.mem, self.track_dirty)?;
         snap.vcpu.restore(self.vcpu.fd())?;
         self.platform.restore(&snap.platform);
@@ -380,10 +425,17 @@ impl Vm {
             snap.interrupt_flags,
             snap.compat.clone(),
         );
+        self.vcpu.patch_guest(&self.mem, false);
         // Then the debug registers, from the restored SYSCALL completion state (a snapshot
         // taken mid-step must go on stepping) and the TSC sites.
         self.vcpu.reapply_debug(&self.mem)?;
         self.vcpu.set_halted(snap.halted);
+        if snap.full {
+            // Whoever replays from here restores the same snapshot first: the next checkpoint
+            // needs only what changes after it (not every page the restore wrote).
+            self.harvest()?;
+            self.checkpoint_dirty.take();
+        }
         Ok(())
     }
 
@@ -394,7 +446,23 @@ impl Vm {
 
     /// Checkpoint statistics of this run.
     pub fn checkpoint_stats(&self) -> CheckpointStats {
-        self.stats
+        self.stats.clone()
+    }
+
+    /// Encodes checkpoint pages against the page cache (`true`, the default) or raw. Only the
+    /// encoding side needs to know: a checkpoint says how each page is encoded.
+    pub fn set_checkpoint_delta(&mut self, on: bool) {
+        self.page_cache.raw_only = !on;
+    }
+
+    /// Checkpoint pages encoded (or decoded) against the page cache, and raw.
+    pub fn page_cache_stats(&self) -> (u64, u64) {
+        (self.page_cache.hits, self.page_cache.misses)
+    }
+
+    /// The platform (its timer-interrupt statistics).
+    pub fn platform(&self) -> &Platform {
+        &self.platform
     }
 
     /// The full kernel command line the guest got.
@@ -458,6 +526,8 @@ impl Vm {
                     self.stats.count += 1;
                     self.stats.bytes += bytes.len() as u64;
                     self.stats.max_pause = self.stats.max_pause.max(pause);
+                    let us = u32::try_from(pause.as_micros()).unwrap_or(u32::MAX);
+                    self.stats.pauses_us.push(us);
                     self.stats.total_pause += pause;
                     self.vcpu
                         .kick_inputs(&mut self.platform, &self.mem, boundary)?;
@@ -647,10 +717,12 @@ pub fn config_identity(config: &VmConfig, cmdline: &str) -> Result<(u64, String)
         )
     });
     let summary = format!(
-        "kernel crc {kernel:08x}, initrd crc {initrd:08x}, {} MiB RAM, disk {disk} bytes, nic {net}, compat {}, guest TSC {:?}, cmdline {cmdline:?}",
+        "kernel crc {kernel:08x}, initrd crc {initrd:08x}, {} MiB RAM, disk {disk} bytes, nic {net}, compat {}, guest TSC {:?}, window {:?}, timer reinject {}, cmdline {cmdline:?}",
         config.memory_bytes >> 20,
         compat::resolve(config.kvm_compat),
         config.guest_tsc,
+        config.window_sites,
+        config.timer_reinject,
     );
     Ok((u64::from(crc32c::crc32c(summary.as_bytes())), summary))
 }

@@ -135,6 +135,7 @@ pub(crate) fn run(args: &Args) -> Result<u8, Failure> {
         false,
         Some(Box::new(slot.clone())),
     )?;
+    vm.set_checkpoint_delta(args.checkpoint_delta == crate::cli::OnOff::On);
     vm.zero_memory()?;
     let mem = vm.memory();
     let (mut pages, mut bytes, mut round) = (0u64, 0u64, 0u32);
@@ -176,6 +177,8 @@ pub(crate) fn run(args: &Args) -> Result<u8, Failure> {
     let (final_state, epoch) = final_state;
     let snap = Snapshot::decode(&final_state).map_err(|e| e.to_string())?;
     vm.restore(&snap)?;
+    drop(snap);
+    vmm::memory::trim_heap();
     let counters = Arc::new(BackupCounters::default());
     let attach_ms = started.elapsed().as_millis() as u64;
     counters.attach_ms.store(attach_ms, Ordering::Relaxed);
@@ -492,7 +495,8 @@ fn go_live_builder(p: GoLiveParts) -> GoLive {
         );
 
         let mut live =
-            LiveBoundary::with_clock(serial_source(args)?, Box::new(io::sink()), args.clock);
+            LiveBoundary::with_clock(serial_source(args)?, Box::new(io::sink()), args.clock)
+                .with_kick_bound(args.checkpoint_bound);
         let header = Header {
             version: VERSION,
             config_hash: p.hash,

@@ -33,11 +33,45 @@ pub(crate) enum Compat {
 /// `--guest-tsc`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub(crate) enum GuestTsc {
+    /// Every entropy RDTSC site of the kernel replaced by HLT in guest RAM; the VMM completes
+    /// them from the virtual clock; no debug register is used (needs a symbol table).
+    Patch,
     /// Hardware breakpoints on the kernel's entropy RDTSC sites; the VMM completes them from
     /// the virtual clock (needs a kernel with a symbol table).
     Breakpoints,
     /// The guest reads the host's TSC there, unobserved.
     Off,
+}
+
+/// A switch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub(crate) enum OnOff {
+    /// On.
+    On,
+    /// Off.
+    Off,
+}
+
+/// `--window-sites`: function names (`none`: no sites).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Sites(pub(crate) Vec<String>);
+
+fn parse_sites(s: &str) -> Result<Sites, String> {
+    if s == "none" || s.is_empty() {
+        return Ok(Sites(Vec::new()));
+    }
+    let names: Vec<String> = s.split(',').map(|n| n.trim().to_string()).collect();
+    if names.iter().any(|n| {
+        n.is_empty()
+            || !n
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.')
+    }) {
+        return Err(format!(
+            "{s:?}: want kernel function names separated by commas, or none"
+        ));
+    }
+    Ok(Sites(names))
 }
 
 /// Where the guest's serial line goes.
@@ -115,6 +149,15 @@ pub(crate) enum LogFormat {
     Json,
 }
 
+/// A duration as [`parse_duration`] takes it, or zero (`0`, `0ms`).
+pub(crate) fn parse_duration_or_zero(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    if t.trim_end_matches(|c: char| c.is_ascii_alphabetic()) == "0" {
+        return Ok(Duration::ZERO);
+    }
+    parse_duration(s)
+}
+
 /// ftvmm: a fault-tolerant KVM hypervisor.
 #[derive(Parser, Debug, Clone)]
 #[command(version, about)]
@@ -153,14 +196,37 @@ pub(crate) struct Args {
     /// Completion of what this host's KVM cannot do (auto: only on hosts that need it).
     #[arg(long, value_enum, default_value = "auto")]
     pub(crate) kvm_compat: Compat,
-    /// The guest kernel's RDTSC at its entropy sites (drivers/char/random.c): `breakpoints`
-    /// makes it read virtual time, logged like any input; `off` leaves it to the host's TSC.
-    #[arg(long, value_enum, default_value = "breakpoints")]
+    /// The guest kernel's RDTSC at its entropy sites (drivers/char/random.c): `patch` (HLT in
+    /// their place) and `breakpoints` (debug registers, which then serve no interrupt-window
+    /// site) make it read virtual time, logged like any input; `off` leaves it to the host's TSC.
+    #[arg(long, value_enum, default_value = "patch")]
     pub(crate) guest_tsc: GuestTsc,
     /// What guest time follows: `host` (real time), or `virtual[:STEP]`: STEP (default 100us)
     /// per VM exit and idle time skipped, so that runs with the same input are identical.
     #[arg(long, default_value = "host", value_parser = parse_clock)]
     pub(crate) clock: Clock,
+    /// Timer ticks that fall due while an earlier one still waits for the guest: `on` delivers
+    /// each, one after the other (KVM's in-kernel PIT does so in its reinject mode), so that a
+    /// guest counting ticks keeps time; `off` coalesces them into one, as a real 8259 does.
+    #[arg(long, value_enum, default_value = "on")]
+    pub(crate) timer_reinject: OnOff,
+    /// Kernel functions whose entries are interrupt-window sites: breakpoints where a due
+    /// interrupt is injected at a point replay finds again, instead of behind a checkpoint at
+    /// a kick (vmm/src/window.rs). A comma-separated list, or `none`. They get the debug
+    /// registers the SYSCALL completion and `--guest-tsc` leave free. Not every function is a
+    /// safe site on this KVM: docs/ARCHITECTURE.md says which were measured.
+    #[arg(long, default_value = "__cond_resched,memcpy", value_parser = parse_sites)]
+    pub(crate) window_sites: Sites,
+    /// How long a due timer tick (or a pending interrupt) may wait for the next synchronous
+    /// exit or interrupt-window hit, where it needs no checkpoint, before a kick delivers it
+    /// behind a checkpoint (a recording or a primary) or at once (standalone), e.g. 30ms; 0 acts
+    /// at the first kick.
+    #[arg(long, default_value = "30ms", value_parser = parse_duration_or_zero)]
+    pub(crate) checkpoint_bound: Duration,
+    /// Checkpoint pages written again travel as a delta (XOR, then LZ4) against the copy the
+    /// previous checkpoints carried, kept on both sides (`on`), or whole (`off`).
+    #[arg(long, value_enum, default_value = "on")]
+    pub(crate) checkpoint_delta: OnOff,
     /// A vCPU that runs this long without an exit is kicked, e.g. 10ms.
     #[arg(long, default_value = "10ms", value_parser = parse_duration)]
     pub(crate) quantum: Duration,
@@ -174,6 +240,7 @@ pub(crate) struct Args {
     #[arg(long)]
     pub(crate) snapshot_on_exit: Option<PathBuf>,
     /// Start from this snapshot instead of booting (same machine flags as when it was taken).
+    /// A replay of a recording that began from a snapshot restores the same one.
     #[arg(long)]
     pub(crate) restore: Option<PathBuf>,
     /// Log level for diagnostics on stderr (error, warn, info, debug, trace, or a tracing
@@ -362,9 +429,12 @@ pub(crate) fn machine_config(args: &Args) -> Result<VmConfig, String> {
             Compat::Off => CompatMode::Off,
         },
         guest_tsc: match args.guest_tsc {
+            GuestTsc::Patch => GuestTscMode::Patch,
             GuestTsc::Breakpoints => GuestTscMode::Breakpoints,
             GuestTsc::Off => GuestTscMode::Off,
         },
+        window_sites: args.window_sites.0.clone(),
+        timer_reinject: args.timer_reinject == OnOff::On,
         quantum: args.quantum,
         net: args.net.clone(),
     })

@@ -155,7 +155,8 @@ pub(crate) fn run(args: &Args) -> Result<u8, Failure> {
 
     // The live side reads the host; its serial output goes through the output rule.
     let mut live =
-        LiveBoundary::with_clock(serial_source(args)?, Box::new(std::io::sink()), args.clock);
+        LiveBoundary::with_clock(serial_source(args)?, Box::new(std::io::sink()), args.clock)
+            .with_kick_bound(args.checkpoint_bound);
     let rtc_epoch = live.rtc_epoch().map_err(|e| e.to_string())?;
     let header = Header {
         version: VERSION,
@@ -188,12 +189,15 @@ pub(crate) fn run(args: &Args) -> Result<u8, Failure> {
 
     vmm::kick::stop_on_signals().map_err(|e| format!("cannot install signal handlers: {e}"))?;
     let mut vm = Vm::new(&config, &mut recorder, false, image)?;
+    vm.set_checkpoint_delta(args.checkpoint_delta == crate::cli::OnOff::On);
     tracing::info!("kernel command line: {}", vm.cmdline());
     if let Some(path) = &args.restore {
         let snap = vmm::snapshot::Snapshot::read_file(path).map_err(|e| e.to_string())?;
         vm.restore(&snap)?;
         recorder.restored(vm.now_ns());
         tracing::info!("restored {} (rip {:#x})", path.display(), snap.vcpu.rip());
+        drop(snap);
+        vmm::memory::trim_heap();
     }
 
     let listener =

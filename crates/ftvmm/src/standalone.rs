@@ -29,15 +29,11 @@ pub(crate) fn run(args: &Args) -> Result<u8, Failure> {
         }
         _ => {}
     }
-    if args.role == Role::Replay && args.restore.is_some() {
-        return Err("--restore cannot be combined with --role replay"
-            .to_string()
-            .into());
-    }
     let (hash, summary) = config_identity(&config, &kernel_cmdline(&config))?;
     let live = || -> Result<LiveBoundary, String> {
         let mut live =
-            LiveBoundary::with_clock(serial_source(args)?, serial_sink(args)?, args.clock);
+            LiveBoundary::with_clock(serial_source(args)?, serial_sink(args)?, args.clock)
+                .with_kick_bound(args.checkpoint_bound);
         if let Some((tap, queue)) = open_net(&config)? {
             let tx = tap.writer().map_err(|e| format!("tap: {e}"))?;
             live = live.with_net(NetPort {
@@ -97,6 +93,7 @@ pub(crate) fn run(args: &Args) -> Result<u8, Failure> {
         _ => None,
     };
     let mut vm = Vm::new(&config, boundary.as_mut(), track_dirty, image)?;
+    vm.set_checkpoint_delta(args.checkpoint_delta == crate::cli::OnOff::On);
     tracing::info!("kernel command line: {}", vm.cmdline());
     if let Some(path) = &args.restore {
         let snap = vmm::snapshot::Snapshot::read_file(path).map_err(|e| e.to_string())?;
@@ -108,6 +105,8 @@ pub(crate) fn run(args: &Args) -> Result<u8, Failure> {
             snap.vcpu.rip(),
             vm.state_digest().unwrap_or(0)
         );
+        drop(snap);
+        vmm::memory::trim_heap();
     }
     let (_handle, control) = vmm::control::channel();
     let result = vm.run(boundary.as_mut(), &control);
