@@ -496,6 +496,11 @@ impl<R: Read> LogReader<R> {
     pub fn frame(&self) -> u64 {
         self.frame
     }
+
+    /// The byte offset of the next frame.
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
 }
 
 /// The record of a synchronous exit, relative to the previous exit's RIP.

@@ -158,6 +158,9 @@ struct Core<R: Read> {
     /// The log broke off in a frame that does not read (corrupt, truncated): reported where the
     /// replay needs the record that was not there.
     broken: Option<crate::log::LogError>,
+    /// A log that ends without its `End` record is cut short (a file: the recorder died or the
+    /// file was truncated at a frame boundary), not a stream whose writer may still be there.
+    require_end: bool,
 }
 
 fn describe(record: &Option<Record>, last_rip: u64) -> String {
@@ -200,6 +203,13 @@ impl<R: Read> Core<R> {
         // The record taken is replayed whatever comes next: a stream that breaks off after it
         // (a truncated frame) ends here, and the next call sees the end.
         self.next = match self.log.read_record() {
+            Ok(None) if self.require_end && !matches!(rec, Record::End { .. }) => {
+                self.broken = Some(crate::log::LogError::Truncated {
+                    frame: self.log.frame(),
+                    offset: self.log.offset(),
+                });
+                None
+            }
             Ok(r) => r,
             Err(e) => {
                 self.broken = Some(e);
@@ -312,6 +322,7 @@ impl<R: Read + Send + 'static> Replayer<R> {
             kept: None,
             diverge_at: None,
             broken: None,
+            require_end: false,
         };
         core.take_base()?;
         Ok(Replayer {
@@ -319,6 +330,12 @@ impl<R: Read + Send + 'static> Replayer<R> {
             header,
             out,
         })
+    }
+
+    /// The log is a file: it must end with its `End` record, and one that ends without it (even
+    /// at a frame boundary) is reported as truncated where the replay needs what is missing.
+    pub fn require_end_record(&mut self) {
+        lock(&self.core).require_end = true;
     }
 
     /// The log's header.

@@ -112,15 +112,45 @@ fn a_flipped_byte_is_caught_by_the_crc() {
     );
 }
 
+/// Where the log's frames begin (after the 8-byte magic: a LEB128 length, the payload, a
+/// 4-byte CRC each; docs/PROTOCOL.md).
+fn frame_starts(bytes: &[u8]) -> Vec<usize> {
+    let mut at = 8;
+    let mut starts = Vec::new();
+    while at < bytes.len() {
+        starts.push(at);
+        let (mut len, mut shift) = (0usize, 0);
+        loop {
+            let b = bytes[at];
+            at += 1;
+            len |= usize::from(b & 0x7f) << shift;
+            shift += 7;
+            if b & 0x80 == 0 {
+                break;
+            }
+        }
+        at += len + 4;
+    }
+    assert_eq!(at, bytes.len(), "the log's frames do not add up");
+    starts
+}
+
 #[test]
 fn a_truncated_log_ends_replay_with_a_clear_error() {
     let dir = scratch("replay-truncated");
     let (_, log) = record("ticks", &dir, &[], None);
     let bytes = std::fs::read(&log).unwrap();
-    std::fs::write(&log, &bytes[..bytes.len() * 2 / 3]).unwrap();
-    let rep = replay("ticks", &log, &[]);
-    assert_eq!(rep.code(), 2, "{}", rep.stderr);
-    assert!(rep.stderr.contains("truncated"), "{}", rep.stderr);
+    let starts = frame_starts(&bytes);
+    assert!(starts.len() > 10, "{} frames", starts.len());
+    // Cut inside a frame, and exactly between two frames (a recorder that died between writes):
+    // both are truncated logs, not a divergence at "the end of the log".
+    let boundary = starts[starts.len() * 2 / 3];
+    for cut in [boundary + 3, boundary] {
+        std::fs::write(&log, &bytes[..cut]).unwrap();
+        let rep = replay("ticks", &log, &[]);
+        assert_eq!(rep.code(), 2, "cut at byte {cut}: {}", rep.stderr);
+        assert!(rep.stderr.contains("truncated"), "{}", rep.stderr);
+    }
 }
 
 #[test]

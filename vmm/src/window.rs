@@ -17,8 +17,8 @@
 //! # What
 //!
 //! Execute breakpoints on the entries of a few kernel functions that busy kernel code calls
-//! often, with interrupts on, from every path (`memcpy`, `memset`, `_copy_to_user` by default,
-//! `--window-sites`): the debug registers left free by the SYSCALL completion and the guest
+//! often, with interrupts on, from many paths (`__cond_resched` and `memcpy` by default,
+//! `--window-sites`; `__alloc_pages` is not safe on this KVM, see [`DEFAULT_SITES`]): the debug registers left free by the SYSCALL completion and the guest
 //! TSC sites ([`crate::debugregs`]; `--guest-tsc patch` leaves all three). They are armed for
 //! the whole run, so their hits are a function of the guest's execution alone: each hit is a
 //! synchronous exit ([`ExitKind::Debug`] with code [`DEBUG_WINDOW`]), counted, logged and met

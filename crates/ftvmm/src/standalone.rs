@@ -70,11 +70,12 @@ pub(crate) fn run(args: &Args) -> Result<u8, Failure> {
         (Role::Replay, _, Some(path)) => {
             let file =
                 File::open(path).map_err(|e| format!("cannot open log {}: {e}", path.display()))?;
-            let replayer = Replayer::new(
+            let mut replayer = Replayer::new(
                 std::io::BufReader::with_capacity(1 << 16, file),
                 serial_sink(args)?,
             )
             .map_err(|e| format!("cannot replay {}: {e}", path.display()))?;
+            replayer.require_end_record();
             replayer
                 .check_config(hash, &summary)
                 .map_err(|e| e.to_string())?;
