@@ -33,10 +33,38 @@ pub fn create(size: u64) -> Result<GuestMemoryMmap, MemoryError> {
         size,
         reason: "too large for this host".into(),
     })?;
-    GuestMemoryMmap::from_ranges(&[(GuestAddress(0), len)]).map_err(|e| MemoryError::Allocate {
-        size,
-        reason: e.to_string(),
-    })
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), len)]).map_err(|e| {
+        MemoryError::Allocate {
+            size,
+            reason: e.to_string(),
+        }
+    })?;
+    for region in mem.iter() {
+        let host = region
+            .get_host_address(vm_memory::MemoryRegionAddress(0))
+            .map_err(|e| MemoryError::Allocate {
+                size,
+                reason: e.to_string(),
+            })?;
+        // Not inherited by a child process (QEMU does the same for guest RAM): a helper the VMM
+        // spawns does not copy the page tables of guest RAM. It also keeps guest RAM a mapping
+        // of its own: without the flag the kernel merged it with an adjacent anonymous mapping
+        // of the heap (measured: 256 MiB + 132 KiB), and the footprint reported from
+        // /proc/self/smaps (`Vm::memory_stats`) counted guest RAM as the VMM's.
+        // SAFETY: madvise(2) on the mapping vm-memory just created, whole; MADV_DONTFORK only
+        // changes what fork(2) copies.
+        let ret = unsafe { libc::madvise(host.cast(), region.len() as usize, libc::MADV_DONTFORK) };
+        if ret != 0 {
+            return Err(MemoryError::Allocate {
+                size,
+                reason: format!(
+                    "madvise(MADV_DONTFORK): {}",
+                    std::io::Error::last_os_error()
+                ),
+            });
+        }
+    }
+    Ok(mem)
 }
 
 /// Registers every region of `mem` with KVM, slot by slot, with dirty-page logging if asked.
