@@ -359,8 +359,8 @@ impl Pinned {
     }
 }
 
-/// The lowest host CPU this process may run on.
-fn first_cpu() -> usize {
+/// The host CPUs this process may run on, lowest first.
+fn allowed_cpus() -> Vec<usize> {
     // SAFETY: sched_getaffinity(2) fills the cpu_set_t it is given, of the size it is told.
     let set = unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
@@ -372,26 +372,18 @@ fn first_cpu() -> usize {
     };
     // SAFETY: CPU_ISSET reads the set, for a CPU number below CPU_SETSIZE.
     (0..libc::CPU_SETSIZE as usize)
-        .find(|&c| unsafe { libc::CPU_ISSET(c, &set) })
-        .expect("no CPU to run on")
+        .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
+        .collect()
+}
+
+/// The lowest host CPU this process may run on.
+fn first_cpu() -> usize {
+    *allowed_cpus().first().expect("no CPU to run on")
 }
 
 /// The highest host CPU this process may run on.
 fn last_cpu() -> usize {
-    // SAFETY: sched_getaffinity(2) fills the cpu_set_t it is given, of the size it is told.
-    let set = unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        assert_eq!(
-            libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set),
-            0
-        );
-        set
-    };
-    // SAFETY: CPU_ISSET reads the set, for a CPU number below CPU_SETSIZE.
-    (0..libc::CPU_SETSIZE as usize)
-        .rev()
-        .find(|&c| unsafe { libc::CPU_ISSET(c, &set) })
-        .expect("no CPU to run on")
+    *allowed_cpus().last().expect("no CPU to run on")
 }
 
 /// The guest-physical addresses of the pages that differ.

@@ -167,7 +167,8 @@ fn gpr(regs: &kvm_regs, r: Register) -> Option<u64> {
     gpr_mut(&mut copy, r).map(|v| *v)
 }
 
-fn gpr_mut(regs: &mut kvm_regs, r: Register) -> Option<&mut u64> {
+/// The 64-bit general register that holds `r` (of any width), in `regs`.
+pub(crate) fn gpr_mut(regs: &mut kvm_regs, r: Register) -> Option<&mut u64> {
     Some(match r.full_register() {
         Register::RAX => &mut regs.rax,
         Register::RBX => &mut regs.rbx,
@@ -454,6 +455,19 @@ pub fn complete_emulation_failure(
         return Err(unsupported(&instr));
     }
     let next = rip.wrapping_add(instr.len() as u64);
+    // The instruction raises `vector` (with `code`) instead of completing: a fault, so the
+    // handler sees RIP at the instruction and `regs` as they were.
+    let fault = |vcpu: &VcpuFd, regs: &kvm_regs, vector: u8, code: Option<u32>| {
+        inject_fault(vcpu, vector, code)?;
+        kvm("KVM_SET_REGS", vcpu.set_regs(regs))?;
+        Ok(SyncExit {
+            kind: ExitKind::Emulated,
+            addr: instr.mnemonic() as u64,
+            data: u64::from(vector),
+            len: instr.len() as u8,
+            rip,
+        })
+    };
     let mut result = 0u64;
     match instr.mnemonic() {
         Mnemonic::Popcnt => {
@@ -493,16 +507,7 @@ pub fn complete_emulation_failure(
             let fpu = Fpu::get(vcpu)?;
             let pending = fpu.fsw & 0x3f & !(fpu.fcw & 0x3f) != 0;
             if pending && fpu.fsw & 0x80 != 0 {
-                // A fault: the handler sees RIP at the FWAIT.
-                inject_exception(vcpu, MF_VECTOR)?;
-                kvm("KVM_SET_REGS", vcpu.set_regs(&regs))?;
-                return Ok(SyncExit {
-                    kind: ExitKind::Emulated,
-                    addr: instr.mnemonic() as u64,
-                    data: u64::from(MF_VECTOR),
-                    len: instr.len() as u8,
-                    rip,
-                });
+                return fault(vcpu, &regs, MF_VECTOR, None);
             }
             result = u64::from(fpu.fsw);
         }
@@ -542,17 +547,6 @@ pub fn complete_emulation_failure(
             result = u64::from(fpu.fcw);
         }
         Mnemonic::Ldmxcsr | Mnemonic::Stmxcsr => {
-            let fault = |vcpu: &VcpuFd, regs: &kvm_regs, vector: u8, code: Option<u32>| {
-                inject_fault(vcpu, vector, code)?;
-                kvm("KVM_SET_REGS", vcpu.set_regs(regs))?;
-                Ok(SyncExit {
-                    kind: ExitKind::Emulated,
-                    addr: instr.mnemonic() as u64,
-                    data: u64::from(vector),
-                    len: instr.len() as u8,
-                    rip,
-                })
-            };
             if let Some(vector) = sse_fault(&sregs) {
                 return fault(vcpu, &regs, vector, None);
             }
@@ -583,15 +577,7 @@ pub fn complete_emulation_failure(
             let wide = instr.mnemonic() == Mnemonic::Cmpxchg16b;
             let ea = effective_address(&instr, &regs, &sregs).ok_or_else(|| unsupported(&instr))?;
             if wide && ea % 16 != 0 {
-                inject_fault(vcpu, GP_VECTOR, Some(0))?;
-                kvm("KVM_SET_REGS", vcpu.set_regs(&regs))?;
-                return Ok(SyncExit {
-                    kind: ExitKind::Emulated,
-                    addr: instr.mnemonic() as u64,
-                    data: u64::from(GP_VECTOR),
-                    len: instr.len() as u8,
-                    rip,
-                });
+                return fault(vcpu, &regs, GP_VECTOR, Some(0));
             }
             let half = if wide { 8 } else { 4 };
             let mask = if wide { u64::MAX } else { 0xffff_ffff };
@@ -623,23 +609,15 @@ pub fn complete_emulation_failure(
             // #UD without CR4.OSXSAVE (this KVM's emulator stops instead); XCR0 from KVM,
             // #GP(0) for any other XCR (XGETBV1's XCR1 is never offered: XSAVE is hidden).
             const CR4_OSXSAVE: u64 = 1 << 18;
-            let fault = if sregs.cr4 & CR4_OSXSAVE == 0 {
+            let raised = if sregs.cr4 & CR4_OSXSAVE == 0 {
                 Some((UD_VECTOR, None))
             } else if regs.rcx & 0xffff_ffff != 0 {
                 Some((GP_VECTOR, Some(0)))
             } else {
                 None
             };
-            if let Some((vector, code)) = fault {
-                inject_fault(vcpu, vector, code)?;
-                kvm("KVM_SET_REGS", vcpu.set_regs(&regs))?;
-                return Ok(SyncExit {
-                    kind: ExitKind::Emulated,
-                    addr: instr.mnemonic() as u64,
-                    data: u64::from(vector),
-                    len: instr.len() as u8,
-                    rip,
-                });
+            if let Some((vector, code)) = raised {
+                return fault(vcpu, &regs, vector, code);
             }
             let xcrs = kvm("KVM_GET_XCRS", vcpu.get_xcrs())?;
             let n = (xcrs.nr_xcrs as usize).min(xcrs.xcrs.len());
@@ -688,12 +666,7 @@ pub fn complete_emulation_failure(
         }
         Mnemonic::Int3 => {
             // A trap: the #BP handler sees RIP after the INT3.
-            let mut events: kvm_vcpu_events = kvm("KVM_GET_VCPU_EVENTS", vcpu.get_vcpu_events())?;
-            events.exception.injected = 1;
-            events.exception.nr = BP_VECTOR;
-            events.exception.has_error_code = 0;
-            events.exception.error_code = 0;
-            kvm("KVM_SET_VCPU_EVENTS", vcpu.set_vcpu_events(&events))?;
+            inject_exception(vcpu, BP_VECTOR)?;
             result = u64::from(BP_VECTOR);
         }
         _ => return Err(unsupported(&instr)),

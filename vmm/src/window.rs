@@ -175,28 +175,6 @@ pub fn step_of(code: &[u8], addr: u64) -> Option<Step> {
     }
 }
 
-fn gpr(regs: &mut kvm_regs, r: Register) -> Option<&mut u64> {
-    Some(match r {
-        Register::RAX => &mut regs.rax,
-        Register::RBX => &mut regs.rbx,
-        Register::RCX => &mut regs.rcx,
-        Register::RDX => &mut regs.rdx,
-        Register::RSI => &mut regs.rsi,
-        Register::RDI => &mut regs.rdi,
-        Register::RSP => &mut regs.rsp,
-        Register::RBP => &mut regs.rbp,
-        Register::R8 => &mut regs.r8,
-        Register::R9 => &mut regs.r9,
-        Register::R10 => &mut regs.r10,
-        Register::R11 => &mut regs.r11,
-        Register::R12 => &mut regs.r12,
-        Register::R13 => &mut regs.r13,
-        Register::R14 => &mut regs.r14,
-        Register::R15 => &mut regs.r15,
-        _ => return None,
-    })
-}
-
 impl Step {
     /// Whether executing it reads or writes guest memory (and so needs the page tables).
     pub fn touches_memory(self) -> bool {
@@ -215,15 +193,15 @@ impl Step {
         match self {
             Step::Jump(target) => regs.rip = target,
             Step::Mov { dst, src, len } => {
-                let value = gpr(regs, src).map(|v| *v);
-                if let (Some(v), Some(d)) = (value, gpr(regs, dst)) {
+                let value = compat::gpr_mut(regs, src).map(|v| *v);
+                if let (Some(v), Some(d)) = (value, compat::gpr_mut(regs, dst)) {
                     *d = v;
                 }
                 regs.rip = regs.rip.wrapping_add(len);
             }
             Step::Skip(len) => regs.rip = regs.rip.wrapping_add(len),
             Step::Push { src, len } => {
-                let value = gpr(regs, src).map_or(0, |v| *v);
+                let value = compat::gpr_mut(regs, src).map_or(0, |v| *v);
                 let rsp = regs.rsp.wrapping_sub(8);
                 compat::write_virt(mem, need()?, rsp, &value.to_le_bytes())?;
                 regs.rsp = rsp;
@@ -237,12 +215,14 @@ impl Step {
                 len,
             } => {
                 let addr = match base {
-                    Some(b) => gpr(regs, b).map_or(0, |v| *v).wrapping_add(disp),
+                    Some(b) => compat::gpr_mut(regs, b)
+                        .map_or(0, |v| *v)
+                        .wrapping_add(disp),
                     None => disp,
                 };
                 let mut buf = [0u8; 8];
                 compat::read_virt(mem, need()?, addr, &mut buf[..usize::from(size)])?;
-                if let Some(d) = gpr(regs, dst) {
+                if let Some(d) = compat::gpr_mut(regs, dst) {
                     *d = u64::from_le_bytes(buf);
                 }
                 regs.rip = regs.rip.wrapping_add(len);
