@@ -25,9 +25,9 @@ use thiserror::Error;
 pub const MAGIC: [u8; 8] = *b"FTVMMLOG";
 /// The format version this build writes (2 added the disk, base and resync records; 3 changed
 /// the checkpoint data: snapshot format 5, pages encoded against a page cache, and added the
-/// interrupt-window exits); it reads versions 1 to 3 (the checkpoints of older logs do not
-/// decode: snapshots are tied to the build).
-pub const VERSION: u16 = 3;
+/// interrupt-window exits; 4 added the mechanisms to the header); it reads versions 1 to 4 (the
+/// checkpoints of older logs do not decode: snapshots are tied to the build).
+pub const VERSION: u16 = 4;
 /// The largest frame payload (a full checkpoint of a 3 GiB guest fits in a few frames' worth of
 /// pages; checkpoints are split by the writer if they are larger).
 pub const MAX_FRAME: u32 = 1 << 30;
@@ -46,6 +46,46 @@ pub struct Header {
     pub config_summary: String,
     /// The RTC's wall-clock epoch at boot (an input).
     pub rtc_epoch: i64,
+    /// The host-dependent mechanisms the recording used (None before version 4): a replay
+    /// uses the same ones, or refuses on a host that cannot give them.
+    pub mechanisms: Option<Mechanisms>,
+}
+
+/// The header as versions 1 to 3 wrote it.
+#[derive(Deserialize)]
+struct HeaderV3 {
+    version: u16,
+    config_hash: u64,
+    config_summary: String,
+    rtc_epoch: i64,
+}
+
+/// The host-dependent mechanisms of a run, which decide what its positions are: every side of
+/// a recording (the recorder, a replay, a backup) must use the same ones. Chosen from what the
+/// host's KVM can do (`vmm::host`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Mechanisms {
+    /// The compatibility paths for a KVM that cannot run some guest instructions itself
+    /// (emulation completions, SYSCALL): each completion is a synchronous exit.
+    pub compat: bool,
+    /// Interrupt-window exits are positions: a pending interrupt asks KVM for one.
+    pub irq_window: bool,
+    /// Hardware breakpoints in guest kernel code (interrupt-window sites, `--guest-tsc
+    /// breakpoints`): each hit is a synchronous exit.
+    pub breakpoints: bool,
+}
+
+impl std::fmt::Display for Mechanisms {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let on = |b: bool| if b { "on" } else { "off" };
+        write!(
+            f,
+            "compat {}, irq windows {}, breakpoints {}",
+            on(self.compat),
+            on(self.irq_window),
+            on(self.breakpoints)
+        )
+    }
 }
 
 /// Where inputs were taken (see [`crate::boundary::Point`]).
@@ -404,11 +444,24 @@ impl<R: Read> LogReader<R> {
             frame: 0,
             offset: 8,
         })?;
-        let header: Header = postcard::from_bytes(&payload).map_err(|e| LogError::Decode {
-            frame: 0,
-            offset: 8,
-            why: e.to_string(),
-        })?;
+        let v4 = postcard::from_bytes::<Header>(&payload);
+        let header: Header = v4
+            .or_else(|e| {
+                postcard::from_bytes::<HeaderV3>(&payload)
+                    .map(|h| Header {
+                        version: h.version,
+                        config_hash: h.config_hash,
+                        config_summary: h.config_summary,
+                        rtc_epoch: h.rtc_epoch,
+                        mechanisms: None,
+                    })
+                    .map_err(|_| e)
+            })
+            .map_err(|e| LogError::Decode {
+                frame: 0,
+                offset: 8,
+                why: e.to_string(),
+            })?;
         if !(1..=VERSION).contains(&header.version) {
             return Err(LogError::Version {
                 found: header.version,
@@ -560,7 +613,35 @@ mod tests {
             config_hash: 0x1234,
             config_summary: "test".into(),
             rtc_epoch: 1_795_428_000,
+            mechanisms: Some(Mechanisms {
+                compat: false,
+                irq_window: true,
+                breakpoints: true,
+            }),
         }
+    }
+
+    #[test]
+    fn a_version_3_header_reads_without_mechanisms() {
+        #[derive(Serialize)]
+        struct V3 {
+            version: u16,
+            config_hash: u64,
+            config_summary: String,
+            rtc_epoch: i64,
+        }
+        let old = V3 {
+            version: 3,
+            config_hash: 0x1234,
+            config_summary: "test".into(),
+            rtc_epoch: 7,
+        };
+        let payload = postcard::to_stdvec(&old).unwrap();
+        let mut bytes = MAGIC.to_vec();
+        bytes.extend(encode_frame(&payload));
+        let (_, h) = LogReader::new(&bytes[..]).unwrap();
+        assert_eq!((h.version, h.config_hash, h.rtc_epoch), (3, 0x1234, 7));
+        assert_eq!(h.mechanisms, None);
     }
 
     fn records() -> Vec<Record> {

@@ -14,6 +14,18 @@ pub enum CompatMode {
     Off,
 }
 
+/// Whether a pending interrupt asks KVM for an interrupt-window exit, a position in the
+/// instruction stream (see [`crate::host`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IrqWindowMode {
+    /// Where the host's KVM places them exactly (the probe decides).
+    Auto,
+    /// Always (refused on a host that does not place them exactly).
+    On,
+    /// Never: a pending interrupt waits for the next synchronous exit or a kick.
+    Off,
+}
+
 /// Whether the guest kernel's RDTSC at its entropy sites is completed by the VMM (see
 /// [`crate::tsc`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -45,6 +57,11 @@ pub struct VmConfig {
     pub deterministic_profile: bool,
     /// Compatibility paths for this host's KVM.
     pub kvm_compat: CompatMode,
+    /// Interrupt-window exits as positions.
+    pub irq_window: IrqWindowMode,
+    /// The mechanisms of a recording this run follows (a replay: from the log header); None
+    /// for a new run, which chooses them from the host ([`crate::host::HostCaps::choose`]).
+    pub follow: Option<crate::host::Mechanisms>,
     /// The guest kernel's RDTSC at its entropy sites.
     pub guest_tsc: GuestTscMode,
     /// Timer ticks that fall due while one waits are delivered one by one, not coalesced.

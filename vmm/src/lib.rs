@@ -7,6 +7,8 @@
 //! - [`cpuid`]: the CPUID table the guest sees and the deterministic command-line profile.
 //! - [`platform`]: the devices on their ports and addresses, interrupt routing, virtual time.
 //! - [`vcpu`]: the vCPU loop: synchronous exits, interrupt injection, kicks, the exit digest.
+//! - [`host`]: what the host's KVM can do, probed with tiny guests, and the mechanisms a run
+//!   chooses from it (recorded in the log header).
 //! - [`compat`]: what this host's KVM cannot do itself, completed by the VMM (off on hardware KVM).
 //! - [`tsc`]: the guest kernel's RDTSC at its entropy sites, completed by the VMM from the
 //!   virtual clock (KVM has no RDTSC exiting for user space).
@@ -24,6 +26,7 @@ pub mod config;
 pub mod control;
 pub mod cpuid;
 pub mod debugregs;
+pub mod host;
 pub mod kick;
 pub mod memory;
 pub mod platform;
@@ -35,5 +38,6 @@ pub mod vcpu;
 pub mod vm;
 pub mod window;
 
-pub use config::{CompatMode, GuestTscMode, NetConfig, VmConfig};
+pub use config::{CompatMode, GuestTscMode, IrqWindowMode, NetConfig, VmConfig};
+pub use host::{HostCaps, Mechanisms};
 pub use vm::{config_identity, CheckpointStats, MemoryStats, Vm, VmError};

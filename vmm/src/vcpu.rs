@@ -150,6 +150,9 @@ pub struct Vcpu {
     state: VcpuState,
     digest: ExitDigest,
     compat: bool,
+    /// A pending interrupt asks KVM for an interrupt-window exit (the host places them
+    /// exactly: [`crate::host`]); otherwise it waits for a synchronous exit or a kick.
+    irq_window: bool,
     syscall_fix: Option<SyscallFix>,
     /// The guest kernel's RDTSC sites the VMM completes ([`crate::tsc`]).
     tsc: GuestTsc,
@@ -188,7 +191,7 @@ impl Vcpu {
 
     /// Wraps a configured vCPU. Its debug registers are programmed by the first
     /// [`Vcpu::reapply_debug`].
-    pub fn new(fd: VcpuFd, compat: bool, tsc: GuestTsc, window: Window) -> Self {
+    pub fn new(fd: VcpuFd, compat: bool, irq_window: bool, tsc: GuestTsc, window: Window) -> Self {
         let mut debug = DebugRegs::new(compat);
         debug.set_tsc_sites(&tsc.addresses());
         debug.set_window(&window.addresses());
@@ -197,6 +200,7 @@ impl Vcpu {
             state: VcpuState::Running,
             digest: ExitDigest::new(),
             compat,
+            irq_window,
             syscall_fix: compat.then(SyscallFix::default),
             tsc,
             debug,
@@ -421,12 +425,13 @@ impl Vcpu {
     }
 
     /// Whether KVM's interrupt-window exit comes at the first instruction where the guest can
-    /// take an interrupt, as VMX and SVM make it. This project's nested paravirtual KVM places
-    /// it wherever it next looks (measured: two identical Linux boots diverged at the first
-    /// window exit, at RIPs that were not even instruction boundaries), so with the
-    /// compatibility paths on the VMM does not ask for windows.
+    /// take an interrupt, as VMX and SVM make it on hardware. The probe decides
+    /// ([`crate::host`]): the development hosts' paravirtual KVM places it wherever it next
+    /// looks (two identical Linux boots diverged at the first window exit, at RIPs that were
+    /// not even instruction boundaries), and a `kvm_amd` under QEMU 7.2's TCG opens it inside
+    /// an `STI` shadow when the guest left KVM there (docs/HARDWARE.md).
     fn exact_irq_window(&self) -> bool {
-        !self.compat
+        self.irq_window
     }
 
     /// A `HLT` that `--guest-tsc patch` put in place of an `RDTSC` (RIP past it): completed

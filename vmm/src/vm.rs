@@ -1,10 +1,10 @@
 //! Building a VM from its configuration and running it.
 
 use crate::boot::{self, BootError};
-use crate::compat;
 use crate::config::{VmConfig, MAX_MEMORY_BYTES, MIN_MEMORY_BYTES};
 use crate::control::{VcpuControl, VcpuEvent, VcpuResponse};
 use crate::cpuid::{self, DETERMINISTIC_PROFILE};
+use crate::host::Mechanisms;
 use crate::kick::Kicker;
 use crate::memory::{self, GuestMemoryMmap, MemoryError};
 use crate::platform::{Platform, VIRTIO_BLK_IRQ, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE};
@@ -66,6 +66,37 @@ pub enum VmError {
     /// Saving or restoring a snapshot.
     #[error(transparent)]
     Snapshot(#[from] SnapshotError),
+    /// The host cannot give the mechanisms asked for or recorded.
+    #[error(transparent)]
+    Host(#[from] crate::host::HostError),
+}
+
+/// The host-dependent mechanisms of a run with `config` on this host: those of the recording it
+/// follows (if this host can honour them), or those chosen from the probe's findings.
+pub fn mechanisms(config: &VmConfig) -> Result<Mechanisms, VmError> {
+    let caps = crate::host::caps();
+    let wants_breakpoints =
+        !config.window_sites.is_empty() || config.guest_tsc == crate::GuestTscMode::Breakpoints;
+    match config.follow {
+        Some(m) => {
+            caps.honours(&m, &format!("the recording ({m})"))?;
+            Ok(m)
+        }
+        None => {
+            let mut m = caps.choose(config.kvm_compat, config.irq_window)?;
+            if config.guest_tsc == crate::GuestTscMode::Breakpoints && !m.breakpoints {
+                caps.honours(
+                    &Mechanisms {
+                        breakpoints: true,
+                        ..m
+                    },
+                    "--guest-tsc breakpoints",
+                )?;
+            }
+            m.breakpoints &= wants_breakpoints;
+            Ok(m)
+        }
+    }
 }
 
 fn kvm<T>(what: &'static str, r: Result<T, kvm_ioctls::Error>) -> Result<T, VmError> {
@@ -198,18 +229,19 @@ impl Vm {
         kvm("KVM_SET_REGS", fd.set_regs(&boot::entry_regs(boot.entry)))?;
         kvm("KVM_SET_FPU", fd.set_fpu(&boot::entry_fpu()))?;
 
-        let compat = compat::resolve(config.kvm_compat);
+        let mech = mechanisms(config)?;
+        let compat = mech.compat;
         tracing::info!(
-            "kvm compatibility paths {} ({:?}, kvm_pvm module {})",
-            if compat { "on" } else { "off" },
+            "mechanisms: {mech} (--kvm-compat {:?}, --irq-window {:?}, host {})",
             config.kvm_compat,
-            if compat::host_needs_compat() {
-                "present"
-            } else {
-                "absent"
-            }
+            config.irq_window,
+            crate::host::caps().kvm
         );
-        let tsc_slots = crate::debugregs::DebugRegs::new(compat).tsc_slots();
+        let tsc_slots = if mech.breakpoints {
+            crate::debugregs::DebugRegs::new(compat).tsc_slots()
+        } else {
+            0
+        };
         let tsc = GuestTsc::setup(config.guest_tsc, &config.kernel, tsc_slots);
         let net = config
             .net
@@ -218,8 +250,18 @@ impl Vm {
         let mut platform = Platform::new(boundary.rtc_epoch()?, blk, net, mem.clone());
         platform.set_reinject(config.timer_reinject);
         let free_slots = tsc_slots.saturating_sub(tsc.addresses().len());
-        let window = Window::setup(&config.kernel, &config.window_sites, free_slots);
-        let mut vcpu = Vcpu::new(fd, compat, tsc, window);
+        if !mech.breakpoints && !config.window_sites.is_empty() {
+            tracing::info!(
+                "interrupt window: no sites: breakpoints are off (`ftvmm probe` tells whether they fire on this host)"
+            );
+        }
+        let sites: &[String] = if mech.breakpoints {
+            &config.window_sites
+        } else {
+            &[]
+        };
+        let window = Window::setup(&config.kernel, sites, free_slots);
+        let mut vcpu = Vcpu::new(fd, compat, mech.irq_window, tsc, window);
         vcpu.patch_guest(&mem, true);
         vcpu.reapply_debug(&mem)?;
         // The boot writes are the same in every run: checkpoints start from here.
@@ -717,9 +759,9 @@ pub fn config_identity(config: &VmConfig, cmdline: &str) -> Result<(u64, String)
         )
     });
     let summary = format!(
-        "kernel crc {kernel:08x}, initrd crc {initrd:08x}, {} MiB RAM, disk {disk} bytes, nic {net}, compat {}, guest TSC {:?}, window {:?}, timer reinject {}, cmdline {cmdline:?}",
+        "kernel crc {kernel:08x}, initrd crc {initrd:08x}, {} MiB RAM, disk {disk} bytes, nic {net}, {}, guest TSC {:?}, window {:?}, timer reinject {}, cmdline {cmdline:?}",
         config.memory_bytes >> 20,
-        compat::resolve(config.kvm_compat),
+        mechanisms(config)?,
         config.guest_tsc,
         config.window_sites,
         config.timer_reinject,

@@ -502,6 +502,8 @@ fn go_live_builder(p: GoLiveParts) -> GoLive {
             config_hash: p.hash,
             config_summary: p.summary.clone(),
             rtc_epoch: p.rtc_epoch,
+            // Chosen when the VM was built (the probe runs once per process).
+            mechanisms: vmm::vm::mechanisms(&p.config).ok(),
         };
         let link = Link::new(
             header,

@@ -8,7 +8,7 @@ use std::fs::File;
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
-use vmm::{CompatMode, GuestTscMode, NetConfig, VmConfig, VmError};
+use vmm::{CompatMode, GuestTscMode, IrqWindowMode, NetConfig, VmConfig, VmError};
 
 /// What this process is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -196,6 +196,12 @@ pub(crate) struct Args {
     /// Completion of what this host's KVM cannot do (auto: only on hosts that need it).
     #[arg(long, value_enum, default_value = "auto")]
     pub(crate) kvm_compat: Compat,
+    /// Interrupt-window exits as positions in the instruction stream: `auto` uses them where
+    /// the host's KVM places them exactly (`ftvmm probe` tells), `on` requires them, `off`
+    /// never asks for one (a pending interrupt waits for a synchronous exit or a kick). Both
+    /// sides of a pair must choose alike; a replay follows its recording.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub(crate) irq_window: Compat,
     /// The guest kernel's RDTSC at its entropy sites (drivers/char/random.c): `patch` (HLT in
     /// their place) and `breakpoints` (debug registers, which then serve no interrupt-window
     /// site) make it read virtual time, logged like any input; `off` leaves it to the host's TSC.
@@ -428,6 +434,12 @@ pub(crate) fn machine_config(args: &Args) -> Result<VmConfig, String> {
             Compat::On => CompatMode::On,
             Compat::Off => CompatMode::Off,
         },
+        irq_window: match args.irq_window {
+            Compat::Auto => IrqWindowMode::Auto,
+            Compat::On => IrqWindowMode::On,
+            Compat::Off => IrqWindowMode::Off,
+        },
+        follow: None,
         guest_tsc: match args.guest_tsc {
             GuestTsc::Patch => GuestTscMode::Patch,
             GuestTsc::Breakpoints => GuestTscMode::Breakpoints,

@@ -19,11 +19,14 @@ mod status;
 
 use clap::Parser;
 use cli::{Args, Role};
+use std::io::Write;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    if std::env::args().nth(1).as_deref() == Some("ctl") {
-        return ctl::main();
+    match std::env::args().nth(1).as_deref() {
+        Some("ctl") => return ctl::main(),
+        Some("probe" | "--probe") => return probe(),
+        _ => {}
     }
     let args = Args::parse();
     let filter = tracing_subscriber::EnvFilter::try_new(&args.log_level)
@@ -50,4 +53,38 @@ fn main() -> ExitCode {
             ExitCode::from(f.status)
         }
     }
+}
+
+/// `ftvmm probe [--json]`: what this host's KVM can do and the mechanisms a run would choose
+/// with the default flags (vmm/src/host.rs, docs/HARDWARE.md).
+fn probe() -> ExitCode {
+    let json = std::env::args().skip(2).any(|a| a == "--json");
+    if let Some(other) = std::env::args().skip(2).find(|a| a != "--json") {
+        eprintln!("ftvmm: error: unknown argument `{other}` (usage: ftvmm probe [--json])");
+        return ExitCode::from(2);
+    }
+    let caps = vmm::host::probe();
+    let chosen = caps.choose(vmm::CompatMode::Auto, vmm::IrqWindowMode::Auto);
+    let mut out = std::io::stdout().lock();
+    let written = if json {
+        let doc = serde_json::json!({
+            "host": caps,
+            "mechanisms": chosen.as_ref().ok(),
+        });
+        writeln!(out, "{doc}")
+    } else {
+        let mut text = caps.lines().join("\n");
+        match &chosen {
+            Ok(m) => text.push_str(&format!(
+                "\n{:<22} {m} (with --window-sites, breakpoints where they fire)",
+                "default mechanisms"
+            )),
+            Err(e) => text.push_str(&format!("\n{:<22} {e}", "default mechanisms")),
+        }
+        writeln!(out, "{text}")
+    };
+    if written.is_err() {
+        return ExitCode::from(2);
+    }
+    ExitCode::SUCCESS
 }

@@ -163,6 +163,7 @@ pub(crate) fn run(args: &Args) -> Result<u8, Failure> {
         config_hash: hash,
         config_summary: summary.clone(),
         rtc_epoch,
+        mechanisms: Some(vmm::vm::mechanisms(&config)?),
     };
     let link = Link::new(header, ack_mode(args), args.max_lag, epoch);
     live.set_output(Box::new(HeldSerial::new(link.clone())));

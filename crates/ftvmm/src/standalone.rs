@@ -4,7 +4,7 @@ use crate::cli::{machine_config, open_net, serial_sink, serial_source, Args, Fai
 use crate::report;
 use ft_core::disk::{Disk, ImageFile};
 use ft_core::live::{LiveBoundary, NetPort};
-use ft_core::log::{Header, LogWriter, VERSION};
+use ft_core::log::{Header, LogReader, LogWriter, VERSION};
 use ft_core::record::Recorder;
 use ft_core::replay::Replayer;
 use ft_core::Boundary;
@@ -14,7 +14,16 @@ use vmm::{config_identity, Vm};
 
 /// Runs the standalone or replay role; returns the exit status.
 pub(crate) fn run(args: &Args) -> Result<u8, Failure> {
-    let config = machine_config(args)?;
+    let mut config = machine_config(args)?;
+    if let (Role::Replay, Some(path)) = (args.role, &args.log) {
+        // A replay uses the recording's mechanisms, or refuses on a host that cannot.
+        let file =
+            File::open(path).map_err(|e| format!("cannot open log {}: {e}", path.display()))?;
+        let (_, header) = LogReader::new(std::io::BufReader::new(file))
+            .map_err(|e| format!("cannot replay {}: {e}", path.display()))?;
+        config.follow = header.mechanisms;
+    }
+    let config = config;
     match (args.role, &args.record, &args.log) {
         (Role::Standalone, _, Some(_)) => {
             return Err("--log is for --role replay; to record, use --record"
@@ -58,6 +67,7 @@ pub(crate) fn run(args: &Args) -> Result<u8, Failure> {
                 config_hash: hash,
                 config_summary: summary.clone(),
                 rtc_epoch,
+                mechanisms: Some(vmm::vm::mechanisms(&config)?),
             };
             let writer =
                 LogWriter::new(out, &header).map_err(|e| format!("cannot start recording: {e}"))?;
