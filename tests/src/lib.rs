@@ -54,6 +54,28 @@ pub fn test_guest(name: &str) -> PathBuf {
     p
 }
 
+/// What `ftvmm probe --json` found on this host (vmm/src/host.rs): `host` (the findings) and
+/// `mechanisms` (what a run with the default flags uses). Probed once per test binary.
+pub fn host() -> &'static serde_json::Value {
+    static HOST: std::sync::OnceLock<serde_json::Value> = std::sync::OnceLock::new();
+    HOST.get_or_init(|| {
+        let out = Command::new(ftvmm_bin())
+            .args(["probe", "--json"])
+            .output()
+            .expect("run ftvmm probe");
+        assert!(out.status.success(), "ftvmm probe: {out:?}");
+        serde_json::from_slice(&out.stdout).expect("ftvmm probe --json prints JSON")
+    })
+}
+
+/// Whether this host's KVM runs under QEMU's TCG (the stock lane, docs/HARDWARE.md), whose
+/// emulation of some instructions is not the hardware's.
+pub fn under_tcg() -> bool {
+    host()["host"]["kvm"]
+        .as_str()
+        .is_some_and(|k| k.contains("TCGTCGTCGTCG"))
+}
+
 /// A scratch directory for one test, emptied first.
 pub fn scratch(name: &str) -> PathBuf {
     let dir = root().join("target/test-scratch").join(name);

@@ -94,12 +94,16 @@ fn the_mode_is_logged() {
         .args(["--log-level", "info"])
         .run();
     r.assert_code(0);
-    let want = if nested_host() {
-        "paths on"
-    } else {
-        "paths off"
-    };
-    assert!(r.stderr.contains(want), "{}", r.stderr);
+    // The run uses what the probe chose for this host.
+    let chosen = &ftvmm_tests::host()["mechanisms"];
+    let on = |b: &serde_json::Value| if b == true { "on" } else { "off" };
+    let want = format!(
+        "mechanisms: compat {}, irq windows {}",
+        on(&chosen["compat"]),
+        on(&chosen["irq_window"])
+    );
+    assert!(r.stderr.contains(&want), "want `{want}` in:\n{}", r.stderr);
+    assert_eq!(chosen["compat"] == true, nested_host(), "{chosen}");
 }
 
 /// What happened to one instruction of the census guest.
@@ -225,14 +229,26 @@ const NOT_FOR_GUEST_KERNELS: &[(&str, &str)] = &[
     ("rdpkru", "pku hidden"),
 ];
 
+/// Where QEMU's TCG (the stock lane's CPU, docs/HARDWARE.md) departs from the SDM: not
+/// ftvmm's nor KVM's doing, and hardware does what the census expects.
+const TCG_DEPARTS: &[(&str, &str)] = &[(
+    "ldmxcsr-reserved",
+    "QEMU 7.2's LDMXCSR loads reserved MXCSR bits instead of raising #GP",
+)];
+
 #[test]
 fn instruction_census() {
     let on = census("on");
     assert!(on.len() >= 80, "{on:?}");
+    let tcg = ftvmm_tests::under_tcg();
     // Everything a guest kernel on ftvmm may run works: every instruction that does not is
     // one the platform keeps from the kernel, for the reason the list gives.
     for (name, outcome) in &on {
         if *outcome != Outcome::Ok {
+            if tcg && TCG_DEPARTS.iter().any(|(n, _)| n == name) {
+                eprintln!("{name}: {outcome:?} under TCG (known: {TCG_DEPARTS:?})");
+                continue;
+            }
             assert!(
                 NOT_FOR_GUEST_KERNELS.iter().any(|(n, _)| n == name),
                 "{name}: {outcome:?}, and the platform does not keep it from guest kernels"

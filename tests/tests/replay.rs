@@ -237,6 +237,12 @@ fn checkpoints_after_mmio_reads_replay_exactly() {
         &["--quantum", "2ms", "--checkpoint-bound", "0"],
         None,
     );
+    if rec.stat("kicks") == 0 && ftvmm_tests::under_tcg() {
+        // Under TCG the guest's kernel code runs at TCG's speed: its compute stretches are far
+        // shorter than any quantum, no kick lands in them, and the case cannot be made here.
+        eprintln!("no kick landed under TCG: the case is checked on the other lanes only");
+        return;
+    }
     // The log must hold the case: a checkpoint whose preceding exit is an MMIO read.
     let file = std::fs::File::open(&log).unwrap();
     let (mut reader, _) = LogReader::new(std::io::BufReader::new(file)).unwrap();
