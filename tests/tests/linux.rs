@@ -629,11 +629,14 @@ fn a_workload_recorded_under_a_competing_cpu_hog_replays_exactly() {
     drop(hog);
     rec.assert_code(0);
     assert!(rec.stdout.contains("stopped-42"), "{}", rec.stdout);
-    assert!(
-        rec.stat("window-hits") > 0,
-        "no interrupt-window site was hit:\n{}",
-        rec.stderr
-    );
+    // The sites are breakpoints: where they fire (the probe says), busy kernel code hits them.
+    if ftvmm_tests::host()["mechanisms"]["breakpoints"] == true {
+        assert!(
+            rec.stat("window-hits") > 0,
+            "no interrupt-window site was hit:\n{}",
+            rec.stderr
+        );
+    }
     let mut rep_args = vec!["--role".to_string(), "replay".into()];
     rep_args.extend(machine(&rep_disk));
     rep_args.push("--log".into());

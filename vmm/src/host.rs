@@ -175,10 +175,55 @@ impl HostCaps {
 
 pub use ft_core::log::Mechanisms;
 
-/// This host's capabilities, probed once per process.
+/// This host's capabilities: probed once per boot of the host and per ftvmm binary (kept
+/// under /run/ftvmm, a tmpfs that a reboot empties: a module reloaded with other parameters
+/// needs `ftvmm probe`, which always probes afresh and refreshes it), once per process.
 pub fn caps() -> &'static HostCaps {
     static CAPS: OnceLock<HostCaps> = OnceLock::new();
-    CAPS.get_or_init(probe)
+    CAPS.get_or_init(|| {
+        let cached = cache_path().and_then(|p| {
+            let caps: HostCaps = serde_json::from_slice(&std::fs::read(p).ok()?).ok()?;
+            tracing::info!(
+                "host (probed earlier in this boot): {}",
+                caps.lines().join("; ")
+            );
+            Some(caps)
+        });
+        cached.unwrap_or_else(probe)
+    })
+}
+
+/// Where this boot's findings for this binary are kept.
+fn cache_path() -> Option<std::path::PathBuf> {
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+    let exe = std::fs::metadata(std::env::current_exe().ok()?).ok()?;
+    let mtime = exe
+        .modified()
+        .ok()?
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()?
+        .as_nanos();
+    let key = format!("{}-{}-{mtime}", boot.trim(), exe.len());
+    Some(Path::new("/run/ftvmm").join(format!("host-{:016x}.json", fnv64(key.as_bytes()))))
+}
+
+/// A 64-bit FNV-1a hash (a file name, not a security boundary).
+fn fnv64(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
+fn save(caps: &HostCaps) {
+    let Some(path) = cache_path() else { return };
+    let Ok(json) = serde_json::to_vec(caps) else {
+        return;
+    };
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    let _ = std::fs::create_dir_all("/run/ftvmm");
+    if std::fs::write(&tmp, json).is_ok() {
+        let _ = std::fs::rename(&tmp, &path);
+    }
 }
 
 /// Runs every probe (on a thread of its own, so that a guest that never exits is interrupted
@@ -211,6 +256,10 @@ pub fn probe() -> HostCaps {
     let _ = worker.join();
     caps.probe_ms = start.elapsed().as_millis() as u64;
     tracing::info!("host: {}", caps.lines().join("; "));
+    if caps.dirty_log.ok {
+        // A probe that could not run its guests is not kept: the next run tries again.
+        save(&caps);
+    }
     caps
 }
 
