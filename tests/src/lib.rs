@@ -76,6 +76,22 @@ pub fn under_tcg() -> bool {
         .is_some_and(|k| k.contains("TCGTCGTCGTCG"))
 }
 
+/// `args` as the lane runs them: on a lane whose host is itself emulated (the stock lane: one
+/// CPU under QEMU's TCG runs both sides of a pair and the test), `FTVMM_TEST_FAILOVER_TIMEOUT`
+/// gives a pair's sides a failover timeout that fits it (scripts/test-stock-lane), unless the
+/// test chose one.
+pub fn lane_args(args: &[String]) -> Vec<String> {
+    let mut args = args.to_vec();
+    let pair = args
+        .windows(2)
+        .any(|w| w[0] == "--role" && (w[1] == "primary" || w[1] == "backup"));
+    let chosen = args.iter().any(|a| a == "--failover-timeout");
+    if let (true, false, Ok(t)) = (pair, chosen, std::env::var("FTVMM_TEST_FAILOVER_TIMEOUT")) {
+        args.extend(["--failover-timeout".to_string(), t]);
+    }
+    args
+}
+
 /// A scratch directory for one test, emptied first.
 pub fn scratch(name: &str) -> PathBuf {
     let dir = root().join("target/test-scratch").join(name);
@@ -210,6 +226,7 @@ impl Ftvmm {
             argv.extend(["taskset".to_string(), "-c".to_string(), cpu.to_string()]);
         }
         argv.push(ftvmm_bin().display().to_string());
+        argv.extend(lane_args(&self.args));
         let mut cmd = Command::new(&argv[0]);
         cmd.args(&argv[1..]);
         cmd
@@ -250,7 +267,6 @@ impl Ftvmm {
         let start = Instant::now();
         let mut cmd = self.command();
         let mut child = cmd
-            .args(&self.args)
             .stdin(if self.input.is_some() {
                 Stdio::piped()
             } else {
@@ -362,8 +378,7 @@ impl Ftvmm {
     /// The same, with extra environment variables.
     pub fn spawn_with_env(self, env: &[(&str, &str)]) -> Proc {
         let mut cmd = self.command();
-        cmd.args(&self.args)
-            .stdin(Stdio::piped())
+        cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         for (k, v) in env {

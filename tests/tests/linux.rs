@@ -293,7 +293,8 @@ impl Pinned {
             dir.join(format!("{name}.ram")),
         );
         let mut cmd = Command::new(ftvmm_tests::ftvmm_bin());
-        cmd.args(args)
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        cmd.args(ftvmm_tests::lane_args(&args))
             .env("FTVMM_DUMP_RAM", &ram)
             .stdin(Stdio::piped())
             .stdout(std::fs::File::create(&out).unwrap())
