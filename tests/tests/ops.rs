@@ -149,6 +149,17 @@ fn a_pair_shows_its_metrics_to_prometheus_and_logs_json() {
     // The same figure as the status document's (scraped a moment apart: it only grows).
     let status = ctl_json(&sock, &["status"]);
     assert!(status["log"]["bytes"].as_f64().unwrap() >= log_bytes);
+    // The host's findings are the probe's (vmm/src/host.rs).
+    let probed = &ftvmm_tests::host()["host"];
+    assert_eq!(status["host"]["kvm"], probed["kvm"], "{status}");
+    for f in [
+        "exact_irq_window",
+        "breakpoints_cpl0",
+        "dirty_log",
+        "syscall",
+    ] {
+        assert_eq!(status["host"][f], probed[f]["ok"], "{f}: {status}");
+    }
     assert!(http_get(&metrics, "/nothing").starts_with("HTTP/1.1 404"));
     // Every diagnostic line is a JSON object, up to the digest line that ends every run.
     let (p, b) = (

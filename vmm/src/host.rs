@@ -175,6 +175,24 @@ impl HostCaps {
 
 pub use ft_core::log::Mechanisms;
 
+/// This host's findings as a status document shows them: the KVM and, per question, whether
+/// the host gives it (`ftvmm probe` has the details).
+pub fn status() -> serde_json::Value {
+    let c = caps();
+    serde_json::json!({
+        "kvm": c.kvm,
+        "exact_irq_window": c.exact_irq_window.ok,
+        "breakpoints_cpl0": c.breakpoints_cpl0.ok,
+        "breakpoints_cpl3": c.breakpoints_cpl3.ok,
+        "single_step_cpl0": c.single_step_cpl0.ok,
+        "single_step_cpl3": c.single_step_cpl3.ok,
+        "dirty_log": c.dirty_log.ok,
+        "complete_emulation": c.complete_emulation.ok,
+        "syscall": c.syscall.ok,
+        "branch_counter": c.branch_counter.ok,
+    })
+}
+
 /// This host's capabilities: probed once per boot of the host and per ftvmm binary (kept
 /// under /run/ftvmm, a tmpfs that a reboot empties: a module reloaded with other parameters
 /// needs `ftvmm probe`, which always probes afresh and refreshes it), once per process.

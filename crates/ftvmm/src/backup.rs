@@ -634,6 +634,7 @@ fn backup_status(
         let executed = progress.executed.load(Ordering::Relaxed);
         serde_json::json!({
             "role": "backup",
+            "host": vmm::host::status(),
             "peer": primary,
             "protected": link.ended().is_none(),
             "log": {

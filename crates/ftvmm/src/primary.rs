@@ -571,6 +571,7 @@ fn primary_status(
         );
         serde_json::json!({
             "role": "primary",
+            "host": vmm::host::status(),
             "listen": listen,
             "peer": conn.as_ref().map(|c| c.peer_addr().to_string()),
             "protected": link.protected(),
