@@ -12,9 +12,9 @@
 //! LSTAR) without switching to CPL0, so the first fetch at LSTAR faults (#PF) at CPL3. See
 //! [`SyscallFix`].
 //!
-//! On hardware KVM none of this triggers; `--kvm-compat off` turns it off entirely.
+//! On hardware KVM none of this triggers: `--kvm-compat auto` turns it on only where the host probe
+//! ([`crate::host`]) finds an instruction KVM cannot run or a broken `SYSCALL`.
 
-use crate::config::CompatMode;
 use crate::debugregs::DebugRegs;
 use crate::memory::GuestMemoryMmap;
 use ft_core::{ExitKind, SyncExit};
@@ -23,7 +23,6 @@ use kvm_bindings::{
     kvm_debug_exit_arch, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, kvm_vcpu_events, Msrs,
 };
 use kvm_ioctls::VcpuFd;
-use std::path::Path;
 use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress};
 
@@ -66,20 +65,6 @@ pub enum CompatError {
         /// Why.
         source: kvm_ioctls::Error,
     },
-}
-
-/// Whether the host's KVM is the paravirtual nested backend whose gaps this module covers.
-pub fn host_needs_compat() -> bool {
-    Path::new("/sys/module/kvm_pvm").exists()
-}
-
-/// Decides the mode from the user's choice and the host.
-pub fn resolve(mode: CompatMode) -> bool {
-    match mode {
-        CompatMode::On => true,
-        CompatMode::Off => false,
-        CompatMode::Auto => host_needs_compat(),
-    }
 }
 
 const RFLAGS_AC: u64 = 1 << 18;
