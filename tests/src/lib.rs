@@ -85,7 +85,9 @@ pub fn lane_args(args: &[String]) -> Vec<String> {
     let pair = args
         .windows(2)
         .any(|w| w[0] == "--role" && (w[1] == "primary" || w[1] == "backup"));
-    let chosen = args.iter().any(|a| a == "--failover-timeout");
+    let chosen = args
+        .iter()
+        .any(|a| a == "--failover-timeout" || a == "--peer-timeout");
     if let (true, false, Ok(t)) = (pair, chosen, std::env::var("FTVMM_TEST_FAILOVER_TIMEOUT")) {
         args.extend(["--failover-timeout".to_string(), t]);
     }
