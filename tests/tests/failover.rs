@@ -98,14 +98,17 @@ fn wait_live(b: &Proc) {
 
 fn ticks_upto(out: &str) -> Option<u32> {
     let mut n = 0;
-    for line in out.lines() {
+    // A last line cut short by a kill is the start of the next tick (the next primary completes
+    // or re-emits it); every whole line is the next tick.
+    let (whole, cut) = out.rsplit_once('\n').map_or(("", out), |(w, c)| (w, c));
+    for line in whole.lines() {
         let v: u32 = line.strip_prefix("tick ")?.parse().ok()?;
         if v != n + 10 {
             return None;
         }
         n = v;
     }
-    Some(n)
+    format!("tick {}\n", n + 10).starts_with(cut).then_some(n)
 }
 
 /// The joined serial stream is every tick in order, up to `last`.
