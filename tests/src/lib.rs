@@ -997,6 +997,33 @@ pub fn joins(before: &str, after: &str) -> Vec<String> {
         .collect()
 }
 
+/// The last tick of a `ticks` guest's output when it is every tenth tick in order (None
+/// otherwise).
+pub fn ticks_upto(out: &str) -> Option<u32> {
+    let mut n = 0;
+    // A last line cut short by a kill is the start of the next tick (the next primary completes
+    // or re-emits it); every whole line is the next tick.
+    let (whole, cut) = out.rsplit_once('\n').map_or(("", out), |(w, c)| (w, c));
+    for line in whole.lines() {
+        let v: u32 = line.strip_prefix("tick ")?.parse().ok()?;
+        if v != n + 10 {
+            return None;
+        }
+        n = v;
+    }
+    format!("tick {}\n", n + 10).starts_with(cut).then_some(n)
+}
+
+/// The joined serial stream is every tick in order, up to `last`.
+pub fn assert_ticks_across(before: &str, after: &str, last: u32) {
+    assert!(
+        joins(before, after)
+            .iter()
+            .any(|s| ticks_upto(s) == Some(last) && s.ends_with('\n')),
+        "the client's stream has a gap or a wrong line:\n--- before ---\n{before}\n--- after ---\n{after}"
+    );
+}
+
 /// Numbers `n` of `prefix<n>suffix` lines, in order of appearance (lines cut short are
 /// skipped).
 pub fn numbers(out: &str, prefix: &str, suffix: &str) -> Vec<u64> {

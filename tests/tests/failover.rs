@@ -10,8 +10,9 @@
 //! `FTVMM_FAILOVER_TRIALS=N` runs N kill trials of each Linux workload instead of the default.
 
 use ftvmm_tests::{
-    consecutive, ctl_status, joins, json_number, key_file, linux_machine, linux_ready, numbers,
-    records_on_disk, scratch, test_guest, Ftvmm, Hosts, Proc, Run, LINUX_CMDLINE,
+    assert_ticks_across, consecutive, ctl_status, joins, json_number, key_file, linux_machine,
+    linux_ready, numbers, records_on_disk, scratch, test_guest, ticks_upto, Ftvmm, Hosts, Proc,
+    Run, LINUX_CMDLINE,
 };
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -93,31 +94,6 @@ fn wait_live(b: &Proc) {
         b.wait_stderr("LIVE: took over", Duration::from_secs(60)),
         "the backup never went live:\n{}",
         b.stderr()
-    );
-}
-
-fn ticks_upto(out: &str) -> Option<u32> {
-    let mut n = 0;
-    // A last line cut short by a kill is the start of the next tick (the next primary completes
-    // or re-emits it); every whole line is the next tick.
-    let (whole, cut) = out.rsplit_once('\n').map_or(("", out), |(w, c)| (w, c));
-    for line in whole.lines() {
-        let v: u32 = line.strip_prefix("tick ")?.parse().ok()?;
-        if v != n + 10 {
-            return None;
-        }
-        n = v;
-    }
-    format!("tick {}\n", n + 10).starts_with(cut).then_some(n)
-}
-
-/// The joined serial stream is every tick in order, up to `last`.
-fn assert_ticks_across(before: &str, after: &str, last: u32) {
-    assert!(
-        joins(before, after)
-            .iter()
-            .any(|s| ticks_upto(s) == Some(last) && s.ends_with('\n')),
-        "the client's stream has a gap or a wrong line:\n--- before ---\n{before}\n--- after ---\n{after}"
     );
 }
 

@@ -1,0 +1,707 @@
+//! Failover between hosts that are real machines: each host is a stock-KVM machine of its own
+//! (scripts/stock-host: QEMU's TCG with SVM and nested paging, Debian's kernel and `kvm_amd`),
+//! with its own kernel and TCP stack. The machines are joined by two bridges on this machine:
+//! the pair network (the logging channel) and the storage network, where etcd (Debian's
+//! `etcd-server`, on this machine) is the arbiter. The guest's disk, its serial files and the
+//! key are in one directory of this machine that every host mounts (9p), as hosts share a
+//! network filesystem: what a host wrote there before it died is there, and nothing a host
+//! still buffered is (docs/HARDWARE.md, "Two hosts that are real machines").
+//!
+//! "Kill a host" is SIGKILL of its QEMU: its kernel sends no FIN and no RST, and only silence
+//! tells the survivor. "Partition" takes one host's pair-network link down; both still reach
+//! etcd.
+//!
+//! Runs on this machine (it starts the machines itself); `FTVMM_SKIP_STOCK=1` leaves it out.
+//! `FTVMM_MACHINE_TRIALS=N` runs N kill trials of each Linux workload (default 2);
+//! `FTVMM_MACHINES_REPORT=FILE` appends one JSON line per kill trial (the bench reads them).
+
+use ftvmm_tests::{
+    assert_ticks_across, consecutive, ftvmm_bin, joins, numbers, records_on_disk, root, test_guest,
+    LINUX_PROMPT,
+};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// The machines of one test at a time: each is a whole emulated computer.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+const PORT: u16 = 7000;
+
+fn skipped() -> bool {
+    let skip = std::env::var_os("FTVMM_SKIP_STOCK").is_some();
+    if skip {
+        eprintln!("FTVMM_SKIP_STOCK is set: skipping the tests on real machines");
+    }
+    skip
+}
+
+fn sh(args: &[&str]) -> Result<(), String> {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .map_err(|e| format!("{}: {e}", args[0]))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// The two networks on this machine: a bridge each, a tap per host on each.
+struct Lan {
+    tag: String,
+    subnet: u32,
+    hosts: usize,
+}
+
+impl Lan {
+    fn new(tag: &str, hosts: usize) -> Lan {
+        let subnet = std::process::id() % 200 + 20;
+        let lan = Lan {
+            tag: format!("{tag}{}", std::process::id() % 1000),
+            subnet,
+            hosts,
+        };
+        lan.cleanup();
+        let setup = || -> Result<(), String> {
+            for net in ["p", "s"] {
+                let br = lan.bridge(net);
+                sh(&["ip", "link", "add", &br, "type", "bridge"])?;
+                sh(&["ip", "link", "set", &br, "up"])?;
+                for i in 0..hosts {
+                    let tap = lan.tap(net, i);
+                    sh(&["ip", "tuntap", "add", "dev", &tap, "mode", "tap"])?;
+                    sh(&["ip", "link", "set", &tap, "master", &br])?;
+                    sh(&["ip", "link", "set", &tap, "up"])?;
+                }
+            }
+            // This machine on the storage network: etcd listens there.
+            let gw = format!("{}/24", lan.storage_gateway());
+            sh(&["ip", "addr", "add", &gw, "dev", &lan.bridge("s")])
+        };
+        if let Err(e) = setup() {
+            lan.cleanup();
+            panic!("cannot build the machines' networks (root needed): {e}");
+        }
+        lan
+    }
+
+    fn bridge(&self, net: &str) -> String {
+        format!("ft{net}b{}", self.tag)
+    }
+
+    fn tap(&self, net: &str, host: usize) -> String {
+        format!("ft{net}{host}{}", self.tag)
+    }
+
+    /// Host `i`'s address on the pair network.
+    fn pair_addr(&self, i: usize) -> String {
+        format!("10.202.{}.{}", self.subnet, 10 + i)
+    }
+
+    fn storage_addr(&self, i: usize) -> String {
+        format!("10.203.{}.{}", self.subnet, 10 + i)
+    }
+
+    fn storage_gateway(&self) -> String {
+        format!("10.203.{}.1", self.subnet)
+    }
+
+    /// The `scripts/stock-host --net` arguments of host `i`.
+    fn nics(&self, i: usize) -> Vec<String> {
+        vec![
+            "--net".into(),
+            format!("{}={}/24", self.tap("p", i), self.pair_addr(i)),
+            "--net".into(),
+            format!("{}={}/24", self.tap("s", i), self.storage_addr(i)),
+        ]
+    }
+
+    /// Takes host `i`'s pair-network link down (its end on this machine).
+    fn cut(&self, i: usize) {
+        sh(&["ip", "link", "set", &self.tap("p", i), "down"]).expect("cut the link");
+    }
+
+    fn cleanup(&self) {
+        for net in ["p", "s"] {
+            for i in 0..self.hosts {
+                let _ = sh(&["ip", "link", "del", &self.tap(net, i)]);
+            }
+            let _ = sh(&["ip", "link", "del", &self.bridge(net)]);
+        }
+    }
+}
+
+impl Drop for Lan {
+    fn drop(&mut self) {
+        self.cleanup();
+    }
+}
+
+/// etcd on this machine, on the storage network.
+struct Etcd {
+    child: Child,
+    endpoint: String,
+}
+
+impl Etcd {
+    /// etcd for the machines of `lan`, its data (emptied first) in `target/machines`.
+    fn start(lan: &Lan) -> Etcd {
+        let dir = root()
+            .join("target/machines")
+            .join(format!("etcd-{}", lan.tag));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("etcd directory");
+        let bin = ["/usr/bin/etcd", "/usr/local/bin/etcd"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .expect("etcd not installed: scripts/test installs etcd-server");
+        let endpoint = format!("{}:2379", lan.storage_gateway());
+        let peer = format!("http://127.0.0.1:{}", 24000 + lan.subnet);
+        let child = Command::new(bin)
+            .args(["--name", "arbiter", "--data-dir"])
+            .arg(dir.join("data"))
+            .args(["--listen-client-urls", &format!("http://{endpoint}")])
+            .args(["--advertise-client-urls", &format!("http://{endpoint}")])
+            .args(["--listen-peer-urls", &peer])
+            .args(["--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", &format!("arbiter={peer}")])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("etcd.log")).expect("etcd log"))
+            .spawn()
+            .expect("start etcd");
+        let etcd = Etcd { child, endpoint };
+        let start = Instant::now();
+        while std::net::TcpStream::connect(&etcd.endpoint).is_err() {
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "etcd did not start"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        etcd
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One host: a stock-KVM machine running one command (ftvmm), its console in a file.
+struct Machine {
+    name: String,
+    child: Child,
+    pidfile: PathBuf,
+    console: PathBuf,
+    status: Option<i32>,
+}
+
+impl Machine {
+    /// Starts host `i` of `lan`, with `shared` mounted, running `argv`.
+    fn start(lan: &Lan, i: usize, shared: &Path, argv: &[String]) -> Machine {
+        let name = format!("host{i}");
+        let pidfile = shared.join(format!("{name}.qemu.pid"));
+        let console = shared.join(format!("{name}.console"));
+        let _ = std::fs::remove_file(&pidfile);
+        let out = std::fs::File::create(&console).expect("console file");
+        let child = Command::new(root().join("scripts/stock-host"))
+            .args(["--name", &name, "--memory", "1536M", "--timeout", "1200"])
+            .arg("--out")
+            .arg(shared)
+            .arg("--pidfile")
+            .arg(&pidfile)
+            .args(lan.nics(i))
+            .arg("--")
+            .args(argv)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().expect("console file"))
+            .stderr(out)
+            .spawn()
+            .expect("start scripts/stock-host");
+        Machine {
+            name,
+            child,
+            pidfile,
+            console,
+            status: None,
+        }
+    }
+
+    fn console(&self) -> String {
+        String::from_utf8_lossy(&std::fs::read(&self.console).unwrap_or_default()).into_owned()
+    }
+
+    fn wait_console(&self, marker: &str, limit: Duration) -> bool {
+        wait_until(limit, || self.console().contains(marker))
+    }
+
+    fn expect_console(&self, marker: &str, limit: Duration) {
+        assert!(
+            self.wait_console(marker, limit),
+            "{}: no '{marker}' within {limit:?}:\n{}",
+            self.name,
+            self.console()
+        );
+    }
+
+    fn qemu_pid(&self) -> Option<libc::pid_t> {
+        std::fs::read_to_string(&self.pidfile)
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    /// SIGKILL of the machine's QEMU: the host dies, mid-instruction, with no goodbye. The
+    /// moment it was sent.
+    fn kill(&mut self) -> Instant {
+        let pid = self.qemu_pid().expect("the machine's QEMU pid");
+        // SAFETY: kill(2) of the QEMU this machine started: scripts/stock-host waits for it, so
+        // its pid is not reused while our child (the script) runs, which it does until QEMU ends.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        Instant::now()
+    }
+
+    /// Waits for the machine to end: the exit status of its command (scripts/stock-host's:
+    /// 126 when the machine was killed).
+    fn wait(&mut self, limit: Duration) -> Option<i32> {
+        let start = Instant::now();
+        while self.status.is_none() && start.elapsed() < limit {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                self.status = s.code();
+                return self.status;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.status
+    }
+}
+
+impl Drop for Machine {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            if self.qemu_pid().is_some() {
+                self.kill();
+            }
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn wait_until(limit: Duration, mut what: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if what() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    what()
+}
+
+fn read(path: &Path) -> String {
+    String::from_utf8_lossy(&std::fs::read(path).unwrap_or_default()).into_owned()
+}
+
+/// A pair's directory on this machine, which every host mounts: the key, the disk, the serial
+/// input and each host's serial output.
+struct Shared {
+    dir: PathBuf,
+    lock: String,
+    machine: Vec<String>,
+}
+
+impl Shared {
+    fn new(name: &str, etcd: &Etcd, machine: &[&str]) -> Shared {
+        // Not under target/test-scratch: that is each stock host's own tmpfs.
+        let dir = root().join("target/machines").join(name);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("shared directory");
+        let key: Vec<u8> = (0..32u8).map(|i| i.wrapping_mul(29) ^ 0x5a).collect();
+        std::fs::write(dir.join("key"), key).expect("key");
+        Shared {
+            lock: format!("etcd:{}/ftvmm/{name}", etcd.endpoint),
+            machine: machine.iter().map(|s| s.to_string()).collect(),
+            dir,
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    /// The ftvmm command of a host: `role_args`, then what every side of the pair shares.
+    fn ftvmm(&self, role_args: &[String], serial: &str, input: &[&str]) -> Vec<String> {
+        let mut argv = vec![ftvmm_bin().display().to_string()];
+        argv.extend(role_args.iter().cloned());
+        argv.extend(
+            [
+                "--key-file",
+                self.path("key").to_str().unwrap(),
+                "--lock",
+                &self.lock,
+                "--log-level",
+                "info",
+                "--serial",
+                &format!("file:{}", self.path(serial).display()),
+            ]
+            .map(String::from),
+        );
+        argv.extend(input.iter().map(|s| s.to_string()));
+        argv.extend(self.machine.iter().cloned());
+        if let Ok(t) = std::env::var("FTVMM_MACHINES_FAILOVER_TIMEOUT") {
+            argv.extend(["--failover-timeout".into(), t]);
+        }
+        argv
+    }
+
+    fn primary(&self, lan: &Lan, host: usize, serial: &str, input: &[&str]) -> Machine {
+        let role = [
+            "--role".into(),
+            "primary".into(),
+            "--listen".into(),
+            format!("{}:{PORT}", lan.pair_addr(host)),
+        ];
+        let m = Machine::start(lan, host, &self.dir, &self.ftvmm(&role, serial, input));
+        m.expect_console("listening for a backup on ", Duration::from_secs(120));
+        m
+    }
+
+    fn backup(&self, lan: &Lan, host: usize, of: usize, serial: &str) -> Machine {
+        let role = [
+            "--role".into(),
+            "backup".into(),
+            "--primary".into(),
+            format!("{}:{PORT}", lan.pair_addr(of)),
+            "--listen".into(),
+            format!("{}:{PORT}", lan.pair_addr(host)),
+        ];
+        let input = ["--serial-input", "none"];
+        Machine::start(lan, host, &self.dir, &self.ftvmm(&role, serial, &input))
+    }
+}
+
+/// Waits for the `n`th backup to attach to `primary`.
+fn wait_attached(primary: &Machine, n: usize) {
+    assert!(
+        wait_until(Duration::from_secs(300), || primary
+            .console()
+            .matches(" attached: ")
+            .count()
+            >= n),
+        "backup {n} never attached:\n{}",
+        primary.console()
+    );
+}
+
+fn linux_machine(shared: &Shared) -> Vec<String> {
+    let dir = root().join("images/out/linux");
+    let disk = shared.path("disk.img");
+    std::fs::write(&disk, vec![0u8; 16 << 20]).expect("disk");
+    [
+        "--kernel".to_string(),
+        dir.join("vmlinux").display().to_string(),
+        "--initrd".into(),
+        dir.join("initramfs.cpio").display().to_string(),
+        "--cmdline".into(),
+        "console=ttyS0 panic=-1".into(),
+        "--disk".into(),
+        disk.display().to_string(),
+    ]
+    .to_vec()
+}
+
+/// How a failover went, seen from outside the hosts.
+struct Failover {
+    /// From the SIGKILL of the primary's QEMU to the first byte of output from the new
+    /// primary in the shared directory.
+    to_first_output: Duration,
+    /// The survivor's own account: "detected N ms after its last message, live M ms later".
+    detected_ms: u64,
+    live_ms: u64,
+}
+
+/// Kills `primary`'s host and waits until `backup` is live and has printed; the figures.
+fn kill_and_take_over(primary: &mut Machine, backup: &Machine, serial: &Path) -> Failover {
+    let killed = primary.kill();
+    assert!(
+        wait_until(Duration::from_secs(120), || std::fs::metadata(serial)
+            .is_ok_and(|m| m.len() > 0)),
+        "no output from the new primary within 120 s:\n{}",
+        backup.console()
+    );
+    let to_first_output = killed.elapsed();
+    backup.expect_console("LIVE: took over", Duration::from_secs(60));
+    let console = backup.console();
+    let after = |word: &str| -> u64 {
+        console
+            .split(word)
+            .nth(1)
+            .and_then(|s| s.trim_start().split(' ').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    };
+    Failover {
+        to_first_output,
+        detected_ms: after("(detected"),
+        live_ms: after("message, live"),
+    }
+}
+
+fn report(workload: &str, trial: usize, f: &Failover) {
+    eprintln!(
+        "{workload} trial {trial}: host death to first new output {} ms (detected {} ms after the last message, live {} ms later)",
+        f.to_first_output.as_millis(),
+        f.detected_ms,
+        f.live_ms
+    );
+    if let Ok(path) = std::env::var("FTVMM_MACHINES_REPORT") {
+        let line = format!(
+            "{{\"workload\":\"{workload}\",\"trial\":{trial},\"first_output_ms\":{},\"detected_ms\":{},\"live_ms\":{}}}\n",
+            f.to_first_output.as_millis(),
+            f.detected_ms,
+            f.live_ms
+        );
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .expect("report file");
+        file.write_all(line.as_bytes()).expect("report");
+    }
+}
+
+fn trials() -> usize {
+    std::env::var("FTVMM_MACHINE_TRIALS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2)
+}
+
+/// One kill trial of a Linux workload on hosts 0 (primary) and 1 (backup): the workload shows
+/// `progress`, the primary's host dies 0-3 s later, the backup prints `after_lines` lines.
+/// Returns what the client saw from each, and the shared disk.
+fn linux_trial(
+    lan: &Lan,
+    etcd: &Etcd,
+    workload: &str,
+    trial: usize,
+    progress: &str,
+    after_lines: usize,
+) -> (String, String, PathBuf) {
+    let mut shared = Shared::new(&format!("{workload}-{trial}"), etcd, &[]);
+    shared.machine = linux_machine(&shared);
+    std::fs::write(shared.path("input"), format!("/workloads/{workload}\n")).unwrap();
+    let input = shared.path("input").display().to_string();
+    let mut p = shared.primary(
+        lan,
+        0,
+        "p.serial",
+        &[
+            "--serial-input",
+            &input,
+            "--serial-input-after",
+            LINUX_PROMPT,
+        ],
+    );
+    let mut b = shared.backup(lan, 1, 0, "b.serial");
+    wait_attached(&p, 1);
+    assert!(
+        wait_until(Duration::from_secs(300), || read(&shared.path("p.serial"))
+            .contains(progress)),
+        "trial {trial}: the workload never started:\n{}\n{}",
+        read(&shared.path("p.serial")),
+        p.console()
+    );
+    let ms = (trial as u64 * 7919 + u64::from(std::process::id())) % 3000;
+    std::thread::sleep(Duration::from_millis(ms));
+    let failover = kill_and_take_over(&mut p, &b, &shared.path("b.serial"));
+    report(workload, trial, &failover);
+    assert!(
+        wait_until(Duration::from_secs(300), || read(&shared.path("b.serial"))
+            .matches('\n')
+            .count()
+            >= after_lines),
+        "trial {trial}: the new primary stopped:\n{}",
+        b.console()
+    );
+    b.kill();
+    b.wait(Duration::from_secs(30));
+    p.wait(Duration::from_secs(30));
+    (
+        read(&shared.path("p.serial")),
+        read(&shared.path("b.serial")),
+        shared.path("disk.img"),
+    )
+}
+
+#[test]
+fn linux_counter_survives_its_primary_host_dying() {
+    if skipped() {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let lan = Lan::new("c", 2);
+    let etcd = Etcd::start(&lan);
+    for trial in 0..trials() {
+        let (before, after, _) = linux_trial(&lan, &etcd, "counter", trial, "n=3\r\n", 12);
+        let ok = joins(&before, &after).iter().any(|s| {
+            let n = numbers(s, "n=", "");
+            !n.is_empty()
+                && n[0] == 1
+                && consecutive(&n)
+                && n.len() >= numbers(&before, "n=", "").len() + 5
+        });
+        assert!(
+            ok,
+            "trial {trial}: the counter has a gap, a wrong value or stopped\n--- before ---\n{before}\n--- after ---\n{after}"
+        );
+    }
+}
+
+#[test]
+fn linux_diskwrite_survives_its_primary_host_dying_and_keeps_every_synced_record() {
+    if skipped() {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let lan = Lan::new("d", 2);
+    let etcd = Etcd::start(&lan);
+    for trial in 0..trials() {
+        let (before, after, disk) =
+            linux_trial(&lan, &etcd, "diskwrite", trial, "record 1 synced\r\n", 2);
+        let seen = joins(&before, &after)
+            .iter()
+            .map(|s| numbers(s, "record ", " synced"))
+            .find(|n| !n.is_empty() && n[0] == 1 && consecutive(n));
+        let Some(seen) = seen else {
+            panic!("trial {trial}: the client's record lines have a gap\n--- before ---\n{before}\n--- after ---\n{after}");
+        };
+        let last_seen = *seen.last().unwrap();
+        let on_disk = records_on_disk(&disk);
+        assert!(
+            on_disk >= last_seen,
+            "trial {trial}: the client saw record {last_seen} synced, the disk holds 1..{on_disk}"
+        );
+    }
+}
+
+/// A partition of the pair network at a random moment: exactly one side stays live (exit
+/// status 0 when the guest ends), the other stops with status 5 and emits nothing the client
+/// would see as a contradiction.
+#[test]
+fn a_partition_between_machines_leaves_exactly_one_live_side() {
+    if skipped() {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let lan = Lan::new("p", 2);
+    let etcd = Etcd::start(&lan);
+    let guest = test_guest("ticks-long").display().to_string();
+    let shared = Shared::new("partition", &etcd, &["--kernel", &guest]);
+    let input = ["--serial-input", "none"];
+    let mut p = shared.primary(&lan, 0, "p.serial", &input);
+    let mut b = shared.backup(&lan, 1, 0, "b.serial");
+    wait_attached(&p, 1);
+    std::thread::sleep(Duration::from_millis(
+        300 + u64::from(std::process::id()) % 1500,
+    ));
+    lan.cut(1);
+    let limit = Duration::from_secs(600);
+    let (pc, bc) = (p.wait(limit), b.wait(limit));
+    let (before, after) = (
+        read(&shared.path("p.serial")),
+        read(&shared.path("b.serial")),
+    );
+    let (pcons, bcons) = (p.console(), b.console());
+    let live = [pc, bc].iter().filter(|c| **c == Some(0)).count();
+    assert_eq!(
+        live,
+        1,
+        "not exactly one live side\n--- primary ({pc:?}) ---\n{pcons}\n--- backup ({bc:?}) ---\n{bcons}"
+    );
+    if pc == Some(0) {
+        assert_eq!(bc, Some(5), "{bcons}");
+        assert!(after.is_empty(), "the losing backup emitted output");
+        assert_ticks_across(&before, "", 1000);
+    } else {
+        assert_eq!(pc, Some(5), "{pcons}");
+        assert_ticks_across(&before, &after, 1000);
+    }
+}
+
+/// After a failover, a third machine attaches to the new primary as its backup; that primary's
+/// host dies in turn, and the third carries on: the client's counter has no gap across both.
+#[test]
+fn a_third_machine_reprotects_the_survivor_and_takes_over_from_it() {
+    if skipped() {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let lan = Lan::new("r", 3);
+    let etcd = Etcd::start(&lan);
+    let mut shared = Shared::new("reprotect", &etcd, &[]);
+    shared.machine = linux_machine(&shared);
+    std::fs::write(shared.path("input"), "/workloads/counter\n").unwrap();
+    let input = shared.path("input").display().to_string();
+    let serial_input = [
+        "--serial-input",
+        input.as_str(),
+        "--serial-input-after",
+        LINUX_PROMPT,
+    ];
+    let mut first = shared.primary(&lan, 0, "0.serial", &serial_input);
+    let mut second = shared.backup(&lan, 1, 0, "1.serial");
+    wait_attached(&first, 1);
+    assert!(
+        wait_until(Duration::from_secs(300), || read(&shared.path("0.serial"))
+            .contains("n=3\r\n")),
+        "the counter never started:\n{}",
+        first.console()
+    );
+    let f = kill_and_take_over(&mut first, &second, &shared.path("1.serial"));
+    report("reprotect-1", 0, &f);
+    let mut third = shared.backup(&lan, 2, 1, "2.serial");
+    wait_attached(&second, 1);
+    assert!(
+        wait_until(Duration::from_secs(120), || read(&shared.path("1.serial"))
+            .matches('\n')
+            .count()
+            >= 5),
+        "the second primary stopped:\n{}",
+        second.console()
+    );
+    let f = kill_and_take_over(&mut second, &third, &shared.path("2.serial"));
+    report("reprotect-2", 0, &f);
+    third.expect_console("at epoch 3", Duration::from_secs(10));
+    assert!(
+        wait_until(Duration::from_secs(120), || read(&shared.path("2.serial"))
+            .matches('\n')
+            .count()
+            >= 8),
+        "the third primary stopped:\n{}",
+        third.console()
+    );
+    third.kill();
+    let [a, b, c] = ["0.serial", "1.serial", "2.serial"].map(|s| read(&shared.path(s)));
+    let ok = joins(&a, &b).iter().any(|ab| {
+        joins(ab, &c).iter().any(|s| {
+            let n = numbers(s, "n=", "");
+            !n.is_empty() && n[0] == 1 && consecutive(&n)
+        })
+    });
+    assert!(
+        ok,
+        "the counter has a gap across two failovers\n--- 0 ---\n{a}\n--- 1 ---\n{b}\n--- 2 ---\n{c}"
+    );
+}
