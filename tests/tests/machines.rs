@@ -148,6 +148,7 @@ impl Drop for Lan {
 struct Etcd {
     child: Child,
     endpoint: String,
+    dir: PathBuf,
 }
 
 impl Etcd {
@@ -173,10 +174,14 @@ impl Etcd {
             .args(["--initial-advertise-peer-urls", &peer])
             .args(["--initial-cluster", &format!("arbiter={peer}")])
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.join("etcd.log")).expect("etcd log"))
+            .stderr(std::fs::File::create(dir.with_extension("log")).expect("etcd log"))
             .spawn()
             .expect("start etcd");
-        let etcd = Etcd { child, endpoint };
+        let etcd = Etcd {
+            child,
+            endpoint,
+            dir,
+        };
         let start = Instant::now();
         while std::net::TcpStream::connect(&etcd.endpoint).is_err() {
             assert!(
@@ -193,6 +198,7 @@ impl Drop for Etcd {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
