@@ -2,8 +2,8 @@
 //! prints the answer (JSON). Exit status 0 when it was done, 2 when it was refused or the
 //! socket does not answer as an ftvmm's would (one line on stderr says why).
 
-use crate::status::{Request, Then};
 use clap::{Parser, Subcommand};
+use ft_pair::api::{Request, Then};
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
@@ -32,8 +32,17 @@ enum CtlRequest {
     Switchover {
         /// What the old primary does afterwards.
         #[arg(long, value_enum, default_value = "stop")]
-        then: Then,
+        then: ThenArg,
     },
+}
+
+/// `--then`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum ThenArg {
+    /// Stop (exit 0).
+    Stop,
+    /// Attach to the new primary as its backup.
+    Backup,
 }
 
 pub(crate) fn main() -> ExitCode {
@@ -41,7 +50,10 @@ pub(crate) fn main() -> ExitCode {
     let request = match args.request {
         CtlRequest::Status => Request::Status,
         CtlRequest::Stop => Request::Stop,
-        CtlRequest::Switchover { then } => Request::Switchover(then),
+        CtlRequest::Switchover { then } => Request::Switchover(match then {
+            ThenArg::Stop => Then::Stop,
+            ThenArg::Backup => Then::Backup,
+        }),
     };
     match ask(&args.api_socket, request) {
         Ok(answer) => {

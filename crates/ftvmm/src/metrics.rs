@@ -6,7 +6,8 @@
 //! blocking server on its own thread: one request per connection, GET only, bounded reads.
 
 use crate::cli::Args;
-use crate::status::{AcceptLoop, StatusFn};
+use crate::status::AcceptLoop;
+use ft_pair::api::StatusFn;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
