@@ -2,10 +2,11 @@
 //! hands the socket's server. The socket itself (a Unix socket, one request line, one JSON
 //! answer) is the binary's.
 
+use crate::status::Status;
 use std::sync::{Arc, Mutex};
 
 /// What builds the status document.
-pub type StatusFn = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
+pub type StatusFn = Arc<dyn Fn() -> Status + Send + Sync>;
 
 /// What the old primary does once its backup went live in a switchover.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -48,20 +49,22 @@ impl Request {
     }
 
     /// A request line as the socket reads it.
-    pub fn parse(line: &str) -> Result<Request, String> {
+    pub fn parse(line: &str) -> Result<Request, UnknownRequest> {
         let words: Vec<&str> = line.split_whitespace().collect();
         match words.as_slice() {
             ["status"] => Ok(Request::Status),
             ["stop"] => Ok(Request::Stop),
             ["switchover"] | ["switchover", "stop"] => Ok(Request::Switchover(Then::Stop)),
             ["switchover", "backup"] => Ok(Request::Switchover(Then::Backup)),
-            _ => Err(format!(
-                "unknown request `{}`: try `status`, `stop` or `switchover stop|backup`",
-                line.trim()
-            )),
+            _ => Err(UnknownRequest(line.trim().to_string())),
         }
     }
 }
+
+/// unknown request `{0}`: try `status`, `stop` or `switchover stop|backup`
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[error("unknown request `{0}`: try `status`, `stop` or `switchover stop|backup`")]
+pub struct UnknownRequest(pub String);
 
 /// Answers requests: what a role serves on its API socket.
 pub type ApiFn = Arc<dyn Fn(Request) -> serde_json::Value + Send + Sync>;
@@ -99,7 +102,7 @@ impl SwappableApi {
 /// An API that answers only `status`.
 pub fn status_only(status: StatusFn, role: &'static str) -> ApiFn {
     Arc::new(move |req| match req {
-        Request::Status => status(),
+        Request::Status => status().to_json(),
         Request::Stop | Request::Switchover(_) => refusal(format!(
             "this ftvmm is a {role}: send `{}` to the primary's API socket",
             req.line()

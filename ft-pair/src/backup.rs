@@ -15,6 +15,7 @@ use crate::golive::{self, GoLiveParts};
 use crate::lock::{self, Arbiter};
 use crate::primary::{open_lock, Services};
 use crate::receiver::BackupLink;
+use crate::status::{BackupLag, BackupLog, BackupStatus, ChannelFigures, Status};
 use crate::{End, Finished};
 use ft_core::disk::Disk;
 use ft_core::replay::{KeptWrites, Progress, Replayer};
@@ -256,18 +257,7 @@ pub fn run(cfg: &BackupConfig, host: Arc<dyn Host>) -> Result<Finished, PairErro
     let end = match &result {
         Err(VmError::Vcpu(VcpuError::Boundary(BoundaryError::Fenced { why })))
         | Err(VmError::Boundary(BoundaryError::Fenced { why })) => {
-            // Fenced: it lost the race for the lock after losing its primary, or won it and
-            // could not go live. Otherwise (no lock, a switchover declined, a stream closed
-            // by the primary) it ends as a backup whose primary is gone.
-            let fenced = match decision.get() {
-                Some(Err(refusal)) => matches!(
-                    refusal.downcast_ref::<NoTakeover>(),
-                    Some(NoTakeover::Lost { planned: false, .. })
-                ),
-                Some(Ok(_)) => link.lost().is_some(),
-                None => false,
-            };
-            if fenced {
+            if fenced(decision.get(), link.lost().is_some()) {
                 End::Fenced { why: why.clone() }
             } else {
                 End::PrimaryLost { notice: None }
@@ -285,6 +275,20 @@ pub fn run(cfg: &BackupConfig, host: Arc<dyn Host>) -> Result<Finished, PairErro
         _ => Ok(vmm::vcpu::Stop::EndOfLog),
     };
     Ok(Finished { vm, result, end })
+}
+
+/// Whether a backup that may not go live was fenced (exit 5) rather than left without its
+/// primary (exit 4): it lost the race for the lock after losing its primary, or won it and
+/// could not go live. No lock, a switchover declined, a stream the primary closed: not fenced.
+fn fenced(decision: Option<Result<u64, Refusal>>, primary_lost: bool) -> bool {
+    match decision {
+        Some(Err(refusal)) => matches!(
+            refusal.downcast_ref::<NoTakeover>(),
+            Some(NoTakeover::Lost { planned: false, .. })
+        ),
+        Some(Ok(_)) => primary_lost,
+        None => false,
+    }
 }
 
 /// The arbitration's answer as the takeover boundary keeps it.
@@ -349,33 +353,78 @@ fn backup_status(
         let (writes, write_bytes) = kept.lock().map(|k| k.len_bytes()).unwrap_or_default();
         let received = link.received();
         let executed = progress.executed.load(Ordering::Relaxed);
-        serde_json::json!({
-            "role": "backup",
-            "peer": primary,
-            "protected": link.ended().is_none(),
-            "log": {
-                "received": received,
-                "executed": executed,
-                "released": link.released(),
-                "buffered_bytes": link.buffered(),
+        Status::Backup(Box::new(BackupStatus {
+            role: "backup",
+            peer: primary.clone(),
+            protected: link.ended().is_none(),
+            log: BackupLog {
+                received,
+                executed,
+                released: link.released(),
+                buffered_bytes: link.buffered(),
             },
-            "lag": {
-                "records": received.saturating_sub(executed),
-                "exits_replayed": progress.exits.load(Ordering::Relaxed),
-                "vtime_ns": progress.vtime_ns.load(Ordering::Relaxed),
+            lag: BackupLag {
+                records: received.saturating_sub(executed),
+                exits_replayed: progress.exits.load(Ordering::Relaxed),
+                vtime_ns: progress.vtime_ns.load(Ordering::Relaxed),
             },
-            "kept_writes": writes,
-            "kept_output_bytes": write_bytes,
-            "channel": {
-                "bytes_sent": stats.bytes_sent,
-                "bytes_received": stats.bytes_received,
-                "max_silence_ms": stats.max_silence_us as f64 / 1e3,
+            kept_writes: writes,
+            kept_output_bytes: write_bytes,
+            channel: ChannelFigures {
+                bytes_sent: stats.bytes_sent,
+                bytes_received: stats.bytes_received,
+                bytes_per_s: None,
+                max_silence_ms: stats.max_silence_us as f64 / 1e3,
             },
-            "divergences": counters.divergences.load(Ordering::Relaxed),
-            "resyncs": counters.resyncs.load(Ordering::Relaxed),
-            "attach_ms": counters.attach_ms.load(Ordering::Relaxed),
-            "ended": link.ended(),
-            "epoch": epoch,
-        })
+            divergences: counters.divergences.load(Ordering::Relaxed),
+            resyncs: counters.resyncs.load(Ordering::Relaxed),
+            attach_ms: counters.attach_ms.load(Ordering::Relaxed),
+            ended: link.ended(),
+            epoch,
+        }))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::arbitrate::Lost;
+
+    fn taken(planned: bool) -> NoTakeover {
+        NoTakeover::Lost {
+            why: "the primary is lost: silence".into(),
+            lost: Lost::Taken {
+                spec: "file:/l".into(),
+                owner: "primary@a:1".into(),
+                epoch: 2,
+            },
+            planned,
+        }
+    }
+
+    #[test]
+    fn only_a_lost_race_after_a_loss_fences_a_backup() {
+        assert!(fenced(Some(Err(refusal(taken(false)))), true));
+        // A switchover it declined, no lock, a stream the primary closed: its primary is gone.
+        assert!(!fenced(Some(Err(refusal(taken(true)))), false));
+        let no_lock = NoTakeover::NoLock { why: "lost".into() };
+        assert!(!fenced(Some(Err(refusal(no_lock))), true));
+        let ended = NoTakeover::Ended("the primary closed the channel: bye".into());
+        assert!(!fenced(Some(Err(refusal(ended))), false));
+        // It won the lock and could not go live: fenced after a loss, not after a handover.
+        assert!(fenced(Some(Ok(3)), true));
+        assert!(!fenced(Some(Ok(3)), false));
+    }
+
+    #[test]
+    fn the_reasons_read_as_before() {
+        assert_eq!(
+            taken(false).to_string(),
+            "the primary is lost: silence; lost the lock file:/l to primary@a:1 at epoch 2"
+        );
+        assert_eq!(
+            NoTakeover::NoLock { why: "x".into() }.to_string(),
+            "x; without --lock a backup never takes over (it could not rule out a live primary)"
+        );
+    }
 }

@@ -25,6 +25,7 @@ pub mod link;
 pub mod lock;
 pub mod primary;
 pub mod receiver;
+pub mod status;
 
 pub use attach::AttachReport;
 pub use error::PairError;

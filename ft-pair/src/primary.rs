@@ -14,6 +14,9 @@ use crate::error::{Handover, PairError, SwitchoverError};
 use crate::golive::{self, Start};
 use crate::link::{AckMode, Link, Mode};
 use crate::lock::{self, Arbiter, LockError};
+use crate::status::{
+    ChannelFigures, Latency, PrimaryLag, PrimaryLog, PrimaryStatus, Status, SwitchoverReport,
+};
 use crate::{End, Finished};
 use ft_core::disk::ImageFile;
 use ft_core::log::Record;
@@ -46,7 +49,7 @@ pub(crate) struct PairState {
     pub(crate) stop_requested: AtomicBool,
     /// Switchovers this side made as the primary, the last one's figures.
     pub(crate) switchovers: AtomicU64,
-    pub(crate) last_switchover: Mutex<Option<serde_json::Value>>,
+    pub(crate) last_switchover: Mutex<Option<SwitchoverReport>>,
 }
 
 /// The new primary of a planned switchover, and what this side does next.
@@ -299,7 +302,7 @@ impl Services {
         Arc::new(move |req| {
             let (reply, answer) = mpsc::channel();
             let (cmd, limit) = match req {
-                Request::Status => return status(),
+                Request::Status => return status().to_json(),
                 Request::Stop => (Command::Stop(reply), Duration::from_secs(30)),
                 Request::Switchover(then) => {
                     (Command::Switchover(then, reply), SWITCHOVER_LIMIT * 3)
@@ -378,7 +381,7 @@ fn primary_status(
     pair: Arc<PairState>,
     counters: Arc<RecordCounters>,
     listen: String,
-    lock: Option<String>,
+    lock_spec: Option<String>,
 ) -> StatusFn {
     let start = Instant::now();
     let last = Mutex::new((Instant::now(), 0u64, 0u64));
@@ -407,54 +410,67 @@ fn primary_status(
             counters.checkpoints.load(Ordering::Relaxed),
             counters.checkpoint_bytes.load(Ordering::Relaxed),
         );
-        serde_json::json!({
-            "role": "primary",
-            "listen": listen,
-            "peer": conn.as_ref().map(|c| c.peer_addr().to_string()),
-            "protected": link.protected(),
-            "ack_mode": match link.ack_mode() { AckMode::Received => "received", AckMode::Executed => "executed" },
-            "uptime_s": start.elapsed().as_secs_f64(),
-            "log": {
-                "sent": sent,
-                "received": received,
-                "executed": executed,
-                "bytes": stats.log_bytes.load(Ordering::Relaxed),
+        let (p50, p99) = latency_percentiles(&stats.latencies());
+        Status::Primary(Box::new(PrimaryStatus {
+            role: "primary",
+            listen: listen.clone(),
+            peer: conn.as_ref().map(|c| c.peer_addr().to_string()),
+            protected: link.protected(),
+            ack_mode: match link.ack_mode() {
+                AckMode::Received => "received",
+                AckMode::Executed => "executed",
             },
-            "lag": {
-                "records": sent.saturating_sub(executed),
+            uptime_s: start.elapsed().as_secs_f64(),
+            log: PrimaryLog {
+                sent,
+                received,
+                executed,
+                bytes: stats.log_bytes.load(Ordering::Relaxed),
+            },
+            lag: PrimaryLag {
+                records: sent.saturating_sub(executed),
                 // Before the backup's first acknowledgement there is no lag to speak of.
-                "vtime_ns": if conn.is_some() && executed > 0 { vtime.saturating_sub(backup_vtime) } else { 0 },
-                "throttled": stats.throttled.load(Ordering::Relaxed),
+                vtime_ns: if conn.is_some() && executed > 0 {
+                    vtime.saturating_sub(backup_vtime)
+                } else {
+                    0
+                },
+                throttled: stats.throttled.load(Ordering::Relaxed),
             },
-            "outputs_held": stats.held.load(Ordering::Relaxed),
-            "outputs_held_bytes": stats.held_bytes.load(Ordering::Relaxed),
-            "outputs_released": stats.released.load(Ordering::Relaxed),
-            "output_latency_us": {
-                "p50": latency_percentiles(&stats.latencies()).0,
-                "p99": latency_percentiles(&stats.latencies()).1,
+            outputs_held: stats.held.load(Ordering::Relaxed),
+            outputs_held_bytes: stats.held_bytes.load(Ordering::Relaxed),
+            outputs_released: stats.released.load(Ordering::Relaxed),
+            output_latency_us: Latency { p50, p99 },
+            channel: ChannelFigures {
+                bytes_sent: bytes_out,
+                bytes_received: bytes_in,
+                bytes_per_s: Some(rate),
+                max_silence_ms,
             },
-            "channel": {
-                "bytes_sent": bytes_out,
-                "bytes_received": bytes_in,
-                "bytes_per_s": rate,
-                "max_silence_ms": max_silence_ms,
-            },
-            "attaches": pair.attaches.load(Ordering::Relaxed),
-            "backups_refused": pair.refused.load(Ordering::Relaxed),
-            "resyncs": pair.resyncs.load(Ordering::Relaxed),
-            "last_backup_lost": link.lost(),
-            "attach": attach,
-            "mode": format!("{:?}", link.mode()).to_lowercase(),
-            "lock": lock,
-            "epoch": link.epoch(),
-            "takeovers": pair.history.lock().map(|h| h.clone()).unwrap_or_default(),
-            "fenced": pair.fenced.lock().map(|f| f.clone()).unwrap_or_default(),
-            "checkpoints": checkpoints,
-            "checkpoint_bytes": checkpoint_bytes,
-            "switchovers": pair.switchovers.load(Ordering::Relaxed),
-            "last_switchover": pair.last_switchover.lock().map(|s| s.clone()).unwrap_or_default(),
-            "handed_over_to": pair.handed_over.lock().ok().and_then(|h| h.as_ref().map(|h| h.addr.clone())),
-        })
+            attaches: pair.attaches.load(Ordering::Relaxed),
+            backups_refused: pair.refused.load(Ordering::Relaxed),
+            resyncs: pair.resyncs.load(Ordering::Relaxed),
+            last_backup_lost: link.lost(),
+            attach,
+            mode: format!("{:?}", link.mode()).to_lowercase(),
+            lock: lock_spec.clone(),
+            epoch: link.epoch(),
+            takeovers: pair.history.lock().map(|h| h.clone()).unwrap_or_default(),
+            fenced: pair.fenced.lock().map(|f| f.clone()).unwrap_or_default(),
+            checkpoints,
+            checkpoint_bytes,
+            switchovers: pair.switchovers.load(Ordering::Relaxed),
+            last_switchover: pair
+                .last_switchover
+                .lock()
+                .map(|s| s.clone())
+                .unwrap_or_default(),
+            handed_over_to: pair
+                .handed_over
+                .lock()
+                .ok()
+                .and_then(|h| h.as_ref().map(|h| h.addr.clone())),
+        }))
     })
 }
 
@@ -563,7 +579,7 @@ impl Manager {
                         if let Ok(mut l) = self.pair.last_switchover.lock() {
                             *l = Some(done.clone());
                         }
-                        done
+                        serde_json::to_value(done).unwrap_or_else(refusal)
                     }
                     Err(e) => {
                         tracing::error!("switchover: {e}");
@@ -579,7 +595,7 @@ impl Manager {
     /// hand the stream's end to the backup, which takes the lock and goes live there; then
     /// this side's guest stops for good. If the backup does not confirm, the lock decides
     /// which side runs, as when a backup is lost.
-    fn switchover(&self, then: Then) -> Result<serde_json::Value, SwitchoverError> {
+    fn switchover(&self, then: Then) -> Result<SwitchoverReport, SwitchoverError> {
         let conn = match (self.link.mode(), self.link.connection()) {
             (Mode::Protected, Some(c)) => c,
             (mode, _) => {
@@ -628,14 +644,14 @@ impl Manager {
                     match then { Then::Stop => "stops", Then::Backup => "becomes its backup" }
                 );
                 let _ = self.vcpu.request(VcpuEvent::Stop, VCPU_ANSWER);
-                Ok(serde_json::json!({
-                    "switchover": "done",
-                    "new_primary": addr,
-                    "then": then.as_str(),
-                    "epoch": epoch,
-                    "drain_ms": drain_ms,
-                    "pause_ms": total_ms,
-                }))
+                Ok(SwitchoverReport {
+                    switchover: "done",
+                    new_primary: addr,
+                    then: then.as_str(),
+                    epoch,
+                    drain_ms,
+                    pause_ms: total_ms,
+                })
             }
             Err(e) => {
                 let why = format!("the backup {peer} did not take the guest: {e}");
