@@ -11,7 +11,7 @@ pub enum Lost {
     /// Another side won the test-and-set (or the epoch had moved on).
     #[error("lost the lock {spec} to {owner} at epoch {epoch}")]
     Taken {
-        /// The lock.
+        /// The lock as `--lock` named it (`file:PATH`, `etcd:...`).
         spec: String,
         /// Who holds it now.
         owner: String,

@@ -18,7 +18,7 @@ use vmm::VmError;
 pub enum PairError {
     /// {0} (what the host could not open: serial line, tap, API socket, metrics)
     #[error("{0}")]
-    Host(String),
+    Host(Box<dyn std::error::Error + Send + Sync>),
     /// The lock: opening, claiming, racing.
     #[error(transparent)]
     Lock(#[from] LockError),
@@ -103,9 +103,9 @@ pub enum SwitchoverError {
     /// switchover to {peer} abandoned, the guest runs on here: {source}
     #[error("switchover to {peer} abandoned, the guest runs on here: {source}")]
     Abandoned {
-        /// The backup.
+        /// The backup's address.
         peer: String,
-        /// Why.
+        /// What went wrong in the drain or the handover.
         source: Handover,
     },
     /// {why}; this side is fenced

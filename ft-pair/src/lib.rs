@@ -14,6 +14,8 @@
 //! [`config::PrimaryConfig`] or [`config::BackupConfig`], runs the node, and reports the
 //! [`Finished`] run.
 
+#![warn(missing_docs)]
+
 pub mod api;
 pub mod arbitrate;
 mod attach;
@@ -57,7 +59,7 @@ pub enum End {
     /// As a backup whose primary is lost but which may not take over: it lost the lock or could
     /// not reach it.
     Fenced {
-        /// Why.
+        /// The race's outcome, or why the live side could not be built.
         why: String,
     },
 }

@@ -30,9 +30,9 @@ pub enum LockError {
     /// The lock cannot be reached (file missing, storage or etcd down).
     #[error("lock {spec} is unreachable: {why}")]
     Unreachable {
-        /// The lock.
+        /// The lock as `--lock` named it (`file:PATH`, `etcd:...`).
         spec: String,
-        /// Why.
+        /// What the file system or etcd said.
         why: String,
     },
     /// The lock block holds something that is not a valid lock: it is left as it is.
@@ -40,19 +40,19 @@ pub enum LockError {
         "lock {spec} is corrupt ({why}); it was not overwritten: repair or recreate it by hand"
     )]
     Corrupt {
-        /// The lock.
+        /// The lock as `--lock` named it (`file:PATH`, `etcd:...`).
         spec: String,
-        /// What is wrong.
+        /// What is wrong with the block.
         why: String,
     },
     /// Another owner holds the lock.
     #[error("lock {spec} is held by {owner} at epoch {epoch}")]
     Held {
-        /// The lock.
+        /// The lock as `--lock` named it (`file:PATH`, `etcd:...`).
         spec: String,
-        /// Its owner.
+        /// Who holds it (role, host, process).
         owner: String,
-        /// Its epoch.
+        /// The epoch it holds it at.
         epoch: u64,
     },
     /// A `--lock` value that is not `file:PATH` or `etcd:ENDPOINTS/KEY`.

@@ -57,6 +57,7 @@ pub(crate) struct PairState {
 pub struct HandedOverTo {
     /// Where the new primary accepts backups.
     pub addr: String,
+    /// What the old primary does next: stop, or become the new primary's backup.
     pub then: Then,
 }
 

@@ -79,10 +79,40 @@ pub(crate) fn main() -> ExitCode {
 /// The longest answer read (a status document is a few KiB).
 const MAX_ANSWER: u64 = 1 << 20;
 
-fn ask(socket: &std::path::Path, request: Request) -> Result<String, String> {
-    let path = socket.display();
-    let mut stream = UnixStream::connect(socket).map_err(|e| {
-        format!("cannot reach {path}: {e} (is an ftvmm running with --api-socket {path}?)")
+/// Why `ftvmm ctl` got no answer it can use.
+#[derive(Debug, thiserror::Error)]
+enum CtlError {
+    /// cannot reach {path}: {source} (is an ftvmm running with --api-socket {path}?)
+    #[error("cannot reach {path}: {source} (is an ftvmm running with --api-socket {path}?)")]
+    Unreachable {
+        path: String,
+        source: std::io::Error,
+    },
+    /// {path}: {source} (not an ftvmm API socket?)
+    #[error("{path}: {source} (not an ftvmm API socket?)")]
+    Send {
+        path: String,
+        source: std::io::Error,
+    },
+    /// {path}: no answer: {source}
+    #[error("{path}: no answer: {source}")]
+    NoAnswer {
+        path: String,
+        source: std::io::Error,
+    },
+    /// {0}: the socket closed without answering (not an ftvmm API socket?)
+    #[error("{0}: the socket closed without answering (not an ftvmm API socket?)")]
+    Closed(String),
+    /// {path}: the answer is not JSON: not an ftvmm API socket (it said: {said:?})
+    #[error("{path}: the answer is not JSON: not an ftvmm API socket (it said: {said:?})")]
+    NotJson { path: String, said: String },
+}
+
+fn ask(socket: &std::path::Path, request: Request) -> Result<String, CtlError> {
+    let path = socket.display().to_string();
+    let mut stream = UnixStream::connect(socket).map_err(|source| CtlError::Unreachable {
+        path: path.clone(),
+        source,
     })?;
     // A switchover waits for the backup to drain the log and go live.
     let wait = match request {
@@ -94,22 +124,26 @@ fn ask(socket: &std::path::Path, request: Request) -> Result<String, String> {
     // One write: a peer that answers the first bytes and closes must not see a half request.
     stream
         .write_all(format!("{}\n", request.line()).as_bytes())
-        .map_err(|e| format!("{path}: {e} (not an ftvmm API socket?)"))?;
+        .map_err(|source| CtlError::Send {
+            path: path.clone(),
+            source,
+        })?;
     let mut answer = String::new();
     stream
         .take(MAX_ANSWER)
         .read_to_string(&mut answer)
-        .map_err(|e| format!("{path}: no answer: {e}"))?;
+        .map_err(|source| CtlError::NoAnswer {
+            path: path.clone(),
+            source,
+        })?;
     if answer.is_empty() {
-        return Err(format!(
-            "{path}: the socket closed without answering (not an ftvmm API socket?)"
-        ));
+        return Err(CtlError::Closed(path));
     }
     if serde_json::from_str::<serde_json::Value>(&answer).is_err() {
-        return Err(format!(
-            "{path}: the answer is not JSON: not an ftvmm API socket (it said: {:?})",
-            answer.chars().take(80).collect::<String>()
-        ));
+        return Err(CtlError::NotJson {
+            path,
+            said: answer.chars().take(80).collect(),
+        });
     }
     Ok(answer)
 }

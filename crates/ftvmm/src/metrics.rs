@@ -7,7 +7,7 @@
 //! server on its own thread: one request per connection, GET only, bounded reads.
 
 use crate::cli::Args;
-use crate::status::AcceptLoop;
+use crate::status::{socket, AcceptLoop, ServeError};
 use ft_pair::api::StatusFn;
 use ft_pair::status::{BackupStatus, PrimaryStatus, Status};
 use prometheus_client::encoding::text::encode;
@@ -349,15 +349,15 @@ pub(crate) struct MetricsServer {
 }
 
 /// Starts the server `--metrics` asks for, if it does.
-pub(crate) fn serve(args: &Args, status: StatusFn) -> Result<Option<MetricsServer>, String> {
+pub(crate) fn serve(args: &Args, status: StatusFn) -> Result<Option<MetricsServer>, ServeError> {
     let Some(addr) = &args.metrics else {
         return Ok(None);
     };
     let listener =
-        TcpListener::bind(addr).map_err(|e| format!("--metrics: cannot listen on {addr}: {e}"))?;
+        TcpListener::bind(addr).map_err(socket(format!("--metrics: cannot listen on {addr}")))?;
     listener
         .set_nonblocking(true)
-        .map_err(|e| format!("--metrics {addr}: {e}"))?;
+        .map_err(socket(format!("--metrics {addr}")))?;
     let bound = listener
         .local_addr()
         .map_or_else(|_| addr.clone(), |a| a.to_string());

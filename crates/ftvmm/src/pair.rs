@@ -116,26 +116,27 @@ fn host(args: &Args) -> Arc<dyn Host> {
 
 impl Host for FlagsHost {
     fn serial_input(&self) -> Result<SerialSource, PairError> {
-        serial_source(&self.0).map_err(PairError::Host)
+        serial_source(&self.0).map_err(|e| PairError::Host(e.into()))
     }
 
     fn serial_output(&self) -> Result<Box<dyn Write + Send>, PairError> {
-        serial_sink(&self.0).map_err(PairError::Host)
+        serial_sink(&self.0).map_err(|e| PairError::Host(e.into()))
     }
 
     fn net(
         &self,
         config: &vmm::VmConfig,
     ) -> Result<Option<(vmm::tap::Tap, Arc<NetQueue>)>, PairError> {
-        open_net(config).map_err(PairError::Host)
+        open_net(config).map_err(|e| PairError::Host(e.into()))
     }
 
     fn serve(&self, api: ApiFn, status: StatusFn) -> Result<Box<dyn Send>, PairError> {
         let api = match &self.0.api_socket {
-            Some(path) => Some(ApiServer::start(path, api).map_err(PairError::Host)?),
+            Some(path) => Some(ApiServer::start(path, api).map_err(|e| PairError::Host(e.into()))?),
             None => None,
         };
-        let metrics = crate::metrics::serve(&self.0, status).map_err(PairError::Host)?;
+        let metrics =
+            crate::metrics::serve(&self.0, status).map_err(|e| PairError::Host(e.into()))?;
         Ok(Box::new((api, metrics)))
     }
 }

@@ -14,6 +14,31 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+/// Why the API socket or the metrics endpoint could not start.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ServeError {
+    /// cannot start the {name} thread: {source}
+    #[error("cannot start the {name} thread: {source}")]
+    Thread {
+        name: String,
+        source: std::io::Error,
+    },
+    /// API socket {0} is in use by another ftvmm
+    #[error("API socket {0} is in use by another ftvmm")]
+    InUse(String),
+    /// {context}: {source} (binding or setting up a socket)
+    #[error("{context}: {source}")]
+    Socket {
+        context: String,
+        source: std::io::Error,
+    },
+}
+
+/// A socket error with what was being done.
+pub(crate) fn socket(context: String) -> impl FnOnce(std::io::Error) -> ServeError {
+    move |source| ServeError::Socket { context, source }
+}
+
 /// A thread that accepts connections from a non-blocking listener (`accept`) and hands each
 /// to `serve`, until dropped. The API socket and the metrics endpoint both run on one.
 pub(crate) struct AcceptLoop {
@@ -26,7 +51,7 @@ impl AcceptLoop {
         name: &str,
         mut accept: impl FnMut() -> std::io::Result<S> + Send + 'static,
         serve: impl Fn(S) + Send + 'static,
-    ) -> Result<AcceptLoop, String> {
+    ) -> Result<AcceptLoop, ServeError> {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let label = name.to_string();
@@ -46,7 +71,10 @@ impl AcceptLoop {
                     }
                 }
             })
-            .map_err(|e| format!("cannot start the {name} thread: {e}"))?;
+            .map_err(|source| ServeError::Thread {
+                name: name.to_string(),
+                source,
+            })?;
         Ok(AcceptLoop {
             stop,
             thread: Some(thread),
@@ -72,21 +100,20 @@ pub(crate) struct ApiServer {
 impl ApiServer {
     /// Serves `path`. A socket file left by a VMM that is gone is replaced; one that answers is
     /// in use, and refused.
-    pub(crate) fn start(path: &Path, api: ApiFn) -> Result<ApiServer, String> {
+    pub(crate) fn start(path: &Path, api: ApiFn) -> Result<ApiServer, ServeError> {
         if path.exists() {
             if UnixStream::connect(path).is_ok() {
-                return Err(format!(
-                    "API socket {} is in use by another ftvmm",
-                    path.display()
-                ));
+                return Err(ServeError::InUse(path.display().to_string()));
             }
             let _ = std::fs::remove_file(path);
         }
-        let listener = UnixListener::bind(path)
-            .map_err(|e| format!("cannot create API socket {}: {e}", path.display()))?;
+        let listener = UnixListener::bind(path).map_err(socket(format!(
+            "cannot create API socket {}",
+            path.display()
+        )))?;
         listener
             .set_nonblocking(true)
-            .map_err(|e| format!("API socket {}: {e}", path.display()))?;
+            .map_err(socket(format!("API socket {}", path.display())))?;
         let accept = AcceptLoop::spawn(
             "api-socket",
             move || listener.accept().map(|(stream, _)| stream),
