@@ -6,14 +6,11 @@
 //! instruction stream this platform has (DESIGN.md section 2). Standalone runs use
 //! [`live::LiveBoundary`]; record, replay and the live backup are further implementations.
 
-pub mod backup;
 pub mod boundary;
 pub mod disk;
 pub mod exit;
 pub mod live;
-pub mod lock;
 pub mod log;
-pub mod primary;
 pub mod record;
 pub mod replay;
 pub mod takeover;

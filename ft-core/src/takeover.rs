@@ -20,23 +20,27 @@ use crate::replay::Replayer;
 use std::io::{self, Read};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
+/// Why a backup may not go live: the pair layer's own error (ft-core knows only that it is
+/// one), kept whole so that whoever decides the exit status can look at it.
+pub type Refusal = Arc<dyn std::error::Error + Send + Sync>;
+
 /// What the arbitration decided, set by whoever raced the lock.
 #[derive(Default)]
 pub struct Decision {
-    value: Mutex<Option<Result<u64, String>>>,
+    value: Mutex<Option<Result<u64, Refusal>>>,
     decided: Condvar,
 }
 
 impl Decision {
     /// Records the outcome: `Ok(epoch)` won, `Err(why)` lost or unreachable.
-    pub fn set(&self, outcome: Result<u64, String>) {
+    pub fn set(&self, outcome: Result<u64, Refusal>) {
         let mut v = self.value.lock().unwrap_or_else(|e| e.into_inner());
         v.get_or_insert(outcome);
         self.decided.notify_all();
     }
 
     /// Waits for the outcome.
-    pub fn wait(&self) -> Result<u64, String> {
+    pub fn wait(&self) -> Result<u64, Refusal> {
         let mut v = self.value.lock().unwrap_or_else(|e| e.into_inner());
         loop {
             if let Some(r) = v.as_ref() {
@@ -47,7 +51,7 @@ impl Decision {
     }
 
     /// The outcome, if there is one yet.
-    pub fn get(&self) -> Option<Result<u64, String>> {
+    pub fn get(&self) -> Option<Result<u64, Refusal>> {
         self.value.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 }
@@ -75,8 +79,10 @@ pub struct LiveSide {
     pub disk: Option<Box<dyn Disk>>,
 }
 
-/// Builds the live side, once, at the switch.
-pub type GoLive = Box<dyn FnOnce(SwitchPoint) -> Result<LiveSide, String> + Send>;
+/// Builds the live side, once, at the switch; its error is the pair layer's.
+pub type GoLive = Box<
+    dyn FnOnce(SwitchPoint) -> Result<LiveSide, Box<dyn std::error::Error + Send + Sync>> + Send,
+>;
 
 struct Inner<R: Read + Send + 'static> {
     replayer: Replayer<R>,
@@ -98,10 +104,9 @@ impl<R: Read + Send + 'static> Inner<R> {
     }
 
     fn switch(&mut self) -> Result<(), BoundaryError> {
-        let epoch = self
-            .decision
-            .wait()
-            .map_err(|why| BoundaryError::Fenced { why })?;
+        let epoch = self.decision.wait().map_err(|why| BoundaryError::Fenced {
+            why: why.to_string(),
+        })?;
         let go_live = self.go_live.take().ok_or_else(|| BoundaryError::Fenced {
             why: "the live side could not be built".into(),
         })?;
@@ -116,7 +121,9 @@ impl<R: Read + Send + 'static> Inner<R> {
         tracing::warn!(
             "the log ends at exit {exits} (record {next_seq}): going live at epoch {epoch}"
         );
-        let mut live = go_live(point).map_err(|why| BoundaryError::Fenced { why })?;
+        let mut live = go_live(point).map_err(|why| BoundaryError::Fenced {
+            why: why.to_string(),
+        })?;
         if let Some(a) = self.attention.clone() {
             live.boundary.set_attention(a);
         }

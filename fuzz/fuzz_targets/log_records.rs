@@ -21,6 +21,7 @@ fn prefix() -> Vec<u8> {
         config_hash: 0x1234,
         config_summary: "fuzz".into(),
         rtc_epoch: 1_795_428_000,
+        mechanisms: None,
     };
     let mut out = Vec::new();
     LogWriter::new(&mut out, &header).expect("writing to a Vec");

@@ -177,20 +177,45 @@ pub use ft_core::log::Mechanisms;
 
 /// This host's findings as a status document shows them: the KVM and, per question, whether
 /// the host gives it (`ftvmm probe` has the details).
-pub fn status() -> serde_json::Value {
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct HostStatus {
+    /// The KVM module loaded and the CPU vendor ([`HostCaps::kvm`]).
+    pub kvm: String,
+    /// [`HostCaps::exact_irq_window`].
+    pub exact_irq_window: bool,
+    /// [`HostCaps::breakpoints_cpl0`].
+    pub breakpoints_cpl0: bool,
+    /// [`HostCaps::breakpoints_cpl3`].
+    pub breakpoints_cpl3: bool,
+    /// [`HostCaps::single_step_cpl0`].
+    pub single_step_cpl0: bool,
+    /// [`HostCaps::single_step_cpl3`].
+    pub single_step_cpl3: bool,
+    /// [`HostCaps::dirty_log`].
+    pub dirty_log: bool,
+    /// [`HostCaps::complete_emulation`].
+    pub complete_emulation: bool,
+    /// [`HostCaps::syscall`].
+    pub syscall: bool,
+    /// [`HostCaps::branch_counter`].
+    pub branch_counter: bool,
+}
+
+/// This host's findings for a status document ([`HostStatus`]).
+pub fn status() -> HostStatus {
     let c = caps();
-    serde_json::json!({
-        "kvm": c.kvm,
-        "exact_irq_window": c.exact_irq_window.ok,
-        "breakpoints_cpl0": c.breakpoints_cpl0.ok,
-        "breakpoints_cpl3": c.breakpoints_cpl3.ok,
-        "single_step_cpl0": c.single_step_cpl0.ok,
-        "single_step_cpl3": c.single_step_cpl3.ok,
-        "dirty_log": c.dirty_log.ok,
-        "complete_emulation": c.complete_emulation.ok,
-        "syscall": c.syscall.ok,
-        "branch_counter": c.branch_counter.ok,
-    })
+    HostStatus {
+        kvm: c.kvm.clone(),
+        exact_irq_window: c.exact_irq_window.ok,
+        breakpoints_cpl0: c.breakpoints_cpl0.ok,
+        breakpoints_cpl3: c.breakpoints_cpl3.ok,
+        single_step_cpl0: c.single_step_cpl0.ok,
+        single_step_cpl3: c.single_step_cpl3.ok,
+        dirty_log: c.dirty_log.ok,
+        complete_emulation: c.complete_emulation.ok,
+        syscall: c.syscall.ok,
+        branch_counter: c.branch_counter.ok,
+    }
 }
 
 /// This host's capabilities: probed once per boot of the host and per ftvmm binary (kept

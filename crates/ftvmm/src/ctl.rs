@@ -2,8 +2,8 @@
 //! prints the answer (JSON). Exit status 0 when it was done, 2 when it was refused or the
 //! socket does not answer as an ftvmm's would (one line on stderr says why).
 
-use crate::status::{Request, Then};
 use clap::{Parser, Subcommand};
+use ft_pair::api::{Request, Then};
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
@@ -32,8 +32,17 @@ enum CtlRequest {
     Switchover {
         /// What the old primary does afterwards.
         #[arg(long, value_enum, default_value = "stop")]
-        then: Then,
+        then: ThenArg,
     },
+}
+
+/// `--then`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum ThenArg {
+    /// Stop (exit 0).
+    Stop,
+    /// Attach to the new primary as its backup.
+    Backup,
 }
 
 pub(crate) fn main() -> ExitCode {
@@ -41,7 +50,10 @@ pub(crate) fn main() -> ExitCode {
     let request = match args.request {
         CtlRequest::Status => Request::Status,
         CtlRequest::Stop => Request::Stop,
-        CtlRequest::Switchover { then } => Request::Switchover(then),
+        CtlRequest::Switchover { then } => Request::Switchover(match then {
+            ThenArg::Stop => Then::Stop,
+            ThenArg::Backup => Then::Backup,
+        }),
     };
     match ask(&args.api_socket, request) {
         Ok(answer) => {
@@ -67,10 +79,40 @@ pub(crate) fn main() -> ExitCode {
 /// The longest answer read (a status document is a few KiB).
 const MAX_ANSWER: u64 = 1 << 20;
 
-fn ask(socket: &std::path::Path, request: Request) -> Result<String, String> {
-    let path = socket.display();
-    let mut stream = UnixStream::connect(socket).map_err(|e| {
-        format!("cannot reach {path}: {e} (is an ftvmm running with --api-socket {path}?)")
+/// Why `ftvmm ctl` got no answer it can use.
+#[derive(Debug, thiserror::Error)]
+enum CtlError {
+    /// cannot reach {path}: {source} (is an ftvmm running with --api-socket {path}?)
+    #[error("cannot reach {path}: {source} (is an ftvmm running with --api-socket {path}?)")]
+    Unreachable {
+        path: String,
+        source: std::io::Error,
+    },
+    /// {path}: {source} (not an ftvmm API socket?)
+    #[error("{path}: {source} (not an ftvmm API socket?)")]
+    Send {
+        path: String,
+        source: std::io::Error,
+    },
+    /// {path}: no answer: {source}
+    #[error("{path}: no answer: {source}")]
+    NoAnswer {
+        path: String,
+        source: std::io::Error,
+    },
+    /// {0}: the socket closed without answering (not an ftvmm API socket?)
+    #[error("{0}: the socket closed without answering (not an ftvmm API socket?)")]
+    Closed(String),
+    /// {path}: the answer is not JSON: not an ftvmm API socket (it said: {said:?})
+    #[error("{path}: the answer is not JSON: not an ftvmm API socket (it said: {said:?})")]
+    NotJson { path: String, said: String },
+}
+
+fn ask(socket: &std::path::Path, request: Request) -> Result<String, CtlError> {
+    let path = socket.display().to_string();
+    let mut stream = UnixStream::connect(socket).map_err(|source| CtlError::Unreachable {
+        path: path.clone(),
+        source,
     })?;
     // A switchover waits for the backup to drain the log and go live.
     let wait = match request {
@@ -82,22 +124,26 @@ fn ask(socket: &std::path::Path, request: Request) -> Result<String, String> {
     // One write: a peer that answers the first bytes and closes must not see a half request.
     stream
         .write_all(format!("{}\n", request.line()).as_bytes())
-        .map_err(|e| format!("{path}: {e} (not an ftvmm API socket?)"))?;
+        .map_err(|source| CtlError::Send {
+            path: path.clone(),
+            source,
+        })?;
     let mut answer = String::new();
     stream
         .take(MAX_ANSWER)
         .read_to_string(&mut answer)
-        .map_err(|e| format!("{path}: no answer: {e}"))?;
+        .map_err(|source| CtlError::NoAnswer {
+            path: path.clone(),
+            source,
+        })?;
     if answer.is_empty() {
-        return Err(format!(
-            "{path}: the socket closed without answering (not an ftvmm API socket?)"
-        ));
+        return Err(CtlError::Closed(path));
     }
     if serde_json::from_str::<serde_json::Value>(&answer).is_err() {
-        return Err(format!(
-            "{path}: the answer is not JSON: not an ftvmm API socket (it said: {:?})",
-            answer.chars().take(80).collect::<String>()
-        ));
+        return Err(CtlError::NotJson {
+            path,
+            said: answer.chars().take(80).collect(),
+        });
     }
     Ok(answer)
 }

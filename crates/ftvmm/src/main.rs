@@ -4,15 +4,15 @@
 //! `--serial stdio`). The last line on stderr of every run that built a VM is
 //! `ftvmm: exits=<N> exit-digest=<hex>`.
 //!
-//! Each role has its own module: [`standalone`] (standalone and replay), [`primary`],
-//! [`backup`]; `ftvmm ctl` talks to a running one through its API socket ([`ctl`], served by
+//! [`standalone`] runs the standalone and replay roles; [`pair`] turns the flags of a primary
+//! or a backup into a configuration and runs the node (the pair itself is the `ft-pair`
+//! crate); `ftvmm ctl` talks to a running one through its API socket ([`ctl`], served by
 //! [`status`]).
 
-mod backup;
 mod cli;
 mod ctl;
 mod metrics;
-mod primary;
+mod pair;
 mod report;
 mod standalone;
 mod status;
@@ -43,8 +43,8 @@ fn main() -> ExitCode {
     }
     let result = match args.role {
         Role::Standalone | Role::Replay => standalone::run(&args),
-        Role::Primary => primary::run(&args),
-        Role::Backup => backup::run(&args),
+        Role::Primary => pair::run_primary(&args),
+        Role::Backup => pair::run_backup(&args),
     };
     match result {
         Ok(status) => ExitCode::from(status),

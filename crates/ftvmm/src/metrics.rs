@@ -1,18 +1,20 @@
 //! `--metrics ADDR`: the pair's figures for Prometheus, at `GET /metrics` in the OpenMetrics
 //! text format (encoded by the `prometheus-client` crate).
 //!
-//! Every metric is read from the same status document `ftvmm ctl status` prints, at scrape
-//! time, so the two never disagree; docs/OPERATIONS.md lists them. The HTTP side is a small
-//! blocking server on its own thread: one request per connection, GET only, bounded reads.
+//! Every metric is read from the same typed status `ftvmm ctl status` prints
+//! ([`ft_pair::status::Status`]), at scrape time, so the two never disagree and a metric cannot
+//! lose its field silently; docs/OPERATIONS.md lists them. The HTTP side is a small blocking
+//! server on its own thread: one request per connection, GET only, bounded reads.
 
 use crate::cli::Args;
-use crate::status::{AcceptLoop, StatusFn};
+use crate::status::{socket, AcceptLoop, ServeError};
+use ft_pair::api::StatusFn;
+use ft_pair::status::{BackupStatus, PrimaryStatus, Status};
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use serde_json::Value;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::AtomicU64;
@@ -27,13 +29,20 @@ enum Kind {
     Counter,
 }
 
-/// One metric: its name (without `ftvmm_`), help, kind, where it is in the status document
-/// (a JSON pointer), and the factor from that value to the metric's unit.
+/// A figure of a primary's status.
+type OfPrimary = Option<fn(&PrimaryStatus) -> f64>;
+/// A figure of a backup's status.
+type OfBackup = Option<fn(&BackupStatus) -> f64>;
+
+/// One metric: its name (without `ftvmm_`), help, kind, the field of each role's status it
+/// reads (none: the role has no such figure, and the metric is left out), and the factor from
+/// that value to the metric's unit.
 struct Metric {
     name: &'static str,
     help: &'static str,
     kind: Kind,
-    pointer: &'static str,
+    primary: OfPrimary,
+    backup: OfBackup,
     scale: f64,
 }
 
@@ -41,215 +50,244 @@ const fn m(
     name: &'static str,
     help: &'static str,
     kind: Kind,
-    pointer: &'static str,
+    primary: OfPrimary,
+    backup: OfBackup,
     scale: f64,
 ) -> Metric {
     Metric {
         name,
         help,
         kind,
-        pointer,
+        primary,
+        backup,
         scale,
     }
 }
 
-/// Every metric, primary and backup alike; one missing from a role's status is left out.
+/// Every metric, primary and backup alike; one a role does not have is left out.
 const METRICS: &[Metric] = &[
     m(
         "protected",
         "1 while a backup follows this primary (or this backup follows its primary)",
         Kind::Gauge,
-        "/protected",
+        Some(|s| f64::from(u8::from(s.protected))),
+        Some(|s| f64::from(u8::from(s.protected))),
         1.0,
     ),
     m(
         "epoch",
         "The pair's epoch in the lock",
         Kind::Gauge,
-        "/epoch",
+        Some(|s| s.epoch as f64),
+        Some(|s| s.epoch as f64),
         1.0,
     ),
     m(
         "lag_seconds",
         "How far the backup's replay is behind the primary, in guest virtual time",
         Kind::Gauge,
-        "/lag/vtime_ns",
+        Some(|s| s.lag.vtime_ns as f64),
+        Some(|s| s.lag.vtime_ns as f64),
         1e-9,
     ),
     m(
         "lag_records",
         "Log records sent (primary) or received (backup) and not yet replayed by the backup",
         Kind::Gauge,
-        "/lag/records",
+        Some(|s| s.lag.records as f64),
+        Some(|s| s.lag.records as f64),
         1.0,
     ),
     m(
         "log_records_sent",
         "Log records sent to the current backup",
         Kind::Counter,
-        "/log/sent",
+        Some(|s| s.log.sent as f64),
+        None,
         1.0,
     ),
     m(
         "log_records_received",
         "Log records the backup holds",
         Kind::Counter,
-        "/log/received",
+        Some(|s| s.log.received as f64),
+        Some(|s| s.log.received as f64),
         1.0,
     ),
     m(
         "log_records_executed",
         "Log records the backup has replayed",
         Kind::Counter,
-        "/log/executed",
+        Some(|s| s.log.executed as f64),
+        Some(|s| s.log.executed as f64),
         1.0,
     ),
     m(
         "log_bytes",
         "Log bytes sent to backups, all streams",
         Kind::Counter,
-        "/log/bytes",
+        Some(|s| s.log.bytes as f64),
+        None,
         1.0,
     ),
     m(
         "log_buffered_bytes",
         "Log bytes the backup holds and has not replayed",
         Kind::Gauge,
-        "/log/buffered_bytes",
+        None,
+        Some(|s| s.log.buffered_bytes as f64),
         1.0,
     ),
     m(
         "outputs_held",
         "Outputs (serial, disk writes, frames) held for the backup's acknowledgement",
         Kind::Gauge,
-        "/outputs_held",
+        Some(|s| s.outputs_held as f64),
+        None,
         1.0,
     ),
     m(
         "outputs_held_bytes",
         "Bytes of the outputs held",
         Kind::Gauge,
-        "/outputs_held_bytes",
+        Some(|s| s.outputs_held_bytes as f64),
+        None,
         1.0,
     ),
     m(
         "outputs_released",
         "Outputs released",
         Kind::Counter,
-        "/outputs_released",
+        Some(|s| s.outputs_released as f64),
+        None,
         1.0,
     ),
     m(
         "output_latency_p50_seconds",
         "Median time an output was held (last 4096)",
         Kind::Gauge,
-        "/output_latency_us/p50",
+        Some(|s| s.output_latency_us.p50 as f64),
+        None,
         1e-6,
     ),
     m(
         "output_latency_p99_seconds",
         "99th percentile of the time an output was held (last 4096)",
         Kind::Gauge,
-        "/output_latency_us/p99",
+        Some(|s| s.output_latency_us.p99 as f64),
+        None,
         1e-6,
     ),
     m(
         "throttled",
         "Times the vCPU was slowed because the backup lagged more than --max-lag",
         Kind::Counter,
-        "/lag/throttled",
+        Some(|s| s.lag.throttled as f64),
+        None,
         1.0,
     ),
     m(
         "kept_output_bytes",
         "Bytes of replayed output the backup keeps until the primary releases it",
         Kind::Gauge,
-        "/kept_output_bytes",
+        None,
+        Some(|s| s.kept_output_bytes as f64),
         1.0,
     ),
     m(
         "checkpoints",
         "Checkpoints recorded (a paused guest's dirty pages, where no exit came)",
         Kind::Counter,
-        "/checkpoints",
+        Some(|s| s.checkpoints as f64),
+        None,
         1.0,
     ),
     m(
         "checkpoint_bytes",
         "Bytes of the checkpoints recorded",
         Kind::Counter,
-        "/checkpoint_bytes",
+        Some(|s| s.checkpoint_bytes as f64),
+        None,
         1.0,
     ),
     m(
         "divergences",
         "Divergences the backup found",
         Kind::Counter,
-        "/divergences",
+        None,
+        Some(|s| s.divergences as f64),
         1.0,
     ),
     m(
         "resyncs",
         "Full snapshots sent (primary) or restored (backup) after a divergence",
         Kind::Counter,
-        "/resyncs",
+        Some(|s| s.resyncs as f64),
+        Some(|s| s.resyncs as f64),
         1.0,
     ),
     m(
         "attaches",
         "Backups attached",
         Kind::Counter,
-        "/attaches",
+        Some(|s| s.attaches as f64),
+        None,
         1.0,
     ),
     m(
         "backups_refused",
         "Backups refused (another attached, other machine flags, wrong key)",
         Kind::Counter,
-        "/backups_refused",
+        Some(|s| s.backups_refused as f64),
+        None,
         1.0,
     ),
     m(
         "switchovers",
         "Planned switchovers this primary handed its guest over in",
         Kind::Counter,
-        "/switchovers",
+        Some(|s| s.switchovers as f64),
+        None,
         1.0,
     ),
     m(
         "channel_sent_bytes",
         "Bytes sent on the logging channel",
         Kind::Counter,
-        "/channel/bytes_sent",
+        Some(|s| s.channel.bytes_sent as f64),
+        Some(|s| s.channel.bytes_sent as f64),
         1.0,
     ),
     m(
         "channel_received_bytes",
         "Bytes received on the logging channel",
         Kind::Counter,
-        "/channel/bytes_received",
+        Some(|s| s.channel.bytes_received as f64),
+        Some(|s| s.channel.bytes_received as f64),
         1.0,
     ),
     m(
         "channel_max_silence_seconds",
         "Longest gap between two messages from the peer",
         Kind::Gauge,
-        "/channel/max_silence_ms",
+        Some(|s| s.channel.max_silence_ms),
+        Some(|s| s.channel.max_silence_ms),
         1e-3,
     ),
     m(
         "uptime_seconds",
         "Seconds since this side became a primary",
         Kind::Gauge,
-        "/uptime_s",
+        Some(|s| s.uptime_s),
+        None,
         1.0,
     ),
 ];
 
 /// The metrics of one status document, in the OpenMetrics text format.
-pub(crate) fn render(status: &Value) -> String {
+pub(crate) fn render(status: &Status) -> String {
     let mut registry = Registry::with_prefix("ftvmm");
-    let role = status["role"].as_str().unwrap_or("unknown").to_string();
+    let role = status.role().to_string();
     let roles = Family::<Vec<(String, String)>, Gauge>::default();
     roles.get_or_create(&vec![("role".into(), role)]).set(1);
     registry.register(
@@ -257,11 +295,13 @@ pub(crate) fn render(status: &Value) -> String {
         "What this ftvmm is now: primary or backup (1 on the current role)",
         roles,
     );
-    let failovers = status["takeovers"].as_array().map_or(0, |t| {
-        t.iter()
-            .filter(|r| r["planned"] != Value::Bool(true))
-            .count() as u64
-    });
+    let (failovers, fenced_now) = match status {
+        Status::Primary(p) => (
+            p.takeovers.iter().filter(|r| !r.planned).count() as u64,
+            p.fenced.is_some(),
+        ),
+        Status::Backup(_) => (0, false),
+    };
     let c = Counter::<u64>::default();
     c.inc_by(failovers);
     registry.register(
@@ -270,21 +310,20 @@ pub(crate) fn render(status: &Value) -> String {
         c,
     );
     let fenced = Gauge::<i64>::default();
-    fenced.set(i64::from(!status["fenced"].is_null()));
+    fenced.set(i64::from(fenced_now));
     registry.register(
         "fenced",
         "1 once this side lost the lock and stopped",
         fenced,
     );
     for metric in METRICS {
-        let Some(v) = status.pointer(metric.pointer) else {
+        let value = match status {
+            Status::Primary(p) => metric.primary.map(|f| f(p)),
+            Status::Backup(b) => metric.backup.map(|f| f(b)),
+        };
+        let Some(value) = value.map(|v| v * metric.scale) else {
             continue;
         };
-        let value = match v {
-            Value::Bool(b) => f64::from(u8::from(*b)),
-            Value::Number(n) => n.as_f64().unwrap_or(0.0),
-            _ => continue,
-        } * metric.scale;
         match metric.kind {
             Kind::Gauge => {
                 let g = Gauge::<f64, AtomicU64>::default();
@@ -310,15 +349,15 @@ pub(crate) struct MetricsServer {
 }
 
 /// Starts the server `--metrics` asks for, if it does.
-pub(crate) fn serve(args: &Args, status: StatusFn) -> Result<Option<MetricsServer>, String> {
+pub(crate) fn serve(args: &Args, status: StatusFn) -> Result<Option<MetricsServer>, ServeError> {
     let Some(addr) = &args.metrics else {
         return Ok(None);
     };
     let listener =
-        TcpListener::bind(addr).map_err(|e| format!("--metrics: cannot listen on {addr}: {e}"))?;
+        TcpListener::bind(addr).map_err(socket(format!("--metrics: cannot listen on {addr}")))?;
     listener
         .set_nonblocking(true)
-        .map_err(|e| format!("--metrics {addr}: {e}"))?;
+        .map_err(socket(format!("--metrics {addr}")))?;
     let bound = listener
         .local_addr()
         .map_or_else(|_| addr.clone(), |a| a.to_string());
@@ -378,20 +417,39 @@ fn answer(mut stream: TcpStream, status: &StatusFn) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ft_pair::status::{PrimaryLag, PrimaryLog};
+    use ft_pair::TakeoverRecord;
 
     #[test]
     fn a_status_document_becomes_metrics() {
-        let status = serde_json::json!({
-            "role": "primary",
-            "protected": true,
-            "epoch": 3,
-            "lag": { "vtime_ns": 25_000_000u64, "records": 4, "throttled": 0 },
-            "log": { "sent": 10, "bytes": 4096 },
-            "outputs_held": 2,
-            "takeovers": [{ "epoch": 2 }],
-            "fenced": null,
-            "checkpoints": 7,
-        });
+        let status = Status::Primary(Box::new(PrimaryStatus {
+            role: "primary",
+            protected: true,
+            epoch: 3,
+            lag: PrimaryLag {
+                vtime_ns: 25_000_000,
+                records: 4,
+                throttled: 0,
+            },
+            log: PrimaryLog {
+                sent: 10,
+                bytes: 4096,
+                ..PrimaryLog::default()
+            },
+            outputs_held: 2,
+            takeovers: vec![TakeoverRecord {
+                at_unix_s: 0,
+                epoch: 2,
+                from: "10.0.0.1:7000".into(),
+                why: "the primary is lost".into(),
+                planned: false,
+                detect_ms: 0.0,
+                go_live_ms: 0.0,
+            }],
+            fenced: None,
+            checkpoints: 7,
+            ..PrimaryStatus::default()
+        }));
         let text = render(&status);
         for want in [
             "ftvmm_role{role=\"primary\"} 1",

@@ -5,109 +5,38 @@
 //! closes. Requests: `status`, `stop`, `switchover stop|backup`. An answer with an `"error"`
 //! field is a refusal. docs/OPERATIONS.md lists every field of the status.
 
+use ft_pair::api::{refusal, ApiFn, Request};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-/// What builds the status document.
-pub(crate) type StatusFn = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
-
-/// What the old primary does once its backup went live in a switchover.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub(crate) enum Then {
-    /// Stop (exit 0).
-    Stop,
-    /// Attach to the new primary as its backup.
-    Backup,
+/// Why the API socket or the metrics endpoint could not start.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ServeError {
+    /// cannot start the {name} thread: {source}
+    #[error("cannot start the {name} thread: {source}")]
+    Thread {
+        name: String,
+        source: std::io::Error,
+    },
+    /// API socket {0} is in use by another ftvmm
+    #[error("API socket {0} is in use by another ftvmm")]
+    InUse(String),
+    /// {context}: {source} (binding or setting up a socket)
+    #[error("{context}: {source}")]
+    Socket {
+        context: String,
+        source: std::io::Error,
+    },
 }
 
-impl Then {
-    pub(crate) fn as_str(self) -> &'static str {
-        match self {
-            Then::Stop => "stop",
-            Then::Backup => "backup",
-        }
-    }
-}
-
-/// One request on the API socket.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Request {
-    Status,
-    Stop,
-    Switchover(Then),
-}
-
-impl Request {
-    /// The request line for this request.
-    pub(crate) fn line(self) -> String {
-        match self {
-            Request::Status => "status".into(),
-            Request::Stop => "stop".into(),
-            Request::Switchover(then) => format!("switchover {}", then.as_str()),
-        }
-    }
-
-    fn parse(line: &str) -> Result<Request, String> {
-        let words: Vec<&str> = line.split_whitespace().collect();
-        match words.as_slice() {
-            ["status"] => Ok(Request::Status),
-            ["stop"] => Ok(Request::Stop),
-            ["switchover"] | ["switchover", "stop"] => Ok(Request::Switchover(Then::Stop)),
-            ["switchover", "backup"] => Ok(Request::Switchover(Then::Backup)),
-            _ => Err(format!(
-                "unknown request `{}`: try `status`, `stop` or `switchover stop|backup`",
-                line.trim()
-            )),
-        }
-    }
-}
-
-/// Answers requests: what a role serves on its API socket.
-pub(crate) type ApiFn = Arc<dyn Fn(Request) -> serde_json::Value + Send + Sync>;
-
-/// An error answer.
-pub(crate) fn refusal(why: impl std::fmt::Display) -> serde_json::Value {
-    serde_json::json!({ "error": why.to_string() })
-}
-
-/// A role whose answers change as it goes (a backup that goes live answers as a primary).
-#[derive(Clone)]
-pub(crate) struct SwappableApi(Arc<Mutex<ApiFn>>);
-
-impl SwappableApi {
-    pub(crate) fn new(api: ApiFn) -> SwappableApi {
-        SwappableApi(Arc::new(Mutex::new(api)))
-    }
-
-    /// Answers with `api` from now on.
-    pub(crate) fn set(&self, api: ApiFn) {
-        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = api;
-    }
-
-    /// The answering function (looked up at each request).
-    pub(crate) fn api(&self) -> ApiFn {
-        let me = self.0.clone();
-        Arc::new(move |req| {
-            let api = me.lock().unwrap_or_else(|e| e.into_inner()).clone();
-            api(req)
-        })
-    }
-}
-
-/// An API that answers only `status`.
-pub(crate) fn status_only(status: StatusFn, role: &'static str) -> ApiFn {
-    Arc::new(move |req| match req {
-        Request::Status => status(),
-        Request::Stop | Request::Switchover(_) => refusal(format!(
-            "this ftvmm is a {role}: send `{}` to the primary's API socket",
-            req.line()
-        )),
-    })
+/// A socket error with what was being done.
+pub(crate) fn socket(context: String) -> impl FnOnce(std::io::Error) -> ServeError {
+    move |source| ServeError::Socket { context, source }
 }
 
 /// A thread that accepts connections from a non-blocking listener (`accept`) and hands each
@@ -122,7 +51,7 @@ impl AcceptLoop {
         name: &str,
         mut accept: impl FnMut() -> std::io::Result<S> + Send + 'static,
         serve: impl Fn(S) + Send + 'static,
-    ) -> Result<AcceptLoop, String> {
+    ) -> Result<AcceptLoop, ServeError> {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let label = name.to_string();
@@ -142,7 +71,10 @@ impl AcceptLoop {
                     }
                 }
             })
-            .map_err(|e| format!("cannot start the {name} thread: {e}"))?;
+            .map_err(|source| ServeError::Thread {
+                name: name.to_string(),
+                source,
+            })?;
         Ok(AcceptLoop {
             stop,
             thread: Some(thread),
@@ -168,21 +100,20 @@ pub(crate) struct ApiServer {
 impl ApiServer {
     /// Serves `path`. A socket file left by a VMM that is gone is replaced; one that answers is
     /// in use, and refused.
-    pub(crate) fn start(path: &Path, api: ApiFn) -> Result<ApiServer, String> {
+    pub(crate) fn start(path: &Path, api: ApiFn) -> Result<ApiServer, ServeError> {
         if path.exists() {
             if UnixStream::connect(path).is_ok() {
-                return Err(format!(
-                    "API socket {} is in use by another ftvmm",
-                    path.display()
-                ));
+                return Err(ServeError::InUse(path.display().to_string()));
             }
             let _ = std::fs::remove_file(path);
         }
-        let listener = UnixListener::bind(path)
-            .map_err(|e| format!("cannot create API socket {}: {e}", path.display()))?;
+        let listener = UnixListener::bind(path).map_err(socket(format!(
+            "cannot create API socket {}",
+            path.display()
+        )))?;
         listener
             .set_nonblocking(true)
-            .map_err(|e| format!("API socket {}: {e}", path.display()))?;
+            .map_err(socket(format!("API socket {}", path.display())))?;
         let accept = AcceptLoop::spawn(
             "api-socket",
             move || listener.accept().map(|(stream, _)| stream),
@@ -226,34 +157,5 @@ fn answer(stream: UnixStream, api: &ApiFn) {
 impl Drop for ApiServer {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.path);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn requests_parse() {
-        assert_eq!(Request::parse("status\n"), Ok(Request::Status));
-        assert_eq!(Request::parse(" stop "), Ok(Request::Stop));
-        assert_eq!(
-            Request::parse("switchover"),
-            Ok(Request::Switchover(Then::Stop))
-        );
-        assert_eq!(
-            Request::parse("switchover backup"),
-            Ok(Request::Switchover(Then::Backup))
-        );
-        for r in [
-            Request::Status,
-            Request::Stop,
-            Request::Switchover(Then::Backup),
-        ] {
-            assert_eq!(Request::parse(&r.line()), Ok(r));
-        }
-        assert!(Request::parse("switchover sideways").is_err());
-        assert!(Request::parse("").is_err());
-        assert!(Request::parse("GET / HTTP/1.1").is_err());
     }
 }

@@ -23,8 +23,8 @@
 //! nothing more ever leaves; the VMM stops the guest). Without a lock the primary goes
 //! unprotected at once (and a partition could leave two live sides: the role warns).
 
-use crate::disk::{Disk, HeldWrites, ImageFile};
-use crate::log::{encode_frame, Header, LogError, Record, RecordSink, MAGIC};
+use ft_core::disk::{Disk, HeldWrites, ImageFile};
+use ft_core::log::{encode_frame, Header, LogError, Record, RecordSink, MAGIC};
 use logging_channel::{Connection, Msg};
 use std::collections::VecDeque;
 use std::io::{self, Write};
@@ -666,7 +666,7 @@ impl StreamSink {
     }
 
     fn track_time(&mut self, record: &Record) {
-        use crate::log::InputRec;
+        use ft_core::log::InputRec;
         let delta = match record {
             Record::Clock { delta } => *delta,
             Record::Poll {

@@ -7,7 +7,7 @@
 //!      +-------------------+<------------- acker thread <------------+
 //! ```
 
-use crate::replay::{KeptWrites, Progress};
+use ft_core::replay::{KeptWrites, Progress};
 use logging_channel::{Connection, Msg};
 use std::collections::VecDeque;
 use std::io::{self, Read};
@@ -286,13 +286,13 @@ const ACK_PERIOD: Duration = Duration::from_millis(20);
 /// A `Log` message's bytes are the frames LZ4-compressed (block format, uncompressed size
 /// first), at most one frame of the largest size and then some.
 fn unpack_batch(packed: &[u8]) -> Result<Vec<u8>, String> {
-    crate::log::unpack_lz4(packed, crate::log::MAX_FRAME as usize + (1 << 20))
+    ft_core::log::unpack_lz4(packed, ft_core::log::MAX_FRAME as usize + (1 << 20))
 }
 
 /// Whether a batch of log frames holds a record that produces an output (Output, DiskWrite,
 /// DiskFlush): a light scan of each frame's first payload byte, the record's variant index.
 fn batch_has_output(mut bytes: &[u8]) -> bool {
-    if bytes.starts_with(&crate::log::MAGIC) {
+    if bytes.starts_with(&ft_core::log::MAGIC) {
         bytes = &bytes[8..];
     }
     while !bytes.is_empty() {
@@ -319,7 +319,7 @@ fn batch_has_output(mut bytes: &[u8]) -> bool {
     false
 }
 
-/// The log stream as bytes, for the replayer's [`crate::log::LogReader`]: blocks until bytes
+/// The log stream as bytes, for the replayer's [`ft_core::log::LogReader`]: blocks until bytes
 /// arrive; end of file once the stream ended and everything received was read.
 pub struct StreamReader {
     link: Arc<BackupLink>,
@@ -362,7 +362,7 @@ impl Read for StreamReader {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::log::{encode_record, Record};
+    use ft_core::log::{encode_record, Record};
 
     #[test]
     fn batches_with_outputs_are_recognised() {
@@ -378,7 +378,7 @@ mod tests {
             crc: 2,
         }));
         assert!(batch_has_output(&loud));
-        let mut disk = crate::log::MAGIC.to_vec();
+        let mut disk = ft_core::log::MAGIC.to_vec();
         disk.extend(encode_record(&Record::DiskFlush));
         assert!(batch_has_output(&disk));
         assert!(!batch_has_output(&[0xff, 0xff]));

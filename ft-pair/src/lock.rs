@@ -30,9 +30,9 @@ pub enum LockError {
     /// The lock cannot be reached (file missing, storage or etcd down).
     #[error("lock {spec} is unreachable: {why}")]
     Unreachable {
-        /// The lock.
+        /// The lock as `--lock` named it (`file:PATH`, `etcd:...`).
         spec: String,
-        /// Why.
+        /// What the file system or etcd said.
         why: String,
     },
     /// The lock block holds something that is not a valid lock: it is left as it is.
@@ -40,19 +40,19 @@ pub enum LockError {
         "lock {spec} is corrupt ({why}); it was not overwritten: repair or recreate it by hand"
     )]
     Corrupt {
-        /// The lock.
+        /// The lock as `--lock` named it (`file:PATH`, `etcd:...`).
         spec: String,
-        /// What is wrong.
+        /// What is wrong with the block.
         why: String,
     },
     /// Another owner holds the lock.
     #[error("lock {spec} is held by {owner} at epoch {epoch}")]
     Held {
-        /// The lock.
+        /// The lock as `--lock` named it (`file:PATH`, `etcd:...`).
         spec: String,
-        /// Its owner.
+        /// Who holds it (role, host, process).
         owner: String,
-        /// Its epoch.
+        /// The epoch it holds it at.
         epoch: u64,
     },
     /// A `--lock` value that is not `file:PATH` or `etcd:ENDPOINTS/KEY`.
@@ -227,11 +227,34 @@ impl FileLock {
     }
 }
 
+/// Why a block is not a lock block, or a state cannot be written as one.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum BlockError {
+    /// owner name longer than 256 bytes
+    #[error("owner name longer than {MAX_OWNER} bytes")]
+    OwnerTooLong,
+    /// no FTVMLOCK magic: not an ftvmm lock block
+    #[error("no FTVMLOCK magic: not an ftvmm lock block")]
+    NoMagic,
+    /// checksum mismatch
+    #[error("checksum mismatch")]
+    Checksum,
+    /// block version {0}, this ftvmm knows 1
+    #[error("block version {0}, this ftvmm knows {BLOCK_VERSION}")]
+    Version(u16),
+    /// impossible owner length or state
+    #[error("impossible owner length or state")]
+    Impossible,
+    /// owner is not UTF-8
+    #[error("owner is not UTF-8")]
+    OwnerNotUtf8,
+}
+
 /// The block for `state` (an owner longer than 256 bytes is an error).
-pub fn encode_block(state: &LockState) -> Result<[u8; BLOCK], String> {
+pub fn encode_block(state: &LockState) -> Result<[u8; BLOCK], BlockError> {
     let owner = state.owner.as_bytes();
     if owner.len() > MAX_OWNER {
-        return Err(format!("owner name longer than {MAX_OWNER} bytes"));
+        return Err(BlockError::OwnerTooLong);
     }
     let mut b = [0u8; BLOCK];
     b[..8].copy_from_slice(MAGIC);
@@ -246,26 +269,24 @@ pub fn encode_block(state: &LockState) -> Result<[u8; BLOCK], String> {
 }
 
 /// The state a block holds, or why it is not a lock block.
-pub fn decode_block(b: &[u8; BLOCK]) -> Result<LockState, String> {
+pub fn decode_block(b: &[u8; BLOCK]) -> Result<LockState, BlockError> {
     if &b[..8] != MAGIC {
-        return Err("no FTVMLOCK magic: not an ftvmm lock block".into());
+        return Err(BlockError::NoMagic);
     }
     let crc = u32::from_le_bytes([b[508], b[509], b[510], b[511]]);
     if crc32c::crc32c(&b[..BLOCK - 4]) != crc {
-        return Err("checksum mismatch".into());
+        return Err(BlockError::Checksum);
     }
     let version = u16::from_le_bytes([b[8], b[9]]);
     if version != BLOCK_VERSION {
-        return Err(format!(
-            "block version {version}, this ftvmm knows {BLOCK_VERSION}"
-        ));
+        return Err(BlockError::Version(version));
     }
     let len = u16::from_le_bytes([b[20], b[21]]) as usize;
     if len > MAX_OWNER || b[10] > 1 {
-        return Err("impossible owner length or state".into());
+        return Err(BlockError::Impossible);
     }
     let owner = std::str::from_utf8(&b[22..22 + len])
-        .map_err(|_| "owner is not UTF-8".to_string())?
+        .map_err(|_| BlockError::OwnerNotUtf8)?
         .to_string();
     let mut epoch = [0u8; 8];
     epoch.copy_from_slice(&b[12..20]);

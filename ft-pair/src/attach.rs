@@ -1,0 +1,420 @@
+//! Attaching a backup to a running primary: both halves of the handshake and the live state
+//! transfer (docs/ARCHITECTURE.md, "Attaching a backup"; docs/PROTOCOL.md).
+//!
+//! ```text
+//!  backup                                  primary (pair manager)
+//!  connect, Hello{version, config} ------>  greet: version, one backup at a time, same machine
+//!                                  <------  Welcome (or Refused{reason})
+//!  zeroed RAM  <-- Transfer(Pages) round 1..n (dirty tracking on, the guest runs)
+//!  restore     <-- Transfer(Final{snapshot, epoch}) (the guest paused)
+//!  replay      <-- Log: header, Base, ...   (the guest resumes)
+//! ```
+
+use crate::backup::SlotDisk;
+use crate::error::PairError;
+use crate::primary::Manager;
+use ft_core::live::{LiveBoundary, SerialSource};
+use ft_core::log::Record;
+use logging_channel::{connect, ChannelConfig, Connection, Msg, PROTOCOL_VERSION};
+use std::io::IsTerminal;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use vmm::control::{VcpuEvent, VcpuResponse};
+use vmm::snapshot::Snapshot;
+use vmm::transfer::{read_pages, write_pages, TransferMsg, PAGES_PER_MESSAGE};
+use vmm::{Vm, VmConfig};
+
+/// How long the control thread waits for the vCPU to answer a request.
+pub(crate) const VCPU_ANSWER: Duration = Duration::from_secs(10);
+/// Pre-copy stops when a round leaves no more than this many pages dirty...
+const LAST_ROUND_PAGES: usize = 256;
+/// ...or after this many rounds.
+const MAX_ROUNDS: u32 = 12;
+
+/// What one attach measured.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct AttachReport {
+    /// The backup's address.
+    pub peer: String,
+    /// Pre-copy rounds.
+    pub rounds: u32,
+    /// Bytes of the transfer.
+    pub bytes: u64,
+    /// Pages sent.
+    pub pages: u64,
+    /// From the backup's hello to the resumed guest, ms.
+    pub total_ms: f64,
+    /// How long the guest was paused, ms.
+    pub pause_ms: f64,
+}
+
+// The primary's half: the pair manager greets a connection and transfers the VM.
+impl Manager {
+    /// A new connection: check it, then attach it or refuse it.
+    pub(crate) fn greet(&self, conn: Connection) {
+        let peer = conn.peer_addr();
+        let refuse = |reason: String| {
+            tracing::warn!("refused backup {peer}: {reason}");
+            self.pair.refused.fetch_add(1, Ordering::Relaxed);
+            let _ = conn.send(Msg::Refused { reason });
+            conn.close("refused");
+        };
+        let hello = match conn.recv_timeout(Duration::from_secs(5)) {
+            Ok(Some(Msg::Hello {
+                version,
+                config_hash,
+                config_summary,
+            })) => (version, config_hash, config_summary),
+            Ok(other) => {
+                return refuse(format!("expected Hello, got {other:?}"));
+            }
+            Err(e) => {
+                tracing::warn!("backup {peer} left before saying hello: {e}");
+                return;
+            }
+        };
+        if hello.0 != PROTOCOL_VERSION {
+            return refuse(format!(
+                "protocol version {} is not this primary's {PROTOCOL_VERSION}",
+                hello.0
+            ));
+        }
+        if let Some(current) = self.link.connection() {
+            return refuse(format!(
+                "this primary already has a backup ({}); stop it first",
+                current.peer_addr()
+            ));
+        }
+        if hello.1 != self.hash {
+            return refuse(format!(
+                "the machine flags differ: the primary has [{}], the backup has [{}]",
+                self.summary, hello.2
+            ));
+        }
+        if let Err(e) = conn.send(Msg::Welcome) {
+            tracing::warn!("backup {peer}: {e}");
+            return;
+        }
+        match self.attach(&conn) {
+            Ok(report) => {
+                tracing::warn!(
+                    "backup {peer} attached: {} rounds, {:.1} MiB in {:.0} ms, pause {:.1} ms: PROTECTED",
+                    report.rounds,
+                    report.bytes as f64 / (1 << 20) as f64,
+                    report.total_ms,
+                    report.pause_ms
+                );
+                self.pair.attaches.fetch_add(1, Ordering::Relaxed);
+                if let Ok(mut a) = self.pair.last_attach.lock() {
+                    *a = Some(report);
+                }
+            }
+            Err(e) => {
+                tracing::error!("attaching backup {peer} failed: {e}: still UNPROTECTED");
+                let _ = self.vcpu.request(VcpuEvent::StopDirtyTracking, VCPU_ANSWER);
+                conn.close(&e.to_string());
+            }
+        }
+    }
+
+    fn send_pages(
+        &self,
+        conn: &Connection,
+        round: u32,
+        pfns: &[u64],
+        report: &mut AttachReport,
+    ) -> Result<(), PairError> {
+        for chunk in pfns.chunks(PAGES_PER_MESSAGE) {
+            let pages = read_pages(&self.mem, chunk, round == 1);
+            if pages.is_empty() {
+                continue;
+            }
+            report.pages += pages.len() as u64;
+            let msg = TransferMsg::Pages { round, pages }.encode();
+            report.bytes += msg.len() as u64;
+            conn.send(Msg::Transfer(msg))?;
+        }
+        Ok(())
+    }
+
+    /// Live state transfer to a new backup (ARCHITECTURE.md, "Attaching a backup").
+    fn attach(&self, conn: &Connection) -> Result<AttachReport, PairError> {
+        let start = Instant::now();
+        let mut report = AttachReport {
+            peer: conn.peer_addr().to_string(),
+            ..AttachReport::default()
+        };
+        let progress = Progress::new(conn.peer_addr().to_string());
+        self.ask(VcpuEvent::StartDirtyTracking)?;
+        // Round 1: all of RAM (zero pages skipped: the backup starts from zeroed RAM).
+        let all: Vec<u64> = (0..self.ram_pages).collect();
+        let mut round = 1;
+        self.send_pages(conn, round, &all, &mut report)?;
+        progress.round(round, &report, start, 0);
+        let mut prev = usize::MAX;
+        loop {
+            let dirty = match self.ask(VcpuEvent::DirtyPages)? {
+                VcpuResponse::DirtyPages(p) => p,
+                other => return Err(PairError::UnexpectedAnswer(format!("{other:?}"))),
+            };
+            // Stop when few pages are left, when the set stops shrinking, or after a bound;
+            // what is left goes in the pause.
+            if dirty.len() <= LAST_ROUND_PAGES
+                || dirty.len() * 10 >= prev * 9
+                || round >= MAX_ROUNDS
+            {
+                // The pages of this harvest go in the final snapshot: give them back.
+                return self.finish_attach(conn, dirty, report, start, &progress);
+            }
+            prev = dirty.len();
+            round += 1;
+            self.send_pages(conn, round, &dirty, &mut report)?;
+            progress.round(round, &report, start, dirty.len());
+            if !conn.is_alive() {
+                return Err(PairError::BackupLost(
+                    conn.failure().unwrap_or_else(|| "connection lost".into()),
+                ));
+            }
+        }
+    }
+
+    fn finish_attach(
+        &self,
+        conn: &Connection,
+        leftover: Vec<u64>,
+        mut report: AttachReport,
+        start: Instant,
+        progress: &Progress,
+    ) -> Result<AttachReport, PairError> {
+        report.rounds = progress.rounds();
+        let pause = Instant::now();
+        self.ask(VcpuEvent::Pause)?;
+        let result = (|| {
+            let mut snap = match self.ask(VcpuEvent::Snapshot { full: false })? {
+                VcpuResponse::Snapshot(s) => s,
+                other => return Err(PairError::UnexpectedAnswer(format!("{other:?}"))),
+            };
+            // The last harvest's pages were taken out of the transfer set: add them.
+            let extra = read_pages(&self.mem, &leftover, false);
+            report.pages += (snap.pages.pages.len() + extra.len()) as u64;
+            snap.pages.pages.extend(extra);
+            let exits = snap.digest.count();
+            let msg = TransferMsg::Final {
+                snapshot: snap.encode(),
+                epoch: self.link.epoch(),
+            }
+            .encode();
+            report.bytes += msg.len() as u64;
+            conn.send(Msg::Transfer(msg))?;
+            // The log stream starts here: its header, then the base of the deltas after it.
+            self.link.attach(conn.clone());
+            let mut core = self.core.lock().unwrap_or_else(|e| e.into_inner());
+            let (rip, time_ns, _) = core.base();
+            core.write_record(&Record::Base {
+                rip,
+                time_ns,
+                exits,
+            })?;
+            core.flush()?;
+            Ok(())
+        })();
+        let resumed = self.ask(VcpuEvent::Resume);
+        report.pause_ms = pause.elapsed().as_secs_f64() * 1e3;
+        report.total_ms = start.elapsed().as_secs_f64() * 1e3;
+        let _ = self.ask(VcpuEvent::StopDirtyTracking);
+        progress.done(&report);
+        if let Err(e) = result {
+            self.link.detach(&e.to_string());
+            return Err(e);
+        }
+        resumed?;
+        Ok(report)
+    }
+}
+
+/// Attach progress: a line per round, or one line rewritten in place on a terminal.
+struct Progress {
+    peer: String,
+    tty: bool,
+    rounds: std::cell::Cell<u32>,
+}
+
+impl Progress {
+    fn new(peer: String) -> Progress {
+        Progress {
+            peer,
+            tty: std::io::stderr().is_terminal(),
+            rounds: std::cell::Cell::new(0),
+        }
+    }
+
+    fn rounds(&self) -> u32 {
+        self.rounds.get()
+    }
+
+    fn round(&self, round: u32, r: &AttachReport, start: Instant, dirty: usize) {
+        self.rounds.set(round);
+        let secs = start.elapsed().as_secs_f64().max(1e-3);
+        let mib = r.bytes as f64 / (1 << 20) as f64;
+        let line = format!(
+            "attach {}: round {round}: {} pages, {mib:.1} MiB sent, {:.1} MiB/s, {} pages dirty",
+            self.peer,
+            r.pages,
+            mib / secs,
+            dirty
+        );
+        if self.tty {
+            eprint!("\r\x1b[2K{line}");
+        } else {
+            tracing::info!("{line}");
+        }
+    }
+
+    fn done(&self, r: &AttachReport) {
+        if self.tty {
+            eprintln!();
+        }
+        tracing::info!(
+            "attach {}: done in {:.0} ms, {} pages, pause {:.1} ms",
+            self.peer,
+            r.total_ms,
+            r.pages,
+            r.pause_ms
+        );
+    }
+}
+
+/// The backup's half, up to the point where the log stream starts: the VM as the primary had
+/// it at the attach, restored, with its disk still to be served.
+pub(crate) struct Received {
+    pub(crate) conn: Connection,
+    pub(crate) vm: Vm,
+    pub(crate) slot: SlotDisk,
+    pub(crate) disk_size: u64,
+    /// The pair's epoch the primary attached this backup at.
+    pub(crate) epoch: u64,
+    pub(crate) attach_ms: u64,
+}
+
+/// Attaches to the primary at `addr` and receives its VM: hello, then the pre-copy rounds
+/// into zeroed RAM, then the final snapshot, restored.
+pub(crate) fn receive_vm(
+    addr: &str,
+    channel: ChannelConfig,
+    config: &VmConfig,
+    hash: u64,
+    summary: &str,
+    checkpoint_delta: bool,
+) -> Result<Received, PairError> {
+    let started = Instant::now();
+    let conn =
+        connect(addr, channel).map_err(PairError::channel(format!("cannot attach to {addr}")))?;
+    conn.send(Msg::Hello {
+        version: PROTOCOL_VERSION,
+        config_hash: hash,
+        config_summary: summary.to_string(),
+    })
+    .map_err(PairError::channel(format!("primary {addr}")))?;
+    match conn.recv_timeout(Duration::from_secs(30)) {
+        Ok(Some(Msg::Welcome)) => {}
+        Ok(Some(Msg::Refused { reason })) => {
+            return Err(PairError::Refused {
+                addr: addr.to_string(),
+                reason,
+            })
+        }
+        Ok(other) => return Err(unexpected(addr, format!("unexpected {other:?}"))),
+        Err(e) => return Err(PairError::channel(format!("primary {addr}"))(e)),
+    }
+    tracing::info!("attached to primary {addr}: receiving its VM");
+
+    // The VM is built before the stream exists; its disk is served by the replayer later.
+    let disk_size = match &config.disk {
+        Some(p) => std::fs::metadata(p)
+            .map_err(PairError::io(format!("disk image {}", p.display())))?
+            .len(),
+        None => 0,
+    };
+    let slot = SlotDisk {
+        slot: Arc::new(Mutex::new(None)),
+        size: disk_size,
+    };
+    let mut placeholder = LiveBoundary::new(SerialSource::None, Box::new(std::io::sink()));
+    let mut vm = Vm::new(
+        config,
+        &mut placeholder,
+        false,
+        Some(Box::new(slot.clone())),
+    )?;
+    vm.set_checkpoint_delta(checkpoint_delta);
+    vm.zero_memory()?;
+    let mem = vm.memory();
+    let (mut pages, mut bytes, mut round) = (0u64, 0u64, 0u32);
+    let tty = std::io::stderr().is_terminal();
+    let final_state = loop {
+        let msg = conn
+            .recv_timeout(Duration::from_secs(60))
+            .map_err(PairError::channel(format!(
+                "primary {addr} during the transfer"
+            )))?
+            .ok_or_else(|| unexpected(addr, "the transfer stalled".into()))?;
+        let Msg::Transfer(data) = msg else {
+            return Err(unexpected(
+                addr,
+                format!("unexpected {msg:?} during the transfer"),
+            ));
+        };
+        bytes += data.len() as u64;
+        match TransferMsg::decode(&data).map_err(|e| unexpected(addr, e))? {
+            TransferMsg::Pages { pages: p, round: r } => {
+                pages += p.len() as u64;
+                write_pages(&mem, &p).map_err(|e| unexpected(addr, e))?;
+                let secs = started.elapsed().as_secs_f64().max(1e-3);
+                let mib = bytes as f64 / (1 << 20) as f64;
+                let line = format!(
+                    "receiving from {addr}: round {r}: {pages} pages, {mib:.1} MiB, {:.1} MiB/s",
+                    mib / secs
+                );
+                if tty {
+                    eprint!("\r\x1b[2K{line}");
+                } else if r != round {
+                    tracing::info!("{line}");
+                }
+                round = r;
+            }
+            TransferMsg::Final { snapshot, epoch } => {
+                if tty {
+                    eprintln!();
+                }
+                break (snapshot, epoch);
+            }
+        }
+    };
+    let (final_state, epoch) = final_state;
+    let snap = Snapshot::decode(&final_state)?;
+    vm.restore(&snap)?;
+    drop(snap);
+    vmm::memory::trim_heap();
+    let attach_ms = started.elapsed().as_millis() as u64;
+    tracing::warn!(
+        "backup of {addr}: VM received ({pages} pages, {:.1} MiB in {attach_ms} ms); replaying",
+        bytes as f64 / (1 << 20) as f64
+    );
+    Ok(Received {
+        conn,
+        vm,
+        slot,
+        disk_size,
+        epoch,
+        attach_ms,
+    })
+}
+
+/// The primary did what the protocol does not allow there.
+fn unexpected(addr: &str, what: String) -> PairError {
+    PairError::Primary {
+        addr: addr.to_string(),
+        what,
+    }
+}

@@ -1,0 +1,217 @@
+//! The status of a node, as one typed document: `ftvmm ctl status` prints it (JSON) and the
+//! metrics endpoint reads it, so the two never disagree and a field cannot go missing from one
+//! of them without the compiler noticing. docs/OPERATIONS.md lists every field.
+
+use crate::attach::AttachReport;
+use crate::primary::TakeoverRecord;
+use serde::Serialize;
+
+/// What a node reports: a primary's document, or a backup's.
+#[derive(Clone, Debug, Serialize)]
+#[serde(untagged)]
+pub enum Status {
+    /// A primary (also a backup that went live).
+    Primary(Box<PrimaryStatus>),
+    /// A backup following its primary.
+    Backup(Box<BackupStatus>),
+}
+
+impl Status {
+    /// `primary` or `backup`.
+    pub fn role(&self) -> &'static str {
+        match self {
+            Status::Primary(_) => "primary",
+            Status::Backup(_) => "backup",
+        }
+    }
+
+    /// The document as JSON.
+    pub fn to_json(&self) -> serde_json::Value {
+        // A tree of plain fields: serialising it cannot fail (non-finite floats become null).
+        serde_json::to_value(self).unwrap_or(serde_json::Value::Null)
+    }
+}
+
+/// The channel's traffic, either side.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ChannelFigures {
+    /// Bytes sent on the logging channel.
+    pub bytes_sent: u64,
+    /// Bytes received on it.
+    pub bytes_received: u64,
+    /// Both directions, per second since the last status (primary only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bytes_per_s: Option<f64>,
+    /// Longest gap between two messages from the peer, ms.
+    pub max_silence_ms: f64,
+}
+
+/// A primary's log figures.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct PrimaryLog {
+    /// Records of the current stream sent.
+    pub sent: u64,
+    /// Records the backup holds.
+    pub received: u64,
+    /// Records the backup has replayed.
+    pub executed: u64,
+    /// Log bytes sent to backups, all streams.
+    pub bytes: u64,
+}
+
+/// How far the backup is behind, from the primary's side.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct PrimaryLag {
+    /// Records sent and not replayed.
+    pub records: u64,
+    /// Virtual time between the last record sent and the backup's replay, ns.
+    pub vtime_ns: u64,
+    /// Times the vCPU was slowed because the backup lagged.
+    pub throttled: u64,
+}
+
+/// Percentiles of the time outputs were held, us.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Latency {
+    /// Median.
+    pub p50: u64,
+    /// 99th percentile.
+    pub p99: u64,
+}
+
+/// A planned switchover this primary made.
+#[derive(Clone, Debug, Serialize)]
+pub struct SwitchoverReport {
+    /// Always `done`.
+    pub switchover: &'static str,
+    /// Where the new primary accepts backups.
+    pub new_primary: String,
+    /// What this side does next: `stop` or `backup`.
+    pub then: &'static str,
+    /// The epoch the guest was handed over at.
+    pub epoch: u64,
+    /// From the pause to the drained log, ms.
+    pub drain_ms: f64,
+    /// From the pause to the backup live, ms.
+    pub pause_ms: f64,
+}
+
+/// A primary's status.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct PrimaryStatus {
+    /// `primary`.
+    pub role: &'static str,
+    /// This host's KVM and the probe's findings (`vmm::host`).
+    pub host: vmm::host::HostStatus,
+    /// Where backups attach.
+    pub listen: String,
+    /// The attached backup.
+    pub peer: Option<String>,
+    /// A backup follows.
+    pub protected: bool,
+    /// `received` or `executed`.
+    pub ack_mode: &'static str,
+    /// Seconds since this side became a primary.
+    pub uptime_s: f64,
+    /// The log stream.
+    pub log: PrimaryLog,
+    /// The backup's lag.
+    pub lag: PrimaryLag,
+    /// Outputs held for the backup's acknowledgement.
+    pub outputs_held: u64,
+    /// Their bytes.
+    pub outputs_held_bytes: u64,
+    /// Outputs released.
+    pub outputs_released: u64,
+    /// How long outputs were held (the last 4096).
+    pub output_latency_us: Latency,
+    /// The channel to the backup.
+    pub channel: ChannelFigures,
+    /// Backups attached.
+    pub attaches: u64,
+    /// Backups refused.
+    pub backups_refused: u64,
+    /// Full snapshots sent after a divergence.
+    pub resyncs: u64,
+    /// Why the last backup was lost.
+    pub last_backup_lost: Option<String>,
+    /// The last attach's figures.
+    pub attach: Option<AttachReport>,
+    /// `unprotected`, `protected`, `arbitrating`, `fenced` or `handedover`.
+    pub mode: String,
+    /// The lock, if there is one.
+    pub lock: Option<String>,
+    /// The pair's epoch in the lock.
+    pub epoch: u64,
+    /// Takeovers this process made (as a backup that went live).
+    pub takeovers: Vec<TakeoverRecord>,
+    /// Why this side was fenced, once it was.
+    pub fenced: Option<String>,
+    /// Checkpoints recorded.
+    pub checkpoints: u64,
+    /// Their bytes.
+    pub checkpoint_bytes: u64,
+    /// Planned switchovers this primary made.
+    pub switchovers: u64,
+    /// The last one's figures.
+    pub last_switchover: Option<SwitchoverReport>,
+    /// Where the guest went in a switchover.
+    pub handed_over_to: Option<String>,
+}
+
+/// A backup's log figures.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct BackupLog {
+    /// Records received.
+    pub received: u64,
+    /// Records replayed.
+    pub executed: u64,
+    /// The primary released the outputs of records below this.
+    pub released: u64,
+    /// Bytes received and not replayed.
+    pub buffered_bytes: u64,
+}
+
+/// How far the replay is behind, from the backup's side.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct BackupLag {
+    /// Records received and not replayed.
+    pub records: u64,
+    /// Exits replayed.
+    pub exits_replayed: u64,
+    /// The replay's virtual time, ns.
+    pub vtime_ns: u64,
+}
+
+/// A backup's status.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct BackupStatus {
+    /// `backup`.
+    pub role: &'static str,
+    /// This host's KVM and the probe's findings (`vmm::host`).
+    pub host: vmm::host::HostStatus,
+    /// The primary.
+    pub peer: String,
+    /// Its stream has not ended.
+    pub protected: bool,
+    /// The log stream.
+    pub log: BackupLog,
+    /// The replay's lag.
+    pub lag: BackupLag,
+    /// Replayed disk writes kept until the primary releases them.
+    pub kept_writes: usize,
+    /// Bytes of replayed output kept.
+    pub kept_output_bytes: u64,
+    /// The channel to the primary.
+    pub channel: ChannelFigures,
+    /// Divergences found.
+    pub divergences: u64,
+    /// Full snapshots restored after a divergence.
+    pub resyncs: u64,
+    /// How long the attach took, ms.
+    pub attach_ms: u64,
+    /// Why the stream ended, once it did.
+    pub ended: Option<String>,
+    /// The pair's epoch the primary attached this backup at.
+    pub epoch: u64,
+}

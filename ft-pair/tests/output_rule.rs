@@ -1,0 +1,129 @@
+//! The output rule in one process, without KVM: a primary's link and a backup's receiver on a
+//! loopback logging channel. An output waits for the backup's acknowledgement of the record
+//! that produced it, and leaves once the backup holds the log up to it.
+
+use ft_core::log::{Header, LogReader, Record, RecordSink, VERSION};
+use ft_core::replay::{KeptWrites, Progress};
+use ft_pair::link::{AckMode, HeldSerial, Link, StreamSink};
+use ft_pair::receiver::BackupLink;
+use logging_channel::{connect, ChannelConfig, Listener, Psk};
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// A serial line the test can read.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Captured {
+    fn get(&self) -> Vec<u8> {
+        self.0.lock().unwrap().clone()
+    }
+
+    fn wait_for(&self, want: &[u8], limit: Duration) -> bool {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if self.get() == want {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        false
+    }
+}
+
+fn channel() -> ChannelConfig {
+    ChannelConfig::new(Psk::from_bytes(&[7u8; 32]).unwrap())
+}
+
+#[test]
+fn an_output_leaves_once_the_backup_holds_its_record() {
+    let header = Header {
+        version: VERSION,
+        config_hash: 42,
+        config_summary: "test".into(),
+        rtc_epoch: 0,
+        mechanisms: None,
+    };
+    let link = Link::new(header, AckMode::Received, Duration::from_secs(1), None);
+    let serial = Captured::default();
+    let releaser = link
+        .start_releaser(Box::new(serial.clone()), None, None)
+        .unwrap();
+    let mut sink = StreamSink::new(link.clone());
+    let mut held = HeldSerial::new(link.clone());
+
+    // Unprotected, an output leaves at once.
+    sink.record(&Record::Clock { delta: 1 }).unwrap();
+    held.write_all(b"a").unwrap();
+    assert!(serial.wait_for(b"a", Duration::from_secs(5)));
+
+    // A backup attaches (its receiver not started yet: it acknowledges nothing).
+    let listener = Listener::bind("127.0.0.1:0", channel()).unwrap();
+    let addr = listener.local_addr().to_string();
+    let backup_end = std::thread::spawn(move || connect(&addr, channel()).unwrap());
+    let primary_end = listener
+        .accept_timeout(Duration::from_secs(10))
+        .expect("the backup connects");
+    let backup_end = backup_end.join().unwrap();
+    link.attach(primary_end);
+    assert!(link.protected());
+    sink.record(&Record::Base {
+        rip: 0x1000,
+        time_ns: 0,
+        exits: 0,
+    })
+    .unwrap();
+    let seq = sink
+        .record(&Record::Output {
+            kind: 0,
+            len: 1,
+            crc: crc32c::crc32c(b"b"),
+        })
+        .unwrap();
+    held.write_all(b"b").unwrap();
+    // Held: the backup has not acknowledged record `seq`.
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        serial.get(),
+        b"a",
+        "an output left before its acknowledgement"
+    );
+    assert_eq!(
+        link.stats.held.load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+
+    // The backup's receiver starts: it acknowledges what it holds, and the output leaves.
+    let progress = Arc::new(Progress::default());
+    let kept = Arc::new(Mutex::new(KeptWrites::default()));
+    let (backup, _threads) = BackupLink::start(backup_end, progress, kept).unwrap();
+    assert!(serial.wait_for(b"ab", Duration::from_secs(10)));
+    assert!(backup.received() > seq);
+
+    // What the backup holds is the stream: the header, then the records in order.
+    let (mut reader, got) = LogReader::new(backup.reader()).unwrap();
+    assert_eq!(got.config_hash, 42);
+    assert!(matches!(
+        reader.read_record().unwrap(),
+        Some(Record::Base { rip: 0x1000, .. })
+    ));
+    assert!(matches!(
+        reader.read_record().unwrap(),
+        Some(Record::Output { len: 1, .. })
+    ));
+
+    backup.stop("test over");
+    releaser.finish(Duration::from_millis(100));
+}
