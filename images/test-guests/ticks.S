@@ -21,7 +21,11 @@
 .ifdef TICKS_LONG
 .equ LAST, 1000                 # ticks-long.elf: ten seconds, for attaching a backup to it
 .else
+.ifdef TICKS_MINUTE
+.equ LAST, 6000                 # ticks-minute.elf: a minute, for switching a pair back and forth
+.else
 .equ LAST, 100
+.endif
 .endif
 
 .text
