@@ -221,8 +221,35 @@ pub fn pack_disk_data(data: &[u8]) -> Vec<u8> {
 }
 
 /// Decompresses [`Record::DiskRead`] data, refusing a claimed size above [`MAX_DISK_READ`].
-pub fn unpack_disk_data(packed: &[u8]) -> Result<Vec<u8>, String> {
-    unpack_lz4(packed, MAX_DISK_READ).map_err(|e| format!("disk read data: {e}"))
+pub fn unpack_disk_data(packed: &[u8]) -> Result<Vec<u8>, UnpackError> {
+    unpack_lz4(packed, MAX_DISK_READ)
+}
+
+/// Why an LZ4 block with a size prefix ([`unpack_lz4`]) was refused.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum UnpackError {
+    /// Fewer than the four bytes of the size prefix.
+    #[error("shorter than its size prefix")]
+    NoSize,
+    /// A claimed size above what the caller accepts.
+    #[error("claims {claimed} bytes uncompressed, more than {max}")]
+    TooLarge {
+        /// What the prefix says.
+        claimed: usize,
+        /// The caller's limit.
+        max: usize,
+    },
+    /// A claimed size LZ4 cannot expand the rest to.
+    #[error("claims {claimed} bytes uncompressed from {compressed} compressed, more than LZ4 can expand to")]
+    Impossible {
+        /// What the prefix says.
+        claimed: usize,
+        /// The compressed bytes after the prefix.
+        compressed: usize,
+    },
+    /// The block itself is corrupt.
+    #[error("LZ4: {0}")]
+    Lz4(String),
 }
 
 /// Decompresses an LZ4 block that starts with its uncompressed size (u32 little-endian), as
@@ -230,24 +257,23 @@ pub fn unpack_disk_data(packed: &[u8]) -> Result<Vec<u8>, String> {
 /// above `max`, or above what LZ4 can expand the rest to (255 times: one token byte, then
 /// length bytes of 255), is refused before anything is allocated. The one check for snapshots,
 /// transfer messages, log batches and disk-read data.
-pub fn unpack_lz4(packed: &[u8], max: usize) -> Result<Vec<u8>, String> {
+pub fn unpack_lz4(packed: &[u8], max: usize) -> Result<Vec<u8>, UnpackError> {
     let claimed = packed
         .get(..4)
         .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
-        .ok_or("shorter than its size prefix")?;
+        .ok_or(UnpackError::NoSize)?;
     if claimed > max {
-        return Err(format!(
-            "claims {claimed} bytes uncompressed, more than {max}"
-        ));
+        return Err(UnpackError::TooLarge { claimed, max });
     }
-    let most = (packed.len() - 4).saturating_mul(255).saturating_add(16);
+    let compressed = packed.len() - 4;
+    let most = compressed.saturating_mul(255).saturating_add(16);
     if claimed > most {
-        return Err(format!(
-            "claims {claimed} bytes uncompressed from {} compressed, more than LZ4 can expand to",
-            packed.len() - 4
-        ));
+        return Err(UnpackError::Impossible {
+            claimed,
+            compressed,
+        });
     }
-    lz4_flex::decompress_size_prepended(packed).map_err(|e| format!("LZ4: {e}"))
+    lz4_flex::decompress_size_prepended(packed).map_err(|e| UnpackError::Lz4(e.to_string()))
 }
 
 /// Where a recorder's records go: a log file, or the logging channel to a backup. Each record

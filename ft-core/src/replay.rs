@@ -626,17 +626,19 @@ impl<R: Read + Send> Disk for ReplayDisk<R> {
         let mut core = lock(&self.core);
         let got = format!("a disk read of {} bytes at byte {offset}", buf.len());
         let data = match &core.next {
-            Some(Record::DiskRead { offset: o, data }) if *o == offset => unpack_disk_data(data),
-            _ => Err(String::new()),
+            Some(Record::DiskRead { offset: o, data }) if *o == offset => {
+                unpack_disk_data(data).ok()
+            }
+            _ => None,
         };
         match data {
-            Ok(d) if d.len() == buf.len() => {
+            Some(d) if d.len() == buf.len() => {
                 buf.copy_from_slice(&d);
                 core.advance()
                     .map_err(|e| io::Error::other(e.to_string()))?;
                 Ok(())
             }
-            Ok(_) | Err(_) => {
+            Some(_) | None => {
                 let e = core.diverge(got);
                 core.pending.get_or_insert(e);
                 Err(diverged())

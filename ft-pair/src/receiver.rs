@@ -285,7 +285,7 @@ const ACK_PERIOD: Duration = Duration::from_millis(20);
 
 /// A `Log` message's bytes are the frames LZ4-compressed (block format, uncompressed size
 /// first), at most one frame of the largest size and then some.
-fn unpack_batch(packed: &[u8]) -> Result<Vec<u8>, String> {
+fn unpack_batch(packed: &[u8]) -> Result<Vec<u8>, ft_core::log::UnpackError> {
     ft_core::log::unpack_lz4(packed, ft_core::log::MAX_FRAME as usize + (1 << 20))
 }
 

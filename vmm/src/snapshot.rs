@@ -593,8 +593,8 @@ impl Snapshot {
     /// Decodes what [`Snapshot::encode`] made.
     pub fn decode(bytes: &[u8]) -> Result<Snapshot, SnapshotError> {
         // A corrupt or hostile size prefix must not make the VMM allocate gigabytes.
-        let raw =
-            ft_core::log::unpack_lz4(bytes, MAX_SNAPSHOT_BYTES).map_err(SnapshotError::Decode)?;
+        let raw = ft_core::log::unpack_lz4(bytes, MAX_SNAPSHOT_BYTES)
+            .map_err(|e| SnapshotError::Decode(e.to_string()))?;
         postcard::from_bytes(&raw).map_err(|e| SnapshotError::Decode(e.to_string()))
     }
 
