@@ -823,16 +823,23 @@ pub struct Hosts {
 }
 
 fn ip(args: &[&str]) -> Result<(), String> {
-    let out = Command::new("ip")
-        .args(args)
+    let mut argv = vec!["ip"];
+    argv.extend(args);
+    sh(&argv)
+}
+
+/// Runs `argv` (a network set-up command): Ok when it succeeded, else what it printed.
+pub fn sh(argv: &[&str]) -> Result<(), String> {
+    let out = Command::new(argv[0])
+        .args(&argv[1..])
         .output()
-        .map_err(|e| format!("ip: {e}"))?;
+        .map_err(|e| format!("{}: {e}", argv[0]))?;
     if out.status.success() {
         Ok(())
     } else {
         Err(format!(
-            "ip {}: {}",
-            args.join(" "),
+            "{}: {}",
+            argv.join(" "),
             String::from_utf8_lossy(&out.stderr).trim()
         ))
     }
@@ -1041,6 +1048,106 @@ pub fn numbers(out: &str, prefix: &str, suffix: &str) -> Vec<u64> {
 /// Whether `v` counts up by one.
 pub fn consecutive(v: &[u64]) -> bool {
     v.windows(2).all(|w| w[1] == w[0] + 1)
+}
+
+/// A real etcd (Debian's `etcd-server`): the lock service of a pair. It listens on `addr`:2379
+/// (inside network namespace `netns` when given), keeps its data in `dir`/etcd (emptied first)
+/// and its log in `dir`/etcd.log; it is killed (only it) when dropped.
+pub struct Etcd {
+    child: std::process::Child,
+    /// `ADDR:2379`, for `--lock etcd:ENDPOINT/KEY`.
+    pub endpoint: String,
+}
+
+impl Etcd {
+    /// Starts it and waits until it accepts connections.
+    pub fn start(netns: Option<&str>, addr: &str, peer_port: u16, dir: &Path) -> Etcd {
+        let bin = ["/usr/bin/etcd", "/usr/local/bin/etcd"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .expect("etcd not installed: scripts/test installs etcd-server (apt-get install etcd-server)");
+        let endpoint = format!("{addr}:2379");
+        let peer = format!("http://{addr}:{peer_port}");
+        let data = dir.join("etcd");
+        let _ = std::fs::remove_dir_all(&data);
+        let in_ns = |cmd: &str| {
+            let mut c = Command::new(if netns.is_some() { "ip" } else { cmd });
+            if let Some(ns) = netns {
+                c.args(["netns", "exec", ns, cmd]);
+            }
+            c
+        };
+        let child = in_ns(bin)
+            .args(["--name", "ftvmm-test", "--data-dir"])
+            .arg(&data)
+            .args(["--listen-client-urls", &format!("http://{endpoint}")])
+            .args(["--advertise-client-urls", &format!("http://{endpoint}")])
+            .args(["--listen-peer-urls", &peer])
+            .args(["--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", &format!("ftvmm-test={peer}")])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("etcd.log")).expect("etcd log"))
+            .spawn()
+            .expect("start etcd");
+        let etcd = Etcd { child, endpoint };
+        // Wait until it answers, from where its clients are.
+        let start = Instant::now();
+        while !in_ns("bash")
+            .arg("-c")
+            .arg(format!("exec 3<>/dev/tcp/{addr}/2379"))
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+        {
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "etcd did not start"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        etcd
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A failover trial of the Linux `counter` workload: `before` (the dead primary's serial
+/// output) and `after` (the new primary's) joined count 1, 2, 3... with no gap, and the new
+/// primary printed at least five more.
+pub fn assert_counter_across(trial: usize, before: &str, after: &str) {
+    let ok = joins(before, after).iter().any(|s| {
+        let n = numbers(s, "n=", "");
+        !n.is_empty()
+            && n[0] == 1
+            && consecutive(&n)
+            && n.len() >= numbers(before, "n=", "").len() + 5
+    });
+    assert!(
+        ok,
+        "trial {trial}: the counter has a gap, a wrong value or stopped\n--- before ---\n{before}\n--- after ---\n{after}"
+    );
+}
+
+/// A failover trial of the Linux `diskwrite` workload: the client's `record N synced` lines
+/// across both primaries have no gap, and every record the client saw synced is on `disk`.
+pub fn assert_synced_records_kept(trial: usize, before: &str, after: &str, disk: &Path) {
+    let seen = joins(before, after)
+        .iter()
+        .map(|s| numbers(s, "record ", " synced"))
+        .find(|n| !n.is_empty() && n[0] == 1 && consecutive(n));
+    let Some(&last_seen) = seen.as_ref().and_then(|n| n.last()) else {
+        panic!("trial {trial}: the client's record lines have a gap\n--- before ---\n{before}\n--- after ---\n{after}");
+    };
+    let on_disk = records_on_disk(disk);
+    assert!(
+        on_disk >= last_seen,
+        "trial {trial}: the client saw record {last_seen} synced, the disk holds 1..{on_disk}"
+    );
 }
 
 /// The records the Linux guest's `diskwrite` left on `disk`: record n at sector n-1, valid,

@@ -10,9 +10,9 @@
 //! `FTVMM_FAILOVER_TRIALS=N` runs N kill trials of each Linux workload instead of the default.
 
 use ftvmm_tests::{
-    assert_ticks_across, consecutive, ctl_status, joins, json_number, key_file, linux_machine,
-    linux_ready, numbers, records_on_disk, scratch, test_guest, ticks_upto, Ftvmm, Hosts, Proc,
-    Run, LINUX_CMDLINE,
+    assert_counter_across, assert_synced_records_kept, assert_ticks_across, ctl_status, joins,
+    json_number, key_file, linux_machine, linux_ready, scratch, test_guest, ticks_upto, Etcd,
+    Ftvmm, Hosts, Proc, Run, LINUX_CMDLINE,
 };
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -210,7 +210,8 @@ fn partition_trials(tag: &str, lock_for: impl Fn(&Path) -> String, trials: usize
         let dir = scratch(&format!("fo-part-{tag}-{trial}"));
         let hosts = Hosts::new(&format!("pt{trial}{}", &tag[..1]), 3);
         // With etcd, the lock service runs on host 2, reached over the storage network.
-        let etcd = (tag == "etcd").then(|| Etcd::start(&hosts, 2, &dir));
+        let etcd = (tag == "etcd")
+            .then(|| Etcd::start(Some(hosts.ns(2)), &hosts.storage_addr(2), 2380, &dir));
         let lock = match &etcd {
             Some(e) => format!("etcd:{}/ftvmm/trial{trial}", e.endpoint),
             None => lock_for(&dir),
@@ -356,72 +357,6 @@ fn a_corrupt_or_missing_lock_stops_the_side_that_needs_it_and_is_not_overwritten
     );
 }
 
-/// A real etcd (Debian's etcd-server) on a simulated host, listening on its storage-network
-/// address, its data in the test's scratch directory; stopped (by PID) on drop.
-struct Etcd {
-    child: std::process::Child,
-    endpoint: String,
-}
-
-impl Etcd {
-    fn start(hosts: &Hosts, host: usize, dir: &Path) -> Etcd {
-        let bin = ["/usr/bin/etcd", "/usr/local/bin/etcd"]
-            .into_iter()
-            .find(|p| Path::new(p).exists())
-            .expect("etcd not installed: scripts/test installs etcd-server (apt-get install etcd-server)");
-        let addr = hosts.storage_addr(host);
-        let endpoint = format!("{addr}:2379");
-        let peer = format!("http://{addr}:2380");
-        let child = std::process::Command::new("ip")
-            .args(["netns", "exec", hosts.ns(host), bin])
-            .args([
-                "--name",
-                "ftvmm-test",
-                "--data-dir",
-                dir.join("etcd").to_str().unwrap(),
-            ])
-            .args(["--listen-client-urls", &format!("http://{endpoint}")])
-            .args(["--advertise-client-urls", &format!("http://{endpoint}")])
-            .args(["--listen-peer-urls", &peer])
-            .args(["--initial-advertise-peer-urls", &peer])
-            .args(["--initial-cluster", &format!("ftvmm-test={peer}")])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(dir.join("etcd.log")).expect("etcd log"))
-            .spawn()
-            .expect("start etcd");
-        let etcd = Etcd {
-            child,
-            endpoint: endpoint.clone(),
-        };
-        // Wait until it answers, from inside its namespace.
-        let start = Instant::now();
-        loop {
-            let ok = std::process::Command::new("ip")
-                .args(["netns", "exec", hosts.ns(host), "bash", "-c"])
-                .arg(format!("exec 3<>/dev/tcp/{addr}/2379"))
-                .stderr(std::process::Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success());
-            if ok {
-                break;
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(30),
-                "etcd did not start"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        etcd
-    }
-}
-
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 // --- Linux workloads ----------------------------------------------------------------------
 
 fn linux_pair<'h>(hosts: &'h Hosts, dir: &Path, disk: &Path) -> Option<Pair<'h>> {
@@ -493,17 +428,7 @@ fn linux_counter_survives_the_primary_host_dying_at_random_moments() {
         else {
             return;
         };
-        let ok = joins(&before, &after).iter().any(|s| {
-            let n = numbers(s, "n=", "");
-            !n.is_empty()
-                && n[0] == 1
-                && consecutive(&n)
-                && n.len() >= numbers(&before, "n=", "").len() + 5
-        });
-        assert!(
-            ok,
-            "trial {trial}: the counter has a gap, a wrong value or stopped\n--- before ---\n{before}\n--- after ---\n{after}"
-        );
+        assert_counter_across(trial, &before, &after);
     }
 }
 
@@ -519,18 +444,6 @@ fn linux_diskwrite_survives_the_primary_host_dying_and_keeps_every_synced_record
         ) else {
             return;
         };
-        let seen = joins(&before, &after)
-            .iter()
-            .map(|s| numbers(s, "record ", " synced"))
-            .find(|n| !n.is_empty() && n[0] == 1 && consecutive(n));
-        let Some(seen) = seen else {
-            panic!("trial {trial}: the client's record lines have a gap\n--- before ---\n{before}\n--- after ---\n{after}");
-        };
-        let last_seen = *seen.last().unwrap();
-        let on_disk = records_on_disk(&disk);
-        assert!(
-            on_disk >= last_seen,
-            "trial {trial}: the client saw record {last_seen} synced, the disk holds 1..{on_disk}"
-        );
+        assert_synced_records_kept(trial, &before, &after, &disk);
     }
 }

@@ -16,8 +16,8 @@
 //! `FTVMM_MACHINES_REPORT=FILE` appends one JSON line per kill trial (the bench reads them).
 
 use ftvmm_tests::{
-    assert_ticks_across, consecutive, ftvmm_bin, joins, numbers, records_on_disk, root, test_guest,
-    LINUX_PROMPT,
+    assert_counter_across, assert_synced_records_kept, assert_ticks_across, consecutive, ftvmm_bin,
+    joins, numbers, root, sh, test_guest, Etcd, LINUX_PROMPT,
 };
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -35,22 +35,6 @@ fn skipped() -> bool {
         eprintln!("FTVMM_SKIP_STOCK is set: skipping the tests on real machines");
     }
     skip
-}
-
-fn sh(args: &[&str]) -> Result<(), String> {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .map_err(|e| format!("{}: {e}", args[0]))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "{}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
 }
 
 /// The two networks on this machine: a bridge each, a tap per host on each.
@@ -144,62 +128,18 @@ impl Drop for Lan {
     }
 }
 
-/// etcd on this machine, on the storage network.
-struct Etcd {
-    child: Child,
-    endpoint: String,
-    dir: PathBuf,
-}
-
-impl Etcd {
-    /// etcd for the machines of `lan`, its data (emptied first) in `target/machines`.
-    fn start(lan: &Lan) -> Etcd {
-        let dir = root()
-            .join("target/machines")
-            .join(format!("etcd-{}", lan.tag));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("etcd directory");
-        let bin = ["/usr/bin/etcd", "/usr/local/bin/etcd"]
-            .into_iter()
-            .find(|p| Path::new(p).exists())
-            .expect("etcd not installed: scripts/test installs etcd-server");
-        let endpoint = format!("{}:2379", lan.storage_gateway());
-        let peer = format!("http://127.0.0.1:{}", 24000 + lan.subnet);
-        let child = Command::new(bin)
-            .args(["--name", "arbiter", "--data-dir"])
-            .arg(dir.join("data"))
-            .args(["--listen-client-urls", &format!("http://{endpoint}")])
-            .args(["--advertise-client-urls", &format!("http://{endpoint}")])
-            .args(["--listen-peer-urls", &peer])
-            .args(["--initial-advertise-peer-urls", &peer])
-            .args(["--initial-cluster", &format!("arbiter={peer}")])
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.with_extension("log")).expect("etcd log"))
-            .spawn()
-            .expect("start etcd");
-        let etcd = Etcd {
-            child,
-            endpoint,
-            dir,
-        };
-        let start = Instant::now();
-        while std::net::TcpStream::connect(&etcd.endpoint).is_err() {
-            assert!(
-                start.elapsed() < Duration::from_secs(60),
-                "etcd did not start"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        etcd
-    }
-}
-
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+/// etcd on this machine, on the storage network of `lan`, its data in `target/machines`.
+fn etcd(lan: &Lan) -> Etcd {
+    let dir = root()
+        .join("target/machines")
+        .join(format!("etcd-{}", lan.tag));
+    std::fs::create_dir_all(&dir).expect("etcd directory");
+    Etcd::start(
+        None,
+        &lan.storage_gateway(),
+        24000 + lan.subnet as u16,
+        &dir,
+    )
 }
 
 /// One host: a stock-KVM machine running one command (ftvmm), its console in a file.
@@ -558,20 +498,10 @@ fn linux_counter_survives_its_primary_host_dying() {
     }
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let lan = Lan::new("c", 2);
-    let etcd = Etcd::start(&lan);
+    let etcd = etcd(&lan);
     for trial in 0..trials() {
         let (before, after, _) = linux_trial(&lan, &etcd, "counter", trial, "n=3\r\n", 12);
-        let ok = joins(&before, &after).iter().any(|s| {
-            let n = numbers(s, "n=", "");
-            !n.is_empty()
-                && n[0] == 1
-                && consecutive(&n)
-                && n.len() >= numbers(&before, "n=", "").len() + 5
-        });
-        assert!(
-            ok,
-            "trial {trial}: the counter has a gap, a wrong value or stopped\n--- before ---\n{before}\n--- after ---\n{after}"
-        );
+        assert_counter_across(trial, &before, &after);
     }
 }
 
@@ -582,23 +512,11 @@ fn linux_diskwrite_survives_its_primary_host_dying_and_keeps_every_synced_record
     }
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let lan = Lan::new("d", 2);
-    let etcd = Etcd::start(&lan);
+    let etcd = etcd(&lan);
     for trial in 0..trials() {
         let (before, after, disk) =
             linux_trial(&lan, &etcd, "diskwrite", trial, "record 1 synced\r\n", 2);
-        let seen = joins(&before, &after)
-            .iter()
-            .map(|s| numbers(s, "record ", " synced"))
-            .find(|n| !n.is_empty() && n[0] == 1 && consecutive(n));
-        let Some(seen) = seen else {
-            panic!("trial {trial}: the client's record lines have a gap\n--- before ---\n{before}\n--- after ---\n{after}");
-        };
-        let last_seen = *seen.last().unwrap();
-        let on_disk = records_on_disk(&disk);
-        assert!(
-            on_disk >= last_seen,
-            "trial {trial}: the client saw record {last_seen} synced, the disk holds 1..{on_disk}"
-        );
+        assert_synced_records_kept(trial, &before, &after, &disk);
     }
 }
 
@@ -612,7 +530,7 @@ fn a_partition_between_machines_leaves_exactly_one_live_side() {
     }
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let lan = Lan::new("p", 2);
-    let etcd = Etcd::start(&lan);
+    let etcd = etcd(&lan);
     let guest = test_guest("ticks-long").display().to_string();
     let shared = Shared::new("partition", &etcd, &["--kernel", &guest]);
     let input = ["--serial-input", "none"];
@@ -655,7 +573,7 @@ fn a_third_machine_reprotects_the_survivor_and_takes_over_from_it() {
     }
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let lan = Lan::new("r", 3);
-    let etcd = Etcd::start(&lan);
+    let etcd = etcd(&lan);
     let mut shared = Shared::new("reprotect", &etcd, &[]);
     shared.machine = linux_machine(&shared);
     std::fs::write(shared.path("input"), "/workloads/counter\n").unwrap();
