@@ -23,6 +23,7 @@
 //! | [`virtio`] | virtio-blk on virtio-mmio v2 | 0xd0000000, 4 KiB; IRQ 5 |
 
 #![deny(missing_docs)]
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 pub mod pic;
 pub mod pit;

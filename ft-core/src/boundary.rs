@@ -131,7 +131,8 @@ pub enum BoundaryError {
     /// stops and emits nothing more.
     #[error("this side may not go on: {why}; it stops and emits nothing more")]
     Fenced {
-        /// Why.
+        /// The arbitration's outcome or the failure that decided it, e.g. the lock's holder and
+        /// epoch, or "the live side could not be built".
         why: String,
     },
     /// Any other failure of the implementation, described.

@@ -6,6 +6,9 @@
 //! instruction stream this platform has (DESIGN.md section 2). Standalone runs use
 //! [`live::LiveBoundary`]; record, replay and the live backup are further implementations.
 
+#![deny(missing_docs)]
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
 pub mod boundary;
 pub mod disk;
 pub mod exit;

@@ -131,14 +131,16 @@ pub enum Record {
     },
     /// Inputs delivered by a poll.
     Poll {
-        /// Where.
+        /// The kind of point the poll ran at (after a synchronous exit, or at a kick); replay
+        /// delivers the input at the same kind of point.
         point: PointRec,
-        /// What.
+        /// The input delivered there.
         input: InputRec,
     },
     /// The input that woke a halted guest.
     Wake {
-        /// What.
+        /// The input the halted guest waited for: a step of virtual time, serial bytes or a
+        /// network frame.
         input: InputRec,
     },
     /// An interrupt injected.
@@ -310,10 +312,10 @@ impl<W: Write + Send> RecordSink for LogWriter<W> {
 /// Errors reading or writing a log.
 #[derive(Debug, Error)]
 pub enum LogError {
-    /// I/O.
+    /// Reading or writing the log's file or stream failed (the system's error).
     #[error("log I/O: {0}")]
     Io(#[from] io::Error),
-    /// Not a log.
+    /// The first bytes are not the log magic: the file is not an ftvmm event log.
     #[error("not an ftvmm log (bad magic)")]
     BadMagic,
     /// A version this build does not read.
@@ -359,7 +361,7 @@ pub enum LogError {
         frame: u64,
         /// Byte offset.
         offset: u64,
-        /// Why.
+        /// postcard's error (also used when the header cannot be encoded on write).
         why: String,
     },
 }

@@ -1,7 +1,7 @@
 //! How the pair fails. One enum for what stops a node or one of its operations
 //! ([`PairError`]), one for a switchover that did not happen ([`SwitchoverError`]), one for why
-//! a backup does not take over ([`NoTakeover`]). The doc comment of each variant is its
-//! message. The exit status is not decided here: a node's run ends in a [`crate::End`], which
+//! a backup does not take over ([`NoTakeover`]). Each variant's `#[error]` string is its
+//! message; its doc comment says when it happens. The exit status is not decided here: a node's run ends in a [`crate::End`], which
 //! the binary turns into one.
 
 use crate::arbitrate::Lost;
@@ -16,7 +16,8 @@ use vmm::VmError;
 /// What stops a node, or one of its operations.
 #[derive(Debug, Error)]
 pub enum PairError {
-    /// {0} (what the host could not open: serial line, tap, API socket, metrics)
+    /// The host side of a node could not be set up: the serial line, the tap device, the API
+    /// socket or the metrics endpoint (the binary's error, as it worded it).
     #[error("{0}")]
     Host(Box<dyn std::error::Error + Send + Sync>),
     /// The lock: opening, claiming, racing.
@@ -34,7 +35,8 @@ pub enum PairError {
     /// The logging channel.
     #[error(transparent)]
     Channel(#[from] ChannelError),
-    /// {context}: {source}
+    /// A logging-channel operation failed; `context` says which one (connecting to the primary,
+    /// sending a page round, ...).
     #[error("{context}: {source}")]
     ChannelAt {
         /// What was being done.
@@ -42,7 +44,8 @@ pub enum PairError {
         /// The channel's error.
         source: ChannelError,
     },
-    /// {context}: {source}
+    /// A system call failed outside the VM and the channel (starting a thread, opening a
+    /// file); `context` says what was being done.
     #[error("{context}: {source}")]
     Io {
         /// What was being done.
@@ -50,7 +53,8 @@ pub enum PairError {
         /// The system's error.
         source: io::Error,
     },
-    /// the primary {addr} refused this backup: {reason}
+    /// The primary answered this backup's `Hello` with `Refused`: another protocol version,
+    /// machine flags that differ, or a primary that already has a backup.
     #[error("the primary {addr} refused this backup: {reason}")]
     Refused {
         /// The primary.
@@ -58,7 +62,8 @@ pub enum PairError {
         /// What it said.
         reason: String,
     },
-    /// primary {addr}: {what} (the primary did what the protocol does not allow there)
+    /// The primary broke the protocol: a message out of place during the attach, or a log stream
+    /// the backup's replayer cannot read.
     #[error("primary {addr}: {what}")]
     Primary {
         /// The primary.
@@ -66,16 +71,19 @@ pub enum PairError {
         /// What it did.
         what: String,
     },
-    /// {0} (the channel to the backup failed)
+    /// The backup's connection died during an attach; the string is the channel's reason.
     #[error("{0}")]
     BackupLost(String),
-    /// {0} (the vCPU refused a request)
+    /// The vCPU thread answered a control request (pause, snapshot, dirty pages) with a refusal;
+    /// the string is its reason.
     #[error("{0}")]
     VcpuRefused(String),
-    /// the guest stopped
+    /// The vCPU thread had already stopped (the guest exited or failed) when a control request
+    /// reached it.
     #[error("the guest stopped")]
     GuestStopped,
-    /// unexpected answer {0}
+    /// The vCPU thread answered a control request with a response of another kind (a bug); the
+    /// string is that response, `Debug`-formatted.
     #[error("unexpected answer {0}")]
     UnexpectedAnswer(String),
 }
@@ -97,10 +105,12 @@ impl PairError {
 /// A planned switchover that did not happen, and where that leaves this side.
 #[derive(Debug, Error)]
 pub enum SwitchoverError {
-    /// no backup to hand over to: this primary is {0}
+    /// A switchover was asked for while the primary is not protected (no backup attached, or
+    /// one still attaching); the string is the primary's mode.
     #[error("no backup to hand over to: this primary is {0}")]
     NoBackup(String),
-    /// switchover to {peer} abandoned, the guest runs on here: {source}
+    /// The drain before the handover failed; the guest was resumed on this side, which stays the
+    /// primary.
     #[error("switchover to {peer} abandoned, the guest runs on here: {source}")]
     Abandoned {
         /// The backup's address.
@@ -108,13 +118,15 @@ pub enum SwitchoverError {
         /// What went wrong in the drain or the handover.
         source: Handover,
     },
-    /// {why}; this side is fenced
+    /// The handover was sent but the backup did not confirm it, and this side then lost the lock
+    /// (or could not reach it): its guest is stopped for good.
     #[error("{why}; this side is fenced")]
     Fenced {
         /// Why the backup did not take the guest.
         why: String,
     },
-    /// {why}; this side won the lock and runs on, UNPROTECTED
+    /// The handover was sent but the backup did not confirm it; this side won the lock and resumed
+    /// its guest, with no backup.
     #[error("{why}; this side won the lock and runs on, UNPROTECTED")]
     RunsOn {
         /// Why the backup did not take the guest.
@@ -128,25 +140,28 @@ pub enum SwitchoverError {
 /// Why a handover (the drain, then the backup's confirmation) failed.
 #[derive(Debug, Error)]
 pub enum Handover {
-    /// the backup was lost while the log drained
+    /// The backup's connection died, or the primary left protected mode, before the backup had
+    /// acknowledged the whole log.
     #[error("the backup was lost while the log drained")]
     LostWhileDraining,
-    /// the backup did not acknowledge the log within {0} s
+    /// The held output was not all released within the switchover limit; the number is that
+    /// limit, in seconds.
     #[error("the backup did not acknowledge the log within {0} s")]
     NotAcknowledged(u64),
-    /// it declined: {0}
+    /// The backup answered the handover with `Refused`; the string is its reason.
     #[error("it declined: {0}")]
     Declined(String),
-    /// it left: {0}
+    /// The backup closed the connection (a `Bye`) instead of confirming; the string is its reason.
     #[error("it left: {0}")]
     Left(String),
-    /// it did not confirm within {0} s
+    /// No `HandedOver` arrived within the switchover limit; the number is that limit, in seconds.
     #[error("it did not confirm within {0} s")]
     NotConfirmed(u64),
-    /// {0} (the channel failed)
+    /// The connection failed while sending the handover or waiting for its confirmation; the
+    /// string is the channel's reason.
     #[error("{0}")]
     Channel(String),
-    /// Flushing the log.
+    /// Flushing the log before the drain failed.
     #[error(transparent)]
     Boundary(#[from] BoundaryError),
 }
@@ -154,7 +169,8 @@ pub enum Handover {
 /// Why a backup does not go live at the end of its log.
 #[derive(Debug, Error)]
 pub enum NoTakeover {
-    /// {why}; without --lock a backup never takes over (it could not rule out a live primary)
+    /// The stream ended, and this backup has no `--lock` to arbitrate with, so it cannot rule out
+    /// a primary that still runs.
     #[error(
         "{why}; without --lock a backup never takes over (it could not rule out a live primary)"
     )]
@@ -162,7 +178,8 @@ pub enum NoTakeover {
         /// Why the stream ended.
         why: String,
     },
-    /// {why}; {lost} (the lock went to the other side, or could not be reached)
+    /// The stream ended and the race for the lock was lost: the other side holds it, or it could
+    /// not be reached.
     #[error("{why}; {lost}")]
     Lost {
         /// Why the stream ended.
@@ -172,7 +189,8 @@ pub enum NoTakeover {
         /// It was a planned switchover (the old primary stops anyway), not a loss.
         planned: bool,
     },
-    /// {0} (the primary closed the stream, or refused)
+    /// The primary ended the stream on purpose (a `Bye` or a refusal), so there is nothing to
+    /// take over; the string is its reason.
     #[error("{0}")]
     Ended(String),
 }

@@ -14,7 +14,8 @@
 //! [`config::PrimaryConfig`] or [`config::BackupConfig`], runs the node, and reports the
 //! [`Finished`] run.
 
-#![warn(missing_docs)]
+#![deny(missing_docs)]
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 pub mod api;
 pub mod arbitrate;

@@ -230,22 +230,26 @@ impl FileLock {
 /// Why a block is not a lock block, or a state cannot be written as one.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum BlockError {
-    /// owner name longer than 256 bytes
+    /// Encoding: the owner name does not fit in the block (more than 256 bytes of UTF-8).
     #[error("owner name longer than {MAX_OWNER} bytes")]
     OwnerTooLong,
-    /// no FTVMLOCK magic: not an ftvmm lock block
+    /// Decoding: the first 8 bytes are not `FTVMLOCK`, so the file or key holds something else
+    /// (or nothing was ever written there).
     #[error("no FTVMLOCK magic: not an ftvmm lock block")]
     NoMagic,
-    /// checksum mismatch
+    /// Decoding: the CRC32C in the last 4 bytes does not match the rest (a torn or corrupted
+    /// write).
     #[error("checksum mismatch")]
     Checksum,
-    /// block version {0}, this ftvmm knows 1
+    /// Decoding: the block was written in a layout version this build does not read (the number
+    /// is the block's version).
     #[error("block version {0}, this ftvmm knows {BLOCK_VERSION}")]
     Version(u16),
-    /// impossible owner length or state
+    /// Decoding: the checksum holds but the owner length exceeds 256 or the active flag is
+    /// neither 0 nor 1.
     #[error("impossible owner length or state")]
     Impossible,
-    /// owner is not UTF-8
+    /// Decoding: the owner bytes are not valid UTF-8.
     #[error("owner is not UTF-8")]
     OwnerNotUtf8,
 }

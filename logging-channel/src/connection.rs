@@ -32,6 +32,7 @@ const WRITE_BATCH: usize = 4 * MAX_PLAINTEXT;
 pub struct ChannelStats {
     /// On the wire: frame headers and Noise messages, handshake excluded.
     pub bytes_sent: u64,
+    /// On the wire, counted as `bytes_sent` is.
     pub bytes_received: u64,
     /// The longest time between two frames received, in microseconds: how close a healthy
     /// peer came to the timeout (what the failover timeout is chosen from).
@@ -40,6 +41,7 @@ pub struct ChannelStats {
     pub log_bytes_outstanding: u64,
     /// Messages of every kind, heartbeats and acks included.
     pub msgs_sent: u64,
+    /// Messages of every kind received, heartbeats and acks included.
     pub msgs_received: u64,
 }
 
@@ -288,6 +290,8 @@ impl Connection {
             .map_err(|_| self.dead_error())
     }
 
+    /// The other side's socket address (for a backup, the primary it connected to; for a
+    /// primary, the backup's source address and port).
     pub fn peer_addr(&self) -> SocketAddr {
         self.shared().peer
     }
@@ -415,6 +419,8 @@ impl Connection {
         self.recv_until(Some(Instant::now()))
     }
 
+    /// False once the connection has died for any reason (see [`Connection::recv`]); it never
+    /// comes back. Messages that arrived before may still be waiting in [`Connection::recv`].
     pub fn is_alive(&self) -> bool {
         self.shared().lock().death.is_none()
     }
@@ -425,6 +431,7 @@ impl Connection {
         self.shared().death().map(|d| d.reason)
     }
 
+    /// The connection's counters now (each read on its own, so not one consistent instant).
     pub fn stats(&self) -> ChannelStats {
         let shared = self.shared();
         ChannelStats {

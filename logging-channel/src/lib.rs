@@ -28,6 +28,9 @@
 //! backup.close("done");
 //! ```
 
+#![deny(missing_docs)]
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
 mod config;
 mod connection;
 mod error;

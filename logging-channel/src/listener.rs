@@ -45,6 +45,7 @@ impl Listener {
         })
     }
 
+    /// The address the listener is bound to, with the actual port when `bind` was given port 0.
     pub fn local_addr(&self) -> SocketAddr {
         self.local
     }

@@ -17,6 +17,7 @@ pub const MAX_MSG: usize = 1 << 30;
 pub enum Msg {
     /// Backup -> primary, the first message after the handshake.
     Hello {
+        /// The backup's [`PROTOCOL_VERSION`]; the primary refuses any other.
         version: u16,
         /// Hash of the configuration that must match for replay to work (guest image, RAM, CPUID
         /// profile...); the primary compares it with its own.
@@ -26,39 +27,65 @@ pub enum Msg {
     },
     /// Primary -> backup: the attach goes ahead.
     Welcome,
-    /// Either way, followed by a close.
-    Refused { reason: String },
+    /// Either way, followed by a close: the primary turns down an attach (another version,
+    /// other machine flags, a backup already attached), or a backup declines a `Handover`.
+    Refused {
+        /// Why, in words, for the other side's log.
+        reason: String,
+    },
     /// Opaque state-transfer payload (RAM pages, final state), primary -> backup.
     Transfer(Vec<u8>),
     /// Event-log frames `first_seq .. first_seq + frames`, primary -> backup.
     Log {
+        /// Sequence number of the first frame in `bytes`.
         first_seq: u64,
+        /// How many whole frames `bytes` holds.
         frames: u32,
+        /// The frames, opaque to the channel (ft-pair sends them LZ4-compressed); their size
+        /// counts against the flow-control buffer until acknowledged.
         bytes: Vec<u8>,
     },
     /// Backup -> primary, cumulative: the backup holds every frame with seq < `received`, has
     /// replayed every frame with seq < `executed`, and its guest's virtual time is `vtime_ns`.
     Ack {
+        /// One past the highest frame seq the backup holds.
         received: u64,
+        /// One past the highest frame seq the backup has replayed.
         executed: u64,
+        /// The backup guest's virtual time, in nanoseconds.
         vtime_ns: u64,
     },
     /// Primary -> backup: outputs produced by frames < `seq` have left the primary.
-    Released { seq: u64 },
+    Released {
+        /// Frames with a lower seq have had their outputs released.
+        seq: u64,
+    },
     /// Backup -> primary: the backup cannot go on from the stream and asks for a new transfer.
-    ResyncRequest { reason: String },
+    ResyncRequest {
+        /// What went wrong in the replay, e.g. a divergence, for the primary's log.
+        reason: String,
+    },
     /// Both ways, sent by the network task when nothing else went out for the heartbeat period.
     Heartbeat,
-    /// Clean close.
-    Bye { reason: String },
+    /// Clean close, either way; the receiver ends the connection as `Closed`, not `PeerLost`.
+    Bye {
+        /// Why the sender closes, for the other side's log.
+        reason: String,
+    },
     /// Primary -> backup, a planned switchover: the primary has paused its guest, every log
     /// frame and every `Released` marker went out before this, and its guest will never run
     /// again unless this backup declines. The backup replays to the end of the stream, takes
     /// the lock from `epoch` and goes live there.
-    Handover { epoch: u64 },
+    Handover {
+        /// The lock epoch the primary holds; the backup claims the lock from it.
+        epoch: u64,
+    },
     /// Backup -> primary: the backup went live after a [`Msg::Handover`] and accepts backups at
     /// `listen` (a port on an unspecified address means the address the primary reached it at).
-    HandedOver { listen: String },
+    HandedOver {
+        /// The new primary's listen address for backups, as `host:port`.
+        listen: String,
+    },
 }
 
 /// `msg` framed for the plaintext stream: `len: u32 LE` then `postcard(msg)`.

@@ -48,25 +48,25 @@ pub enum BootError {
     /// The kernel file cannot be opened.
     #[error("cannot open kernel {path}: {source}")]
     OpenKernel {
-        /// The path.
+        /// The `--kernel` path as given.
         path: String,
-        /// Why.
+        /// The open's error.
         source: std::io::Error,
     },
     /// linux-loader rejected the kernel.
     #[error("cannot load kernel {path}: {source} (ftvmm boots an uncompressed ELF: a vmlinux or a test guest)")]
     LoadKernel {
-        /// The path.
+        /// The `--kernel` path as given.
         path: String,
-        /// Why.
+        /// linux-loader's error (e.g. the file is not an ELF image).
         source: linux_loader::loader::Error,
     },
     /// The initrd cannot be read.
     #[error("cannot read initrd {path}: {source}")]
     ReadInitrd {
-        /// The path.
+        /// The `--initrd` path as given.
         path: String,
-        /// Why.
+        /// The read's error.
         source: std::io::Error,
     },
     /// The initrd does not fit in RAM above the kernel.
@@ -92,7 +92,7 @@ pub enum BootError {
     Write {
         /// Which structure.
         what: &'static str,
-        /// Why.
+        /// vm-memory's error (the structure's range is outside guest RAM).
         source: vm_memory::GuestMemoryError,
     },
 }

@@ -36,7 +36,7 @@ pub enum CompatError {
         text: String,
         /// Its bytes, hex.
         bytes: String,
-        /// Where.
+        /// The guest\'s instruction pointer (guest virtual address) at the exit.
         rip: u64,
     },
     /// KVM reported an internal error that is not an emulation failure.
@@ -44,25 +44,26 @@ pub enum CompatError {
     Internal {
         /// KVM's suberror code.
         suberror: u32,
-        /// Where.
+        /// The guest\'s instruction pointer (guest virtual address) at the exit.
         rip: u64,
     },
     /// The instruction's bytes or operand could not be read from guest memory.
     #[error("cannot read guest memory at virtual address {gva:#x} (rip {rip:#x}): {why}")]
     GuestMemory {
-        /// The address.
+        /// The guest virtual address that could not be read.
         gva: u64,
-        /// Where the guest was.
+        /// The guest's instruction pointer at the faulting instruction.
         rip: u64,
-        /// Why.
+        /// What failed: an unmapped page in the guest's page tables, or a guest physical
+        /// address outside RAM.
         why: String,
     },
-    /// A vCPU ioctl failed.
+    /// A vCPU register or state ioctl failed while completing an instruction.
     #[error("{what} failed: {source}")]
     Kvm {
-        /// Which.
+        /// The ioctl's name, e.g. `KVM_GET_REGS`.
         what: &'static str,
-        /// Why.
+        /// The errno KVM returned.
         source: kvm_ioctls::Error,
     },
 }

@@ -20,6 +20,9 @@
 //! - [`snapshot`]: snapshots, checkpoints, dirty-page sets.
 //! - [`transfer`]: the messages of a live state transfer to a backup.
 
+#![deny(missing_docs)]
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
 pub mod boot;
 pub mod compat;
 pub mod config;

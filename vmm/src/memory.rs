@@ -17,9 +17,10 @@ pub enum MemoryError {
     /// Cannot allocate guest RAM.
     #[error("cannot allocate {size} bytes of guest RAM: {reason}")]
     Allocate {
-        /// Requested size.
+        /// Requested size, in bytes.
         size: u64,
-        /// Why.
+        /// What failed: the size does not fit in this host's address space, or the mapping or
+        /// its madvise failed (the system's error).
         reason: String,
     },
     /// KVM refused the memory slot.

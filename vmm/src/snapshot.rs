@@ -29,23 +29,24 @@ const PAGE: u64 = 4096;
 /// Errors saving or restoring state.
 #[derive(Debug, Error)]
 pub enum SnapshotError {
-    /// A KVM ioctl failed.
+    /// A KVM ioctl that saves or restores vCPU or VM state failed.
     #[error("{what} failed: {source}")]
     Kvm {
-        /// Which.
+        /// The ioctl's name, e.g. `KVM_GET_REGS`.
         what: &'static str,
-        /// Why.
+        /// The errno KVM returned.
         source: kvm_ioctls::Error,
     },
-    /// Guest memory access failed.
+    /// Reading or writing a page of guest RAM for a snapshot failed.
     #[error("guest memory at {addr:#x}: {why}")]
     Memory {
-        /// Where.
+        /// The guest physical address of the access.
         addr: u64,
-        /// Why.
+        /// vm-memory's error.
         why: String,
     },
-    /// The snapshot does not decode.
+    /// The snapshot's bytes are not a valid encoded snapshot (truncated or corrupted); the
+    /// string is the decoder's error.
     #[error("snapshot does not decode: {0}")]
     Decode(String),
     /// Not a snapshot, or another version.
@@ -54,17 +55,17 @@ pub enum SnapshotError {
     /// The snapshot was taken of a different machine.
     #[error("snapshot was taken with {taken} of RAM, this VM has {ours}")]
     MemoryMismatch {
-        /// Its size.
+        /// The snapshot's guest RAM size, in bytes.
         taken: u64,
-        /// Ours.
+        /// This VM's guest RAM size, in bytes.
         ours: u64,
     },
-    /// File I/O.
+    /// Reading or writing a snapshot file failed.
     #[error("snapshot file {path}: {source}")]
     Io {
-        /// The file.
+        /// The file's path as given.
         path: String,
-        /// Why.
+        /// The system's error.
         source: std::io::Error,
     },
 }

@@ -119,9 +119,9 @@ pub enum TscError {
     /// The kernel file cannot be read.
     #[error("cannot read the kernel {path}: {source}")]
     Io {
-        /// The file.
+        /// The `--kernel` file as given.
         path: String,
-        /// Why.
+        /// The read's error.
         source: std::io::Error,
     },
     /// The kernel file is not an ELF64 x86-64 image the site finder understands.
@@ -133,7 +133,7 @@ pub enum TscError {
     /// A breakpoint fired on a site whose bytes are not the instruction found at setup.
     #[error("guest TSC site {rip:#x} ({function}) holds {bytes}, not RDTSC: the running kernel is not the --kernel file?")]
     NotRdtsc {
-        /// The site.
+        /// The site's guest virtual address.
         rip: u64,
         /// Its function.
         function: String,
@@ -143,17 +143,17 @@ pub enum TscError {
     /// The instruction's bytes could not be read from guest memory.
     #[error("cannot read the guest TSC site {rip:#x}: {why}")]
     GuestMemory {
-        /// The site.
+        /// The site's guest virtual address.
         rip: u64,
-        /// Why.
+        /// What failed: an unmapped page, or an address outside RAM.
         why: String,
     },
-    /// A vCPU ioctl failed.
+    /// A vCPU register or MSR ioctl failed while completing a TSC read.
     #[error("{what} failed: {source}")]
     Kvm {
-        /// Which.
+        /// The ioctl's name, e.g. `KVM_GET_REGS`.
         what: &'static str,
-        /// Why.
+        /// The errno KVM returned.
         source: kvm_ioctls::Error,
     },
     /// Reading the virtual clock failed (in replay: a divergence).

@@ -18,9 +18,17 @@ use kvm_bindings::{kvm_debug_exit_arch, kvm_interrupt};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use thiserror::Error;
 use vmm_sys_util::ioctl::ioctl_with_ref;
-use vmm_sys_util::ioctl_iow_nr;
 
-ioctl_iow_nr!(KVM_INTERRUPT, kvm_bindings::KVMIO, 0x86, kvm_interrupt);
+/// The KVM_INTERRUPT ioctl number, for the direct `ioctl_with_ref` call that injects an interrupt. `ioctl_iow_nr!` generates a
+/// `pub fn` and takes no attributes, so the function lives in this private module: it needs no
+/// docs and does not become part of the crate's API.
+mod ioctls {
+    use kvm_bindings::kvm_interrupt;
+    use vmm_sys_util::ioctl_iow_nr;
+
+    ioctl_iow_nr!(KVM_INTERRUPT, kvm_bindings::KVMIO, 0x86, kvm_interrupt);
+}
+use ioctls::KVM_INTERRUPT;
 
 /// How a run of the guest ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -33,7 +41,7 @@ pub enum Stop {
     Reset,
     /// The guest triple-faulted (`KVM_EXIT_SHUTDOWN`).
     TripleFault {
-        /// Where.
+        /// The guest\'s instruction pointer (guest virtual address) at the exit.
         rip: u64,
     },
     /// The VMM was asked to stop (SIGTERM or SIGINT).
@@ -81,12 +89,13 @@ pub enum VcpuState {
 /// Errors of the vCPU loop.
 #[derive(Debug, Error)]
 pub enum VcpuError {
-    /// A vCPU ioctl failed.
+    /// A vCPU ioctl of the loop failed (`KVM_RUN`, register access, interrupt injection,
+    /// guest debug).
     #[error("{what} failed: {source}")]
     Kvm {
-        /// Which.
+        /// The ioctl's name, e.g. `KVM_GET_REGS`.
         what: &'static str,
-        /// Why.
+        /// The errno KVM returned.
         source: kvm_ioctls::Error,
     },
     /// The boundary failed (input, output, or a replay mismatch).
@@ -101,7 +110,7 @@ pub enum VcpuError {
     /// An emulation failure happened with the compatibility paths off.
     #[error("KVM could not emulate the instruction at rip {rip:#x} and --kvm-compat is off")]
     EmulationFailure {
-        /// Where.
+        /// The guest\'s instruction pointer (guest virtual address) at the exit.
         rip: u64,
     },
     /// KVM stopped with an exit the platform has no use for.
@@ -109,7 +118,7 @@ pub enum VcpuError {
     UnexpectedExit {
         /// What KVM reported.
         what: String,
-        /// Where.
+        /// The guest\'s instruction pointer (guest virtual address) at the exit.
         rip: u64,
     },
 }

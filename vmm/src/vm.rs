@@ -32,35 +32,37 @@ pub enum VmError {
     /// A KVM ioctl failed while building the VM.
     #[error("{what} failed: {source}")]
     Kvm {
-        /// Which.
+        /// The ioctl's name, e.g. `KVM_GET_REGS`.
         what: &'static str,
-        /// Why.
+        /// The errno KVM returned.
         source: kvm_ioctls::Error,
     },
     /// Guest RAM size out of range.
     #[error("--memory {0} bytes is out of range: give between 4M and 3G")]
     MemorySize(u64),
-    /// Guest RAM.
+    /// Guest RAM could not be allocated or registered with KVM.
     #[error(transparent)]
     Memory(#[from] MemoryError),
-    /// Boot.
+    /// The kernel, initrd or boot structures could not be loaded into guest RAM.
     #[error(transparent)]
     Boot(#[from] BootError),
-    /// The disk image.
+    /// A disk image could not be opened, inspected or read (building the VM, or hashing the
+    /// image for the replay's configuration identity).
     #[error("cannot open disk image {path}: {source}")]
     Disk {
-        /// The path.
+        /// The image's path as given.
         path: String,
-        /// Why.
+        /// The open's error.
         source: std::io::Error,
     },
-    /// The boundary.
+    /// The determinism boundary failed outside the vCPU loop: the RTC epoch at build time, a
+    /// checkpoint, inputs taken at a kick, or the end of the run.
     #[error(transparent)]
     Boundary(#[from] BoundaryError),
-    /// The vCPU loop.
+    /// The vCPU loop stopped on an error.
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
-    /// Starting the kicker thread.
+    /// The OS refused to spawn the thread that kicks the vCPU out of long runs without exits.
     #[error("cannot start the vCPU kicker: {0}")]
     Kicker(#[source] std::io::Error),
     /// Saving or restoring a snapshot.

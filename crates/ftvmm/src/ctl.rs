@@ -82,28 +82,28 @@ const MAX_ANSWER: u64 = 1 << 20;
 /// Why `ftvmm ctl` got no answer it can use.
 #[derive(Debug, thiserror::Error)]
 enum CtlError {
-    /// cannot reach {path}: {source} (is an ftvmm running with --api-socket {path}?)
+    /// `connect` on the socket path failed: no such socket, or nobody listening on it.
     #[error("cannot reach {path}: {source} (is an ftvmm running with --api-socket {path}?)")]
     Unreachable {
         path: String,
         source: std::io::Error,
     },
-    /// {path}: {source} (not an ftvmm API socket?)
+    /// The request could not be written within 5 s.
     #[error("{path}: {source} (not an ftvmm API socket?)")]
     Send {
         path: String,
         source: std::io::Error,
     },
-    /// {path}: no answer: {source}
+    /// Reading the answer failed or timed out (30 s, 120 s for a switchover).
     #[error("{path}: no answer: {source}")]
     NoAnswer {
         path: String,
         source: std::io::Error,
     },
-    /// {0}: the socket closed without answering (not an ftvmm API socket?)
+    /// The peer closed the connection without writing a byte.
     #[error("{0}: the socket closed without answering (not an ftvmm API socket?)")]
     Closed(String),
-    /// {path}: the answer is not JSON: not an ftvmm API socket (it said: {said:?})
+    /// The answer does not parse as JSON; `said` holds its first 80 characters.
     #[error("{path}: the answer is not JSON: not an ftvmm API socket (it said: {said:?})")]
     NotJson { path: String, said: String },
 }

@@ -9,6 +9,8 @@
 //! crate); `ftvmm ctl` talks to a running one through its API socket ([`ctl`], served by
 //! [`status`]).
 
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
 mod cli;
 mod ctl;
 mod metrics;

@@ -17,16 +17,18 @@ use std::time::Duration;
 /// Why the API socket or the metrics endpoint could not start.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum ServeError {
-    /// cannot start the {name} thread: {source}
+    /// The OS refused to spawn a server thread (API or metrics; `name` is the thread's name).
     #[error("cannot start the {name} thread: {source}")]
     Thread {
         name: String,
         source: std::io::Error,
     },
-    /// API socket {0} is in use by another ftvmm
+    /// The API socket path exists and a connection to it succeeds: another VMM is serving it.
+    /// (A stale socket file that nobody answers on is replaced instead.)
     #[error("API socket {0} is in use by another ftvmm")]
     InUse(String),
-    /// {context}: {source} (binding or setting up a socket)
+    /// Binding the API socket or the metrics listener, or setting one up, failed; `context` says
+    /// which step.
     #[error("{context}: {source}")]
     Socket {
         context: String,

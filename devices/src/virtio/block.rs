@@ -109,10 +109,11 @@ pub enum BlockError {
         /// Disk size in sectors.
         capacity: u64,
     },
-    /// A write to a read-only disk.
+    /// The guest sent a write request (`VIRTIO_BLK_T_OUT`) to a device created read-only
+    /// (it offers `VIRTIO_BLK_F_RO`, so a correct driver never does); status IOERR.
     #[error("write to a read-only disk")]
     ReadOnly,
-    /// The backend failed.
+    /// The [`super::DiskBackend`] returned an error (host file I/O); status IOERR.
     #[error("disk I/O failed: {0}")]
     Io(#[from] io::Error),
     /// Guest memory could not be accessed.

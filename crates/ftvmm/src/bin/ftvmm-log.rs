@@ -1,6 +1,8 @@
 //! `ftvmm-log LOG`: prints an event log as text, one record a line, with the exit ordinal and
 //! absolute RIP and virtual time, so that two logs can be compared with `diff`.
 
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
 use ft_core::log::{decode_exit, LogReader, Record};
 use std::io::Write;
 use std::process::ExitCode;
