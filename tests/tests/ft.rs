@@ -6,8 +6,8 @@
 //! with `--log-level info`, a `state-digest=` (RAM, registers, devices) when the guest stops.
 
 use ftvmm_tests::{
-    ctl_status, json_number, key_file, linux_ready, scratch, test_guest, Ftvmm, Proc, Proxy, Run,
-    LINUX_CMDLINE, LINUX_PROMPT,
+    ctl_status, host, json_number, key_file, linux_ready, scratch, test_guest, Ftvmm, Proc, Proxy,
+    Run, LINUX_CMDLINE, LINUX_PROMPT,
 };
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -450,7 +450,15 @@ fn linux_under_ft_runs_a_workload_and_the_backup_ends_in_its_state() {
         pair.b.wait(Duration::from_secs(120)),
     );
     assert_same_end(&p, &b);
-    assert!(p.stat("checkpoints") > 0, "{}", p.stderr);
+    // Where guest kernel code is emulated slowly (the development hosts' kvm_pvm) the counter's
+    // timer ticks wait for a checkpoint; on a stock KVM the guest reaches an interruptible exit
+    // long before one is due, and a run may take none (docs/HARDWARE.md).
+    if host()["host"]["kvm"]
+        .as_str()
+        .is_some_and(|k| k.contains("kvm_pvm"))
+    {
+        assert!(p.stat("checkpoints") > 0, "{}", p.stderr);
+    }
 }
 
 fn sector(disk: &Path, n: u64) -> Vec<u8> {
