@@ -379,6 +379,30 @@ fn linux_machine(shared: &Shared) -> Vec<String> {
     .to_vec()
 }
 
+/// What every test here sets up: its networks and etcd, one test at a time. Dropped in this
+/// order: etcd, the networks, then the next test may start.
+struct Rig {
+    etcd: Etcd,
+    lan: Lan,
+    _one: std::sync::MutexGuard<'static, ()>,
+}
+
+impl Rig {
+    /// None when the tests on machines are skipped (`FTVMM_SKIP_STOCK`).
+    fn new(tag: &str, hosts: usize) -> Option<Rig> {
+        if skipped() {
+            return None;
+        }
+        let one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+        let lan = Lan::new(tag, hosts);
+        Some(Rig {
+            etcd: etcd(&lan),
+            lan,
+            _one: one,
+        })
+    }
+}
+
 /// How a failover went, seen from outside the hosts.
 struct Failover {
     /// From the SIGKILL of the primary's QEMU to the first byte of output from the new
@@ -505,29 +529,25 @@ fn linux_trial(
 
 #[test]
 fn linux_counter_survives_its_primary_host_dying() {
-    if skipped() {
+    let Some(rig) = Rig::new("c", 2) else {
         return;
-    }
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let lan = Lan::new("c", 2);
-    let etcd = etcd(&lan);
+    };
+    let (lan, etcd) = (&rig.lan, &rig.etcd);
     for trial in 0..trials() {
-        let (before, after, _) = linux_trial(&lan, &etcd, "counter", trial, "n=3\r\n", 12);
+        let (before, after, _) = linux_trial(lan, etcd, "counter", trial, "n=3\r\n", 12);
         assert_counter_across(trial, &before, &after);
     }
 }
 
 #[test]
 fn linux_diskwrite_survives_its_primary_host_dying_and_keeps_every_synced_record() {
-    if skipped() {
+    let Some(rig) = Rig::new("d", 2) else {
         return;
-    }
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let lan = Lan::new("d", 2);
-    let etcd = etcd(&lan);
+    };
+    let (lan, etcd) = (&rig.lan, &rig.etcd);
     for trial in 0..trials() {
         let (before, after, disk) =
-            linux_trial(&lan, &etcd, "diskwrite", trial, "record 1 synced\r\n", 2);
+            linux_trial(lan, etcd, "diskwrite", trial, "record 1 synced\r\n", 2);
         assert_synced_records_kept(trial, &before, &after, &disk);
     }
 }
@@ -537,19 +557,17 @@ fn linux_diskwrite_survives_its_primary_host_dying_and_keeps_every_synced_record
 /// would see as a contradiction.
 #[test]
 fn a_partition_between_machines_leaves_exactly_one_live_side() {
-    if skipped() {
+    let Some(rig) = Rig::new("p", 2) else {
         return;
-    }
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let lan = Lan::new("p", 2);
-    let etcd = etcd(&lan);
+    };
+    let (lan, etcd) = (&rig.lan, &rig.etcd);
     // A minute of guest: the backup's machine boots after the primary's guest started, and
     // `ticks-long` (10 s) once ended about a second after the attach, before the cut.
     let guest = test_guest("ticks-minute").display().to_string();
-    let shared = Shared::new("partition", &etcd, &["--kernel", &guest]);
+    let shared = Shared::new("partition", etcd, &["--kernel", &guest]);
     let input = ["--serial-input", "none"];
-    let mut p = shared.primary(&lan, 0, "p.serial", &input);
-    let mut b = shared.backup(&lan, 1, 0, "b.serial");
+    let mut p = shared.primary(lan, 0, "p.serial", &input);
+    let mut b = shared.backup(lan, 1, 0, "b.serial");
     wait_attached(&p, 1);
     std::thread::sleep(Duration::from_millis(
         300 + u64::from(std::process::id()) % 1500,
@@ -582,13 +600,11 @@ fn a_partition_between_machines_leaves_exactly_one_live_side() {
 /// host dies in turn, and the third carries on: the client's counter has no gap across both.
 #[test]
 fn a_third_machine_reprotects_the_survivor_and_takes_over_from_it() {
-    if skipped() {
+    let Some(rig) = Rig::new("r", 3) else {
         return;
-    }
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let lan = Lan::new("r", 3);
-    let etcd = etcd(&lan);
-    let mut shared = Shared::new("reprotect", &etcd, &[]);
+    };
+    let (lan, etcd) = (&rig.lan, &rig.etcd);
+    let mut shared = Shared::new("reprotect", etcd, &[]);
     shared.machine = linux_machine(&shared);
     std::fs::write(shared.path("input"), "/workloads/counter\n").unwrap();
     let input = shared.path("input").display().to_string();
@@ -598,8 +614,8 @@ fn a_third_machine_reprotects_the_survivor_and_takes_over_from_it() {
         "--serial-input-after",
         LINUX_PROMPT,
     ];
-    let mut first = shared.primary(&lan, 0, "0.serial", &serial_input);
-    let mut second = shared.backup(&lan, 1, 0, "1.serial");
+    let mut first = shared.primary(lan, 0, "0.serial", &serial_input);
+    let mut second = shared.backup(lan, 1, 0, "1.serial");
     wait_attached(&first, 1);
     assert!(
         wait_until(Duration::from_secs(300), || read(&shared.path("0.serial"))
@@ -609,7 +625,7 @@ fn a_third_machine_reprotects_the_survivor_and_takes_over_from_it() {
     );
     let f = kill_and_take_over(&mut first, &second, &shared.path("1.serial"));
     report("reprotect-1", 0, &f);
-    let mut third = shared.backup(&lan, 2, 1, "2.serial");
+    let mut third = shared.backup(lan, 2, 1, "2.serial");
     wait_attached(&second, 1);
     assert!(
         wait_until(Duration::from_secs(120), || read(&shared.path("1.serial"))
@@ -695,18 +711,19 @@ fn window_on_machines(
 /// users run a pair (`FTVMM_MACHINES_BENCH=1`; scripts/bench --lanes prints it).
 #[test]
 fn throughput_on_two_machines_ft_against_standalone() {
-    if skipped() || std::env::var_os("FTVMM_MACHINES_BENCH").is_none() {
+    if std::env::var_os("FTVMM_MACHINES_BENCH").is_none() {
         eprintln!("FTVMM_MACHINES_BENCH is not set: no throughput figures");
         return;
     }
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let lan = Lan::new("b", 2);
-    let etcd = etcd(&lan);
+    let Some(rig) = Rig::new("b", 2) else {
+        return;
+    };
+    let (lan, etcd) = (&rig.lan, &rig.etcd);
     for (workload, marker) in [("counter", "n="), ("diskwrite", " synced")] {
         let (mut solo, mut ft) = (Vec::new(), Vec::new());
         for _ in 0..2 {
-            solo.push(window_on_machines(&lan, &etcd, workload, marker, false, 20));
-            ft.push(window_on_machines(&lan, &etcd, workload, marker, true, 20));
+            solo.push(window_on_machines(lan, etcd, workload, marker, false, 20));
+            ft.push(window_on_machines(lan, etcd, workload, marker, true, 20));
         }
         let (s, f): (usize, usize) = (solo.iter().sum(), ft.iter().sum());
         eprintln!(
