@@ -94,6 +94,26 @@ pub fn lane_args(args: &[String]) -> Vec<String> {
     args
 }
 
+/// Polls `what` every `poll` until it holds (true) or `limit` has passed (its last answer).
+pub fn wait_until(limit: Duration, poll: Duration, mut what: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if what() {
+            return true;
+        }
+        std::thread::sleep(poll);
+    }
+    what()
+}
+
+/// How many trials a campaign runs: the number in environment variable `var`, else `default`.
+pub fn trials(var: &str, default: usize) -> usize {
+    std::env::var(var)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 /// A scratch directory for one test, emptied first.
 pub fn scratch(name: &str) -> PathBuf {
     let dir = root().join("target/test-scratch").join(name);
@@ -422,14 +442,7 @@ impl Proc {
     }
 
     fn wait_for(&self, what: impl Fn(&Proc) -> bool, limit: Duration) -> bool {
-        let start = Instant::now();
-        while start.elapsed() < limit {
-            if what(self) {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        what(self)
+        wait_until(limit, Duration::from_millis(10), || what(self))
     }
 
     /// Waits until stdout contains `marker`; false after `limit`.

@@ -11,8 +11,8 @@
 
 use ftvmm_tests::{
     assert_counter_across, assert_synced_records_kept, assert_ticks_across, ctl_status, joins,
-    json_number, key_file, linux_machine, linux_ready, scratch, test_guest, ticks_upto, Etcd,
-    Ftvmm, Hosts, Proc, Run, LINUX_CMDLINE,
+    json_number, key_file, linux_machine, linux_ready, scratch, test_guest, ticks_upto, trials,
+    Etcd, Ftvmm, Hosts, Proc, Run, LINUX_CMDLINE,
 };
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -369,13 +369,6 @@ fn linux_pair<'h>(hosts: &'h Hosts, dir: &Path, disk: &Path) -> Option<Pair<'h>>
     })
 }
 
-fn trials() -> usize {
-    std::env::var("FTVMM_FAILOVER_TRIALS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(10)
-}
-
 /// One failover trial on the Linux guest: the workload runs, the primary's host dies at a
 /// random moment, the backup carries on. Returns (before, after) serial output.
 fn linux_trial(
@@ -422,7 +415,7 @@ fn linux_trial(
 
 #[test]
 fn linux_counter_survives_the_primary_host_dying_at_random_moments() {
-    for trial in 0..trials() {
+    for trial in 0..trials("FTVMM_FAILOVER_TRIALS", 10) {
         let Some((before, after, _)) =
             linux_trial("counter", trial, "/workloads/counter", "n=3\r\n", 12)
         else {
@@ -434,7 +427,7 @@ fn linux_counter_survives_the_primary_host_dying_at_random_moments() {
 
 #[test]
 fn linux_diskwrite_survives_the_primary_host_dying_and_keeps_every_synced_record() {
-    for trial in 0..trials() {
+    for trial in 0..trials("FTVMM_FAILOVER_TRIALS", 10) {
         let Some((before, after, disk)) = linux_trial(
             "diskwrite",
             trial,

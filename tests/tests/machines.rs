@@ -17,7 +17,7 @@
 
 use ftvmm_tests::{
     assert_counter_across, assert_synced_records_kept, assert_ticks_across, consecutive, ftvmm_bin,
-    joins, numbers, root, sh, test_guest, Etcd, LINUX_PROMPT,
+    joins, numbers, root, sh, test_guest, trials, Etcd, LINUX_PROMPT,
 };
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -244,15 +244,9 @@ impl Drop for Machine {
     }
 }
 
-fn wait_until(limit: Duration, mut what: impl FnMut() -> bool) -> bool {
-    let start = Instant::now();
-    while start.elapsed() < limit {
-        if what() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    what()
+/// Waits for `what`, polling every 5 ms (fine enough to time a failover from outside).
+fn wait_until(limit: Duration, what: impl FnMut() -> bool) -> bool {
+    ftvmm_tests::wait_until(limit, Duration::from_millis(5), what)
 }
 
 fn read(path: &Path) -> String {
@@ -463,13 +457,6 @@ fn report(workload: &str, trial: usize, f: &Failover) {
     }
 }
 
-fn trials() -> usize {
-    std::env::var("FTVMM_MACHINE_TRIALS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(2)
-}
-
 /// One kill trial of a Linux workload on hosts 0 (primary) and 1 (backup): the workload shows
 /// `progress`, the primary's host dies 0-3 s later, the backup prints `after_lines` lines.
 /// Returns what the client saw from each, and the shared disk.
@@ -533,7 +520,7 @@ fn linux_counter_survives_its_primary_host_dying() {
         return;
     };
     let (lan, etcd) = (&rig.lan, &rig.etcd);
-    for trial in 0..trials() {
+    for trial in 0..trials("FTVMM_MACHINE_TRIALS", 2) {
         let (before, after, _) = linux_trial(lan, etcd, "counter", trial, "n=3\r\n", 12);
         assert_counter_across(trial, &before, &after);
     }
@@ -545,7 +532,7 @@ fn linux_diskwrite_survives_its_primary_host_dying_and_keeps_every_synced_record
         return;
     };
     let (lan, etcd) = (&rig.lan, &rig.etcd);
-    for trial in 0..trials() {
+    for trial in 0..trials("FTVMM_MACHINE_TRIALS", 2) {
         let (before, after, disk) =
             linux_trial(lan, etcd, "diskwrite", trial, "record 1 synced\r\n", 2);
         assert_synced_records_kept(trial, &before, &after, &disk);

@@ -7,7 +7,7 @@
 //! `FTVMM_NET_TRIALS=N` runs N failover trials of the transfers instead of the default.
 
 use ftvmm_tests::{
-    key_file, linux_machine, linux_net_ready, root, scratch, Ftvmm, Hosts, Proc, GUEST_IP,
+    key_file, linux_machine, linux_net_ready, root, scratch, trials, Ftvmm, Hosts, Proc, GUEST_IP,
     GUEST_MAC, LINUX_NET_CMDLINE,
 };
 use std::path::Path;
@@ -141,18 +141,11 @@ fn the_guest_answers_ping_and_serves_tcp_under_ft() {
     assert!(pair.b.stdout().is_empty());
 }
 
-fn trials() -> usize {
-    std::env::var("FTVMM_NET_TRIALS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(10)
-}
-
 /// Transfers both ways and a request/response stream, with the primary's host dying in the
 /// middle: each must complete with every byte right, on the backup now live.
 #[test]
 fn tcp_connections_survive_the_primary_host_dying() {
-    for trial in 0..trials() {
+    for trial in 0..trials("FTVMM_NET_TRIALS", 10) {
         let Some(pair) = net_pair(&format!("nf{trial}")) else {
             return;
         };
