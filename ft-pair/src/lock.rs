@@ -218,6 +218,16 @@ impl FileLock {
         decode_block(&b).map(Some).map_err(|why| self.corrupt(why))
     }
 
+    /// Writes the block as held by `owner` at `epoch`.
+    fn write_owner(&self, held: &Held, epoch: u64, owner: &str) -> Result<(), LockError> {
+        let state = LockState {
+            epoch,
+            owner: owner.into(),
+            active: true,
+        };
+        self.write_block(held, &state)
+    }
+
     fn write_block(&self, held: &Held, state: &LockState) -> Result<(), LockError> {
         let b = encode_block(state).map_err(|why| self.corrupt(why))?;
         held.0
@@ -324,14 +334,7 @@ impl Arbiter for FileLock {
             }
         }
         let epoch = now.map_or(0, |s| s.epoch) + 1;
-        self.write_block(
-            &held,
-            &LockState {
-                epoch,
-                owner: owner.into(),
-                active: true,
-            },
-        )?;
+        self.write_owner(&held, epoch, owner)?;
         Ok(epoch)
     }
 
@@ -344,14 +347,7 @@ impl Arbiter for FileLock {
             return Ok(Race::Lost(now));
         }
         let epoch = expected + 1;
-        self.write_block(
-            &held,
-            &LockState {
-                epoch,
-                owner: owner.into(),
-                active: true,
-            },
-        )?;
+        self.write_owner(&held, epoch, owner)?;
         Ok(Race::Won(epoch))
     }
 
