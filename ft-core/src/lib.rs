@@ -14,6 +14,7 @@ pub mod disk;
 pub mod exit;
 pub mod live;
 pub mod log;
+pub mod output;
 pub mod record;
 pub mod replay;
 pub mod takeover;

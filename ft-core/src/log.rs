@@ -361,9 +361,12 @@ pub enum LogError {
         frame: u64,
         /// Byte offset.
         offset: u64,
-        /// postcard's error (also used when the header cannot be encoded on write).
+        /// postcard's error.
         why: String,
     },
+    /// A record or header that does not encode (postcard's error).
+    #[error("cannot encode a log record: {0}")]
+    Encode(String),
 }
 
 fn write_varint(out: &mut Vec<u8>, mut v: u64) {
@@ -388,10 +391,123 @@ pub fn encode_frame(payload: &[u8]) -> Vec<u8> {
 }
 
 /// Encodes a record as a frame.
-pub fn encode_record(record: &Record) -> Vec<u8> {
-    // postcard cannot fail on these types with an in-memory writer.
-    let payload = postcard::to_stdvec(record).unwrap_or_default();
-    encode_frame(&payload)
+pub fn encode_record(record: &Record) -> Result<Vec<u8>, LogError> {
+    let payload = postcard::to_stdvec(record).map_err(|e| LogError::Encode(e.to_string()))?;
+    Ok(encode_frame(&payload))
+}
+
+impl Record {
+    /// Whether this record produces an output to the world (serial or network bytes, a disk
+    /// write or flush): the output waits for the backup to hold it (the output rule).
+    pub fn produces_output(&self) -> bool {
+        matches!(
+            self,
+            Record::Output { .. } | Record::DiskWrite { .. } | Record::DiskFlush
+        )
+    }
+}
+
+/// The most a log batch may expand to: one frame of the largest size, and then some.
+pub const MAX_BATCH: usize = MAX_FRAME as usize + (1 << 20);
+
+/// A run of whole frames of a stream, as the primary sends them to its backup: the frames
+/// LZ4-compressed (block format, uncompressed size first), the first one's sequence number,
+/// and whether any of them produces an output (the backup acknowledges such a batch at once:
+/// the output waits for it).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Batch {
+    /// Sequence number of the first frame.
+    pub first_seq: u64,
+    /// How many frames it holds.
+    pub frames: u32,
+    /// Whether a record in it produces an output ([`Record::produces_output`]).
+    pub carries_output: bool,
+    /// The frames, compressed.
+    pub packed: Vec<u8>,
+}
+
+impl Batch {
+    /// The frames of a received batch (`packed` from the wire; the peer may be hostile): the
+    /// bytes a [`LogReader`] reads, the stream's magic and header first in a stream's first
+    /// batch.
+    pub fn unpack(packed: &[u8]) -> Result<Vec<u8>, UnpackError> {
+        unpack_lz4(packed, MAX_BATCH)
+    }
+}
+
+/// Builds the batches of one stream on the primary: numbers each record (the stream header is
+/// frame 0) and collects frames until [`BatchWriter::take`]. The one writer of the stream's
+/// framing besides [`LogWriter`].
+#[derive(Debug, Default)]
+pub struct BatchWriter {
+    bytes: Vec<u8>,
+    first_seq: u64,
+    frames: u32,
+    next_seq: u64,
+    carries_output: bool,
+}
+
+impl BatchWriter {
+    /// A new stream: the magic and `header` (frame 0) begin its first batch.
+    pub fn start(header: &Header) -> Result<BatchWriter, LogError> {
+        let payload = postcard::to_stdvec(header).map_err(|e| LogError::Encode(e.to_string()))?;
+        let mut bytes = MAGIC.to_vec();
+        bytes.extend_from_slice(&encode_frame(&payload));
+        Ok(BatchWriter {
+            bytes,
+            first_seq: 0,
+            frames: 1,
+            next_seq: 1,
+            carries_output: false,
+        })
+    }
+
+    /// Appends `record`; returns its sequence number and its frame's size in bytes.
+    pub fn push(&mut self, record: &Record) -> Result<(u64, usize), LogError> {
+        let frame = encode_record(record)?;
+        if self.frames == 0 {
+            self.first_seq = self.next_seq;
+        }
+        self.bytes.extend_from_slice(&frame);
+        self.frames += 1;
+        self.carries_output |= record.produces_output();
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        Ok((seq, frame.len()))
+    }
+
+    /// Uncompressed bytes waiting in the batch.
+    pub fn len(&self) -> usize {
+        self.bytes.len()
+    }
+
+    /// Whether no frame waits.
+    pub fn is_empty(&self) -> bool {
+        self.frames == 0
+    }
+
+    /// The sequence number the next record gets.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    /// The frames so far as a batch to send, if there are any; the next batch starts empty.
+    pub fn take(&mut self) -> Option<Batch> {
+        if self.frames == 0 {
+            return None;
+        }
+        let batch = Batch {
+            first_seq: self.first_seq,
+            frames: self.frames,
+            carries_output: self.carries_output,
+            packed: lz4_flex::compress_prepend_size(&self.bytes),
+        };
+        self.bytes.clear();
+        self.frames = 0;
+        self.carries_output = false;
+        self.first_seq = self.next_seq;
+        Some(batch)
+    }
 }
 
 /// Writes a log.
@@ -405,11 +521,7 @@ impl<W: Write> LogWriter<W> {
     /// Writes the magic and the header.
     pub fn new(mut out: W, header: &Header) -> Result<Self, LogError> {
         out.write_all(&MAGIC)?;
-        let payload = postcard::to_stdvec(header).map_err(|e| LogError::Decode {
-            frame: 0,
-            offset: 8,
-            why: e.to_string(),
-        })?;
+        let payload = postcard::to_stdvec(header).map_err(|e| LogError::Encode(e.to_string()))?;
         let frame = encode_frame(&payload);
         out.write_all(&frame)?;
         Ok(LogWriter {
@@ -421,7 +533,7 @@ impl<W: Write> LogWriter<W> {
 
     /// Appends a record.
     pub fn write(&mut self, record: &Record) -> Result<(), LogError> {
-        let frame = encode_record(record);
+        let frame = encode_record(record)?;
         self.out.write_all(&frame)?;
         self.frames += 1;
         self.bytes += frame.len() as u64;
@@ -707,6 +819,38 @@ mod tests {
         w.out
     }
 
+    /// A stream sent as batches reads back as the same log a file holds, each batch says
+    /// whether it carries an output, and the numbers `push` gave are the frames' indexes.
+    #[test]
+    fn batches_are_the_log_in_pieces() {
+        let mut w = BatchWriter::start(&header()).unwrap();
+        let mut seqs = Vec::new();
+        let mut batches = Vec::new();
+        for r in records() {
+            let produces = r.produces_output();
+            seqs.push(w.push(&r).unwrap().0);
+            // Cut after each output, as the primary does, and once more in the middle.
+            if produces || seqs.len() == 2 {
+                batches.push(w.take().unwrap());
+            }
+        }
+        batches.push(w.take().unwrap());
+        assert_eq!(w.take(), None, "nothing is left after a take");
+        assert_eq!(seqs, (1..=records().len() as u64).collect::<Vec<_>>());
+        let carries: Vec<(u64, u32, bool)> = batches
+            .iter()
+            .map(|b| (b.first_seq, b.frames, b.carries_output))
+            .collect();
+        // Frame 0 (the header) and the first two records; then up to the output; then `End`.
+        assert_eq!(carries, [(0, 3, false), (3, 3, true), (6, 1, false)]);
+        let bytes: Vec<u8> = batches
+            .iter()
+            .flat_map(|b| Batch::unpack(&b.packed).unwrap())
+            .collect();
+        assert_eq!(bytes, encoded());
+        assert!(Batch::unpack(&[0xff, 0xff, 0xff, 0x7f, 0]).is_err());
+    }
+
     #[test]
     fn round_trip() {
         let bytes = encoded();
@@ -728,7 +872,8 @@ mod tests {
             data: 0x41,
             len: 1,
             rip_delta: -12,
-        });
+        })
+        .unwrap();
         let payload = [0x00, 0x02, 0xf8, 0x07, 0x41, 0x01, 0x17];
         assert_eq!(frame[0], 7);
         assert_eq!(&frame[1..8], &payload);
@@ -755,7 +900,7 @@ mod tests {
 
     #[test]
     fn exit_records_are_small() {
-        let frame = encode_record(&records()[0]);
+        let frame = encode_record(&records()[0]).unwrap();
         assert!(frame.len() <= 12, "{} bytes: {frame:02x?}", frame.len());
     }
 

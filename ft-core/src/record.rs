@@ -8,6 +8,7 @@ use crate::boundary::{Attention, Boundary, BoundaryError, Input, OutputKind, Poi
 use crate::disk::Disk;
 use crate::exit::{ExitDigest, SyncExit};
 use crate::log::{exit_record, pack_disk_data, InputRec, PointRec, Record, RecordSink};
+use crate::output::{Output, OutputGate};
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -19,6 +20,8 @@ pub struct RecordCore {
     last_time: u64,
     exits: u64,
     counters: Arc<RecordCounters>,
+    /// Where outputs go once their record is written, when a rule holds them.
+    gate: Option<Arc<dyn OutputGate>>,
 }
 
 /// Figures of a recording that other threads read without taking the core's lock (the vCPU
@@ -41,6 +44,13 @@ impl RecordCore {
         Ok(self.sink.record(rec)?)
     }
 
+    /// Writes the record of an output; returns where to hand the output, if a rule holds
+    /// outputs: the gate, with the record's sequence number.
+    fn write_output(&mut self, rec: &Record) -> Result<Option<Gated>, BoundaryError> {
+        let seq = self.write(rec)?;
+        Ok(self.gate.clone().map(|gate| Gated { gate, seq }))
+    }
+
     /// RIP of the last exit, the last virtual time given out, and the exits so far: what a
     /// stream starting here is relative to ([`Record::Base`]).
     pub fn base(&self) -> (u64, u64, u64) {
@@ -56,6 +66,18 @@ impl RecordCore {
     /// Pushes buffered records out.
     pub fn flush(&mut self) -> Result<(), BoundaryError> {
         Ok(self.sink.flush()?)
+    }
+}
+
+/// An output's way through the gate: the record that produced it is written as `seq`.
+struct Gated {
+    gate: Arc<dyn OutputGate>,
+    seq: u64,
+}
+
+impl Gated {
+    fn hold(self, out: Output) {
+        self.gate.hold(self.seq, out);
     }
 }
 
@@ -87,9 +109,19 @@ impl<B: Boundary> Recorder<B> {
                 last_time: 0,
                 exits: 0,
                 counters: Arc::default(),
+                gate: None,
             })),
             rtc_epoch,
         })
+    }
+
+    /// Hands every output to `gate` with the sequence number of the record that produced it,
+    /// instead of to the wrapped boundary's writers (the primary's output rule). The wrapped
+    /// boundary still sees serial output (a live one watches it for the input's marker) but
+    /// its writers must lead nowhere; disk writes reach only the gate.
+    pub fn with_gate(self, gate: Arc<dyn OutputGate>) -> Self {
+        lock(&self.core).gate = Some(gate);
+        self
     }
 
     /// The RTC epoch the recording's header must carry.
@@ -198,12 +230,19 @@ impl<B: Boundary> Boundary for Recorder<B> {
     }
 
     fn output(&mut self, kind: OutputKind, bytes: &[u8]) -> Result<(), BoundaryError> {
-        lock(&self.core).write(&Record::Output {
+        let gate = lock(&self.core).write_output(&Record::Output {
             kind: output_kind_byte(kind),
             len: bytes.len() as u32,
             crc: crc32c::crc32c(bytes),
         })?;
-        self.inner.output(kind, bytes)
+        self.inner.output(kind, bytes)?;
+        if let Some(gated) = gate {
+            gated.hold(match kind {
+                OutputKind::Serial => Output::Serial(bytes.to_vec()),
+                OutputKind::Net => Output::Net(bytes.to_vec()),
+            });
+        }
+        Ok(())
     }
 
     fn kick_due(
@@ -283,21 +322,34 @@ impl Disk for RecordingDisk {
 
     fn write_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
         // The record first: a held write is tagged with the record that produced it.
-        lock(&self.core)
-            .write(&Record::DiskWrite {
+        let gate = lock(&self.core)
+            .write_output(&Record::DiskWrite {
                 offset,
                 len: buf.len() as u32,
                 crc: crc32c::crc32c(buf),
             })
             .map_err(log_error)?;
-        self.image.write_at(buf, offset)
+        match gate {
+            Some(gated) => {
+                let data = buf.to_vec();
+                gated.hold(Output::DiskWrite { offset, data });
+                Ok(())
+            }
+            None => self.image.write_at(buf, offset),
+        }
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        lock(&self.core)
-            .write(&Record::DiskFlush)
+        let gate = lock(&self.core)
+            .write_output(&Record::DiskFlush)
             .map_err(log_error)?;
-        self.image.flush()
+        match gate {
+            Some(gated) => {
+                gated.hold(Output::DiskFlush);
+                Ok(())
+            }
+            None => self.image.flush(),
+        }
     }
 }
 
@@ -306,5 +358,85 @@ pub fn output_kind_byte(kind: OutputKind) -> u8 {
     match kind {
         OutputKind::Serial => 0,
         OutputKind::Net => 1,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::live::{LiveBoundary, SerialSource};
+    use crate::log::{Header, LogWriter, VERSION};
+
+    /// A gate that keeps what it is given.
+    #[derive(Default)]
+    struct Kept(Mutex<Vec<(u64, Output)>>);
+
+    impl OutputGate for Kept {
+        fn hold(&self, seq: u64, out: Output) {
+            self.0.lock().unwrap().push((seq, out));
+        }
+    }
+
+    /// A disk that must not be written: under a gate, writes reach only the gate.
+    struct ReadOnly;
+
+    impl Disk for ReadOnly {
+        fn size(&self) -> u64 {
+            4096
+        }
+        fn read_at(&mut self, buf: &mut [u8], _offset: u64) -> io::Result<()> {
+            buf.fill(7);
+            Ok(())
+        }
+        fn write_at(&mut self, _buf: &[u8], _offset: u64) -> io::Result<()> {
+            panic!("a gated write reached the image")
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            panic!("a gated flush reached the image")
+        }
+    }
+
+    /// Every output reaches the gate under the number the log gave the record that produced
+    /// it, serial, network and disk alike, and in the order the guest made them.
+    #[test]
+    fn outputs_reach_the_gate_under_their_records_numbers() {
+        let header = Header {
+            version: VERSION,
+            config_hash: 1,
+            config_summary: "test".into(),
+            rtc_epoch: 0,
+            mechanisms: None,
+        };
+        let sink = LogWriter::new(Vec::new(), &header).unwrap();
+        let live = LiveBoundary::new(SerialSource::None, Box::new(io::sink()));
+        let gate = Arc::new(Kept::default());
+        let mut rec = Recorder::new(live, Box::new(sink), 0)
+            .unwrap()
+            .with_gate(gate.clone());
+        let mut disk = rec.disk(Some(Box::new(ReadOnly)), 4096).unwrap();
+        rec.interrupt(32).unwrap(); // frame 1
+        rec.output(OutputKind::Serial, b"hi").unwrap(); // 2
+        let mut buf = [0u8; 512];
+        disk.read_at(&mut buf, 0).unwrap(); // 3: an input, not an output
+        assert_eq!(buf, [7; 512]);
+        disk.write_at(&[1; 512], 512).unwrap(); // 4
+        rec.output(OutputKind::Net, &[9, 9]).unwrap(); // 5
+        disk.flush().unwrap(); // 6
+        let got = gate.0.lock().unwrap().clone();
+        assert_eq!(
+            got,
+            [
+                (2, Output::Serial(b"hi".to_vec())),
+                (
+                    4,
+                    Output::DiskWrite {
+                        offset: 512,
+                        data: vec![1; 512]
+                    }
+                ),
+                (5, Output::Net(vec![9, 9])),
+                (6, Output::DiskFlush),
+            ]
+        );
     }
 }

@@ -9,6 +9,7 @@ use crate::boundary::{Boundary, BoundaryError, Input, OutputKind, Point, WaitReq
 use crate::disk::Disk;
 use crate::exit::{ExitDigest, SyncExit};
 use crate::log::{decode_exit, unpack_disk_data, Header, InputRec, LogReader, PointRec, Record};
+use crate::output::Output;
 use crate::record::output_kind_byte;
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
@@ -53,30 +54,12 @@ impl Progress {
     }
 }
 
-/// An output a backup replayed, kept until the primary reports it released.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum KeptOutput {
-    /// Serial bytes.
-    Serial(Vec<u8>),
-    /// An Ethernet frame (re-sending one is harmless: the network may duplicate frames).
-    Net(Vec<u8>),
-    /// A disk write (idempotent: re-issuing it is harmless).
-    DiskWrite {
-        /// Byte offset.
-        offset: u64,
-        /// The data.
-        data: Vec<u8>,
-    },
-    /// A disk flush.
-    DiskFlush,
-}
-
 /// The outputs a backup has replayed, with their data, in order, kept until the primary reports
 /// them released: what a backup that goes live emits again (at least once at the failover edge,
 /// exactly once before it).
 #[derive(Debug, Default)]
 pub struct KeptWrites {
-    outputs: VecDeque<(u64, KeptOutput)>,
+    outputs: VecDeque<(u64, Output)>,
     bytes: u64,
     writes: usize,
     /// The primary has released the outputs of every record below this: an output replayed
@@ -84,27 +67,19 @@ pub struct KeptWrites {
     released_below: u64,
 }
 
-fn kept_bytes(o: &KeptOutput) -> u64 {
-    match o {
-        KeptOutput::Serial(b) | KeptOutput::Net(b) => b.len() as u64,
-        KeptOutput::DiskWrite { data, .. } => data.len() as u64,
-        KeptOutput::DiskFlush => 0,
-    }
-}
-
 impl KeptWrites {
     /// Keeps the disk write of record `seq`.
     pub fn keep(&mut self, seq: u64, offset: u64, data: Vec<u8>) {
-        self.keep_output(seq, KeptOutput::DiskWrite { offset, data });
+        self.keep_output(seq, Output::DiskWrite { offset, data });
     }
 
     /// Keeps the output of record `seq`.
-    pub fn keep_output(&mut self, seq: u64, out: KeptOutput) {
+    pub fn keep_output(&mut self, seq: u64, out: Output) {
         if seq < self.released_below {
             return;
         }
-        self.bytes += kept_bytes(&out);
-        if matches!(out, KeptOutput::DiskWrite { .. }) {
+        self.bytes += out.len();
+        if matches!(out, Output::DiskWrite { .. }) {
             self.writes += 1;
         }
         self.outputs.push_back((seq, out));
@@ -115,8 +90,8 @@ impl KeptWrites {
         self.released_below = self.released_below.max(seq);
         while self.outputs.front().is_some_and(|w| w.0 < seq) {
             if let Some((_, o)) = self.outputs.pop_front() {
-                self.bytes -= kept_bytes(&o);
-                if matches!(o, KeptOutput::DiskWrite { .. }) {
+                self.bytes -= o.len();
+                if matches!(o, Output::DiskWrite { .. }) {
                     self.writes -= 1;
                 }
             }
@@ -124,12 +99,12 @@ impl KeptWrites {
     }
 
     /// The outputs not known to be released, oldest first, with their record's sequence number.
-    pub fn unreleased(&self) -> impl Iterator<Item = &(u64, KeptOutput)> {
+    pub fn unreleased(&self) -> impl Iterator<Item = &(u64, Output)> {
         self.outputs.iter()
     }
 
     /// Takes every kept output, oldest first.
-    pub fn take(&mut self) -> Vec<(u64, KeptOutput)> {
+    pub fn take(&mut self) -> Vec<(u64, Output)> {
         self.bytes = 0;
         self.writes = 0;
         self.outputs.drain(..).collect()
@@ -534,8 +509,8 @@ impl<R: Read + Send + 'static> Boundary for Replayer<R> {
             core.advance()?;
             if let Some(kept) = &core.kept {
                 let out = match kind {
-                    OutputKind::Serial => KeptOutput::Serial(bytes.to_vec()),
-                    OutputKind::Net => KeptOutput::Net(bytes.to_vec()),
+                    OutputKind::Serial => Output::Serial(bytes.to_vec()),
+                    OutputKind::Net => Output::Net(bytes.to_vec()),
                 };
                 kept.lock()
                     .unwrap_or_else(|e| e.into_inner())
@@ -685,7 +660,7 @@ impl<R: Read + Send> Disk for ReplayDisk<R> {
         if let Some(kept) = &core.kept {
             kept.lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .keep_output(seq, KeptOutput::DiskFlush);
+                .keep_output(seq, Output::DiskFlush);
         }
         Ok(())
     }
@@ -698,14 +673,14 @@ mod tests {
     #[test]
     fn outputs_the_primary_released_are_not_kept() {
         let mut kept = KeptWrites::default();
-        kept.keep_output(3, KeptOutput::Serial(b"abc".to_vec()));
+        kept.keep_output(3, Output::Serial(b"abc".to_vec()));
         kept.keep(5, 512, vec![1; 512]);
         kept.released(5);
         assert_eq!(kept.len_bytes(), (1, 512));
         // Replayed after the primary's marker arrived: already out, nothing to re-emit.
-        kept.keep_output(4, KeptOutput::Serial(b"late".to_vec()));
+        kept.keep_output(4, Output::Serial(b"late".to_vec()));
         assert_eq!(kept.len_bytes(), (1, 512));
-        kept.keep_output(6, KeptOutput::Serial(b"new".to_vec()));
+        kept.keep_output(6, Output::Serial(b"new".to_vec()));
         let seqs: Vec<u64> = kept.take().into_iter().map(|(s, _)| s).collect();
         assert_eq!(seqs, [5, 6]);
     }

@@ -131,7 +131,7 @@ impl Manager {
                 continue;
             }
             report.pages += pages.len() as u64;
-            let msg = TransferMsg::Pages { round, pages }.encode();
+            let msg = TransferMsg::Pages { round, pages }.encode()?;
             report.bytes += msg.len() as u64;
             conn.send(Msg::Transfer(msg))?;
         }
@@ -201,10 +201,10 @@ impl Manager {
             snap.pages.pages.extend(extra);
             let exits = snap.digest.count();
             let msg = TransferMsg::Final {
-                snapshot: snap.encode(),
+                snapshot: snap.encode()?,
                 epoch: self.link.epoch(),
             }
-            .encode();
+            .encode()?;
             report.bytes += msg.len() as u64;
             conn.send(Msg::Transfer(msg))?;
             // The log stream starts here: its header, then the base of the deltas after it.
@@ -366,10 +366,10 @@ pub(crate) fn receive_vm(
             ));
         };
         bytes += data.len() as u64;
-        match TransferMsg::decode(&data).map_err(|e| unexpected(addr, e))? {
+        match TransferMsg::decode(&data).map_err(|e| unexpected(addr, e.to_string()))? {
             TransferMsg::Pages { pages: p, round: r } => {
                 pages += p.len() as u64;
-                write_pages(&mem, &p).map_err(|e| unexpected(addr, e))?;
+                write_pages(&mem, &p).map_err(|e| unexpected(addr, e.to_string()))?;
                 let secs = started.elapsed().as_secs_f64().max(1e-3);
                 let mib = bytes as f64 / (1 << 20) as f64;
                 let line = format!(

@@ -11,6 +11,7 @@ use logging_channel::ChannelError;
 use std::io;
 use thiserror::Error;
 use vmm::snapshot::SnapshotError;
+use vmm::transfer::TransferError;
 use vmm::VmError;
 
 /// What stops a node, or one of its operations.
@@ -29,9 +30,13 @@ pub enum PairError {
     /// The boundary: the recorder, the replayer, the event log.
     #[error(transparent)]
     Boundary(#[from] BoundaryError),
-    /// A snapshot that does not decode.
+    /// A snapshot that does not decode or encode.
     #[error(transparent)]
     Snapshot(#[from] SnapshotError),
+    /// A state-transfer message that does not encode (a received one that does not decode is
+    /// the primary's fault: [`PairError::Primary`]).
+    #[error(transparent)]
+    Transfer(#[from] TransferError),
     /// The logging channel.
     #[error(transparent)]
     Channel(#[from] ChannelError),

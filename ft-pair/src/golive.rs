@@ -5,15 +5,16 @@
 use crate::api::{StatusFn, SwappableApi};
 use crate::config::{BackupConfig, Host, LiveConfig, PairConfig};
 use crate::error::PairError;
-use crate::link::{HeldDisk, HeldNet, HeldSerial, Link, StreamSink};
+use crate::link::{HeldDisk, Link, StreamSink};
 use crate::lock::Arbiter;
 use crate::primary::{ServiceParts, Services, TakeoverRecord};
 use crate::receiver::BackupLink;
 use ft_core::disk::{Disk, ImageFile};
 use ft_core::live::{LiveBoundary, NetPort, NetQueue};
 use ft_core::log::{Header, VERSION};
+use ft_core::output::Output;
 use ft_core::record::Recorder;
-use ft_core::replay::{KeptOutput, KeptWrites};
+use ft_core::replay::KeptWrites;
 use ft_core::takeover::{GoLive, LiveSide, SwitchPoint};
 use ft_core::Boundary;
 use logging_channel::{Connection, Listener, Msg};
@@ -80,11 +81,12 @@ pub(crate) fn build(p: StackParts<'_>) -> Result<Stack, PairError> {
         },
     };
     let link = Link::new(header, p.cfg.ack, p.cfg.max_lag, p.epoch);
-    live.set_output(Box::new(HeldSerial::new(link.clone())));
+    // The live side's writers lead nowhere: outputs reach the world through the link, which
+    // the recorder hands each one to with its record's number (the output rule).
     if let Some(rx) = p.net_rx {
         live = live.with_net(NetPort {
             rx,
-            tx: Box::new(HeldNet::new(link.clone())),
+            tx: Box::new(io::sink()),
         });
     }
     match &p.start {
@@ -95,7 +97,8 @@ pub(crate) fn build(p: StackParts<'_>) -> Result<Stack, PairError> {
         }
         Start::Takeover { point, .. } => live.restored(point.time_ns),
     }
-    let mut recorder = Recorder::new(live, Box::new(StreamSink::new(link.clone())), rtc_epoch)?;
+    let mut recorder = Recorder::new(live, Box::new(StreamSink::new(link.clone())), rtc_epoch)?
+        .with_gate(link.clone());
     if let Start::Takeover { point, .. } = &p.start {
         recorder.continue_from(point.rip, point.time_ns);
     }
@@ -182,26 +185,26 @@ fn go_live(p: GoLiveParts, point: SwitchPoint) -> Result<LiveSide, PairError> {
         let (mut serial_bytes, mut writes, mut frames) = (0usize, 0usize, 0usize);
         for (_, out) in &kept {
             match out {
-                KeptOutput::Serial(b) => {
+                Output::Serial(b) => {
                     serial_bytes += b.len();
                     serial
                         .write_all(b)
                         .map_err(PairError::io("serial output"))?;
                 }
-                KeptOutput::Net(frame) => {
+                Output::Net(frame) => {
                     frames += 1;
                     if let Some(t) = tap_out.as_mut() {
                         let _ = t.write_all(frame);
                     }
                 }
-                KeptOutput::DiskWrite { offset, data } => {
+                Output::DiskWrite { offset, data } => {
                     writes += 1;
                     if let Some(img) = image.as_mut() {
                         img.write_at(data, *offset)
                             .map_err(PairError::io("re-issuing a disk write"))?;
                     }
                 }
-                KeptOutput::DiskFlush => {}
+                Output::DiskFlush => {}
             }
         }
         let _ = serial.flush();

@@ -4,13 +4,15 @@
 //! ```text
 //!  vCPU thread                                   releaser thread
 //!  Recorder --records--> StreamSink --Log--> Connection --Ack--> (acked seq)
-//!     |                                                              |
-//!     +-- serial bytes --> HeldSerial --+                            v
-//!     +-- disk writes ---> HeldDisk ----+--> held queue (seq order) --> stdout / disk image
+//!     |        <--seq---                                             |
+//!     +-- (seq, output) --> Link (OutputGate) --+                    v
+//!                             held queue (seq order) --> stdout / tap / disk image
 //! ```
 //!
 //! Every record of the stream has a sequence number (its frame's index; the stream header is
-//! frame 0). An output produced by record `s` (its `Output` or `DiskWrite` record) is held until
+//! frame 0), which [`StreamSink`] returns to the recorder. The recorder hands each output to the
+//! link under the number of the record that produced it ([`OutputGate::hold`]): the output
+//! produced by record `s` (its `Output`, `DiskWrite` or `DiskFlush` record) is held until
 //! the backup acknowledges: with [`AckMode::Received`], that it holds frame `s`; with
 //! [`AckMode::Executed`], that it has replayed it (and so produced the same output: verified).
 //! Outputs leave in sequence order, serial and disk alike; the guest keeps running meanwhile, and
@@ -24,7 +26,8 @@
 //! unprotected at once (and a partition could leave two live sides: the role warns).
 
 use ft_core::disk::{Disk, HeldWrites, ImageFile};
-use ft_core::log::{encode_frame, Header, LogError, Record, RecordSink, MAGIC};
+use ft_core::log::{BatchWriter, Header, LogError, Record, RecordSink};
+use ft_core::output::{Output, OutputGate};
 use logging_channel::{Connection, Msg};
 use std::collections::VecDeque;
 use std::io::{self, Write};
@@ -51,34 +54,15 @@ const BATCH_BYTES: usize = 64 << 10;
 const BATCH_AGE: Duration = Duration::from_millis(50);
 
 /// An output waiting for the rule.
-enum Output {
-    Serial(Vec<u8>),
-    Net(Vec<u8>),
-    /// `id` tags the write's sectors among the held writes (unique per write).
-    DiskWrite {
-        offset: u64,
-        data: Vec<u8>,
-        id: u64,
-    },
-    DiskFlush,
-}
-
 struct Held {
     /// The stream the output's record went to (0: none, unprotected).
     stream: u64,
+    /// Its record's sequence number in that stream.
     seq: u64,
     out: Output,
+    /// A disk write's tag among the held writes (unique per write; 0 for other outputs).
+    write_id: u64,
     since: Instant,
-}
-
-impl Held {
-    fn bytes(&self) -> u64 {
-        match &self.out {
-            Output::Serial(b) | Output::Net(b) => b.len() as u64,
-            Output::DiskWrite { data, .. } => data.len() as u64,
-            Output::DiskFlush => 0,
-        }
-    }
 }
 
 /// Where the pair stands, from the primary's side.
@@ -154,8 +138,6 @@ impl PrimaryStats {
 pub struct Link {
     state: Mutex<State>,
     changed: Condvar,
-    /// Sequence number of the last record of the current stream.
-    last_seq: AtomicU64,
     /// Bumped on every attach and detach, so the sink notices without taking the lock.
     generation: AtomicU64,
     header: Header,
@@ -189,7 +171,6 @@ impl Link {
                 lost: None,
             }),
             changed: Condvar::new(),
-            last_seq: AtomicU64::new(0),
             generation: AtomicU64::new(0),
             header,
             mode,
@@ -341,26 +322,6 @@ impl Link {
         self.mode
     }
 
-    fn hold(&self, out: Output) {
-        let mut s = self.lock();
-        if s.mode == Mode::Fenced {
-            return;
-        }
-        let stream = s.conn.as_ref().map_or(0, |(n, _)| *n);
-        let held = Held {
-            stream,
-            seq: self.last_seq.load(Ordering::Acquire),
-            out,
-            since: Instant::now(),
-        };
-        self.stats.held.fetch_add(1, Ordering::Relaxed);
-        self.stats
-            .held_bytes
-            .fetch_add(held.bytes(), Ordering::Relaxed);
-        s.held.push_back(held);
-        self.changed.notify_all();
-    }
-
     /// Starts the thread that releases held outputs to `serial`, the network `net` (one write
     /// per frame) and the disk `image`.
     pub fn start_releaser(
@@ -460,7 +421,7 @@ impl Link {
                 self.stats.held.fetch_sub(1, Ordering::Relaxed);
                 self.stats
                     .held_bytes
-                    .fetch_sub(h.bytes(), Ordering::Relaxed);
+                    .fetch_sub(h.out.len(), Ordering::Relaxed);
                 self.stats.released.fetch_add(1, Ordering::Relaxed);
                 self.stats.record_latency(h.since.elapsed());
                 if h.stream != 0 {
@@ -504,13 +465,13 @@ impl Link {
                     }
                 }
             }
-            Output::DiskWrite { offset, data, id } => {
+            Output::DiskWrite { offset, data } => {
                 // Under the lock: a read must see either the held write or the image with it.
                 let mut w = self.writes.lock().unwrap_or_else(|e| e.into_inner());
                 if let Some(img) = image.as_mut() {
                     img.write_at(data, *offset)?;
                 }
-                w.release(*id, *offset, data.len());
+                w.release(h.write_id, *offset, data.len());
             }
             Output::DiskFlush => {
                 if let Some(img) = image.as_mut() {
@@ -580,16 +541,49 @@ impl Drop for Releaser {
     }
 }
 
+/// The output rule's way in: the recorder hands each output over with its record's number.
+impl OutputGate for Link {
+    fn hold(&self, seq: u64, out: Output) {
+        let write_id = match &out {
+            Output::DiskWrite { offset, data } => {
+                // The guest's reads see the write from now on, until the image has it.
+                let id = self.write_ids.fetch_add(1, Ordering::Relaxed);
+                self.writes
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(id, *offset, data);
+                id
+            }
+            _ => 0,
+        };
+        let mut s = self.lock();
+        if s.mode == Mode::Fenced {
+            return;
+        }
+        let stream = s.conn.as_ref().map_or(0, |(n, _)| *n);
+        self.stats.held.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .held_bytes
+            .fetch_add(out.len(), Ordering::Relaxed);
+        s.held.push_back(Held {
+            stream,
+            seq,
+            out,
+            write_id,
+            since: Instant::now(),
+        });
+        self.changed.notify_all();
+    }
+}
+
 /// The recorder's sink on a primary: records go to the attached backup's stream, in batches;
 /// with no backup they go nowhere.
 pub struct StreamSink {
     link: Arc<Link>,
     generation: u64,
     conn: Option<Connection>,
-    next_seq: u64,
-    batch: Vec<u8>,
-    batch_first: u64,
-    batch_frames: u32,
+    /// The current stream's batch (`None` with no backup).
+    batch: Option<BatchWriter>,
     batch_started: Option<Instant>,
     vtime_ns: u64,
     since_lag_check: u32,
@@ -603,10 +597,7 @@ impl StreamSink {
             link,
             generation: u64::MAX,
             conn: None,
-            next_seq: 0,
-            batch: Vec::new(),
-            batch_first: 0,
-            batch_frames: 0,
+            batch: None,
             batch_started: None,
             vtime_ns: 0,
             since_lag_check: 0,
@@ -615,51 +606,47 @@ impl StreamSink {
     }
 
     /// Notices an attach or a detach.
-    fn follow_link(&mut self) {
+    fn follow_link(&mut self) -> Result<(), LogError> {
         let g = self.link.generation.load(Ordering::Acquire);
         if g == self.generation {
-            return;
+            return Ok(());
         }
         self.generation = g;
-        self.batch.clear();
-        self.batch_frames = 0;
+        self.batch = None;
         self.batch_started = None;
         self.conn = self.link.connection();
         if self.conn.is_some() {
             // A new stream: magic and header (frame 0) first.
-            self.batch.extend_from_slice(&MAGIC);
-            let header = postcard::to_stdvec(&self.link.header).unwrap_or_default();
-            self.batch.extend_from_slice(&encode_frame(&header));
-            self.batch_first = 0;
-            self.batch_frames = 1;
-            self.next_seq = 1;
+            self.batch = Some(BatchWriter::start(&self.link.header)?);
             self.batch_started = Some(Instant::now());
-            self.link.last_seq.store(0, Ordering::Release);
         }
+        Ok(())
     }
 
     fn send_batch(&mut self) {
-        let Some(conn) = &self.conn else { return };
-        if self.batch_frames == 0 {
+        let (Some(conn), Some(writer)) = (&self.conn, self.batch.as_mut()) else {
             return;
-        }
-        let bytes = lz4_flex::compress_prepend_size(&std::mem::take(&mut self.batch));
-        let len = bytes.len() as u64;
+        };
+        let Some(batch) = writer.take() else { return };
+        let len = batch.packed.len() as u64;
         self.link
             .stats
             .sent_vtime_ns
             .store(self.vtime_ns, Ordering::Relaxed);
-        let (first, frames) = (self.batch_first, self.batch_frames);
-        self.batch_first = self.next_seq;
-        self.batch_frames = 0;
         self.batch_started = None;
         // Blocks while the backup's buffer is full: the vCPU stalls, nothing is dropped.
-        match conn.send_log(first, frames, bytes) {
+        match conn.send_log(
+            batch.first_seq,
+            batch.frames,
+            batch.carries_output,
+            batch.packed,
+        ) {
             Ok(()) => {
                 self.link.stats.log_bytes.fetch_add(len, Ordering::Relaxed);
             }
             Err(e) => {
                 self.conn = None;
+                self.batch = None;
                 self.link.detach(&e.to_string());
             }
         }
@@ -688,45 +675,34 @@ impl StreamSink {
 
 impl RecordSink for StreamSink {
     fn record(&mut self, record: &Record) -> Result<u64, LogError> {
-        self.follow_link();
+        self.follow_link()?;
         self.track_time(record);
         self.link
             .stats
             .vtime_ns
             .store(self.vtime_ns, Ordering::Relaxed);
-        if self.conn.is_none() {
+        let (Some(_), Some(batch)) = (&self.conn, self.batch.as_mut()) else {
             return Ok(0);
-        }
-        let payload = postcard::to_stdvec(record).unwrap_or_default();
-        let frame = encode_frame(&payload);
-        self.bytes += frame.len() as u64;
-        self.batch.extend_from_slice(&frame);
-        if self.batch_frames == 0 {
-            self.batch_first = self.next_seq;
+        };
+        if batch.is_empty() {
             self.batch_started = Some(Instant::now());
         }
-        self.batch_frames += 1;
-        let seq = self.next_seq;
-        self.next_seq += 1;
-        self.link.last_seq.store(seq, Ordering::Release);
-        self.link
-            .stats
-            .sent_seq
-            .store(self.next_seq, Ordering::Relaxed);
+        let (seq, len) = batch.push(record)?;
+        self.bytes += len as u64;
+        let (next_seq, pending) = (batch.next_seq(), batch.len());
+        self.link.stats.sent_seq.store(next_seq, Ordering::Relaxed);
         // An output waits for this record, or a backup needs it to start: send it now.
         // Otherwise batch by size and age.
-        let urgent = matches!(
-            record,
-            Record::Output { .. }
-                | Record::DiskWrite { .. }
-                | Record::DiskFlush
-                | Record::Checkpoint { .. }
-                | Record::Resync { .. }
-                | Record::Base { .. }
-                | Record::End { .. }
-        );
+        let urgent = record.produces_output()
+            || matches!(
+                record,
+                Record::Checkpoint { .. }
+                    | Record::Resync { .. }
+                    | Record::Base { .. }
+                    | Record::End { .. }
+            );
         if urgent
-            || self.batch.len() >= BATCH_BYTES
+            || pending >= BATCH_BYTES
             || self.batch_started.is_some_and(|t| t.elapsed() >= BATCH_AGE)
         {
             self.send_batch();
@@ -745,7 +721,7 @@ impl RecordSink for StreamSink {
     fn flush(&mut self) -> Result<(), LogError> {
         // The guest is about to halt. Outputs went out with their records; what is left only
         // moves the backup along, and waits for the batch's age.
-        self.follow_link();
+        self.follow_link()?;
         if self.batch_started.is_some_and(|t| t.elapsed() >= BATCH_AGE) {
             self.send_batch();
         }
@@ -761,68 +737,24 @@ impl RecordSink for StreamSink {
     }
 }
 
-/// The serial line of a primary: bytes are held until the rule releases them.
-pub struct HeldSerial {
-    link: Arc<Link>,
-}
-
-impl HeldSerial {
-    /// Serial output through `link`'s rule.
-    pub fn new(link: Arc<Link>) -> HeldSerial {
-        HeldSerial { link }
-    }
-}
-
-impl Write for HeldSerial {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        if !buf.is_empty() {
-            self.link.hold(Output::Serial(buf.to_vec()));
-        }
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-/// The NIC of a primary: each frame (one `write`) is held until the rule releases it.
-pub struct HeldNet {
-    link: Arc<Link>,
-}
-
-impl HeldNet {
-    /// Frames through `link`'s rule.
-    pub fn new(link: Arc<Link>) -> HeldNet {
-        HeldNet { link }
-    }
-}
-
-impl Write for HeldNet {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        if !buf.is_empty() {
-            self.link.hold(Output::Net(buf.to_vec()));
-        }
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-/// The shared disk of a primary: writes are held until the rule releases them (and reads see
-/// them meanwhile); reads go to the image.
+/// The shared disk of a primary as the guest reads it: the image, with the writes the rule
+/// still holds laid over it. Writes do not come this way: the recorder hands each to the link
+/// ([`OutputGate::hold`]) with its record's number.
 pub struct HeldDisk {
     link: Arc<Link>,
     image: ImageFile,
 }
 
 impl HeldDisk {
-    /// The disk `image` through `link`'s rule.
+    /// Reads of `image` through `link`'s held writes.
     pub fn new(link: Arc<Link>, image: ImageFile) -> HeldDisk {
         HeldDisk { link, image }
     }
+}
+
+/// What a write that bypassed the recorder's gate gets: it would leave without a record.
+fn not_through_the_gate() -> io::Error {
+    io::Error::other("a held disk is written through the output gate, with the write's record")
 }
 
 impl Disk for HeldDisk {
@@ -837,23 +769,11 @@ impl Disk for HeldDisk {
         Ok(())
     }
 
-    fn write_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
-        let id = self.link.write_ids.fetch_add(1, Ordering::Relaxed);
-        self.link
-            .writes
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id, offset, buf);
-        self.link.hold(Output::DiskWrite {
-            offset,
-            data: buf.to_vec(),
-            id,
-        });
-        Ok(())
+    fn write_at(&mut self, _buf: &[u8], _offset: u64) -> io::Result<()> {
+        Err(not_through_the_gate())
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        self.link.hold(Output::DiskFlush);
-        Ok(())
+        Err(not_through_the_gate())
     }
 }

@@ -717,7 +717,7 @@ impl Manager {
                 rip,
                 time_ns,
                 exits,
-                data: snap.encode(),
+                data: snap.encode()?,
             })?;
             Ok(core.flush()?)
         })();

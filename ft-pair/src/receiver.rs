@@ -7,6 +7,7 @@
 //!      +-------------------+<------------- acker thread <------------+
 //! ```
 
+use ft_core::log::Batch;
 use ft_core::replay::{KeptWrites, Progress};
 use logging_channel::{Connection, Msg};
 use std::collections::VecDeque;
@@ -207,9 +208,10 @@ impl BackupLink {
                 Msg::Log {
                     first_seq,
                     frames,
+                    carries_output,
                     bytes,
                 } => {
-                    let bytes = match unpack_batch(&bytes) {
+                    let bytes = match Batch::unpack(&bytes) {
                         Ok(b) => b,
                         Err(e) => {
                             self.end(format!("the primary sent a bad log batch: {e}"), true);
@@ -226,7 +228,6 @@ impl BackupLink {
                         );
                         return;
                     }
-                    let has_output = batch_has_output(&bytes);
                     {
                         let mut q = self.queue();
                         q.bytes += bytes.len() as u64;
@@ -238,7 +239,7 @@ impl BackupLink {
                     // An output on the primary waits for this: acknowledge now. Otherwise the
                     // acker's next round will (bandwidth: one ack per batch was most of an
                     // idle pair's traffic).
-                    if has_output {
+                    if carries_output {
                         self.ack();
                     }
                 }
@@ -283,42 +284,6 @@ impl BackupLink {
 /// How often the backup acknowledges when no output waits for it.
 const ACK_PERIOD: Duration = Duration::from_millis(20);
 
-/// A `Log` message's bytes are the frames LZ4-compressed (block format, uncompressed size
-/// first), at most one frame of the largest size and then some.
-fn unpack_batch(packed: &[u8]) -> Result<Vec<u8>, ft_core::log::UnpackError> {
-    ft_core::log::unpack_lz4(packed, ft_core::log::MAX_FRAME as usize + (1 << 20))
-}
-
-/// Whether a batch of log frames holds a record that produces an output (Output, DiskWrite,
-/// DiskFlush): a light scan of each frame's first payload byte, the record's variant index.
-fn batch_has_output(mut bytes: &[u8]) -> bool {
-    if bytes.starts_with(&ft_core::log::MAGIC) {
-        bytes = &bytes[8..];
-    }
-    while !bytes.is_empty() {
-        let mut len = 0u64;
-        let mut used = 0;
-        for (i, b) in bytes.iter().take(5).enumerate() {
-            len |= u64::from(b & 0x7f) << (7 * i);
-            used = i + 1;
-            if b & 0x80 == 0 {
-                break;
-            }
-        }
-        let Some(payload) = bytes.get(used..) else {
-            return false;
-        };
-        if matches!(payload.first(), Some(5 | 9 | 10)) {
-            return true;
-        }
-        let Some(rest) = bytes.get(used + len as usize + 4..) else {
-            return false;
-        };
-        bytes = rest;
-    }
-    false
-}
-
 /// The log stream as bytes, for the replayer's [`ft_core::log::LogReader`]: blocks until bytes
 /// arrive; end of file once the stream ended and everything received was read.
 pub struct StreamReader {
@@ -356,31 +321,5 @@ impl Read for StreamReader {
         buf[..n].copy_from_slice(&self.current[self.pos..self.pos + n]);
         self.pos += n;
         Ok(n)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use ft_core::log::{encode_record, Record};
-
-    #[test]
-    fn batches_with_outputs_are_recognised() {
-        let quiet: Vec<u8> = [Record::Clock { delta: 5 }, Record::Interrupt { vector: 32 }]
-            .iter()
-            .flat_map(encode_record)
-            .collect();
-        assert!(!batch_has_output(&quiet));
-        let mut loud = quiet.clone();
-        loud.extend(encode_record(&Record::Output {
-            kind: 0,
-            len: 1,
-            crc: 2,
-        }));
-        assert!(batch_has_output(&loud));
-        let mut disk = ft_core::log::MAGIC.to_vec();
-        disk.extend(encode_record(&Record::DiskFlush));
-        assert!(batch_has_output(&disk));
-        assert!(!batch_has_output(&[0xff, 0xff]));
     }
 }

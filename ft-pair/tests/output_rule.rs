@@ -1,10 +1,12 @@
 //! The output rule in one process, without KVM: a primary's link and a backup's receiver on a
-//! loopback logging channel. An output waits for the backup's acknowledgement of the record
-//! that produced it, and leaves once the backup holds the log up to it.
+//! loopback logging channel. An output is handed to the link under the number the log gave
+//! the record that produced it, waits for the backup's acknowledgement of that record, and
+//! leaves once the backup holds the log up to it.
 
 use ft_core::log::{Header, LogReader, Record, RecordSink, VERSION};
+use ft_core::output::{Output, OutputGate};
 use ft_core::replay::{KeptWrites, Progress};
-use ft_pair::link::{AckMode, HeldSerial, Link, StreamSink};
+use ft_pair::link::{AckMode, Link, StreamSink};
 use ft_pair::receiver::BackupLink;
 use logging_channel::{connect, ChannelConfig, Listener, Psk};
 use std::io::Write;
@@ -62,11 +64,18 @@ fn an_output_leaves_once_the_backup_holds_its_record() {
         .start_releaser(Box::new(serial.clone()), None, None)
         .unwrap();
     let mut sink = StreamSink::new(link.clone());
-    let mut held = HeldSerial::new(link.clone());
+    let serial_out = |seq: u64, bytes: &[u8]| link.hold(seq, Output::Serial(bytes.to_vec()));
 
-    // Unprotected, an output leaves at once.
-    sink.record(&Record::Clock { delta: 1 }).unwrap();
-    held.write_all(b"a").unwrap();
+    // Unprotected, the log goes nowhere (number 0) and an output leaves at once.
+    let seq = sink
+        .record(&Record::Output {
+            kind: 0,
+            len: 1,
+            crc: crc32c::crc32c(b"a"),
+        })
+        .unwrap();
+    assert_eq!(seq, 0);
+    serial_out(seq, b"a");
     assert!(serial.wait_for(b"a", Duration::from_secs(5)));
 
     // A backup attaches (its receiver not started yet: it acknowledges nothing).
@@ -92,7 +101,8 @@ fn an_output_leaves_once_the_backup_holds_its_record() {
             crc: crc32c::crc32c(b"b"),
         })
         .unwrap();
-    held.write_all(b"b").unwrap();
+    assert_eq!(seq, 2, "frame 0 is the header, 1 the base");
+    serial_out(seq, b"b");
     // Held: the backup has not acknowledged record `seq`.
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(

@@ -32,7 +32,7 @@ fn write(dir: &Path, target: &str, name: &str, data: &[u8]) {
 
 /// A record's payload: its frame without the length varint and the CRC.
 fn payload(record: &Record) -> Vec<u8> {
-    let frame = encode_record(record);
+    let frame = encode_record(record).expect("the seed records encode");
     let varint = frame.iter().position(|b| b & 0x80 == 0).unwrap_or(0) + 1;
     frame[varint..frame.len() - 4].to_vec()
 }
@@ -96,6 +96,7 @@ fn channel_seeds(out: &Path) {
         ("log", Msg::Log {
             first_seq: 5,
             frames: 1,
+            carries_output: false,
             // The example frame of docs/PROTOCOL.md.
             bytes: vec![0x07, 0x00, 0x02, 0xf8, 0x07, 0x41, 0x01, 0x17, 0xd7, 0x3b, 0xbe, 0xc4],
         }),

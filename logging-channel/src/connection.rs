@@ -302,10 +302,11 @@ impl Connection {
         if let Msg::Log {
             first_seq,
             frames,
+            carries_output,
             bytes,
         } = msg
         {
-            return self.send_log(first_seq, frames, bytes);
+            return self.send_log(first_seq, frames, carries_output, bytes);
         }
         let bye = match &msg {
             Msg::Bye { reason } => Some(reason.clone()),
@@ -318,7 +319,8 @@ impl Connection {
         })
     }
 
-    /// Queues the log batch of frames `first_seq .. first_seq + frames`.
+    /// Queues the log batch of frames `first_seq .. first_seq + frames` (`carries_output`: one
+    /// of them produces an output, see [`Msg::Log`]).
     ///
     /// Flow control: while other batches are in flight (sent, not yet covered by an Ack's
     /// `received`) and adding this one would exceed `log_buffer` bytes, blocks until Acks make room.
@@ -329,6 +331,7 @@ impl Connection {
         &self,
         first_seq: u64,
         frames: u32,
+        carries_output: bool,
         bytes: Vec<u8>,
     ) -> Result<(), ChannelError> {
         let len = bytes.len();
@@ -336,6 +339,7 @@ impl Connection {
         let msg = Msg::Log {
             first_seq,
             frames,
+            carries_output,
             bytes,
         };
         let encoded = encode_message(&msg)?;

@@ -20,7 +20,7 @@
 //! let primary = listener.accept_timeout(Duration::from_secs(5)).unwrap();
 //!
 //! // The primary sends log frames 0..3; the backup acknowledges them.
-//! primary.send_log(0, 3, vec![1, 2, 3]).unwrap();
+//! primary.send_log(0, 3, false, vec![1, 2, 3]).unwrap();
 //! let Msg::Log { first_seq, frames, .. } = backup.recv().unwrap() else { panic!() };
 //! backup.send(Msg::Ack { received: first_seq + u64::from(frames), executed: 0, vtime_ns: 0 }).unwrap();
 //! assert_eq!(primary.wait_ack((0, 0, 0), Duration::from_secs(5)), (3, 0, 0));

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use crate::ChannelError;
 
 /// The protocol version a backup announces in [`Msg::Hello`].
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// The largest encoded message (its postcard bytes, without the 4-byte length).
 pub const MAX_MSG: usize = 1 << 30;
@@ -41,6 +41,9 @@ pub enum Msg {
         first_seq: u64,
         /// How many whole frames `bytes` holds.
         frames: u32,
+        /// Whether a frame in it produces an output the primary holds until this batch is
+        /// acknowledged: the backup acknowledges such a batch as soon as it has it.
+        carries_output: bool,
         /// The frames, opaque to the channel (ft-pair sends them LZ4-compressed); their size
         /// counts against the flow-control buffer until acknowledged.
         bytes: Vec<u8>,
@@ -165,6 +168,7 @@ mod tests {
             Msg::Log {
                 first_seq: 5,
                 frames: 3,
+                carries_output: true,
                 bytes: vec![1, 2, 3],
             },
             Msg::Ack {
@@ -219,11 +223,12 @@ mod tests {
         let log = Msg::Log {
             first_seq: 1,
             frames: 2,
+            carries_output: true,
             bytes: vec![0xaa, 0xbb],
         };
         assert_eq!(
             encode_message(&log).unwrap(),
-            [0x06, 0, 0, 0, 0x04, 0x01, 0x02, 0x02, 0xaa, 0xbb]
+            [0x07, 0, 0, 0, 0x04, 0x01, 0x02, 0x01, 0x02, 0xaa, 0xbb]
         );
         assert_eq!(encode_message(&Msg::Heartbeat).unwrap(), [1, 0, 0, 0, 8]);
     }

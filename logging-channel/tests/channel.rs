@@ -55,7 +55,7 @@ fn attach_and_messages_both_ways() {
     assert_eq!(backup.recv().unwrap(), Msg::Welcome);
 
     primary.send(Msg::Transfer(vec![9; 1000])).unwrap();
-    primary.send_log(0, 4, vec![1, 2, 3, 4]).unwrap();
+    primary.send_log(0, 4, true, vec![1, 2, 3, 4]).unwrap();
     primary.send(Msg::Released { seq: 0 }).unwrap();
     assert_eq!(backup.recv().unwrap(), Msg::Transfer(vec![9; 1000]));
     assert_eq!(
@@ -63,6 +63,7 @@ fn attach_and_messages_both_ways() {
         Msg::Log {
             first_seq: 0,
             frames: 4,
+            carries_output: true,
             bytes: vec![1, 2, 3, 4]
         }
     );
@@ -239,7 +240,9 @@ fn send_log_blocks_until_acked() {
         let primary = primary.clone();
         thread::spawn(move || {
             for i in 0..8u64 {
-                primary.send_log(i * 10, 10, vec![i as u8; batch]).unwrap();
+                primary
+                    .send_log(i * 10, 10, false, vec![i as u8; batch])
+                    .unwrap();
                 done_tx.send(i).unwrap();
             }
         })
@@ -280,6 +283,7 @@ fn send_log_blocks_until_acked() {
             first_seq,
             frames: n,
             bytes,
+            ..
         } = backup.recv().unwrap()
         else {
             panic!("expected a log batch")
@@ -295,7 +299,7 @@ fn oversize_batch_passes_when_nothing_is_in_flight() {
     let mut c = cfg();
     c.log_buffer = 1024;
     let (_l, primary, backup) = pair(c);
-    primary.send_log(0, 1, vec![5; 100_000]).unwrap();
+    primary.send_log(0, 1, false, vec![5; 100_000]).unwrap();
     assert!(matches!(backup.recv().unwrap(), Msg::Log { .. }));
 }
 
@@ -304,10 +308,10 @@ fn dead_connection_wakes_a_blocked_send_log() {
     let mut c = cfg();
     c.log_buffer = 1024;
     let (_l, primary, backup) = pair(c);
-    primary.send_log(0, 1, vec![0; 1024]).unwrap();
+    primary.send_log(0, 1, false, vec![0; 1024]).unwrap();
     let blocked = {
         let primary = primary.clone();
-        thread::spawn(move || primary.send_log(1, 1, vec![0; 1024]))
+        thread::spawn(move || primary.send_log(1, 1, false, vec![0; 1024]))
     };
     thread::sleep(Duration::from_millis(200));
     assert!(!blocked.is_finished());
@@ -412,5 +416,5 @@ fn dropped_peer_is_lost_and_send_fails() {
     assert!(matches!(primary.recv().unwrap(), Msg::Bye { .. }));
     assert!(primary.recv().is_err());
     assert!(primary.send(Msg::Heartbeat).is_err());
-    assert!(primary.send_log(0, 1, vec![1]).is_err());
+    assert!(primary.send_log(0, 1, false, vec![1]).is_err());
 }

@@ -49,6 +49,9 @@ pub enum SnapshotError {
     /// string is the decoder's error.
     #[error("snapshot does not decode: {0}")]
     Decode(String),
+    /// The snapshot does not encode (postcard's error).
+    #[error("cannot encode the snapshot: {0}")]
+    Encode(String),
     /// Not a snapshot, or another version.
     #[error("not an ftvmm snapshot of version {SNAPSHOT_VERSION}")]
     BadMagic,
@@ -586,9 +589,9 @@ impl Snapshot {
     /// Encodes: postcard, then LZ4 (block format, the uncompressed size first as a u32
     /// little-endian). Guest pages are most of a snapshot and compress well (page tables, zeroed
     /// and partly used pages).
-    pub fn encode(&self) -> Vec<u8> {
-        let raw = postcard::to_stdvec(self).unwrap_or_default();
-        lz4_flex::compress_prepend_size(&raw)
+    pub fn encode(&self) -> Result<Vec<u8>, SnapshotError> {
+        let raw = postcard::to_stdvec(self).map_err(|e| SnapshotError::Encode(e.to_string()))?;
+        Ok(lz4_flex::compress_prepend_size(&raw))
     }
 
     /// Decodes what [`Snapshot::encode`] made.
@@ -601,7 +604,7 @@ impl Snapshot {
 
     /// Writes a snapshot file: magic, version, CRC32C of the body, body.
     pub fn write_file(&self, path: &std::path::Path) -> Result<(), SnapshotError> {
-        let body = self.encode();
+        let body = self.encode()?;
         let mut out = SNAPSHOT_MAGIC.to_vec();
         out.extend_from_slice(&SNAPSHOT_VERSION.to_le_bytes());
         out.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());

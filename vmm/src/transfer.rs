@@ -14,6 +14,7 @@
 
 use crate::memory::GuestMemoryMmap;
 use serde::{Deserialize, Serialize};
+use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 /// Guest pages per `Pages` message (1 MiB uncompressed).
@@ -44,17 +45,48 @@ pub enum TransferMsg {
     },
 }
 
+/// What goes wrong with a transfer message or the pages it carries.
+#[derive(Debug, Error)]
+pub enum TransferError {
+    /// The message does not encode (postcard's error).
+    #[error("cannot encode a transfer message: {0}")]
+    Encode(String),
+    /// The bytes received are not a transfer message (the decoder's error).
+    #[error("transfer message does not decode: {0}")]
+    Decode(String),
+    /// A page number outside guest RAM.
+    #[error("page {0:#x} is outside guest RAM")]
+    PageOutside(u64),
+    /// A page that is not 4096 bytes.
+    #[error("page {pfn:#x} has {len} bytes")]
+    PageSize {
+        /// The page number.
+        pfn: u64,
+        /// Its length as received.
+        len: usize,
+    },
+    /// Writing a page into guest RAM failed (vm-memory's error).
+    #[error("page {pfn:#x}: {why}")]
+    Memory {
+        /// The page number.
+        pfn: u64,
+        /// The error.
+        why: String,
+    },
+}
+
 impl TransferMsg {
     /// Encodes for the channel.
-    pub fn encode(&self) -> Vec<u8> {
-        lz4_flex::compress_prepend_size(&postcard::to_stdvec(self).unwrap_or_default())
+    pub fn encode(&self) -> Result<Vec<u8>, TransferError> {
+        let raw = postcard::to_stdvec(self).map_err(|e| TransferError::Encode(e.to_string()))?;
+        Ok(lz4_flex::compress_prepend_size(&raw))
     }
 
     /// Decodes what [`TransferMsg::encode`] made, refusing impossible sizes before allocating.
-    pub fn decode(bytes: &[u8]) -> Result<TransferMsg, String> {
+    pub fn decode(bytes: &[u8]) -> Result<TransferMsg, TransferError> {
         let raw = ft_core::log::unpack_lz4(bytes, MAX_MESSAGE)
-            .map_err(|e| format!("transfer message: {e}"))?;
-        postcard::from_bytes(&raw).map_err(|e| format!("transfer message: {e}"))
+            .map_err(|e| TransferError::Decode(e.to_string()))?;
+        postcard::from_bytes(&raw).map_err(|e| TransferError::Decode(e.to_string()))
     }
 }
 
@@ -77,18 +109,24 @@ pub fn read_pages(mem: &GuestMemoryMmap, pfns: &[u64], skip_zero: bool) -> Vec<(
 }
 
 /// Writes received pages into guest RAM, refusing pages outside it or of the wrong size.
-pub fn write_pages(mem: &GuestMemoryMmap, pages: &[(u64, Vec<u8>)]) -> Result<(), String> {
+pub fn write_pages(mem: &GuestMemoryMmap, pages: &[(u64, Vec<u8>)]) -> Result<(), TransferError> {
     let ram = mem.last_addr().0 + 1;
     for (pfn, data) in pages {
         let addr = pfn.checked_mul(PAGE).filter(|a| a + PAGE <= ram);
         let Some(addr) = addr else {
-            return Err(format!("page {pfn:#x} is outside guest RAM"));
+            return Err(TransferError::PageOutside(*pfn));
         };
         if data.len() != PAGE as usize {
-            return Err(format!("page {pfn:#x} has {} bytes", data.len()));
+            return Err(TransferError::PageSize {
+                pfn: *pfn,
+                len: data.len(),
+            });
         }
         mem.write_slice(data, GuestAddress(addr))
-            .map_err(|e| format!("page {pfn:#x}: {e}"))?;
+            .map_err(|e| TransferError::Memory {
+                pfn: *pfn,
+                why: e.to_string(),
+            })?;
     }
     Ok(())
 }
@@ -103,7 +141,7 @@ mod tests {
             round: 1,
             pages: vec![(3, vec![7u8; 4096])],
         };
-        let bytes = msg.encode();
+        let bytes = msg.encode().unwrap();
         match TransferMsg::decode(&bytes).unwrap() {
             TransferMsg::Pages { round, pages } => {
                 assert_eq!(round, 1);

@@ -339,8 +339,9 @@ impl Vm {
         let ram = memory::digest(&self.mem);
         let msrs = self.msrs.clone().unwrap_or_default();
         let vcpu = VcpuSnapshot::save(self.vcpu.fd(), &msrs)?;
-        let platform = postcard::to_stdvec(&self.platform.state()).unwrap_or_default();
-        let regs = postcard::to_stdvec(&vcpu.regs_only()).unwrap_or_default();
+        let encode = |e: postcard::Error| SnapshotError::Encode(e.to_string());
+        let platform = postcard::to_stdvec(&self.platform.state()).map_err(encode)?;
+        let regs = postcard::to_stdvec(&vcpu.regs_only()).map_err(encode)?;
         let mut h = crc32c::crc32c(&ram.to_le_bytes());
         h = crc32c::crc32c_append(h, &regs);
         h = crc32c::crc32c_append(h, &platform);
@@ -564,7 +565,7 @@ impl Vm {
                 }
                 Event::Checkpoint => {
                     let start = std::time::Instant::now();
-                    let bytes = self.snapshot(false)?.encode();
+                    let bytes = self.snapshot(false)?.encode()?;
                     boundary.checkpoint(&bytes)?;
                     let pause = start.elapsed();
                     self.stats.count += 1;
