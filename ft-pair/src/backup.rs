@@ -122,13 +122,17 @@ pub fn run(cfg: &BackupConfig, host: Arc<dyn Host>) -> Result<Finished, PairErro
     let owner = lock::owner_name("backup");
     let decision = Arc::new(Decision::default());
     let lost_at = Arc::new(Mutex::new(None::<(Instant, String, Duration)>));
+    // The divergence this backup waits for a resync after, if any: while there is one, a lost
+    // primary is not raced for (this side cannot go live).
+    let diverged: Arc<Mutex<Option<String>>> = Arc::default();
     {
-        let (link, decision, arbiter, owner, lost_at) = (
+        let (link, decision, arbiter, owner, lost_at, diverged) = (
             link.clone(),
             decision.clone(),
             arbiter.clone(),
             owner.clone(),
             lost_at.clone(),
+            diverged.clone(),
         );
         std::thread::Builder::new()
             .name("arbiter".into())
@@ -149,7 +153,11 @@ pub fn run(cfg: &BackupConfig, host: Arc<dyn Host>) -> Result<Finished, PairErro
                 if let Some((why, silence)) = link.lost() {
                     *lost_at.lock().unwrap_or_else(|e| e.into_inner()) =
                         Some((Instant::now(), why.clone(), silence));
-                    let outcome = race(arbiter.as_deref(), epoch, &owner, &why, false);
+                    let divergence = diverged.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                    let outcome = match divergence {
+                        Some(divergence) => Err(NoTakeover::Diverged { why, divergence }),
+                        None => race(arbiter.as_deref(), epoch, &owner, &why, false),
+                    };
                     decision.set(outcome.map_err(refusal));
                     return;
                 }
@@ -213,6 +221,8 @@ pub fn run(cfg: &BackupConfig, host: Arc<dyn Host>) -> Result<Finished, PairErro
             {
                 counters.divergences.fetch_add(1, Ordering::Relaxed);
                 tracing::error!("{e}: asking the primary for a resync");
+                // Before the request: from here a lost primary is not raced for.
+                *diverged.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
                 link.request_resync(&e.to_string());
                 let data = match boundary.with_replayer(|r| r.skip_to_resync()) {
                     Ok(d) => d,
@@ -220,7 +230,7 @@ pub fn run(cfg: &BackupConfig, host: Arc<dyn Host>) -> Result<Finished, PairErro
                         control.finish();
                         let why = link.ended().unwrap_or_default();
                         let notice = format!(
-                            "ftvmm: backup: {why} (replay stopped: {e}; then {e2}); taking over is not implemented yet: stopping"
+                            "ftvmm: backup: {why} (replay stopped: {e}; then {e2}); a backup that diverged cannot take over and does not race for the lock: stopping"
                         );
                         return Ok(Finished {
                             vm,
@@ -233,6 +243,7 @@ pub fn run(cfg: &BackupConfig, host: Arc<dyn Host>) -> Result<Finished, PairErro
                 };
                 let snap = Snapshot::decode(&data)?;
                 vm.restore(&snap)?;
+                *diverged.lock().unwrap_or_else(|e| e.into_inner()) = None;
                 counters.resyncs.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(
                     "resynchronised with the primary at exit {}",

@@ -24,6 +24,8 @@ struct Pair<'h> {
     lock: String,
     machine: Vec<String>,
     extra: Vec<String>,
+    /// Environment of both sides (the test hooks).
+    env: Vec<(&'static str, &'static str)>,
 }
 
 impl Pair<'_> {
@@ -41,7 +43,7 @@ impl Pair<'_> {
             .args(&self.machine)
             .args(&self.extra)
             .args(more)
-            .spawn()
+            .spawn_with_env(&self.env)
     }
 
     fn backup_on(&self, host: usize, primary: usize, more: &[&str]) -> Proc {
@@ -66,7 +68,7 @@ impl Pair<'_> {
         .args(&self.machine)
         .args(&self.extra)
         .args(more)
-        .spawn()
+        .spawn_with_env(&self.env)
     }
 }
 
@@ -109,6 +111,7 @@ fn tiny_pair<'h>(hosts: &'h Hosts, dir: &Path, lock: String) -> Pair<'h> {
             "none".into(),
         ],
         extra: vec![],
+        env: vec![],
     }
 }
 
@@ -169,7 +172,7 @@ fn killing_the_backup_host_leaves_the_primary_running_and_a_new_backup_attaches(
     p.assert_code(0);
     b2.assert_code(0);
     assert_eq!(p.digest_line(), b2.digest_line());
-    assert_ticks_across(&p.stdout, "", 1000);
+    assert_eq!(ticks_upto(&p.stdout), Some(1000), "{}", p.stdout);
 }
 
 #[test]
@@ -201,6 +204,58 @@ fn a_primary_stopped_past_the_timeout_finds_its_backup_live_and_emits_nothing() 
     let b = b.wait(Duration::from_secs(60));
     b.assert_code(0);
     assert_ticks_across(&p.stdout, &b.stdout, 1000);
+}
+
+/// A backup that diverged and waits for its resync when the primary falls silent cannot go
+/// live (its state is not the primary's), so it must not race for the lock either: a primary
+/// that was only stopped (or cut off) keeps the guest. Before this was fixed, the diverged
+/// backup won the lock and stopped, and the primary, resumed, found itself fenced: nobody ran
+/// the guest.
+#[test]
+fn a_diverged_backup_does_not_take_the_lock_from_a_stopped_primary() {
+    let dir = scratch("fo-diverged");
+    let hosts = Hosts::new("dv", 2);
+    let mut pair = tiny_pair(&hosts, &dir, file_lock(&dir));
+    pair.env = vec![
+        // The backup diverges at exit 1500; the primary never answers its resync request.
+        ("FTVMM_TEST_DIVERGE_AT_EXIT", "1500"),
+        ("FTVMM_TEST_IGNORE_RESYNC", "1"),
+    ];
+    let p = pair.primary_on(0, &[]);
+    wait_listening(&p);
+    let b = pair.backup_on(1, 0, &[]);
+    wait_attached(&p, 1);
+    assert!(
+        p.wait_stderr("resync request ignored", Duration::from_secs(60)),
+        "the backup never asked for a resync:\n{}\n{}",
+        p.stderr(),
+        b.stderr()
+    );
+    p.signal(libc::SIGSTOP);
+    let b = b.wait(Duration::from_secs(60));
+    p.signal(libc::SIGCONT);
+    assert_eq!(
+        b.code(),
+        4,
+        "the diverged backup did not stop as one without its primary:\n{}",
+        b.stderr
+    );
+    assert!(
+        b.stderr.contains("does not race for the lock"),
+        "{}",
+        b.stderr
+    );
+    assert!(
+        !b.stderr.contains("won the lock"),
+        "the diverged backup took the lock:\n{}",
+        b.stderr
+    );
+    // The primary, resumed, loses its backup, wins the lock at the next epoch and runs the
+    // guest to its end.
+    let p = p.wait(Duration::from_secs(120));
+    p.assert_code(0);
+    assert!(p.stderr.contains("won the lock"), "{}", p.stderr);
+    assert_eq!(ticks_upto(&p.stdout), Some(1000), "{}", p.stdout);
 }
 
 /// Partition at a random moment: exactly one side stays live; the other emits nothing after
@@ -246,7 +301,7 @@ fn partition_trials(tag: &str, lock_for: impl Fn(&Path) -> String, trials: usize
                 b.stdout.is_empty(),
                 "trial {trial}: the losing backup emitted output"
             );
-            assert_ticks_across(&p.stdout, "", 1000);
+            assert_eq!(ticks_upto(&p.stdout), Some(1000), "{}", p.stdout);
         } else {
             assert_ticks_across(&p.stdout, &b.stdout, 1000);
         }
@@ -366,6 +421,7 @@ fn linux_pair<'h>(hosts: &'h Hosts, dir: &Path, disk: &Path) -> Option<Pair<'h>>
         lock: file_lock(dir),
         machine: linux_machine(LINUX_CMDLINE, disk)?,
         extra: vec![],
+        env: vec![],
     })
 }
 
