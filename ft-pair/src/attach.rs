@@ -21,6 +21,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use vmm::control::{VcpuEvent, VcpuResponse};
+use vmm::memory::GuestMemoryMmap;
 use vmm::snapshot::Snapshot;
 use vmm::transfer::{read_pages, write_pages, TransferMsg, PAGES_PER_MESSAGE};
 use vmm::{Vm, VmConfig};
@@ -161,7 +162,7 @@ impl Manager {
             // Stop when few pages are left, when the set stops shrinking, or after a bound;
             // what is left goes in the pause.
             if dirty.len() <= LAST_ROUND_PAGES
-                || dirty.len() * 10 >= prev * 9
+                || dirty.len() * 10 >= prev.saturating_mul(9)
                 || round >= MAX_ROUNDS
             {
                 // The pages of this harvest go in the final snapshot: give them back.
@@ -297,8 +298,8 @@ pub(crate) struct Received {
     pub(crate) attach_ms: u64,
 }
 
-/// Attaches to the primary at `addr` and receives its VM: hello, then the pre-copy rounds
-/// into zeroed RAM, then the final snapshot, restored.
+/// Attaches to the primary at `addr` and receives its VM: hello ([`join`]), then the pre-copy
+/// rounds into zeroed RAM and the final snapshot ([`receive_transfer`]), restored.
 pub(crate) fn receive_vm(
     addr: &str,
     channel: ChannelConfig,
@@ -308,25 +309,7 @@ pub(crate) fn receive_vm(
     checkpoint_delta: bool,
 ) -> Result<Received, PairError> {
     let started = Instant::now();
-    let conn =
-        connect(addr, channel).map_err(PairError::channel(format!("cannot attach to {addr}")))?;
-    conn.send(Msg::Hello {
-        version: PROTOCOL_VERSION,
-        config_hash: hash,
-        config_summary: summary.to_string(),
-    })
-    .map_err(PairError::channel(format!("primary {addr}")))?;
-    match conn.recv_timeout(Duration::from_secs(30)) {
-        Ok(Some(Msg::Welcome)) => {}
-        Ok(Some(Msg::Refused { reason })) => {
-            return Err(PairError::Refused {
-                addr: addr.to_string(),
-                reason,
-            })
-        }
-        Ok(other) => return Err(unexpected(addr, format!("unexpected {other:?}"))),
-        Err(e) => return Err(PairError::channel(format!("primary {addr}"))(e)),
-    }
+    let conn = join(addr, channel, hash, summary)?;
     tracing::info!("attached to primary {addr}: receiving its VM");
 
     // The VM is built before the stream exists; its disk is served by the replayer later.
@@ -349,10 +332,80 @@ pub(crate) fn receive_vm(
     )?;
     vm.set_checkpoint_delta(checkpoint_delta);
     vm.zero_memory()?;
-    let mem = vm.memory();
+    let Transfer {
+        snapshot,
+        epoch,
+        pages,
+        bytes,
+    } = receive_transfer(&conn, addr, &vm.memory(), started)?;
+    vm.restore(&snapshot)?;
+    drop(snapshot);
+    vmm::memory::trim_heap();
+    let attach_ms = started.elapsed().as_millis() as u64;
+    tracing::warn!(
+        "backup of {addr}: VM received ({pages} pages, {:.1} MiB in {attach_ms} ms); replaying",
+        bytes as f64 / (1 << 20) as f64
+    );
+    Ok(Received {
+        conn,
+        vm,
+        slot,
+        disk_size,
+        epoch,
+        attach_ms,
+    })
+}
+
+/// The backup's hello: connects to the primary at `addr` and announces this side's protocol
+/// version and machine; the connection once the primary welcomed it, or its refusal.
+pub(crate) fn join(
+    addr: &str,
+    channel: ChannelConfig,
+    hash: u64,
+    summary: &str,
+) -> Result<Connection, PairError> {
+    let conn =
+        connect(addr, channel).map_err(PairError::channel(format!("cannot attach to {addr}")))?;
+    conn.send(Msg::Hello {
+        version: PROTOCOL_VERSION,
+        config_hash: hash,
+        config_summary: summary.to_string(),
+    })
+    .map_err(PairError::channel(format!("primary {addr}")))?;
+    match conn.recv_timeout(Duration::from_secs(30)) {
+        Ok(Some(Msg::Welcome)) => Ok(conn),
+        Ok(Some(Msg::Refused { reason })) => Err(PairError::Refused {
+            addr: addr.to_string(),
+            reason,
+        }),
+        Ok(other) => Err(unexpected(addr, format!("unexpected {other:?}"))),
+        Err(e) => Err(PairError::channel(format!("primary {addr}"))(e)),
+    }
+}
+
+/// What a transfer delivered besides the pages it wrote into RAM.
+pub(crate) struct Transfer {
+    /// The final state (the last pages, vCPU, devices, clock), for the VM to restore.
+    pub(crate) snapshot: Snapshot,
+    /// The pair's epoch the primary attached this backup at.
+    pub(crate) epoch: u64,
+    /// Pages received in the pre-copy rounds.
+    pub(crate) pages: u64,
+    /// Bytes of the transfer.
+    pub(crate) bytes: u64,
+}
+
+/// The transfer after the welcome: the pre-copy rounds written into `mem` (zeroed RAM), up to
+/// the final state, decoded but not restored (that is the VM's: [`Vm::restore`]).
+pub(crate) fn receive_transfer(
+    conn: &Connection,
+    addr: &str,
+    mem: &GuestMemoryMmap,
+    started: Instant,
+) -> Result<Transfer, PairError> {
     let (mut pages, mut bytes, mut round) = (0u64, 0u64, 0u32);
     let tty = std::io::stderr().is_terminal();
-    let final_state = loop {
+    let (final_state, epoch) = loop {
         let msg = conn
             .recv_timeout(Duration::from_secs(60))
             .map_err(PairError::channel(format!(
@@ -369,7 +422,7 @@ pub(crate) fn receive_vm(
         match TransferMsg::decode(&data).map_err(|e| unexpected(addr, e.to_string()))? {
             TransferMsg::Pages { pages: p, round: r } => {
                 pages += p.len() as u64;
-                write_pages(&mem, &p).map_err(|e| unexpected(addr, e.to_string()))?;
+                write_pages(mem, &p).map_err(|e| unexpected(addr, e.to_string()))?;
                 let secs = started.elapsed().as_secs_f64().max(1e-3);
                 let mib = bytes as f64 / (1 << 20) as f64;
                 let line = format!(
@@ -391,23 +444,11 @@ pub(crate) fn receive_vm(
             }
         }
     };
-    let (final_state, epoch) = final_state;
-    let snap = Snapshot::decode(&final_state)?;
-    vm.restore(&snap)?;
-    drop(snap);
-    vmm::memory::trim_heap();
-    let attach_ms = started.elapsed().as_millis() as u64;
-    tracing::warn!(
-        "backup of {addr}: VM received ({pages} pages, {:.1} MiB in {attach_ms} ms); replaying",
-        bytes as f64 / (1 << 20) as f64
-    );
-    Ok(Received {
-        conn,
-        vm,
-        slot,
-        disk_size,
+    Ok(Transfer {
+        snapshot: Snapshot::decode(&final_state)?,
         epoch,
-        attach_ms,
+        pages,
+        bytes,
     })
 }
 

@@ -29,6 +29,10 @@ pub mod lock;
 pub mod primary;
 pub mod receiver;
 pub mod status;
+/// The pair's protocol tested in one process, without KVM (attach, resync, switchover,
+/// arbitration); the process-level tests are the `tests` crate's.
+#[cfg(test)]
+mod testing;
 
 pub use attach::AttachReport;
 pub use error::PairError;

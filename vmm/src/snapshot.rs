@@ -212,6 +212,25 @@ impl VcpuSnapshot {
         Ok(())
     }
 
+    /// A vCPU state with every register zero but the instruction pointer: not a state KVM
+    /// would run, but one a [`Snapshot`] can carry where there is no vCPU (tests of the pair's
+    /// protocol without KVM).
+    pub fn zeroed_at(rip: u64) -> Self {
+        VcpuSnapshot {
+            regs: kvm_regs {
+                rip,
+                ..Default::default()
+            },
+            sregs: kvm_sregs::default(),
+            fpu: FpuState::default(),
+            xcrs: None,
+            msrs: Vec::new(),
+            events: kvm_vcpu_events::default(),
+            mp_state: kvm_mp_state::default(),
+            debugregs: kvm_debugregs::default(),
+        }
+    }
+
     /// The instruction pointer.
     pub fn rip(&self) -> u64 {
         self.regs.rip
