@@ -3,7 +3,7 @@
 //!
 //! Every model here is a deterministic state machine. None of them knows about fault
 //! tolerance, none reads a clock, starts a thread, draws a random number or touches the host,
-//! except the virtio-blk disk through the [`virtio::DiskBackend`] trait the VMM hands it. Time
+//! except the virtio-blk disk through the [`disk::Disk`] the VMM hands it. Time
 //! comes in as an explicit `now_ns` argument (virtual nanoseconds, monotonic), so the same
 //! sequence of calls always gives the same results.
 //!
@@ -25,6 +25,7 @@
 #![deny(missing_docs)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
+pub mod disk;
 pub mod pic;
 pub mod pit;
 pub mod rtc;

@@ -23,7 +23,8 @@
 //! nothing more ever leaves; the VMM stops the guest). Without a lock the primary goes
 //! unprotected at once (and a partition could leave two live sides: the role warns).
 
-use ft_core::disk::{Disk, HeldWrites, ImageFile};
+use devices::disk::{Disk, ImageFile};
+use ft_core::disk::HeldWrites;
 use ft_core::log::{encode_frame, Header, LogError, Record, RecordSink, MAGIC};
 use logging_channel::{Connection, Msg};
 use std::collections::VecDeque;

@@ -14,8 +14,8 @@ use crate::snapshot::{
 use crate::tsc::GuestTsc;
 use crate::vcpu::{Event, Stop, Vcpu, VcpuError};
 use crate::window::Window;
-use devices::virtio::{DiskBackend, MmioBlock};
-use ft_core::disk::Disk;
+use devices::disk::Disk;
+use devices::virtio::MmioBlock;
 use ft_core::{Boundary, BoundaryError, ExitDigest};
 use kvm_ioctls::{Kvm, VmFd};
 use thiserror::Error;
@@ -129,27 +129,6 @@ pub struct Vm {
     transfer_dirty: Option<DirtySet>,
 }
 
-/// The disk as the device's backend: whatever the boundary made of the image.
-struct BoundaryDisk(Box<dyn Disk>);
-
-impl DiskBackend for BoundaryDisk {
-    fn size(&self) -> u64 {
-        self.0.size()
-    }
-
-    fn read_at(&mut self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        self.0.read_at(buf, offset)
-    }
-
-    fn write_at(&mut self, buf: &[u8], offset: u64) -> std::io::Result<()> {
-        self.0.write_at(buf, offset)
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.0.flush()
-    }
-}
-
 /// What checkpoints cost in this run.
 #[derive(Clone, Debug, Default)]
 pub struct CheckpointStats {
@@ -200,9 +179,7 @@ impl Vm {
                         source,
                     })?
                     .len();
-                boundary
-                    .disk(image, size)
-                    .map(|d| MmioBlock::new(Box::new(BoundaryDisk(d)), false))
+                boundary.disk(image, size).map(|d| MmioBlock::new(d, false))
             }
             None => None,
         };

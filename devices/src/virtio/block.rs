@@ -33,7 +33,8 @@ use virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
 
-use super::{DiskBackend, VirtioDevice, VirtioError};
+use super::{VirtioDevice, VirtioError};
+use crate::disk::Disk;
 use crate::GuestMemoryMmap;
 
 /// The unit of disk addressing.
@@ -113,7 +114,7 @@ pub enum BlockError {
     /// (it offers `VIRTIO_BLK_F_RO`, so a correct driver never does); status IOERR.
     #[error("write to a read-only disk")]
     ReadOnly,
-    /// The [`super::DiskBackend`] returned an error (host file I/O); status IOERR.
+    /// The [`Disk`] returned an error (host file I/O); status IOERR.
     #[error("disk I/O failed: {0}")]
     Io(#[from] io::Error),
     /// Guest memory could not be accessed.
@@ -204,7 +205,7 @@ pub struct VirtioBlkState {
 
 /// The virtio-blk device.
 pub struct VirtioBlk {
-    disk: Box<dyn DiskBackend>,
+    disk: Box<dyn Disk>,
     read_only: bool,
     /// Disk size in sectors, read once from the backend.
     capacity: u64,
@@ -224,7 +225,7 @@ impl std::fmt::Debug for VirtioBlk {
 
 impl VirtioBlk {
     /// A virtio-blk device over `disk`; its size is read now, in whole sectors.
-    pub fn new(disk: Box<dyn DiskBackend>, read_only: bool) -> Self {
+    pub fn new(disk: Box<dyn Disk>, read_only: bool) -> Self {
         let capacity = disk.size() / SECTOR_SIZE;
         VirtioBlk {
             disk,

@@ -57,7 +57,8 @@ use vm_memory::{Bytes, GuestAddress};
 
 use super::block::{VirtioBlk, VirtioBlkState};
 use super::net::{VirtioNet, VirtioNetState};
-use super::{DiskBackend, QueueSnapshot, VirtioDevice, VirtioError};
+use super::{QueueSnapshot, VirtioDevice, VirtioError};
+use crate::disk::Disk;
 use crate::GuestMemoryMmap;
 
 /// "virt".
@@ -165,7 +166,7 @@ pub type MmioBlock = VirtioMmio<VirtioBlk>;
 impl MmioBlock {
     /// A virtio-blk device over `disk` (read-only if `read_only`: it offers VIRTIO_BLK_F_RO
     /// and fails writes).
-    pub fn new(disk: Box<dyn DiskBackend>, read_only: bool) -> Self {
+    pub fn new(disk: Box<dyn Disk>, read_only: bool) -> Self {
         VirtioMmio::with_device(VirtioBlk::new(disk, read_only))
     }
 }

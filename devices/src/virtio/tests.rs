@@ -8,6 +8,7 @@ use vm_memory::bitmap::Bitmap;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use super::*;
+use crate::disk::{Disk, ImageFile};
 
 const MEM_SIZE: usize = 0x10_0000;
 const DESC: u64 = 0x1000;
@@ -82,8 +83,13 @@ impl TempImage {
         TempImage(path)
     }
 
-    fn disk(&self, read_only: bool) -> Box<dyn DiskBackend> {
-        Box::new(FileDisk::open(&self.0, read_only).unwrap())
+    fn disk(&self, read_only: bool) -> Box<dyn Disk> {
+        let image = if read_only {
+            ImageFile::open_read_only(&self.0)
+        } else {
+            ImageFile::open(&self.0)
+        };
+        Box::new(image.unwrap())
     }
 
     fn contents(&self) -> Vec<u8> {
@@ -104,7 +110,7 @@ fn expected_sector(s: u64) -> Vec<u8> {
 /// A disk whose every operation fails.
 struct BrokenDisk;
 
-impl DiskBackend for BrokenDisk {
+impl Disk for BrokenDisk {
     fn size(&self) -> u64 {
         SECTORS * 512
     }
