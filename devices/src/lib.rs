@@ -11,8 +11,8 @@
 //! descriptors give a defined result (an ignored access, an error status, a "needs reset"
 //! device state) and a `tracing::warn!`.
 //!
-//! Every device can save its complete state into a serde-serializable `*State` struct and be
-//! rebuilt from it, for snapshots and live state transfer.
+//! Every device saves its complete state into a serde-serializable `*State` struct and is put
+//! back in it through one trait, [`Persist`], for snapshots and live state transfer.
 //!
 //! | module | device | guest interface |
 //! | --- | --- | --- |
@@ -26,11 +26,14 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 pub mod disk;
+pub mod persist;
 pub mod pic;
 pub mod pit;
 pub mod rtc;
 pub mod serial;
 pub mod virtio;
+
+pub use persist::{Persist, RestoreError};
 
 /// Guest RAM as the VMM maps it: an mmap-backed `GuestMemoryMmap` whose dirty bitmap records
 /// every page the VMM (and so every device model) writes.

@@ -11,6 +11,7 @@ use devices::pit::{Pit, PitState};
 use devices::rtc::{Rtc, RtcState};
 use devices::serial::{Uart, UartState};
 use devices::virtio::{MmioBlock, MmioBlockState, MmioNet, MmioNetState};
+use devices::{Persist, RestoreError};
 use ft_core::{Boundary, BoundaryError, Input, OutputKind, WaitRequest};
 use serde::{Deserialize, Serialize};
 
@@ -138,36 +139,6 @@ impl Platform {
     /// The NIC's MAC, if there is a NIC.
     pub fn net_mac(&self) -> Option<[u8; 6]> {
         self.net.as_ref().map(MmioNet::mac)
-    }
-
-    /// Saves every device and the clock.
-    pub fn state(&self) -> PlatformState {
-        PlatformState {
-            pic: self.pic.state(),
-            pit: self.pit.state(),
-            rtc: self.rtc.state(),
-            uart: self.uart.state(),
-            blk: self.blk.as_ref().map(MmioBlock::state),
-            net: self.net.as_ref().map(MmioNet::state),
-            now_ns: self.now_ns,
-        }
-    }
-
-    /// Puts every device and the clock back as saved. The disk backend stays the one this
-    /// platform was built with.
-    pub fn restore(&mut self, s: &PlatformState) {
-        self.pic = Pic::from_state(&s.pic);
-        self.pit = Pit::from_state(&s.pit);
-        self.rtc = Rtc::from_state(&s.rtc);
-        self.uart = Uart::from_state(&s.uart);
-        if let (Some(blk), Some(state)) = (self.blk.as_mut(), s.blk.as_ref()) {
-            blk.restore(state);
-        }
-        if let (Some(net), Some(state)) = (self.net.as_mut(), s.net.as_ref()) {
-            net.restore(state);
-        }
-        self.now_ns = s.now_ns;
-        self.ticks.due_ns = None;
     }
 
     /// Virtual time now.
@@ -443,6 +414,42 @@ impl Platform {
         let offset = addr.checked_sub(VIRTIO_MMIO_BASE)?;
         let slot = offset / VIRTIO_MMIO_SIZE;
         (slot < 2).then_some((slot, offset % VIRTIO_MMIO_SIZE))
+    }
+}
+
+impl Persist for Platform {
+    type State = PlatformState;
+
+    /// Saves every device and the clock.
+    fn state(&self) -> PlatformState {
+        PlatformState {
+            pic: self.pic.state(),
+            pit: self.pit.state(),
+            rtc: self.rtc.state(),
+            uart: self.uart.state(),
+            blk: self.blk.as_ref().map(MmioBlock::state),
+            net: self.net.as_ref().map(MmioNet::state),
+            now_ns: self.now_ns,
+        }
+    }
+
+    /// Puts every device and the clock back as saved. The disk stays the one this platform
+    /// was built with. The virtio devices go first: a state one of them refuses stops the
+    /// restore there (an earlier virtio device may already be restored; the VM must not run).
+    fn restore(&mut self, s: &PlatformState) -> Result<(), RestoreError> {
+        if let (Some(blk), Some(state)) = (self.blk.as_mut(), s.blk.as_ref()) {
+            blk.restore(state)?;
+        }
+        if let (Some(net), Some(state)) = (self.net.as_mut(), s.net.as_ref()) {
+            net.restore(state)?;
+        }
+        self.pic.restore(&s.pic)?;
+        self.pit.restore(&s.pit)?;
+        self.rtc.restore(&s.rtc)?;
+        self.uart.restore(&s.uart)?;
+        self.now_ns = s.now_ns;
+        self.ticks.due_ns = None;
+        Ok(())
     }
 }
 

@@ -16,6 +16,7 @@ use crate::vcpu::{Event, Stop, Vcpu, VcpuError};
 use crate::window::Window;
 use devices::disk::Disk;
 use devices::virtio::MmioBlock;
+use devices::Persist;
 use ft_core::{Boundary, BoundaryError, ExitDigest};
 use kvm_ioctls::{Kvm, VmFd};
 use thiserror::Error;
@@ -68,6 +69,9 @@ pub enum VmError {
     /// Saving or restoring a snapshot.
     #[error(transparent)]
     Snapshot(#[from] SnapshotError),
+    /// A snapshot's device state that a device refused (not one this VMM saved).
+    #[error("cannot restore the snapshot's devices: {0}")]
+    DeviceState(#[from] devices::RestoreError),
     /// The host cannot give the mechanisms asked for or recorded.
     #[error(transparent)]
     Host(#[from] crate::host::HostError),
@@ -438,7 +442,7 @@ impl Vm {
         }
         memory::reload(&self.vm, &self.mem, self.track_dirty)?;
         snap.vcpu.restore(self.vcpu.fd())?;
-        self.platform.restore(&snap.platform);
+        self.platform.restore(&snap.platform)?;
         // KVM's kvm_run flags are those of the last exit, not of the restored state: put back
         // the ones the snapshot was taken with, so injection decides exactly as it did there.
         self.vcpu.restore_extra(

@@ -35,6 +35,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
 
 use super::{VirtioDevice, VirtioError};
 use crate::disk::Disk;
+use crate::persist::{Persist, RestoreError};
 use crate::GuestMemoryMmap;
 
 /// The unit of disk addressing.
@@ -472,8 +473,6 @@ impl VirtioBlk {
 }
 
 impl VirtioDevice for VirtioBlk {
-    type State = VirtioBlkState;
-
     fn device_id(&self) -> u32 {
         VIRTIO_ID_BLOCK
     }
@@ -559,6 +558,10 @@ impl VirtioDevice for VirtioBlk {
     fn reset(&mut self) {
         self.acked_features = 0;
     }
+}
+
+impl Persist for VirtioBlk {
+    type State = VirtioBlkState;
 
     fn state(&self) -> VirtioBlkState {
         VirtioBlkState {
@@ -568,7 +571,9 @@ impl VirtioDevice for VirtioBlk {
         }
     }
 
-    fn restore(&mut self, s: &VirtioBlkState) {
+    /// Takes the driver's features; a state saved with another disk size or read-only
+    /// setting is taken with a warning (the disk is the one this device was built with).
+    fn restore(&mut self, s: &VirtioBlkState) -> Result<(), RestoreError> {
         if s.capacity != self.capacity || s.read_only != self.read_only {
             tracing::warn!(
                 "virtio-blk: restoring a state saved with a {} sector{} disk onto a {} sector{} \
@@ -580,5 +585,6 @@ impl VirtioDevice for VirtioBlk {
             );
         }
         self.acked_features = s.acked_features;
+        Ok(())
     }
 }

@@ -24,6 +24,7 @@ pub mod net;
 use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueState};
 
+use crate::persist::Persist;
 use crate::GuestMemoryMmap;
 
 pub use block::{VirtioBlk, VirtioBlkState};
@@ -55,29 +56,11 @@ pub enum VirtioError {
         /// Queue index.
         queue: usize,
     },
-    /// A saved queue state is invalid.
-    #[error("saved state of virtqueue {queue} is invalid: {source}")]
-    QueueState {
-        /// Queue index.
-        queue: usize,
-        /// What virtio-queue found.
-        source: virtio_queue::Error,
-    },
-    /// A saved state has a different number of queues than the device.
-    #[error("saved state has {saved} virtqueues, the device has {device}")]
-    QueueCount {
-        /// Queues in the saved state.
-        saved: usize,
-        /// Queues of the device.
-        device: usize,
-    },
 }
 
-/// The device side of a virtio device, behind the transport.
-pub trait VirtioDevice {
-    /// The device's own saved state (the transport saves the queues and registers).
-    type State: Clone + std::fmt::Debug + PartialEq + Serialize + for<'de> Deserialize<'de>;
-
+/// The device side of a virtio device, behind the transport. Its [`Persist`] state is the
+/// device's own (the transport saves the queues and registers).
+pub trait VirtioDevice: Persist {
     /// The virtio device ID (1 = net, 2 = block).
     fn device_id(&self) -> u32;
     /// The maximum size of each of the device's queues (a power of two).
@@ -100,10 +83,6 @@ pub trait VirtioDevice {
     ) -> Result<u32, VirtioError>;
     /// Device reset (status 0 written).
     fn reset(&mut self);
-    /// The device's saved state.
-    fn state(&self) -> Self::State;
-    /// Restores the device's saved state.
-    fn restore(&mut self, s: &Self::State);
 }
 
 /// A serializable copy of `virtio_queue::QueueState`.
