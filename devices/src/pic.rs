@@ -14,6 +14,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::persist::{Persist, RestoreError};
+
 /// Master command port (ICW1, OCW2, OCW3; reads IRR, ISR or the poll word).
 const MASTER_CMD: u16 = 0x20;
 /// Master data port (ICW2-4, OCW1; reads IMR).
@@ -408,21 +410,26 @@ impl Pic {
         }
         self.cascade();
     }
+}
+
+impl Persist for Pic {
+    type State = PicState;
 
     /// The complete state of the pair.
-    pub fn state(&self) -> PicState {
+    fn state(&self) -> PicState {
         PicState {
             master: self.master,
             slave: self.slave,
         }
     }
 
-    /// A pair in exactly the saved state `s`.
-    pub fn from_state(s: &PicState) -> Self {
-        Pic {
+    /// Puts the pair in exactly the saved state `s`.
+    fn restore(&mut self, s: &PicState) -> Result<(), RestoreError> {
+        *self = Pic {
             master: s.master,
             slave: s.slave,
-        }
+        };
+        Ok(())
     }
 }
 
@@ -771,7 +778,8 @@ mod tests {
         pulse(&mut a, 3);
         a.pio_write(0x20, 0x0b);
         let saved = a.state();
-        let mut b = Pic::from_state(&saved);
+        let mut b = Pic::new();
+        b.restore(&saved).unwrap();
         assert_eq!(a, b);
         for pic in [&mut a, &mut b] {
             assert_eq!(pic.pio_read(0x20), 0, "ISR selected and empty");

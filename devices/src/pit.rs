@@ -41,6 +41,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::persist::{Persist, RestoreError};
+
 /// The PIT input clock, in Hz.
 pub const PIT_HZ: u64 = 1_193_182;
 
@@ -772,9 +774,13 @@ impl Pit {
         let t = tick_at(now_ns).max(self.irq0_tick);
         self.channels[0].next_edge_after(t).map(ns_of_tick)
     }
+}
+
+impl Persist for Pit {
+    type State = PitState;
 
     /// The complete state.
-    pub fn state(&self) -> PitState {
+    fn state(&self) -> PitState {
         PitState {
             channels: self.channels,
             port61: self.port61,
@@ -783,9 +789,9 @@ impl Pit {
         }
     }
 
-    /// A PIT in exactly the saved state `s` (counts outside 1..=65536, which no guest can
+    /// Puts the PIT in exactly the saved state `s` (counts outside 1..=65536, which no guest can
     /// program, are taken as 65536).
-    pub fn from_state(s: &PitState) -> Self {
+    fn restore(&mut self, s: &PitState) -> Result<(), RestoreError> {
         let mut channels = s.channels;
         for ch in &mut channels {
             for n in [&mut ch.count, &mut ch.cr] {
@@ -795,12 +801,13 @@ impl Pit {
                 }
             }
         }
-        Pit {
+        *self = Pit {
             channels,
             port61: s.port61 & PORT61_RW_MASK,
             irq0_tick: s.irq0_tick,
             irq0_pending: s.irq0_pending,
-        }
+        };
+        Ok(())
     }
 }
 
@@ -1273,7 +1280,8 @@ mod tests {
         let mut state = pit.state();
         state.channels[0].count = 0;
         state.channels[0].cr = 0x20000;
-        let mut pit = Pit::from_state(&state);
+        let mut pit = Pit::new();
+        pit.restore(&state).unwrap();
         assert_eq!(pit.poll_irq0(at(65536)), 1);
         pit.next_irq0_ns(at(65536));
         pit.pio_read(0x40, at(70000));
@@ -1289,7 +1297,8 @@ mod tests {
         program(&mut a, 2, 0xb0, 5000, at(320));
         a.pio_write(0x43, 0x00, at(400)); // latched, unread
         assert_eq!(a.poll_irq0(at(350)), 0);
-        let mut b = Pit::from_state(&a.state());
+        let mut b = Pit::new();
+        b.restore(&a.state()).unwrap();
         assert_eq!(a, b);
         for pit in [&mut a, &mut b] {
             assert_eq!(pit.pio_read(0x40, at(2000)), (793u16 & 0xff) as u8);

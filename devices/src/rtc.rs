@@ -39,6 +39,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::persist::{Persist, RestoreError};
+
 const NS_PER_SEC: i128 = 1_000_000_000;
 /// The divider chain's frequency.
 const DIVIDER_HZ: i128 = 32_768;
@@ -583,9 +585,13 @@ impl Rtc {
         }
         next.map(|t| u64::try_from(t).unwrap_or(u64::MAX))
     }
+}
+
+impl Persist for Rtc {
+    type State = RtcState;
 
     /// The complete state.
-    pub fn state(&self) -> RtcState {
+    fn state(&self) -> RtcState {
         RtcState {
             index: self.index,
             nmi_disabled: self.nmi_disabled,
@@ -598,9 +604,9 @@ impl Rtc {
         }
     }
 
-    /// An RTC in exactly the saved state `s` (a `cmos` of the wrong length is cut or padded
+    /// Puts the RTC in exactly the saved state `s` (a `cmos` of the wrong length is cut or padded
     /// with zeros).
-    pub fn from_state(s: &RtcState) -> Self {
+    fn restore(&mut self, s: &RtcState) -> Result<(), RestoreError> {
         let mut cmos = [0u8; 128];
         if s.cmos.len() != cmos.len() {
             tracing::warn!("RTC state has {} CMOS bytes, not 128", s.cmos.len());
@@ -608,7 +614,7 @@ impl Rtc {
         for (dst, src) in cmos.iter_mut().zip(&s.cmos) {
             *dst = *src;
         }
-        Rtc {
+        *self = Rtc {
             index: s.index & 0x7f,
             nmi_disabled: s.nmi_disabled,
             cmos,
@@ -618,7 +624,8 @@ impl Rtc {
             flags: s.flags & (C_PF | C_AF | C_UF),
             flags_ns: s.flags_ns,
             irq_edge: s.irq_edge,
-        }
+        };
+        Ok(())
     }
 }
 
@@ -1018,7 +1025,8 @@ mod tests {
         }
         let mut state = Rtc::new(0).state();
         state.base_ns = i128::MIN;
-        let mut rtc = Rtc::from_state(&state);
+        let mut rtc = Rtc::new(0);
+        rtc.restore(&state).unwrap();
         write(&mut rtc, 0x0b, 0x72, u64::MAX);
         rtc.next_irq8_ns(u64::MAX);
     }
@@ -1032,7 +1040,8 @@ mod tests {
         write(&mut a, 0x50, 0x77, SEC / 2);
         a.poll_irq8(SEC);
         let saved = a.state();
-        let mut b = Rtc::from_state(&saved);
+        let mut b = Rtc::new(0);
+        b.restore(&saved).unwrap();
         assert_eq!(a, b);
         let mut now = SEC;
         for i in 0..200u64 {

@@ -29,6 +29,8 @@ use serde::{Deserialize, Serialize};
 use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::{Serial, Trigger};
 
+use crate::persist::{Persist, RestoreError};
+
 const DATA: u8 = 0;
 const IER: u8 = 1;
 const IIR: u8 = 2;
@@ -244,9 +246,13 @@ impl Uart {
     pub fn irq_line(&self) -> bool {
         self.irq_line
     }
+}
+
+impl Persist for Uart {
+    type State = UartState;
 
     /// The complete state.
-    pub fn state(&self) -> UartState {
+    fn state(&self) -> UartState {
         let s = self.serial.state();
         UartState {
             baud_divisor_low: s.baud_divisor_low,
@@ -266,8 +272,8 @@ impl Uart {
         }
     }
 
-    /// A UART in exactly the saved state `s` (a receive FIFO longer than 64 bytes is cut).
-    pub fn from_state(s: &UartState) -> Self {
+    /// Puts the UART in exactly the saved state `s` (a receive FIFO longer than 64 bytes is cut).
+    fn restore(&mut self, s: &UartState) -> Result<(), RestoreError> {
         let mut in_buffer = s.in_buffer.clone();
         if in_buffer.len() > FIFO_SIZE {
             tracing::warn!(
@@ -296,12 +302,13 @@ impl Uart {
                 Serial::new(NoTrigger, s.output.clone())
             }
         };
-        Uart {
+        *self = Uart {
             serial,
             thr_interrupt_pending: s.thr_interrupt_pending,
             irq_line: s.irq_line,
             irq_edge: s.irq_edge,
-        }
+        };
+        Ok(())
     }
 }
 
@@ -475,7 +482,8 @@ mod tests {
         a.pio_write(DATA, b'o');
         a.pio_read(RBR);
         let saved = a.state();
-        let mut b = Uart::from_state(&saved);
+        let mut b = Uart::new();
+        b.restore(&saved).unwrap();
         assert_eq!(b.state(), saved);
         for uart in [&mut a, &mut b] {
             assert_eq!(uart.take_output(), b"o");

@@ -27,9 +27,9 @@
 //! The vCPU loop also reports every synchronous exit ([`Boundary::exit`]) and every interrupt it
 //! injects ([`Boundary::interrupt`]) so that a recorder can log them and a replayer check them.
 
-use crate::disk::Disk;
 use crate::exit::{ExitDigest, SyncExit};
 use crate::log::LogError;
+use devices::disk::Disk;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use thiserror::Error;

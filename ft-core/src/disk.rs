@@ -1,5 +1,6 @@
-//! The disk as the determinism boundary sees it: what the guest's virtio-blk device reads and
-//! writes, behind one small trait.
+//! The disk as the determinism boundary sees it: the guest's virtio-blk device reads and
+//! writes a [`devices::disk::Disk`] (the trait lives beside the device), and the boundary
+//! decides which one.
 //!
 //! Disk contents are an input (a backup replaying a shared disk must not read it: the primary
 //! may already have written past the point the backup is at, DESIGN.md section 7) and disk
@@ -8,67 +9,9 @@
 //! boundary ([`crate::Boundary::disk`]), which wraps it as its role needs.
 
 use std::collections::BTreeMap;
-use std::fs::{File, OpenOptions};
-use std::io;
-use std::os::unix::fs::FileExt;
-use std::path::Path;
 
 /// The unit of disk addressing (virtio-blk sectors).
-pub const SECTOR: u64 = 512;
-
-/// Storage a virtio-blk device reads and writes. Offsets and lengths are whole sectors.
-pub trait Disk: Send {
-    /// Size in bytes.
-    fn size(&self) -> u64;
-    /// Fills `buf` from byte `offset`.
-    fn read_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()>;
-    /// Writes all of `buf` at byte `offset`.
-    fn write_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()>;
-    /// Makes the writes so far durable.
-    fn flush(&mut self) -> io::Result<()>;
-}
-
-/// A raw disk image file.
-#[derive(Debug)]
-pub struct ImageFile {
-    file: File,
-    size: u64,
-}
-
-impl ImageFile {
-    /// Opens the image at `path` for reading and writing.
-    pub fn open(path: &Path) -> io::Result<Self> {
-        let file = OpenOptions::new().read(true).write(true).open(path)?;
-        let size = file.metadata()?.len();
-        Ok(ImageFile { file, size })
-    }
-
-    /// A second handle on the same image (for the thread that releases held writes).
-    pub fn try_clone(&self) -> io::Result<Self> {
-        Ok(ImageFile {
-            file: self.file.try_clone()?,
-            size: self.size,
-        })
-    }
-}
-
-impl Disk for ImageFile {
-    fn size(&self) -> u64 {
-        self.size
-    }
-
-    fn read_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        self.file.read_exact_at(buf, offset)
-    }
-
-    fn write_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
-        self.file.write_all_at(buf, offset)
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        self.file.sync_data()
-    }
-}
+pub const SECTOR: u64 = devices::virtio::block::SECTOR_SIZE;
 
 /// Writes that the guest has made but that have not reached the image yet, by sector, each
 /// tagged with the id of the write that produced it. Reads see them

@@ -5,10 +5,10 @@
 //! into the same stream, in order with everything else.
 
 use crate::boundary::{Attention, Boundary, BoundaryError, Input, OutputKind, Point, WaitRequest};
-use crate::disk::Disk;
 use crate::exit::{ExitDigest, SyncExit};
 use crate::log::{exit_record, pack_disk_data, InputRec, PointRec, Record, RecordSink};
 use crate::output::{Output, OutputGate};
+use devices::disk::Disk;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};

@@ -6,11 +6,11 @@
 //! can acknowledge what it has executed.
 
 use crate::boundary::{Boundary, BoundaryError, Input, OutputKind, Point, WaitRequest};
-use crate::disk::Disk;
 use crate::exit::{ExitDigest, SyncExit};
 use crate::log::{decode_exit, unpack_disk_data, Header, InputRec, LogReader, PointRec, Record};
 use crate::output::Output;
 use crate::record::output_kind_byte;
+use devices::disk::Disk;
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -14,9 +14,9 @@
 //! served by the live disk, so the guest's driver never sees an error.
 
 use crate::boundary::{Attention, Boundary, BoundaryError, Input, OutputKind, Point, WaitRequest};
-use crate::disk::Disk;
 use crate::exit::{ExitDigest, SyncExit};
 use crate::replay::Replayer;
+use devices::disk::Disk;
 use std::io::{self, Read};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 

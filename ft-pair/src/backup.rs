@@ -17,7 +17,7 @@ use crate::primary::{open_lock, Services};
 use crate::receiver::BackupLink;
 use crate::status::{BackupLag, BackupLog, BackupStatus, ChannelFigures, Status};
 use crate::{End, Finished};
-use ft_core::disk::Disk;
+use devices::disk::Disk;
 use ft_core::replay::{KeptWrites, Progress, Replayer};
 use ft_core::takeover::{Decision, Refusal, Takeover};
 use ft_core::{Boundary, BoundaryError};

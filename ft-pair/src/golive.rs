@@ -9,7 +9,7 @@ use crate::link::{HeldDisk, Link, StreamSink};
 use crate::lock::Arbiter;
 use crate::primary::{ServiceParts, Services, TakeoverRecord};
 use crate::receiver::BackupLink;
-use ft_core::disk::{Disk, ImageFile};
+use devices::disk::{Disk, ImageFile};
 use ft_core::live::{LiveBoundary, NetPort, NetQueue};
 use ft_core::log::{Header, VERSION};
 use ft_core::output::Output;

@@ -25,7 +25,8 @@
 //! nothing more ever leaves; the VMM stops the guest). Without a lock the primary goes
 //! unprotected at once (and a partition could leave two live sides: the role warns).
 
-use ft_core::disk::{Disk, HeldWrites, ImageFile};
+use devices::disk::{Disk, ImageFile};
+use ft_core::disk::HeldWrites;
 use ft_core::log::{BatchWriter, Header, LogError, Record, RecordSink};
 use ft_core::output::{Output, OutputGate};
 use logging_channel::{Connection, Msg};

@@ -18,7 +18,7 @@ use crate::status::{
     ChannelFigures, Latency, PrimaryLag, PrimaryLog, PrimaryStatus, Status, SwitchoverReport,
 };
 use crate::{End, Finished};
-use ft_core::disk::ImageFile;
+use devices::disk::ImageFile;
 use ft_core::log::Record;
 use ft_core::record::{RecordCounters, SharedRecordCore};
 use ft_core::Boundary;

@@ -1,16 +1,21 @@
 //! The platform: every device on its port or address (docs/PLATFORM.md), interrupt routing
 //! into the 8259A pair, and the virtual clock.
 //!
+//! Which port or address goes to which device is one table per bus ([`devices::bus::Bus`]):
+//! `PORTS` for I/O ports, the filled virtio slots for MMIO; reads and writes look it up alike.
+//!
 //! The platform is the only caller of the device models. It asks the boundary for the clock
 //! whenever a device needs the time, so devices stay deterministic state machines and every
 //! time read is an input the boundary controls.
 
 use crate::memory::GuestMemoryMmap;
+use devices::bus::Bus;
 use devices::pic::{Pic, PicState};
 use devices::pit::{Pit, PitState};
 use devices::rtc::{Rtc, RtcState};
 use devices::serial::{Uart, UartState};
 use devices::virtio::{MmioBlock, MmioBlockState, MmioNet, MmioNetState};
+use devices::{Persist, RestoreError};
 use ft_core::{Boundary, BoundaryError, Input, OutputKind, WaitRequest};
 use serde::{Deserialize, Serialize};
 
@@ -34,6 +39,53 @@ pub const VIRTIO_NET_IRQ: u8 = 6;
 pub const PIT_IRQ: u8 = 0;
 /// The RTC's interrupt line.
 pub const RTC_IRQ: u8 = 8;
+
+/// A device on the port bus.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Port {
+    Pic,
+    Pit,
+    Rtc,
+    Uart,
+    /// The keyboard controller's command port: reads 0; 0xfe resets.
+    Kbd,
+    /// [`EXIT_PORT`]: write-only (reads as an empty port).
+    Exit,
+}
+
+/// Every I/O port range and its device (docs/PLATFORM.md), for reads and writes alike. The
+/// PIC, PIT and RTC decode the port number itself; the UART gets the offset in its range.
+const PORTS: [(u16, u16, Port); 9] = [
+    (0x20, 2, Port::Pic),
+    (0xa0, 2, Port::Pic),
+    (0x4d0, 2, Port::Pic), // ELCR
+    (0x40, 4, Port::Pit),
+    (0x61, 1, Port::Pit),
+    (0x70, 2, Port::Rtc),
+    (COM1_BASE, 8, Port::Uart),
+    (KBD_CMD_PORT, 1, Port::Kbd),
+    (EXIT_PORT, 1, Port::Exit),
+];
+
+/// A device on the MMIO bus.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mmio {
+    /// The virtio-blk slot, the first.
+    Blk,
+    /// The virtio-net slot, the second.
+    Net,
+}
+
+/// A bus of `ranges`; the platform's own tables have no overlaps (the tests say so).
+fn bus<T: Copy + std::fmt::Debug>(ranges: impl IntoIterator<Item = (u64, u64, T)>) -> Bus<T> {
+    let mut bus = Bus::default();
+    for (base, len, device) in ranges {
+        if let Err(e) = bus.insert(base, len, device) {
+            tracing::error!("{device:?} left off the bus: {e}");
+        }
+    }
+    bus
+}
 
 /// What the vCPU loop does after an access.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -66,6 +118,10 @@ pub struct Platform {
     uart: Uart,
     blk: Option<MmioBlock>,
     net: Option<MmioNet>,
+    /// Which port goes to which device.
+    pio: Bus<Port>,
+    /// Which address outside RAM goes to which device (the virtio slots that are filled).
+    mmio: Bus<Mmio>,
     /// Guest RAM, where received frames are written.
     mem: GuestMemoryMmap,
     /// Virtual time, nanoseconds since boot. Moves only by inputs from the boundary.
@@ -115,6 +171,16 @@ impl Platform {
         net: Option<MmioNet>,
         mem: GuestMemoryMmap,
     ) -> Self {
+        let pio = bus(PORTS.map(|(p, n, d)| (u64::from(p), u64::from(n), d)));
+        let mut slots = Vec::new();
+        if blk.is_some() {
+            slots.push((VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE, Mmio::Blk));
+        }
+        if net.is_some() {
+            let base = VIRTIO_MMIO_BASE + VIRTIO_MMIO_SIZE;
+            slots.push((base, VIRTIO_MMIO_SIZE, Mmio::Net));
+        }
+        let mmio = bus(slots);
         Platform {
             pic: Pic::new(),
             pit: Pit::new(),
@@ -122,6 +188,8 @@ impl Platform {
             uart: Uart::new(),
             blk,
             net,
+            pio,
+            mmio,
             mem,
             now_ns: 0,
             reinject: false,
@@ -138,36 +206,6 @@ impl Platform {
     /// The NIC's MAC, if there is a NIC.
     pub fn net_mac(&self) -> Option<[u8; 6]> {
         self.net.as_ref().map(MmioNet::mac)
-    }
-
-    /// Saves every device and the clock.
-    pub fn state(&self) -> PlatformState {
-        PlatformState {
-            pic: self.pic.state(),
-            pit: self.pit.state(),
-            rtc: self.rtc.state(),
-            uart: self.uart.state(),
-            blk: self.blk.as_ref().map(MmioBlock::state),
-            net: self.net.as_ref().map(MmioNet::state),
-            now_ns: self.now_ns,
-        }
-    }
-
-    /// Puts every device and the clock back as saved. The disk backend stays the one this
-    /// platform was built with.
-    pub fn restore(&mut self, s: &PlatformState) {
-        self.pic = Pic::from_state(&s.pic);
-        self.pit = Pit::from_state(&s.pit);
-        self.rtc = Rtc::from_state(&s.rtc);
-        self.uart = Uart::from_state(&s.uart);
-        if let (Some(blk), Some(state)) = (self.blk.as_mut(), s.blk.as_ref()) {
-            blk.restore(state);
-        }
-        if let (Some(net), Some(state)) = (self.net.as_mut(), s.net.as_ref()) {
-            net.restore(state);
-        }
-        self.now_ns = s.now_ns;
-        self.ticks.due_ns = None;
     }
 
     /// Virtual time now.
@@ -339,21 +377,19 @@ impl Platform {
         data: &mut [u8],
         boundary: &mut dyn Boundary,
     ) -> Result<(), BoundaryError> {
-        let value = match port {
-            0x20 | 0x21 | 0xa0 | 0xa1 | 0x4d0 | 0x4d1 => self.pic.pio_read(port),
-            0x40..=0x43 | 0x61 => {
+        let value = match self.pio.get(u64::from(port)) {
+            Some((Port::Pic, _)) => self.pic.pio_read(port),
+            Some((Port::Pit, _)) => {
                 let now = self.clock(boundary)?;
                 self.pit.pio_read(port, now)
             }
-            0x70 | 0x71 => {
+            Some((Port::Rtc, _)) => {
                 let now = self.clock(boundary)?;
                 self.rtc.pio_read(port, now)
             }
-            p if (COM1_BASE..COM1_BASE + 8).contains(&p) => {
-                self.uart.pio_read((p - COM1_BASE) as u8)
-            }
-            KBD_CMD_PORT => 0,
-            _ => 0xff,
+            Some((Port::Uart, offset)) => self.uart.pio_read(offset as u8),
+            Some((Port::Kbd, _)) => 0,
+            Some((Port::Exit, _)) | None => 0xff,
         };
         // Multi-byte reads of byte-wide devices: the first byte is the register, the rest ones.
         data.fill(0xff);
@@ -374,15 +410,15 @@ impl Platform {
         let Some(&value) = data.first() else {
             return Ok(Action::Continue);
         };
-        match port {
-            0x20 | 0x21 | 0xa0 | 0xa1 => self.pic.pio_write(port, value),
-            0x40..=0x43 | 0x61 => {
+        match self.pio.get(u64::from(port)) {
+            Some((Port::Pic, _)) => self.pic.pio_write(port, value),
+            Some((Port::Pit, _)) => {
                 let now = self.clock(boundary)?;
                 self.pit.pio_write(port, value, now);
                 // A new count may make an edge due now.
                 self.advance_time(now);
             }
-            0x70 | 0x71 => {
+            Some((Port::Rtc, _)) => {
                 let now = self.clock(boundary)?;
                 self.rtc.pio_write(port, value, now);
                 // Enabling an interrupt whose flag is already set raises IRQ 8 now, as on the
@@ -390,13 +426,13 @@ impl Platform {
                 // next time input (the census's `firmware` guest waited for it in vain).
                 self.advance_time(now);
             }
-            p if (COM1_BASE..COM1_BASE + 8).contains(&p) => {
-                self.uart.pio_write((p - COM1_BASE) as u8, value);
+            Some((Port::Uart, offset)) => {
+                self.uart.pio_write(offset as u8, value);
                 self.flush_output(boundary)?;
             }
-            EXIT_PORT => return Ok(Action::Exit(value)),
-            KBD_CMD_PORT if value == 0xfe => return Ok(Action::Reset),
-            _ => {}
+            Some((Port::Exit, _)) => return Ok(Action::Exit(value)),
+            Some((Port::Kbd, _)) if value == 0xfe => return Ok(Action::Reset),
+            Some((Port::Kbd, _)) | None => {}
         }
         self.update_irqs();
         Ok(Action::Continue)
@@ -404,45 +440,74 @@ impl Platform {
 
     /// A read from `addr` outside guest RAM.
     pub fn mmio_read(&mut self, addr: u64, data: &mut [u8], mem: &GuestMemoryMmap) {
-        match Self::virtio_slot(addr) {
-            Some((0, offset)) if self.blk.is_some() => {
+        match self.mmio.get(addr) {
+            Some((Mmio::Blk, offset)) => {
                 if let Some(blk) = self.blk.as_mut() {
                     blk.mmio_read(offset, data, mem);
                 }
             }
-            Some((1, offset)) if self.net.is_some() => {
+            Some((Mmio::Net, offset)) => {
                 if let Some(net) = self.net.as_mut() {
                     net.mmio_read(offset, data, mem);
                 }
             }
-            _ => data.fill(0xff),
+            None => data.fill(0xff),
         }
         self.update_irqs();
     }
 
     /// A write to `addr` outside guest RAM.
     pub fn mmio_write(&mut self, addr: u64, data: &[u8], mem: &GuestMemoryMmap) {
-        match Self::virtio_slot(addr) {
-            Some((0, offset)) => {
+        match self.mmio.get(addr) {
+            Some((Mmio::Blk, offset)) => {
                 if let Some(blk) = self.blk.as_mut() {
                     blk.mmio_write(offset, data, mem);
                 }
             }
-            Some((1, offset)) => {
+            Some((Mmio::Net, offset)) => {
                 if let Some(net) = self.net.as_mut() {
                     net.mmio_write(offset, data, mem);
                 }
             }
-            _ => {}
+            None => {}
         }
         self.update_irqs();
     }
+}
 
-    /// Which virtio-mmio slot `addr` is in (0: the disk, 1: the NIC) and the offset in it.
-    fn virtio_slot(addr: u64) -> Option<(u64, u64)> {
-        let offset = addr.checked_sub(VIRTIO_MMIO_BASE)?;
-        let slot = offset / VIRTIO_MMIO_SIZE;
-        (slot < 2).then_some((slot, offset % VIRTIO_MMIO_SIZE))
+impl Persist for Platform {
+    type State = PlatformState;
+
+    /// Saves every device and the clock.
+    fn state(&self) -> PlatformState {
+        PlatformState {
+            pic: self.pic.state(),
+            pit: self.pit.state(),
+            rtc: self.rtc.state(),
+            uart: self.uart.state(),
+            blk: self.blk.as_ref().map(MmioBlock::state),
+            net: self.net.as_ref().map(MmioNet::state),
+            now_ns: self.now_ns,
+        }
+    }
+
+    /// Puts every device and the clock back as saved. The disk stays the one this platform
+    /// was built with. The virtio devices go first: a state one of them refuses stops the
+    /// restore there (an earlier virtio device may already be restored; the VM must not run).
+    fn restore(&mut self, s: &PlatformState) -> Result<(), RestoreError> {
+        if let (Some(blk), Some(state)) = (self.blk.as_mut(), s.blk.as_ref()) {
+            blk.restore(state)?;
+        }
+        if let (Some(net), Some(state)) = (self.net.as_mut(), s.net.as_ref()) {
+            net.restore(state)?;
+        }
+        self.pic.restore(&s.pic)?;
+        self.pit.restore(&s.pit)?;
+        self.rtc.restore(&s.rtc)?;
+        self.uart.restore(&s.uart)?;
+        self.now_ns = s.now_ns;
+        self.ticks.due_ns = None;
+        Ok(())
     }
 }
 
@@ -553,6 +618,47 @@ mod tests {
         p.pio_write(0x20, &[0x20], &mut b).unwrap();
         p.advance_time(55_000_000);
         assert_eq!(p.acknowledge(), Some(0x30), "then the next owed tick");
+    }
+
+    /// The bus routes every port as the two hand-written `match`es of reads and writes did,
+    /// except that the ELCR (0x4d0-0x4d1) now reaches the PIC on writes too, where it is
+    /// ignored as before; and the exit port is write-only, as it was.
+    #[test]
+    fn every_port_goes_where_it_went_before_the_bus() {
+        let mut pio = Bus::default();
+        for (base, len, device) in PORTS {
+            pio.insert(u64::from(base), u64::from(len), device).unwrap();
+        }
+        let p = platform(false);
+        for port in 0..=u16::MAX {
+            let before = match port {
+                0x20 | 0x21 | 0xa0 | 0xa1 | 0x4d0 | 0x4d1 => Some(Port::Pic),
+                0x40..=0x43 | 0x61 => Some(Port::Pit),
+                0x70 | 0x71 => Some(Port::Rtc),
+                p if (COM1_BASE..COM1_BASE + 8).contains(&p) => Some(Port::Uart),
+                KBD_CMD_PORT => Some(Port::Kbd),
+                EXIT_PORT => Some(Port::Exit),
+                _ => None,
+            };
+            let now = p.pio.get(u64::from(port)).map(|(d, _)| d);
+            assert_eq!(now, before, "port {port:#x}");
+            assert_eq!(pio.get(u64::from(port)).map(|(d, _)| d), before);
+        }
+        assert_eq!(p.pio.get(0x3fd), Some((Port::Uart, 5)));
+    }
+
+    /// An empty virtio slot is not on the bus (reads all ones, writes go nowhere).
+    #[test]
+    fn only_filled_virtio_slots_are_on_the_bus() {
+        let mem = crate::memory::create(1 << 20).unwrap();
+        let p = Platform::new(0, None, Some(MmioNet::new([2, 0, 0, 0, 0, 1])), mem);
+        assert_eq!(p.mmio.get(VIRTIO_MMIO_BASE), None);
+        assert_eq!(
+            p.mmio.get(VIRTIO_MMIO_BASE + 0x1ffc),
+            Some((Mmio::Net, 0xffc))
+        );
+        assert_eq!(p.mmio.get(VIRTIO_MMIO_BASE + 0x2000), None);
+        assert_eq!(p.mmio.get(VIRTIO_MMIO_BASE - 1), None);
     }
 
     #[test]

@@ -14,8 +14,9 @@ use crate::snapshot::{
 use crate::tsc::GuestTsc;
 use crate::vcpu::{Event, Stop, Vcpu, VcpuError};
 use crate::window::Window;
-use devices::virtio::{DiskBackend, MmioBlock};
-use ft_core::disk::Disk;
+use devices::disk::Disk;
+use devices::virtio::MmioBlock;
+use devices::Persist;
 use ft_core::{Boundary, BoundaryError, ExitDigest};
 use kvm_ioctls::{Kvm, VmFd};
 use thiserror::Error;
@@ -68,6 +69,9 @@ pub enum VmError {
     /// Saving or restoring a snapshot.
     #[error(transparent)]
     Snapshot(#[from] SnapshotError),
+    /// A snapshot's device state that a device refused (not one this VMM saved).
+    #[error("cannot restore the snapshot's devices: {0}")]
+    DeviceState(#[from] devices::RestoreError),
     /// The host cannot give the mechanisms asked for or recorded.
     #[error(transparent)]
     Host(#[from] crate::host::HostError),
@@ -129,27 +133,6 @@ pub struct Vm {
     transfer_dirty: Option<DirtySet>,
 }
 
-/// The disk as the device's backend: whatever the boundary made of the image.
-struct BoundaryDisk(Box<dyn Disk>);
-
-impl DiskBackend for BoundaryDisk {
-    fn size(&self) -> u64 {
-        self.0.size()
-    }
-
-    fn read_at(&mut self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        self.0.read_at(buf, offset)
-    }
-
-    fn write_at(&mut self, buf: &[u8], offset: u64) -> std::io::Result<()> {
-        self.0.write_at(buf, offset)
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.0.flush()
-    }
-}
-
 /// What checkpoints cost in this run.
 #[derive(Clone, Debug, Default)]
 pub struct CheckpointStats {
@@ -200,9 +183,7 @@ impl Vm {
                         source,
                     })?
                     .len();
-                boundary
-                    .disk(image, size)
-                    .map(|d| MmioBlock::new(Box::new(BoundaryDisk(d)), false))
+                boundary.disk(image, size).map(|d| MmioBlock::new(d, false))
             }
             None => None,
         };
@@ -462,7 +443,7 @@ impl Vm {
         }
         memory::reload(&self.vm, &self.mem, self.track_dirty)?;
         snap.vcpu.restore(self.vcpu.fd())?;
-        self.platform.restore(&snap.platform);
+        self.platform.restore(&snap.platform)?;
         // KVM's kvm_run flags are those of the last exit, not of the restored state: put back
         // the ones the snapshot was taken with, so injection decides exactly as it did there.
         self.vcpu.restore_extra(

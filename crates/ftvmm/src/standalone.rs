@@ -2,7 +2,7 @@
 
 use crate::cli::{machine_config, open_net, serial_sink, serial_source, Args, Failure, Role};
 use crate::report;
-use ft_core::disk::{Disk, ImageFile};
+use devices::disk::{Disk, ImageFile};
 use ft_core::live::{LiveBoundary, NetPort};
 use ft_core::log::{Header, LogReader, LogWriter, VERSION};
 use ft_core::record::Recorder;

@@ -33,7 +33,9 @@ use virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
 
-use super::{DiskBackend, VirtioDevice, VirtioError};
+use super::{VirtioDevice, VirtioError};
+use crate::disk::Disk;
+use crate::persist::{Persist, RestoreError};
 use crate::GuestMemoryMmap;
 
 /// The unit of disk addressing.
@@ -113,7 +115,7 @@ pub enum BlockError {
     /// (it offers `VIRTIO_BLK_F_RO`, so a correct driver never does); status IOERR.
     #[error("write to a read-only disk")]
     ReadOnly,
-    /// The [`super::DiskBackend`] returned an error (host file I/O); status IOERR.
+    /// The [`Disk`] returned an error (host file I/O); status IOERR.
     #[error("disk I/O failed: {0}")]
     Io(#[from] io::Error),
     /// Guest memory could not be accessed.
@@ -204,7 +206,7 @@ pub struct VirtioBlkState {
 
 /// The virtio-blk device.
 pub struct VirtioBlk {
-    disk: Box<dyn DiskBackend>,
+    disk: Box<dyn Disk>,
     read_only: bool,
     /// Disk size in sectors, read once from the backend.
     capacity: u64,
@@ -224,7 +226,7 @@ impl std::fmt::Debug for VirtioBlk {
 
 impl VirtioBlk {
     /// A virtio-blk device over `disk`; its size is read now, in whole sectors.
-    pub fn new(disk: Box<dyn DiskBackend>, read_only: bool) -> Self {
+    pub fn new(disk: Box<dyn Disk>, read_only: bool) -> Self {
         let capacity = disk.size() / SECTOR_SIZE;
         VirtioBlk {
             disk,
@@ -471,8 +473,6 @@ impl VirtioBlk {
 }
 
 impl VirtioDevice for VirtioBlk {
-    type State = VirtioBlkState;
-
     fn device_id(&self) -> u32 {
         VIRTIO_ID_BLOCK
     }
@@ -558,6 +558,10 @@ impl VirtioDevice for VirtioBlk {
     fn reset(&mut self) {
         self.acked_features = 0;
     }
+}
+
+impl Persist for VirtioBlk {
+    type State = VirtioBlkState;
 
     fn state(&self) -> VirtioBlkState {
         VirtioBlkState {
@@ -567,7 +571,9 @@ impl VirtioDevice for VirtioBlk {
         }
     }
 
-    fn restore(&mut self, s: &VirtioBlkState) {
+    /// Takes the driver's features; a state saved with another disk size or read-only
+    /// setting is taken with a warning (the disk is the one this device was built with).
+    fn restore(&mut self, s: &VirtioBlkState) -> Result<(), RestoreError> {
         if s.capacity != self.capacity || s.read_only != self.read_only {
             tracing::warn!(
                 "virtio-blk: restoring a state saved with a {} sector{} disk onto a {} sector{} \
@@ -579,5 +585,6 @@ impl VirtioDevice for VirtioBlk {
             );
         }
         self.acked_features = s.acked_features;
+        Ok(())
     }
 }

@@ -57,7 +57,9 @@ use vm_memory::{Bytes, GuestAddress};
 
 use super::block::{VirtioBlk, VirtioBlkState};
 use super::net::{VirtioNet, VirtioNetState};
-use super::{DiskBackend, QueueSnapshot, VirtioDevice, VirtioError};
+use super::{QueueSnapshot, VirtioDevice, VirtioError};
+use crate::disk::Disk;
+use crate::persist::{Persist, RestoreError};
 use crate::GuestMemoryMmap;
 
 /// "virt".
@@ -165,7 +167,7 @@ pub type MmioBlock = VirtioMmio<VirtioBlk>;
 impl MmioBlock {
     /// A virtio-blk device over `disk` (read-only if `read_only`: it offers VIRTIO_BLK_F_RO
     /// and fails writes).
-    pub fn new(disk: Box<dyn DiskBackend>, read_only: bool) -> Self {
+    pub fn new(disk: Box<dyn Disk>, read_only: bool) -> Self {
         VirtioMmio::with_device(VirtioBlk::new(disk, read_only))
     }
 }
@@ -559,9 +561,12 @@ impl<D: VirtioDevice> VirtioMmio<D> {
         mem.read_obj::<u16>(GuestAddress(queue.avail_ring()))
             .is_ok_and(|flags| u32::from(u16::from_le(flags)) & VRING_AVAIL_F_NO_INTERRUPT != 0)
     }
+}
 
-    /// The complete state.
-    pub fn state(&self) -> VirtioMmioState<D::State> {
+impl<D: VirtioDevice> Persist for VirtioMmio<D> {
+    type State = VirtioMmioState<D::State>;
+
+    fn state(&self) -> VirtioMmioState<D::State> {
         VirtioMmioState {
             device_features_sel: self.device_features_sel,
             driver_features_sel: self.driver_features_sel,
@@ -575,10 +580,11 @@ impl<D: VirtioDevice> VirtioMmio<D> {
         }
     }
 
-    /// Restores a saved state; on an invalid one, nothing changes and the error says why.
-    pub fn try_restore(&mut self, s: &VirtioMmioState<D::State>) -> Result<(), VirtioError> {
+    /// Refuses a state with another number of queues or a queue virtio-queue rejects, before
+    /// anything changes.
+    fn restore(&mut self, s: &VirtioMmioState<D::State>) -> Result<(), RestoreError> {
         if s.queues.len() != self.queues.len() {
-            return Err(VirtioError::QueueCount {
+            return Err(RestoreError::QueueCount {
                 saved: s.queues.len(),
                 device: self.queues.len(),
             });
@@ -589,9 +595,10 @@ impl<D: VirtioDevice> VirtioMmio<D> {
             .enumerate()
             .map(|(i, &q)| {
                 Queue::try_from(QueueState::from(q))
-                    .map_err(|source| VirtioError::QueueState { queue: i, source })
+                    .map_err(|source| RestoreError::QueueState { queue: i, source })
             })
             .collect::<Result<Vec<_>, _>>()?;
+        self.device.restore(&s.device)?;
         self.queues = queues;
         self.device_features_sel = s.device_features_sel;
         self.driver_features_sel = s.driver_features_sel;
@@ -600,16 +607,6 @@ impl<D: VirtioDevice> VirtioMmio<D> {
         self.status = s.status;
         self.interrupt_status = s.interrupt_status;
         self.config_generation = s.config_generation;
-        self.device.restore(&s.device);
         Ok(())
-    }
-
-    /// Restores a saved state. An invalid state (not one `state()` produced) leaves the
-    /// device reset, with a warning; [`VirtioMmio::try_restore`] reports the error instead.
-    pub fn restore(&mut self, s: &VirtioMmioState<D::State>) {
-        if let Err(e) = self.try_restore(s) {
-            tracing::warn!("virtio-mmio: cannot restore state: {e}; device reset");
-            self.reset();
-        }
     }
 }

@@ -3,7 +3,7 @@
 //! - [`mmio`]: the transport ([`VirtioMmio`]), generic over a [`VirtioDevice`]: the register
 //!   file, feature negotiation, the device status state machine, the split virtqueues
 //!   (`virtio_queue::Queue`) and the interrupt status.
-//! - [`block`]: virtio-blk ([`VirtioBlk`]) over a [`DiskBackend`].
+//! - [`block`]: virtio-blk ([`VirtioBlk`]) over a [`crate::disk::Disk`].
 //! - [`net`]: virtio-net ([`VirtioNet`]): frames the guest transmits are collected for the VMM
 //!   to take; frames the VMM pushes are written into the guest's receive buffers.
 //!
@@ -21,14 +21,10 @@ pub mod block;
 pub mod mmio;
 pub mod net;
 
-use std::fs::{File, OpenOptions};
-use std::io;
-use std::os::unix::fs::FileExt;
-use std::path::Path;
-
 use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueState};
 
+use crate::persist::Persist;
 use crate::GuestMemoryMmap;
 
 pub use block::{VirtioBlk, VirtioBlkState};
@@ -60,90 +56,11 @@ pub enum VirtioError {
         /// Queue index.
         queue: usize,
     },
-    /// A saved queue state is invalid.
-    #[error("saved state of virtqueue {queue} is invalid: {source}")]
-    QueueState {
-        /// Queue index.
-        queue: usize,
-        /// What virtio-queue found.
-        source: virtio_queue::Error,
-    },
-    /// A saved state has a different number of queues than the device.
-    #[error("saved state has {saved} virtqueues, the device has {device}")]
-    QueueCount {
-        /// Queues in the saved state.
-        saved: usize,
-        /// Queues of the device.
-        device: usize,
-    },
 }
 
-/// The storage behind a virtio-blk device. The VMM may wrap a file to route writes elsewhere
-/// (the fault tolerance output rule).
-pub trait DiskBackend: Send {
-    /// Size in bytes.
-    fn size(&self) -> u64;
-    /// Fills `buf` from byte `offset`.
-    fn read_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()>;
-    /// Writes all of `buf` at byte `offset`.
-    fn write_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()>;
-    /// Makes the writes so far durable.
-    fn flush(&mut self) -> io::Result<()>;
-}
-
-/// A disk image file.
-#[derive(Debug)]
-pub struct FileDisk {
-    file: File,
-    size: u64,
-    read_only: bool,
-}
-
-impl FileDisk {
-    /// Opens the image at `path`, for reading only or for reading and writing.
-    pub fn open(path: &Path, read_only: bool) -> io::Result<Self> {
-        let file = OpenOptions::new().read(true).write(!read_only).open(path)?;
-        let size = file.metadata()?.len();
-        Ok(FileDisk {
-            file,
-            size,
-            read_only,
-        })
-    }
-}
-
-impl DiskBackend for FileDisk {
-    fn size(&self) -> u64 {
-        self.size
-    }
-
-    fn read_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        self.file.read_exact_at(buf, offset)
-    }
-
-    fn write_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
-        if self.read_only {
-            return Err(io::Error::new(
-                io::ErrorKind::PermissionDenied,
-                "disk image opened read-only",
-            ));
-        }
-        self.file.write_all_at(buf, offset)
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        if self.read_only {
-            return Ok(());
-        }
-        self.file.sync_data()
-    }
-}
-
-/// The device side of a virtio device, behind the transport.
-pub trait VirtioDevice {
-    /// The device's own saved state (the transport saves the queues and registers).
-    type State: Clone + std::fmt::Debug + PartialEq + Serialize + for<'de> Deserialize<'de>;
-
+/// The device side of a virtio device, behind the transport. Its [`Persist`] state is the
+/// device's own (the transport saves the queues and registers).
+pub trait VirtioDevice: Persist {
     /// The virtio device ID (1 = net, 2 = block).
     fn device_id(&self) -> u32;
     /// The maximum size of each of the device's queues (a power of two).
@@ -166,10 +83,6 @@ pub trait VirtioDevice {
     ) -> Result<u32, VirtioError>;
     /// Device reset (status 0 written).
     fn reset(&mut self);
-    /// The device's saved state.
-    fn state(&self) -> Self::State;
-    /// Restores the device's saved state.
-    fn restore(&mut self, s: &Self::State);
 }
 
 /// A serializable copy of `virtio_queue::QueueState`.

@@ -47,6 +47,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
 
 use super::mmio::MmioNet;
 use super::{VirtioDevice, VirtioError};
+use crate::persist::{Persist, RestoreError};
 use crate::GuestMemoryMmap;
 
 /// The size of each queue.
@@ -390,8 +391,6 @@ impl VirtioNet {
 }
 
 impl VirtioDevice for VirtioNet {
-    type State = VirtioNetState;
-
     fn device_id(&self) -> u32 {
         VIRTIO_ID_NET
     }
@@ -443,6 +442,10 @@ impl VirtioDevice for VirtioNet {
     fn reset(&mut self) {
         self.acked_features = 0;
     }
+}
+
+impl Persist for VirtioNet {
+    type State = VirtioNetState;
 
     fn state(&self) -> VirtioNetState {
         VirtioNetState {
@@ -453,7 +456,7 @@ impl VirtioDevice for VirtioNet {
     }
 
     /// Restores the saved state, MAC included (the guest has read it).
-    fn restore(&mut self, s: &VirtioNetState) {
+    fn restore(&mut self, s: &VirtioNetState) -> Result<(), RestoreError> {
         if s.mac != self.mac {
             tracing::warn!(
                 "virtio-net: restoring a state saved with MAC {} onto a device with MAC {}; \
@@ -465,6 +468,7 @@ impl VirtioDevice for VirtioNet {
         self.mac = s.mac;
         self.acked_features = s.acked_features;
         self.tx = s.tx.clone();
+        Ok(())
     }
 }
 

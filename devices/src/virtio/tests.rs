@@ -8,6 +8,8 @@ use vm_memory::bitmap::Bitmap;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use super::*;
+use crate::disk::{Disk, ImageFile};
+use crate::persist::{Persist, RestoreError};
 
 const MEM_SIZE: usize = 0x10_0000;
 const DESC: u64 = 0x1000;
@@ -82,8 +84,13 @@ impl TempImage {
         TempImage(path)
     }
 
-    fn disk(&self, read_only: bool) -> Box<dyn DiskBackend> {
-        Box::new(FileDisk::open(&self.0, read_only).unwrap())
+    fn disk(&self, read_only: bool) -> Box<dyn Disk> {
+        let image = if read_only {
+            ImageFile::open_read_only(&self.0)
+        } else {
+            ImageFile::open(&self.0)
+        };
+        Box::new(image.unwrap())
     }
 
     fn contents(&self) -> Vec<u8> {
@@ -104,7 +111,7 @@ fn expected_sector(s: u64) -> Vec<u8> {
 /// A disk whose every operation fails.
 struct BrokenDisk;
 
-impl DiskBackend for BrokenDisk {
+impl Disk for BrokenDisk {
     fn size(&self) -> u64 {
         SECTORS * 512
     }
@@ -741,7 +748,7 @@ fn restored_device_behaves_identically() {
     mem_a.read_slice(&mut all, GuestAddress(0)).unwrap();
     mem_b.write_slice(&all, GuestAddress(0)).unwrap();
     let mut b = MmioBlock::new(image.disk(false), false);
-    b.restore(&saved);
+    b.restore(&saved).unwrap();
     assert_eq!(b.state(), saved);
 
     for (dev, mem) in [(&mut a, &mem_a), (&mut b, &mem_b)] {
@@ -761,13 +768,23 @@ fn restored_device_behaves_identically() {
     assert_eq!(used_idx(&mem_b), 2);
     assert_eq!(a.state(), b.state());
 
-    // An invalid state is refused by try_restore and leaves restore() with a reset device.
+    // An invalid state is refused, and the refusal changes nothing.
     let mut bad = saved.clone();
     bad.queues[0].size = 3;
-    assert!(b.try_restore(&bad).is_err());
-    assert_eq!(b.state(), a.state(), "try_restore changed nothing");
-    b.restore(&bad);
-    assert_eq!(b.status(), 0);
+    assert!(matches!(
+        b.restore(&bad),
+        Err(RestoreError::QueueState { queue: 0, .. })
+    ));
+    assert_eq!(b.state(), a.state(), "the refused restore changed nothing");
+    bad.queues.pop();
+    assert!(matches!(
+        b.restore(&bad),
+        Err(RestoreError::QueueCount {
+            saved: 0,
+            device: 1
+        })
+    ));
+    assert_eq!(b.state(), a.state());
 }
 
 /// virtio-net: queue 0 (receiveq) at DESC/AVAIL/USED, queue 1 (transmitq) at the TX_* rings.
@@ -1268,7 +1285,7 @@ mod net {
         mem_a.read_slice(&mut all, GuestAddress(0)).unwrap();
         mem_b.write_slice(&all, GuestAddress(0)).unwrap();
         let mut b = MmioNet::new([2, 0, 0, 0, 0, 1]);
-        b.try_restore(&saved).unwrap();
+        b.restore(&saved).unwrap();
         assert_eq!(b.state(), saved);
         assert_eq!(b.mac(), MAC, "the saved MAC, which the guest has read");
 

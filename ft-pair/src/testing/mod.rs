@@ -29,6 +29,7 @@ use crate::lock::{Arbiter, FileLock};
 use crate::primary::{ServiceParts, Services};
 use crate::receiver::BackupLink;
 use crate::Ending;
+use devices::Persist;
 use ft_core::live::{LiveBoundary, SerialSource};
 use ft_core::log::{Header, LogReader, Record, VERSION};
 use ft_core::record::Recorder;
@@ -361,7 +362,8 @@ impl Primary {
             Box::new(StreamSink::new(link.clone())),
             0,
         )
-        .expect("a recorder");
+        .expect("a recorder")
+        .with_gate(link.clone());
         let listener = Listener::bind("127.0.0.1:0", channel()).expect("a loopback listener");
         let addr = listener.local_addr().to_string();
         let (handle, control) = vmm::control::channel();
