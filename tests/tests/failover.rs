@@ -1,4 +1,4 @@
-//! Failover on simulated hosts: each host is a network namespace (tests/src/lib.rs `Hosts`), the
+//! Failover on simulated hosts: each host is a network namespace (tests/src/net.rs `Hosts`), the
 //! primary on host 0 and the backup on host 1, joined by a bridge; the lock is a file both see
 //! (the shared filesystem) or a real etcd (Debian's etcd-server) on a third host. "Kill a host"
 //! is SIGKILL of its ftvmm; "partition" takes its link down while both still reach the lock.

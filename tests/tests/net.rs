@@ -1,4 +1,4 @@
-//! virtio-net under fault tolerance, on simulated hosts (tests/src/lib.rs `Hosts`): the primary
+//! virtio-net under fault tolerance, on simulated hosts (tests/src/net.rs `Hosts`): the primary
 //! on host 0 and the backup on host 1, each with a tap for the guest's NIC bridged to the guest
 //! LAN, and a client on host 2. The guest is the Linux guest booted once with a NIC
 //! (`linux_net_ready`), serving echo (7), a checksumming sink (9), a counting source (19) and

@@ -7,8 +7,9 @@
 //! synced; a TCP conversation from a client goes on throughout.
 
 use ftvmm_tests::{
-    consecutive, ftvmm_bin, key_file, linux_machine, linux_net_ready, numbers, records_on_disk,
-    root, scratch, test_guest, Ftvmm, Hosts, Proc, GUEST_IP, GUEST_MAC, LINUX_NET_CMDLINE,
+    consecutive, ctl, ftvmm_bin, key_file, linux_machine, linux_net_ready, numbers,
+    records_on_disk, root, scratch, test_guest, Ftvmm, Hosts, Proc, GUEST_IP, GUEST_MAC,
+    LINUX_NET_CMDLINE,
 };
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -16,20 +17,6 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 const PORT: u16 = 7000;
-
-/// `ftvmm ctl` with these arguments: (exit code, stdout, stderr).
-fn ctl(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(ftvmm_bin())
-        .arg("ctl")
-        .args(args)
-        .output()
-        .expect("run ftvmm ctl");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
 
 fn ctl_json(sock: &Path, request: &[&str]) -> serde_json::Value {
     let mut args = vec!["--api-socket", sock.to_str().unwrap()];
