@@ -1,6 +1,6 @@
 //! Support for the integration tests: find the `ftvmm` binary and the guest images, run the
-//! binary as a real process with scripted serial input and a time limit, and check what it
-//! printed.
+//! binary as a real process with scripted serial input and a time limit, start a fault-tolerant
+//! pair on loopback or on simulated hosts, and check what it printed.
 //!
 //! The tests need `/dev/kvm`, a built `ftvmm` (`cargo build --release -p ftvmm`, which
 //! `scripts/test` does first) and the test guests (`images/build-test-guests`).
@@ -14,7 +14,7 @@
 //! | `run` | `Ftvmm` (one process's flags), `Run` (what a run did), `ctl`, `wait_until` |
 //! | `process` | `Proc`: a process in the background |
 //! | `proxy` | `Proxy`: the TCP proxy between a backup and its primary |
-//! | `pair` | what a pair's sides share: the key file |
+//! | `pair` | `Pair`: a primary and its backup, started and attached (`Sides`); key files |
 //! | `net` | `Hosts`: simulated hosts (network namespaces), `sh` |
 //! | `etcd` | `Etcd`: the lock service of the multi-host tests |
 //! | `linux` | the Linux guest: images, machine flags, the booted snapshots, fault reports |

@@ -9,9 +9,9 @@ use std::time::Duration;
 pub struct Proxy {
     addr: std::net::SocketAddr,
     /// While set, bytes from the backup wait in the proxy.
-    pub hold_upstream: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    hold_upstream: std::sync::Arc<std::sync::atomic::AtomicBool>,
     /// When non-zero, the byte at this offset of the backup's stream (from 1) is flipped.
-    pub flip_upstream_at: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    flip_upstream_at: std::sync::Arc<std::sync::atomic::AtomicU64>,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
@@ -56,6 +56,18 @@ impl Proxy {
     /// Where the backup should connect.
     pub fn addr(&self) -> String {
         self.addr.to_string()
+    }
+
+    /// Holds back what the backup sends (`true`), or lets it through again (`false`).
+    pub fn hold(&self, on: bool) {
+        self.hold_upstream
+            .store(on, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Flips one bit of the byte at `offset` (from 1) of what the backup sends.
+    pub fn flip_at(&self, offset: u64) {
+        self.flip_upstream_at
+            .store(offset, std::sync::atomic::Ordering::Release);
     }
 }
 
