@@ -103,7 +103,9 @@ fn a_pair_shows_its_metrics_to_prometheus_and_logs_json() {
         .limits(Duration::from_secs(30), Duration::from_secs(30));
     let p = pair.primary();
     assert!(p.wait_stderr("metrics at http://", Duration::from_secs(30)));
-    let listen = pair.wait_listening(&p);
+    let listen = p
+        .stderr_word_after("listening for a backup on ")
+        .expect("listen address");
     let metrics = p
         .stderr_word_after("metrics at http://")
         .expect("metrics address")
