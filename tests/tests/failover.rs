@@ -1,4 +1,4 @@
-//! Failover on simulated hosts: each host is a network namespace (tests/src/lib.rs `Hosts`), the
+//! Failover on simulated hosts: each host is a network namespace (tests/src/net.rs `Hosts`), the
 //! primary on host 0 and the backup on host 1, joined by a bridge; the lock is a file both see
 //! (the shared filesystem) or a real etcd (Debian's etcd-server) on a third host. "Kill a host"
 //! is SIGKILL of its ftvmm; "partition" takes its link down while both still reach the lock.
@@ -12,83 +12,18 @@
 use ftvmm_tests::{
     assert_counter_across, assert_synced_records_kept, assert_ticks_across, ctl_status, joins,
     json_number, key_file, linux_machine, linux_ready, scratch, test_guest, ticks_upto, trials,
-    Etcd, Ftvmm, Hosts, Proc, Run, LINUX_CMDLINE,
+    Etcd, Hosts, Pair, Proc, Run, Sides, LINUX_CMDLINE,
 };
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-const PORT: u16 = 7000;
-struct Pair<'h> {
-    hosts: &'h Hosts,
-    key: PathBuf,
-    lock: String,
-    machine: Vec<String>,
-    extra: Vec<String>,
-    /// Environment of both sides (the test hooks).
-    env: Vec<(&'static str, &'static str)>,
-}
-
-impl Pair<'_> {
-    fn primary_on(&self, host: usize, more: &[&str]) -> Proc {
-        let listen = format!("{}:{PORT}", self.hosts.addr(host));
-        Ftvmm::raw(&["--role", "primary", "--listen", &listen])
-            .in_netns(self.hosts.ns(host))
-            .args([
-                "--key-file",
-                self.key.to_str().unwrap(),
-                "--lock",
-                &self.lock,
-            ])
-            .args(["--log-level", "info"])
-            .args(&self.machine)
-            .args(&self.extra)
-            .args(more)
-            .spawn_with_env(&self.env)
-    }
-
-    fn backup_on(&self, host: usize, primary: usize, more: &[&str]) -> Proc {
-        let listen = format!("{}:{PORT}", self.hosts.addr(host));
-        let target = format!("{}:{PORT}", self.hosts.addr(primary));
-        Ftvmm::raw(&[
-            "--role",
-            "backup",
-            "--primary",
-            &target,
-            "--listen",
-            &listen,
-        ])
-        .in_netns(self.hosts.ns(host))
-        .args([
-            "--key-file",
-            self.key.to_str().unwrap(),
-            "--lock",
-            &self.lock,
-        ])
+/// A pair on `hosts` with the key seeded `seed`, the lock `lock`, logging at info.
+fn pair<'h>(hosts: &'h Hosts, dir: &Path, seed: u8, lock: &str) -> Pair<'h> {
+    Pair::on_hosts(hosts)
+        .key(&key_file(dir, "key", seed))
+        .lock(lock)
         .args(["--log-level", "info"])
-        .args(&self.machine)
-        .args(&self.extra)
-        .args(more)
-        .spawn_with_env(&self.env)
-    }
-}
-
-fn wait_listening(p: &Proc) {
-    assert!(
-        p.wait_stderr("listening for a backup on ", Duration::from_secs(30)),
-        "{}",
-        p.stderr()
-    );
-}
-
-fn wait_attached(p: &Proc, n: usize) {
-    let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(90) {
-        if p.stderr().matches(" attached: ").count() >= n {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    panic!("backup {n} never attached:\n{}", p.stderr());
+        .limits(Duration::from_secs(30), Duration::from_secs(90))
 }
 
 fn wait_live(b: &Proc) {
@@ -99,20 +34,13 @@ fn wait_live(b: &Proc) {
     );
 }
 
-fn tiny_pair<'h>(hosts: &'h Hosts, dir: &Path, lock: String) -> Pair<'h> {
-    Pair {
-        hosts,
-        key: key_file(dir, "key", 21),
-        lock,
-        machine: vec![
-            "--kernel".into(),
-            test_guest("ticks-long").display().to_string(),
-            "--serial-input".into(),
-            "none".into(),
-        ],
-        extra: vec![],
-        env: vec![],
-    }
+fn tiny_pair<'h>(hosts: &'h Hosts, dir: &Path, lock: &str) -> Pair<'h> {
+    pair(hosts, dir, 21, lock).args([
+        "--kernel",
+        test_guest("ticks-long").to_str().unwrap(),
+        "--serial-input",
+        "none",
+    ])
 }
 
 fn file_lock(dir: &Path) -> String {
@@ -123,11 +51,8 @@ fn file_lock(dir: &Path) -> String {
 fn killing_the_primary_host_hands_the_guest_to_the_backup() {
     let dir = scratch("fo-kill-primary");
     let hosts = Hosts::new("kp", 2);
-    let pair = tiny_pair(&hosts, &dir, file_lock(&dir));
-    let p = pair.primary_on(0, &[]);
-    wait_listening(&p);
-    let b = pair.backup_on(1, 0, &[]);
-    wait_attached(&p, 1);
+    let pair = tiny_pair(&hosts, &dir, &file_lock(&dir));
+    let Sides { p, b, .. } = pair.start();
     assert!(p.wait_stdout("tick 200\n", Duration::from_secs(30)));
     p.signal(libc::SIGKILL);
     let p = p.wait(Duration::from_secs(10));
@@ -144,11 +69,9 @@ fn killing_the_backup_host_leaves_the_primary_running_and_a_new_backup_attaches(
     let dir = scratch("fo-kill-backup");
     let hosts = Hosts::new("kb", 3);
     let sock = dir.join("p.sock");
-    let pair = tiny_pair(&hosts, &dir, file_lock(&dir));
-    let p = pair.primary_on(0, &["--api-socket", sock.to_str().unwrap()]);
-    wait_listening(&p);
-    let b = pair.backup_on(1, 0, &[]);
-    wait_attached(&p, 1);
+    let pair = tiny_pair(&hosts, &dir, &file_lock(&dir))
+        .primary_args(["--api-socket", sock.to_str().unwrap()]);
+    let Sides { p, b, .. } = pair.start();
     assert!(p.wait_stdout("tick 100\n", Duration::from_secs(30)));
     b.signal(libc::SIGKILL);
     let _ = b.wait(Duration::from_secs(10));
@@ -160,8 +83,8 @@ fn killing_the_backup_host_leaves_the_primary_running_and_a_new_backup_attaches(
     let shown = p.stdout().len();
     std::thread::sleep(Duration::from_millis(500));
     assert!(p.stdout().len() > shown, "the primary's output stopped");
-    let b2 = pair.backup_on(2, 0, &[]);
-    wait_attached(&p, 2);
+    let b2 = pair.backup_on(2, &pair.addr(0));
+    pair.wait_attached(&p, &b2, 2);
     let status = ctl_status(&sock);
     assert_eq!(json_number(&status, "epoch"), Some(2), "{status}");
     assert!(status.contains("\"protected\": true"), "{status}");
@@ -179,11 +102,8 @@ fn killing_the_backup_host_leaves_the_primary_running_and_a_new_backup_attaches(
 fn a_primary_stopped_past_the_timeout_finds_its_backup_live_and_emits_nothing() {
     let dir = scratch("fo-sigstop");
     let hosts = Hosts::new("ss", 2);
-    let pair = tiny_pair(&hosts, &dir, file_lock(&dir));
-    let p = pair.primary_on(0, &[]);
-    wait_listening(&p);
-    let b = pair.backup_on(1, 0, &[]);
-    wait_attached(&p, 1);
+    let pair = tiny_pair(&hosts, &dir, &file_lock(&dir));
+    let Sides { p, b, .. } = pair.start();
     assert!(p.wait_stdout("tick 100\n", Duration::from_secs(30)));
     p.signal(libc::SIGSTOP);
     let frozen = p.stdout();
@@ -215,16 +135,11 @@ fn a_primary_stopped_past_the_timeout_finds_its_backup_live_and_emits_nothing() 
 fn a_diverged_backup_does_not_take_the_lock_from_a_stopped_primary() {
     let dir = scratch("fo-diverged");
     let hosts = Hosts::new("dv", 2);
-    let mut pair = tiny_pair(&hosts, &dir, file_lock(&dir));
-    pair.env = vec![
-        // The backup diverges at exit 1500; the primary never answers its resync request.
-        ("FTVMM_TEST_DIVERGE_AT_EXIT", "1500"),
-        ("FTVMM_TEST_IGNORE_RESYNC", "1"),
-    ];
-    let p = pair.primary_on(0, &[]);
-    wait_listening(&p);
-    let b = pair.backup_on(1, 0, &[]);
-    wait_attached(&p, 1);
+    // The backup diverges at exit 1500; the primary never answers its resync request.
+    let pair = tiny_pair(&hosts, &dir, &file_lock(&dir))
+        .backup_env("FTVMM_TEST_DIVERGE_AT_EXIT", "1500")
+        .primary_env("FTVMM_TEST_IGNORE_RESYNC", "1");
+    let Sides { p, b, .. } = pair.start();
     assert!(
         p.wait_stderr("resync request ignored", Duration::from_secs(60)),
         "the backup never asked for a resync:\n{}\n{}",
@@ -271,11 +186,7 @@ fn partition_trials(tag: &str, lock_for: impl Fn(&Path) -> String, trials: usize
             Some(e) => format!("etcd:{}/ftvmm/trial{trial}", e.endpoint),
             None => lock_for(&dir),
         };
-        let pair = tiny_pair(&hosts, &dir, lock);
-        let p = pair.primary_on(0, &[]);
-        wait_listening(&p);
-        let b = pair.backup_on(1, 0, &[]);
-        wait_attached(&p, 1);
+        let Sides { p, b, .. } = tiny_pair(&hosts, &dir, &lock).start();
         let wait_ms = 300 + (trial as u64 * 977) % 2500;
         std::thread::sleep(Duration::from_millis(wait_ms));
         hosts.cut(1);
@@ -323,16 +234,16 @@ fn a_partition_leaves_exactly_one_live_side_etcd_lock() {
 fn reprotect_and_fail_over_three_times_in_a_row() {
     let dir = scratch("fo-thrice");
     let hosts = Hosts::new("tr", 4);
-    let pair = tiny_pair(&hosts, &dir, file_lock(&dir));
-    let mut live = pair.primary_on(0, &[]);
-    wait_listening(&live);
+    let pair = tiny_pair(&hosts, &dir, &file_lock(&dir));
+    let mut live = pair.primary();
+    pair.wait_listening(&live);
     let mut host = 0;
     // What the client has seen so far, across every primary.
     let mut client = String::new();
     for round in 1..=3 {
         let next = round % 4;
-        let b = pair.backup_on(next, host, &[]);
-        wait_attached(&live, 1);
+        let b = pair.backup_on(next, &pair.addr(host));
+        pair.wait_attached(&live, &b, 1);
         std::thread::sleep(Duration::from_millis(800));
         live.signal(libc::SIGKILL);
         let dead = live.wait(Duration::from_secs(10));
@@ -366,8 +277,8 @@ fn a_corrupt_or_missing_lock_stops_the_side_that_needs_it_and_is_not_overwritten
     let lock_path = dir.join("pair.lock");
     // A primary refuses to start on a corrupt lock block, and leaves it as it is.
     std::fs::write(&lock_path, vec![0x42u8; 512]).unwrap();
-    let pair = tiny_pair(&hosts, &dir, file_lock(&dir));
-    let p = pair.primary_on(0, &[]).wait(Duration::from_secs(30));
+    let pair = tiny_pair(&hosts, &dir, &file_lock(&dir));
+    let p = pair.primary().wait(Duration::from_secs(30));
     p.assert_code(2);
     assert!(p.stderr.contains("corrupt"), "{}", p.stderr);
     assert!(p.stdout.is_empty());
@@ -375,10 +286,7 @@ fn a_corrupt_or_missing_lock_stops_the_side_that_needs_it_and_is_not_overwritten
     // A pair whose lock is corrupted under it: the backup that finds it so after the primary
     // dies says so, emits nothing, and overwrites nothing.
     std::fs::remove_file(&lock_path).unwrap();
-    let p = pair.primary_on(0, &[]);
-    wait_listening(&p);
-    let b = pair.backup_on(1, 0, &[]);
-    wait_attached(&p, 1);
+    let Sides { p, b, .. } = pair.start();
     std::thread::sleep(Duration::from_millis(500));
     std::fs::write(&lock_path, vec![0x17u8; 512]).unwrap();
     p.signal(libc::SIGKILL);
@@ -394,10 +302,7 @@ fn a_corrupt_or_missing_lock_stops_the_side_that_needs_it_and_is_not_overwritten
     assert_eq!(std::fs::read(&lock_path).unwrap(), vec![0x17u8; 512]);
     // Unreachable: the lock file is gone.
     std::fs::remove_file(&lock_path).unwrap();
-    let p = pair.primary_on(0, &[]);
-    wait_listening(&p);
-    let b = pair.backup_on(1, 0, &[]);
-    wait_attached(&p, 1);
+    let Sides { p, b, .. } = pair.start();
     std::thread::sleep(Duration::from_millis(500));
     std::fs::remove_file(&lock_path).unwrap();
     p.signal(libc::SIGKILL);
@@ -415,14 +320,7 @@ fn a_corrupt_or_missing_lock_stops_the_side_that_needs_it_and_is_not_overwritten
 // --- Linux workloads ----------------------------------------------------------------------
 
 fn linux_pair<'h>(hosts: &'h Hosts, dir: &Path, disk: &Path) -> Option<Pair<'h>> {
-    Some(Pair {
-        hosts,
-        key: key_file(dir, "key", 22),
-        lock: file_lock(dir),
-        machine: linux_machine(LINUX_CMDLINE, disk)?,
-        extra: vec![],
-        env: vec![],
-    })
+    Some(pair(hosts, dir, 22, &file_lock(dir)).args(linux_machine(LINUX_CMDLINE, disk)?))
 }
 
 /// One failover trial on the Linux guest: the workload runs, the primary's host dies at a
@@ -439,12 +337,11 @@ fn linux_trial(
     let disk = dir.join("disk.img");
     std::fs::copy(&ready.disk, &disk).unwrap();
     let hosts = Hosts::new(&format!("l{}{trial}", &tag[..1]), 2);
-    let pair = linux_pair(&hosts, &dir, &disk)?;
-    let snap = ready.snapshot.to_str().unwrap().to_string();
-    let mut p = pair.primary_on(0, &["--restore", &snap, "--serial-input", "-"]);
-    wait_listening(&p);
-    let b = pair.backup_on(1, 0, &["--serial-input", "none"]);
-    wait_attached(&p, 1);
+    let Sides { mut p, b, .. } = linux_pair(&hosts, &dir, &disk)?
+        .primary_args(["--restore", ready.snapshot.to_str().unwrap()])
+        .primary_args(["--serial-input", "-"])
+        .backup_args(["--serial-input", "none"])
+        .start();
     p.type_input(format!("{command}\n").as_bytes());
     assert!(
         p.wait_stdout(progress, Duration::from_secs(300)),

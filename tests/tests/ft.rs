@@ -6,14 +6,11 @@
 //! with `--log-level info`, a `state-digest=` (RAM, registers, devices) when the guest stops.
 
 use ftvmm_tests::{
-    ctl_status, host, json_number, key_file, linux_ready, scratch, test_guest, Ftvmm, Proc, Proxy,
-    Run, LINUX_CMDLINE, LINUX_PROMPT,
+    ctl_status, host, json_number, key_file, linux_ready, scratch, test_guest, Ftvmm, Pair, Run,
+    Sides, LINUX_CMDLINE, LINUX_PROMPT,
 };
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
-
-const LISTENING: &str = "listening for a backup on ";
-const ATTACHED: &str = " attached: ";
 
 /// Machine flags of a tiny guest.
 fn tiny(name: &str) -> Vec<String> {
@@ -25,65 +22,18 @@ fn tiny(name: &str) -> Vec<String> {
     ]
 }
 
-/// These tests are about the pair, not failure detection: a long timeout keeps a loaded CI
-/// machine from declaring a healthy peer lost.
-fn timeout_unless_given(extra: &[&str]) -> Vec<String> {
-    if extra.iter().any(|a| a.ends_with("-timeout")) {
-        vec![]
-    } else {
-        vec!["--failover-timeout".into(), "20s".into()]
-    }
-}
-
-fn primary(machine: &[String], key: &Path, extra: &[&str]) -> Proc {
-    // Both sides on one host CPU: see `Ftvmm::on_cpu` (user-space CPUID shows the host CPU here).
-    Ftvmm::raw(&["--role", "primary", "--listen", "127.0.0.1:0"])
+/// A pair on loopback with these machine flags and key. Both sides on one host CPU: see
+/// `Ftvmm::on_cpu` (user-space CPUID shows the host CPU here). These tests are about the pair,
+/// not failure detection: a long timeout keeps a loaded CI machine from declaring a healthy
+/// peer lost.
+fn pair(machine: &[String], key: &Path) -> Pair<'static> {
+    Pair::local()
         .on_cpu(0)
-        .args(["--key-file", key.to_str().unwrap(), "--log-level", "info"])
+        .key(key)
+        .args(["--log-level", "info"])
         .args(machine)
-        .args(extra)
-        .args(timeout_unless_given(extra))
-        .spawn()
-}
-
-fn listen_addr(p: &Proc) -> String {
-    assert!(
-        p.wait_stderr(LISTENING, Duration::from_secs(20)),
-        "the primary never listened:\n{}",
-        p.stderr()
-    );
-    p.stderr_word_after(LISTENING)
-        .expect("address")
-        .trim_end_matches(':')
-        .to_string()
-}
-
-fn backup(machine: &[String], key: &Path, addr: &str, extra: &[&str]) -> Proc {
-    backup_env(machine, key, addr, extra, &[])
-}
-
-fn backup_env(
-    machine: &[String],
-    key: &Path,
-    addr: &str,
-    extra: &[&str],
-    env: &[(&str, &str)],
-) -> Proc {
-    Ftvmm::raw(&["--role", "backup", "--primary", addr])
-        .on_cpu(0)
-        .args(["--key-file", key.to_str().unwrap(), "--log-level", "info"])
-        .args(machine)
-        .args(extra)
-        .args(timeout_unless_given(extra))
-        .spawn_with_env(env)
-}
-
-fn wait_attached(p: &Proc) {
-    assert!(
-        p.wait_stderr(ATTACHED, Duration::from_secs(60)),
-        "the backup never attached:\n{}",
-        p.stderr()
-    );
+        .failover_timeout("20s")
+        .limits(Duration::from_secs(20), Duration::from_secs(60))
 }
 
 fn state_digest(run: &Run) -> u64 {
@@ -127,14 +77,14 @@ fn assert_ticks(out: &str, last: u32) {
 fn backup_attaches_to_a_running_guest_and_ends_in_its_state() {
     let dir = scratch("ft-attach-ticks");
     let key = key_file(&dir, "key", 1);
-    let m = tiny("ticks-long");
-    let p = primary(&m, &key, &[]);
-    let addr = listen_addr(&p);
+    let pair = pair(&tiny("ticks-long"), &key);
+    let p = pair.primary();
+    let addr = pair.wait_listening(&p);
     // The guest is running and unprotected, and says so.
     assert!(p.wait_stdout("tick 10\n", Duration::from_secs(20)));
     assert!(p.stderr().contains("UNPROTECTED"), "{}", p.stderr());
-    let b = backup(&m, &key, &addr, &[]);
-    wait_attached(&p);
+    let b = pair.backup(&addr);
+    pair.wait_attached(&p, &b, 1);
     let (p, b) = (
         p.wait(Duration::from_secs(60)),
         b.wait(Duration::from_secs(60)),
@@ -148,12 +98,12 @@ fn backup_attaches_to_a_running_guest_and_ends_in_its_state() {
 fn a_guest_that_computes_is_followed_through_checkpoints() {
     let dir = scratch("ft-attach-spin");
     let key = key_file(&dir, "key", 2);
-    let m = tiny("spin-long");
-    let p = primary(&m, &key, &[]);
-    let addr = listen_addr(&p);
+    let pair = pair(&tiny("spin-long"), &key);
+    let p = pair.primary();
+    let addr = pair.wait_listening(&p);
     std::thread::sleep(Duration::from_millis(300));
-    let b = backup(&m, &key, &addr, &[]);
-    wait_attached(&p);
+    let b = pair.backup(&addr);
+    pair.wait_attached(&p, &b, 1);
     let (p, b) = (
         p.wait(Duration::from_secs(90)),
         b.wait(Duration::from_secs(90)),
@@ -168,26 +118,15 @@ fn output_waits_for_the_acknowledgement_and_the_guest_keeps_running() {
     let dir = scratch("ft-held-output");
     let key = key_file(&dir, "key", 3);
     let sock = dir.join("api.sock");
-    let m = tiny("ticks-long");
-    let p = primary(
-        &m,
-        &key,
-        &[
-            "--api-socket",
-            sock.to_str().unwrap(),
-            "--peer-timeout",
-            "10s",
-        ],
-    );
-    let addr = listen_addr(&p);
-    let proxy = Proxy::start(&addr);
-    let b = backup(&m, &key, &proxy.addr(), &["--peer-timeout", "10s"]);
-    wait_attached(&p);
+    let s = pair(&tiny("ticks-long"), &key)
+        .primary_args(["--api-socket", sock.to_str().unwrap()])
+        .args(["--peer-timeout", "10s"])
+        .proxied()
+        .start();
+    let p = &s.p;
     assert!(p.wait_stdout("tick 100\n", Duration::from_secs(20)));
     // Hold the backup's acknowledgements: output must stop leaving, the guest must not stop.
-    proxy
-        .hold_upstream
-        .store(true, std::sync::atomic::Ordering::Release);
+    s.proxy().hold(true);
     std::thread::sleep(Duration::from_millis(300));
     let shown = p.stdout().len();
     let sent = json_number(&ctl_status(&sock), "sent").expect("status");
@@ -206,13 +145,8 @@ fn output_waits_for_the_acknowledgement_and_the_guest_keeps_running() {
         json_number(&status, "outputs_held").unwrap() > 0,
         "{status}"
     );
-    proxy
-        .hold_upstream
-        .store(false, std::sync::atomic::Ordering::Release);
-    let (p, b) = (
-        p.wait(Duration::from_secs(60)),
-        b.wait(Duration::from_secs(60)),
-    );
+    s.proxy().hold(false);
+    let (p, b) = s.finish(Duration::from_secs(60));
     assert_same_end(&p, &b);
     assert_ticks(&p.stdout, 1000);
 }
@@ -222,26 +156,13 @@ fn a_stopped_backup_stalls_the_primary_and_nothing_is_lost() {
     let dir = scratch("ft-stall");
     let key = key_file(&dir, "key", 4);
     let sock = dir.join("api.sock");
-    let m = tiny("ticks-long");
-    let p = primary(
-        &m,
-        &key,
-        &[
-            "--api-socket",
-            sock.to_str().unwrap(),
-            "--log-buffer",
-            "1K",
-            // Only the buffer may stop the vCPU here, not the lag throttle.
-            "--max-lag",
-            "60s",
-            "--peer-timeout",
-            "60s",
-        ],
-    );
-    let addr = listen_addr(&p);
-    let b = backup(&m, &key, &addr, &["--peer-timeout", "60s"]);
-    wait_attached(&p);
-    b.signal(libc::SIGSTOP);
+    let s = pair(&tiny("ticks-long"), &key)
+        .primary_args(["--api-socket", sock.to_str().unwrap(), "--log-buffer", "1K"])
+        // Only the buffer may stop the vCPU here, not the lag throttle.
+        .primary_args(["--max-lag", "60s"])
+        .args(["--peer-timeout", "60s"])
+        .start();
+    s.b.signal(libc::SIGSTOP);
     // The buffer fills within a second or two, then the vCPU stalls: the log stops growing.
     let mut last = 0;
     let mut stalled = false;
@@ -257,8 +178,8 @@ fn a_stopped_backup_stalls_the_primary_and_nothing_is_lost() {
         }
         last = sent;
     }
-    let out_at_stall = p.stdout();
-    b.signal(libc::SIGCONT);
+    let out_at_stall = s.p.stdout();
+    s.b.signal(libc::SIGCONT);
     assert!(
         stalled,
         "the primary never stalled on a full buffer: log positions {seen:?}\n{}",
@@ -268,10 +189,7 @@ fn a_stopped_backup_stalls_the_primary_and_nothing_is_lost() {
         !out_at_stall.contains("tick 1000"),
         "the guest finished while its backup was stopped"
     );
-    let (p, b) = (
-        p.wait(Duration::from_secs(90)),
-        b.wait(Duration::from_secs(90)),
-    );
+    let (p, b) = s.finish(Duration::from_secs(90));
     assert_same_end(&p, &b);
     assert_ticks(&p.stdout, 1000);
 }
@@ -282,31 +200,28 @@ fn a_second_backup_and_a_backup_without_the_key_are_refused() {
     let key = key_file(&dir, "key", 5);
     let wrong = key_file(&dir, "wrong", 6);
     let m = tiny("ticks-long");
-    let p = primary(&m, &key, &[]);
-    let addr = listen_addr(&p);
-    let b = backup(&m, &key, &addr, &[]);
-    wait_attached(&p);
-    let second = backup(&m, &key, &addr, &[]).wait(Duration::from_secs(30));
+    let s = pair(&m, &key).start();
+    let second = pair(&m, &key).backup(&s.addr).wait(Duration::from_secs(30));
     second.assert_code(2);
     assert!(
         second.stderr.contains("already has a backup"),
         "{}",
         second.stderr
     );
-    let keyless = backup(&m, &wrong, &addr, &[]).wait(Duration::from_secs(30));
+    let keyless = pair(&m, &wrong)
+        .backup(&s.addr)
+        .wait(Duration::from_secs(30));
     keyless.assert_code(2);
     assert!(
         keyless.stderr.contains("key"),
         "no word about the key: {}",
         keyless.stderr
     );
-    let other = tiny("spin-long");
-    let mismatched = backup(&other, &key, &addr, &[]).wait(Duration::from_secs(30));
+    let mismatched = pair(&tiny("spin-long"), &key)
+        .backup(&s.addr)
+        .wait(Duration::from_secs(30));
     mismatched.assert_code(2);
-    let (p, b) = (
-        p.wait(Duration::from_secs(60)),
-        b.wait(Duration::from_secs(60)),
-    );
+    let (p, b) = s.finish(Duration::from_secs(60));
     assert_same_end(&p, &b);
     assert!(p.stderr.contains("refused backup"), "{}", p.stderr);
 }
@@ -315,11 +230,14 @@ fn a_second_backup_and_a_backup_without_the_key_are_refused() {
 fn a_backup_with_other_machine_flags_is_refused_naming_both() {
     let dir = scratch("ft-flags");
     let key = key_file(&dir, "key", 7);
-    let p = primary(&tiny("ticks-long"), &key, &[]);
-    let addr = listen_addr(&p);
+    let first = pair(&tiny("ticks-long"), &key);
+    let p = first.primary();
+    let addr = first.wait_listening(&p);
     let mut other = tiny("ticks-long");
     other.extend(["--memory".to_string(), "64M".to_string()]);
-    let b = backup(&other, &key, &addr, &[]).wait(Duration::from_secs(30));
+    let b = pair(&other, &key)
+        .backup(&addr)
+        .wait(Duration::from_secs(30));
     b.assert_code(2);
     assert!(
         b.stderr.contains("machine flags differ") && b.stderr.contains("256 MiB RAM"),
@@ -335,26 +253,18 @@ fn a_backup_with_other_machine_flags_is_refused_naming_both() {
 fn a_frame_altered_on_the_wire_drops_the_backup_and_the_primary_carries_on() {
     let dir = scratch("ft-flip");
     let key = key_file(&dir, "key", 8);
-    let m = tiny("ticks-long");
-    let p = primary(&m, &key, &[]);
-    let addr = listen_addr(&p);
-    let proxy = Proxy::start(&addr);
-    let b = backup(&m, &key, &proxy.addr(), &[]);
-    wait_attached(&p);
+    let s = pair(&tiny("ticks-long"), &key).proxied().start();
     // Well after the handshake: flip a bit in the backup's next bytes (an ack or heartbeat).
-    proxy
-        .flip_upstream_at
-        .store(2000, std::sync::atomic::Ordering::Release);
+    s.proxy().flip_at(2000);
     assert!(
-        p.wait_stderr(
+        s.p.wait_stderr(
             "UNPROTECTED until a backup attaches",
             Duration::from_secs(30)
         ),
         "{}",
-        p.stderr()
+        s.p.stderr()
     );
-    let p = p.wait(Duration::from_secs(60));
-    let b = b.wait(Duration::from_secs(60));
+    let (p, b) = s.finish(Duration::from_secs(60));
     p.assert_code(0);
     assert_ticks(&p.stdout, 1000);
     assert!(
@@ -370,69 +280,48 @@ fn a_divergence_is_reported_and_healed_by_a_resync() {
     let dir = scratch("ft-resync");
     let key = key_file(&dir, "key", 9);
     let sock = dir.join("b.sock");
-    let m = tiny("ticks-long");
-    let p = primary(&m, &key, &[]);
-    let addr = listen_addr(&p);
-    let b = backup_env(
-        &m,
-        &key,
-        &addr,
-        &["--api-socket", sock.to_str().unwrap()],
-        &[("FTVMM_TEST_DIVERGE_AT_EXIT", "1500")],
-    );
-    wait_attached(&p);
+    let s = pair(&tiny("ticks-long"), &key)
+        .backup_args(["--api-socket", sock.to_str().unwrap()])
+        .backup_env("FTVMM_TEST_DIVERGE_AT_EXIT", "1500")
+        .start();
     assert!(
-        b.wait_stderr("resynchronised", Duration::from_secs(30)),
+        s.b.wait_stderr("resynchronised", Duration::from_secs(30)),
         "{}",
-        b.stderr()
+        s.b.stderr()
     );
     let status = ctl_status(&sock);
     assert_eq!(json_number(&status, "divergences"), Some(1), "{status}");
     assert_eq!(json_number(&status, "resyncs"), Some(1), "{status}");
-    let (p, b) = (
-        p.wait(Duration::from_secs(60)),
-        b.wait(Duration::from_secs(60)),
-    );
+    let (p, b) = s.finish(Duration::from_secs(60));
     assert!(b.stderr.contains("divergence at exit 1500"), "{}", b.stderr);
     assert_same_end(&p, &b);
     assert_ticks(&p.stdout, 1000);
-}
-
-/// The Linux guest from its shell-prompt snapshot as a primary, with a copy of its disk.
-struct LinuxPair {
-    p: Proc,
-    b: Proc,
-    _disk: PathBuf,
 }
 
 fn linux_machine(disk: &Path) -> Option<Vec<String>> {
     ftvmm_tests::linux_machine(LINUX_CMDLINE, disk)
 }
 
-fn linux_pair(name: &str, primary_extra: &[&str]) -> Option<LinuxPair> {
+/// The Linux guest from its shell-prompt snapshot as a primary, with a copy of its disk.
+fn linux_pair(name: &str) -> Option<Sides> {
     let ready = linux_ready()?;
     let dir = scratch(name);
     let key = key_file(&dir, "key", 10);
     let disk = dir.join("disk.img");
     std::fs::copy(&ready.disk, &disk).unwrap();
     let m = linux_machine(&disk)?;
-    let mut extra = vec![
-        "--restore",
-        ready.snapshot.to_str().unwrap(),
-        "--serial-input",
-        "-",
-    ];
-    extra.extend_from_slice(primary_extra);
-    let p = primary(&m, &key, &extra);
-    let addr = listen_addr(&p);
-    let b = backup(&m, &key, &addr, &["--peer-timeout", "20s"]);
-    wait_attached(&p);
-    Some(LinuxPair { p, b, _disk: disk })
+    Some(
+        pair(&m, &key)
+            .primary_args(["--restore", ready.snapshot.to_str().unwrap()])
+            .primary_args(["--serial-input", "-"])
+            .backup_args(["--peer-timeout", "20s"])
+            .start(),
+    )
 }
 
 #[test]
 fn linux_under_ft_runs_a_workload_and_the_backup_ends_in_its_state() {
-    let Some(mut pair) = linux_pair("ft-linux-counter", &[]) else {
+    let Some(mut pair) = linux_pair("ft-linux-counter") else {
         return;
     };
     pair.p.type_input(b"/workloads/counter\n");
@@ -445,10 +334,7 @@ fn linux_under_ft_runs_a_workload_and_the_backup_ends_in_its_state() {
     assert!(pair.p.wait_stdout(LINUX_PROMPT, Duration::from_secs(60)));
     std::thread::sleep(Duration::from_millis(500));
     pair.p.type_input(b"poweroff -f\n");
-    let (p, b) = (
-        pair.p.wait(Duration::from_secs(120)),
-        pair.b.wait(Duration::from_secs(120)),
-    );
+    let (p, b) = pair.finish(Duration::from_secs(120));
     assert_same_end(&p, &b);
     // Where guest kernel code is emulated slowly (the development hosts' kvm_pvm) the counter's
     // timer ticks wait for a checkpoint; on a stock KVM the guest reaches an interruptible exit
@@ -502,28 +388,15 @@ fn linux_disk_writes_wait_for_the_backup_and_the_image_matches_a_standalone_run(
     std::fs::copy(&ready2.disk, &disk).unwrap();
     let m = linux_machine(&disk).unwrap();
     let sock = dir.join("api.sock");
-    let mut p = primary(
-        &m,
-        &key,
-        &[
-            "--restore",
-            ready2.snapshot.to_str().unwrap(),
-            "--serial-input",
-            "-",
-            "--api-socket",
-            sock.to_str().unwrap(),
-            "--peer-timeout",
-            "20s",
-        ],
-    );
-    let addr = listen_addr(&p);
-    let proxy = Proxy::start(&addr);
-    let b = backup(&m, &key, &proxy.addr(), &["--peer-timeout", "20s"]);
-    wait_attached(&p);
-    proxy
-        .hold_upstream
-        .store(true, std::sync::atomic::Ordering::Release);
-    p.type_input(COMMAND);
+    let mut s = pair(&m, &key)
+        .primary_args(["--restore", ready2.snapshot.to_str().unwrap()])
+        .primary_args(["--serial-input", "-"])
+        .primary_args(["--api-socket", sock.to_str().unwrap()])
+        .args(["--peer-timeout", "20s"])
+        .proxied()
+        .start();
+    s.proxy().hold(true);
+    s.p.type_input(COMMAND);
     // The guest writes its first record, but the record may not reach the image.
     let start = Instant::now();
     let mut held_write = false;
@@ -544,20 +417,15 @@ fn linux_disk_writes_wait_for_the_backup_and_the_image_matches_a_standalone_run(
         sector(&disk, 0).iter().all(|b| *b == 0),
         "a disk write reached the image before the backup acknowledged it"
     );
-    assert!(!p.stdout().contains("record 1 synced"));
-    proxy
-        .hold_upstream
-        .store(false, std::sync::atomic::Ordering::Release);
+    assert!(!s.p.stdout().contains("record 1 synced"));
+    s.proxy().hold(false);
     assert!(
-        p.wait_stdout(DONE, Duration::from_secs(180)),
+        s.p.wait_stdout(DONE, Duration::from_secs(180)),
         "{}",
-        p.stdout()
+        s.p.stdout()
     );
-    p.type_input(b"poweroff -f\n");
-    let (p, b) = (
-        p.wait(Duration::from_secs(120)),
-        b.wait(Duration::from_secs(120)),
-    );
+    s.p.type_input(b"poweroff -f\n");
+    let (p, b) = s.finish(Duration::from_secs(120));
     assert_same_end(&p, &b);
     for n in 1..=12 {
         assert!(
@@ -577,15 +445,10 @@ fn linux_disk_writes_wait_for_the_backup_and_the_image_matches_a_standalone_run(
 fn verified_output_mode_runs_the_pair_to_the_same_end() {
     let dir = scratch("ft-executed");
     let key = key_file(&dir, "key", 12);
-    let m = tiny("ticks-long");
-    let p = primary(&m, &key, &["--ack", "executed"]);
-    let addr = listen_addr(&p);
-    let b = backup(&m, &key, &addr, &[]);
-    wait_attached(&p);
-    let (p, b) = (
-        p.wait(Duration::from_secs(60)),
-        b.wait(Duration::from_secs(60)),
-    );
+    let s = pair(&tiny("ticks-long"), &key)
+        .primary_args(["--ack", "executed"])
+        .start();
+    let (p, b) = s.finish(Duration::from_secs(60));
     assert_same_end(&p, &b);
     assert_ticks(&p.stdout, 1000);
 }

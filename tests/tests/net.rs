@@ -1,4 +1,4 @@
-//! virtio-net under fault tolerance, on simulated hosts (tests/src/lib.rs `Hosts`): the primary
+//! virtio-net under fault tolerance, on simulated hosts (tests/src/net.rs `Hosts`): the primary
 //! on host 0 and the backup on host 1, each with a tap for the guest's NIC bridged to the guest
 //! LAN, and a client on host 2. The guest is the Linux guest booted once with a NIC
 //! (`linux_net_ready`), serving echo (7), a checksumming sink (9), a counting source (19) and
@@ -7,14 +7,12 @@
 //! `FTVMM_NET_TRIALS=N` runs N failover trials of the transfers instead of the default.
 
 use ftvmm_tests::{
-    key_file, linux_machine, linux_net_ready, root, scratch, trials, Ftvmm, Hosts, Proc, GUEST_IP,
-    GUEST_MAC, LINUX_NET_CMDLINE,
+    key_file, linux_machine, linux_net_ready, root, scratch, trials, Ftvmm, Hosts, Pair, Proc,
+    Sides, GUEST_IP, GUEST_MAC, LINUX_NET_CMDLINE,
 };
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-const PORT: u16 = 7000;
 
 struct NetPair {
     p: Proc,
@@ -45,38 +43,14 @@ fn net_pair(tag: &str) -> Option<NetPair> {
     hosts.add_guest_tap(0, "tapg");
     hosts.add_guest_tap(1, "tapg");
     hosts.add_guest_lan_addr(2, "10.240.0.2/16");
-    let m = machine(&disk)?;
-    let p = Ftvmm::raw(&["--role", "primary"])
-        .in_netns(hosts.ns(0))
-        .args(["--listen", &format!("{}:{PORT}", hosts.addr(0))])
-        .args(["--key-file", key.to_str().unwrap(), "--lock", &lock])
-        .args([
-            "--restore",
-            ready.snapshot.to_str().unwrap(),
-            "--serial-input",
-            "none",
-        ])
-        .args(&m)
-        .spawn();
-    assert!(
-        p.wait_stderr("listening for a backup", Duration::from_secs(60)),
-        "{}",
-        p.stderr()
-    );
-    let b = Ftvmm::raw(&["--role", "backup"])
-        .in_netns(hosts.ns(1))
-        .args(["--primary", &format!("{}:{PORT}", hosts.addr(0))])
-        .args(["--listen", &format!("{}:{PORT}", hosts.addr(1))])
-        .args(["--key-file", key.to_str().unwrap(), "--lock", &lock])
-        .args(["--serial-input", "none"])
-        .args(&m)
-        .spawn();
-    assert!(
-        p.wait_stderr(" attached: ", Duration::from_secs(90)),
-        "the backup never attached:\n{}\n{}",
-        p.stderr(),
-        b.stderr()
-    );
+    let Sides { p, b, .. } = Pair::on_hosts(&hosts)
+        .key(&key)
+        .lock(&lock)
+        .args(machine(&disk)?)
+        .primary_args(["--restore", ready.snapshot.to_str().unwrap()])
+        .primary_args(["--serial-input", "none"])
+        .backup_args(["--serial-input", "none"])
+        .start();
     Some(NetPair { p, b, hosts })
 }
 

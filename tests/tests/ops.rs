@@ -7,29 +7,14 @@
 //! synced; a TCP conversation from a client goes on throughout.
 
 use ftvmm_tests::{
-    consecutive, ftvmm_bin, key_file, linux_machine, linux_net_ready, numbers, records_on_disk,
-    root, scratch, test_guest, Ftvmm, Hosts, Proc, GUEST_IP, GUEST_MAC, LINUX_NET_CMDLINE,
+    consecutive, ctl, ftvmm_bin, key_file, linux_machine, linux_net_ready, numbers,
+    records_on_disk, root, scratch, test_guest, Hosts, Pair, Proc, GUEST_IP, GUEST_MAC,
+    LINUX_NET_CMDLINE,
 };
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-const PORT: u16 = 7000;
-
-/// `ftvmm ctl` with these arguments: (exit code, stdout, stderr).
-fn ctl(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(ftvmm_bin())
-        .arg("ctl")
-        .args(args)
-        .output()
-        .expect("run ftvmm ctl");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
 
 fn ctl_json(sock: &Path, request: &[&str]) -> serde_json::Value {
     let mut args = vec!["--api-socket", sock.to_str().unwrap()];
@@ -78,12 +63,11 @@ fn ctl_against_a_dead_or_foreign_socket_fails_in_one_clear_line() {
     assert_eq!(code, 2, "{err}");
 }
 
-/// A pair's flags with the `guest` test guest.
-fn tiny_args(dir: &Path, guest: &str) -> Vec<String> {
-    let key = key_file(dir, "key", 41);
+/// What both sides of a pair in `dir` take: the key file (seeded `seed`), the file lock, logs
+/// at info.
+fn pair_flags(dir: &Path, seed: u8) -> Vec<String> {
+    let key = key_file(dir, "key", seed);
     [
-        "--kernel",
-        test_guest(guest).to_str().unwrap(),
         "--key-file",
         key.to_str().unwrap(),
         "--lock",
@@ -95,22 +79,29 @@ fn tiny_args(dir: &Path, guest: &str) -> Vec<String> {
     .to_vec()
 }
 
+/// A pair's flags with the `guest` test guest.
+fn tiny_args(dir: &Path, guest: &str) -> Vec<String> {
+    let mut args = vec![
+        "--kernel".to_string(),
+        test_guest(guest).display().to_string(),
+    ];
+    args.extend(pair_flags(dir, 41));
+    args
+}
+
 /// The Prometheus endpoint of a protected primary, scraped over HTTP; and its logs as JSON.
 #[test]
 fn a_pair_shows_its_metrics_to_prometheus_and_logs_json() {
     let dir = scratch("ops-metrics");
     let args = tiny_args(&dir, "ticks-long");
     let sock = dir.join("p.sock");
-    let p = Ftvmm::raw(&["--role", "primary", "--listen", "127.0.0.1:0"])
-        .args([
-            "--api-socket",
-            sock.to_str().unwrap(),
-            "--serial-input",
-            "none",
-        ])
-        .args(["--metrics", "127.0.0.1:0", "--log-format", "json"])
+    let pair = Pair::local()
         .args(&args)
-        .spawn();
+        .primary_args(["--api-socket", sock.to_str().unwrap()])
+        .primary_args(["--metrics", "127.0.0.1:0", "--log-format", "json"])
+        .args(["--serial-input", "none"])
+        .limits(Duration::from_secs(30), Duration::from_secs(30));
+    let p = pair.primary();
     assert!(p.wait_stderr("metrics at http://", Duration::from_secs(30)));
     let listen = p
         .stderr_word_after("listening for a backup on ")
@@ -121,15 +112,8 @@ fn a_pair_shows_its_metrics_to_prometheus_and_logs_json() {
         .trim_end_matches("/metrics\"}}")
         .trim_end_matches("/metrics")
         .to_string();
-    let b = Ftvmm::raw(&["--role", "backup", "--primary", &listen])
-        .args(["--serial-input", "none"])
-        .args(&args)
-        .spawn();
-    assert!(
-        p.wait_stderr(" attached: ", Duration::from_secs(30)),
-        "{}",
-        p.stderr()
-    );
+    let b = pair.backup(&listen);
+    pair.wait_attached(&p, &b, 1);
     std::thread::sleep(Duration::from_millis(300));
     let text = http_get(&metrics, "/metrics");
     assert!(text.starts_with("HTTP/1.1 200 OK"), "{text}");
@@ -229,36 +213,16 @@ impl Hopper {
             hosts.add_guest_lan_addr(2, "10.240.0.2/16");
         }
         let socks = [dir.join("h0.sock"), dir.join("h1.sock")];
-        let spawn = |h: usize, role: &str, extra: &[&str]| {
-            Ftvmm::raw(&["--role", role])
-                .in_netns(hosts.ns(h))
-                .args(["--listen", &format!("{}:{PORT}", hosts.addr(h))])
-                .args(["--api-socket", socks[h].to_str().unwrap()])
-                .args(machine)
-                .args(extra)
-                .spawn()
-        };
-        let p = spawn(0, "primary", primary_args);
-        assert!(
-            p.wait_stderr("listening for a backup", Duration::from_secs(60)),
-            "{}",
-            p.stderr()
-        );
-        let target = format!("{}:{PORT}", hosts.addr(0));
-        let b = spawn(
-            1,
-            "backup",
-            &["--primary", &target, "--serial-input", "none"],
-        );
-        assert!(
-            p.wait_stderr(" attached: ", Duration::from_secs(90)),
-            "{}\n{}",
-            p.stderr(),
-            b.stderr()
-        );
+        let sides = Pair::on_hosts(&hosts)
+            .args(machine)
+            .primary_args(["--api-socket", socks[0].to_str().unwrap()])
+            .primary_args(primary_args)
+            .backup_args(["--api-socket", socks[1].to_str().unwrap()])
+            .backup_args(["--serial-input", "none"])
+            .start();
         Hopper {
             hosts,
-            procs: [p, b],
+            procs: [sides.p, sides.b],
             socks,
             primary: 0,
             seen: String::new(),
@@ -379,21 +343,9 @@ fn linux_hopper(tag: &str, dir: &Path, command: &str, started: &str) -> Option<(
     let ready = linux_net_ready()?;
     let disk = dir.join("disk.img");
     std::fs::copy(&ready.disk, &disk).unwrap();
-    let key = key_file(dir, "key", 42);
     let mut machine = linux_machine(LINUX_NET_CMDLINE, &disk)?;
-    machine.extend(
-        [
-            "--net",
-            &format!("tap=tapg,mac={GUEST_MAC}"),
-            "--key-file",
-            key.to_str().unwrap(),
-            "--lock",
-            &format!("file:{}", dir.join("pair.lock").display()),
-            "--log-level",
-            "info",
-        ]
-        .map(String::from),
-    );
+    machine.extend(["--net".to_string(), format!("tap=tapg,mac={GUEST_MAC}")]);
+    machine.extend(pair_flags(dir, 42));
     let snap = ready.snapshot.to_str().unwrap();
     let mut h = Hopper::start(
         tag,
