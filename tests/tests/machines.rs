@@ -649,15 +649,33 @@ fn a_third_machine_reprotects_the_survivor_and_takes_over_from_it() {
 
 /// Progress of a Linux workload in `seconds` of host time from its first `marker` line, on
 /// host 0 alone (standalone) and with a backup on host 1 (a primary): the lines each printed.
+/// How a throughput window runs: standalone on one machine, standalone with the second machine
+/// busy (a shell loop: both machines share this machine's two cores, as a busy backup's machine
+/// does), or as a pair with the backup on the second machine.
+#[derive(Clone, Copy, PartialEq)]
+enum Window {
+    Solo,
+    SoloBesideBusy,
+    Ft,
+}
+
 fn window_on_machines(
     lan: &Lan,
     etcd: &Etcd,
     workload: &str,
     marker: &str,
-    ft: bool,
+    mode: Window,
     seconds: u64,
 ) -> usize {
-    let name = format!("bench-{workload}-{}", if ft { "ft" } else { "solo" });
+    let ft = mode == Window::Ft;
+    let name = format!(
+        "bench-{workload}-{}",
+        match mode {
+            Window::Solo => "solo",
+            Window::SoloBesideBusy => "busy",
+            Window::Ft => "ft",
+        }
+    );
     let mut shared = Shared::new(&name, etcd, &[]);
     shared.machine = linux_machine(&shared);
     std::fs::write(shared.path("input"), format!("/workloads/{workload}\n")).unwrap();
@@ -677,7 +695,11 @@ fn window_on_machines(
         (p, Some(b))
     } else {
         let argv = shared.ftvmm(&[], "0.serial", &serial_input);
-        (Machine::start(lan, 0, &shared.dir, &argv), None)
+        let busy = (mode == Window::SoloBesideBusy).then(|| {
+            let spin = ["sh", "-c", "while :; do :; done"].map(String::from);
+            Machine::start(lan, 1, &shared.dir, &spin)
+        });
+        (Machine::start(lan, 0, &shared.dir, &argv), busy)
     };
     assert!(
         wait_until(Duration::from_secs(300), || count() > 0),
@@ -707,15 +729,22 @@ fn throughput_on_two_machines_ft_against_standalone() {
     };
     let (lan, etcd) = (&rig.lan, &rig.etcd);
     for (workload, marker) in [("counter", "n="), ("diskwrite", " synced")] {
-        let (mut solo, mut ft) = (Vec::new(), Vec::new());
+        let (mut solo, mut busy, mut ft) = (Vec::new(), Vec::new(), Vec::new());
+        let window = |mode| window_on_machines(lan, etcd, workload, marker, mode, 20);
         for _ in 0..2 {
-            solo.push(window_on_machines(lan, etcd, workload, marker, false, 20));
-            ft.push(window_on_machines(lan, etcd, workload, marker, true, 20));
+            solo.push(window(Window::Solo));
+            busy.push(window(Window::SoloBesideBusy));
+            ft.push(window(Window::Ft));
         }
-        let (s, f): (usize, usize) = (solo.iter().sum(), ft.iter().sum());
+        let (s, c, f): (usize, usize, usize) =
+            (solo.iter().sum(), busy.iter().sum(), ft.iter().sum());
         eprintln!(
             "{workload}: FT / standalone on two machines {:.3} ({ft:?} against {solo:?} lines in 20 s windows)",
             f as f64 / s.max(1) as f64
+        );
+        eprintln!(
+            "{workload}: FT / standalone beside a busy machine {:.3} ({ft:?} against {busy:?} lines in 20 s windows)",
+            f as f64 / c.max(1) as f64
         );
     }
 }
