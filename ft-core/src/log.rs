@@ -441,7 +441,7 @@ impl Batch {
 #[derive(Debug, Default)]
 pub struct BatchWriter {
     bytes: Vec<u8>,
-    first_seq: u64,
+    /// Frames in the batch: the last `frames` before `next_seq`.
     frames: u32,
     next_seq: u64,
     carries_output: bool,
@@ -455,7 +455,6 @@ impl BatchWriter {
         bytes.extend_from_slice(&encode_frame(&payload));
         Ok(BatchWriter {
             bytes,
-            first_seq: 0,
             frames: 1,
             next_seq: 1,
             carries_output: false,
@@ -465,9 +464,6 @@ impl BatchWriter {
     /// Appends `record`; returns its sequence number and its frame's size in bytes.
     pub fn push(&mut self, record: &Record) -> Result<(u64, usize), LogError> {
         let frame = encode_record(record)?;
-        if self.frames == 0 {
-            self.first_seq = self.next_seq;
-        }
         self.bytes.extend_from_slice(&frame);
         self.frames += 1;
         self.carries_output |= record.produces_output();
@@ -497,7 +493,7 @@ impl BatchWriter {
             return None;
         }
         let batch = Batch {
-            first_seq: self.first_seq,
+            first_seq: self.next_seq - u64::from(self.frames),
             frames: self.frames,
             carries_output: self.carries_output,
             packed: lz4_flex::compress_prepend_size(&self.bytes),
@@ -505,7 +501,6 @@ impl BatchWriter {
         self.bytes.clear();
         self.frames = 0;
         self.carries_output = false;
-        self.first_seq = self.next_seq;
         Some(batch)
     }
 }
