@@ -276,13 +276,42 @@ impl Shared {
         }
     }
 
+    /// The directory of a pair of the Linux guest (a zeroed disk in it) that types
+    /// `/workloads/{workload}` once the guest's prompt is up; and the serial-input flags that
+    /// type it.
+    fn linux(name: &str, etcd: &Etcd, workload: &str) -> (Shared, [String; 4]) {
+        let mut shared = Shared::new(name, etcd, &[]);
+        let dir = root().join("images/out/linux");
+        let disk = shared.path("disk.img");
+        std::fs::write(&disk, vec![0u8; 16 << 20]).expect("disk");
+        shared.machine = vec![
+            "--kernel".to_string(),
+            dir.join("vmlinux").display().to_string(),
+            "--initrd".into(),
+            dir.join("initramfs.cpio").display().to_string(),
+            "--cmdline".into(),
+            "console=ttyS0 panic=-1".into(),
+            "--disk".into(),
+            disk.display().to_string(),
+        ];
+        let input = shared.path("input");
+        std::fs::write(&input, format!("/workloads/{workload}\n")).expect("serial input");
+        let typed = [
+            "--serial-input".to_string(),
+            input.display().to_string(),
+            "--serial-input-after".into(),
+            LINUX_PROMPT.into(),
+        ];
+        (shared, typed)
+    }
+
     fn path(&self, name: &str) -> PathBuf {
         self.dir.join(name)
     }
 
     /// The ftvmm command of a standalone run (`role_args` empty) or a side of the pair: the
     /// role, then what every run shares, then what a pair's sides share.
-    fn ftvmm(&self, role_args: &[String], serial: &str, input: &[&str]) -> Vec<String> {
+    fn ftvmm(&self, role_args: &[String], serial: &str, input: &[impl AsRef<str>]) -> Vec<String> {
         let mut argv = vec![ftvmm_bin().display().to_string()];
         if role_args.is_empty() {
             argv.extend(["--role".to_string(), "standalone".to_string()]);
@@ -297,7 +326,7 @@ impl Shared {
             ]
             .map(String::from),
         );
-        argv.extend(input.iter().map(|s| s.to_string()));
+        argv.extend(input.iter().map(|s| s.as_ref().to_string()));
         argv.extend(self.machine.iter().cloned());
         if role_args.is_empty() {
             return argv;
@@ -317,7 +346,7 @@ impl Shared {
         argv
     }
 
-    fn primary(&self, lan: &Lan, host: usize, serial: &str, input: &[&str]) -> Machine {
+    fn primary(&self, lan: &Lan, host: usize, serial: &str, input: &[impl AsRef<str>]) -> Machine {
         let role = [
             "--role".into(),
             "primary".into(),
@@ -354,23 +383,6 @@ fn wait_attached(primary: &Machine, n: usize) {
         "backup {n} never attached:\n{}",
         primary.console()
     );
-}
-
-fn linux_machine(shared: &Shared) -> Vec<String> {
-    let dir = root().join("images/out/linux");
-    let disk = shared.path("disk.img");
-    std::fs::write(&disk, vec![0u8; 16 << 20]).expect("disk");
-    [
-        "--kernel".to_string(),
-        dir.join("vmlinux").display().to_string(),
-        "--initrd".into(),
-        dir.join("initramfs.cpio").display().to_string(),
-        "--cmdline".into(),
-        "console=ttyS0 panic=-1".into(),
-        "--disk".into(),
-        disk.display().to_string(),
-    ]
-    .to_vec()
 }
 
 /// What every test here sets up: its networks and etcd, one test at a time. Dropped in this
@@ -468,21 +480,8 @@ fn linux_trial(
     progress: &str,
     after_lines: usize,
 ) -> (String, String, PathBuf) {
-    let mut shared = Shared::new(&format!("{workload}-{trial}"), etcd, &[]);
-    shared.machine = linux_machine(&shared);
-    std::fs::write(shared.path("input"), format!("/workloads/{workload}\n")).unwrap();
-    let input = shared.path("input").display().to_string();
-    let mut p = shared.primary(
-        lan,
-        0,
-        "p.serial",
-        &[
-            "--serial-input",
-            &input,
-            "--serial-input-after",
-            LINUX_PROMPT,
-        ],
-    );
+    let (shared, typed) = Shared::linux(&format!("{workload}-{trial}"), etcd, workload);
+    let mut p = shared.primary(lan, 0, "p.serial", &typed);
     let mut b = shared.backup(lan, 1, 0, "b.serial");
     wait_attached(&p, 1);
     assert!(
@@ -591,17 +590,8 @@ fn a_third_machine_reprotects_the_survivor_and_takes_over_from_it() {
         return;
     };
     let (lan, etcd) = (&rig.lan, &rig.etcd);
-    let mut shared = Shared::new("reprotect", etcd, &[]);
-    shared.machine = linux_machine(&shared);
-    std::fs::write(shared.path("input"), "/workloads/counter\n").unwrap();
-    let input = shared.path("input").display().to_string();
-    let serial_input = [
-        "--serial-input",
-        input.as_str(),
-        "--serial-input-after",
-        LINUX_PROMPT,
-    ];
-    let mut first = shared.primary(lan, 0, "0.serial", &serial_input);
+    let (shared, typed) = Shared::linux("reprotect", etcd, "counter");
+    let mut first = shared.primary(lan, 0, "0.serial", &typed);
     let mut second = shared.backup(lan, 1, 0, "1.serial");
     wait_attached(&first, 1);
     assert!(
@@ -676,25 +666,16 @@ fn window_on_machines(
             Window::Ft => "ft",
         }
     );
-    let mut shared = Shared::new(&name, etcd, &[]);
-    shared.machine = linux_machine(&shared);
-    std::fs::write(shared.path("input"), format!("/workloads/{workload}\n")).unwrap();
-    let input = shared.path("input").display().to_string();
-    let serial_input = [
-        "--serial-input",
-        input.as_str(),
-        "--serial-input-after",
-        LINUX_PROMPT,
-    ];
+    let (shared, typed) = Shared::linux(&name, etcd, workload);
     let serial = shared.path("0.serial");
     let count = || read(&serial).matches(marker).count();
     let (mut p, b) = if ft {
-        let p = shared.primary(lan, 0, "0.serial", &serial_input);
+        let p = shared.primary(lan, 0, "0.serial", &typed);
         let b = shared.backup(lan, 1, 0, "1.serial");
         wait_attached(&p, 1);
         (p, Some(b))
     } else {
-        let argv = shared.ftvmm(&[], "0.serial", &serial_input);
+        let argv = shared.ftvmm(&[], "0.serial", &typed);
         let busy = (mode == Window::SoloBesideBusy).then(|| {
             let spin = ["sh", "-c", "while :; do :; done"].map(String::from);
             Machine::start(lan, 1, &shared.dir, &spin)
