@@ -219,8 +219,20 @@ pub trait Boundary {
     /// carry on from there.
     fn restored(&mut self, _now_ns: u64) {}
 
-    /// The guest stopped; `digest` covers every synchronous exit of the run.
-    fn finish(&mut self, _digest: &ExitDigest) -> Result<(), BoundaryError> {
+    /// The run ended (`end` says who ended it); `digest` covers every synchronous exit of the
+    /// run.
+    fn finish(&mut self, _digest: &ExitDigest, _end: RunEnd) -> Result<(), BoundaryError> {
         Ok(())
     }
+}
+
+/// Who ended a run, for [`Boundary::finish`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunEnd {
+    /// The guest (it wrote the exit port, halted for good, reset, triple-faulted), or the log
+    /// of a replay ran out: a replay checks that the recording ended at the same exit.
+    Guest,
+    /// The VMM, asked by its user (a signal, a control request, `--stop-at-exit`): a recording
+    /// ends here all the same, a replay stops here without looking at the rest of the log.
+    Vmm,
 }

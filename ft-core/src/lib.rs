@@ -19,5 +19,5 @@ pub mod record;
 pub mod replay;
 pub mod takeover;
 
-pub use boundary::{Boundary, BoundaryError, Input, OutputKind, Point, WaitRequest};
+pub use boundary::{Boundary, BoundaryError, Input, OutputKind, Point, RunEnd, WaitRequest};
 pub use exit::{ExitDigest, ExitKind, SyncExit};

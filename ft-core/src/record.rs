@@ -4,7 +4,9 @@
 //! a backup ([`crate::primary`]). The disk the recorder hands the guest ([`RecordingDisk`]) logs
 //! into the same stream, in order with everything else.
 
-use crate::boundary::{Attention, Boundary, BoundaryError, Input, OutputKind, Point, WaitRequest};
+use crate::boundary::{
+    Attention, Boundary, BoundaryError, Input, OutputKind, Point, RunEnd, WaitRequest,
+};
 use crate::exit::{ExitDigest, SyncExit};
 use crate::log::{exit_record, pack_disk_data, InputRec, PointRec, Record, RecordSink};
 use crate::output::{Output, OutputGate};
@@ -279,7 +281,7 @@ impl<B: Boundary> Boundary for Recorder<B> {
         core.last_time = core.last_time.max(now_ns);
     }
 
-    fn finish(&mut self, digest: &ExitDigest) -> Result<(), BoundaryError> {
+    fn finish(&mut self, digest: &ExitDigest, end: RunEnd) -> Result<(), BoundaryError> {
         {
             let mut core = lock(&self.core);
             core.write(&Record::End {
@@ -288,7 +290,7 @@ impl<B: Boundary> Boundary for Recorder<B> {
             })?;
             core.flush()?;
         }
-        self.inner.finish(digest)
+        self.inner.finish(digest, end)
     }
 }
 

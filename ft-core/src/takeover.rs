@@ -13,7 +13,9 @@
 //! The disk switches with it ([`TakeoverDisk`]): a read or write that finds the log's end is
 //! served by the live disk, so the guest's driver never sees an error.
 
-use crate::boundary::{Attention, Boundary, BoundaryError, Input, OutputKind, Point, WaitRequest};
+use crate::boundary::{
+    Attention, Boundary, BoundaryError, Input, OutputKind, Point, RunEnd, WaitRequest,
+};
 use crate::exit::{ExitDigest, SyncExit};
 use crate::replay::Replayer;
 use devices::disk::Disk;
@@ -268,8 +270,8 @@ impl<R: Read + Send + 'static> Boundary for Takeover<R> {
         lock(&self.inner).live().restored(now_ns);
     }
 
-    fn finish(&mut self, digest: &ExitDigest) -> Result<(), BoundaryError> {
-        delegate!(self, finish(digest))
+    fn finish(&mut self, digest: &ExitDigest, end: RunEnd) -> Result<(), BoundaryError> {
+        delegate!(self, finish(digest, end))
     }
 }
 

@@ -13,7 +13,7 @@ use crate::platform::{Action, Platform};
 use crate::tsc::{GuestTsc, TscError};
 use crate::window::Window;
 use ft_core::exit::le_bytes_to_u64;
-use ft_core::{Boundary, BoundaryError, ExitDigest, ExitKind, Point, SyncExit};
+use ft_core::{Boundary, BoundaryError, ExitDigest, ExitKind, Point, RunEnd, SyncExit};
 use kvm_bindings::{kvm_debug_exit_arch, kvm_interrupt};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use thiserror::Error;
@@ -48,6 +48,8 @@ pub enum Stop {
     Interrupted,
     /// Replay reached the end of a recording that was stopped there.
     EndOfLog,
+    /// The run reached the exit it was asked to stop at ([`Vcpu::stop_at_exit`]).
+    ExitReached,
 }
 
 impl Stop {
@@ -55,9 +57,21 @@ impl Stop {
     pub fn status(self) -> u8 {
         match self {
             Stop::ExitPort(s) => s,
-            Stop::Halted | Stop::Reset | Stop::EndOfLog => 0,
+            Stop::Halted | Stop::Reset | Stop::EndOfLog | Stop::ExitReached => 0,
             Stop::TripleFault { .. } => 1,
             Stop::Interrupted => 130,
+        }
+    }
+
+    /// Whether the guest ended the run or the VMM's user did.
+    pub fn ended_by(self) -> RunEnd {
+        match self {
+            Stop::Interrupted | Stop::ExitReached => RunEnd::Vmm,
+            Stop::ExitPort(_)
+            | Stop::Halted
+            | Stop::Reset
+            | Stop::TripleFault { .. }
+            | Stop::EndOfLog => RunEnd::Guest,
         }
     }
 }
@@ -178,6 +192,8 @@ pub struct Vcpu {
     pending_since: Option<std::time::Instant>,
     /// Measurement aid (FTVMM_EXIT_TRACE=path): one line per exit.
     trace: Option<(std::time::Instant, std::io::BufWriter<std::fs::File>)>,
+    /// Stop once this many synchronous exits have been counted ([`Vcpu::stop_at_exit`]).
+    stop_at: Option<u64>,
 }
 
 impl Vcpu {
@@ -214,6 +230,7 @@ impl Vcpu {
             tsc,
             debug,
             kicks: 0,
+            stop_at: None,
             halted: false,
             window,
             pending_since: None,
@@ -239,6 +256,14 @@ impl Vcpu {
     /// Restores the halted state from a snapshot.
     pub fn set_halted(&mut self, halted: bool) {
         self.halted = halted;
+    }
+
+    /// Stops the run once `count` synchronous exits have been counted (the numbering of the
+    /// digest line and of a divergence report, restored exits included): a point in the
+    /// instruction stream that does not depend on the host, where a snapshot or a look at the
+    /// guest is the same on every run of a deterministic execution.
+    pub fn stop_at_exit(&mut self, count: Option<u64>) {
+        self.stop_at = count;
     }
 
     /// The digest over the synchronous exits so far.
@@ -283,6 +308,10 @@ impl Vcpu {
         while self.state == VcpuState::Running {
             if kicker.stop_requested() {
                 self.finish(Stop::Interrupted);
+                break;
+            }
+            if self.stop_at.is_some_and(|n| self.digest.count() >= n) {
+                self.finish(Stop::ExitReached);
                 break;
             }
             if attention() {

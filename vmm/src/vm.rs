@@ -541,7 +541,7 @@ impl Vm {
                 };
             match event {
                 Event::Stopped(stop) => {
-                    boundary.finish(self.vcpu.digest())?;
+                    boundary.finish(self.vcpu.digest(), stop.ended_by())?;
                     return Ok(stop);
                 }
                 Event::Checkpoint => {
@@ -566,7 +566,7 @@ impl Vm {
                 }
                 Event::Control => {
                     if let Some(stop) = self.serve(control, kicker)? {
-                        boundary.finish(self.vcpu.digest())?;
+                        boundary.finish(self.vcpu.digest(), stop.ended_by())?;
                         return Ok(stop);
                     }
                 }
@@ -657,6 +657,11 @@ impl Vm {
     /// The vCPU (its counters and compatibility-path statistics).
     pub fn vcpu(&self) -> &Vcpu {
         &self.vcpu
+    }
+
+    /// Stops the run at this exit count ([`Vcpu::stop_at_exit`]).
+    pub fn stop_at_exit(&mut self, count: Option<u64>) {
+        self.vcpu.stop_at_exit(count);
     }
 
     /// This process's resident memory, and how much of it is guest RAM, in KiB (from

@@ -245,6 +245,11 @@ pub(crate) struct Args {
     /// When the VM stops (the guest exits, or SIGTERM/SIGINT), save a full snapshot here.
     #[arg(long)]
     pub(crate) snapshot_on_exit: Option<PathBuf>,
+    /// Stop once the guest has made this many exits (standalone and replay roles): the count
+    /// of the final `exits=` line and of a divergence report, so the same point on every run
+    /// of the same execution. With --snapshot-on-exit, a snapshot taken exactly there.
+    #[arg(long, value_name = "N")]
+    pub(crate) stop_at_exit: Option<u64>,
     /// Start from this snapshot instead of booting (same machine flags as when it was taken).
     /// A replay of a recording that began from a snapshot restores the same one.
     #[arg(long)]

@@ -27,6 +27,7 @@ pub(crate) fn run_primary(args: &Args) -> Result<u8, Failure> {
         ("--record", args.record.is_some()),
         ("--log", args.log.is_some()),
         ("--primary", args.primary.is_some()),
+        ("--stop-at-exit", args.stop_at_exit.is_some()),
     ] {
         if set {
             return Err(format!("{flag} is not for --role primary").into());
@@ -55,6 +56,7 @@ pub(crate) fn run_backup(args: &Args) -> Result<u8, Failure> {
         ("--log", args.log.is_some()),
         ("--restore", args.restore.is_some()),
         ("--snapshot-on-exit", args.snapshot_on_exit.is_some()),
+        ("--stop-at-exit", args.stop_at_exit.is_some()),
     ] {
         if set {
             return Err(format!("{flag} is not for --role backup").into());

@@ -105,6 +105,7 @@ pub(crate) fn run(args: &Args) -> Result<u8, Failure> {
     };
     let mut vm = Vm::new(&config, boundary.as_mut(), track_dirty, image)?;
     vm.set_checkpoint_delta(args.checkpoint_delta == crate::cli::OnOff::On);
+    vm.stop_at_exit(args.stop_at_exit);
     tracing::info!("kernel command line: {}", vm.cmdline());
     if let Some(path) = &args.restore {
         let snap = vmm::snapshot::Snapshot::read_file(path).map_err(|e| e.to_string())?;
