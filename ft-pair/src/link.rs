@@ -46,7 +46,13 @@ pub enum AckMode {
     Executed,
 }
 
-/// A log batch is sent at once when it carries an output; otherwise once it is this large...
+/// A log batch that carries an output is sent once its first output is this old (at the next
+/// record, or when the guest halts), so that the bytes of a line, or a write and its flush, go
+/// in one batch, one acknowledgement and one release: the rule's cost is per message, and a
+/// serial line is an output per byte. An output waits this much longer at most while the guest
+/// makes records (its timer alone makes some every 10 ms).
+const OUTPUT_COALESCE: Duration = Duration::from_millis(2);
+/// A log batch without an output is sent once it is this large...
 const BATCH_BYTES: usize = 64 << 10;
 /// ...or this old, at the next record or when the guest halts. Longer batches save channel
 /// bandwidth (an idle Linux guest halts ~100 times a second: a batch and an ack per halt was
@@ -586,6 +592,8 @@ pub struct StreamSink {
     /// The current stream's batch (`None` with no backup).
     batch: Option<BatchWriter>,
     batch_started: Option<Instant>,
+    /// When the current batch's first output record went in.
+    output_since: Option<Instant>,
     vtime_ns: u64,
     since_lag_check: u32,
     bytes: u64,
@@ -600,6 +608,7 @@ impl StreamSink {
             conn: None,
             batch: None,
             batch_started: None,
+            output_since: None,
             vtime_ns: 0,
             since_lag_check: 0,
             bytes: 0,
@@ -615,6 +624,7 @@ impl StreamSink {
         self.generation = g;
         self.batch = None;
         self.batch_started = None;
+        self.output_since = None;
         self.conn = self.link.connection();
         if self.conn.is_some() {
             // A new stream: magic and header (frame 0) first.
@@ -635,6 +645,7 @@ impl StreamSink {
             .sent_vtime_ns
             .store(self.vtime_ns, Ordering::Relaxed);
         self.batch_started = None;
+        self.output_since = None;
         // Blocks while the backup's buffer is full: the vCPU stalls, nothing is dropped.
         match conn.send_log(
             batch.first_seq,
@@ -692,9 +703,14 @@ impl RecordSink for StreamSink {
         self.bytes += len as u64;
         let (next_seq, pending) = (batch.next_seq(), batch.len());
         self.link.stats.sent_seq.store(next_seq, Ordering::Relaxed);
-        // An output waits for this record, or a backup needs it to start: send it now.
-        // Otherwise batch by size and age.
-        let urgent = record.produces_output()
+        if record.produces_output() && self.output_since.is_none() {
+            self.output_since = Some(Instant::now());
+        }
+        // An output has waited long enough for company, or a backup needs this record to start:
+        // send it now. Otherwise batch by size and age.
+        let urgent = self
+            .output_since
+            .is_some_and(|t| t.elapsed() >= OUTPUT_COALESCE)
             || matches!(
                 record,
                 Record::Checkpoint { .. }
@@ -720,10 +736,13 @@ impl RecordSink for StreamSink {
     }
 
     fn flush(&mut self) -> Result<(), LogError> {
-        // The guest is about to halt. Outputs went out with their records; what is left only
-        // moves the backup along, and waits for the batch's age.
+        // The guest is about to halt, or the VMM wants the log out (a switchover's drain): an
+        // output waits for its batch; what is left otherwise only moves the backup along, and
+        // waits for the batch's age.
         self.follow_link()?;
-        if self.batch_started.is_some_and(|t| t.elapsed() >= BATCH_AGE) {
+        if self.output_since.is_some()
+            || self.batch_started.is_some_and(|t| t.elapsed() >= BATCH_AGE)
+        {
             self.send_batch();
         }
         Ok(())

@@ -161,12 +161,17 @@ impl Machine {
         let out = std::fs::File::create(&console).expect("console file");
         let child = Command::new(root().join("scripts/stock-host"))
             .args(["--name", &name, "--memory", "1536M", "--timeout", "1200"])
+            .args([
+                "--smp",
+                &std::env::var("FTVMM_MACHINES_SMP").unwrap_or("1".into()),
+            ])
             .arg("--out")
             .arg(shared)
             .arg("--pidfile")
             .arg(&pidfile)
             .args(lan.nics(i))
             .arg("--")
+            .args(std::env::var("FTVMM_MACHINES_WRAP").ok().filter(|_| i == 0))
             .args(argv)
             .stdin(Stdio::null())
             .stdout(out.try_clone().expect("console file"))
@@ -641,12 +646,23 @@ fn a_third_machine_reprotects_the_survivor_and_takes_over_from_it() {
 /// host 0 alone (standalone) and with a backup on host 1 (a primary): the lines each printed.
 /// How a throughput window runs: standalone on one machine, standalone with the second machine
 /// busy (a shell loop: both machines share this machine's two cores, as a busy backup's machine
-/// does), or as a pair with the backup on the second machine.
+/// does), standalone and recorded to the machine's memory (what recording alone costs), or as a
+/// pair with the backup on the second machine.
 #[derive(Clone, Copy, PartialEq)]
 enum Window {
     Solo,
     SoloBesideBusy,
+    Recorded,
     Ft,
+}
+
+fn window_name(mode: Window) -> &'static str {
+    match mode {
+        Window::Solo => "solo",
+        Window::SoloBesideBusy => "busy",
+        Window::Recorded => "recorded",
+        Window::Ft => "ft",
+    }
 }
 
 fn window_on_machines(
@@ -658,24 +674,29 @@ fn window_on_machines(
     seconds: u64,
 ) -> usize {
     let ft = mode == Window::Ft;
-    let name = format!(
-        "bench-{workload}-{}",
-        match mode {
-            Window::Solo => "solo",
-            Window::SoloBesideBusy => "busy",
-            Window::Ft => "ft",
-        }
-    );
+    let name = format!("bench-{workload}-{}", window_name(mode));
     let (shared, typed) = Shared::linux(&name, etcd, workload);
     let serial = shared.path("0.serial");
     let count = || read(&serial).matches(marker).count();
+    let metrics = format!("{}:9464", lan.storage_addr(0));
     let (mut p, b) = if ft {
-        let p = shared.primary(lan, 0, "0.serial", &typed);
+        let mut args = typed.to_vec();
+        args.extend(["--metrics".to_string(), metrics.clone()]);
+        if let Ok(extra) = std::env::var("FTVMM_MACHINES_PRIMARY_ARGS") {
+            args.extend(extra.split_whitespace().map(String::from));
+        }
+        let p = shared.primary(lan, 0, "0.serial", &args);
         let b = shared.backup(lan, 1, 0, "1.serial");
         wait_attached(&p, 1);
         (p, Some(b))
     } else {
-        let argv = shared.ftvmm(&[], "0.serial", &typed);
+        let mut args = typed.to_vec();
+        if mode == Window::Recorded {
+            // The machine's own memory (target/test-scratch is a tmpfs inside each machine).
+            let log = root().join("target/test-scratch/bench.ftl");
+            args.extend(["--record".to_string(), log.display().to_string()]);
+        }
+        let argv = shared.ftvmm(&[], "0.serial", &args);
         let busy = (mode == Window::SoloBesideBusy).then(|| {
             let spin = ["sh", "-c", "while :; do :; done"].map(String::from);
             Machine::start(lan, 1, &shared.dir, &spin)
@@ -690,11 +711,42 @@ fn window_on_machines(
     let start = count();
     std::thread::sleep(Duration::from_secs(seconds));
     let lines = count() - start;
+    if ft {
+        // Where the primary's time went: the pair's counters at the window's end.
+        let scrape = scrape(&metrics);
+        let wanted = [
+            "throttled",
+            "lag_seconds",
+            "outputs_released",
+            "log_records_sent",
+            "log_bytes",
+            "channel_sent_bytes",
+            "checkpoints",
+        ];
+        for line in scrape.lines().filter(|l| {
+            !l.starts_with('#') && wanted.iter().any(|w| l.starts_with(&format!("ftvmm_{w}")))
+        }) {
+            eprintln!("{name}: {line}");
+        }
+    }
     p.kill();
     if let Some(mut b) = b {
         b.kill();
     }
     lines
+}
+
+/// `GET /metrics` of a side's `--metrics` server (empty if it does not answer).
+fn scrape(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let Ok(mut c) = std::net::TcpStream::connect(addr) else {
+        return String::new();
+    };
+    let _ = c.set_read_timeout(Some(Duration::from_secs(10)));
+    let _ = c.write_all(b"GET /metrics HTTP/1.0\r\n\r\n");
+    let mut out = String::new();
+    let _ = c.read_to_string(&mut out);
+    out
 }
 
 /// Not a check: FT against standalone throughput with the backup on a machine of its own, as
@@ -709,23 +761,41 @@ fn throughput_on_two_machines_ft_against_standalone() {
         return;
     };
     let (lan, etcd) = (&rig.lan, &rig.etcd);
+    // FTVMM_MACHINES_BENCH=diskwrite (or counter) measures one workload only.
+    let only = std::env::var("FTVMM_MACHINES_BENCH").unwrap_or_default();
     for (workload, marker) in [("counter", "n="), ("diskwrite", " synced")] {
-        let (mut solo, mut busy, mut ft) = (Vec::new(), Vec::new(), Vec::new());
-        let window = |mode| window_on_machines(lan, etcd, workload, marker, mode, 20);
-        for _ in 0..2 {
-            solo.push(window(Window::Solo));
-            busy.push(window(Window::SoloBesideBusy));
-            ft.push(window(Window::Ft));
+        if ["counter", "diskwrite"].contains(&only.as_str()) && only != workload {
+            continue;
         }
-        let (s, c, f): (usize, usize, usize) =
-            (solo.iter().sum(), busy.iter().sum(), ft.iter().sum());
-        eprintln!(
-            "{workload}: FT / standalone on two machines {:.3} ({ft:?} against {solo:?} lines in 20 s windows)",
-            f as f64 / s.max(1) as f64
-        );
-        eprintln!(
-            "{workload}: FT / standalone beside a busy machine {:.3} ({ft:?} against {busy:?} lines in 20 s windows)",
-            f as f64 / c.max(1) as f64
-        );
+        let modes = [
+            (Window::Solo, "standalone"),
+            (Window::SoloBesideBusy, "standalone beside a busy machine"),
+            (Window::Recorded, "standalone, recorded"),
+            (Window::Ft, "FT"),
+        ];
+        let mut lines = [Vec::new(), Vec::new(), Vec::new(), Vec::new()];
+        // FTVMM_MACHINES_BENCH_WINDOWS=solo,ft: only those windows.
+        let only_windows = std::env::var("FTVMM_MACHINES_BENCH_WINDOWS").ok();
+        for _ in 0..2 {
+            for (i, (mode, _)) in modes.iter().enumerate() {
+                if only_windows
+                    .as_ref()
+                    .is_some_and(|w| !w.split(',').any(|w| w == window_name(*mode)))
+                {
+                    continue;
+                }
+                lines[i].push(window_on_machines(lan, etcd, workload, marker, *mode, 20));
+            }
+        }
+        let solo: usize = lines[0].iter().sum();
+        for (i, (_, what)) in modes.iter().enumerate().skip(1) {
+            let sum: usize = lines[i].iter().sum();
+            eprintln!(
+                "{workload}: {what} / standalone {:.3} ({:?} against {:?} lines in 20 s windows)",
+                sum as f64 / solo.max(1) as f64,
+                lines[i],
+                lines[0]
+            );
+        }
     }
 }
