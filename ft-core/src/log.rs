@@ -285,6 +285,12 @@ pub trait RecordSink: Send {
     fn record(&mut self, record: &Record) -> Result<u64, LogError>;
     /// Pushes out what is buffered (before the recorder may block for a long time).
     fn flush(&mut self) -> Result<(), LogError>;
+    /// The vCPU was kicked (it ran a quantum without an exit): a sink that holds records back
+    /// for company sends those that have waited long enough, so that a guest busy without
+    /// exits does not keep them.
+    fn tick(&mut self) -> Result<(), LogError> {
+        Ok(())
+    }
     /// Bytes written so far.
     fn bytes(&self) -> u64;
     /// Whether a replay is following this stream: it needs checkpoints where inputs are

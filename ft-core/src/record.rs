@@ -69,6 +69,11 @@ impl RecordCore {
     pub fn flush(&mut self) -> Result<(), BoundaryError> {
         Ok(self.sink.flush()?)
     }
+
+    /// The vCPU was kicked ([`RecordSink::tick`]).
+    fn tick(&mut self) -> Result<(), BoundaryError> {
+        Ok(self.sink.tick()?)
+    }
 }
 
 /// An output's way through the gate: the record that produced it is written as `seq`.
@@ -189,6 +194,9 @@ impl<B: Boundary> Boundary for Recorder<B> {
     }
 
     fn poll(&mut self, point: Point, req: &WaitRequest) -> Result<Option<Input>, BoundaryError> {
+        if point == Point::Kick {
+            lock(&self.core).tick()?;
+        }
         let input = self.inner.poll(point, req)?;
         if let Some(i) = &input {
             let mut core = lock(&self.core);

@@ -103,9 +103,11 @@ fn an_output_leaves_once_the_backup_holds_its_record() {
         .unwrap();
     assert_eq!(seq, 2, "frame 0 is the header, 1 the base");
     serial_out(seq, b"b");
-    // The batch with the output goes out at the next record 2 ms on, or when the recorder
-    // flushes (the guest halts, a switchover drains): here, the flush.
-    sink.flush().unwrap();
+    // The batch with the output waits 2 ms for company; then it goes out at the next record,
+    // when the recorder flushes (the guest halts, a switchover drains), or at a kick (the guest
+    // runs on without exits): here, a kick. Without it, nothing below would be acknowledged.
+    std::thread::sleep(Duration::from_millis(3));
+    sink.tick().unwrap();
     // Held: the backup has not acknowledged record `seq`.
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(
@@ -139,4 +141,62 @@ fn an_output_leaves_once_the_backup_holds_its_record() {
 
     backup.stop("test over");
     releaser.finish(Duration::from_millis(100));
+}
+
+/// A primary that stops while its backup is connected but never acknowledges (starved, or
+/// wedged) waits for the acknowledgements as long as it was told, then stops: the outputs the
+/// rule still holds stay held, and the VMM does not wait for them forever.
+#[test]
+fn stopping_does_not_wait_forever_for_a_backup_that_never_acknowledges() {
+    let header = Header {
+        version: VERSION,
+        config_hash: 42,
+        config_summary: "test".into(),
+        rtc_epoch: 0,
+        mechanisms: None,
+    };
+    let link = Link::new(header, AckMode::Received, Duration::from_secs(60), None);
+    let serial = Captured::default();
+    let releaser = link
+        .start_releaser(Box::new(serial.clone()), None, None)
+        .unwrap();
+    let mut sink = StreamSink::new(link.clone());
+    let listener = Listener::bind("127.0.0.1:0", channel()).unwrap();
+    let addr = listener.local_addr().to_string();
+    // The backup's end is connected and kept open, and never reads or acknowledges.
+    let backup_end = std::thread::spawn(move || connect(&addr, channel()).unwrap());
+    let primary_end = listener
+        .accept_timeout(Duration::from_secs(10))
+        .expect("the backup connects");
+    let _backup_end = backup_end.join().unwrap();
+    link.attach(primary_end);
+    sink.record(&Record::Base {
+        rip: 0x1000,
+        time_ns: 0,
+        exits: 0,
+    })
+    .unwrap();
+    let seq = sink
+        .record(&Record::Output {
+            kind: 0,
+            len: 1,
+            crc: crc32c::crc32c(b"x"),
+        })
+        .unwrap();
+    link.hold(seq, Output::Serial(b"x".to_vec()));
+    sink.flush().unwrap();
+    let (done, stopped) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        releaser.finish(Duration::from_millis(200));
+        let _ = done.send(());
+    });
+    assert!(
+        stopped.recv_timeout(Duration::from_secs(60)).is_ok(),
+        "the releaser never stopped"
+    );
+    assert_eq!(
+        serial.get(),
+        b"",
+        "an output left without its acknowledgement"
+    );
 }

@@ -261,6 +261,9 @@ impl Connection {
         let (out, out_rx) = mpsc::channel(OUT_QUEUE);
         let noise = Arc::new(Mutex::new(noise));
         let (rd, wr) = stream.into_split();
+        // Buffered: a frame is a length and a body, two reads each without it, and a burst of
+        // frames comes in one.
+        let rd = tokio::io::BufReader::with_capacity(64 << 10, rd);
         rt.spawn(reader(shared.clone(), noise.clone(), rd, cfg.timeout));
         rt.spawn(writer(shared.clone(), noise, wr, out_rx, cfg.heartbeat));
         Connection {
@@ -478,7 +481,7 @@ impl std::fmt::Debug for Connection {
 async fn reader(
     shared: Arc<Shared>,
     noise: Arc<Mutex<TransportState>>,
-    mut rd: OwnedReadHalf,
+    mut rd: tokio::io::BufReader<OwnedReadHalf>,
     timeout: Duration,
 ) {
     let mut dead = shared.dead.subscribe();
