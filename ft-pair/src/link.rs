@@ -50,9 +50,8 @@ pub enum AckMode {
 /// record, the next kick, or when the guest halts), so that the bytes of a line, or a write and its flush, go
 /// in one batch, one acknowledgement and one release: the rule's cost is per message, and a
 /// serial line is an output per byte. An output waits this much longer, or until the next kick
-/// (`--quantum`, 10 ms) in a guest that runs on without exits. Measured on two stock-KVM
-/// machines (`diskwrite`, FT / standalone): 0.39 sending each output at once, 0.5 with this
-/// and serial runs joined (docs/HARDWARE.md).
+/// (`--quantum`, 10 ms) in a guest that runs on without exits. On two stock-KVM machines it
+/// halved the outputs released and gained ~25% in `diskwrite` records (docs/HARDWARE.md).
 const OUTPUT_COALESCE: Duration = Duration::from_millis(2);
 /// Held serial bytes join into one output up to this length.
 const SERIAL_RUN: usize = 4096;
