@@ -6,9 +6,11 @@ use std::time::{Duration, Instant};
 
 /// A real etcd (Debian's `etcd-server`): the lock service of a pair. It listens on `addr`:2379
 /// (inside network namespace `netns` when given), keeps its data in `dir`/etcd (emptied first)
-/// and its log in `dir`/etcd.log; it is killed (only it) when dropped.
+/// and its log in `dir`/etcd.log; it is killed (only it) when dropped, and its data (~120 MB of
+/// preallocated write-ahead log) removed, the log kept.
 pub struct Etcd {
     child: std::process::Child,
+    data: std::path::PathBuf,
     /// `ADDR:2379`, for `--lock etcd:ENDPOINT/KEY`.
     pub endpoint: String,
 }
@@ -43,7 +45,11 @@ impl Etcd {
             .stderr(std::fs::File::create(dir.join("etcd.log")).expect("etcd log"))
             .spawn()
             .expect("start etcd");
-        let etcd = Etcd { child, endpoint };
+        let etcd = Etcd {
+            child,
+            endpoint,
+            data,
+        };
         // Wait until it answers, from where its clients are.
         let start = Instant::now();
         while !in_ns("bash")
@@ -67,5 +73,6 @@ impl Drop for Etcd {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.data);
     }
 }
