@@ -6,9 +6,9 @@
 use ft_core::log::{Header, LogReader, Record, RecordSink, VERSION};
 use ft_core::output::{Output, OutputGate};
 use ft_core::replay::{KeptWrites, Progress};
-use ft_pair::link::{AckMode, Link, StreamSink};
+use ft_pair::link::{AckMode, Link, Releaser, StreamSink};
 use ft_pair::receiver::BackupLink;
-use logging_channel::{connect, ChannelConfig, Listener, Psk};
+use logging_channel::{connect, ChannelConfig, Connection, Listener, Psk};
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -49,8 +49,9 @@ fn channel() -> ChannelConfig {
     ChannelConfig::new(Psk::from_bytes(&[7u8; 32]).unwrap())
 }
 
-#[test]
-fn an_output_leaves_once_the_backup_holds_its_record() {
+/// A primary's link (peer timeout `timeout`) with its releaser writing to a captured serial
+/// line, and the recorder's sink on it.
+fn primary(timeout: Duration) -> (Arc<Link>, Releaser, StreamSink, Captured) {
     let header = Header {
         version: VERSION,
         config_hash: 42,
@@ -58,27 +59,18 @@ fn an_output_leaves_once_the_backup_holds_its_record() {
         rtc_epoch: 0,
         mechanisms: None,
     };
-    let link = Link::new(header, AckMode::Received, Duration::from_secs(1), None);
+    let link = Link::new(header, AckMode::Received, timeout, None);
     let serial = Captured::default();
     let releaser = link
         .start_releaser(Box::new(serial.clone()), None, None)
         .unwrap();
-    let mut sink = StreamSink::new(link.clone());
-    let serial_out = |seq: u64, bytes: &[u8]| link.hold(seq, Output::Serial(bytes.to_vec()));
+    let sink = StreamSink::new(link.clone());
+    (link, releaser, sink, serial)
+}
 
-    // Unprotected, the log goes nowhere (number 0) and an output leaves at once.
-    let seq = sink
-        .record(&Record::Output {
-            kind: 0,
-            len: 1,
-            crc: crc32c::crc32c(b"a"),
-        })
-        .unwrap();
-    assert_eq!(seq, 0);
-    serial_out(seq, b"a");
-    assert!(serial.wait_for(b"a", Duration::from_secs(5)));
-
-    // A backup attaches (its receiver not started yet: it acknowledges nothing).
+/// A backup connected to `link` (its end returned: nobody reads it or acknowledges yet), and
+/// the stream's first record, its base.
+fn attach_backup(link: &Link, sink: &mut StreamSink) -> Connection {
     let listener = Listener::bind("127.0.0.1:0", channel()).unwrap();
     let addr = listener.local_addr().to_string();
     let backup_end = std::thread::spawn(move || connect(&addr, channel()).unwrap());
@@ -94,15 +86,36 @@ fn an_output_leaves_once_the_backup_holds_its_record() {
         exits: 0,
     })
     .unwrap();
+    backup_end
+}
+
+/// The guest writes `bytes` on its serial line: the output's record, then the output handed to
+/// the gate under the record's number, which is returned.
+fn serial_output(sink: &mut StreamSink, link: &Link, bytes: &[u8]) -> u64 {
     let seq = sink
         .record(&Record::Output {
             kind: 0,
-            len: 1,
-            crc: crc32c::crc32c(b"b"),
+            len: bytes.len() as u32,
+            crc: crc32c::crc32c(bytes),
         })
         .unwrap();
+    link.hold(seq, Output::Serial(bytes.to_vec()));
+    seq
+}
+
+#[test]
+fn an_output_leaves_once_the_backup_holds_its_record() {
+    let (link, releaser, mut sink, serial) = primary(Duration::from_secs(1));
+
+    // Unprotected, the log goes nowhere (number 0) and an output leaves at once.
+    let seq = serial_output(&mut sink, &link, b"a");
+    assert_eq!(seq, 0);
+    assert!(serial.wait_for(b"a", Duration::from_secs(5)));
+
+    // A backup attaches (its receiver not started yet: it acknowledges nothing).
+    let backup_end = attach_backup(&link, &mut sink);
+    let seq = serial_output(&mut sink, &link, b"b");
     assert_eq!(seq, 2, "frame 0 is the header, 1 the base");
-    serial_out(seq, b"b");
     // The batch with the output waits 2 ms for company; then it goes out at the next record,
     // when the recorder flushes (the guest halts, a switchover drains), or at a kick (the guest
     // runs on without exits): here, a kick. Without it, nothing below would be acknowledged.
@@ -148,42 +161,10 @@ fn an_output_leaves_once_the_backup_holds_its_record() {
 /// rule still holds stay held, and the VMM does not wait for them forever.
 #[test]
 fn stopping_does_not_wait_forever_for_a_backup_that_never_acknowledges() {
-    let header = Header {
-        version: VERSION,
-        config_hash: 42,
-        config_summary: "test".into(),
-        rtc_epoch: 0,
-        mechanisms: None,
-    };
-    let link = Link::new(header, AckMode::Received, Duration::from_secs(60), None);
-    let serial = Captured::default();
-    let releaser = link
-        .start_releaser(Box::new(serial.clone()), None, None)
-        .unwrap();
-    let mut sink = StreamSink::new(link.clone());
-    let listener = Listener::bind("127.0.0.1:0", channel()).unwrap();
-    let addr = listener.local_addr().to_string();
+    let (link, releaser, mut sink, serial) = primary(Duration::from_secs(60));
     // The backup's end is connected and kept open, and never reads or acknowledges.
-    let backup_end = std::thread::spawn(move || connect(&addr, channel()).unwrap());
-    let primary_end = listener
-        .accept_timeout(Duration::from_secs(10))
-        .expect("the backup connects");
-    let _backup_end = backup_end.join().unwrap();
-    link.attach(primary_end);
-    sink.record(&Record::Base {
-        rip: 0x1000,
-        time_ns: 0,
-        exits: 0,
-    })
-    .unwrap();
-    let seq = sink
-        .record(&Record::Output {
-            kind: 0,
-            len: 1,
-            crc: crc32c::crc32c(b"x"),
-        })
-        .unwrap();
-    link.hold(seq, Output::Serial(b"x".to_vec()));
+    let _backup_end = attach_backup(&link, &mut sink);
+    serial_output(&mut sink, &link, b"x");
     sink.flush().unwrap();
     let (done, stopped) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
