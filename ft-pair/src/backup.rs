@@ -229,15 +229,13 @@ pub fn run(cfg: &BackupConfig, host: Arc<dyn Host>) -> Result<Finished, PairErro
                     Err(e2) => {
                         control.finish();
                         let why = link.ended().unwrap_or_default();
-                        let notice = format!(
-                            "ftvmm: backup: {why} (replay stopped: {e}; then {e2}); a backup that diverged cannot take over and does not race for the lock: stopping"
+                        let reason = format!(
+                            "backup: {why} (replay stopped: {e}; then {e2}); a backup that diverged cannot take over and does not race for the lock: stopping"
                         );
                         return Ok(Finished {
                             vm,
                             result: Ok(vmm::vcpu::Stop::EndOfLog),
-                            end: End::PrimaryLost {
-                                notice: Some(notice),
-                            },
+                            end: End::PrimaryLost { reason },
                         });
                     }
                 };
@@ -271,7 +269,9 @@ pub fn run(cfg: &BackupConfig, host: Arc<dyn Host>) -> Result<Finished, PairErro
             if fenced(decision.get(), link.lost().is_some()) {
                 End::Fenced { why: why.clone() }
             } else {
-                End::PrimaryLost { notice: None }
+                End::PrimaryLost {
+                    reason: format!("backup: this backup does not take over: {why}"),
+                }
             }
         }
         other => {

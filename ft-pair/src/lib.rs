@@ -55,11 +55,11 @@ pub enum End {
     Primary(Ending),
     /// As a backup whose replay ended: the primary's guest stopped, or an error.
     Backup,
-    /// As a backup whose primary is lost, with no takeover (no lock, or the stream ended
-    /// otherwise); `notice` is printed before the report.
+    /// As a backup whose primary is lost, with no takeover (no lock, a divergence that was not
+    /// healed, a channel that broke, or the stream ended otherwise).
     PrimaryLost {
-        /// A line for stderr.
-        notice: Option<String>,
+        /// Why this backup does not take over, for the run's last words.
+        reason: String,
     },
     /// As a backup whose primary is lost but which may not take over: it lost the lock or could
     /// not reach it.

@@ -46,6 +46,15 @@ impl Run {
             .filter(|l| l.starts_with("ftvmm: exits=") && l.contains(" exit-digest="))
     }
 
+    /// Why a run ended badly: the line before the digest line, which is the last one
+    /// (README, "Exit status").
+    pub fn reason(&self) -> Option<&str> {
+        self.digest_line()?;
+        let mut lines = self.stderr.lines().rev();
+        lines.next();
+        lines.next().filter(|l| l.starts_with("ftvmm: "))
+    }
+
     /// The number of synchronous exits from the digest line.
     pub fn exits(&self) -> Option<u64> {
         let line = self.digest_line()?;

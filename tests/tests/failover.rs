@@ -156,8 +156,9 @@ fn a_diverged_backup_does_not_take_the_lock_from_a_stopped_primary() {
         b.stderr
     );
     assert!(
-        b.stderr.contains("does not race for the lock"),
-        "{}",
+        b.reason()
+            .is_some_and(|l| l.contains("does not race for the lock")),
+        "the last words before the digest line do not say why:\n{}",
         b.stderr
     );
     assert!(
@@ -206,6 +207,13 @@ fn partition_trials(tag: &str, lock_for: impl Fn(&Path) -> String, trials: usize
         );
         let loser = if p.code() == 0 { &b } else { &p };
         assert_eq!(loser.code(), 5, "trial {trial}: {}", loser.stderr);
+        assert!(
+            loser
+                .reason()
+                .is_some_and(|l| l.starts_with("ftvmm: error: ")),
+            "trial {trial}: the loser's last words before the digest line do not say why:\n{}",
+            loser.stderr
+        );
         if p.code() == 0 {
             // The primary went on: its stream alone is complete; the backup emitted nothing.
             assert!(
@@ -293,7 +301,11 @@ fn a_corrupt_or_missing_lock_stops_the_side_that_needs_it_and_is_not_overwritten
     let _ = p.wait(Duration::from_secs(10));
     let b = b.wait(Duration::from_secs(30));
     assert_eq!(b.code(), 5, "{}", b.stderr);
-    assert!(b.stderr.contains("corrupt"), "{}", b.stderr);
+    assert!(
+        b.reason().is_some_and(|l| l.contains("corrupt")),
+        "the last words before the digest line do not say why:\n{}",
+        b.stderr
+    );
     assert!(
         b.stdout.is_empty(),
         "the backup emitted output: {}",
@@ -309,7 +321,11 @@ fn a_corrupt_or_missing_lock_stops_the_side_that_needs_it_and_is_not_overwritten
     let _ = p.wait(Duration::from_secs(10));
     let b = b.wait(Duration::from_secs(30));
     assert_eq!(b.code(), 5, "{}", b.stderr);
-    assert!(b.stderr.contains("unreachable"), "{}", b.stderr);
+    assert!(
+        b.reason().is_some_and(|l| l.contains("unreachable")),
+        "the last words before the digest line do not say why:\n{}",
+        b.stderr
+    );
     assert!(b.stdout.is_empty());
     assert!(
         !lock_path.exists(),

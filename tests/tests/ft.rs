@@ -273,6 +273,13 @@ fn a_frame_altered_on_the_wire_drops_the_backup_and_the_primary_carries_on() {
         p.stderr,
         b.stderr
     );
+    // The dropped backup's last words (before the digest line) say why it did not take over.
+    assert!(
+        b.code() == 0 || b.reason().is_some_and(|l| l.contains("does not take over")),
+        "the backup ended with {} without saying why:\n{}",
+        b.code(),
+        b.stderr
+    );
 }
 
 #[test]

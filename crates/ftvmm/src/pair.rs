@@ -162,19 +162,15 @@ fn end(args: &Args, finished: Finished) -> Result<u8, Failure> {
     match end {
         End::Primary(ending) => end_as_primary(args, &mut vm, result, ending),
         End::Backup => report::finish(args, &mut vm, result),
-        End::PrimaryLost { notice } => {
-            if let Some(line) = notice {
-                eprintln!("{line}");
-            }
-            let _ = report::finish(args, &mut vm, result);
+        End::PrimaryLost { reason } => {
+            let _ = report::finish_because(args, &mut vm, result, &reason);
             Ok(PRIMARY_LOST_STATUS)
         }
         End::Fenced { why } => {
-            let _ = report::finish(args, &mut vm, result);
-            Err(Failure {
-                message: format!("the primary is lost but this backup may not take over: {why}"),
-                status: FENCED_STATUS,
-            })
+            let reason =
+                format!("error: the primary is lost but this backup may not take over: {why}");
+            let _ = report::finish_because(args, &mut vm, result, &reason);
+            Ok(FENCED_STATUS)
         }
     }
 }
@@ -189,11 +185,13 @@ fn end_as_primary(
     ending: Ending,
 ) -> Result<u8, Failure> {
     if let Some(why) = &ending.fenced {
-        let _ = report::finish(args, vm, result);
-        return Err(Failure {
-            message: format!("this primary stopped: {why}"),
-            status: FENCED_STATUS,
-        });
+        let _ = report::finish_because(
+            args,
+            vm,
+            result,
+            &format!("error: this primary stopped: {why}"),
+        );
+        return Ok(FENCED_STATUS);
     }
     let status = report::finish(args, vm, result).map(|s| ending.status(s))?;
     match &ending.handed_over {

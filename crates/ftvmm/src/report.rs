@@ -12,6 +12,26 @@ pub(crate) fn finish(
     vm: &mut Vm,
     result: Result<Stop, VmError>,
 ) -> Result<u8, Failure> {
+    finish_with(args, vm, result, None)
+}
+
+/// As [`finish`], for a run that ends for `reason` (a side of a pair that lost its peer, or was
+/// fenced): `ftvmm: {reason}` is the line before the digest line, where an error would be.
+pub(crate) fn finish_because(
+    args: &Args,
+    vm: &mut Vm,
+    result: Result<Stop, VmError>,
+    reason: &str,
+) -> Result<u8, Failure> {
+    finish_with(args, vm, result, Some(reason))
+}
+
+fn finish_with(
+    args: &Args,
+    vm: &mut Vm,
+    result: Result<Stop, VmError>,
+    reason: Option<&str>,
+) -> Result<u8, Failure> {
     if let Some(path) = &args.snapshot_on_exit {
         match vm.snapshot(true) {
             Ok(snap) => match snap.write_file(path) {
@@ -72,9 +92,12 @@ pub(crate) fn finish(
         }
         Err(e) => Err(Failure::from(e)),
     };
-    // The digest line is the last line of every run, whatever ended it.
-    if let Err(f) = &status {
-        eprintln!("ftvmm: error: {}", f.message);
+    // The digest line is the last line of every run, whatever ended it; the reason a run ended
+    // badly is the line before it.
+    match (&status, reason) {
+        (Err(f), _) => eprintln!("ftvmm: error: {}", f.message),
+        (Ok(_), Some(reason)) => eprintln!("ftvmm: {reason}"),
+        (Ok(_), None) => {}
     }
     eprintln!("ftvmm: {}", vm.digest());
     status.or_else(|f| Ok(f.status))
