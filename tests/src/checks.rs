@@ -122,3 +122,15 @@ pub fn records_on_disk(disk: &Path) -> u64 {
     }
     n
 }
+
+/// `GET path` of an HTTP server at `addr` (a side's `--metrics`): the whole response, status
+/// line and headers included. Waits at most 10 s for the answer.
+pub fn http_get(addr: &str, path: &str) -> std::io::Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n")?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    Ok(out)
+}

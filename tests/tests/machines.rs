@@ -17,7 +17,7 @@
 
 use ftvmm_tests::{
     assert_counter_across, assert_synced_records_kept, assert_ticks_across, consecutive, ftvmm_bin,
-    joins, numbers, root, sh, test_guest, trials, Etcd, LINUX_PROMPT,
+    http_get, joins, numbers, root, sh, test_guest, trials, Etcd, LINUX_PROMPT,
 };
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -713,7 +713,8 @@ fn window_on_machines(
     let lines = count() - start;
     if ft {
         // Where the primary's time went: the pair's counters at the window's end.
-        let scrape = scrape(&metrics);
+        // Not a check: a primary that does not answer prints no counters.
+        let scrape = http_get(&metrics, "/metrics").unwrap_or_default();
         let wanted = [
             "throttled",
             "lag_seconds",
@@ -734,19 +735,6 @@ fn window_on_machines(
         b.kill();
     }
     lines
-}
-
-/// `GET /metrics` of a side's `--metrics` server (empty if it does not answer).
-fn scrape(addr: &str) -> String {
-    use std::io::{Read, Write};
-    let Ok(mut c) = std::net::TcpStream::connect(addr) else {
-        return String::new();
-    };
-    let _ = c.set_read_timeout(Some(Duration::from_secs(10)));
-    let _ = c.write_all(b"GET /metrics HTTP/1.0\r\n\r\n");
-    let mut out = String::new();
-    let _ = c.read_to_string(&mut out);
-    out
 }
 
 /// Not a check: FT against standalone throughput with the backup on a machine of its own, as

@@ -7,7 +7,7 @@
 //! synced; a TCP conversation from a client goes on throughout.
 
 use ftvmm_tests::{
-    consecutive, ctl, ftvmm_bin, key_file, linux_machine, linux_net_ready, numbers,
+    consecutive, ctl, ftvmm_bin, http_get, key_file, linux_machine, linux_net_ready, numbers,
     records_on_disk, root, scratch, test_guest, Hosts, Pair, Proc, GUEST_IP, GUEST_MAC,
     LINUX_NET_CMDLINE,
 };
@@ -115,7 +115,7 @@ fn a_pair_shows_its_metrics_to_prometheus_and_logs_json() {
     let b = pair.backup(&listen);
     pair.wait_attached(&p, &b, 1);
     std::thread::sleep(Duration::from_millis(300));
-    let text = http_get(&metrics, "/metrics");
+    let text = http_get(&metrics, "/metrics").expect("GET /metrics");
     assert!(text.starts_with("HTTP/1.1 200 OK"), "{text}");
     assert!(text.contains("application/openmetrics-text"), "{text}");
     for want in [
@@ -145,7 +145,9 @@ fn a_pair_shows_its_metrics_to_prometheus_and_logs_json() {
     ] {
         assert_eq!(status["host"][f], probed[f]["ok"], "{f}: {status}");
     }
-    assert!(http_get(&metrics, "/nothing").starts_with("HTTP/1.1 404"));
+    assert!(http_get(&metrics, "/nothing")
+        .expect("GET /nothing")
+        .starts_with("HTTP/1.1 404"));
     // Every diagnostic line is a JSON object, up to the digest line that ends every run.
     let (p, b) = (
         p.wait(Duration::from_secs(60)),
@@ -165,14 +167,6 @@ fn a_pair_shows_its_metrics_to_prometheus_and_logs_json() {
             "{line}"
         );
     }
-}
-
-fn http_get(addr: &str, path: &str) -> String {
-    let mut s = std::net::TcpStream::connect(addr).expect("connect to the metrics endpoint");
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
 }
 
 fn metric(text: &str, name: &str) -> f64 {
