@@ -57,9 +57,12 @@ pub fn assert_ticks_across(before: &str, after: &str, last: u32) {
 /// Numbers `n` of `prefix<n>suffix` lines, in order of appearance (lines cut short are
 /// skipped).
 pub fn numbers(out: &str, prefix: &str, suffix: &str) -> Vec<u64> {
-    out.split('\n')
+    // Only whole lines: a stream stopped (or killed) mid-line ends in the first bytes of the next
+    // line, and `n=9` cut from `n=957` is not the number 9.
+    out.split_inclusive('\n')
         .filter_map(|l| {
-            l.trim_end_matches('\r')
+            l.strip_suffix('\n')?
+                .trim_end_matches('\r')
                 .strip_prefix(prefix)?
                 .strip_suffix(suffix)?
                 .parse()
@@ -71,6 +74,29 @@ pub fn numbers(out: &str, prefix: &str, suffix: &str) -> Vec<u64> {
 /// Whether `v` counts up by one.
 pub fn consecutive(v: &[u64]) -> bool {
     v.windows(2).all(|w| w[1] == w[0] + 1)
+}
+
+/// What is wrong with `v` as the count 1, 2, 3...: None when it is that count, else the first
+/// place it breaks (a failure message that names the spot, not the thousand lines around it).
+pub fn count_break(v: &[u64]) -> Option<String> {
+    match v.first() {
+        None => return Some("no numbered line at all".into()),
+        Some(&first) if first != 1 => return Some(format!("it begins at {first}, not 1")),
+        _ => {}
+    }
+    let i = v.windows(2).position(|w| w[1] != w[0] + 1)?;
+    let what = if v[i + 1] <= v[i] {
+        "a repeat"
+    } else {
+        "a gap"
+    };
+    Some(format!(
+        "{what} after {} whole lines: {} is followed by {} (around it: {:?})",
+        i + 1,
+        v[i],
+        v[i + 1],
+        &v[i.saturating_sub(3)..(i + 5).min(v.len())]
+    ))
 }
 
 /// A failover trial of the Linux `counter` workload: `before` (the dead primary's serial
@@ -133,4 +159,34 @@ pub fn http_get(addr: &str, path: &str) -> std::io::Result<String> {
     let mut out = String::new();
     s.read_to_string(&mut out)?;
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_line_cut_short_is_not_a_number() {
+        // A pair stopped while the guest was writing `n=957`.
+        let stream = "boot\r\nn=955\r\nn=956\r\nn=9";
+        assert_eq!(numbers(stream, "n=", ""), [955, 956]);
+        assert_eq!(
+            numbers("record 1 synced\nrecord 2 syn", "record ", " synced"),
+            [1]
+        );
+    }
+
+    #[test]
+    fn a_count_break_names_the_spot() {
+        assert_eq!(count_break(&[1, 2, 3]), None);
+        assert!(count_break(&[]).unwrap().contains("no numbered line"));
+        assert!(count_break(&[2, 3]).unwrap().contains("begins at 2"));
+        let gap = count_break(&[1, 2, 4, 5]).unwrap();
+        assert!(
+            gap.starts_with("a gap") && gap.contains("2 is followed by 4"),
+            "{gap}"
+        );
+        let repeat = count_break(&[1, 2, 3, 3]).unwrap();
+        assert!(repeat.starts_with("a repeat"), "{repeat}");
+    }
 }

@@ -54,3 +54,13 @@ pub fn scratch(name: &str) -> PathBuf {
     std::fs::create_dir_all(&dir).expect("create scratch dir");
     dir
 }
+
+/// Writes `text` to `dir/name` for a failure message to point at (a serial stream of thousands
+/// of lines does not belong in the message itself); returns the path.
+pub fn keep(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let path = dir.join(name);
+    if let Err(e) = std::fs::write(&path, text) {
+        eprintln!("could not keep {}: {e}", path.display());
+    }
+    path
+}
