@@ -26,8 +26,10 @@ pub mod error;
 mod golive;
 pub mod link;
 pub mod lock;
+pub mod metrics;
 pub mod primary;
 pub mod receiver;
+pub mod serve;
 pub mod status;
 /// The pair's protocol tested in one process, without KVM (attach, resync, switchover,
 /// arbitration); the process-level tests are the `tests` crate's.

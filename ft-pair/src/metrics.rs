@@ -1,4 +1,4 @@
-//! `--metrics ADDR`: the pair's figures for Prometheus, at `GET /metrics` in the OpenMetrics
+//! The pair's figures (`ftvmm --metrics ADDR`) for Prometheus, at `GET /metrics` in the OpenMetrics
 //! text format (encoded by the `prometheus-client` crate).
 //!
 //! Every metric is read from the same typed status `ftvmm ctl status` prints
@@ -6,10 +6,9 @@
 //! lose its field silently; docs/OPERATIONS.md lists them. The HTTP side is a small blocking
 //! server on its own thread: one request per connection, GET only, bounded reads.
 
-use crate::cli::Args;
-use crate::status::{socket, AcceptLoop, ServeError};
-use ft_pair::api::StatusFn;
-use ft_pair::status::{BackupStatus, PrimaryStatus, Status};
+use crate::api::StatusFn;
+use crate::serve::{socket, AcceptLoop, ServeError};
+use crate::status::{BackupStatus, PrimaryStatus, Status};
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -344,15 +343,13 @@ pub(crate) fn render(status: &Status) -> String {
 }
 
 /// The metrics server; stops when dropped.
-pub(crate) struct MetricsServer {
+pub struct MetricsServer {
     _accept: AcceptLoop,
 }
 
-/// Starts the server `--metrics` asks for, if it does.
-pub(crate) fn serve(args: &Args, status: StatusFn) -> Result<Option<MetricsServer>, ServeError> {
-    let Some(addr) = &args.metrics else {
-        return Ok(None);
-    };
+/// Serves the metrics of `status` at `http://addr/metrics` (`addr` as `host:port`; port 0
+/// picks one, and the address bound is logged).
+pub fn serve(addr: &str, status: StatusFn) -> Result<MetricsServer, ServeError> {
     let listener =
         TcpListener::bind(addr).map_err(socket(format!("--metrics: cannot listen on {addr}")))?;
     listener
@@ -360,14 +357,14 @@ pub(crate) fn serve(args: &Args, status: StatusFn) -> Result<Option<MetricsServe
         .map_err(socket(format!("--metrics {addr}")))?;
     let bound = listener
         .local_addr()
-        .map_or_else(|_| addr.clone(), |a| a.to_string());
+        .map_or_else(|_| addr.to_string(), |a| a.to_string());
     tracing::warn!("metrics at http://{bound}/metrics");
     let accept = AcceptLoop::spawn(
         "metrics",
         move || listener.accept().map(|(stream, _)| stream),
         move |stream| answer(stream, &status),
     )?;
-    Ok(Some(MetricsServer { _accept: accept }))
+    Ok(MetricsServer { _accept: accept })
 }
 
 /// The longest request head read.
@@ -417,8 +414,8 @@ fn answer(mut stream: TcpStream, status: &StatusFn) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ft_pair::status::{PrimaryLag, PrimaryLog};
-    use ft_pair::TakeoverRecord;
+    use crate::status::{PrimaryLag, PrimaryLog};
+    use crate::TakeoverRecord;
 
     #[test]
     fn a_status_document_becomes_metrics() {

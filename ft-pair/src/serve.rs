@@ -1,11 +1,11 @@
-//! The API socket: a Unix socket on which `ftvmm ctl` asks a running VMM for its status and
+//! The API socket (`ftvmm --api-socket PATH`): a Unix socket on which `ftvmm ctl` asks a running VMM for its status and
 //! tells it to stop or to hand its guest over to its backup.
 //!
 //! The protocol is one request line, answered with one JSON document, then the connection
 //! closes. Requests: `status`, `stop`, `switchover stop|backup`. An answer with an `"error"`
 //! field is a refusal. docs/OPERATIONS.md lists every field of the status.
 
-use ft_pair::api::{refusal, ApiFn, Request};
+use crate::api::{refusal, ApiFn, Request};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -16,11 +16,13 @@ use std::time::Duration;
 
 /// Why the API socket or the metrics endpoint could not start.
 #[derive(Debug, thiserror::Error)]
-pub(crate) enum ServeError {
+pub enum ServeError {
     /// The OS refused to spawn a server thread (API or metrics; `name` is the thread's name).
     #[error("cannot start the {name} thread: {source}")]
     Thread {
+        /// The thread's name.
         name: String,
+        /// The OS's answer.
         source: std::io::Error,
     },
     /// The API socket path exists and a connection to it succeeds: another VMM is serving it.
@@ -31,7 +33,9 @@ pub(crate) enum ServeError {
     /// which step.
     #[error("{context}: {source}")]
     Socket {
+        /// The step that failed.
         context: String,
+        /// The OS's answer.
         source: std::io::Error,
     },
 }
@@ -94,7 +98,7 @@ impl Drop for AcceptLoop {
 }
 
 /// The thread serving the API socket; removes the socket when dropped.
-pub(crate) struct ApiServer {
+pub struct ApiServer {
     path: PathBuf,
     _accept: AcceptLoop,
 }
@@ -102,7 +106,7 @@ pub(crate) struct ApiServer {
 impl ApiServer {
     /// Serves `path`. A socket file left by a VMM that is gone is replaced; one that answers is
     /// in use, and refused.
-    pub(crate) fn start(path: &Path, api: ApiFn) -> Result<ApiServer, ServeError> {
+    pub fn start(path: &Path, api: ApiFn) -> Result<ApiServer, ServeError> {
         if path.exists() {
             if UnixStream::connect(path).is_ok() {
                 return Err(ServeError::InUse(path.display().to_string()));

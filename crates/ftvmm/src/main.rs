@@ -7,17 +7,15 @@
 //! [`standalone`] runs the standalone and replay roles; [`pair`] turns the flags of a primary
 //! or a backup into a configuration and runs the node (the pair itself is the `ft-pair`
 //! crate); `ftvmm ctl` talks to a running one through its API socket ([`ctl`], served by
-//! [`status`]).
+//! `ft_pair::serve`).
 
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 mod cli;
 mod ctl;
-mod metrics;
 mod pair;
 mod report;
 mod standalone;
-mod status;
 
 use clap::Parser;
 use cli::{Args, Role};

@@ -4,11 +4,11 @@
 
 use crate::cli::{machine_config, open_net, serial_sink, serial_source, AckArg, Args, Failure};
 use crate::report;
-use crate::status::ApiServer;
 use ft_core::live::{NetQueue, SerialSource};
 use ft_pair::api::{ApiFn, StatusFn, Then};
 use ft_pair::config::{BackupConfig, Host, LiveConfig, PairConfig, PrimaryConfig};
 use ft_pair::link::AckMode;
+use ft_pair::serve::ApiServer;
 use ft_pair::{End, Ending, Finished, PairError};
 use logging_channel::{ChannelConfig, Psk};
 use std::io::Write;
@@ -137,8 +137,12 @@ impl Host for FlagsHost {
             Some(path) => Some(ApiServer::start(path, api).map_err(|e| PairError::Host(e.into()))?),
             None => None,
         };
-        let metrics =
-            crate::metrics::serve(&self.0, status).map_err(|e| PairError::Host(e.into()))?;
+        let metrics = match &self.0.metrics {
+            Some(addr) => {
+                Some(ft_pair::metrics::serve(addr, status).map_err(|e| PairError::Host(e.into()))?)
+            }
+            None => None,
+        };
         Ok(Box::new((api, metrics)))
     }
 }
