@@ -357,6 +357,37 @@ fn linux_hopper(tag: &str, dir: &Path, command: &str, started: &str) -> Option<(
     Some((h, disk))
 }
 
+/// A client on host 2 talking to the guest's echo service over one TCP connection for `secs`
+/// seconds, every answer checked (tests/net_client.py `talk`).
+fn talk(h: &Hopper, dir: &Path, secs: u32) -> std::process::Child {
+    Command::new("ip")
+        .args(["netns", "exec", h.hosts.ns(2), "python3"])
+        .arg(root().join("tests/net_client.py"))
+        .args([GUEST_IP, "talk", &secs.to_string()])
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(dir.join("client.progress")).unwrap())
+        .spawn()
+        .expect("client")
+}
+
+/// The end of [`talk`]: its result line; panics (with both sides' logs kept in `dir`) when the
+/// conversation broke.
+fn talked(client: std::process::Child, h: &Hopper, dir: &Path) -> String {
+    let out = client.wait_with_output().unwrap();
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() {
+        for (i, p) in h.procs.iter().enumerate() {
+            keep(dir, &format!("h{i}.log"), &p.stderr());
+        }
+        panic!(
+            "the client's conversation broke: {said} (logs in {})",
+            dir.display()
+        );
+    }
+    eprintln!("client: {said}");
+    said
+}
+
 /// Ten switchovers, `pause` apart; returns the pauses (ms).
 fn hop_ten_times(h: &mut Hopper, pause: Duration) -> Vec<f64> {
     let mut pauses = Vec::new();
@@ -376,8 +407,10 @@ fn stop_pair(h: Hopper) -> String {
 }
 
 /// Ten switchovers of a Linux guest writing and syncing disk records (each reported on the
-/// serial line): the stream has every record once and in order, and the disk holds every
-/// record reported synced (the failover tests' checks).
+/// serial line) while a client on a third host talks to it over one TCP connection: the
+/// stream has every record once and in order, the disk holds every record reported synced
+/// (the failover tests' checks), and the conversation lives through all ten with every answer
+/// right (the network under disk load, issue 22).
 #[test]
 fn linux_diskwrite_survives_ten_switchovers() {
     let dir = scratch("ops-switch-disk");
@@ -385,7 +418,9 @@ fn linux_diskwrite_survives_ten_switchovers() {
     else {
         return;
     };
+    let client = talk(&h, &dir, 30);
     hop_ten_times(&mut h, Duration::from_millis(1500));
+    talked(client, &h, &dir);
     // The workload goes on after the ten switchovers: a record past every one reported so far
     // (a liveness check with a generous limit, not a speed).
     let before = format!(
@@ -427,27 +462,9 @@ fn linux_counter_and_a_tcp_conversation_survive_ten_switchovers() {
     let Some((mut h, _)) = linux_hopper("swn", &dir, "/workloads/counter", "n=3\r\n") else {
         return;
     };
-    let client = Command::new("ip")
-        .args(["netns", "exec", h.hosts.ns(2), "python3"])
-        .arg(root().join("tests/net_client.py"))
-        .args([GUEST_IP, "talk", "40"])
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(dir.join("client.progress")).unwrap())
-        .spawn()
-        .expect("client");
+    let client = talk(&h, &dir, 40);
     hop_ten_times(&mut h, Duration::from_millis(1500));
-    let out = client.wait_with_output().unwrap();
-    let said = String::from_utf8_lossy(&out.stdout).into_owned();
-    if !out.status.success() {
-        for (i, p) in h.procs.iter().enumerate() {
-            std::fs::write(dir.join(format!("h{i}.log")), p.stderr()).unwrap();
-        }
-        panic!(
-            "the client's conversation broke: {said} (logs in {})",
-            dir.display()
-        );
-    }
-    eprintln!("client: {said}");
+    talked(client, &h, &dir);
     let stream = stop_pair(h);
     let n = numbers(&stream, "n=", "");
     if let Some(why) = count_break(&n) {
