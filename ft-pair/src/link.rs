@@ -124,7 +124,15 @@ pub struct PrimaryStats {
     latencies: Mutex<VecDeque<u64>>,
     /// Times the vCPU was slowed because the backup lagged.
     pub throttled: AtomicU64,
+    /// Times a throttle gave up ([`THROTTLE_LIMIT`]) with the backup still lagging more than
+    /// `--max-lag`: the bound did not hold, and the vCPU went on anyway.
+    pub lag_exceeded: AtomicU64,
 }
+
+/// The longest one throttle holds the vCPU back: a backup that does not catch up within it
+/// gets the vCPU back for another `--max-lag` of virtual time before the next wait, so that
+/// a wedged backup slows the guest instead of stopping it until the channel's timeout.
+const THROTTLE_LIMIT: Duration = Duration::from_secs(1);
 
 impl PrimaryStats {
     fn record_latency(&self, d: Duration) {
@@ -501,19 +509,38 @@ impl Link {
         Ok(())
     }
 
-    /// Whether the rule allows the vCPU to go on (the backup's replay is not too far behind in
-    /// virtual time); sleeps the vCPU a little while it is not.
-    fn throttle(&self, conn: &Connection, vtime_ns: u64) {
+    /// Holds the vCPU back while the backup's replay is more than `--max-lag` of virtual time
+    /// behind `vtime_ns` (the last record sent), for at most [`THROTTLE_LIMIT`]. Returns the
+    /// virtual time up to which the vCPU may go on before the next check: the backup's
+    /// position plus the bound, or, when the backup did not catch up in time, another bound's
+    /// worth past `vtime_ns` (counted in `lag_exceeded`, and said).
+    fn throttle(&self, conn: &Connection, vtime_ns: u64) -> u64 {
         let start = Instant::now();
         let mut counted = false;
         loop {
             let (_, executed, backup_vtime) = conn.acked();
-            if executed == 0
-                || vtime_ns.saturating_sub(backup_vtime) <= self.max_lag_ns
-                || !conn.is_alive()
-                || start.elapsed() > Duration::from_secs(1)
-            {
-                return;
+            if executed == 0 || !conn.is_alive() {
+                // Nothing replayed yet (the backup is starting), or no backup to wait for.
+                return 0;
+            }
+            if vtime_ns.saturating_sub(backup_vtime) <= self.max_lag_ns {
+                return backup_vtime.saturating_add(self.max_lag_ns);
+            }
+            if start.elapsed() > THROTTLE_LIMIT {
+                let n = self.stats.lag_exceeded.fetch_add(1, Ordering::Relaxed);
+                // Said once, then every hundredth time: the counter is in status and metrics.
+                if n.is_multiple_of(100) {
+                    tracing::warn!(
+                        "the backup is {:.0} ms of virtual time behind after {} s of throttling \
+                         (--max-lag {} ms): the guest goes on, the lag bound does not hold \
+                         ({} times so far)",
+                        vtime_ns.saturating_sub(backup_vtime) as f64 / 1e6,
+                        THROTTLE_LIMIT.as_secs(),
+                        self.max_lag_ns / 1_000_000,
+                        n + 1
+                    );
+                }
+                return vtime_ns.saturating_add(self.max_lag_ns);
             }
             if !counted {
                 self.stats.throttled.fetch_add(1, Ordering::Relaxed);
@@ -625,7 +652,10 @@ pub struct StreamSink {
     /// When the current batch's first output record went in.
     output_since: Option<Instant>,
     vtime_ns: u64,
-    since_lag_check: u32,
+    /// The virtual time up to which the vCPU goes on without asking the backup's position
+    /// again (the last throttle's answer): checked at every record, so the lag overshoots the
+    /// bound by one record's step at most.
+    lag_ok_until: u64,
     bytes: u64,
 }
 
@@ -640,7 +670,7 @@ impl StreamSink {
             batch_started: None,
             output_since: None,
             vtime_ns: 0,
-            since_lag_check: 0,
+            lag_ok_until: 0,
             bytes: 0,
         }
     }
@@ -655,6 +685,7 @@ impl StreamSink {
         self.batch = None;
         self.batch_started = None;
         self.output_since = None;
+        self.lag_ok_until = 0;
         self.conn = self.link.connection();
         if self.conn.is_some() {
             // A new stream: magic and header (frame 0) first.
@@ -758,12 +789,10 @@ impl RecordSink for StreamSink {
         {
             self.send_batch();
         }
-        self.since_lag_check += 1;
-        if self.since_lag_check >= 64 {
-            self.since_lag_check = 0;
-            if let Some(conn) = &self.conn {
-                let sent = self.link.stats.sent_vtime_ns.load(Ordering::Relaxed);
-                self.link.throttle(conn, sent);
+        if let Some(conn) = &self.conn {
+            let sent = self.link.stats.sent_vtime_ns.load(Ordering::Relaxed);
+            if sent > self.lag_ok_until {
+                self.lag_ok_until = self.link.throttle(conn, sent);
             }
         }
         Ok(seq)

@@ -186,6 +186,14 @@ const METRICS: &[Metric] = &[
         1.0,
     ),
     m(
+        "lag_exceeded",
+        "Times the backup stayed more than --max-lag behind through a whole throttle and the vCPU went on",
+        Kind::Counter,
+        Some(|s| s.lag.exceeded as f64),
+        None,
+        1.0,
+    ),
+    m(
         "kept_output_bytes",
         "Bytes of replayed output the backup keeps until the primary releases it",
         Kind::Gauge,
@@ -427,6 +435,7 @@ mod tests {
                 vtime_ns: 25_000_000,
                 records: 4,
                 throttled: 0,
+                exceeded: 0,
             },
             log: PrimaryLog {
                 sent: 10,

@@ -438,6 +438,7 @@ fn primary_status(
                     0
                 },
                 throttled: stats.throttled.load(Ordering::Relaxed),
+                exceeded: stats.lag_exceeded.load(Ordering::Relaxed),
             },
             outputs_held: stats.held.load(Ordering::Relaxed),
             outputs_held_bytes: stats.held_bytes.load(Ordering::Relaxed),

@@ -68,6 +68,9 @@ pub struct PrimaryLag {
     pub vtime_ns: u64,
     /// Times the vCPU was slowed because the backup lagged.
     pub throttled: u64,
+    /// Times the backup stayed more than `--max-lag` behind through a whole throttle (1 s) and
+    /// the vCPU went on anyway: the bound did not hold.
+    pub exceeded: u64,
 }
 
 /// Percentiles of the time outputs were held, us.
