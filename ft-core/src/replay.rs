@@ -250,9 +250,10 @@ impl<R: Read> Core<R> {
             exits,
         }) = self.next
         {
+            // The time first: an acknowledgement of the base must not pair it with time 0.
+            self.set_time(time_ns);
             self.advance()?;
             self.last_rip = rip;
-            self.set_time(time_ns);
             self.exits = exits;
         }
         Ok(())

@@ -789,9 +789,13 @@ impl RecordSink for StreamSink {
         {
             self.send_batch();
         }
-        if let Some(conn) = &self.conn {
-            let sent = self.link.stats.sent_vtime_ns.load(Ordering::Relaxed);
-            if sent > self.lag_ok_until {
+        let sent = self.link.stats.sent_vtime_ns.load(Ordering::Relaxed);
+        if self.conn.is_some() && sent > self.lag_ok_until {
+            // What the backup is to catch up with must be on its way first: a throttle that
+            // held the open batch back would wait for progress it prevents.
+            self.send_batch();
+            if let Some(conn) = &self.conn {
+                let sent = self.link.stats.sent_vtime_ns.load(Ordering::Relaxed);
                 self.lag_ok_until = self.link.throttle(conn, sent);
             }
         }
