@@ -10,6 +10,41 @@
 
 use std::collections::BTreeMap;
 
+/// Where a pair keeps the guest's disk (docs/OPERATIONS.md, "Disk modes").
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DiskMode {
+    /// One image both hosts reach: disk contents are an input (reads travel in the log) and
+    /// disk writes are outputs (held by the output rule until the backup has the log).
+    #[default]
+    Shared,
+    /// Each host its own copy, part of each side's state: the primary writes its copy at once,
+    /// the backup applies the same writes to its copy as it replays them, each side reads its
+    /// own (only a CRC32C of each read travels, so a copy that differs is found at the first
+    /// read of the difference). The copy travels with the VM when a backup attaches.
+    Mirrored,
+}
+
+impl std::fmt::Display for DiskMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DiskMode::Shared => "shared",
+            DiskMode::Mirrored => "mirrored",
+        })
+    }
+}
+
+impl std::str::FromStr for DiskMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "shared" => Ok(DiskMode::Shared),
+            "mirrored" => Ok(DiskMode::Mirrored),
+            other => Err(format!("unknown disk mode {other:?}: shared or mirrored")),
+        }
+    }
+}
+
 /// The unit of disk addressing (virtio-blk sectors).
 pub const SECTOR: u64 = devices::virtio::block::SECTOR_SIZE;
 

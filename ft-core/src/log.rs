@@ -27,7 +27,7 @@ pub const MAGIC: [u8; 8] = *b"FTVMMLOG";
 /// the checkpoint data: snapshot format 5, pages encoded against a page cache, and added the
 /// interrupt-window exits; 4 added the mechanisms to the header); it reads versions 1 to 4 (the
 /// checkpoints of older logs do not decode: snapshots are tied to the build).
-pub const VERSION: u16 = 4;
+pub const VERSION: u16 = 5;
 /// The largest frame payload (a full checkpoint of a 3 GiB guest fits in a few frames' worth of
 /// pages; checkpoints are split by the writer if they are larger).
 pub const MAX_FRAME: u32 = 1 << 30;
@@ -210,6 +210,17 @@ pub enum Record {
         exits: u64,
         /// The full snapshot (the VMM's encoding).
         data: Vec<u8>,
+    },
+    /// The guest's disk read `len` bytes at `offset` of a mirrored disk
+    /// ([`crate::disk::DiskMode::Mirrored`]): each side reads its own copy, so only the CRC32C
+    /// of what the primary read travels, and a backup whose copy reads otherwise diverges there.
+    DiskReadLocal {
+        /// Byte offset on the disk.
+        offset: u64,
+        /// Bytes read.
+        len: u32,
+        /// CRC32C of the bytes the primary read.
+        crc: u32,
     },
 }
 

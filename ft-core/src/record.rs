@@ -7,6 +7,7 @@
 use crate::boundary::{
     Attention, Boundary, BoundaryError, Input, OutputKind, Point, RunEnd, WaitRequest,
 };
+use crate::disk::DiskMode;
 use crate::exit::{ExitDigest, SyncExit};
 use crate::log::{exit_record, pack_disk_data, InputRec, PointRec, Record, RecordSink};
 use crate::output::{Output, OutputGate};
@@ -102,6 +103,7 @@ pub struct Recorder<B: Boundary> {
     inner: B,
     core: SharedRecordCore,
     rtc_epoch: i64,
+    disk_mode: DiskMode,
 }
 
 impl<B: Boundary> Recorder<B> {
@@ -119,7 +121,16 @@ impl<B: Boundary> Recorder<B> {
                 gate: None,
             })),
             rtc_epoch,
+            disk_mode: DiskMode::Shared,
         })
+    }
+
+    /// Records the disk as `mode` keeps it: with [`DiskMode::Mirrored`], reads are logged by
+    /// their CRC32C only and writes go to the image at once (they are this side's state, not
+    /// outputs the backup must hold first).
+    pub fn with_disk_mode(mut self, mode: DiskMode) -> Self {
+        self.disk_mode = mode;
+        self
     }
 
     /// Hands every output to `gate` with the sequence number of the record that produced it,
@@ -231,6 +242,7 @@ impl<B: Boundary> Boundary for Recorder<B> {
         Some(Box::new(RecordingDisk {
             image,
             core: self.core.clone(),
+            mode: self.disk_mode,
         }))
     }
 
@@ -308,6 +320,7 @@ impl<B: Boundary> Boundary for Recorder<B> {
 pub struct RecordingDisk {
     image: Box<dyn Disk>,
     core: SharedRecordCore,
+    mode: DiskMode,
 }
 
 fn log_error(e: BoundaryError) -> io::Error {
@@ -321,16 +334,34 @@ impl Disk for RecordingDisk {
 
     fn read_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.image.read_at(buf, offset)?;
-        lock(&self.core)
-            .write(&Record::DiskRead {
+        let record = match self.mode {
+            DiskMode::Shared => Record::DiskRead {
                 offset,
                 data: pack_disk_data(buf),
-            })
-            .map_err(log_error)?;
+            },
+            DiskMode::Mirrored => Record::DiskReadLocal {
+                offset,
+                len: buf.len() as u32,
+                crc: crc32c::crc32c(buf),
+            },
+        };
+        lock(&self.core).write(&record).map_err(log_error)?;
         Ok(())
     }
 
     fn write_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
+        if self.mode == DiskMode::Mirrored {
+            // This side's own copy: the write is state, logged (for the backup to check its
+            // replay against) and done.
+            lock(&self.core)
+                .write(&Record::DiskWrite {
+                    offset,
+                    len: buf.len() as u32,
+                    crc: crc32c::crc32c(buf),
+                })
+                .map_err(log_error)?;
+            return self.image.write_at(buf, offset);
+        }
         // The record first: a held write is tagged with the record that produced it.
         let gate = lock(&self.core)
             .write_output(&Record::DiskWrite {
@@ -350,6 +381,12 @@ impl Disk for RecordingDisk {
     }
 
     fn flush(&mut self) -> io::Result<()> {
+        if self.mode == DiskMode::Mirrored {
+            lock(&self.core)
+                .write(&Record::DiskFlush)
+                .map_err(log_error)?;
+            return self.image.flush();
+        }
         let gate = lock(&self.core)
             .write_output(&Record::DiskFlush)
             .map_err(log_error)?;

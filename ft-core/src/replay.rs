@@ -136,6 +136,9 @@ struct Core<R: Read> {
     /// A log that ends without its `End` record is cut short (a file: the recorder died or the
     /// file was truncated at a frame boundary), not a stream whose writer may still be there.
     require_end: bool,
+    /// The disk is this side's own copy ([`crate::disk::DiskMode::Mirrored`]): the replayed writes go to
+    /// the image the VMM hands over, and reads logged by their CRC are served from it.
+    mirrored: bool,
 }
 
 fn describe(record: &Option<Record>, last_rip: u64) -> String {
@@ -157,6 +160,9 @@ fn describe(record: &Option<Record>, last_rip: u64) -> String {
             format!("a disk write of {len} bytes at byte {offset}")
         }
         Some(Record::DiskFlush) => "a disk flush".into(),
+        Some(Record::DiskReadLocal { offset, len, .. }) => {
+            format!("a disk read of {len} bytes at byte {offset} (mirrored)")
+        }
         Some(Record::Base { .. }) => "the base of a stream".into(),
         Some(Record::Resync { .. }) => "a resync snapshot".into(),
     }
@@ -299,6 +305,7 @@ impl<R: Read + Send + 'static> Replayer<R> {
             diverge_at: None,
             broken: None,
             require_end: false,
+            mirrored: false,
         };
         core.take_base()?;
         Ok(Replayer {
@@ -322,6 +329,14 @@ impl<R: Read + Send + 'static> Replayer<R> {
     /// How far the replay has got.
     pub fn progress(&self) -> Arc<Progress> {
         lock(&self.core).progress.clone()
+    }
+
+    /// The disk is this side's own copy ([`crate::disk::DiskMode::Mirrored`], a backup of a pair that
+    /// shares no storage): the image handed to [`Boundary::disk`] gets the replayed writes and
+    /// serves the reads the log names by their CRC. Without this a replay never touches the
+    /// image.
+    pub fn mirror_disk(&mut self) {
+        lock(&self.core).mirrored = true;
     }
 
     /// Keep the data of replayed disk writes here (a backup) instead of dropping it.
@@ -470,11 +485,18 @@ impl<R: Read + Send + 'static> Boundary for Replayer<R> {
         }
     }
 
-    fn disk(&mut self, _image: Option<Box<dyn Disk>>, size: u64) -> Option<Box<dyn Disk>> {
-        // Replay never touches the image: reads come from the log, writes are checked and kept.
+    fn disk(&mut self, image: Option<Box<dyn Disk>>, size: u64) -> Option<Box<dyn Disk>> {
+        // A replay touches the image only when it is this side's mirrored copy; otherwise reads
+        // come from the log and writes are checked and kept.
+        let image = if lock(&self.core).mirrored {
+            image
+        } else {
+            None
+        };
         Some(Box::new(ReplayDisk {
             core: self.core.clone(),
             size,
+            image,
         }))
     }
 
@@ -590,6 +612,8 @@ impl<R: Read + Send + 'static> Boundary for Replayer<R> {
 struct ReplayDisk<R: Read> {
     core: Arc<Mutex<Core<R>>>,
     size: u64,
+    /// This side's own copy ([`Replayer::mirror_disk`]).
+    image: Option<Box<dyn Disk>>,
 }
 
 fn diverged() -> io::Error {
@@ -604,6 +628,33 @@ impl<R: Read + Send> Disk for ReplayDisk<R> {
     fn read_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         let mut core = lock(&self.core);
         let got = format!("a disk read of {} bytes at byte {offset}", buf.len());
+        if let (
+            Some(image),
+            Some(Record::DiskReadLocal {
+                offset: o,
+                len,
+                crc,
+            }),
+        ) = (self.image.as_mut(), &core.next)
+        {
+            if *o == offset && *len as usize == buf.len() {
+                let crc = *crc;
+                image.read_at(buf, offset)?;
+                let here = crc32c::crc32c(buf);
+                if here != crc {
+                    let e = core.diverge(format!(
+                        "a disk read of {} bytes at byte {offset} that differs from the \
+                         primary's copy (CRC32C {here:08x} here, {crc:08x} there)",
+                        buf.len()
+                    ));
+                    core.pending.get_or_insert(e);
+                    return Err(diverged());
+                }
+                core.advance()
+                    .map_err(|e| io::Error::other(e.to_string()))?;
+                return Ok(());
+            }
+        }
         let data = match &core.next {
             Some(Record::DiskRead { offset: o, data }) if *o == offset => {
                 unpack_disk_data(data).ok()
@@ -643,6 +694,10 @@ impl<R: Read + Send> Disk for ReplayDisk<R> {
         let seq = core.next_seq;
         core.advance()
             .map_err(|e| io::Error::other(e.to_string()))?;
+        if let Some(image) = self.image.as_mut() {
+            // This side's copy: the write is state, applied as replayed.
+            return image.write_at(buf, offset);
+        }
         if let Some(kept) = &core.kept {
             kept.lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -661,6 +716,9 @@ impl<R: Read + Send> Disk for ReplayDisk<R> {
         let seq = core.next_seq;
         core.advance()
             .map_err(|e| io::Error::other(e.to_string()))?;
+        if let Some(image) = self.image.as_mut() {
+            return image.flush();
+        }
         if let Some(kept) = &core.kept {
             kept.lock()
                 .unwrap_or_else(|e| e.into_inner())

@@ -223,9 +223,10 @@ impl<R: Read + Send + 'static> Boundary for Takeover<R> {
         g.live().set_attention(flag);
     }
 
-    fn disk(&mut self, _image: Option<Box<dyn Disk>>, size: u64) -> Option<Box<dyn Disk>> {
+    fn disk(&mut self, image: Option<Box<dyn Disk>>, size: u64) -> Option<Box<dyn Disk>> {
         let mut g = lock(&self.inner);
-        g.replay_disk = g.replayer.disk(None, size);
+        // The replayer uses the image only for a mirrored disk (`Replayer::mirror_disk`).
+        g.replay_disk = g.replayer.disk(image, size);
         Some(Box::new(TakeoverDisk {
             inner: self.inner.clone(),
             size,

@@ -12,7 +12,10 @@
 
 use crate::backup::SlotDisk;
 use crate::error::PairError;
+use crate::mirror::{write_blocks, BLOCKS_PER_MESSAGE};
 use crate::primary::Manager;
+use devices::disk::{Disk, ImageFile};
+use ft_core::disk::DiskMode;
 use ft_core::live::{LiveBoundary, SerialSource};
 use ft_core::log::Record;
 use logging_channel::{connect, ChannelConfig, Connection, Msg, PROTOCOL_VERSION};
@@ -44,6 +47,8 @@ pub struct AttachReport {
     pub bytes: u64,
     /// Pages sent.
     pub pages: u64,
+    /// Blocks of a mirrored disk sent (`crate::mirror::BLOCK` bytes each).
+    pub disk_blocks: u64,
     /// From the backup's hello to the resumed guest, ms.
     pub total_ms: f64,
     /// How long the guest was paused, ms.
@@ -99,8 +104,13 @@ impl Manager {
         }
         match self.attach(&conn) {
             Ok(report) => {
+                let disk = if self.mirror.is_some() {
+                    format!(", {} disk blocks", report.disk_blocks)
+                } else {
+                    String::new()
+                };
                 tracing::warn!(
-                    "backup {peer} attached: {} rounds, {:.1} MiB in {:.0} ms, pause {:.1} ms: PROTECTED",
+                    "backup {peer} attached: {} rounds, {:.1} MiB in {:.0} ms{disk}, pause {:.1} ms: PROTECTED",
                     report.rounds,
                     report.bytes as f64 / (1 << 20) as f64,
                     report.total_ms,
@@ -114,6 +124,7 @@ impl Manager {
             Err(e) => {
                 tracing::error!("attaching backup {peer} failed: {e}: still UNPROTECTED");
                 let _ = self.vcpu.request(VcpuEvent::StopDirtyTracking, VCPU_ANSWER);
+                self.track_disk(false);
                 conn.close(&e.to_string());
             }
         }
@@ -139,6 +150,49 @@ impl Manager {
         Ok(())
     }
 
+    /// Sends blocks of a mirrored disk (round 0: in the final pause).
+    fn send_blocks(
+        &self,
+        conn: &Connection,
+        round: u32,
+        blocks: &[u64],
+        report: &mut AttachReport,
+    ) -> Result<(), PairError> {
+        let Some(mirror) = &self.mirror else {
+            return Ok(());
+        };
+        let mut mirror = mirror.lock().unwrap_or_else(|e| e.into_inner());
+        for chunk in blocks.chunks(BLOCKS_PER_MESSAGE) {
+            let blocks = mirror
+                .read_blocks(chunk)
+                .map_err(PairError::io("reading the mirrored disk for the backup"))?;
+            report.disk_blocks += blocks.len() as u64;
+            let msg = TransferMsg::DiskBlocks { round, blocks }.encode()?;
+            report.bytes += msg.len() as u64;
+            conn.send(Msg::Transfer(msg))?;
+        }
+        Ok(())
+    }
+
+    /// The blocks of the mirrored disk written since the last harvest (none without one).
+    fn dirty_blocks(&self) -> Vec<u64> {
+        self.mirror.as_ref().map_or_else(Vec::new, |m| {
+            m.lock().unwrap_or_else(|e| e.into_inner()).dirty.take()
+        })
+    }
+
+    /// Starts or stops tracking the mirrored disk's writes.
+    fn track_disk(&self, on: bool) {
+        if let Some(m) = &self.mirror {
+            let m = m.lock().unwrap_or_else(|e| e.into_inner());
+            if on {
+                m.dirty.start();
+            } else {
+                m.dirty.stop();
+            }
+        }
+    }
+
     /// Live state transfer to a new backup (ARCHITECTURE.md, "Attaching a backup").
     fn attach(&self, conn: &Connection) -> Result<AttachReport, PairError> {
         let start = Instant::now();
@@ -148,10 +202,17 @@ impl Manager {
         };
         let progress = Progress::new(conn.peer_addr().to_string());
         self.ask(VcpuEvent::StartDirtyTracking)?;
-        // Round 1: all of RAM (zero pages skipped: the backup starts from zeroed RAM).
+        self.track_disk(true);
+        // Round 1: all of RAM (zero pages skipped: the backup starts from zeroed RAM), and all
+        // of a mirrored disk (every block: the backup's copy may hold anything).
         let all: Vec<u64> = (0..self.ram_pages).collect();
         let mut round = 1;
         self.send_pages(conn, round, &all, &mut report)?;
+        if let Some(m) = &self.mirror {
+            let blocks = m.lock().unwrap_or_else(|e| e.into_inner()).dirty.blocks();
+            let all: Vec<u64> = (0..blocks).collect();
+            self.send_blocks(conn, round, &all, &mut report)?;
+        }
         progress.round(round, &report, start, 0);
         let mut prev = usize::MAX;
         loop {
@@ -171,6 +232,8 @@ impl Manager {
             prev = dirty.len();
             round += 1;
             self.send_pages(conn, round, &dirty, &mut report)?;
+            let blocks = self.dirty_blocks();
+            self.send_blocks(conn, round, &blocks, &mut report)?;
             progress.round(round, &report, start, dirty.len());
             if !conn.is_alive() {
                 return Err(PairError::BackupLost(
@@ -196,6 +259,9 @@ impl Manager {
                 VcpuResponse::Snapshot(s) => s,
                 other => return Err(PairError::UnexpectedAnswer(format!("{other:?}"))),
             };
+            // A mirrored disk's last written blocks, before the state that follows them.
+            let blocks = self.dirty_blocks();
+            self.send_blocks(conn, 0, &blocks, &mut report)?;
             // The last harvest's pages were taken out of the transfer set: add them.
             let extra = read_pages(&self.mem, &leftover, false);
             report.pages += (snap.pages.pages.len() + extra.len()) as u64;
@@ -224,6 +290,7 @@ impl Manager {
         report.pause_ms = pause.elapsed().as_secs_f64() * 1e3;
         report.total_ms = start.elapsed().as_secs_f64() * 1e3;
         let _ = self.ask(VcpuEvent::StopDirtyTracking);
+        self.track_disk(false);
         progress.done(&report);
         if let Err(e) = result {
             self.link.detach(&e.to_string());
@@ -307,6 +374,7 @@ pub(crate) fn receive_vm(
     hash: u64,
     summary: &str,
     checkpoint_delta: bool,
+    disk_mode: DiskMode,
 ) -> Result<Received, PairError> {
     let started = Instant::now();
     let conn = join(addr, channel, hash, summary)?;
@@ -332,12 +400,23 @@ pub(crate) fn receive_vm(
     )?;
     vm.set_checkpoint_delta(checkpoint_delta);
     vm.zero_memory()?;
+    // A mirrored disk's copy on this side is overwritten by the one that travels.
+    let mut copy = match (&config.disk, disk_mode) {
+        (Some(p), DiskMode::Mirrored) => Some(ImageFile::open(p).map_err(PairError::io(
+            format!("cannot open disk image {}", p.display()),
+        ))?),
+        _ => None,
+    };
     let Transfer {
         snapshot,
         epoch,
         pages,
         bytes,
-    } = receive_transfer(&conn, addr, &vm.memory(), started)?;
+    } = receive_transfer(&conn, addr, &vm.memory(), copy.as_mut(), started)?;
+    if let Some(copy) = copy.as_mut() {
+        copy.flush()
+            .map_err(PairError::io("flushing the received disk copy"))?;
+    }
     vm.restore(&snapshot)?;
     drop(snapshot);
     vmm::memory::trim_heap();
@@ -401,6 +480,7 @@ pub(crate) fn receive_transfer(
     conn: &Connection,
     addr: &str,
     mem: &GuestMemoryMmap,
+    mut disk: Option<&mut ImageFile>,
     started: Instant,
 ) -> Result<Transfer, PairError> {
     let (mut pages, mut bytes, mut round) = (0u64, 0u64, 0u32);
@@ -435,6 +515,15 @@ pub(crate) fn receive_transfer(
                     tracing::info!("{line}");
                 }
                 round = r;
+            }
+            TransferMsg::DiskBlocks { blocks, .. } => {
+                let Some(copy) = disk.as_deref_mut() else {
+                    return Err(unexpected(
+                        addr,
+                        "disk blocks, but this side's disk is not mirrored".into(),
+                    ));
+                };
+                write_blocks(copy, &blocks).map_err(|e| unexpected(addr, e))?;
             }
             TransferMsg::Final { snapshot, epoch } => {
                 if tty {

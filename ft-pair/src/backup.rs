@@ -17,7 +17,8 @@ use crate::primary::{open_lock, Services};
 use crate::receiver::BackupLink;
 use crate::status::{BackupLag, BackupLog, BackupStatus, ChannelFigures, Status};
 use crate::{End, Finished};
-use devices::disk::Disk;
+use devices::disk::{Disk, ImageFile};
+use ft_core::disk::DiskMode;
 use ft_core::replay::{KeptWrites, Progress, Replayer};
 use ft_core::takeover::{Decision, Refusal, Takeover};
 use ft_core::{Boundary, BoundaryError};
@@ -28,8 +29,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use vmm::snapshot::Snapshot;
 use vmm::vcpu::VcpuError;
-use vmm::vm::kernel_cmdline;
-use vmm::{config_identity, VmError};
+use vmm::VmError;
 
 /// The disk the VM is built with before the replayer (which serves it) exists.
 #[derive(Clone)]
@@ -77,7 +77,9 @@ struct BackupCounters {
 pub fn run(cfg: &BackupConfig, host: Arc<dyn Host>) -> Result<Finished, PairError> {
     let config = &cfg.machine;
     let addr = cfg.primary.clone();
-    let (hash, summary) = config_identity(config, &kernel_cmdline(config))?;
+    cfg.pair.check()?;
+    let mirrored = cfg.pair.disk == DiskMode::Mirrored;
+    let (hash, summary) = crate::config::identity(config, cfg.pair.disk)?;
     let Received {
         conn,
         mut vm,
@@ -92,6 +94,7 @@ pub fn run(cfg: &BackupConfig, host: Arc<dyn Host>) -> Result<Finished, PairErro
         hash,
         &summary,
         cfg.live.checkpoint_delta,
+        cfg.pair.disk,
     )?;
     let counters = Arc::new(BackupCounters::default());
     counters.attach_ms.store(attach_ms, Ordering::Relaxed);
@@ -109,6 +112,9 @@ pub fn run(cfg: &BackupConfig, host: Arc<dyn Host>) -> Result<Finished, PairErro
         )?;
     replayer.check_config(hash, &summary)?;
     replayer.keep_writes(kept.clone());
+    if mirrored {
+        replayer.mirror_disk();
+    }
     if let Some(n) = std::env::var("FTVMM_TEST_DIVERGE_AT_EXIT")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -208,7 +214,14 @@ pub fn run(cfg: &BackupConfig, host: Arc<dyn Host>) -> Result<Finished, PairErro
         lost_at,
     });
     let mut boundary = Takeover::new(replayer, decision.clone(), go_live);
-    *slot.slot.lock().unwrap_or_else(|e| e.into_inner()) = boundary.disk(None, disk_size);
+    // A mirrored disk's copy is this side's: the replay writes it as it goes (and reads it).
+    let copy: Option<Box<dyn Disk>> = match (&config.disk, mirrored) {
+        (Some(p), true) => Some(Box::new(ImageFile::open(p).map_err(PairError::io(
+            format!("cannot open disk image {}", p.display()),
+        ))?)),
+        _ => None,
+    };
+    *slot.slot.lock().unwrap_or_else(|e| e.into_inner()) = boundary.disk(copy, disk_size);
 
     vmm::kick::stop_on_signals().map_err(PairError::io("cannot install signal handlers"))?;
     let served = host.serve(api.api(), dynamic_status)?;
@@ -220,6 +233,21 @@ pub fn run(cfg: &BackupConfig, host: Arc<dyn Host>) -> Result<Finished, PairErro
                 if !boundary.is_live() =>
             {
                 counters.divergences.fetch_add(1, Ordering::Relaxed);
+                if mirrored {
+                    // A resync carries RAM and devices, not the disk, and this copy stopped
+                    // taking writes where the replay diverged: only a new attach (which copies
+                    // the disk) makes it current again.
+                    control.finish();
+                    let reason = format!(
+                        "backup: {e}; with a mirrored disk a resync cannot bring this side's copy up to date: attach this backup again (its copy travels anew); a backup that diverged does not race for the lock: stopping"
+                    );
+                    *diverged.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
+                    return Ok(Finished {
+                        vm,
+                        result: Ok(vmm::vcpu::Stop::EndOfLog),
+                        end: End::PrimaryLost { reason },
+                    });
+                }
                 tracing::error!("{e}: asking the primary for a resync");
                 // Before the request: from here a lost primary is not raced for.
                 *diverged.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());

@@ -4,6 +4,7 @@
 use crate::api::{ApiFn, StatusFn};
 use crate::error::PairError;
 use crate::link::AckMode;
+use ft_core::disk::DiskMode;
 use ft_core::live::{Clock, NetQueue, SerialSource};
 use logging_channel::ChannelConfig;
 use std::io::Write;
@@ -52,6 +53,37 @@ pub struct PairConfig {
     pub max_lag: Duration,
     /// Where the pair arbitrates (`file:PATH`, `etcd:...`), if anywhere.
     pub lock: Option<String>,
+    /// Where the guest's disk is kept: one image both hosts reach, or a copy on each.
+    pub disk: DiskMode,
+}
+
+impl PairConfig {
+    /// What a pair with this configuration refuses to run with: a mirrored disk needs a lock
+    /// that a majority keeps (etcd), because there is no shared storage for the lock to live
+    /// on and a file only one host sees decides nothing.
+    pub(crate) fn check(&self) -> Result<(), PairError> {
+        if self.disk == DiskMode::Mirrored
+            && !self.lock.as_deref().is_some_and(|l| l.starts_with("etcd:"))
+        {
+            return Err(PairError::Config(
+                "--disk-mode mirrored needs --lock etcd:...: the sides share no storage, so a \
+                 file lock would be on one host only and could not prevent a split brain"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The identity both sides of a pair must share: the machine's (`vmm::config_identity`) and
+/// the disk mode, so that a backup of the other mode is refused at its hello.
+pub(crate) fn identity(machine: &VmConfig, disk: DiskMode) -> Result<(u64, String), PairError> {
+    let (hash, mut summary) = vmm::config_identity(machine, &vmm::vm::kernel_cmdline(machine))?;
+    if disk == DiskMode::Shared {
+        return Ok((hash, summary));
+    }
+    summary.push_str(&format!(", disk {disk}"));
+    Ok((u64::from(crc32c::crc32c(summary.as_bytes())), summary))
 }
 
 /// A primary: runs the guest and accepts backups on `listen`.

@@ -21,6 +21,9 @@ pub enum PairError {
     /// socket or the metrics endpoint (the binary's error, as it worded it).
     #[error("{0}")]
     Host(Box<dyn std::error::Error + Send + Sync>),
+    /// A configuration the pair refuses to run with (the reason is the message).
+    #[error("{0}")]
+    Config(String),
     /// The lock: opening, claiming, racing.
     #[error(transparent)]
     Lock(#[from] LockError),

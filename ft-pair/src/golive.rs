@@ -7,9 +7,11 @@ use crate::config::{BackupConfig, Host, LiveConfig, PairConfig};
 use crate::error::PairError;
 use crate::link::{HeldDisk, Link, StreamSink};
 use crate::lock::Arbiter;
+use crate::mirror::{DirtyBlocks, Mirror, TrackedDisk};
 use crate::primary::{ServiceParts, Services, TakeoverRecord};
 use crate::receiver::BackupLink;
 use devices::disk::{Disk, ImageFile};
+use ft_core::disk::DiskMode;
 use ft_core::live::{LiveBoundary, NetPort, NetQueue};
 use ft_core::log::{Header, VERSION};
 use ft_core::output::Output;
@@ -57,6 +59,8 @@ pub(crate) struct Stack {
     pub(crate) held: Option<Box<dyn Disk>>,
     /// A second handle on the image, for the thread that releases held writes.
     pub(crate) release_image: Option<ImageFile>,
+    /// A mirrored disk's copy, for attaches.
+    pub(crate) mirror: Option<Mirror>,
 }
 
 /// Builds a primary's boundary stack: the live side reads the host, its serial output and its
@@ -98,17 +102,47 @@ pub(crate) fn build(p: StackParts<'_>) -> Result<Stack, PairError> {
         Start::Takeover { point, .. } => live.restored(point.time_ns),
     }
     let mut recorder = Recorder::new(live, Box::new(StreamSink::new(link.clone())), rtc_epoch)?
-        .with_gate(link.clone());
+        .with_gate(link.clone())
+        .with_disk_mode(p.cfg.disk);
     if let Start::Takeover { point, .. } = &p.start {
         recorder.continue_from(point.rip, point.time_ns);
     }
-    let (held, release_image) = held_image(p.machine, &link)?;
+    let (held, release_image, mirror) = match p.cfg.disk {
+        DiskMode::Shared => {
+            let (held, release) = held_image(p.machine, &link)?;
+            (held, release, None)
+        }
+        DiskMode::Mirrored => mirrored_image(p.machine)?,
+    };
     Ok(Stack {
         recorder,
         link,
         held,
         release_image,
+        mirror,
     })
+}
+
+/// A mirrored disk's copy on this side: the disk the guest sees (writes go to the image at
+/// once, their blocks tracked while a backup attaches) and the attach's handle on it.
+fn mirrored_image(
+    config: &vmm::VmConfig,
+) -> Result<(Option<Box<dyn Disk>>, Option<ImageFile>, Option<Mirror>), PairError> {
+    let Some(path) = &config.disk else {
+        return Ok((None, None, None));
+    };
+    let what = || format!("disk image {}", path.display());
+    let img = ImageFile::open(path).map_err(PairError::io(format!("cannot open {}", what())))?;
+    let for_attach = img.try_clone().map_err(PairError::io(what()))?;
+    let dirty = Arc::new(DirtyBlocks::new(img.size()));
+    Ok((
+        Some(Box::new(TrackedDisk::new(img, dirty.clone()))),
+        None,
+        Some(Mirror {
+            image: for_attach,
+            dirty,
+        }),
+    ))
 }
 
 /// The disk as the guest sees it (through the output rule), and a second handle on the image
@@ -238,6 +272,7 @@ fn go_live(p: GoLiveParts, point: SwitchPoint) -> Result<LiveSide, PairError> {
             link,
             held,
             release_image,
+            mirror,
         } = build(StackParts {
             cfg: &p.cfg.pair,
             live: &p.cfg.live,
@@ -308,6 +343,7 @@ fn go_live(p: GoLiveParts, point: SwitchPoint) -> Result<LiveSide, PairError> {
             serial,
             net: tap_out.map(|t| Box::new(t) as Box<dyn Write + Send>),
             release_image,
+            mirror,
             arbiter: p.arbiter.clone(),
             owner: p.owner.clone(),
             history: vec![record],

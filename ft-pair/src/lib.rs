@@ -27,6 +27,7 @@ mod golive;
 pub mod link;
 pub mod lock;
 pub mod metrics;
+pub mod mirror;
 pub mod primary;
 pub mod receiver;
 pub mod serve;

@@ -14,6 +14,7 @@ use crate::error::{Handover, PairError, SwitchoverError};
 use crate::golive::{self, Start};
 use crate::link::{AckMode, Link, Mode};
 use crate::lock::{self, Arbiter, LockError};
+use crate::mirror::Mirror;
 use crate::status::{
     ChannelFigures, Latency, PrimaryLag, PrimaryLog, PrimaryStatus, Status, SwitchoverReport,
 };
@@ -28,8 +29,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 use vmm::control::{VcpuEvent, VcpuHandle, VcpuResponse};
 use vmm::memory::GuestMemoryMmap;
-use vmm::vm::kernel_cmdline;
-use vmm::{config_identity, Vm};
+use vmm::Vm;
 
 /// The pair's counters, from the primary's side.
 #[derive(Default)]
@@ -93,7 +93,8 @@ enum Command {
 /// status ([`End::Primary`]).
 pub fn run(cfg: &PrimaryConfig, host: Arc<dyn Host>) -> Result<Finished, PairError> {
     let config = &cfg.machine;
-    let (hash, summary) = config_identity(config, &kernel_cmdline(config))?;
+    cfg.pair.check()?;
+    let (hash, summary) = crate::config::identity(config, cfg.pair.disk)?;
 
     // The lock first: a primary that cannot hold it must not run at all.
     let owner = lock::owner_name("primary");
@@ -162,6 +163,7 @@ pub fn run(cfg: &PrimaryConfig, host: Arc<dyn Host>) -> Result<Finished, PairErr
         serial: host.serial_output()?,
         net: net_out,
         release_image: stack.release_image.take(),
+        mirror: stack.mirror.take(),
         arbiter: arbiter.map(Arc::from),
         owner,
         history: Vec::new(),
@@ -216,6 +218,8 @@ pub(crate) struct ServiceParts {
     pub serial: Box<dyn std::io::Write + Send>,
     pub net: Option<Box<dyn std::io::Write + Send>>,
     pub release_image: Option<ImageFile>,
+    /// The primary's copy of a mirrored disk, for attaches.
+    pub mirror: Option<Mirror>,
     pub arbiter: Option<Arc<dyn Arbiter>>,
     pub owner: String,
     pub history: Vec<TakeoverRecord>,
@@ -265,6 +269,7 @@ impl Services {
             summary: parts.summary,
             pair: pair.clone(),
             ram_pages: parts.ram_pages,
+            mirror: parts.mirror.map(Mutex::new),
             arbiter: parts.arbiter.clone(),
             owner: parts.owner.clone(),
         };
@@ -489,6 +494,8 @@ pub(crate) struct Manager {
     pub(crate) summary: String,
     pub(crate) pair: Arc<PairState>,
     pub(crate) ram_pages: u64,
+    /// The primary's copy of a mirrored disk: it travels with the VM at an attach.
+    pub(crate) mirror: Option<Mutex<Mirror>>,
     pub(crate) arbiter: Option<Arc<dyn Arbiter>>,
     pub(crate) owner: String,
 }

@@ -43,6 +43,15 @@ pub enum TransferMsg {
         /// primary is lost.
         epoch: u64,
     },
+    /// Blocks of a mirrored disk (a pair that shares no storage), in pre-copy round `round`
+    /// or, with round 0, in the final pause: (block number, the block LZ4-compressed with its
+    /// size first). The block size is the sender's and receiver's shared constant.
+    DiskBlocks {
+        /// The round.
+        round: u32,
+        /// The blocks.
+        blocks: Vec<(u64, Vec<u8>)>,
+    },
 }
 
 /// What goes wrong with a transfer message or the pages it carries.

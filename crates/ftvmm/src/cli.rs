@@ -2,6 +2,7 @@
 //! (the machine configuration, the serial line, errors and exit statuses).
 
 use clap::{Parser, ValueEnum};
+use ft_core::disk::DiskMode;
 use ft_core::live::{Clock, SerialSource};
 use ft_core::BoundaryError;
 use std::fs::File;
@@ -107,6 +108,10 @@ pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
 }
 
 /// `host`, `virtual` (100us per exit) or `virtual:STEP` (e.g. `virtual:50us`).
+pub(crate) fn parse_disk_mode(s: &str) -> Result<DiskMode, String> {
+    s.parse()
+}
+
 pub(crate) fn parse_clock(s: &str) -> Result<Clock, String> {
     match s {
         "host" => Ok(Clock::Host),
@@ -305,6 +310,12 @@ pub(crate) struct Args {
     /// unprotected (a partition could then leave two live sides).
     #[arg(long)]
     pub(crate) lock: Option<String>,
+    /// Primary and backup: where the guest's disk lives. `shared`: one image both hosts reach
+    /// (its path on each); `mirrored`: each host its own copy at its own `--disk` path (of the
+    /// primary's size), copied to a backup when it attaches; needs `--lock etcd:...`
+    /// (docs/OPERATIONS.md, "Disk modes").
+    #[arg(long, default_value = "shared", value_parser = parse_disk_mode)]
+    pub(crate) disk_mode: DiskMode,
 }
 
 /// `--ack`.

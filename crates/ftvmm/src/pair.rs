@@ -94,6 +94,7 @@ fn pair_config(args: &Args) -> Result<PairConfig, Failure> {
         },
         max_lag: args.max_lag,
         lock: args.lock.clone(),
+        disk: args.disk_mode,
     })
 }
 

@@ -3,6 +3,7 @@
 use crate::cli::{machine_config, open_net, serial_sink, serial_source, Args, Failure, Role};
 use crate::report;
 use devices::disk::{Disk, ImageFile};
+use ft_core::disk::DiskMode;
 use ft_core::live::{LiveBoundary, NetPort};
 use ft_core::log::{Header, LogReader, LogWriter, VERSION};
 use ft_core::record::Recorder;
@@ -32,6 +33,11 @@ pub(crate) fn run(args: &Args) -> Result<u8, Failure> {
         }
         (Role::Replay, Some(_), _) => {
             return Err("--record is for --role standalone".to_string().into())
+        }
+        _ if args.disk_mode != DiskMode::Shared => {
+            return Err("--disk-mode is for --role primary and --role backup"
+                .to_string()
+                .into())
         }
         (Role::Replay, None, None) => {
             return Err("--role replay needs --log PATH".to_string().into())

@@ -380,6 +380,7 @@ impl Primary {
             serial: Box::new(std::io::sink()),
             net: None,
             release_image: None,
+            mirror: None,
             arbiter,
             owner: PRIMARY.into(),
             history: Vec::new(),
@@ -449,7 +450,7 @@ impl Backup {
         let started = Instant::now();
         let conn = join(addr, channel(), hash, summary)?;
         let mem = ram();
-        let transfer = receive_transfer(&conn, addr, &mem, started)?;
+        let transfer = receive_transfer(&conn, addr, &mem, None, started)?;
         transfer
             .snapshot
             .pages

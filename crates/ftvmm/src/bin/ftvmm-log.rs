@@ -71,6 +71,9 @@ fn main() -> ExitCode {
                 format!("  disk write at {offset} len {len} crc {crc:08x}")
             }
             Record::DiskFlush => "  disk flush".to_string(),
+            Record::DiskReadLocal { offset, len, crc } => {
+                format!("  disk read at {offset} len {len} crc {crc:08x} (mirrored)")
+            }
             Record::Base {
                 rip: r,
                 time_ns,

@@ -1,0 +1,225 @@
+//! Mirrored disks: a pair that shares no storage ([`DiskMode::Mirrored`]). Each side keeps its
+//! own copy of the guest's disk as part of its state. The primary's copy is a [`TrackedDisk`]
+//! (writes go to the image at once, and the blocks they touch are marked while a backup
+//! attaches); the disk travels with the VM at the attach, in the same pre-copy rounds as RAM
+//! ([`Mirror`]: every block in the first round, then the blocks written since, the rest in the
+//! final pause); the backup applies the replayed writes to its copy (ft-core's replay disk).
+//!
+//! [`DiskMode::Mirrored`]: ft_core::disk::DiskMode::Mirrored
+
+use devices::disk::{Disk, ImageFile};
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// The unit the disk travels in.
+pub const BLOCK: u64 = 64 * 1024;
+/// Blocks in one transfer message (1 MiB before compression).
+pub(crate) const BLOCKS_PER_MESSAGE: usize = 16;
+
+/// The blocks written since tracking started: one bit a block, set after the write is in the
+/// image, so that a block read for the transfer while it is being written is sent again.
+#[derive(Debug)]
+pub struct DirtyBlocks {
+    words: Vec<AtomicU64>,
+    blocks: u64,
+    tracking: AtomicBool,
+}
+
+impl DirtyBlocks {
+    /// Tracking for a disk of `size` bytes, off.
+    pub fn new(size: u64) -> DirtyBlocks {
+        let blocks = size.div_ceil(BLOCK);
+        DirtyBlocks {
+            words: (0..blocks.div_ceil(64))
+                .map(|_| AtomicU64::new(0))
+                .collect(),
+            blocks,
+            tracking: AtomicBool::new(false),
+        }
+    }
+
+    /// Blocks of the disk.
+    pub fn blocks(&self) -> u64 {
+        self.blocks
+    }
+
+    /// Marks the blocks of `[offset, offset + len)`, if tracking.
+    fn mark(&self, offset: u64, len: u64) {
+        if !self.tracking.load(Ordering::Acquire) || len == 0 {
+            return;
+        }
+        let first = offset / BLOCK;
+        let last = ((offset + len - 1) / BLOCK).min(self.blocks.saturating_sub(1));
+        for b in first..=last {
+            if let Some(w) = self.words.get((b / 64) as usize) {
+                w.fetch_or(1 << (b % 64), Ordering::AcqRel);
+            }
+        }
+    }
+
+    /// Starts tracking with nothing marked.
+    pub fn start(&self) {
+        for w in &self.words {
+            w.store(0, Ordering::Release);
+        }
+        self.tracking.store(true, Ordering::Release);
+    }
+
+    /// The blocks marked since the last harvest, unmarked.
+    pub fn take(&self) -> Vec<u64> {
+        let mut out = Vec::new();
+        for (i, w) in self.words.iter().enumerate() {
+            let mut bits = w.swap(0, Ordering::AcqRel);
+            while bits != 0 {
+                let b = bits.trailing_zeros() as u64;
+                out.push(i as u64 * 64 + b);
+                bits &= bits - 1;
+            }
+        }
+        out
+    }
+
+    /// Stops tracking.
+    pub fn stop(&self) {
+        self.tracking.store(false, Ordering::Release);
+    }
+}
+
+/// The primary's copy of a mirrored disk: the image, with the blocks its writes touch marked.
+pub struct TrackedDisk {
+    image: ImageFile,
+    dirty: Arc<DirtyBlocks>,
+}
+
+impl TrackedDisk {
+    /// `image`, tracked in `dirty`.
+    pub fn new(image: ImageFile, dirty: Arc<DirtyBlocks>) -> TrackedDisk {
+        TrackedDisk { image, dirty }
+    }
+}
+
+impl Disk for TrackedDisk {
+    fn size(&self) -> u64 {
+        self.image.size()
+    }
+
+    fn read_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.image.read_at(buf, offset)
+    }
+
+    fn write_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.image.write_at(buf, offset)?;
+        self.dirty.mark(offset, buf.len() as u64);
+        Ok(())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.image.flush()
+    }
+}
+
+/// What the attach needs of the primary's mirrored disk: a handle to read blocks from while
+/// the guest runs, and the blocks written meanwhile.
+pub(crate) struct Mirror {
+    pub(crate) image: ImageFile,
+    pub(crate) dirty: Arc<DirtyBlocks>,
+}
+
+impl Mirror {
+    /// Reads `blocks` and compresses each (the last block of a disk whose size is not a
+    /// multiple of [`BLOCK`] is short).
+    pub(crate) fn read_blocks(&mut self, blocks: &[u64]) -> io::Result<Vec<(u64, Vec<u8>)>> {
+        let size = self.image.size();
+        let mut out = Vec::with_capacity(blocks.len());
+        let mut buf = vec![0u8; BLOCK as usize];
+        for &b in blocks {
+            let offset = b * BLOCK;
+            let len = BLOCK.min(size.saturating_sub(offset)) as usize;
+            if len == 0 {
+                continue;
+            }
+            self.image.read_at(&mut buf[..len], offset)?;
+            out.push((b, lz4_flex::compress_prepend_size(&buf[..len])));
+        }
+        Ok(out)
+    }
+}
+
+/// Writes blocks received for a mirrored disk into this side's copy, checking each against the
+/// image's size; the error says what was wrong.
+pub(crate) fn write_blocks(image: &mut ImageFile, blocks: &[(u64, Vec<u8>)]) -> Result<(), String> {
+    let size = image.size();
+    for (b, packed) in blocks {
+        let offset = b
+            .checked_mul(BLOCK)
+            .filter(|o| *o < size)
+            .ok_or_else(|| format!("disk block {b} is outside this side's copy ({size} bytes)"))?;
+        let want = BLOCK.min(size - offset) as usize;
+        // The claimed size is checked before anything is allocated for it.
+        let claimed = packed
+            .get(..4)
+            .map(|s| u32::from_le_bytes([s[0], s[1], s[2], s[3]]) as usize);
+        if claimed != Some(want) {
+            return Err(format!(
+                "disk block {b}: {claimed:?} bytes claimed, the block has {want}"
+            ));
+        }
+        let data = lz4_flex::decompress_size_prepended(packed)
+            .map_err(|e| format!("disk block {b} does not decompress: {e}"))?;
+        if data.len() != want {
+            return Err(format!("disk block {b}: {} bytes, not {want}", data.len()));
+        }
+        image
+            .write_at(&data, offset)
+            .map_err(|e| format!("writing disk block {b}: {e}"))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writes_mark_their_blocks_only_while_tracking() {
+        let d = DirtyBlocks::new(10 * BLOCK + 100);
+        assert_eq!(d.blocks(), 11);
+        d.mark(0, 512);
+        assert!(d.take().is_empty(), "not tracking yet");
+        d.start();
+        d.mark(BLOCK - 512, 1024); // blocks 0 and 1
+        d.mark(10 * BLOCK, 100); // the short last block
+        assert_eq!(d.take(), [0, 1, 10]);
+        assert!(d.take().is_empty(), "a harvest unmarks");
+        d.stop();
+        d.mark(0, 512);
+        assert!(d.take().is_empty());
+    }
+
+    #[test]
+    fn blocks_travel_and_bad_ones_are_refused() {
+        let dir = std::env::temp_dir().join(format!("ftvmm-mirror-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (a, b) = (dir.join("a.img"), dir.join("b.img"));
+        let size = 2 * BLOCK + 4096;
+        std::fs::write(&a, (0..size).map(|i| (i % 251) as u8).collect::<Vec<_>>()).unwrap();
+        std::fs::write(&b, vec![0u8; size as usize]).unwrap();
+        let mut from = Mirror {
+            image: ImageFile::open(&a).unwrap(),
+            dirty: Arc::new(DirtyBlocks::new(size)),
+        };
+        let mut to = ImageFile::open(&b).unwrap();
+        let blocks = from.read_blocks(&[0, 1, 2]).unwrap();
+        write_blocks(&mut to, &blocks).unwrap();
+        assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
+        // A block past the end, or one whose size is not the block's, is refused.
+        assert!(write_blocks(&mut to, &[(3, blocks[0].1.clone())])
+            .unwrap_err()
+            .contains("outside"));
+        assert!(write_blocks(&mut to, &[(2, blocks[0].1.clone())])
+            .unwrap_err()
+            .contains("claimed"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,193 @@
+//! Mirrored disks (`--disk-mode mirrored`): a pair that shares no storage. Each simulated host
+//! (tests/src/net.rs `Hosts`) keeps its own copy of the guest's disk in a directory of its own;
+//! the lock is etcd on a third host, over the storage network. The backup's copy starts as
+//! zeros of the right size: the attach copies the primary's into it.
+//!
+//! `FTVMM_MIRROR_TRIALS=N` runs N kill trials instead of the default.
+
+use ftvmm_tests::{
+    assert_synced_records_kept, ctl, key_file, linux_machine, linux_ready, numbers, scratch,
+    trials, Etcd, Ftvmm, Hosts, Pair, Proc, Sides, LINUX_CMDLINE,
+};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The Linux guest's two copies for a trial in `dir`: the primary's (the booted guest's disk)
+/// and the backup's (zeros).
+fn copies(dir: &Path) -> Option<(PathBuf, PathBuf)> {
+    let ready = linux_ready()?;
+    let (a, b) = (dir.join("host-a"), dir.join("host-b"));
+    std::fs::create_dir_all(&a).unwrap();
+    std::fs::create_dir_all(&b).unwrap();
+    let (da, db) = (a.join("disk.img"), b.join("disk.img"));
+    std::fs::copy(&ready.disk, &da).unwrap();
+    let size = std::fs::metadata(&da).unwrap().len();
+    std::fs::File::create(&db).unwrap().set_len(size).unwrap();
+    Some((da, db))
+}
+
+/// A mirrored pair of the Linux guest on `hosts` (0: primary, 1: backup), the lock on `etcd`,
+/// `diskwrite` typed at its shell once the backup attached; waits for its first synced record.
+fn mirrored_diskwrite<'h>(
+    hosts: &'h Hosts,
+    etcd: &Etcd,
+    dir: &Path,
+    disks: &(PathBuf, PathBuf),
+    primary_extra: &[&str],
+) -> Sides {
+    let ready = linux_ready().expect("checked by copies()");
+    let machine = |disk: &Path| linux_machine(LINUX_CMDLINE, disk).unwrap();
+    let mut sides = Pair::on_hosts(hosts)
+        .key(&key_file(dir, "key", 51))
+        .lock(&format!("etcd:{}/ftvmm/mirror", etcd.endpoint))
+        .args(["--disk-mode", "mirrored"])
+        .primary_args(machine(&disks.0))
+        .backup_args(machine(&disks.1))
+        .primary_args(["--restore", ready.snapshot.to_str().unwrap()])
+        .primary_args(["--serial-input", "-"])
+        .primary_args(primary_extra)
+        .backup_args(["--serial-input", "none"])
+        .start();
+    sides.p.type_input(b"/workloads/diskwrite\n");
+    assert!(
+        sides
+            .p
+            .wait_stdout("record 1 synced\r\n", Duration::from_secs(300)),
+        "the workload never started:\n{}",
+        sides.p.stdout()
+    );
+    sides
+}
+
+fn wait_live(b: &Proc) {
+    assert!(
+        b.wait_stderr("LIVE: took over", Duration::from_secs(60)),
+        "the backup never went live:\n{}",
+        b.stderr()
+    );
+}
+
+/// The primary's host dies at a random moment while the guest writes and syncs records: the
+/// backup takes over on its own copy, the client's record lines have no gap, and every record
+/// the client saw synced is on the survivor's copy (the dead host's copy is not looked at).
+#[test]
+fn mirrored_diskwrite_survives_the_primary_host_dying_with_every_synced_record_on_the_survivor() {
+    for trial in 0..trials("FTVMM_MIRROR_TRIALS", 3) {
+        let dir = scratch(&format!("mirror-kill-{trial}"));
+        let Some(disks) = copies(&dir) else {
+            return;
+        };
+        let hosts = Hosts::new(&format!("mk{trial}"), 3);
+        let etcd = Etcd::start(Some(hosts.ns(2)), &hosts.storage_addr(2), 2380, &dir);
+        let Sides { p, b, .. } = mirrored_diskwrite(&hosts, &etcd, &dir, &disks, &[]);
+        let ms = (trial as u64 * 7919 + std::process::id() as u64) % 3000;
+        std::thread::sleep(Duration::from_millis(ms));
+        p.signal(libc::SIGKILL);
+        let p = p.wait(Duration::from_secs(10));
+        wait_live(&b);
+        let seen = numbers(&p.stdout, "record ", " synced").last().copied();
+        let next = seen.unwrap_or(0) + 2;
+        assert!(
+            ftvmm_tests::wait_until(Duration::from_secs(300), Duration::from_millis(100), || {
+                numbers(&b.stdout(), "record ", " synced")
+                    .last()
+                    .is_some_and(|&n| n >= next)
+            }),
+            "trial {trial}: the workload did not go on on the backup's copy:\n{}",
+            b.stderr()
+        );
+        b.signal(libc::SIGKILL);
+        let b = b.wait(Duration::from_secs(10));
+        assert_synced_records_kept(trial, &p.stdout, &b.stdout, &disks.1);
+    }
+}
+
+/// A mirrored pair stopped cleanly (`ftvmm ctl stop`) ends both sides at the same point, with
+/// two copies equal byte for byte: the backup applied every write the primary made, and
+/// nothing else.
+#[test]
+fn a_mirrored_pair_stopped_cleanly_leaves_two_identical_copies() {
+    let dir = scratch("mirror-stop");
+    let Some(disks) = copies(&dir) else {
+        return;
+    };
+    let hosts = Hosts::new("ms", 3);
+    let etcd = Etcd::start(Some(hosts.ns(2)), &hosts.storage_addr(2), 2380, &dir);
+    let sock = dir.join("p.sock");
+    let sock_arg = sock.to_str().unwrap();
+    let sides = mirrored_diskwrite(&hosts, &etcd, &dir, &disks, &["--api-socket", sock_arg]);
+    assert!(
+        sides
+            .p
+            .wait_stdout("record 5 synced\r\n", Duration::from_secs(300)),
+        "{}",
+        sides.p.stdout()
+    );
+    let (code, out, err) = ctl(&["--api-socket", sock_arg, "stop"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let (p, b) = sides.finish(Duration::from_secs(120));
+    p.assert_code(0);
+    b.assert_code(0);
+    assert_eq!(
+        p.digest_line(),
+        b.digest_line(),
+        "{}\n{}",
+        p.stderr,
+        b.stderr
+    );
+    let (a, c) = (
+        std::fs::read(&disks.0).unwrap(),
+        std::fs::read(&disks.1).unwrap(),
+    );
+    let differ = a.iter().zip(&c).position(|(x, y)| x != y);
+    assert!(
+        a.len() == c.len() && differ.is_none(),
+        "the copies differ (first at byte {differ:?})"
+    );
+    assert!(
+        records_in(&c) >= 5,
+        "the copies hold {} records",
+        records_in(&c)
+    );
+}
+
+/// The records `diskwrite` left on a disk (record n in sector n-1).
+fn records_in(disk: &[u8]) -> usize {
+    disk.chunks(512)
+        .take_while(|s| s.starts_with(b"FTVMMREC "))
+        .count()
+}
+
+/// A mirrored pair needs a lock that does not live on one host's storage: `--lock file:` (or
+/// none) is refused before anything runs, with the reason.
+#[test]
+fn a_mirrored_pair_refuses_a_lock_on_one_hosts_storage() {
+    let dir = scratch("mirror-lock");
+    let Some(disks) = copies(&dir) else {
+        return;
+    };
+    let machine = linux_machine(LINUX_CMDLINE, &disks.0).unwrap();
+    let key = key_file(&dir, "key", 52);
+    let lock_file = dir.join("pair.lock");
+    let file_lock = format!("file:{}", lock_file.display());
+    for lock in [Some(file_lock.as_str()), None] {
+        let mut args = vec!["--role", "primary", "--listen", "127.0.0.1:0"];
+        args.extend([
+            "--key-file",
+            key.to_str().unwrap(),
+            "--disk-mode",
+            "mirrored",
+        ]);
+        if let Some(l) = lock {
+            args.extend(["--lock", l]);
+        }
+        let run = Ftvmm::raw(&args).args(machine.iter()).run();
+        assert_eq!(run.code(), 2, "{lock:?}: {}", run.stderr);
+        assert!(
+            run.stderr.contains("needs --lock etcd:"),
+            "{lock:?}: {}",
+            run.stderr
+        );
+        assert!(!lock_file.exists(), "the refused primary created its lock");
+    }
+}
