@@ -108,10 +108,7 @@ pub(crate) fn build(p: StackParts<'_>) -> Result<Stack, PairError> {
         recorder.continue_from(point.rip, point.time_ns);
     }
     let (held, release_image, mirror) = match p.cfg.disk {
-        DiskMode::Shared => {
-            let (held, release) = held_image(p.machine, &link)?;
-            (held, release, None)
-        }
+        DiskMode::Shared => held_image(p.machine, &link)?,
         DiskMode::Mirrored => mirrored_image(p.machine)?,
     };
     Ok(Stack {
@@ -125,9 +122,7 @@ pub(crate) fn build(p: StackParts<'_>) -> Result<Stack, PairError> {
 
 /// A mirrored disk's copy on this side: the disk the guest sees (writes go to the image at
 /// once, their blocks tracked while a backup attaches) and the attach's handle on it.
-fn mirrored_image(
-    config: &vmm::VmConfig,
-) -> Result<(Option<Box<dyn Disk>>, Option<ImageFile>, Option<Mirror>), PairError> {
+fn mirrored_image(config: &vmm::VmConfig) -> Result<DiskSide, PairError> {
     let Some(path) = &config.disk else {
         return Ok((None, None, None));
     };
@@ -145,11 +140,12 @@ fn mirrored_image(
     ))
 }
 
-/// The disk as the guest sees it (through the output rule), and a second handle on the image
-/// for the thread that releases held writes.
-type HeldImage = (Option<Box<dyn Disk>>, Option<ImageFile>);
+/// The disk as the guest sees it, a second handle on the image for the thread that releases
+/// held writes (a shared image), and the attach's handle on a mirrored copy.
+type DiskSide = (Option<Box<dyn Disk>>, Option<ImageFile>, Option<Mirror>);
 
-fn held_image(config: &vmm::VmConfig, link: &Arc<Link>) -> Result<HeldImage, PairError> {
+/// A shared image: the guest's writes go through the output rule.
+fn held_image(config: &vmm::VmConfig, link: &Arc<Link>) -> Result<DiskSide, PairError> {
     match &config.disk {
         Some(path) => {
             let img = ImageFile::open(path).map_err(PairError::io(format!(
@@ -162,9 +158,10 @@ fn held_image(config: &vmm::VmConfig, link: &Arc<Link>) -> Result<HeldImage, Pai
             Ok((
                 Some(Box::new(HeldDisk::new(link.clone(), img))),
                 Some(for_release),
+                None,
             ))
         }
-        None => Ok((None, None)),
+        None => Ok((None, None, None)),
     }
 }
 

@@ -28,8 +28,8 @@ fn copies(dir: &Path) -> Option<(PathBuf, PathBuf)> {
 
 /// A mirrored pair of the Linux guest on `hosts` (0: primary, 1: backup), the lock on `etcd`,
 /// `diskwrite` typed at its shell once the backup attached; waits for its first synced record.
-fn mirrored_diskwrite<'h>(
-    hosts: &'h Hosts,
+fn mirrored_diskwrite(
+    hosts: &Hosts,
     etcd: &Etcd,
     dir: &Path,
     disks: &(PathBuf, PathBuf),
