@@ -34,6 +34,7 @@ fn mirrored_diskwrite(
     dir: &Path,
     disks: &(PathBuf, PathBuf),
     primary_extra: &[&str],
+    backup_extra: &[&str],
 ) -> Sides {
     let ready = linux_ready().expect("checked by copies()");
     let machine = |disk: &Path| linux_machine(LINUX_CMDLINE, disk).unwrap();
@@ -47,6 +48,7 @@ fn mirrored_diskwrite(
         .primary_args(["--serial-input", "-"])
         .primary_args(primary_extra)
         .backup_args(["--serial-input", "none"])
+        .backup_args(backup_extra)
         .start();
     sides.p.type_input(b"/workloads/diskwrite\n");
     assert!(
@@ -79,7 +81,7 @@ fn mirrored_diskwrite_survives_the_primary_host_dying_with_every_synced_record_o
         };
         let hosts = Hosts::new(&format!("mk{trial}"), 3);
         let etcd = Etcd::start(Some(hosts.ns(2)), &hosts.storage_addr(2), 2380, &dir);
-        let Sides { p, b, .. } = mirrored_diskwrite(&hosts, &etcd, &dir, &disks, &[]);
+        let Sides { p, b, .. } = mirrored_diskwrite(&hosts, &etcd, &dir, &disks, &[], &[]);
         let ms = (trial as u64 * 7919 + std::process::id() as u64) % 3000;
         std::thread::sleep(Duration::from_millis(ms));
         p.signal(libc::SIGKILL);
@@ -115,7 +117,14 @@ fn a_mirrored_pair_stopped_cleanly_leaves_two_identical_copies() {
     let etcd = Etcd::start(Some(hosts.ns(2)), &hosts.storage_addr(2), 2380, &dir);
     let sock = dir.join("p.sock");
     let sock_arg = sock.to_str().unwrap();
-    let sides = mirrored_diskwrite(&hosts, &etcd, &dir, &disks, &["--api-socket", sock_arg]);
+    let sides = mirrored_diskwrite(
+        &hosts,
+        &etcd,
+        &dir,
+        &disks,
+        &["--api-socket", sock_arg],
+        &[],
+    );
     assert!(
         sides
             .p
@@ -190,4 +199,108 @@ fn a_mirrored_pair_refuses_a_lock_on_one_hosts_storage() {
         );
         assert!(!lock_file.exists(), "the refused primary created its lock");
     }
+}
+
+/// A planned switchover of a mirrored pair, then back: the guest moves to the backup's copy
+/// with nothing lost, the old primary re-attaches as the new one's backup (its copy overwritten
+/// by the new primary's, every block), and after the second switchover and a clean stop the
+/// two copies are equal and hold every record the client saw synced.
+#[test]
+fn a_mirrored_pair_switches_over_and_back_and_its_copies_stay_equal() {
+    let dir = scratch("mirror-switch");
+    let Some(disks) = copies(&dir) else {
+        return;
+    };
+    let hosts = Hosts::new("mw", 3);
+    let etcd = Etcd::start(Some(hosts.ns(2)), &hosts.storage_addr(2), 2380, &dir);
+    let socks = [dir.join("a.sock"), dir.join("b.sock")];
+    let sock = |i: usize| socks[i].to_str().unwrap().to_string();
+    let (sa, sb) = (sock(0), sock(1));
+    let Sides { p, b, .. } = mirrored_diskwrite(
+        &hosts,
+        &etcd,
+        &dir,
+        &disks,
+        &["--api-socket", &sa],
+        &["--api-socket", &sb],
+    );
+    let procs = [p, b];
+    for (round, (from, to)) in [(0usize, 1usize), (1, 0)].into_iter().enumerate() {
+        let attached = procs[to].stderr().matches(" attached: ").count();
+        let (code, out, err) = ctl(&[
+            "--api-socket",
+            &sock(from),
+            "switchover",
+            "--then",
+            "backup",
+        ]);
+        assert!(
+            code == 0 && out.contains("\"done\""),
+            "round {round}: {out}{err}\n--- from ---\n{}",
+            procs[from].stderr()
+        );
+        assert!(
+            ftvmm_tests::wait_until(Duration::from_secs(120), Duration::from_millis(20), || {
+                procs[to].stderr().matches(" attached: ").count() > attached
+            }),
+            "round {round}: the old primary never attached again:\n--- old ---\n{}\n--- new ---\n{}",
+            procs[from].stderr(),
+            procs[to].stderr()
+        );
+        assert!(
+            procs[to].stderr().contains("disk blocks"),
+            "round {round}: the attach did not carry the disk:\n{}",
+            procs[to].stderr()
+        );
+        // The workload goes on on the new primary's copy.
+        let seen = numbers(&procs[to].stdout(), "record ", " synced")
+            .last()
+            .copied();
+        assert!(
+            ftvmm_tests::wait_until(Duration::from_secs(300), Duration::from_millis(100), || {
+                numbers(&procs[to].stdout(), "record ", " synced")
+                    .last()
+                    .copied()
+                    > seen.max(Some(0))
+            }),
+            "round {round}: the workload did not go on after the switchover:\n{}",
+            procs[to].stdout()
+        );
+    }
+    for (side, p) in ["a", "b"].iter().zip(&procs) {
+        for line in p.stderr().lines().filter(|l| l.contains(" attached: ")) {
+            eprintln!("{side}: {line}");
+        }
+    }
+    let (code, out, err) = ctl(&["--api-socket", &sa, "stop"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let [a, b] = procs;
+    let (a, b) = (
+        a.wait(Duration::from_secs(120)),
+        b.wait(Duration::from_secs(120)),
+    );
+    a.assert_code(0);
+    b.assert_code(0);
+    assert_eq!(
+        a.digest_line(),
+        b.digest_line(),
+        "{}\n{}",
+        a.stderr,
+        b.stderr
+    );
+    let (ca, cb) = (
+        std::fs::read(&disks.0).unwrap(),
+        std::fs::read(&disks.1).unwrap(),
+    );
+    assert!(
+        ca == cb,
+        "the copies differ after two switchovers and a stop"
+    );
+    let synced = numbers(&format!("{}{}", a.stdout, b.stdout), "record ", " synced");
+    let last = synced.iter().copied().max().unwrap_or(0) as usize;
+    assert!(
+        records_in(&ca) >= last,
+        "the client saw record {last} synced, the copies hold {}",
+        records_in(&ca)
+    );
 }
