@@ -304,3 +304,43 @@ fn a_mirrored_pair_switches_over_and_back_and_its_copies_stay_equal() {
         records_in(&ca)
     );
 }
+
+/// Both sides must keep the disk alike: a backup with a shared disk is refused by a mirrored
+/// primary at its hello, with both summaries in the reason (and the primary runs on).
+#[test]
+fn a_backup_of_the_other_disk_mode_is_refused_at_its_hello() {
+    let dir = scratch("mirror-modes");
+    let hosts = Hosts::new("mm", 3);
+    let etcd = Etcd::start(Some(hosts.ns(2)), &hosts.storage_addr(2), 2380, &dir);
+    let (a, b) = (dir.join("a.img"), dir.join("b.img"));
+    for d in [&a, &b] {
+        std::fs::File::create(d).unwrap().set_len(1 << 20).unwrap();
+    }
+    let guest = ftvmm_tests::test_guest("ticks-minute");
+    let pair = Pair::on_hosts(&hosts)
+        .key(&key_file(&dir, "key", 53))
+        .lock(&format!("etcd:{}/ftvmm/modes", etcd.endpoint))
+        .args([
+            "--kernel",
+            guest.to_str().unwrap(),
+            "--serial-input",
+            "none",
+        ])
+        .primary_args(["--disk", a.to_str().unwrap(), "--disk-mode", "mirrored"])
+        .backup_args(["--disk", b.to_str().unwrap(), "--disk-mode", "shared"]);
+    let p = pair.primary();
+    pair.wait_listening(&p);
+    let b = pair.backup(&pair.addr(0)).wait(Duration::from_secs(60));
+    assert_ne!(b.code(), 0, "{}", b.stderr);
+    assert!(
+        b.stderr.contains("refused") && b.stderr.contains("disk mirrored"),
+        "the refusal does not say why:\n{}",
+        b.stderr
+    );
+    assert!(
+        p.stderr().contains("refused backup"),
+        "the primary did not refuse it:\n{}",
+        p.stderr()
+    );
+    p.signal(libc::SIGKILL);
+}
