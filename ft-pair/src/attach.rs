@@ -523,7 +523,7 @@ pub(crate) fn receive_transfer(
                         "disk blocks, but this side's disk is not mirrored".into(),
                     ));
                 };
-                write_blocks(copy, &blocks).map_err(|e| unexpected(addr, e))?;
+                write_blocks(copy, &blocks).map_err(|e| unexpected(addr, e.to_string()))?;
             }
             TransferMsg::Final { snapshot, epoch } => {
                 if tty {

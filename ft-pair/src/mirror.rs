@@ -146,33 +146,84 @@ impl Mirror {
     }
 }
 
+/// What is wrong with disk blocks a primary sent.
+#[derive(Debug, thiserror::Error)]
+pub enum BlockError {
+    /// A block number past the end of this side's copy.
+    #[error("disk block {block} is outside this side's copy ({size} bytes)")]
+    Outside {
+        /// The block.
+        block: u64,
+        /// This side's copy's size.
+        size: u64,
+    },
+    /// A block whose claimed or actual size is not the block's.
+    #[error("disk block {block}: {got:?} bytes, the block has {want}")]
+    Size {
+        /// The block.
+        block: u64,
+        /// The size claimed (before decompressing) or found (after); None if unreadable.
+        got: Option<usize>,
+        /// The block's size.
+        want: usize,
+    },
+    /// The block does not decompress.
+    #[error("disk block {block} does not decompress: {why}")]
+    Corrupt {
+        /// The block.
+        block: u64,
+        /// LZ4's error.
+        why: String,
+    },
+    /// Writing this side's copy failed.
+    #[error("writing disk block {block}: {source}")]
+    Write {
+        /// The block.
+        block: u64,
+        /// The system's error.
+        source: io::Error,
+    },
+}
+
 /// Writes blocks received for a mirrored disk into this side's copy, checking each against the
-/// image's size; the error says what was wrong.
-pub(crate) fn write_blocks(image: &mut ImageFile, blocks: &[(u64, Vec<u8>)]) -> Result<(), String> {
+/// image's size before anything is allocated for it.
+pub(crate) fn write_blocks(
+    image: &mut ImageFile,
+    blocks: &[(u64, Vec<u8>)],
+) -> Result<(), BlockError> {
     let size = image.size();
     for (b, packed) in blocks {
-        let offset = b
+        let block = *b;
+        let offset = block
             .checked_mul(BLOCK)
             .filter(|o| *o < size)
-            .ok_or_else(|| format!("disk block {b} is outside this side's copy ({size} bytes)"))?;
+            .ok_or(BlockError::Outside { block, size })?;
         let want = BLOCK.min(size - offset) as usize;
-        // The claimed size is checked before anything is allocated for it.
         let claimed = packed
             .get(..4)
             .map(|s| u32::from_le_bytes([s[0], s[1], s[2], s[3]]) as usize);
         if claimed != Some(want) {
-            return Err(format!(
-                "disk block {b}: {claimed:?} bytes claimed, the block has {want}"
-            ));
+            return Err(BlockError::Size {
+                block,
+                got: claimed,
+                want,
+            });
         }
-        let data = lz4_flex::decompress_size_prepended(packed)
-            .map_err(|e| format!("disk block {b} does not decompress: {e}"))?;
+        let data =
+            lz4_flex::decompress_size_prepended(packed).map_err(|e| BlockError::Corrupt {
+                block,
+                why: e.to_string(),
+            })?;
         if data.len() != want {
-            return Err(format!("disk block {b}: {} bytes, not {want}", data.len()));
+            return Err(BlockError::Size {
+                block,
+                got: Some(data.len()),
+                want,
+            });
         }
         image
             .write_at(&data, offset)
-            .map_err(|e| format!("writing disk block {b}: {e}"))?;
+            .map_err(|source| BlockError::Write { block, source })?;
     }
     Ok(())
 }
@@ -214,12 +265,14 @@ mod tests {
         write_blocks(&mut to, &blocks).unwrap();
         assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
         // A block past the end, or one whose size is not the block's, is refused.
-        assert!(write_blocks(&mut to, &[(3, blocks[0].1.clone())])
-            .unwrap_err()
-            .contains("outside"));
-        assert!(write_blocks(&mut to, &[(2, blocks[0].1.clone())])
-            .unwrap_err()
-            .contains("claimed"));
+        assert!(matches!(
+            write_blocks(&mut to, &[(3, blocks[0].1.clone())]),
+            Err(BlockError::Outside { block: 3, .. })
+        ));
+        assert!(matches!(
+            write_blocks(&mut to, &[(2, blocks[0].1.clone())]),
+            Err(BlockError::Size { block: 2, .. })
+        ));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
