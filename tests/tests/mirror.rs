@@ -26,16 +26,40 @@ fn copies(dir: &Path) -> Option<(PathBuf, PathBuf)> {
     Some((da, db))
 }
 
-/// A mirrored pair of the Linux guest on `hosts` (0: primary, 1: backup), the lock on `etcd`,
-/// `diskwrite` typed at its shell once the backup attached; waits for its first synced record.
-fn mirrored_diskwrite(
-    hosts: &Hosts,
-    etcd: &Etcd,
-    dir: &Path,
-    disks: &(PathBuf, PathBuf),
-    primary_extra: &[&str],
-    backup_extra: &[&str],
-) -> Sides {
+/// What a mirrored test runs on: its directory, the two copies ([`copies`]), etcd on host 2 of
+/// three simulated hosts (dropped in this order: etcd before its host's namespace).
+struct Rig {
+    dir: PathBuf,
+    disks: (PathBuf, PathBuf),
+    etcd: Etcd,
+    hosts: Hosts,
+}
+
+/// A [`Rig`] in scratch directory `name`, its hosts named after `tag` (None without the Linux
+/// guest).
+fn rig(name: &str, tag: &str) -> Option<Rig> {
+    let dir = scratch(name);
+    let disks = copies(&dir)?;
+    let hosts = Hosts::new(tag, 3);
+    let etcd = Etcd::start(Some(hosts.ns(2)), &hosts.storage_addr(2), 2380, &dir);
+    Some(Rig {
+        dir,
+        disks,
+        etcd,
+        hosts,
+    })
+}
+
+/// A mirrored pair of the Linux guest on the rig's hosts (0: primary, 1: backup), the lock on
+/// its etcd, `diskwrite` typed at its shell once the backup attached; waits for its first
+/// synced record.
+fn mirrored_diskwrite(rig: &Rig, primary_extra: &[&str], backup_extra: &[&str]) -> Sides {
+    let Rig {
+        dir,
+        disks,
+        etcd,
+        hosts,
+    } = rig;
     let ready = linux_ready().expect("checked by copies()");
     let machine = |disk: &Path| linux_machine(LINUX_CMDLINE, disk).unwrap();
     let mut sides = Pair::on_hosts(hosts)
@@ -75,13 +99,10 @@ fn wait_live(b: &Proc) {
 #[test]
 fn mirrored_diskwrite_survives_the_primary_host_dying_with_every_synced_record_on_the_survivor() {
     for trial in 0..trials("FTVMM_MIRROR_TRIALS", 3) {
-        let dir = scratch(&format!("mirror-kill-{trial}"));
-        let Some(disks) = copies(&dir) else {
+        let Some(rig) = rig(&format!("mirror-kill-{trial}"), &format!("mk{trial}")) else {
             return;
         };
-        let hosts = Hosts::new(&format!("mk{trial}"), 3);
-        let etcd = Etcd::start(Some(hosts.ns(2)), &hosts.storage_addr(2), 2380, &dir);
-        let Sides { p, b, .. } = mirrored_diskwrite(&hosts, &etcd, &dir, &disks, &[], &[]);
+        let Sides { p, b, .. } = mirrored_diskwrite(&rig, &[], &[]);
         let ms = (trial as u64 * 7919 + std::process::id() as u64) % 3000;
         std::thread::sleep(Duration::from_millis(ms));
         p.signal(libc::SIGKILL);
@@ -100,7 +121,7 @@ fn mirrored_diskwrite_survives_the_primary_host_dying_with_every_synced_record_o
         );
         b.signal(libc::SIGKILL);
         let b = b.wait(Duration::from_secs(10));
-        assert_synced_records_kept(trial, &p.stdout, &b.stdout, &disks.1);
+        assert_synced_records_kept(trial, &p.stdout, &b.stdout, &rig.disks.1);
     }
 }
 
@@ -109,22 +130,13 @@ fn mirrored_diskwrite_survives_the_primary_host_dying_with_every_synced_record_o
 /// nothing else.
 #[test]
 fn a_mirrored_pair_stopped_cleanly_leaves_two_identical_copies() {
-    let dir = scratch("mirror-stop");
-    let Some(disks) = copies(&dir) else {
+    let Some(rig) = rig("mirror-stop", "ms") else {
         return;
     };
-    let hosts = Hosts::new("ms", 3);
-    let etcd = Etcd::start(Some(hosts.ns(2)), &hosts.storage_addr(2), 2380, &dir);
+    let (dir, disks) = (&rig.dir, &rig.disks);
     let sock = dir.join("p.sock");
     let sock_arg = sock.to_str().unwrap();
-    let sides = mirrored_diskwrite(
-        &hosts,
-        &etcd,
-        &dir,
-        &disks,
-        &["--api-socket", sock_arg],
-        &[],
-    );
+    let sides = mirrored_diskwrite(&rig, &["--api-socket", sock_arg], &[]);
     assert!(
         sides
             .p
@@ -134,7 +146,21 @@ fn a_mirrored_pair_stopped_cleanly_leaves_two_identical_copies() {
     );
     let (code, out, err) = ctl(&["--api-socket", sock_arg, "stop"]);
     assert_eq!(code, 0, "{out}{err}");
-    let (p, b) = sides.finish(Duration::from_secs(120));
+    let (copy, _) = stopped_alike(sides.p, sides.b, disks);
+    assert!(
+        records_in(&copy) >= 5,
+        "the copies hold {} records",
+        records_in(&copy)
+    );
+}
+
+/// Waits for both sides of a stopped pair: each exits 0, both at the same point, and the two
+/// copies are equal byte for byte; returns the copy and both sides' serial output.
+fn stopped_alike(p: Proc, b: Proc, disks: &(PathBuf, PathBuf)) -> (Vec<u8>, String) {
+    let (p, b) = (
+        p.wait(Duration::from_secs(120)),
+        b.wait(Duration::from_secs(120)),
+    );
     p.assert_code(0);
     b.assert_code(0);
     assert_eq!(
@@ -153,11 +179,7 @@ fn a_mirrored_pair_stopped_cleanly_leaves_two_identical_copies() {
         a.len() == c.len() && differ.is_none(),
         "the copies differ (first at byte {differ:?})"
     );
-    assert!(
-        records_in(&c) >= 5,
-        "the copies hold {} records",
-        records_in(&c)
-    );
+    (a, format!("{}{}", p.stdout, b.stdout))
 }
 
 /// The records `diskwrite` left on a disk (record n in sector n-1).
@@ -207,23 +229,15 @@ fn a_mirrored_pair_refuses_a_lock_on_one_hosts_storage() {
 /// two copies are equal and hold every record the client saw synced.
 #[test]
 fn a_mirrored_pair_switches_over_and_back_and_its_copies_stay_equal() {
-    let dir = scratch("mirror-switch");
-    let Some(disks) = copies(&dir) else {
+    let Some(rig) = rig("mirror-switch", "mw") else {
         return;
     };
-    let hosts = Hosts::new("mw", 3);
-    let etcd = Etcd::start(Some(hosts.ns(2)), &hosts.storage_addr(2), 2380, &dir);
+    let (dir, disks) = (&rig.dir, &rig.disks);
     let socks = [dir.join("a.sock"), dir.join("b.sock")];
     let sock = |i: usize| socks[i].to_str().unwrap().to_string();
     let (sa, sb) = (sock(0), sock(1));
-    let Sides { p, b, .. } = mirrored_diskwrite(
-        &hosts,
-        &etcd,
-        &dir,
-        &disks,
-        &["--api-socket", &sa],
-        &["--api-socket", &sb],
-    );
+    let Sides { p, b, .. } =
+        mirrored_diskwrite(&rig, &["--api-socket", &sa], &["--api-socket", &sb]);
     let procs = [p, b];
     for (round, (from, to)) in [(0usize, 1usize), (1, 0)].into_iter().enumerate() {
         let attached = procs[to].stderr().matches(" attached: ").count();
@@ -275,28 +289,8 @@ fn a_mirrored_pair_switches_over_and_back_and_its_copies_stay_equal() {
     let (code, out, err) = ctl(&["--api-socket", &sa, "stop"]);
     assert_eq!(code, 0, "{out}{err}");
     let [a, b] = procs;
-    let (a, b) = (
-        a.wait(Duration::from_secs(120)),
-        b.wait(Duration::from_secs(120)),
-    );
-    a.assert_code(0);
-    b.assert_code(0);
-    assert_eq!(
-        a.digest_line(),
-        b.digest_line(),
-        "{}\n{}",
-        a.stderr,
-        b.stderr
-    );
-    let (ca, cb) = (
-        std::fs::read(&disks.0).unwrap(),
-        std::fs::read(&disks.1).unwrap(),
-    );
-    assert!(
-        ca == cb,
-        "the copies differ after two switchovers and a stop"
-    );
-    let synced = numbers(&format!("{}{}", a.stdout, b.stdout), "record ", " synced");
+    let (ca, said) = stopped_alike(a, b, disks);
+    let synced = numbers(&said, "record ", " synced");
     let last = synced.iter().copied().max().unwrap_or(0) as usize;
     assert!(
         records_in(&ca) >= last,

@@ -7,8 +7,8 @@
 //! `FTVMM_NET_TRIALS=N` runs N failover trials of the transfers instead of the default.
 
 use ftvmm_tests::{
-    key_file, linux_machine, linux_net_ready, root, scratch, trials, Ftvmm, Hosts, Pair, Proc,
-    Sides, GUEST_IP, GUEST_MAC, LINUX_NET_CMDLINE,
+    key_file, linux_machine, linux_net_ready, root, scratch, trials, Ftvmm, Hosts, LinuxReady,
+    Pair, Proc, Sides, GUEST_IP, GUEST_MAC, LINUX_NET_CMDLINE,
 };
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -164,15 +164,13 @@ fn tcp_connections_survive_the_primary_host_dying() {
     }
 }
 
-#[test]
-fn a_standalone_guest_has_the_same_nic() {
-    let Some(ready) = linux_net_ready() else {
-        return;
-    };
-    let dir = scratch("net-standalone");
+/// The networked Linux guest alone (no pair) on host 0 of three simulated hosts (`tag`), its
+/// NIC on the guest LAN, a client's address on host 2; serial input from `input`.
+fn standalone(ready: &LinuxReady, tag: &str, input: &str) -> (Hosts, Proc) {
+    let dir = scratch(&format!("net-standalone-{tag}"));
     let disk = dir.join("disk.img");
     std::fs::copy(&ready.disk, &disk).unwrap();
-    let hosts = Hosts::new("ns", 3);
+    let hosts = Hosts::new(tag, 3);
     hosts.add_guest_tap(0, "tapg");
     hosts.add_guest_lan_addr(2, "10.240.0.2/16");
     let vm = Ftvmm::raw(&["--role", "standalone"])
@@ -181,10 +179,19 @@ fn a_standalone_guest_has_the_same_nic() {
             "--restore",
             ready.snapshot.to_str().unwrap(),
             "--serial-input",
-            "none",
+            input,
         ])
         .args(machine(&disk).unwrap())
         .spawn();
+    (hosts, vm)
+}
+
+#[test]
+fn a_standalone_guest_has_the_same_nic() {
+    let Some(ready) = linux_net_ready() else {
+        return;
+    };
+    let (hosts, vm) = standalone(ready, "ns", "none");
     std::thread::sleep(Duration::from_millis(500));
     let (ok, out) = finish(client(&hosts, &["echo", "5"]));
     assert!(ok, "{out}\n{}", vm.stderr());
@@ -203,22 +210,7 @@ fn tcp_answers_while_the_guest_writes_its_disk() {
     let Some(ready) = linux_net_ready() else {
         return;
     };
-    let dir = scratch("net-disk-load");
-    let disk = dir.join("disk.img");
-    std::fs::copy(&ready.disk, &disk).unwrap();
-    let hosts = Hosts::new("nd", 3);
-    hosts.add_guest_tap(0, "tapg");
-    hosts.add_guest_lan_addr(2, "10.240.0.2/16");
-    let mut vm = Ftvmm::raw(&["--role", "standalone"])
-        .in_netns(hosts.ns(0))
-        .args([
-            "--restore",
-            ready.snapshot.to_str().unwrap(),
-            "--serial-input",
-            "-",
-        ])
-        .args(machine(&disk).unwrap())
-        .spawn();
+    let (hosts, mut vm) = standalone(ready, "nd", "-");
     vm.type_input(b"/workloads/diskwrite\n");
     assert!(
         vm.wait_stdout("record 2 synced", Duration::from_secs(120)),
