@@ -12,7 +12,7 @@
 
 use crate::backup::SlotDisk;
 use crate::error::PairError;
-use crate::mirror::{write_blocks, BLOCKS_PER_MESSAGE};
+use crate::mirror::{digests, write_blocks, BLOCKS_PER_MESSAGE};
 use crate::primary::Manager;
 use devices::disk::{Disk, ImageFile};
 use ft_core::disk::DiskMode;
@@ -49,6 +49,8 @@ pub struct AttachReport {
     pub pages: u64,
     /// Blocks of a mirrored disk sent (`crate::mirror::BLOCK` bytes each).
     pub disk_blocks: u64,
+    /// Blocks of a mirrored disk not sent: the backup's copy held them already.
+    pub disk_blocks_same: u64,
     /// From the backup's hello to the resumed guest, ms.
     pub total_ms: f64,
     /// How long the guest was paused, ms.
@@ -105,7 +107,10 @@ impl Manager {
         match self.attach(&conn) {
             Ok(report) => {
                 let disk = if self.mirror.is_some() {
-                    format!(", {} disk blocks", report.disk_blocks)
+                    format!(
+                        ", {} disk blocks sent ({} the backup had)",
+                        report.disk_blocks, report.disk_blocks_same
+                    )
                 } else {
                     String::new()
                 };
@@ -156,6 +161,7 @@ impl Manager {
         conn: &Connection,
         round: u32,
         blocks: &[u64],
+        theirs: &[[u8; 16]],
         report: &mut AttachReport,
     ) -> Result<(), PairError> {
         let Some(mirror) = &self.mirror else {
@@ -164,14 +170,53 @@ impl Manager {
         let mut mirror = mirror.lock().unwrap_or_else(|e| e.into_inner());
         for chunk in blocks.chunks(BLOCKS_PER_MESSAGE) {
             let blocks = mirror
-                .read_blocks(chunk)
+                .read_changed(chunk, theirs)
                 .map_err(PairError::io("reading the mirrored disk for the backup"))?;
+            report.disk_blocks_same += (chunk.len() - blocks.len()) as u64;
+            if blocks.is_empty() {
+                continue;
+            }
             report.disk_blocks += blocks.len() as u64;
             let msg = TransferMsg::DiskBlocks { round, blocks }.encode()?;
             report.bytes += msg.len() as u64;
             conn.send(Msg::Transfer(msg))?;
         }
         Ok(())
+    }
+
+    /// The backup's digests of its copy's blocks (a mirrored disk: the first message after the
+    /// welcome), checked against this side's copy's size.
+    fn receive_digests(&self, conn: &Connection) -> Result<Vec<[u8; 16]>, PairError> {
+        let Some(mirror) = &self.mirror else {
+            return Ok(Vec::new());
+        };
+        let blocks = mirror
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .dirty
+            .blocks();
+        // Generous: the backup reads its whole copy first.
+        let msg = conn
+            .recv_timeout(Duration::from_secs(600))?
+            .ok_or_else(|| PairError::BackupBroke("no digests of its copy in 600 s".into()))?;
+        let Msg::Transfer(data) = msg else {
+            return Err(PairError::BackupBroke(format!(
+                "expected the digests of its copy, got {msg:?}"
+            )));
+        };
+        match TransferMsg::decode(&data) {
+            Ok(TransferMsg::DiskDigests { digests }) if digests.len() as u64 == blocks => {
+                Ok(digests)
+            }
+            Ok(TransferMsg::DiskDigests { digests }) => Err(PairError::BackupBroke(format!(
+                "digests of {} blocks for a copy of {blocks}",
+                digests.len()
+            ))),
+            Ok(_) => Err(PairError::BackupBroke(
+                "expected the digests of its copy".into(),
+            )),
+            Err(e) => Err(PairError::BackupBroke(e.to_string())),
+        }
     }
 
     /// The blocks of the mirrored disk written since the last harvest (none without one).
@@ -203,15 +248,18 @@ impl Manager {
         let progress = Progress::new(conn.peer_addr().to_string());
         self.ask(VcpuEvent::StartDirtyTracking)?;
         self.track_disk(true);
-        // Round 1: all of RAM (zero pages skipped: the backup starts from zeroed RAM), and all
-        // of a mirrored disk (every block: the backup's copy may hold anything).
+        // A mirrored disk: what the backup's copy holds, block by block (tracking is on, so a
+        // block written from here on is sent again whatever its digest said).
+        let theirs = self.receive_digests(conn)?;
+        // Round 1: all of RAM (zero pages skipped: the backup starts from zeroed RAM), and
+        // every block of a mirrored disk whose digest is not the backup's.
         let all: Vec<u64> = (0..self.ram_pages).collect();
         let mut round = 1;
         self.send_pages(conn, round, &all, &mut report)?;
         if let Some(m) = &self.mirror {
             let blocks = m.lock().unwrap_or_else(|e| e.into_inner()).dirty.blocks();
             let all: Vec<u64> = (0..blocks).collect();
-            self.send_blocks(conn, round, &all, &mut report)?;
+            self.send_blocks(conn, round, &all, &theirs, &mut report)?;
         }
         progress.round(round, &report, start, 0);
         let mut prev = usize::MAX;
@@ -233,7 +281,7 @@ impl Manager {
             round += 1;
             self.send_pages(conn, round, &dirty, &mut report)?;
             let blocks = self.dirty_blocks();
-            self.send_blocks(conn, round, &blocks, &mut report)?;
+            self.send_blocks(conn, round, &blocks, &[], &mut report)?;
             progress.round(round, &report, start, dirty.len());
             if !conn.is_alive() {
                 return Err(PairError::BackupLost(
@@ -261,7 +309,7 @@ impl Manager {
             };
             // A mirrored disk's last written blocks, before the state that follows them.
             let blocks = self.dirty_blocks();
-            self.send_blocks(conn, 0, &blocks, &mut report)?;
+            self.send_blocks(conn, 0, &blocks, &[], &mut report)?;
             // The last harvest's pages were taken out of the transfer set: add them.
             let extra = read_pages(&self.mem, &leftover, false);
             report.pages += (snap.pages.pages.len() + extra.len()) as u64;
@@ -400,13 +448,21 @@ pub(crate) fn receive_vm(
     )?;
     vm.set_checkpoint_delta(checkpoint_delta);
     vm.zero_memory()?;
-    // A mirrored disk's copy on this side is overwritten by the one that travels.
+    // A mirrored disk's copy on this side: the primary learns what it holds, and sends the
+    // blocks that differ.
     let mut copy = match (&config.disk, disk_mode) {
         (Some(p), DiskMode::Mirrored) => Some(ImageFile::open(p).map_err(PairError::io(
             format!("cannot open disk image {}", p.display()),
         ))?),
         _ => None,
     };
+    if let Some(copy) = copy.as_mut() {
+        let digests =
+            digests(copy).map_err(PairError::io("reading this side's copy of the disk"))?;
+        let msg = TransferMsg::DiskDigests { digests }.encode()?;
+        conn.send(Msg::Transfer(msg))
+            .map_err(PairError::channel(format!("primary {addr}")))?;
+    }
     let Transfer {
         snapshot,
         epoch,
@@ -524,6 +580,12 @@ pub(crate) fn receive_transfer(
                     ));
                 };
                 write_blocks(copy, &blocks).map_err(|e| unexpected(addr, e.to_string()))?;
+            }
+            TransferMsg::DiskDigests { .. } => {
+                return Err(unexpected(
+                    addr,
+                    "digests of a disk: the backup sends those".into(),
+                ));
             }
             TransferMsg::Final { snapshot, epoch } => {
                 if tty {

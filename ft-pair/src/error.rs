@@ -82,6 +82,9 @@ pub enum PairError {
     /// The backup's connection died during an attach; the string is the channel's reason.
     #[error("{0}")]
     BackupLost(String),
+    /// The backup sent what the attach does not allow there; the string says what.
+    #[error("the backup broke the attach: {0}")]
+    BackupBroke(String),
     /// The vCPU thread answered a control request (pause, snapshot, dirty pages) with a refusal;
     /// the string is its reason.
     #[error("{0}")]

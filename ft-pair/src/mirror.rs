@@ -119,6 +119,30 @@ impl Disk for TrackedDisk {
     }
 }
 
+/// A block's digest: SHA-256 of its bytes, the first 16.
+pub(crate) fn digest(data: &[u8]) -> [u8; 16] {
+    use sha2::Digest;
+    let full = sha2::Sha256::digest(data);
+    let mut d = [0u8; 16];
+    d.copy_from_slice(&full[..16]);
+    d
+}
+
+/// The digest of every block of `image`, in order.
+pub(crate) fn digests(image: &mut ImageFile) -> io::Result<Vec<[u8; 16]>> {
+    let size = image.size();
+    let mut buf = vec![0u8; BLOCK as usize];
+    let mut out = Vec::with_capacity(size.div_ceil(BLOCK) as usize);
+    let mut offset = 0;
+    while offset < size {
+        let len = BLOCK.min(size - offset) as usize;
+        image.read_at(&mut buf[..len], offset)?;
+        out.push(digest(&buf[..len]));
+        offset += BLOCK;
+    }
+    Ok(out)
+}
+
 /// What the attach needs of the primary's mirrored disk: a handle to read blocks from while
 /// the guest runs, and the blocks written meanwhile.
 pub(crate) struct Mirror {
@@ -128,8 +152,13 @@ pub(crate) struct Mirror {
 
 impl Mirror {
     /// Reads `blocks` and compresses each (the last block of a disk whose size is not a
-    /// multiple of [`BLOCK`] is short).
-    pub(crate) fn read_blocks(&mut self, blocks: &[u64]) -> io::Result<Vec<(u64, Vec<u8>)>> {
+    /// multiple of [`BLOCK`] is short), leaving out each block whose digest is the one `theirs`
+    /// has for it (the backup's copy holds it already; `theirs` empty: every block).
+    pub(crate) fn read_changed(
+        &mut self,
+        blocks: &[u64],
+        theirs: &[[u8; 16]],
+    ) -> io::Result<Vec<(u64, Vec<u8>)>> {
         let size = self.image.size();
         let mut out = Vec::with_capacity(blocks.len());
         let mut buf = vec![0u8; BLOCK as usize];
@@ -140,6 +169,9 @@ impl Mirror {
                 continue;
             }
             self.image.read_at(&mut buf[..len], offset)?;
+            if theirs.get(b as usize) == Some(&digest(&buf[..len])) {
+                continue;
+            }
             out.push((b, lz4_flex::compress_prepend_size(&buf[..len])));
         }
         Ok(out)
@@ -261,9 +293,19 @@ mod tests {
             dirty: Arc::new(DirtyBlocks::new(size)),
         };
         let mut to = ImageFile::open(&b).unwrap();
-        let blocks = from.read_blocks(&[0, 1, 2]).unwrap();
+        // The backup's copy is zeros: every block differs.
+        let theirs = digests(&mut to).unwrap();
+        assert_eq!(theirs.len(), 3);
+        let blocks = from.read_changed(&[0, 1, 2], &theirs).unwrap();
+        assert_eq!(blocks.len(), 3);
         write_blocks(&mut to, &blocks).unwrap();
         assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
+        // Now equal: nothing to send, until a block changes.
+        let theirs = digests(&mut to).unwrap();
+        assert!(from.read_changed(&[0, 1, 2], &theirs).unwrap().is_empty());
+        from.image.write_at(&[7u8; 512], BLOCK).unwrap();
+        let changed = from.read_changed(&[0, 1, 2], &theirs).unwrap();
+        assert_eq!(changed.iter().map(|(b, _)| *b).collect::<Vec<_>>(), [1]);
         // A block past the end, or one whose size is not the block's, is refused.
         assert!(matches!(
             write_blocks(&mut to, &[(3, blocks[0].1.clone())]),

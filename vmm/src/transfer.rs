@@ -52,6 +52,14 @@ pub enum TransferMsg {
         /// The blocks.
         blocks: Vec<(u64, Vec<u8>)>,
     },
+    /// Backup -> primary, first after the welcome when the disk is mirrored: a digest of each
+    /// block of the backup's copy (SHA-256, the first 16 bytes), so that the first round sends
+    /// only the blocks that differ (a copy that shares history with the primary's, such as
+    /// the old primary's after a failover, needs little).
+    DiskDigests {
+        /// One a block, in order.
+        digests: Vec<[u8; 16]>,
+    },
 }
 
 /// What goes wrong with a transfer message or the pages it carries.
