@@ -512,16 +512,19 @@ impl Link {
     /// Holds the vCPU back while the backup's replay is more than `--max-lag` of virtual time
     /// behind `vtime_ns` (the last record sent), for at most [`THROTTLE_LIMIT`]. Returns the
     /// virtual time up to which the vCPU may go on before the next check: the backup's
-    /// position plus the bound, or, when the backup did not catch up in time, another bound's
-    /// worth past `vtime_ns` (counted in `lag_exceeded`, and said).
+    /// position plus the bound; or another bound's worth past `vtime_ns` when there is no
+    /// position to wait for (nothing replayed yet, the connection gone) or the backup did not
+    /// catch up in time (counted in `lag_exceeded`, and said).
     fn throttle(&self, conn: &Connection, vtime_ns: u64) -> u64 {
         let start = Instant::now();
         let mut counted = false;
+        let next_check = vtime_ns.saturating_add(self.max_lag_ns);
         loop {
             let (_, executed, backup_vtime) = conn.acked();
             if executed == 0 || !conn.is_alive() {
-                // Nothing replayed yet (the backup is starting), or no backup to wait for.
-                return 0;
+                // Nothing replayed yet (the backup is starting), or no backup to wait for: asking
+                // again at every record would send every record as a batch of its own.
+                return next_check;
             }
             if vtime_ns.saturating_sub(backup_vtime) <= self.max_lag_ns {
                 return backup_vtime.saturating_add(self.max_lag_ns);
@@ -540,7 +543,7 @@ impl Link {
                         n + 1
                     );
                 }
-                return vtime_ns.saturating_add(self.max_lag_ns);
+                return next_check;
             }
             if !counted {
                 self.stats.throttled.fetch_add(1, Ordering::Relaxed);
