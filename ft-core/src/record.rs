@@ -350,26 +350,12 @@ impl Disk for RecordingDisk {
     }
 
     fn write_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
-        if self.mode == DiskMode::Mirrored {
-            // This side's own copy: the write is state, logged (for the backup to check its
-            // replay against) and done.
-            lock(&self.core)
-                .write(&Record::DiskWrite {
-                    offset,
-                    len: buf.len() as u32,
-                    crc: crc32c::crc32c(buf),
-                })
-                .map_err(log_error)?;
-            return self.image.write_at(buf, offset);
-        }
         // The record first: a held write is tagged with the record that produced it.
-        let gate = lock(&self.core)
-            .write_output(&Record::DiskWrite {
-                offset,
-                len: buf.len() as u32,
-                crc: crc32c::crc32c(buf),
-            })
-            .map_err(log_error)?;
+        let gate = self.write_disk_record(&Record::DiskWrite {
+            offset,
+            len: buf.len() as u32,
+            crc: crc32c::crc32c(buf),
+        })?;
         match gate {
             Some(gated) => {
                 let data = buf.to_vec();
@@ -381,22 +367,27 @@ impl Disk for RecordingDisk {
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        if self.mode == DiskMode::Mirrored {
-            lock(&self.core)
-                .write(&Record::DiskFlush)
-                .map_err(log_error)?;
-            return self.image.flush();
-        }
-        let gate = lock(&self.core)
-            .write_output(&Record::DiskFlush)
-            .map_err(log_error)?;
-        match gate {
+        match self.write_disk_record(&Record::DiskFlush)? {
             Some(gated) => {
                 gated.hold(Output::DiskFlush);
                 Ok(())
             }
             None => self.image.flush(),
         }
+    }
+}
+
+impl RecordingDisk {
+    /// Logs a disk write or flush; returns where to hand it if the output rule holds it. On a
+    /// shared disk it is an output (held when a gate is set); on a mirrored disk it is this
+    /// side's state, logged for the backup to check its replay against and done at once.
+    fn write_disk_record(&self, rec: &Record) -> io::Result<Option<Gated>> {
+        let mut core = lock(&self.core);
+        match self.mode {
+            DiskMode::Shared => core.write_output(rec),
+            DiskMode::Mirrored => core.write(rec).map(|_| None),
+        }
+        .map_err(log_error)
     }
 }
 

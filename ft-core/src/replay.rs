@@ -200,6 +200,14 @@ impl<R: Read> Core<R> {
         Ok(rec)
     }
 
+    /// A disk request that is not the one the log holds next: the divergence is reported at the
+    /// next boundary call; the device gets an I/O error meanwhile.
+    fn disk_divergence(&mut self, got: String) -> io::Error {
+        let e = self.diverge(got);
+        self.pending.get_or_insert(e);
+        io::Error::other("replay diverged")
+    }
+
     fn diverge(&mut self, got: String) -> BoundaryError {
         // At the end of a log that broke off in a bad frame, the bad frame is the error.
         if self.next.is_none() {
@@ -616,10 +624,6 @@ struct ReplayDisk<R: Read> {
     image: Option<Box<dyn Disk>>,
 }
 
-fn diverged() -> io::Error {
-    io::Error::other("replay diverged")
-}
-
 impl<R: Read + Send> Disk for ReplayDisk<R> {
     fn size(&self) -> u64 {
         self.size
@@ -627,7 +631,6 @@ impl<R: Read + Send> Disk for ReplayDisk<R> {
 
     fn read_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         let mut core = lock(&self.core);
-        let got = format!("a disk read of {} bytes at byte {offset}", buf.len());
         if let (
             Some(image),
             Some(Record::DiskReadLocal {
@@ -642,13 +645,11 @@ impl<R: Read + Send> Disk for ReplayDisk<R> {
                 image.read_at(buf, offset)?;
                 let here = crc32c::crc32c(buf);
                 if here != crc {
-                    let e = core.diverge(format!(
+                    return Err(core.disk_divergence(format!(
                         "a disk read of {} bytes at byte {offset} that differs from the \
                          primary's copy (CRC32C {here:08x} here, {crc:08x} there)",
                         buf.len()
-                    ));
-                    core.pending.get_or_insert(e);
-                    return Err(diverged());
+                    )));
                 }
                 core.advance()
                     .map_err(|e| io::Error::other(e.to_string()))?;
@@ -668,11 +669,10 @@ impl<R: Read + Send> Disk for ReplayDisk<R> {
                     .map_err(|e| io::Error::other(e.to_string()))?;
                 Ok(())
             }
-            Some(_) | None => {
-                let e = core.diverge(got);
-                core.pending.get_or_insert(e);
-                Err(diverged())
-            }
+            Some(_) | None => Err(core.disk_divergence(format!(
+                "a disk read of {} bytes at byte {offset}",
+                buf.len()
+            ))),
         }
     }
 
@@ -684,12 +684,10 @@ impl<R: Read + Send> Disk for ReplayDisk<R> {
             crc: crc32c::crc32c(buf),
         };
         if core.next.as_ref() != Some(&want) {
-            let e = core.diverge(format!(
+            return Err(core.disk_divergence(format!(
                 "a disk write of {} bytes at byte {offset}",
                 buf.len()
-            ));
-            core.pending.get_or_insert(e);
-            return Err(diverged());
+            )));
         }
         let seq = core.next_seq;
         core.advance()
@@ -709,9 +707,7 @@ impl<R: Read + Send> Disk for ReplayDisk<R> {
     fn flush(&mut self) -> io::Result<()> {
         let mut core = lock(&self.core);
         if core.next != Some(Record::DiskFlush) {
-            let e = core.diverge("a disk flush".into());
-            core.pending.get_or_insert(e);
-            return Err(diverged());
+            return Err(core.disk_divergence("a disk flush".into()));
         }
         let seq = core.next_seq;
         core.advance()
