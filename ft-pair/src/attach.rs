@@ -12,6 +12,7 @@
 
 use crate::backup::SlotDisk;
 use crate::error::PairError;
+use crate::golive::open_image;
 use crate::mirror::{digests, write_blocks, BLOCKS_PER_MESSAGE};
 use crate::primary::Manager;
 use devices::disk::{Disk, ImageFile};
@@ -408,6 +409,9 @@ pub(crate) struct Received {
     pub(crate) vm: Vm,
     pub(crate) slot: SlotDisk,
     pub(crate) disk_size: u64,
+    /// This side's copy of a mirrored disk, brought up to date by the transfer (the replay
+    /// writes it from here on).
+    pub(crate) copy: Option<ImageFile>,
     /// The pair's epoch the primary attached this backup at.
     pub(crate) epoch: u64,
     pub(crate) attach_ms: u64,
@@ -451,9 +455,7 @@ pub(crate) fn receive_vm(
     // A mirrored disk's copy on this side: the primary learns what it holds, and sends the
     // blocks that differ.
     let mut copy = match (&config.disk, disk_mode) {
-        (Some(p), DiskMode::Mirrored) => Some(ImageFile::open(p).map_err(PairError::io(
-            format!("cannot open disk image {}", p.display()),
-        ))?),
+        (Some(p), DiskMode::Mirrored) => Some(open_image(p)?),
         _ => None,
     };
     if let Some(copy) = copy.as_mut() {
@@ -486,6 +488,7 @@ pub(crate) fn receive_vm(
         vm,
         slot,
         disk_size,
+        copy,
         epoch,
         attach_ms,
     })

@@ -17,7 +17,7 @@ use crate::primary::{open_lock, Services};
 use crate::receiver::BackupLink;
 use crate::status::{BackupLag, BackupLog, BackupStatus, ChannelFigures, Status};
 use crate::{End, Finished};
-use devices::disk::{Disk, ImageFile};
+use devices::disk::Disk;
 use ft_core::disk::DiskMode;
 use ft_core::replay::{KeptWrites, Progress, Replayer};
 use ft_core::takeover::{Decision, Refusal, Takeover};
@@ -85,6 +85,7 @@ pub fn run(cfg: &BackupConfig, host: Arc<dyn Host>) -> Result<Finished, PairErro
         mut vm,
         slot,
         disk_size,
+        copy,
         epoch,
         attach_ms,
     } = receive_vm(
@@ -215,12 +216,7 @@ pub fn run(cfg: &BackupConfig, host: Arc<dyn Host>) -> Result<Finished, PairErro
     });
     let mut boundary = Takeover::new(replayer, decision.clone(), go_live);
     // A mirrored disk's copy is this side's: the replay writes it as it goes (and reads it).
-    let copy: Option<Box<dyn Disk>> = match (&config.disk, mirrored) {
-        (Some(p), true) => Some(Box::new(ImageFile::open(p).map_err(PairError::io(
-            format!("cannot open disk image {}", p.display()),
-        ))?)),
-        _ => None,
-    };
+    let copy = copy.map(|c| Box::new(c) as Box<dyn Disk>);
     *slot.slot.lock().unwrap_or_else(|e| e.into_inner()) = boundary.disk(copy, disk_size);
 
     vmm::kick::stop_on_signals().map_err(PairError::io("cannot install signal handlers"))?;
@@ -233,6 +229,8 @@ pub fn run(cfg: &BackupConfig, host: Arc<dyn Host>) -> Result<Finished, PairErro
                 if !boundary.is_live() =>
             {
                 counters.divergences.fetch_add(1, Ordering::Relaxed);
+                // First: from here a lost primary is not raced for.
+                *diverged.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
                 if mirrored {
                     // A resync carries RAM and devices, not the disk, and this copy stopped
                     // taking writes where the replay diverged: only a new attach (which copies
@@ -241,7 +239,6 @@ pub fn run(cfg: &BackupConfig, host: Arc<dyn Host>) -> Result<Finished, PairErro
                     let reason = format!(
                         "backup: {e}; with a mirrored disk a resync cannot bring this side's copy up to date: attach this backup again (its copy travels anew); a backup that diverged does not race for the lock: stopping"
                     );
-                    *diverged.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
                     return Ok(Finished {
                         vm,
                         result: Ok(vmm::vcpu::Stop::EndOfLog),
@@ -249,8 +246,6 @@ pub fn run(cfg: &BackupConfig, host: Arc<dyn Host>) -> Result<Finished, PairErro
                     });
                 }
                 tracing::error!("{e}: asking the primary for a resync");
-                // Before the request: from here a lost primary is not raced for.
-                *diverged.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
                 link.request_resync(&e.to_string());
                 let data = match boundary.with_replayer(|r| r.skip_to_resync()) {
                     Ok(d) => d,

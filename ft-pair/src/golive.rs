@@ -126,9 +126,10 @@ fn mirrored_image(config: &vmm::VmConfig) -> Result<DiskSide, PairError> {
     let Some(path) = &config.disk else {
         return Ok((None, None, None));
     };
-    let what = || format!("disk image {}", path.display());
-    let img = ImageFile::open(path).map_err(PairError::io(format!("cannot open {}", what())))?;
-    let for_attach = img.try_clone().map_err(PairError::io(what()))?;
+    let img = open_image(path)?;
+    let for_attach = img
+        .try_clone()
+        .map_err(PairError::io(format!("disk image {}", path.display())))?;
     let dirty = Arc::new(DirtyBlocks::new(img.size()));
     Ok((
         Some(Box::new(TrackedDisk::new(img, dirty.clone()))),
@@ -140,6 +141,14 @@ fn mirrored_image(config: &vmm::VmConfig) -> Result<DiskSide, PairError> {
     ))
 }
 
+/// Opens the disk image (or this side's copy) at `path` for reading and writing.
+pub(crate) fn open_image(path: &std::path::Path) -> Result<ImageFile, PairError> {
+    ImageFile::open(path).map_err(PairError::io(format!(
+        "cannot open disk image {}",
+        path.display()
+    )))
+}
+
 /// The disk as the guest sees it, a second handle on the image for the thread that releases
 /// held writes (a shared image), and the attach's handle on a mirrored copy.
 type DiskSide = (Option<Box<dyn Disk>>, Option<ImageFile>, Option<Mirror>);
@@ -148,10 +157,7 @@ type DiskSide = (Option<Box<dyn Disk>>, Option<ImageFile>, Option<Mirror>);
 fn held_image(config: &vmm::VmConfig, link: &Arc<Link>) -> Result<DiskSide, PairError> {
     match &config.disk {
         Some(path) => {
-            let img = ImageFile::open(path).map_err(PairError::io(format!(
-                "cannot open disk image {}",
-                path.display()
-            )))?;
+            let img = open_image(path)?;
             let for_release = img
                 .try_clone()
                 .map_err(PairError::io(format!("disk image {}", path.display())))?;
@@ -199,13 +205,7 @@ fn go_live(p: GoLiveParts, point: SwitchPoint) -> Result<LiveSide, PairError> {
     {
         let machine = &p.cfg.machine;
         let mut serial = p.host.serial_output()?;
-        let mut image = match &machine.disk {
-            Some(path) => Some(ImageFile::open(path).map_err(PairError::io(format!(
-                "cannot open disk image {}",
-                path.display()
-            )))?),
-            None => None,
-        };
+        let mut image = machine.disk.as_deref().map(open_image).transpose()?;
         // The NIC's host side on this host: opened only now (a backup never reads its tap).
         let net = p.host.net(machine)?;
         let mut tap_out = match &net {
