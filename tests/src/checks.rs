@@ -1,7 +1,9 @@
 //! What the tests check in what ftvmm printed: the serial stream across a failover (`ticks`,
 //! the Linux `counter`, `diskwrite`'s records), numbered lines, a status document's numbers.
 
+use crate::{wait_until, Proc};
 use std::path::Path;
+use std::time::Duration;
 
 /// The number after `"key": ` in a status document.
 pub fn json_number(doc: &str, key: &str) -> Option<u64> {
@@ -69,6 +71,23 @@ pub fn numbers(out: &str, prefix: &str, suffix: &str) -> Vec<u64> {
                 .ok()
         })
         .collect()
+}
+
+/// The number of the last whole `record N synced` line `diskwrite` printed in `out` (0: none).
+pub fn last_synced(out: &str) -> u64 {
+    numbers(out, "record ", " synced")
+        .last()
+        .copied()
+        .unwrap_or(0)
+}
+
+/// Waits (up to `limit`) until `p` printed a whole `record N synced` line with N >= `n`: the
+/// workload goes on (a liveness check, not a speed). A stream that begins with the end of a
+/// line another primary cut short counts from its first whole line.
+pub fn wait_synced(p: &Proc, n: u64, limit: Duration) -> bool {
+    wait_until(limit, Duration::from_millis(100), || {
+        last_synced(&p.stdout()) >= n
+    })
 }
 
 /// Whether `v` counts up by one.

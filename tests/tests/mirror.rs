@@ -6,8 +6,8 @@
 //! `FTVMM_MIRROR_TRIALS=N` runs N kill trials instead of the default.
 
 use ftvmm_tests::{
-    assert_synced_records_kept, ctl, key_file, linux_machine, linux_ready, numbers, scratch,
-    trials, Etcd, Ftvmm, Hosts, Pair, Proc, Sides, LINUX_CMDLINE,
+    assert_synced_records_kept, ctl, key_file, last_synced, linux_machine, linux_ready, numbers,
+    scratch, trials, wait_synced, Etcd, Ftvmm, Hosts, Pair, Proc, Sides, LINUX_CMDLINE,
 };
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -118,14 +118,9 @@ fn mirrored_diskwrite_survives_the_primary_host_dying_with_every_synced_record_o
         p.signal(libc::SIGKILL);
         let p = p.wait(Duration::from_secs(10));
         wait_live(&b);
-        let seen = numbers(&p.stdout, "record ", " synced").last().copied();
-        let next = seen.unwrap_or(0) + 2;
+        let next = last_synced(&p.stdout) + 2;
         assert!(
-            ftvmm_tests::wait_until(Duration::from_secs(300), Duration::from_millis(100), || {
-                numbers(&b.stdout(), "record ", " synced")
-                    .last()
-                    .is_some_and(|&n| n >= next)
-            }),
+            wait_synced(&b, next, Duration::from_secs(300)),
             "trial {trial}: the workload did not go on on the backup's copy:\n{}",
             b.stderr()
         );
@@ -277,16 +272,9 @@ fn a_mirrored_pair_switches_over_and_back_and_its_copies_stay_equal() {
             procs[to].stderr()
         );
         // The workload goes on on the new primary's copy.
-        let seen = numbers(&procs[to].stdout(), "record ", " synced")
-            .last()
-            .copied();
+        let seen = last_synced(&procs[to].stdout());
         assert!(
-            ftvmm_tests::wait_until(Duration::from_secs(300), Duration::from_millis(100), || {
-                numbers(&procs[to].stdout(), "record ", " synced")
-                    .last()
-                    .copied()
-                    > seen.max(Some(0))
-            }),
+            wait_synced(&procs[to], seen + 1, Duration::from_secs(300)),
             "round {round}: the workload did not go on after the switchover:\n{}",
             procs[to].stdout()
         );
@@ -370,16 +358,9 @@ fn the_old_primarys_copy_re_protects_with_the_blocks_that_differ() {
     let p = p.wait(Duration::from_secs(10));
     wait_live(&b);
     // The new primary writes past what the old one's copy holds.
-    let seen = numbers(&p.stdout, "record ", " synced")
-        .last()
-        .copied()
-        .unwrap_or(0);
+    let seen = last_synced(&p.stdout);
     assert!(
-        ftvmm_tests::wait_until(Duration::from_secs(300), Duration::from_millis(100), || {
-            numbers(&b.stdout(), "record ", " synced")
-                .last()
-                .is_some_and(|&n| n >= seen + 3)
-        }),
+        wait_synced(&b, seen + 3, Duration::from_secs(300)),
         "the workload did not go on on the survivor:\n{}",
         b.stderr()
     );

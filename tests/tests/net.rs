@@ -7,8 +7,8 @@
 //! `FTVMM_NET_TRIALS=N` runs N failover trials of the transfers instead of the default.
 
 use ftvmm_tests::{
-    key_file, linux_machine, linux_net_ready, root, scratch, trials, Ftvmm, Hosts, LinuxReady,
-    Pair, Proc, Sides, GUEST_IP, GUEST_MAC, LINUX_NET_CMDLINE,
+    key_file, last_synced, linux_machine, linux_net_ready, root, scratch, trials, wait_synced,
+    Ftvmm, Hosts, LinuxReady, Pair, Proc, Sides, GUEST_IP, GUEST_MAC, LINUX_NET_CMDLINE,
 };
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -217,14 +217,9 @@ fn tcp_answers_while_the_guest_writes_its_disk() {
         "diskwrite did not start:\n{}",
         vm.stdout()
     );
-    let synced = |out: &str| {
-        ftvmm_tests::numbers(out, "record ", " synced")
-            .last()
-            .copied()
-    };
-    let before = synced(&vm.stdout()).unwrap_or(0);
+    let before = last_synced(&vm.stdout());
     let (ok, out) = finish(client(&hosts, &["talk", "20"]));
-    let after = synced(&vm.stdout()).unwrap_or(0);
+    let after = last_synced(&vm.stdout());
     eprintln!("client: {out}\nrecords synced during the conversation: {before}..{after}");
     assert!(
         ok,
@@ -273,17 +268,9 @@ fn tcp_and_disk_writes_survive_the_primary_host_dying_together() {
     // The workload goes on on the new primary: a whole record line past every one seen before
     // the kill (its stream may begin with the end of a line the old one cut short).
     let before = pair.p.stdout();
-    let last = |out: &str| {
-        ftvmm_tests::numbers(out, "record ", " synced")
-            .last()
-            .copied()
-            .unwrap_or(0)
-    };
-    let seen = last(&before);
+    let seen = last_synced(&before);
     assert!(
-        ftvmm_tests::wait_until(Duration::from_secs(300), Duration::from_millis(200), || {
-            last(&pair.b.stdout()) > seen
-        }),
+        wait_synced(&pair.b, seen + 1, Duration::from_secs(300)),
         "the workload did not go on after the failover: no record past {seen}:\n{}",
         pair.b.stdout()
     );

@@ -7,9 +7,9 @@
 //! synced; a TCP conversation from a client goes on throughout.
 
 use ftvmm_tests::{
-    count_break, ctl, ftvmm_bin, http_get, keep, key_file, linux_machine, linux_net_ready, numbers,
-    records_on_disk, root, scratch, test_guest, Hosts, Pair, Proc, GUEST_IP, GUEST_MAC,
-    LINUX_NET_CMDLINE,
+    count_break, ctl, ftvmm_bin, http_get, keep, key_file, last_synced, linux_machine,
+    linux_net_ready, numbers, records_on_disk, root, scratch, test_guest, Hosts, Pair, Proc,
+    GUEST_IP, GUEST_MAC, LINUX_NET_CMDLINE,
 };
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -428,11 +428,7 @@ fn linux_diskwrite_survives_ten_switchovers() {
         h.seen,
         &h.procs[h.primary].stdout()[h.taken[h.primary]..]
     );
-    let next = numbers(&before, "record ", " synced")
-        .last()
-        .copied()
-        .unwrap_or(0)
-        + 1;
+    let next = last_synced(&before) + 1;
     assert!(
         h.procs[h.primary].wait_stdout(&format!("record {next} synced"), Duration::from_secs(300)),
         "the workload did not go on after the switchovers: no record {next}:\n{before}"
