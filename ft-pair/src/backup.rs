@@ -405,12 +405,7 @@ fn backup_status(
             },
             kept_writes: writes,
             kept_output_bytes: write_bytes,
-            channel: ChannelFigures {
-                bytes_sent: stats.bytes_sent,
-                bytes_received: stats.bytes_received,
-                bytes_per_s: None,
-                max_silence_ms: stats.max_silence_us as f64 / 1e3,
-            },
+            channel: ChannelFigures::of(&stats),
             divergences: counters.divergences.load(Ordering::Relaxed),
             resyncs: counters.resyncs.load(Ordering::Relaxed),
             attach_ms: counters.attach_ms.load(Ordering::Relaxed),

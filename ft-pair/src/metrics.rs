@@ -282,6 +282,22 @@ const METRICS: &[Metric] = &[
         1e-3,
     ),
     m(
+        "channel_max_unacked_seconds",
+        "Longest time the channel's data waited for the peer's host to acknowledge it",
+        Kind::Gauge,
+        Some(|s| s.channel.max_unacked_ms),
+        Some(|s| s.channel.max_unacked_ms),
+        1e-3,
+    ),
+    m(
+        "channel_slow_peer",
+        "Times the peer was silent for two heartbeats or more while its host acknowledged",
+        Kind::Counter,
+        Some(|s| s.channel.slow_peer_episodes as f64),
+        Some(|s| s.channel.slow_peer_episodes as f64),
+        1.0,
+    ),
+    m(
         "uptime_seconds",
         "Seconds since this side became a primary",
         Kind::Gauge,

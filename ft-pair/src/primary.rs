@@ -399,7 +399,6 @@ fn primary_status(
         let vtime = stats.sent_vtime_ns.load(Ordering::Relaxed);
         let wire = conn.as_ref().map(|c| c.stats());
         let (bytes_out, bytes_in) = wire.map_or((0, 0), |w| (w.bytes_sent, w.bytes_received));
-        let max_silence_ms = wire.map_or(0.0, |w| w.max_silence_us as f64 / 1e3);
         let rate = {
             let mut l = last.lock().unwrap_or_else(|e| e.into_inner());
             let dt = l.0.elapsed().as_secs_f64().max(1e-3);
@@ -450,10 +449,8 @@ fn primary_status(
             outputs_released: stats.released.load(Ordering::Relaxed),
             output_latency_us: Latency { p50, p99 },
             channel: ChannelFigures {
-                bytes_sent: bytes_out,
-                bytes_received: bytes_in,
                 bytes_per_s: Some(rate),
-                max_silence_ms,
+                ..wire.as_ref().map(ChannelFigures::of).unwrap_or_default()
             },
             attaches: pair.attaches.load(Ordering::Relaxed),
             backups_refused: pair.refused.load(Ordering::Relaxed),

@@ -44,6 +44,29 @@ pub struct ChannelFigures {
     pub bytes_per_s: Option<f64>,
     /// Longest gap between two messages from the peer, ms.
     pub max_silence_ms: f64,
+    /// The longest the channel's data waited for the peer's host to acknowledge it, ms (against
+    /// `--unacked-timeout`).
+    pub max_unacked_ms: f64,
+    /// Times the peer was silent for two heartbeats or more while its host still acknowledged
+    /// (waited for, up to `--failover-timeout`).
+    pub slow_peer_episodes: u64,
+    /// The peer is slow now.
+    pub peer_slow: bool,
+}
+
+impl ChannelFigures {
+    /// The figures of a connection's counters (`bytes_per_s` left out).
+    pub fn of(stats: &logging_channel::ChannelStats) -> ChannelFigures {
+        ChannelFigures {
+            bytes_sent: stats.bytes_sent,
+            bytes_received: stats.bytes_received,
+            bytes_per_s: None,
+            max_silence_ms: stats.max_silence_us as f64 / 1e3,
+            max_unacked_ms: stats.max_unacked_us as f64 / 1e3,
+            slow_peer_episodes: stats.slow_peer_episodes,
+            peer_slow: stats.peer_slow,
+        }
+    }
 }
 
 /// A primary's log figures.

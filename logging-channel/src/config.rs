@@ -15,19 +15,26 @@ pub struct ChannelConfig {
     /// The network task sends a heartbeat whenever nothing else went out for this long.
     /// Default 50 ms.
     pub heartbeat: Duration,
-    /// Nothing at all received from the peer for this long means it is lost; also bounds the TCP
-    /// connect and the handshake. Default 2 s.
+    /// Nothing at all received from the peer for this long means it is lost, even while its
+    /// host still acknowledges the TCP data (its process stopped, hung or starved); also bounds
+    /// the TCP connect and the handshake. Default 2 s.
     pub timeout: Duration,
+    /// Data this side sent that the peer's kernel has not acknowledged for this long (no ACK
+    /// at all meanwhile) means its host is down or the link is cut: lost at once, whatever
+    /// `timeout` says. Raised to 40 ms + 3 round trips on a slow link. Default 80 ms.
+    pub unacked_timeout: Duration,
 }
 
 impl ChannelConfig {
-    /// The defaults: 16 MiB of log in flight, heartbeats every 50 ms, peer lost after 2 s.
+    /// The defaults: 16 MiB of log in flight, heartbeats every 50 ms, peer lost after 2 s of
+    /// silence or 80 ms of data its host does not acknowledge.
     pub fn new(psk: Psk) -> ChannelConfig {
         ChannelConfig {
             psk,
             log_buffer: 16 << 20,
             heartbeat: Duration::from_millis(50),
             timeout: Duration::from_secs(2),
+            unacked_timeout: Duration::from_millis(80),
         }
     }
 }

@@ -7,6 +7,7 @@
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
@@ -17,6 +18,7 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 
+use crate::detect::{kernel_view, unread, Detector, Verdict, TICK};
 use crate::msg::{decode_messages, encode_message, Msg};
 use crate::noise::{read_frame, seal, MAX_NOISE_MSG, MAX_PLAINTEXT};
 use crate::{ChannelConfig, ChannelError};
@@ -43,6 +45,18 @@ pub struct ChannelStats {
     pub msgs_sent: u64,
     /// Messages of every kind received, heartbeats and acks included.
     pub msgs_received: u64,
+    /// Times the peer fell silent for two heartbeats or more while its host still acknowledged
+    /// this side's data (a slow peer: waited for, up to the timeout).
+    pub slow_peer_episodes: u64,
+    /// Whether the peer is slow now.
+    pub peer_slow: bool,
+    /// The longest this side's data waited for the peer's kernel to acknowledge it, in
+    /// microseconds (as the detector saw it, every 10 ms): how close a healthy peer came to
+    /// the unacknowledged-data timeout.
+    pub max_unacked_us: u64,
+    /// Ticks of the detector that came 50 ms late or more (this side was not running); the
+    /// time in between is not held against the peer.
+    pub detector_stalls: u64,
 }
 
 /// A primary-backup connection after a successful handshake. Clones share the connection; it
@@ -135,6 +149,14 @@ struct Shared {
     max_silence_us: AtomicU64,
     msgs_sent: AtomicU64,
     msgs_received: AtomicU64,
+    /// When the connection started; `last_frame_us` counts from it.
+    started: Instant,
+    /// The last frame received, microseconds after `started`.
+    last_frame_us: AtomicU64,
+    slow_peer_episodes: AtomicU64,
+    peer_slow: std::sync::atomic::AtomicBool,
+    max_unacked_us: AtomicU64,
+    detector_stalls: AtomicU64,
 }
 
 impl Shared {
@@ -257,15 +279,35 @@ impl Connection {
             max_silence_us: AtomicU64::new(0),
             msgs_sent: AtomicU64::new(0),
             msgs_received: AtomicU64::new(0),
+            started: Instant::now(),
+            last_frame_us: AtomicU64::new(0),
+            slow_peer_episodes: AtomicU64::new(0),
+            peer_slow: std::sync::atomic::AtomicBool::new(false),
+            max_unacked_us: AtomicU64::new(0),
+            detector_stalls: AtomicU64::new(0),
         });
         let (out, out_rx) = mpsc::channel(OUT_QUEUE);
         let noise = Arc::new(Mutex::new(noise));
+        // The detector's own handle on the socket, to ask the kernel about it (a duplicate:
+        // it stays valid whatever the reader and writer have dropped).
+        let watched = match stream.as_fd().try_clone_to_owned() {
+            Ok(fd) => Some(fd),
+            Err(e) => {
+                tracing::warn!(
+                    "logging channel to {peer}: no kernel view of the connection ({e}): \
+                     a dead host is detected by silence alone"
+                );
+                None
+            }
+        };
         let (rd, wr) = stream.into_split();
         // Buffered: a frame is a length and a body, two reads each without it, and a burst of
         // frames comes in one.
         let rd = tokio::io::BufReader::with_capacity(64 << 10, rd);
-        rt.spawn(reader(shared.clone(), noise.clone(), rd, cfg.timeout));
+        rt.spawn(reader(shared.clone(), noise.clone(), rd));
         rt.spawn(writer(shared.clone(), noise, wr, out_rx, cfg.heartbeat));
+        let detector = Detector::new(cfg.heartbeat, cfg.timeout, cfg.unacked_timeout);
+        rt.spawn(detect(shared.clone(), watched, detector));
         Connection {
             handle: Arc::new(Handle { shared, out }),
         }
@@ -448,6 +490,10 @@ impl Connection {
             log_bytes_outstanding: shared.lock().in_flight_bytes as u64,
             msgs_sent: shared.msgs_sent.load(Ordering::Relaxed),
             msgs_received: shared.msgs_received.load(Ordering::Relaxed),
+            slow_peer_episodes: shared.slow_peer_episodes.load(Ordering::Relaxed),
+            peer_slow: shared.peer_slow.load(Ordering::Relaxed),
+            max_unacked_us: shared.max_unacked_us.load(Ordering::Relaxed),
+            detector_stalls: shared.detector_stalls.load(Ordering::Relaxed),
         }
     }
 
@@ -482,7 +528,6 @@ async fn reader(
     shared: Arc<Shared>,
     noise: Arc<Mutex<TransportState>>,
     mut rd: tokio::io::BufReader<OwnedReadHalf>,
-    timeout: Duration,
 ) {
     let mut dead = shared.dead.subscribe();
     let mut frame = Box::new([0u8; MAX_NOISE_MSG]);
@@ -492,20 +537,17 @@ async fn reader(
     loop {
         let read = tokio::select! {
             _ = dead_signal(&mut dead) => return,
-            r = tokio::time::timeout(timeout, read_frame(&mut rd, &mut frame)) => r,
+            r = read_frame(&mut rd, &mut frame) => r,
         };
+        // Silence is the detector's to judge (`detect`); the reader only reads.
         let len = match read {
-            Ok(Ok(len)) => len,
-            Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            Ok(len) => len,
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
                 let why = "the peer closed the TCP connection without a Bye";
                 return shared.die(DeathKind::PeerLost, why.into());
             }
-            Ok(Err(e)) => {
+            Err(e) => {
                 let why = format!("cannot receive from the peer: {e}");
-                return shared.die(DeathKind::PeerLost, why);
-            }
-            Err(_) => {
-                let why = format!("peer silent for {:.1} s", timeout.as_secs_f64());
                 return shared.die(DeathKind::PeerLost, why);
             }
         };
@@ -515,6 +557,8 @@ async fn reader(
         let gap = u64::try_from(last.elapsed().as_micros()).unwrap_or(u64::MAX);
         shared.max_silence_us.fetch_max(gap, Ordering::Relaxed);
         last = Instant::now();
+        let at = u64::try_from(last.duration_since(shared.started).as_micros()).unwrap_or(u64::MAX);
+        shared.last_frame_us.store(at, Ordering::Release);
         let decrypted = noise
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -597,6 +641,44 @@ async fn writer(
         if let Some(reason) = bye {
             let _ = wr.shutdown().await;
             return shared.die(DeathKind::Closed, format!("closed locally: {reason}"));
+        }
+    }
+}
+
+/// The failure detector of one connection (`crate::detect`): every [`TICK`], the time since the
+/// last frame and the kernel's view of the socket; ends the connection when they say the peer
+/// is lost.
+async fn detect(shared: Arc<Shared>, sock: Option<OwnedFd>, mut d: Detector) {
+    let mut dead = shared.dead.subscribe();
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = dead_signal(&mut dead) => return,
+            _ = tick.tick() => {}
+        }
+        let now = Instant::now();
+        let last_frame =
+            shared.started + Duration::from_micros(shared.last_frame_us.load(Ordering::Acquire));
+        let kernel = sock.as_ref().and_then(|s| kernel_view(s.as_fd()));
+        let waiting = sock.as_ref().map_or(0, |s| unread(s.as_fd()));
+        let verdict = d.observe(now, last_frame, kernel, waiting);
+        let micros = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        shared
+            .max_unacked_us
+            .store(micros(d.max_unacked), Ordering::Relaxed);
+        shared.detector_stalls.store(d.stalls, Ordering::Relaxed);
+        shared
+            .slow_peer_episodes
+            .store(d.slow_episodes, Ordering::Relaxed);
+        let was_slow = shared.peer_slow.swap(d.is_slow(), Ordering::Relaxed);
+        match verdict {
+            Verdict::Lost(why) => return shared.die(DeathKind::PeerLost, why),
+            Verdict::Slow if !was_slow => tracing::debug!(
+                peer = %shared.peer,
+                "logging channel: the peer is silent but its host acknowledges: slow, waiting"
+            ),
+            _ => {}
         }
     }
 }

@@ -33,6 +33,7 @@
 
 mod config;
 mod connection;
+mod detect;
 mod error;
 mod listener;
 mod msg;

@@ -397,6 +397,77 @@ fn silent_peer_is_lost_after_the_timeout() {
     assert!(why.contains("peer silent for 0.5 s"), "{why}");
 }
 
+/// Makes the kernel drop every segment arriving for `s` (a socket filter that accepts
+/// nothing): it acknowledges nothing from now on, as a host that died or was cut off.
+fn drop_everything_arriving(s: &TcpStream) {
+    use std::os::fd::AsRawFd;
+    let mut reject = [libc::sock_filter {
+        code: 0x06, // BPF_RET | BPF_K: accept 0 bytes
+        jt: 0,
+        jf: 0,
+        k: 0,
+    }];
+    let prog = libc::sock_fprog {
+        len: 1,
+        filter: reject.as_mut_ptr(),
+    };
+    // SAFETY: a valid socket and a one-instruction classic BPF program that outlives the call.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ATTACH_FILTER,
+            (&raw const prog).cast(),
+            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+}
+
+/// A peer whose process never speaks but whose kernel acknowledges (a stopped or starved
+/// process on a live host) is slow, not lost, until the timeout.
+#[test]
+fn a_silent_peer_whose_host_acknowledges_is_slow_until_the_timeout() {
+    let mut c = cfg();
+    c.timeout = Duration::from_secs(5);
+    let listener = Listener::bind("127.0.0.1:0", c).unwrap();
+    let _silent = silent_backup(listener.local_addr());
+    let primary = listener.accept_timeout(LONG).unwrap();
+    // Heartbeats go every 50 ms and the silent side's kernel ACKs each: well past the 80 ms of
+    // the unacknowledged-data timeout, the peer is slow, not lost.
+    thread::sleep(Duration::from_millis(1500));
+    assert!(primary.is_alive(), "{:?}", primary.failure());
+    let stats = primary.stats();
+    assert!(stats.peer_slow, "{stats:?}");
+    assert_eq!(stats.slow_peer_episodes, 1, "{stats:?}");
+    let err = primary.recv_timeout(LONG * 3).unwrap_err();
+    assert!(matches!(err, ChannelError::PeerLost(_)), "{err}");
+    let why = primary.failure().unwrap();
+    assert!(
+        why.contains("peer silent for 5.0 s") && why.contains("acknowledges"),
+        "{why}"
+    );
+}
+
+/// A peer whose kernel stops acknowledging (its host died, or the link was cut) is lost as soon
+/// as this side's data has waited the unacknowledged-data timeout, not after the silence
+/// timeout (a minute here).
+#[test]
+fn a_peer_whose_host_stops_acknowledging_is_lost_before_the_timeout() {
+    let mut c = cfg();
+    c.timeout = Duration::from_secs(60);
+    let listener = Listener::bind("127.0.0.1:0", c).unwrap();
+    let silent = silent_backup(listener.local_addr());
+    let primary = listener.accept_timeout(LONG).unwrap();
+    drop_everything_arriving(&silent);
+    let err = primary
+        .recv_timeout(Duration::from_secs(30))
+        .expect_err("still alive 30 s after its peer's host stopped acknowledging");
+    assert!(matches!(err, ChannelError::PeerLost(_)), "{err}");
+    let why = primary.failure().unwrap();
+    assert!(why.contains("acknowledged none"), "{why}");
+}
+
 #[test]
 fn vanished_peer_is_lost() {
     let listener = Listener::bind("127.0.0.1:0", cfg()).unwrap();

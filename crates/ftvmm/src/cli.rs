@@ -295,10 +295,16 @@ pub(crate) struct Args {
     #[arg(long, value_enum, default_value = "received")]
     pub(crate) ack: AckArg,
     /// Primary and backup: the peer is lost after this long without a frame or heartbeat
-    /// (heartbeats go every 50 ms); then the lock decides which side goes on. The default is 5x
-    /// the longest gap measured between frames of a healthy pair here (docs/FAILOVER.md).
-    #[arg(long, alias = "peer-timeout", default_value = "300ms", value_parser = parse_duration)]
+    /// (heartbeats go every 50 ms) even while its host still acknowledges the channel's TCP
+    /// data: a process stopped, hung or starved. A dead host or a cut link is found sooner, by
+    /// `--unacked-timeout`. Then the lock decides which side goes on (docs/FAILOVER.md).
+    #[arg(long, alias = "peer-timeout", default_value = "1s", value_parser = parse_duration)]
     pub(crate) failover_timeout: Duration,
+    /// Primary and backup: the peer is lost when the channel's data has waited this long with
+    /// no TCP acknowledgement at all from its host (host down or link cut); raised to 40 ms +
+    /// 3 round trips on a slow link (docs/FAILOVER.md).
+    #[arg(long, default_value = "80ms", value_parser = parse_duration)]
+    pub(crate) unacked_timeout: Duration,
     /// A virtio-net NIC whose host side is the tap interface NAME (create it with
     /// `ip tuntap add NAME mode tap`): `tap=NAME[,mac=MAC]`. A backup opens its tap only when
     /// it goes live.

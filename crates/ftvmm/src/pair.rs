@@ -86,6 +86,7 @@ fn pair_config(args: &Args) -> Result<PairConfig, Failure> {
     let mut channel = ChannelConfig::new(psk);
     channel.log_buffer = usize::try_from(args.log_buffer).unwrap_or(usize::MAX);
     channel.timeout = args.failover_timeout;
+    channel.unacked_timeout = args.unacked_timeout;
     Ok(PairConfig {
         channel,
         ack: match args.ack {
