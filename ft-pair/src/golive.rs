@@ -33,6 +33,9 @@ pub(crate) enum Start {
         /// The recording's RTC epoch (the old primary's).
         rtc_epoch: i64,
         point: SwitchPoint,
+        /// Host time that passed on the old primary after the log's last time, as far as this
+        /// side can tell: the live clock resumes that much past it (see [`resume_gap`]).
+        gap: Duration,
     },
 }
 
@@ -99,7 +102,11 @@ pub(crate) fn build(p: StackParts<'_>) -> Result<Stack, PairError> {
                 live = live.input_after(marker);
             }
         }
-        Start::Takeover { point, .. } => live.restored(point.time_ns),
+        Start::Takeover { point, gap, .. } => live.restored(
+            point
+                .time_ns
+                .saturating_add(u64::try_from(gap.as_nanos()).unwrap_or(u64::MAX)),
+        ),
     }
     let mut recorder = Recorder::new(live, Box::new(StreamSink::new(link.clone())), rtc_epoch)?
         .with_gate(link.clone())
@@ -193,6 +200,23 @@ pub(crate) struct GoLiveParts {
     pub(crate) lost_at: Arc<Mutex<Option<(Instant, String, Duration)>>>,
 }
 
+/// How far past the log's last time the live clock resumes after a failure: the host time
+/// since the old primary's last message. The primary's guest clock followed the host's, and
+/// it was running at least until that message (whose records' times are at most the log's last
+/// time), so its clock had moved on at least this far when it was lost; the guest's clock now
+/// goes on from there instead of falling behind by the silence before the detection. Time is
+/// an input: any value not before the log's last time is one the guest could have read. None
+/// after a planned switchover (the primary stopped at the log's end) or on the virtual clock
+/// (idle time is skipped there by design).
+fn resume_gap(p: &GoLiveParts) -> Duration {
+    let failure = p.old_link.handover().is_none();
+    if failure && p.cfg.live.clock == ft_core::live::Clock::Host {
+        p.old_link.since_last_message()
+    } else {
+        Duration::ZERO
+    }
+}
+
 /// Going live: emit again what the primary may not have released (disk writes re-issued,
 /// serial bytes re-sent: at least once at the failover edge), then become a primary from the
 /// point where the log ended, and accept a new backup.
@@ -282,6 +306,7 @@ fn go_live(p: GoLiveParts, point: SwitchPoint) -> Result<LiveSide, PairError> {
             start: Start::Takeover {
                 rtc_epoch: p.rtc_epoch,
                 point,
+                gap: resume_gap(&p),
             },
         })?;
         let size = machine

@@ -136,6 +136,11 @@ impl BackupLink {
         }
     }
 
+    /// Time since the last message other than a heartbeat or an ack came from the primary.
+    pub fn since_last_message(&self) -> Duration {
+        self.queue().last_message.elapsed()
+    }
+
     /// The primary's epoch, when the stream ended by a planned switchover: this side is to go
     /// live at its end.
     pub fn handover(&self) -> Option<u64> {
