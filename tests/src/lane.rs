@@ -28,18 +28,25 @@ pub fn under_tcg() -> bool {
 
 /// `args` as the lane runs them: on a lane whose host is itself emulated (the stock lane: one
 /// CPU under QEMU's TCG runs both sides of a pair and the test), `FTVMM_TEST_FAILOVER_TIMEOUT`
-/// gives a pair's sides a failover timeout that fits it (scripts/test-stock-lane), unless the
-/// test chose one.
+/// and `FTVMM_TEST_UNACKED_TIMEOUT` give a pair's sides a failover timeout and an
+/// unacknowledged-data timeout that fit it (scripts/test-stock-lane), unless the test chose
+/// them.
 pub fn lane_args(args: &[String]) -> Vec<String> {
     let mut args = args.to_vec();
     let pair = args
         .windows(2)
         .any(|w| w[0] == "--role" && (w[1] == "primary" || w[1] == "backup"));
-    let chosen = args
-        .iter()
-        .any(|a| a == "--failover-timeout" || a == "--peer-timeout");
-    if let (true, false, Ok(t)) = (pair, chosen, std::env::var("FTVMM_TEST_FAILOVER_TIMEOUT")) {
-        args.extend(["--failover-timeout".to_string(), t]);
+    for (flags, var) in [
+        (
+            &["--failover-timeout", "--peer-timeout"][..],
+            "FTVMM_TEST_FAILOVER_TIMEOUT",
+        ),
+        (&["--unacked-timeout"][..], "FTVMM_TEST_UNACKED_TIMEOUT"),
+    ] {
+        let chosen = args.iter().any(|a| flags.contains(&a.as_str()));
+        if let (true, false, Ok(t)) = (pair, chosen, std::env::var(var)) {
+            args.extend([flags[0].to_string(), t]);
+        }
     }
     args
 }

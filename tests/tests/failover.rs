@@ -126,6 +126,76 @@ fn a_primary_stopped_past_the_timeout_finds_its_backup_live_and_emits_nothing() 
     assert_ticks_across(&p.stdout, &b.stdout, 1000);
 }
 
+/// A primary process that stops (SIGSTOP: starved, as far as its peer can tell) for longer than
+/// the unacknowledged-data timeout and two heartbeats, but less than `--failover-timeout`, is a
+/// slow peer, not a dead one: its host's kernel still acknowledges the backup's data. The
+/// backup waits and counts it; the pair goes on as if nothing happened.
+#[test]
+fn a_primary_stopped_for_less_than_the_failover_timeout_is_waited_for() {
+    let dir = scratch("fo-slow");
+    let hosts = Hosts::new("sl", 2);
+    let bsock = dir.join("b.sock");
+    let pair = tiny_pair(&hosts, &dir, &file_lock(&dir))
+        .args(["--failover-timeout", "8s"])
+        .backup_args(["--api-socket", bsock.to_str().unwrap()]);
+    let Sides { p, b, .. } = pair.start();
+    assert!(p.wait_stdout("tick 100\n", Duration::from_secs(30)));
+    p.signal(libc::SIGSTOP);
+    std::thread::sleep(Duration::from_millis(1500));
+    let during = ctl_status(&bsock);
+    p.signal(libc::SIGCONT);
+    assert!(
+        during.contains("\"peer_slow\": true"),
+        "the backup does not show its primary slow:\n{during}\n{}",
+        b.stderr()
+    );
+    let (p, b) = (
+        p.wait(Duration::from_secs(60)),
+        b.wait(Duration::from_secs(60)),
+    );
+    p.assert_code(0);
+    b.assert_code(0);
+    assert!(
+        !b.stderr.contains("LIVE") && !b.stderr.contains("won the lock"),
+        "the backup took over from a primary that was only stopped:\n{}",
+        b.stderr
+    );
+    assert!(
+        json_number(&during, "slow_peer_episodes").is_some_and(|n| n >= 1),
+        "{during}"
+    );
+    assert_eq!(p.digest_line(), b.digest_line());
+    assert_eq!(ticks_upto(&p.stdout), Some(1000), "{}", p.stdout);
+}
+
+/// A primary host that dies without a word (its link cut, then its process killed: no FIN
+/// reaches the backup) is found by the backup's unacknowledged data, not by silence: with a
+/// `--failover-timeout` of a minute the backup still goes live, and says why.
+#[test]
+fn a_primary_host_that_dies_silently_is_taken_over_before_the_failover_timeout() {
+    let dir = scratch("fo-silent-death");
+    let hosts = Hosts::new("sd", 2);
+    let pair = tiny_pair(&hosts, &dir, &file_lock(&dir)).args(["--failover-timeout", "60s"]);
+    let Sides { p, b, .. } = pair.start();
+    assert!(p.wait_stdout("tick 100\n", Duration::from_secs(30)));
+    hosts.cut(0);
+    p.signal(libc::SIGKILL);
+    let p = p.wait(Duration::from_secs(10));
+    assert!(
+        b.wait_stderr("LIVE: took over", Duration::from_secs(45)),
+        "the backup did not go live well before the failover timeout:\n{}",
+        b.stderr()
+    );
+    let b = b.wait(Duration::from_secs(60));
+    b.assert_code(0);
+    assert!(
+        b.stderr.contains("acknowledged none"),
+        "the backup did not find its primary lost by its unacknowledged data:\n{}",
+        b.stderr
+    );
+    assert_ticks_across(&p.stdout, &b.stdout, 1000);
+}
+
 /// A backup that diverged and waits for its resync when the primary falls silent cannot go
 /// live (its state is not the primary's), so it must not race for the lock either: a primary
 /// that was only stopped (or cut off) keeps the guest. Before this was fixed, the diverged
