@@ -157,6 +157,8 @@ struct Shared {
     peer_slow: std::sync::atomic::AtomicBool,
     max_unacked_us: AtomicU64,
     detector_stalls: AtomicU64,
+    /// This side's Bye is on its way: the peer closing the connection now is the answer to it.
+    bye_sent: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -285,6 +287,7 @@ impl Connection {
             peer_slow: std::sync::atomic::AtomicBool::new(false),
             max_unacked_us: AtomicU64::new(0),
             detector_stalls: AtomicU64::new(0),
+            bye_sent: std::sync::atomic::AtomicBool::new(false),
         });
         let (out, out_rx) = mpsc::channel(OUT_QUEUE);
         let noise = Arc::new(Mutex::new(noise));
@@ -543,6 +546,11 @@ async fn reader(
         let len = match read {
             Ok(len) => len,
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                if shared.bye_sent.load(Ordering::Acquire) {
+                    // The peer read this side's Bye and closed before this side's writer
+                    // marked the connection closed.
+                    return shared.die(DeathKind::Closed, "closed locally after a Bye".into());
+                }
                 let why = "the peer closed the TCP connection without a Bye";
                 return shared.die(DeathKind::PeerLost, why.into());
             }
@@ -613,6 +621,9 @@ async fn writer(
             plain.extend_from_slice(&out.bytes);
             msgs += out.msgs;
             bye = out.bye;
+        }
+        if bye.is_some() {
+            shared.bye_sent.store(true, Ordering::Release);
         }
         // Seal and write a slice at a time, so one large message neither holds a runtime
         // thread for long nor needs a second copy of itself.
