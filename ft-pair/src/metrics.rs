@@ -290,6 +290,14 @@ const METRICS: &[Metric] = &[
         1e-3,
     ),
     m(
+        "channel_max_quiet_seconds",
+        "Longest silence of the peer held against it (nothing of it unread meanwhile)",
+        Kind::Gauge,
+        Some(|s| s.channel.max_quiet_ms),
+        Some(|s| s.channel.max_quiet_ms),
+        1e-3,
+    ),
+    m(
         "channel_slow_peer",
         "Times the peer was silent for two heartbeats or more while its host acknowledged",
         Kind::Counter,

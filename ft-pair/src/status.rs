@@ -47,6 +47,9 @@ pub struct ChannelFigures {
     /// The longest the channel's data waited for the peer's host to acknowledge it, ms (against
     /// `--unacked-timeout`).
     pub max_unacked_ms: f64,
+    /// The longest silence of the peer held against it (against `--failover-timeout`), ms:
+    /// `max_silence_ms` without the times this side's own reader fell behind.
+    pub max_quiet_ms: f64,
     /// Times the peer was silent for two heartbeats or more while its host still acknowledged
     /// (waited for, up to `--failover-timeout`).
     pub slow_peer_episodes: u64,
@@ -63,6 +66,7 @@ impl ChannelFigures {
             bytes_per_s: None,
             max_silence_ms: stats.max_silence_us as f64 / 1e3,
             max_unacked_ms: stats.max_unacked_us as f64 / 1e3,
+            max_quiet_ms: stats.max_quiet_us as f64 / 1e3,
             slow_peer_episodes: stats.slow_peer_episodes,
             peer_slow: stats.peer_slow,
         }

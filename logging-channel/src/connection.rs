@@ -54,6 +54,11 @@ pub struct ChannelStats {
     /// microseconds (as the detector saw it, every 10 ms): how close a healthy peer came to
     /// the unacknowledged-data timeout.
     pub max_unacked_us: u64,
+    /// The longest silence of the peer the detector held against it (nothing of it waiting
+    /// unread in this side's socket meanwhile), in microseconds, to its 10 ms tick: how close
+    /// the peer came to the timeout. `max_silence_us` also counts this side's own reader
+    /// falling behind.
+    pub max_quiet_us: u64,
     /// Ticks of the detector that came 50 ms late or more (this side was not running); the
     /// time in between is not held against the peer.
     pub detector_stalls: u64,
@@ -156,6 +161,7 @@ struct Shared {
     slow_peer_episodes: AtomicU64,
     peer_slow: std::sync::atomic::AtomicBool,
     max_unacked_us: AtomicU64,
+    max_quiet_us: AtomicU64,
     detector_stalls: AtomicU64,
     /// This side's Bye is on its way: the peer closing the connection now is the answer to it.
     bye_sent: std::sync::atomic::AtomicBool,
@@ -286,6 +292,7 @@ impl Connection {
             slow_peer_episodes: AtomicU64::new(0),
             peer_slow: std::sync::atomic::AtomicBool::new(false),
             max_unacked_us: AtomicU64::new(0),
+            max_quiet_us: AtomicU64::new(0),
             detector_stalls: AtomicU64::new(0),
             bye_sent: std::sync::atomic::AtomicBool::new(false),
         });
@@ -496,6 +503,7 @@ impl Connection {
             slow_peer_episodes: shared.slow_peer_episodes.load(Ordering::Relaxed),
             peer_slow: shared.peer_slow.load(Ordering::Relaxed),
             max_unacked_us: shared.max_unacked_us.load(Ordering::Relaxed),
+            max_quiet_us: shared.max_quiet_us.load(Ordering::Relaxed),
             detector_stalls: shared.detector_stalls.load(Ordering::Relaxed),
         }
     }
@@ -678,6 +686,9 @@ async fn detect(shared: Arc<Shared>, sock: Option<OwnedFd>, mut d: Detector) {
         shared
             .max_unacked_us
             .store(micros(d.max_unacked), Ordering::Relaxed);
+        shared
+            .max_quiet_us
+            .store(micros(d.max_quiet), Ordering::Relaxed);
         shared.detector_stalls.store(d.stalls, Ordering::Relaxed);
         shared
             .slow_peer_episodes

@@ -109,6 +109,9 @@ pub(crate) struct Detector {
     pub slow_episodes: u64,
     /// The longest this side's data waited for an ACK, as the ticks saw it.
     pub max_unacked: Duration,
+    /// The longest silence held against the peer (nothing waiting unread meanwhile), as the
+    /// ticks saw it: what came closest to `timeout`.
+    pub max_quiet: Duration,
     /// Ticks that came [`STALL`] late.
     pub stalls: u64,
 }
@@ -124,6 +127,7 @@ impl Detector {
             slow: false,
             slow_episodes: 0,
             max_unacked: Duration::ZERO,
+            max_quiet: Duration::ZERO,
             stalls: 0,
         }
     }
@@ -175,6 +179,9 @@ impl Detector {
             }
         }
         let silence = now.saturating_duration_since(last_frame);
+        if unread == 0 {
+            self.max_quiet = self.max_quiet.max(silence);
+        }
         if silence >= self.timeout && unread == 0 {
             self.slow = false;
             let host = match kernel {
@@ -283,6 +290,7 @@ mod tests {
         );
         assert_eq!(d.slow_episodes, 1);
         assert!(d.max_unacked < UNACKED, "{:?}", d.max_unacked);
+        assert_eq!(d.max_quiet, SLOW_LIMIT);
     }
 
     #[test]
@@ -305,6 +313,11 @@ mod tests {
         let v = d.observe(t0 + ms(300), t0, view(1, 300), 200);
         assert_eq!(v, Verdict::Alive);
         assert_eq!(d.stalls, 1);
+        assert_eq!(
+            d.max_quiet,
+            Duration::ZERO,
+            "a silence with a frame unread is none"
+        );
         // Then the ACK arrives and the unread frame is read.
         let v = d.observe(t0 + ms(310), t0 + ms(305), view(0, 2), 0);
         assert_eq!(v, Verdict::Alive);

@@ -298,7 +298,7 @@ pub(crate) struct Args {
     /// (heartbeats go every 50 ms) even while its host still acknowledges the channel's TCP
     /// data: a process stopped, hung or starved. A dead host or a cut link is found sooner, by
     /// `--unacked-timeout`. Then the lock decides which side goes on (docs/FAILOVER.md).
-    #[arg(long, alias = "peer-timeout", default_value = "1s", value_parser = parse_duration)]
+    #[arg(long, alias = "peer-timeout", default_value = "2s", value_parser = parse_duration)]
     pub(crate) failover_timeout: Duration,
     /// Primary and backup: the peer is lost when the channel's data has waited this long with
     /// no TCP acknowledgement at all from its host (host down or link cut); raised to 40 ms +
