@@ -333,10 +333,16 @@ impl Soak {
         Ok(p)
     }
 
-    /// Waits until the counter, the records and the answers all went past `from`.
+    /// Waits until the counter, the records and the answers all went past `from`. A side may
+    /// end meanwhile (a takeover the load caused: not unsafe, the lock decides): the stream
+    /// goes on from the survivor, re-protected.
     fn progress_past(&mut self, from: Progress) -> Result<Progress, String> {
         let start = Instant::now();
         loop {
+            self.settle()?;
+            if self.backup.is_none() {
+                self.reprotect()?;
+            }
             let now = self.check()?;
             if now.counter >= from.counter + 5
                 && now.synced > from.synced
