@@ -226,10 +226,14 @@ impl Soak {
             .expect("three hosts, two sides")
     }
 
-    /// Starts a backup on a free host and waits until it attached (three tries).
+    /// Starts a backup on a free host and waits until it attached, trying again with backoff
+    /// (as an operator's supervisor would) for up to [`LIMIT`]: right after a backup's host died
+    /// the primary still holds it until the silence tells, and refuses a second one.
     fn reprotect(&mut self) -> Result<(), String> {
         let start = Instant::now();
-        for attempt in 0..3 {
+        let mut attempt = 0;
+        let mut last = String::new();
+        while start.elapsed() < LIMIT {
             let host = self.free_host(attempt);
             let attached = self.primary.proc.stderr().matches(" attached: ").count();
             let b = self
@@ -246,17 +250,28 @@ impl Soak {
                 self.backup = Some(b);
                 self.reprotects += 1;
                 self.longest_reprotect = self.longest_reprotect.max(start.elapsed());
+                if attempt > 0 {
+                    eprintln!("soak:   attached on host {host} at try {}", attempt + 1);
+                }
                 return Ok(());
             }
             let run = b.proc.wait(Duration::from_secs(10));
-            eprintln!(
-                "soak: a backup on host {host} did not attach (try {attempt}, status {:?}): {}",
+            last = format!(
+                "host {host}, status {:?}: {}",
                 run.status,
                 run.stderr.lines().last().unwrap_or("")
             );
+            eprintln!(
+                "soak:   a backup did not attach (try {}): {last}",
+                attempt + 1
+            );
             self.settle()?;
+            attempt += 1;
+            std::thread::sleep(Duration::from_millis(250 << attempt.min(4)));
         }
-        Err("no backup attached in three tries".into())
+        Err(format!(
+            "no backup attached in {LIMIT:?} ({attempt} tries; the last: {last})"
+        ))
     }
 
     /// Takes note of sides that ended: a primary that ended hands over to its backup, which
