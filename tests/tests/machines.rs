@@ -900,20 +900,31 @@ fn window_name(mode: Window) -> &'static str {
     }
 }
 
+/// What a throughput window counts: lines with a marker on the serial line, or what a client on
+/// the guest LAN got through (tests/net_client.py): requests answered on one connection
+/// (`talk`), or KB/s into the guest (`sink`) or out of it (`source`).
+#[derive(Clone, Copy, PartialEq)]
+enum Measure<'a> {
+    Serial(&'a str),
+    Talk,
+    Sink,
+    Source,
+}
+
 fn window_on_machines(
     lan: &Lan,
     etcd: &Etcd,
+    label: &str,
     guest: Linux,
-    marker: &str,
+    measure: Measure,
     mode: Window,
     seconds: u64,
 ) -> usize {
     let ft = mode == Window::Ft;
-    let net = guest.net;
-    let label = match (guest.disk, net) {
-        (_, true) => "tcp".to_string(),
-        (Disk::Mirrored, _) => format!("{}-mirrored", guest.workload),
-        _ => guest.workload.to_string(),
+    let marker = match measure {
+        Measure::Serial(m) => m,
+        // The guest is ready at its prompt.
+        _ => LINUX_PROMPT,
     };
     let name = format!("bench-{label}-{}", window_name(mode));
     let (shared, typed) = Shared::linux(&name, etcd, guest);
@@ -948,18 +959,38 @@ fn window_on_machines(
         "{name}: the workload never started:\n{}",
         p.console()
     );
-    let lines = if net {
-        // Requests answered in the window, one connection, each answer checked.
-        let (ok, out) = finish(client(lan, &["talk", &seconds.to_string()]));
+    // The client's answer, checked, and the number in it after `word` (e.g. "OK talk 1532
+    // lines in 20.0 s ...", "OK sink 1000000 bytes in 9.8 s").
+    let ask = |request: &[&str]| -> String {
+        let (ok, out) = finish(client(lan, request));
         assert!(ok, "{name}: {out}\n{}", p.console());
-        out.split_whitespace()
-            .nth(2)
-            .and_then(|n| n.parse().ok())
-            .unwrap_or_else(|| panic!("{name}: no count in the client's answer: {out}"))
-    } else {
-        let start = count();
-        std::thread::sleep(Duration::from_secs(seconds));
-        count() - start
+        out
+    };
+    let number_after = |out: &str, word: &str| -> f64 {
+        let words: Vec<&str> = out.split_whitespace().collect();
+        words
+            .iter()
+            .position(|w| *w == word)
+            .and_then(|i| words.get(i + 1)?.parse().ok())
+            .unwrap_or_else(|| panic!("{name}: no number after '{word}' in: {out}"))
+    };
+    let lines = match measure {
+        Measure::Serial(_) => {
+            let start = count();
+            std::thread::sleep(Duration::from_secs(seconds));
+            count() - start
+        }
+        Measure::Talk => number_after(&ask(&["talk", &seconds.to_string()]), "talk") as usize,
+        Measure::Sink | Measure::Source => {
+            let what = if measure == Measure::Sink {
+                "sink"
+            } else {
+                "source"
+            };
+            let bytes = 1_000_000;
+            let out = ask(&[what, &bytes.to_string()]);
+            (bytes as f64 / 1000.0 / number_after(&out, "in")) as usize
+        }
     };
     if ft {
         // Where the primary's time went: the pair's counters at the window's end.
@@ -987,9 +1018,20 @@ fn window_on_machines(
     lines
 }
 
+/// The throughput bench's workloads: lines on the serial line, or TCP (requests answered, KB/s
+/// in and out).
+const WORKLOADS: [&str; 6] = [
+    "counter",
+    "diskwrite",
+    "diskwrite-mirrored",
+    "tcp-echo",
+    "tcp-in",
+    "tcp-out",
+];
+
 /// Whether `FTVMM_MACHINES_BENCH` names one workload (any other value: all of them).
 fn workloads_named(only: &str) -> bool {
-    ["counter", "diskwrite", "diskwrite-mirrored", "tcp"].contains(&only)
+    WORKLOADS.contains(&only)
 }
 
 /// Not a check: FT against standalone throughput with the backup on a machine of its own, as
@@ -1004,7 +1046,7 @@ fn throughput_on_two_machines_ft_against_standalone() {
         return;
     };
     let (lan, etcd) = (&rig.lan, &rig.etcd);
-    // FTVMM_MACHINES_BENCH=diskwrite (or counter, diskwrite-mirrored, tcp) measures one only.
+    // FTVMM_MACHINES_BENCH=diskwrite (or another of WORKLOADS) measures that one only.
     let only = std::env::var("FTVMM_MACHINES_BENCH").unwrap_or_default();
     let tcp = Linux {
         workload: "",
@@ -1012,18 +1054,22 @@ fn throughput_on_two_machines_ft_against_standalone() {
         net: true,
     };
     let workloads = [
-        ("counter", Linux::counter(), "n="),
-        ("diskwrite", Linux::diskwrite(Disk::Shared), " synced"),
+        ("counter", Linux::counter(), Measure::Serial("n=")),
+        (
+            "diskwrite",
+            Linux::diskwrite(Disk::Shared),
+            Measure::Serial(" synced"),
+        ),
         (
             "diskwrite-mirrored",
             Linux::diskwrite(Disk::Mirrored),
-            " synced",
+            Measure::Serial(" synced"),
         ),
-        // The client's requests answered (tests/net_client.py talk): the guest is ready at
-        // its prompt.
-        ("tcp", tcp, LINUX_PROMPT),
+        ("tcp-echo", tcp, Measure::Talk),
+        ("tcp-in", tcp, Measure::Sink),
+        ("tcp-out", tcp, Measure::Source),
     ];
-    for (workload, guest, marker) in workloads {
+    for (workload, guest, measure) in workloads {
         if workloads_named(&only) && only != workload {
             continue;
         }
@@ -1044,14 +1090,23 @@ fn throughput_on_two_machines_ft_against_standalone() {
                 {
                     continue;
                 }
-                lines[i].push(window_on_machines(lan, etcd, guest, marker, *mode, 20));
+                let n = window_on_machines(lan, etcd, workload, guest, measure, *mode, 20);
+                lines[i].push(n);
             }
         }
+        let unit = match measure {
+            Measure::Serial(_) => "lines in 20 s windows",
+            Measure::Talk => "answers in 20 s windows",
+            Measure::Sink | Measure::Source => "KB/s over 1 MB",
+        };
         let solo: usize = lines[0].iter().sum();
         for (i, (_, what)) in modes.iter().enumerate().skip(1) {
+            if lines[i].is_empty() {
+                continue;
+            }
             let sum: usize = lines[i].iter().sum();
             eprintln!(
-                "{workload}: {what} / standalone {:.3} ({:?} against {:?} lines in 20 s windows)",
+                "{workload}: {what} / standalone {:.3} ({:?} against {:?} {unit})",
                 sum as f64 / solo.max(1) as f64,
                 lines[i],
                 lines[0]
