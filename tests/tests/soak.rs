@@ -103,6 +103,8 @@ struct Progress {
 }
 
 struct Soak {
+    /// Sides that ended so far (their logs are kept in the scratch directory).
+    ended: usize,
     hosts: Hosts,
     /// The flags every side takes (machine, key, lock).
     flags: Vec<String>,
@@ -202,6 +204,7 @@ impl Soak {
             seen: String::new(),
             client,
             client_log,
+            ended: 0,
             takeovers: 0,
             fenced: 0,
             reprotects: 0,
@@ -250,12 +253,15 @@ impl Soak {
                 self.backup = Some(b);
                 self.reprotects += 1;
                 self.longest_reprotect = self.longest_reprotect.max(start.elapsed());
-                if attempt > 0 {
-                    eprintln!("soak:   attached on host {host} at try {}", attempt + 1);
-                }
+                eprintln!(
+                    "soak:   a backup attached on host {host} (pid {}, try {})",
+                    self.backup.as_ref().map_or(0, |b| b.proc.pid()),
+                    attempt + 1
+                );
                 return Ok(());
             }
             let run = b.proc.wait(Duration::from_secs(10));
+            self.keep(host, "refused", &run);
             last = format!(
                 "host {host}, status {:?}: {}",
                 run.status,
@@ -274,6 +280,34 @@ impl Soak {
         ))
     }
 
+    /// Keeps the stderr of a side that ended in the scratch directory: `ended-K-hHOST-ROLE.log`.
+    fn keep(&mut self, host: usize, role: &str, run: &ftvmm_tests::Run) {
+        self.ended += 1;
+        let path = self
+            .dir
+            .join(format!("ended-{}-h{host}-{role}.log", self.ended));
+        let _ = std::fs::write(path, format!("status {:?}\n{}", run.status, run.stderr));
+    }
+
+    /// The live sides' logs, for a failure message.
+    fn sides_now(&self) -> String {
+        let mut out = format!(
+            "--- primary (host {}, pid {}) ---\n{}",
+            self.primary.host,
+            self.primary.proc.pid(),
+            tail(&self.primary.proc.stderr(), 25)
+        );
+        if let Some(b) = &self.backup {
+            out += &format!(
+                "\n--- backup (host {}, pid {}) ---\n{}",
+                b.host,
+                b.proc.pid(),
+                tail(&b.proc.stderr(), 25)
+            );
+        }
+        out
+    }
+
     /// Takes note of sides that ended: a primary that ended hands over to its backup, which
     /// must go live; a backup that ended is gone.
     fn settle(&mut self) -> Result<(), String> {
@@ -281,6 +315,7 @@ impl Soak {
             if b.proc.exited() && !self.primary.proc.exited() {
                 let b = self.backup.take().unwrap();
                 let run = b.proc.wait(Duration::from_secs(10));
+                self.keep(b.host, "backup", &run);
                 eprintln!(
                     "soak:   the backup on host {} ended ({:?}): {}",
                     b.host,
@@ -306,6 +341,7 @@ impl Soak {
         let old = std::mem::replace(&mut self.primary, b);
         let taken = old.taken;
         let run = old.proc.wait(Duration::from_secs(10));
+        self.keep(old.host, "primary", &run);
         let stdout = run.stdout.get(taken..).unwrap_or("");
         if !live {
             return Err(format!(
@@ -575,8 +611,9 @@ fn soak() {
                 at = now;
             }
             Err(why) => panic!(
-                "soak: event {} ({e:?}, seed {seed}) broke an invariant: {why}\n(the scratch directory {} has the client's log)",
+                "soak: event {} ({e:?}, seed {seed}) broke an invariant: {why}\n{}\n(the scratch directory {} has the client's log and the logs of the sides that ended)",
                 n + 1,
+                soak.sides_now(),
                 dir.display()
             ),
         }
