@@ -1112,5 +1112,20 @@ fn throughput_on_two_machines_ft_against_standalone() {
                 lines[0]
             );
         }
+        // The two rows scripts/bench --lanes prints: FT against the guest alone on one machine,
+        // and against it beside a busy second machine (both machines share this machine's two
+        // cores, as the pair's do: the fair baseline).
+        let ft: usize = lines[3].iter().sum();
+        for (base, against) in [(0, "on two machines"), (1, "beside a busy machine")] {
+            let b: usize = lines[base].iter().sum();
+            if !lines[3].is_empty() && !lines[base].is_empty() {
+                eprintln!(
+                    "{workload}: FT / standalone {against} {:.3} ({:?} against {:?} {unit})",
+                    ft as f64 / b.max(1) as f64,
+                    lines[3],
+                    lines[base]
+                );
+            }
+        }
     }
 }
