@@ -472,6 +472,14 @@ impl Soak {
                     "--then",
                     "backup",
                 ]);
+                if out.contains("no backup to hand over to") {
+                    // The backup ended between the last look and the request (a false
+                    // suspicion under load): not a fault of the switchover.
+                    self.settle()?;
+                    return Ok(format!(
+                        "switchover {old} -> {new} refused: the backup had ended"
+                    ));
+                }
                 if code != 0 || !out.contains("\"done\"") {
                     return Err(format!("switchover refused ({code}): {out}{err}"));
                 }
@@ -586,8 +594,14 @@ fn soak() {
         let i = rng.below(EVENTS.len() as u64) as usize;
         let e = EVENTS[i];
         let started = Instant::now();
+        // A side may have ended between events (a takeover the load caused).
         let result = soak
-            .event(e, &mut rng)
+            .settle()
+            .and_then(|()| match soak.backup {
+                None => soak.reprotect(),
+                Some(_) => Ok(()),
+            })
+            .and_then(|()| soak.event(e, &mut rng))
             .and_then(|what| {
                 if soak.backup.is_none() {
                     soak.reprotect()?;
