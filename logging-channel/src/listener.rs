@@ -169,6 +169,9 @@ pub fn connect(addr: &str, cfg: ChannelConfig) -> Result<Connection, ChannelErro
         .unwrap_or_else(|_| Err(ChannelError::Runtime("the connecting task ended".into())))
 }
 
+/// How long a backup's connection to its primary may take to open.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 async fn connect_async(
     rt: &tokio::runtime::Handle,
     addr: &str,
@@ -178,7 +181,11 @@ async fn connect_async(
         what: format!("cannot connect to the primary at {addr}"),
         source,
     };
-    let stream = tokio::time::timeout(cfg.timeout, TcpStream::connect(addr))
+    // Not the peer timeout: that decides how soon a silent peer is lost (hundreds of
+    // milliseconds), while a connection may need an ARP resolution on a link that just came
+    // back, or a SYN sent again (the kernel waits 1 s before it does).
+    let limit = cfg.timeout.max(CONNECT_TIMEOUT);
+    let stream = tokio::time::timeout(limit, TcpStream::connect(addr))
         .await
         .map_err(|_| io(std::io::ErrorKind::TimedOut.into()))?
         .map_err(io)?;
