@@ -25,9 +25,10 @@ use thiserror::Error;
 pub const MAGIC: [u8; 8] = *b"FTVMMLOG";
 /// The format version this build writes (2 added the disk, base and resync records; 3 changed
 /// the checkpoint data: snapshot format 5, pages encoded against a page cache, and added the
-/// interrupt-window exits; 4 added the mechanisms to the header); it reads versions 1 to 4 (the
-/// checkpoints of older logs do not decode: snapshots are tied to the build).
-pub const VERSION: u16 = 5;
+/// interrupt-window exits; 4 added the mechanisms to the header; 5 added `DiskReadLocal`; 6
+/// added `DiskVerify`); it reads versions 1 to 6 (the checkpoints of older logs do not decode:
+/// snapshots are tied to the build).
+pub const VERSION: u16 = 6;
 /// The largest frame payload (a full checkpoint of a 3 GiB guest fits in a few frames' worth of
 /// pages; checkpoints are split by the writer if they are larger).
 pub const MAX_FRAME: u32 = 1 << 30;
@@ -221,6 +222,16 @@ pub enum Record {
         len: u32,
         /// CRC32C of the bytes the primary read.
         crc: u32,
+    },
+    /// Version 6, a mirrored disk: the primary's copy as it was at this point of the stream
+    /// (`ftvmm ctl verify-disk`), one digest a block ([`crate::disk::BLOCK`] bytes, SHA-256's
+    /// first 16 bytes). A backup compares its own copy when its replay reaches this record:
+    /// a copy that differs diverges there. Not an event of the guest: replay skips it.
+    DiskVerify {
+        /// The verification's number.
+        id: u64,
+        /// The block digests, 16 bytes each, in block order.
+        digests: Vec<u8>,
     },
 }
 

@@ -6,6 +6,9 @@
 //! can acknowledge what it has executed.
 
 use crate::boundary::{Boundary, BoundaryError, Input, OutputKind, Point, RunEnd, WaitRequest};
+use crate::disk::{
+    copy_digest, differing, hex, BlockDigest, BlockDigests, DiskCheck, FIRST_DIFFERING,
+};
 use crate::exit::{ExitDigest, SyncExit};
 use crate::log::{decode_exit, unpack_disk_data, Header, InputRec, LogReader, PointRec, Record};
 use crate::output::Output;
@@ -139,6 +142,30 @@ struct Core<R: Read> {
     /// The disk is this side's own copy ([`crate::disk::DiskMode::Mirrored`]): the replayed writes go to
     /// the image the VMM hands over, and reads logged by their CRC are served from it.
     mirrored: bool,
+    /// That copy, once the VMM handed it over ([`Boundary::disk`]).
+    image: Option<Box<dyn Disk>>,
+    /// Compares the copy with the primary's at each [`Record::DiskVerify`].
+    verifier: Option<DiskVerifier>,
+    /// A [`Record::DiskVerify`] taken off the stream, compared before anything after it is
+    /// replayed (the effects of the record before it are then in the copy).
+    due: Option<DueCheck>,
+}
+
+/// A verification the stream asked for: its record's sequence number, its number, the
+/// primary's block digests.
+struct DueCheck {
+    seq: u64,
+    id: u64,
+    digests: Vec<u8>,
+}
+
+/// A backup's half of `ftvmm ctl verify-disk` (a mirrored disk): the digests of its copy, kept
+/// current by the replayed writes, and where each comparison's outcome goes.
+pub struct DiskVerifier {
+    /// The copy's block digests ([`BlockDigests::mark`]ed by every replayed write).
+    pub digests: Arc<BlockDigests>,
+    /// Told each comparison's outcome, on the vCPU thread, before a mismatch diverges.
+    pub report: Box<dyn FnMut(&DiskCheck) + Send>,
 }
 
 fn describe(record: &Option<Record>, last_rip: u64) -> String {
@@ -165,6 +192,7 @@ fn describe(record: &Option<Record>, last_rip: u64) -> String {
         }
         Some(Record::Base { .. }) => "the base of a stream".into(),
         Some(Record::Resync { .. }) => "a resync snapshot".into(),
+        Some(Record::DiskVerify { .. }) => "a verification of the disk".into(),
     }
 }
 
@@ -183,8 +211,31 @@ impl<R: Read> Core<R> {
         }
         // The record taken is replayed whatever comes next: a stream that breaks off after it
         // (a truncated frame) ends here, and the next call sees the end.
+        self.read_next(matches!(rec, Record::End { .. }));
+        self.take_markers();
+        Ok(rec)
+    }
+
+    /// A verification of the disk is not an event of the guest: it is taken off the stream
+    /// here and done before anything after it is replayed.
+    fn take_markers(&mut self) {
+        while matches!(self.next, Some(Record::DiskVerify { .. })) {
+            let Some(Record::DiskVerify { id, digests }) = self.next.take() else {
+                break;
+            };
+            self.due = Some(DueCheck {
+                seq: self.next_seq,
+                id,
+                digests,
+            });
+            self.next_seq += 1;
+            self.read_next(false);
+        }
+    }
+
+    fn read_next(&mut self, at_end: bool) {
         self.next = match self.log.read_record() {
-            Ok(None) if self.require_end && !matches!(rec, Record::End { .. }) => {
+            Ok(None) if self.require_end && !at_end => {
                 self.broken = Some(crate::log::LogError::Truncated {
                     frame: self.log.frame(),
                     offset: self.log.offset(),
@@ -197,7 +248,72 @@ impl<R: Read> Core<R> {
                 None
             }
         };
-        Ok(rec)
+    }
+
+    /// Compares this side's copy with the primary's if the stream asked for it (a
+    /// [`Record::DiskVerify`] came before the next record); a copy that differs is a
+    /// divergence, left pending.
+    fn run_due(&mut self) {
+        let Some(due) = self.due.take() else {
+            return;
+        };
+        let (Some(image), Some(verifier)) = (self.image.as_mut(), self.verifier.as_mut()) else {
+            return; // not a mirrored copy: nothing to compare
+        };
+        let start = std::time::Instant::now();
+        let blocks = verifier.digests.blocks();
+        let mut check = DiskCheck {
+            id: due.id,
+            position: due.seq,
+            exits: Some(self.exits),
+            blocks,
+            ..DiskCheck::default()
+        };
+        let theirs: Option<Vec<BlockDigest>> =
+            (due.digests.len() as u64 == blocks * 16).then(|| {
+                due.digests
+                    .chunks_exact(16)
+                    .map(|c| c.try_into().unwrap_or([0; 16]))
+                    .collect()
+            });
+        let hashed = verifier.digests.refresh(image.as_mut());
+        let ours = verifier.digests.current();
+        check.digest = hex(&copy_digest(&ours));
+        check.hashed_blocks = *hashed.as_ref().unwrap_or(&0);
+        let why = match (&theirs, &hashed) {
+            (_, Err(e)) => Some(format!("this side's copy could not be read: {e}")),
+            (None, _) => Some(format!(
+                "the primary's digests are {} bytes, this side's copy has {blocks} blocks of 16",
+                due.digests.len()
+            )),
+            (Some(theirs), Ok(_)) => {
+                let diff = differing(&ours, theirs);
+                check.differing = diff.len() as u64;
+                check.first_differing = diff.iter().take(FIRST_DIFFERING).copied().collect();
+                (!diff.is_empty()).then(|| {
+                    format!(
+                        "{} of {blocks} blocks differ from the primary's copy (the first: block {}, byte {})",
+                        diff.len(),
+                        diff[0],
+                        diff[0] * crate::disk::BLOCK
+                    )
+                })
+            }
+        };
+        check.result = if why.is_none() { "match" } else { "mismatch" }.into();
+        check.ms = start.elapsed().as_secs_f64() * 1e3;
+        (verifier.report)(&check);
+        if let Some(why) = why {
+            let e = BoundaryError::Divergence {
+                exit: self.exits,
+                expected: format!(
+                    "this side's copy of the disk equal to the primary's at log position {} (verification {})",
+                    due.seq, due.id
+                ),
+                got: why,
+            };
+            self.pending.get_or_insert(e);
+        }
     }
 
     /// A disk request that is not the one the log holds next: the divergence is reported at the
@@ -233,6 +349,7 @@ impl<R: Read> Core<R> {
     }
 
     fn check_pending(&mut self) -> Result<(), BoundaryError> {
+        self.run_due();
         match self.pending.take() {
             Some(e) => Err(e),
             None => Ok(()),
@@ -314,7 +431,11 @@ impl<R: Read + Send + 'static> Replayer<R> {
             broken: None,
             require_end: false,
             mirrored: false,
+            image: None,
+            verifier: None,
+            due: None,
         };
+        core.take_markers();
         core.take_base()?;
         Ok(Replayer {
             core: Arc::new(Mutex::new(core)),
@@ -345,6 +466,12 @@ impl<R: Read + Send + 'static> Replayer<R> {
     /// image.
     pub fn mirror_disk(&mut self) {
         lock(&self.core).mirrored = true;
+    }
+
+    /// Compare this side's mirrored copy with the primary's at every [`Record::DiskVerify`]
+    /// (without one, those records are skipped).
+    pub fn verify_disk(&mut self, verifier: DiskVerifier) {
+        lock(&self.core).verifier = Some(verifier);
     }
 
     /// Keep the data of replayed disk writes here (a backup) instead of dropping it.
@@ -496,15 +623,13 @@ impl<R: Read + Send + 'static> Boundary for Replayer<R> {
     fn disk(&mut self, image: Option<Box<dyn Disk>>, size: u64) -> Option<Box<dyn Disk>> {
         // A replay touches the image only when it is this side's mirrored copy; otherwise reads
         // come from the log and writes are checked and kept.
-        let image = if lock(&self.core).mirrored {
-            image
-        } else {
-            None
-        };
+        let mut core = lock(&self.core);
+        if core.mirrored {
+            core.image = image;
+        }
         Some(Box::new(ReplayDisk {
             core: self.core.clone(),
             size,
-            image,
         }))
     }
 
@@ -620,8 +745,18 @@ impl<R: Read + Send + 'static> Boundary for Replayer<R> {
 struct ReplayDisk<R: Read> {
     core: Arc<Mutex<Core<R>>>,
     size: u64,
-    /// This side's own copy ([`Replayer::mirror_disk`]).
-    image: Option<Box<dyn Disk>>,
+}
+
+impl<R: Read> Core<R> {
+    /// Before a disk request: a verification due is done first, and a divergence it (or an
+    /// earlier request) found fails the request.
+    fn disk_ready(&mut self) -> io::Result<()> {
+        self.run_due();
+        match self.pending {
+            Some(_) => Err(io::Error::other("replay diverged")),
+            None => Ok(()),
+        }
+    }
 }
 
 impl<R: Read + Send> Disk for ReplayDisk<R> {
@@ -631,6 +766,8 @@ impl<R: Read + Send> Disk for ReplayDisk<R> {
 
     fn read_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         let mut core = lock(&self.core);
+        core.disk_ready()?;
+        let core = &mut *core;
         if let (
             Some(image),
             Some(Record::DiskReadLocal {
@@ -638,7 +775,7 @@ impl<R: Read + Send> Disk for ReplayDisk<R> {
                 len,
                 crc,
             }),
-        ) = (self.image.as_mut(), &core.next)
+        ) = (core.image.as_mut(), &core.next)
         {
             if *o == offset && *len as usize == buf.len() {
                 let crc = *crc;
@@ -678,6 +815,7 @@ impl<R: Read + Send> Disk for ReplayDisk<R> {
 
     fn write_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
         let mut core = lock(&self.core);
+        core.disk_ready()?;
         let want = Record::DiskWrite {
             offset,
             len: buf.len() as u32,
@@ -692,9 +830,13 @@ impl<R: Read + Send> Disk for ReplayDisk<R> {
         let seq = core.next_seq;
         core.advance()
             .map_err(|e| io::Error::other(e.to_string()))?;
-        if let Some(image) = self.image.as_mut() {
+        if let Some(image) = core.image.as_mut() {
             // This side's copy: the write is state, applied as replayed.
-            return image.write_at(buf, offset);
+            image.write_at(buf, offset)?;
+            if let Some(v) = &core.verifier {
+                v.digests.mark(offset, buf.len() as u64);
+            }
+            return Ok(());
         }
         if let Some(kept) = &core.kept {
             kept.lock()
@@ -706,13 +848,14 @@ impl<R: Read + Send> Disk for ReplayDisk<R> {
 
     fn flush(&mut self) -> io::Result<()> {
         let mut core = lock(&self.core);
+        core.disk_ready()?;
         if core.next != Some(Record::DiskFlush) {
             return Err(core.disk_divergence("a disk flush".into()));
         }
         let seq = core.next_seq;
         core.advance()
             .map_err(|e| io::Error::other(e.to_string()))?;
-        if let Some(image) = self.image.as_mut() {
+        if let Some(image) = core.image.as_mut() {
             return image.flush();
         }
         if let Some(kept) = &core.kept {
@@ -741,5 +884,94 @@ mod tests {
         kept.keep_output(6, Output::Serial(b"new".to_vec()));
         let seqs: Vec<u64> = kept.take().into_iter().map(|(s, _)| s).collect();
         assert_eq!(seqs, [5, 6]);
+    }
+
+    /// A disk of bytes in memory.
+    struct Mem(Vec<u8>);
+
+    impl Disk for Mem {
+        fn size(&self) -> u64 {
+            self.0.len() as u64
+        }
+        fn read_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+            let o = offset as usize;
+            buf.copy_from_slice(&self.0[o..o + buf.len()]);
+            Ok(())
+        }
+        fn write_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
+            let o = offset as usize;
+            self.0[o..o + buf.len()].copy_from_slice(buf);
+            Ok(())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// Replays `DiskVerify { id: 1, digests }` then a clock read against a mirrored copy of
+    /// `copy`: the clock read's answer, and what the verifier was told.
+    fn verify(copy: Vec<u8>, digests: Vec<u8>) -> (Result<u64, BoundaryError>, Vec<DiskCheck>) {
+        use crate::log::{Header, LogWriter, VERSION};
+        let header = Header {
+            version: VERSION,
+            config_hash: 1,
+            config_summary: "test".into(),
+            rtc_epoch: 0,
+            mechanisms: None,
+        };
+        let mut bytes = Vec::new();
+        {
+            let mut log = LogWriter::new(&mut bytes, &header).unwrap();
+            log.write(&Record::DiskVerify { id: 1, digests }).unwrap();
+            log.write(&Record::Clock { delta: 5 }).unwrap();
+            log.flush().unwrap();
+        }
+        let mut r = Replayer::new(io::Cursor::new(bytes), Box::new(io::sink())).unwrap();
+        r.mirror_disk();
+        let size = copy.len() as u64;
+        let told = Arc::new(Mutex::new(Vec::new()));
+        let t = told.clone();
+        r.verify_disk(DiskVerifier {
+            digests: Arc::new(BlockDigests::new(size)),
+            report: Box::new(move |c| t.lock().unwrap().push(c.clone())),
+        });
+        let _disk = r.disk(Some(Box::new(Mem(copy))), size);
+        let got = r.read_clock();
+        let told = told.lock().unwrap().clone();
+        (got, told)
+    }
+
+    #[test]
+    fn a_disk_verification_compares_the_copy_where_the_stream_asked() {
+        use crate::disk::{block_digest, BLOCK};
+        let copy: Vec<u8> = (0..2 * BLOCK + 10).map(|i| (i % 253) as u8).collect();
+        let digests: Vec<u8> = copy.chunks(BLOCK as usize).flat_map(block_digest).collect();
+        // Equal: the replay goes on, past the record, with the clock read after it.
+        let (got, told) = verify(copy.clone(), digests.clone());
+        assert_eq!(got.unwrap(), 5);
+        assert_eq!(told.len(), 1);
+        assert!(told[0].matched(), "{:?}", told[0]);
+        assert_eq!((told[0].position, told[0].blocks), (1, 3));
+        // One byte differs in block 1: a divergence that names it.
+        let mut altered = copy.clone();
+        altered[BLOCK as usize + 7] ^= 1;
+        let (got, told) = verify(altered, digests.clone());
+        let e = got.unwrap_err().to_string();
+        assert!(
+            e.contains("1 of 3 blocks differ") && e.contains("block 1,"),
+            "{e}"
+        );
+        assert_eq!(told[0].first_differing, [1]);
+        assert_eq!(told[0].result, "mismatch");
+        // Digests that cannot be this copy's (bad input from the peer): a divergence too.
+        for bad in [vec![1, 2, 3], digests[..32].to_vec(), Vec::new()] {
+            let (got, told) = verify(copy.clone(), bad.clone());
+            let e = got.unwrap_err().to_string();
+            assert!(
+                e.contains(&format!("digests are {} bytes", bad.len())),
+                "{e}"
+            );
+            assert_eq!(told[0].result, "mismatch");
+        }
     }
 }

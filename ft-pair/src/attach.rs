@@ -13,9 +13,10 @@
 use crate::backup::SlotDisk;
 use crate::error::PairError;
 use crate::golive::open_image;
-use crate::mirror::{digests, write_blocks, BLOCKS_PER_MESSAGE};
+use crate::mirror::{digests, write_blocks, BLOCK, BLOCKS_PER_MESSAGE};
 use crate::primary::Manager;
 use devices::disk::{Disk, ImageFile};
+use ft_core::disk::BlockDigests;
 use ft_core::disk::DiskMode;
 use ft_core::live::{LiveBoundary, SerialSource};
 use ft_core::log::Record;
@@ -415,6 +416,11 @@ pub(crate) struct Received {
     /// The pair's epoch the primary attached this backup at.
     pub(crate) epoch: u64,
     pub(crate) attach_ms: u64,
+    /// The block digests of the mirrored copy: those read before the transfer, the blocks it
+    /// wrote stale (`ctl verify-disk` hashes only what changed since).
+    pub(crate) digests: Option<Arc<BlockDigests>>,
+    /// Blocks of the mirrored copy the transfer wrote.
+    pub(crate) disk_blocks: u64,
 }
 
 /// Attaches to the primary at `addr` and receives its VM: hello ([`join`]), then the pre-copy
@@ -458,9 +464,13 @@ pub(crate) fn receive_vm(
         (Some(p), DiskMode::Mirrored) => Some(open_image(p)?),
         _ => None,
     };
+    let mut block_digests = None;
     if let Some(copy) = copy.as_mut() {
         let digests =
             digests(copy).map_err(PairError::io("reading this side's copy of the disk"))?;
+        let known = BlockDigests::new(copy.size());
+        known.seed(&digests);
+        block_digests = Some(Arc::new(known));
         let msg = TransferMsg::DiskDigests { digests }.encode()?;
         conn.send(Msg::Transfer(msg))
             .map_err(PairError::channel(format!("primary {addr}")))?;
@@ -470,7 +480,14 @@ pub(crate) fn receive_vm(
         epoch,
         pages,
         bytes,
-    } = receive_transfer(&conn, addr, &vm.memory(), copy.as_mut(), started)?;
+        disk_blocks,
+    } = receive_transfer(
+        &conn,
+        addr,
+        &vm.memory(),
+        copy.as_mut().zip(block_digests.as_deref()),
+        started,
+    )?;
     if let Some(copy) = copy.as_mut() {
         copy.flush()
             .map_err(PairError::io("flushing the received disk copy"))?;
@@ -479,8 +496,13 @@ pub(crate) fn receive_vm(
     drop(snapshot);
     vmm::memory::trim_heap();
     let attach_ms = started.elapsed().as_millis() as u64;
+    let disk = if copy.is_some() {
+        format!(", {disk_blocks} disk blocks written into this side's copy")
+    } else {
+        String::new()
+    };
     tracing::warn!(
-        "backup of {addr}: VM received ({pages} pages, {:.1} MiB in {attach_ms} ms); replaying",
+        "backup of {addr}: VM received ({pages} pages{disk}, {:.1} MiB in {attach_ms} ms); replaying",
         bytes as f64 / (1 << 20) as f64
     );
     Ok(Received {
@@ -491,6 +513,8 @@ pub(crate) fn receive_vm(
         copy,
         epoch,
         attach_ms,
+        digests: block_digests,
+        disk_blocks,
     })
 }
 
@@ -531,6 +555,8 @@ pub(crate) struct Transfer {
     pub(crate) pages: u64,
     /// Bytes of the transfer.
     pub(crate) bytes: u64,
+    /// Blocks of a mirrored disk written.
+    pub(crate) disk_blocks: u64,
 }
 
 /// The transfer after the welcome: the pre-copy rounds written into `mem` (zeroed RAM), up to
@@ -539,10 +565,11 @@ pub(crate) fn receive_transfer(
     conn: &Connection,
     addr: &str,
     mem: &GuestMemoryMmap,
-    mut disk: Option<&mut ImageFile>,
+    mut disk: Option<(&mut ImageFile, &BlockDigests)>,
     started: Instant,
 ) -> Result<Transfer, PairError> {
     let (mut pages, mut bytes, mut round) = (0u64, 0u64, 0u32);
+    let mut disk_blocks = 0u64;
     let tty = std::io::stderr().is_terminal();
     let (final_state, epoch) = loop {
         let msg = conn
@@ -576,13 +603,17 @@ pub(crate) fn receive_transfer(
                 round = r;
             }
             TransferMsg::DiskBlocks { blocks, .. } => {
-                let Some(copy) = disk.as_deref_mut() else {
+                let Some((copy, known)) = disk.as_mut() else {
                     return Err(unexpected(
                         addr,
                         "disk blocks, but this side's disk is not mirrored".into(),
                     ));
                 };
                 write_blocks(copy, &blocks).map_err(|e| unexpected(addr, e.to_string()))?;
+                for (b, _) in &blocks {
+                    known.mark(b * BLOCK, 1);
+                }
+                disk_blocks += blocks.len() as u64;
             }
             TransferMsg::DiskDigests { .. } => {
                 return Err(unexpected(
@@ -603,6 +634,7 @@ pub(crate) fn receive_transfer(
         epoch,
         pages,
         bytes,
+        disk_blocks,
     })
 }
 

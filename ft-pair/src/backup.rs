@@ -18,8 +18,9 @@ use crate::receiver::BackupLink;
 use crate::status::{BackupLag, BackupLog, BackupStatus, ChannelFigures, Status};
 use crate::{End, Finished};
 use devices::disk::Disk;
+use ft_core::disk::DiskCheck;
 use ft_core::disk::DiskMode;
-use ft_core::replay::{KeptWrites, Progress, Replayer};
+use ft_core::replay::{DiskVerifier, KeptWrites, Progress, Replayer};
 use ft_core::takeover::{Decision, Refusal, Takeover};
 use ft_core::{Boundary, BoundaryError};
 use logging_channel::Msg;
@@ -71,6 +72,11 @@ struct BackupCounters {
     divergences: AtomicU64,
     resyncs: AtomicU64,
     attach_ms: AtomicU64,
+    attach_disk_blocks: AtomicU64,
+    disk_checks: AtomicU64,
+    disk_mismatches: AtomicU64,
+    last_disk_check: Mutex<Option<DiskCheck>>,
+    healing: Mutex<Option<String>>,
 }
 /// Runs a backup until its guest stops (as a backup, or as the primary it became); the caller
 /// reports the run and decides the exit status.
@@ -88,6 +94,8 @@ pub fn run(cfg: &BackupConfig, host: Arc<dyn Host>) -> Result<Finished, PairErro
         copy,
         epoch,
         attach_ms,
+        digests,
+        disk_blocks,
     } = receive_vm(
         &addr,
         cfg.pair.channel.clone(),
@@ -99,6 +107,9 @@ pub fn run(cfg: &BackupConfig, host: Arc<dyn Host>) -> Result<Finished, PairErro
     )?;
     let counters = Arc::new(BackupCounters::default());
     counters.attach_ms.store(attach_ms, Ordering::Relaxed);
+    counters
+        .attach_disk_blocks
+        .store(disk_blocks, Ordering::Relaxed);
 
     let progress = Arc::new(Progress::default());
     let kept = Arc::new(Mutex::new(KeptWrites::default()));
@@ -115,6 +126,12 @@ pub fn run(cfg: &BackupConfig, host: Arc<dyn Host>) -> Result<Finished, PairErro
     replayer.keep_writes(kept.clone());
     if mirrored {
         replayer.mirror_disk();
+    }
+    if let Some(digests) = digests {
+        replayer.verify_disk(DiskVerifier {
+            digests,
+            report: disk_check_report(link.clone(), counters.clone()),
+        });
     }
     if let Some(n) = std::env::var("FTVMM_TEST_DIVERGE_AT_EXIT")
         .ok()
@@ -416,7 +433,71 @@ fn backup_status(
             attach_ms: counters.attach_ms.load(Ordering::Relaxed),
             ended: link.ended(),
             epoch,
+            attach_disk_blocks: counters.attach_disk_blocks.load(Ordering::Relaxed),
+            healing: counters
+                .healing
+                .lock()
+                .map(|h| h.clone())
+                .unwrap_or_default(),
+            disk_checks: counters.disk_checks.load(Ordering::Relaxed),
+            disk_mismatches: counters.disk_mismatches.load(Ordering::Relaxed),
+            last_disk_check: counters
+                .last_disk_check
+                .lock()
+                .map(|c| c.clone())
+                .unwrap_or_default(),
         }))
+    })
+}
+
+/// Where a backup's comparison of its mirrored copy with the primary's goes: its status, its
+/// log, and the primary (which answers `ctl verify-disk` with it).
+fn disk_check_report(
+    link: Arc<BackupLink>,
+    counters: Arc<BackupCounters>,
+) -> Box<dyn FnMut(&DiskCheck) + Send> {
+    Box::new(move |check| {
+        counters.disk_checks.fetch_add(1, Ordering::Relaxed);
+        if check.matched() {
+            tracing::info!(
+                "verify-disk {}: this side's copy equals the primary's at position {} (exit {}; {} blocks hashed, {:.1} ms)",
+                check.id,
+                check.position,
+                check.exits.unwrap_or_default(),
+                check.hashed_blocks,
+                check.ms
+            );
+        } else {
+            counters.disk_mismatches.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(
+                "verify-disk {}: this side's copy differs from the primary's at position {} (exit {}): {} of {} blocks, the first {:?}",
+                check.id,
+                check.position,
+                check.exits.unwrap_or_default(),
+                check.differing,
+                check.blocks,
+                check.first_differing
+            );
+        }
+        *counters
+            .last_disk_check
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(check.clone());
+        let sent = link.connection().send(Msg::DiskVerified {
+            id: check.id,
+            position: check.position,
+            matched: check.matched(),
+            differing: check.differing,
+            first_differing: check.first_differing.clone(),
+            hashed_blocks: check.hashed_blocks,
+            micros: (check.ms * 1e3) as u64,
+        });
+        if let Err(e) = sent {
+            tracing::warn!(
+                "cannot tell the primary verification {}'s outcome: {e}",
+                check.id
+            );
+        }
     })
 }
 

@@ -11,6 +11,7 @@ use crate::mirror::{DirtyBlocks, Mirror, TrackedDisk};
 use crate::primary::{ServiceParts, Services, TakeoverRecord};
 use crate::receiver::BackupLink;
 use devices::disk::{Disk, ImageFile};
+use ft_core::disk::BlockDigests;
 use ft_core::disk::DiskMode;
 use ft_core::live::{LiveBoundary, NetPort, NetQueue};
 use ft_core::log::{Header, VERSION};
@@ -131,12 +132,18 @@ fn mirrored_image(config: &vmm::VmConfig) -> Result<DiskSide, PairError> {
         .try_clone()
         .map_err(PairError::io(format!("disk image {}", path.display())))?;
     let dirty = Arc::new(DirtyBlocks::new(img.size()));
+    let digests = Arc::new(BlockDigests::new(img.size()));
     Ok((
-        Some(Box::new(TrackedDisk::new(img, dirty.clone()))),
+        Some(Box::new(TrackedDisk::new(
+            img,
+            dirty.clone(),
+            digests.clone(),
+        ))),
         None,
         Some(Mirror {
             image: for_attach,
             dirty,
+            digests,
         }),
     ))
 }

@@ -405,3 +405,86 @@ fn the_old_primarys_copy_re_protects_with_the_blocks_that_differ() {
     assert_eq!(code, 0, "{out}{err}");
     stopped_alike(b, a, &rig.disks);
 }
+
+/// `ftvmm ctl verify-disk` parsed: (exit code, the answer, what ctl said on stderr).
+fn verify_disk(sock: &str) -> (i32, serde_json::Value, String) {
+    let (code, out, err) = ctl(&["--api-socket", sock, "verify-disk"]);
+    let v = serde_json::from_str(&out).unwrap_or(serde_json::Value::Null);
+    (code, v, err)
+}
+
+/// A side's status document parsed.
+fn status_of(sock: &Path) -> serde_json::Value {
+    serde_json::from_str(&ftvmm_tests::ctl_status(sock)).unwrap_or(serde_json::Value::Null)
+}
+
+/// Waits until the backup's status reports verification `id`, and returns that report.
+fn backup_check(sock: &Path, id: u64) -> serde_json::Value {
+    let mut last = serde_json::Value::Null;
+    let seen = ftvmm_tests::wait_until(Duration::from_secs(120), Duration::from_millis(50), || {
+        last = status_of(sock);
+        last["last_disk_check"]["id"].as_u64() == Some(id)
+    });
+    assert!(
+        seen,
+        "the backup never reported verification {id}: {last:#}"
+    );
+    last["last_disk_check"].clone()
+}
+
+/// `ctl verify-disk` on a healthy mirrored pair: both copies compared at one log position say
+/// they match, both sides report the same position and exit count, the second verification
+/// hashes only the blocks written since the first; then a clean stop leaves equal copies.
+#[test]
+fn verify_disk_on_a_healthy_mirrored_pair_matches_at_one_position() {
+    let Some(rig) = rig("mirror-verify", "mv") else {
+        return;
+    };
+    let socks = [rig.dir.join("a.sock"), rig.dir.join("b.sock")];
+    let (sa, sb) = (socks[0].to_str().unwrap(), socks[1].to_str().unwrap());
+    let sides = mirrored_diskwrite(&rig, &["--api-socket", sa], &["--api-socket", sb]);
+    for id in 1..=2u64 {
+        assert!(
+            wait_synced(
+                &sides.p,
+                last_synced(&sides.p.stdout()) + 1,
+                Duration::from_secs(300)
+            ),
+            "{}",
+            sides.p.stdout()
+        );
+        let (code, answer, err) = verify_disk(sa);
+        eprintln!("verify-disk {id}: {answer}");
+        assert_eq!(
+            code,
+            0,
+            "{answer:#}{err}\n{}\n--- backup ---\n{}",
+            sides.p.stderr(),
+            sides.b.stderr()
+        );
+        assert_eq!(answer["result"], "match", "{answer:#}");
+        assert_eq!(answer["id"], id, "{answer:#}");
+        let theirs = backup_check(&socks[1], id);
+        eprintln!("backup's verification {id}: {theirs}");
+        assert_eq!(theirs["result"], "match", "{theirs:#}");
+        for field in ["position", "digest", "blocks"] {
+            assert_eq!(
+                answer[field], theirs[field],
+                "{field}: {answer:#}\n{theirs:#}"
+            );
+        }
+        let p = status_of(&socks[0]);
+        assert_eq!(p["last_disk_check"]["result"], "match", "{p:#}");
+        assert_eq!(p["disk_checks"], id, "{p:#}");
+        if id == 2 {
+            let blocks = answer["blocks"].as_u64().unwrap();
+            assert!(
+                answer["hashed_blocks"].as_u64().unwrap() < blocks,
+                "the second verification hashed the whole copy again: {answer:#}"
+            );
+        }
+    }
+    let (code, out, err) = ctl(&["--api-socket", sa, "stop"]);
+    assert_eq!(code, 0, "{out}{err}");
+    stopped_alike(sides.p, sides.b, &rig.disks);
+}
