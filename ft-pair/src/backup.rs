@@ -67,6 +67,10 @@ impl Disk for SlotDisk {
     }
 }
 
+/// The environment variable through which a backup that attaches again to heal its copy
+/// ([`End::Reattach`]) tells its next run why.
+pub const HEALING_ENV: &str = "FTVMM_HEALING";
+
 #[derive(Default)]
 struct BackupCounters {
     divergences: AtomicU64,
@@ -107,6 +111,12 @@ pub fn run(cfg: &BackupConfig, host: Arc<dyn Host>) -> Result<Finished, PairErro
     )?;
     let counters = Arc::new(BackupCounters::default());
     counters.attach_ms.store(attach_ms, Ordering::Relaxed);
+    if let Some(why) = std::env::var(HEALING_ENV).ok().filter(|w| !w.is_empty()) {
+        tracing::warn!(
+            "backup: attached again to heal this side's copy ({disk_blocks} disk blocks written into it); it had diverged: {why}"
+        );
+        *counters.healing.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
+    }
     counters
         .attach_disk_blocks
         .store(disk_blocks, Ordering::Relaxed);
@@ -250,16 +260,24 @@ pub fn run(cfg: &BackupConfig, host: Arc<dyn Host>) -> Result<Finished, PairErro
                 *diverged.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
                 if mirrored {
                     // A resync carries RAM and devices, not the disk, and this copy stopped
-                    // taking writes where the replay diverged: only a new attach (which copies
-                    // the disk) makes it current again.
+                    // taking writes where the replay diverged: a new attach, whose digests
+                    // find the blocks that differ, makes it current again. The primary's
+                    // guest runs on meanwhile, unprotected until this side is back.
                     control.finish();
-                    let reason = format!(
-                        "backup: {e}; with a mirrored disk a resync cannot bring this side's copy up to date: attach this backup again (its copy travels anew); a backup that diverged does not race for the lock: stopping"
+                    let reason = e.to_string();
+                    tracing::warn!(
+                        "backup: {reason}; healing this side's copy of the disk: leaving the primary and attaching again (the attach sends the blocks that differ)"
                     );
+                    link.connection().close(&format!(
+                        "diverged, attaching again to heal its copy: {reason}"
+                    ));
                     return Ok(Finished {
                         vm,
                         result: Ok(vmm::vcpu::Stop::EndOfLog),
-                        end: End::PrimaryLost { reason },
+                        end: End::Reattach {
+                            primary: addr.clone(),
+                            reason,
+                        },
                     });
                 }
                 tracing::error!("{e}: asking the primary for a resync");

@@ -526,6 +526,8 @@ pub(crate) struct Manager {
 /// A verification of the mirrored disk in the stream, waiting for the backup's answer.
 struct Verifying {
     check: DiskCheck,
+    /// The backup's connection, which brings the answer.
+    conn: Connection,
     reply: mpsc::Sender<serde_json::Value>,
     deadline: Instant,
 }
@@ -588,17 +590,7 @@ impl Manager {
                                 self.link.detach(&format!("resync failed: {e}"));
                             }
                         }
-                        Ok(Some(Msg::DiskVerified {
-                            id,
-                            position,
-                            matched,
-                            differing,
-                            first_differing,
-                            hashed_blocks: _,
-                            micros,
-                        })) => {
-                            self.verified(id, position, matched, differing, first_differing, micros)
-                        }
+                        Ok(Some(answer @ Msg::DiskVerified { .. })) => self.verified(answer),
                         Ok(Some(Msg::Bye { reason })) => {
                             self.link.detach(&format!("the backup left: {reason}"));
                             break;
@@ -621,9 +613,10 @@ impl Manager {
     fn serve(&self, cmd: Command) {
         match cmd {
             Command::VerifyDisk(reply) => match self.verify_disk() {
-                Ok(check) => {
+                Ok((check, conn)) => {
                     *self.verifying.borrow_mut() = Some(Verifying {
                         check,
+                        conn,
                         reply,
                         deadline: Instant::now() + VERIFY_LIMIT,
                     });
@@ -665,15 +658,18 @@ impl Manager {
     /// its replay gets there. The digests are kept current by the guest's writes: the blocks
     /// written since the last verification are hashed while the guest runs, then those written
     /// meanwhile with the guest paused, so that they are exact at the record.
-    fn verify_disk(&self) -> Result<DiskCheck, String> {
+    fn verify_disk(&self) -> Result<(DiskCheck, Connection), String> {
         let Some(mirror) = &self.mirror else {
             return Err(
                 "the disk is not mirrored (--disk-mode mirrored): nothing to compare".into(),
             );
         };
-        if self.link.mode() != Mode::Protected || self.link.connection().is_none() {
-            return Err("no backup is attached: there is no other copy to compare with".into());
-        }
+        let conn = match (self.link.mode(), self.link.connection()) {
+            (Mode::Protected, Some(conn)) => conn,
+            _ => {
+                return Err("no backup is attached: there is no other copy to compare with".into())
+            }
+        };
         if self.verifying.borrow().is_some() {
             return Err("a verification is under way: wait for its answer".into());
         }
@@ -725,19 +721,23 @@ impl Manager {
             .last_disk_check
             .lock()
             .unwrap_or_else(|e| e.into_inner()) = Some(check.clone());
-        Ok(check)
+        Ok((check, conn))
     }
 
-    /// The backup's answer to verification `id`.
-    fn verified(
-        &self,
-        id: u64,
-        position: u64,
-        matched: bool,
-        differing: u64,
-        first_differing: Vec<u64>,
-        micros: u64,
-    ) {
+    /// The backup's answer to a verification ([`Msg::DiskVerified`]).
+    fn verified(&self, answer: Msg) {
+        let Msg::DiskVerified {
+            id,
+            position,
+            matched,
+            differing,
+            first_differing,
+            hashed_blocks: _,
+            micros,
+        } = answer
+        else {
+            return;
+        };
         let Some(mut v) = self.verifying.borrow_mut().take_if(|v| v.check.id == id) else {
             tracing::warn!("the backup answered verification {id}, which is not under way");
             return;
@@ -779,8 +779,20 @@ impl Manager {
 
     /// A verification whose backup did not answer in time, or left: refused.
     fn verify_overdue(&self) {
-        let mut verifying = self.verifying.borrow_mut();
+        let Some(conn) = self.verifying.borrow().as_ref().map(|v| v.conn.clone()) else {
+            return;
+        };
         let gone = self.link.connection().is_none();
+        if gone {
+            // The answer may have come just before the backup left (a mismatch: it attaches
+            // again to heal its copy), and the connection still hands it out.
+            while let Ok(Some(m)) = conn.try_recv() {
+                if matches!(m, Msg::DiskVerified { .. }) {
+                    self.verified(m);
+                }
+            }
+        }
+        let mut verifying = self.verifying.borrow_mut();
         if let Some(v) = verifying.take_if(|v| gone || Instant::now() > v.deadline) {
             let why = if gone {
                 "the backup left before it answered"
