@@ -15,6 +15,7 @@ use crate::error::PairError;
 use crate::golive::open_image;
 use crate::mirror::{digests, write_blocks, BLOCK, BLOCKS_PER_MESSAGE};
 use crate::primary::Manager;
+use crate::sidecar::CopyMeta;
 use devices::disk::{Disk, ImageFile};
 use ft_core::disk::BlockDigests;
 use ft_core::disk::DiskMode;
@@ -309,9 +310,20 @@ impl Manager {
                 VcpuResponse::Snapshot(s) => s,
                 other => return Err(PairError::UnexpectedAnswer(format!("{other:?}"))),
             };
-            // A mirrored disk's last written blocks, before the state that follows them.
+            // A mirrored disk's last written blocks, before the state that follows them, and
+            // the history the backup's copy now shares.
             let blocks = self.dirty_blocks();
             self.send_blocks(conn, 0, &blocks, &[], &mut report)?;
+            if let Some(m) = &self.mirror {
+                let generation = m
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .meta
+                    .generation();
+                let msg = TransferMsg::DiskGeneration { generation }.encode()?;
+                report.bytes += msg.len() as u64;
+                conn.send(Msg::Transfer(msg))?;
+            }
             // The last harvest's pages were taken out of the transfer set: add them.
             let extra = read_pages(&self.mem, &leftover, false);
             report.pages += (snap.pages.pages.len() + extra.len()) as u64;
@@ -421,6 +433,8 @@ pub(crate) struct Received {
     pub(crate) digests: Option<Arc<BlockDigests>>,
     /// Blocks of the mirrored copy the transfer wrote.
     pub(crate) disk_blocks: u64,
+    /// The mirrored copy's sidecar.
+    pub(crate) meta: Option<Arc<CopyMeta>>,
 }
 
 /// Attaches to the primary at `addr` and receives its VM: hello ([`join`]), then the pre-copy
@@ -464,6 +478,15 @@ pub(crate) fn receive_vm(
         (Some(p), DiskMode::Mirrored) => Some(open_image(p)?),
         _ => None,
     };
+    // The copy is half-written until the transfer ends: stale until then.
+    let meta = match (&config.disk, disk_mode) {
+        (Some(p), DiskMode::Mirrored) => {
+            let meta = Arc::new(CopyMeta::open(p, &crate::lock::owner_name("backup")));
+            meta.stale(meta.epoch(), "an attach is bringing it up to date");
+            Some(meta)
+        }
+        _ => None,
+    };
     let mut block_digests = None;
     if let Some(copy) = copy.as_mut() {
         let digests =
@@ -481,6 +504,7 @@ pub(crate) fn receive_vm(
         pages,
         bytes,
         disk_blocks,
+        generation,
     } = receive_transfer(
         &conn,
         addr,
@@ -491,6 +515,12 @@ pub(crate) fn receive_vm(
     if let Some(copy) = copy.as_mut() {
         copy.flush()
             .map_err(PairError::io("flushing the received disk copy"))?;
+    }
+    if let Some(meta) = &meta {
+        if let Some(g) = &generation {
+            meta.adopt(g);
+        }
+        meta.current(epoch);
     }
     vm.restore(&snapshot)?;
     drop(snapshot);
@@ -515,6 +545,7 @@ pub(crate) fn receive_vm(
         attach_ms,
         digests: block_digests,
         disk_blocks,
+        meta,
     })
 }
 
@@ -557,6 +588,8 @@ pub(crate) struct Transfer {
     pub(crate) bytes: u64,
     /// Blocks of a mirrored disk written.
     pub(crate) disk_blocks: u64,
+    /// The generation of the primary's mirrored copy.
+    pub(crate) generation: Option<String>,
 }
 
 /// The transfer after the welcome: the pre-copy rounds written into `mem` (zeroed RAM), up to
@@ -570,6 +603,7 @@ pub(crate) fn receive_transfer(
 ) -> Result<Transfer, PairError> {
     let (mut pages, mut bytes, mut round) = (0u64, 0u64, 0u32);
     let mut disk_blocks = 0u64;
+    let mut generation = None;
     let tty = std::io::stderr().is_terminal();
     let (final_state, epoch) = loop {
         let msg = conn
@@ -621,6 +655,15 @@ pub(crate) fn receive_transfer(
                     "digests of a disk: the backup sends those".into(),
                 ));
             }
+            TransferMsg::DiskGeneration { generation: g } => {
+                if disk.is_none() {
+                    return Err(unexpected(
+                        addr,
+                        "a disk's generation, but this side's disk is not mirrored".into(),
+                    ));
+                }
+                generation = Some(g);
+            }
             TransferMsg::Final { snapshot, epoch } => {
                 if tty {
                     eprintln!();
@@ -635,6 +678,7 @@ pub(crate) fn receive_transfer(
         pages,
         bytes,
         disk_blocks,
+        generation,
     })
 }
 

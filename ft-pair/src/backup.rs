@@ -100,6 +100,7 @@ pub fn run(cfg: &BackupConfig, host: Arc<dyn Host>) -> Result<Finished, PairErro
         attach_ms,
         digests,
         disk_blocks,
+        meta,
     } = receive_vm(
         &addr,
         cfg.pair.channel.clone(),
@@ -268,6 +269,9 @@ pub fn run(cfg: &BackupConfig, host: Arc<dyn Host>) -> Result<Finished, PairErro
                     tracing::warn!(
                         "backup: {reason}; healing this side's copy of the disk: leaving the primary and attaching again (the attach sends the blocks that differ)"
                     );
+                    if let Some(m) = &meta {
+                        m.stale(epoch, &format!("its replay diverged: {reason}"));
+                    }
                     link.connection().close(&format!(
                         "diverged, attaching again to heal its copy: {reason}"
                     ));
@@ -339,6 +343,14 @@ pub fn run(cfg: &BackupConfig, host: Arc<dyn Host>) -> Result<Finished, PairErro
             End::Backup
         }
     };
+    // A backup that stops without its primary's clean stop may be behind the side that is
+    // live (the winner of the lock, or a primary still running): its copy is stale.
+    if let (Some(m), End::Fenced { why: reason } | End::PrimaryLost { reason }) = (&meta, &end) {
+        m.stale(
+            epoch,
+            &format!("this backup stopped without taking over: {reason}"),
+        );
+    }
     let result = match end {
         End::Backup => result,
         _ => Ok(vmm::vcpu::Stop::EndOfLog),

@@ -10,6 +10,7 @@ use crate::lock::Arbiter;
 use crate::mirror::{DirtyBlocks, Mirror, TrackedDisk};
 use crate::primary::{ServiceParts, Services, TakeoverRecord};
 use crate::receiver::BackupLink;
+use crate::sidecar::CopyMeta;
 use devices::disk::{Disk, ImageFile};
 use ft_core::disk::BlockDigests;
 use ft_core::disk::DiskMode;
@@ -110,7 +111,7 @@ pub(crate) fn build(p: StackParts<'_>) -> Result<Stack, PairError> {
     }
     let (held, release_image, mirror) = match p.cfg.disk {
         DiskMode::Shared => held_image(p.machine, &link)?,
-        DiskMode::Mirrored => mirrored_image(p.machine)?,
+        DiskMode::Mirrored => mirrored_image(p.machine, p.epoch.unwrap_or(0))?,
     };
     Ok(Stack {
         recorder,
@@ -123,7 +124,7 @@ pub(crate) fn build(p: StackParts<'_>) -> Result<Stack, PairError> {
 
 /// A mirrored disk's copy on this side: the disk the guest sees (writes go to the image at
 /// once, their blocks tracked while a backup attaches) and the attach's handle on it.
-fn mirrored_image(config: &vmm::VmConfig) -> Result<DiskSide, PairError> {
+fn mirrored_image(config: &vmm::VmConfig, epoch: u64) -> Result<DiskSide, PairError> {
     let Some(path) = &config.disk else {
         return Ok((None, None, None));
     };
@@ -133,6 +134,10 @@ fn mirrored_image(config: &vmm::VmConfig) -> Result<DiskSide, PairError> {
         .map_err(PairError::io(format!("disk image {}", path.display())))?;
     let dirty = Arc::new(DirtyBlocks::new(img.size()));
     let digests = Arc::new(BlockDigests::new(img.size()));
+    // This side is live on its copy from here: current at this epoch (a primary starting, or
+    // a backup that went live at the epoch it won).
+    let meta = Arc::new(CopyMeta::open(path, &crate::lock::owner_name("primary")));
+    meta.current(epoch);
     Ok((
         Some(Box::new(TrackedDisk::new(
             img,
@@ -144,6 +149,7 @@ fn mirrored_image(config: &vmm::VmConfig) -> Result<DiskSide, PairError> {
             image: for_attach,
             dirty,
             digests,
+            meta,
         }),
     ))
 }

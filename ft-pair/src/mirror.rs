@@ -125,6 +125,8 @@ pub(crate) struct Mirror {
     pub(crate) dirty: Arc<DirtyBlocks>,
     /// The copy's block digests, kept current by the guest's writes (`ctl verify-disk`).
     pub(crate) digests: Arc<BlockDigests>,
+    /// The copy's sidecar (current or stale, the generation a backup takes over at attach).
+    pub(crate) meta: Arc<crate::sidecar::CopyMeta>,
 }
 
 impl Mirror {
@@ -269,6 +271,7 @@ mod tests {
             image: ImageFile::open(&a).unwrap(),
             dirty: Arc::new(DirtyBlocks::new(size)),
             digests: Arc::new(BlockDigests::new(size)),
+            meta: Arc::new(crate::sidecar::CopyMeta::open(&a, "test")),
         };
         let mut to = ImageFile::open(&b).unwrap();
         // The backup's copy is zeros: every block differs.

@@ -20,7 +20,7 @@ use crate::status::{
 };
 use crate::{End, Finished};
 use devices::disk::ImageFile;
-use ft_core::disk::{copy_digest, hex, DiskCheck};
+use ft_core::disk::{copy_digest, hex, DiskCheck, DiskMode};
 use ft_core::log::Record;
 use ft_core::record::{RecordCounters, SharedRecordCore};
 use ft_core::Boundary;
@@ -108,6 +108,23 @@ pub fn run(cfg: &PrimaryConfig, host: Arc<dyn Host>) -> Result<Finished, PairErr
     // The lock first: a primary that cannot hold it must not run at all.
     let owner = lock::owner_name("primary");
     let arbiter = open_lock(cfg.pair.lock.as_deref())?;
+    // Nor on a mirrored copy that is behind the pair's other one.
+    if let (DiskMode::Mirrored, Some(image)) = (cfg.pair.disk, &config.disk) {
+        let sidecar =
+            crate::sidecar::read(image).map_err(|e| PairError::StaleCopy(e.to_string()))?;
+        if let Some(s) = sidecar {
+            let lock_epoch = match &arbiter {
+                Some(l) => l.read()?.epoch,
+                None => 0,
+            };
+            if let Some(why) = crate::sidecar::refuse_as_primary(image, &s, lock_epoch) {
+                return Err(PairError::StaleCopy(format!(
+                    "a primary does not start on {}: {why}",
+                    image.display()
+                )));
+            }
+        }
+    }
     let epoch = match &arbiter {
         Some(l) => {
             let e = l.claim(&owner)?;
@@ -543,8 +560,12 @@ impl Manager {
         let outcome = arbitrate::race(arbiter.as_ref(), self.link.epoch(), &self.owner)
             .map_err(|lost| lost.to_string());
         match outcome {
-            Ok(e) => self.link.won(e),
+            Ok(e) => {
+                self.link.won(e);
+                self.copy_meta(|m| m.current(e));
+            }
             Err(why) => {
+                self.copy_meta(|m| m.stale(self.link.epoch(), &format!("fenced: {why}")));
                 self.link.fence(&why);
                 *self.pair.fenced.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
                 let _ = self.vcpu.request(VcpuEvent::Stop, VCPU_ANSWER);
@@ -650,6 +671,14 @@ impl Manager {
                 };
                 let _ = reply.send(answer);
             }
+        }
+    }
+
+    /// Does `f` with the mirrored copy's sidecar, if the disk is mirrored.
+    fn copy_meta(&self, f: impl FnOnce(&crate::sidecar::CopyMeta)) {
+        if let Some(m) = &self.mirror {
+            let meta = m.lock().unwrap_or_else(|e| e.into_inner()).meta.clone();
+            f(&meta);
         }
     }
 
@@ -854,6 +883,14 @@ impl Manager {
                     then,
                 });
                 self.link.detach("handed over");
+                self.copy_meta(|m| {
+                    m.stale(
+                        epoch,
+                        &format!(
+                            "handed the guest over to {addr}, which writes its own copy from here"
+                        ),
+                    )
+                });
                 let total_ms = start.elapsed().as_secs_f64() * 1e3;
                 tracing::warn!(
                     "switchover done: {peer} is the primary now (accepting backups on {addr}); drained in {drain_ms:.0} ms, live {total_ms:.0} ms after the pause; this side {}",
@@ -876,6 +913,7 @@ impl Manager {
                     self.arbitrate();
                 }
                 if self.link.mode() == Mode::Fenced {
+                    self.copy_meta(|m| m.stale(epoch, &format!("fenced in a switchover: {why}")));
                     let fenced = SwitchoverError::Fenced { why };
                     *self.pair.fenced.lock().unwrap_or_else(|e| e.into_inner()) =
                         Some(fenced.to_string());

@@ -89,8 +89,10 @@ fn mirrored_diskwrite(rig: &Rig, primary_extra: &[&str], backup_extra: &[&str]) 
         sides
             .p
             .wait_stdout("record 1 synced\r\n", Duration::from_secs(300)),
-        "the workload never started:\n{}",
-        sides.p.stdout()
+        "the workload never started:\n{}\n--- primary ---\n{}\n--- backup ---\n{}",
+        sides.p.stdout(),
+        sides.p.stderr(),
+        sides.b.stderr()
     );
     sides
 }
@@ -590,4 +592,75 @@ fn sides_reattached(p: &Proc, b: &Proc) {
         p.stderr(),
         b.stderr()
     );
+}
+
+/// What the sidecar of the copy at `image` says (`IMAGE.ftvmm`), parsed.
+fn sidecar(image: &Path) -> serde_json::Value {
+    let mut p = image.as_os_str().to_owned();
+    p.push(".ftvmm");
+    let text = std::fs::read_to_string(PathBuf::from(p)).unwrap_or_default();
+    serde_json::from_str(&text).unwrap_or(serde_json::Value::Null)
+}
+
+/// A primary frozen past the failover timeout loses the guest to its backup; run again, it
+/// loses the race for the lock, is fenced and marks its copy stale before it stops. A primary
+/// refuses to start on that copy (naming its sidecar) until the copy is attached as a backup
+/// of the new primary, which makes it current again; after a clean stop a primary starts on it.
+#[test]
+fn a_fenced_primarys_copy_is_refused_as_a_primary_until_attached_as_a_backup() {
+    let Some(rig) = rig("mirror-stale", "mst") else {
+        return;
+    };
+    let sock = rig.dir.join("b.sock");
+    let sock_arg = sock.to_str().unwrap();
+    let Sides { p, b, .. } = mirrored_diskwrite(&rig, &[], &["--api-socket", sock_arg]);
+    assert!(
+        p.wait_stdout("record 2 synced\r\n", Duration::from_secs(300)),
+        "{}",
+        p.stdout()
+    );
+    assert_eq!(sidecar(&rig.disks.0)["state"], "current");
+    p.signal(libc::SIGSTOP);
+    wait_live(&b);
+    p.signal(libc::SIGCONT);
+    let p = p.wait(Duration::from_secs(60));
+    p.assert_code(5);
+    let stale = sidecar(&rig.disks.0);
+    eprintln!("the fenced side's sidecar: {stale}");
+    assert_eq!(stale["state"], "stale", "{stale:#}\n{}", p.stderr);
+    // The same flags as the pair's, on host 0 again.
+    let again = Pair::on_hosts(&rig.hosts)
+        .key(&key_file(&rig.dir, "key", 51))
+        .lock(&format!("etcd:{}/ftvmm/mirror", rig.etcd.endpoint))
+        .args(["--disk-mode", "mirrored", "--serial-input", "none"])
+        .args(linux_machine(LINUX_CMDLINE, &rig.disks.0).unwrap());
+    let refused = again.primary_on(0).wait(Duration::from_secs(60));
+    assert_eq!(refused.code(), 2, "{}", refused.stderr);
+    assert!(
+        refused.stderr.contains("stale") && refused.stderr.contains("disk.img.ftvmm"),
+        "the refusal does not say why: {}",
+        refused.stderr
+    );
+    eprintln!(
+        "refused: {}",
+        refused.stderr.lines().last().unwrap_or_default()
+    );
+    // Attached as the new primary's backup, the copy is current again.
+    let a = again.backup_on(0, &again.addr(1));
+    again.wait_attached(&b, &a, 1);
+    assert!(
+        ftvmm_tests::wait_until(Duration::from_secs(30), Duration::from_millis(20), || {
+            sidecar(&rig.disks.0)["state"] == "current"
+        }),
+        "the attach did not make the copy current: {:#}",
+        sidecar(&rig.disks.0)
+    );
+    let (g0, g1) = (sidecar(&rig.disks.0), sidecar(&rig.disks.1));
+    assert_eq!(g0["generation"], g1["generation"], "{g0:#}\n{g1:#}");
+    let (code, out, err) = ctl(&["--api-socket", sock_arg, "stop"]);
+    assert_eq!(code, 0, "{out}{err}");
+    stopped_alike(b, a, &rig.disks);
+    let p = again.primary_on(0);
+    again.wait_listening(&p);
+    p.signal(libc::SIGKILL);
 }
