@@ -284,6 +284,97 @@ impl BlockDigests {
     }
 }
 
+/// The digests of a copy as it was at one point of its history, taken while it keeps being
+/// written after that point: a reader hashes the blocks one by one ([`PointDigest::hash`]),
+/// and the writer, before it writes a block nobody hashed yet, hashes what the block held
+/// ([`PointDigest::before_write`]). Every block is read from the copy itself, so whatever
+/// changed it (a write this side missed, a byte altered on the storage) shows.
+#[derive(Debug)]
+pub struct PointDigest {
+    state: Mutex<PointState>,
+}
+
+#[derive(Debug)]
+struct PointState {
+    digests: Vec<Option<BlockDigest>>,
+    left: usize,
+}
+
+impl PointDigest {
+    /// A copy of `size` bytes as it is now.
+    pub fn new(size: u64) -> PointDigest {
+        let blocks = size.div_ceil(BLOCK) as usize;
+        PointDigest {
+            state: Mutex::new(PointState {
+                digests: vec![None; blocks],
+                left: blocks,
+            }),
+        }
+    }
+
+    fn hash_locked(state: &mut PointState, image: &mut dyn Disk, b: usize) -> io::Result<()> {
+        if state.digests.get(b).is_none_or(|d| d.is_some()) {
+            return Ok(());
+        }
+        let size = image.size();
+        let offset = b as u64 * BLOCK;
+        let len = BLOCK.min(size.saturating_sub(offset)) as usize;
+        let mut buf = vec![0u8; len];
+        image.read_at(&mut buf, offset)?;
+        state.digests[b] = Some(block_digest(&buf));
+        state.left -= 1;
+        Ok(())
+    }
+
+    /// Hashes block `b` from `image` unless it was hashed already.
+    pub fn hash(&self, image: &mut dyn Disk, b: usize) -> io::Result<()> {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        Self::hash_locked(&mut state, image, b)
+    }
+
+    /// `[offset, offset + len)` is about to be written through `image`: its blocks not hashed
+    /// yet are hashed first, as they were at the point.
+    pub fn before_write(&self, image: &mut dyn Disk, offset: u64, len: u64) -> io::Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if state.left == 0 {
+            return Ok(());
+        }
+        let first = offset / BLOCK;
+        let last = offset.saturating_add(len - 1) / BLOCK;
+        for b in first..=last {
+            Self::hash_locked(&mut state, image, b as usize)?;
+        }
+        Ok(())
+    }
+
+    /// Blocks of the copy.
+    pub fn blocks(&self) -> usize {
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .digests
+            .len()
+    }
+
+    /// Every block's digest once all are hashed.
+    pub fn finished(&self) -> Option<Vec<BlockDigest>> {
+        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if state.left > 0 {
+            return None;
+        }
+        Some(
+            state
+                .digests
+                .iter()
+                .map(|d| d.unwrap_or_default())
+                .collect(),
+        )
+    }
+}
+
 /// The outcome of one comparison of the two copies of a mirrored disk at one log position
 /// (`ftvmm ctl verify-disk`; docs/OPERATIONS.md), as either side reports it.
 #[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
@@ -406,5 +497,42 @@ mod tests {
         set.mark(BLOCK, 0);
         assert_eq!(set.take(), [3]);
         assert!(set.take().is_empty());
+    }
+
+    #[test]
+    fn a_point_digest_is_the_copy_at_its_point_whatever_is_written_after() {
+        struct Mem(Vec<u8>);
+        impl Disk for Mem {
+            fn size(&self) -> u64 {
+                self.0.len() as u64
+            }
+            fn read_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+                let o = offset as usize;
+                buf.copy_from_slice(&self.0[o..o + buf.len()]);
+                Ok(())
+            }
+            fn write_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
+                let o = offset as usize;
+                self.0[o..o + buf.len()].copy_from_slice(buf);
+                Ok(())
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let size = 3 * BLOCK + 7;
+        let mut disk = Mem((0..size).map(|i| (i % 249) as u8).collect());
+        let at_point: Vec<BlockDigest> = disk.0.chunks(BLOCK as usize).map(block_digest).collect();
+        let p = PointDigest::new(size);
+        assert_eq!(p.blocks(), 4);
+        p.hash(&mut disk, 0).unwrap();
+        // A write after the point to blocks 0 (hashed) and 1 (not yet): 1 is hashed first.
+        p.before_write(&mut disk, BLOCK - 2, 4).unwrap();
+        disk.write_at(&[0xee; 4], BLOCK - 2).unwrap();
+        assert!(p.finished().is_none());
+        for b in 0..5 {
+            p.hash(&mut disk, b).unwrap(); // 4: past the end, nothing
+        }
+        assert_eq!(p.finished().unwrap(), at_point);
     }
 }

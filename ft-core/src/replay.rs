@@ -7,7 +7,7 @@
 
 use crate::boundary::{Boundary, BoundaryError, Input, OutputKind, Point, RunEnd, WaitRequest};
 use crate::disk::{
-    copy_digest, differing, hex, BlockDigest, BlockDigests, DiskCheck, FIRST_DIFFERING,
+    copy_digest, differing, hex, BlockDigest, DiskCheck, PointDigest, FIRST_DIFFERING,
 };
 use crate::exit::{ExitDigest, SyncExit};
 use crate::log::{decode_exit, unpack_disk_data, Header, InputRec, LogReader, PointRec, Record};
@@ -145,7 +145,12 @@ struct Core<R: Read> {
     /// That copy, once the VMM handed it over ([`Boundary::disk`]).
     image: Option<Box<dyn Disk>>,
     /// Compares the copy with the primary's at each [`Record::DiskVerify`].
-    verifier: Option<DiskVerifier>,
+    verifier: Option<Arc<Mutex<DiskVerifier>>>,
+    /// The comparison under way: the copy at its point, hashed by its thread and by the
+    /// replayed writes before they overwrite a block.
+    point: Option<Arc<PointDigest>>,
+    /// A comparison's thread found the copy different: the divergence to report.
+    verdict: Arc<Mutex<Option<BoundaryError>>>,
     /// A [`Record::DiskVerify`] taken off the stream, compared before anything after it is
     /// replayed (the effects of the record before it are then in the copy).
     due: Option<DueCheck>,
@@ -159,12 +164,13 @@ struct DueCheck {
     digests: Vec<u8>,
 }
 
-/// A backup's half of `ftvmm ctl verify-disk` (a mirrored disk): the digests of its copy, kept
-/// current by the replayed writes, and where each comparison's outcome goes.
+/// A backup's half of `ftvmm ctl verify-disk` (a mirrored disk): a handle on its copy to hash
+/// it with, and where each comparison's outcome goes.
 pub struct DiskVerifier {
-    /// The copy's block digests ([`BlockDigests::mark`]ed by every replayed write).
-    pub digests: Arc<BlockDigests>,
-    /// Told each comparison's outcome, on the vCPU thread, before a mismatch diverges.
+    /// This side's copy, for the thread that hashes it (its own handle on it).
+    pub reader: devices::disk::ImageFile,
+    /// Told each comparison's outcome (on the thread that hashed the copy), before a mismatch
+    /// diverges.
     pub report: Box<dyn FnMut(&DiskCheck) + Send>,
 }
 
@@ -250,69 +256,41 @@ impl<R: Read> Core<R> {
         };
     }
 
-    /// Compares this side's copy with the primary's if the stream asked for it (a
-    /// [`Record::DiskVerify`] came before the next record); a copy that differs is a
-    /// divergence, left pending.
+    /// Starts the comparison of this side's copy with the primary's if the stream asked for
+    /// it (a [`Record::DiskVerify`] came before the next record): the copy as it is now is
+    /// hashed by a thread of its own while the replay goes on ([`PointDigest`]: a replayed
+    /// write hashes the blocks it overwrites first). A copy that differs is a divergence, left
+    /// for the replay to find at its next boundary call.
     fn run_due(&mut self) {
+        if let Some(e) = self
+            .verdict
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            self.pending.get_or_insert(e);
+        }
         let Some(due) = self.due.take() else {
             return;
         };
-        let (Some(image), Some(verifier)) = (self.image.as_mut(), self.verifier.as_mut()) else {
+        let (Some(image), Some(verifier)) = (self.image.as_mut(), self.verifier.clone()) else {
             return; // not a mirrored copy: nothing to compare
         };
-        let start = std::time::Instant::now();
-        let blocks = verifier.digests.blocks();
-        let mut check = DiskCheck {
-            id: due.id,
-            position: due.seq,
-            exits: Some(self.exits),
-            blocks,
-            ..DiskCheck::default()
-        };
-        let theirs: Option<Vec<BlockDigest>> =
-            (due.digests.len() as u64 == blocks * 16).then(|| {
-                due.digests
-                    .chunks_exact(16)
-                    .map(|c| c.try_into().unwrap_or([0; 16]))
-                    .collect()
-            });
-        let hashed = verifier.digests.refresh(image.as_mut());
-        let ours = verifier.digests.current();
-        check.digest = hex(&copy_digest(&ours));
-        check.hashed_blocks = *hashed.as_ref().unwrap_or(&0);
-        let why = match (&theirs, &hashed) {
-            (_, Err(e)) => Some(format!("this side's copy could not be read: {e}")),
-            (None, _) => Some(format!(
-                "the primary's digests are {} bytes, this side's copy has {blocks} blocks of 16",
-                due.digests.len()
-            )),
-            (Some(theirs), Ok(_)) => {
-                let diff = differing(&ours, theirs);
-                check.differing = diff.len() as u64;
-                check.first_differing = diff.iter().take(FIRST_DIFFERING).copied().collect();
-                (!diff.is_empty()).then(|| {
-                    format!(
-                        "{} of {blocks} blocks differ from the primary's copy (the first: block {}, byte {})",
-                        diff.len(),
-                        diff[0],
-                        diff[0] * crate::disk::BLOCK
-                    )
-                })
+        // A comparison still hashing: its blocks not hashed yet are as they were at its point
+        // (writes since hashed them first), so it is finished here.
+        if let Some(old) = self.point.take() {
+            for b in 0..old.blocks() {
+                let _ = old.hash(image.as_mut(), b);
             }
-        };
-        check.result = if why.is_none() { "match" } else { "mismatch" }.into();
-        check.ms = start.elapsed().as_secs_f64() * 1e3;
-        (verifier.report)(&check);
-        if let Some(why) = why {
-            let e = BoundaryError::Divergence {
-                exit: self.exits,
-                expected: format!(
-                    "this side's copy of the disk equal to the primary's at log position {} (verification {})",
-                    due.seq, due.id
-                ),
-                got: why,
-            };
-            self.pending.get_or_insert(e);
+        }
+        let point = Arc::new(PointDigest::new(image.size()));
+        self.point = Some(point.clone());
+        let (exits, verdict) = (self.exits, self.verdict.clone());
+        let spawned = std::thread::Builder::new()
+            .name("verify-disk".into())
+            .spawn(move || compare(&point, &verifier, due, exits, &verdict));
+        if let Err(e) = spawned {
+            tracing::error!("cannot start the thread that verifies the disk: {e}");
         }
     }
 
@@ -391,6 +369,83 @@ impl<R: Read> Core<R> {
     }
 }
 
+/// Hashes this side's copy at a verification's point (the thread of [`Core::run_due`]),
+/// compares it with the primary's digests, reports the outcome and leaves a mismatch as a
+/// divergence in `verdict`.
+fn compare(
+    point: &PointDigest,
+    verifier: &Mutex<DiskVerifier>,
+    due: DueCheck,
+    exits: u64,
+    verdict: &Mutex<Option<BoundaryError>>,
+) {
+    let start = std::time::Instant::now();
+    let blocks = point.blocks() as u64;
+    let reader = verifier
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .reader
+        .try_clone();
+    let read = reader.and_then(|mut reader| {
+        for b in 0..point.blocks() {
+            point.hash(&mut reader, b)?;
+        }
+        Ok(())
+    });
+    let mut check = DiskCheck {
+        id: due.id,
+        position: due.seq,
+        exits: Some(exits),
+        blocks,
+        hashed_blocks: blocks,
+        ..DiskCheck::default()
+    };
+    let theirs: Option<Vec<BlockDigest>> = (due.digests.len() as u64 == blocks * 16).then(|| {
+        due.digests
+            .chunks_exact(16)
+            .map(|c| c.try_into().unwrap_or([0; 16]))
+            .collect()
+    });
+    let ours = point.finished();
+    if let Some(ours) = &ours {
+        check.digest = hex(&copy_digest(ours));
+    }
+    let why = match (&theirs, &read, &ours) {
+        (_, Err(e), _) => Some(format!("this side's copy could not be read: {e}")),
+        (None, _, _) => Some(format!(
+            "the primary's digests are {} bytes, this side's copy has {blocks} blocks of 16",
+            due.digests.len()
+        )),
+        (_, _, None) => Some("this side's copy was not hashed whole".into()),
+        (Some(theirs), Ok(()), Some(ours)) => {
+            let diff = differing(ours, theirs);
+            check.differing = diff.len() as u64;
+            check.first_differing = diff.iter().take(FIRST_DIFFERING).copied().collect();
+            (!diff.is_empty()).then(|| {
+                format!(
+                    "{} of {blocks} blocks differ from the primary's copy (the first: block {}, byte {})",
+                    diff.len(),
+                    diff[0],
+                    diff[0] * crate::disk::BLOCK
+                )
+            })
+        }
+    };
+    check.result = if why.is_none() { "match" } else { "mismatch" }.into();
+    check.ms = start.elapsed().as_secs_f64() * 1e3;
+    (verifier.lock().unwrap_or_else(|e| e.into_inner()).report)(&check);
+    if let Some(why) = why {
+        *verdict.lock().unwrap_or_else(|e| e.into_inner()) = Some(BoundaryError::Divergence {
+            exit: exits,
+            expected: format!(
+                "this side's copy of the disk equal to the primary's at log position {} (verification {})",
+                due.seq, due.id
+            ),
+            got: why,
+        });
+    }
+}
+
 /// Replays a log.
 pub struct Replayer<R: Read + Send + 'static> {
     core: Arc<Mutex<Core<R>>>,
@@ -433,6 +488,8 @@ impl<R: Read + Send + 'static> Replayer<R> {
             mirrored: false,
             image: None,
             verifier: None,
+            point: None,
+            verdict: Arc::default(),
             due: None,
         };
         core.take_markers();
@@ -471,7 +528,7 @@ impl<R: Read + Send + 'static> Replayer<R> {
     /// Compare this side's mirrored copy with the primary's at every [`Record::DiskVerify`]
     /// (without one, those records are skipped).
     pub fn verify_disk(&mut self, verifier: DiskVerifier) {
-        lock(&self.core).verifier = Some(verifier);
+        lock(&self.core).verifier = Some(Arc::new(Mutex::new(verifier)));
     }
 
     /// Keep the data of replayed disk writes here (a backup) instead of dropping it.
@@ -830,13 +887,14 @@ impl<R: Read + Send> Disk for ReplayDisk<R> {
         let seq = core.next_seq;
         core.advance()
             .map_err(|e| io::Error::other(e.to_string()))?;
+        let core = &mut *core;
         if let Some(image) = core.image.as_mut() {
-            // This side's copy: the write is state, applied as replayed.
-            image.write_at(buf, offset)?;
-            if let Some(v) = &core.verifier {
-                v.digests.mark(offset, buf.len() as u64);
+            // This side's copy: the write is state, applied as replayed (a comparison under
+            // way first hashes what it overwrites).
+            if let Some(point) = &core.point {
+                point.before_write(image.as_mut(), offset, buf.len() as u64)?;
             }
-            return Ok(());
+            return image.write_at(buf, offset);
         }
         if let Some(kept) = &core.kept {
             kept.lock()
@@ -886,32 +944,13 @@ mod tests {
         assert_eq!(seqs, [5, 6]);
     }
 
-    /// A disk of bytes in memory.
-    struct Mem(Vec<u8>);
-
-    impl Disk for Mem {
-        fn size(&self) -> u64 {
-            self.0.len() as u64
-        }
-        fn read_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-            let o = offset as usize;
-            buf.copy_from_slice(&self.0[o..o + buf.len()]);
-            Ok(())
-        }
-        fn write_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
-            let o = offset as usize;
-            self.0[o..o + buf.len()].copy_from_slice(buf);
-            Ok(())
-        }
-        fn flush(&mut self) -> io::Result<()> {
-            Ok(())
-        }
-    }
-
-    /// Replays `DiskVerify { id: 1, digests }` then a clock read against a mirrored copy of
-    /// `copy`: the clock read's answer, and what the verifier was told.
+    /// Replays `DiskVerify { id: 1, digests }` then two clock reads against a mirrored copy
+    /// holding `copy` (a file): the second clock read's answer (the comparison runs on a thread
+    /// of its own from the first), and what the verifier was told.
     fn verify(copy: Vec<u8>, digests: Vec<u8>) -> (Result<u64, BoundaryError>, Vec<DiskCheck>) {
         use crate::log::{Header, LogWriter, VERSION};
+        use devices::disk::ImageFile;
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let header = Header {
             version: VERSION,
             config_hash: 1,
@@ -924,20 +963,33 @@ mod tests {
             let mut log = LogWriter::new(&mut bytes, &header).unwrap();
             log.write(&Record::DiskVerify { id: 1, digests }).unwrap();
             log.write(&Record::Clock { delta: 5 }).unwrap();
+            log.write(&Record::Clock { delta: 6 }).unwrap();
             log.flush().unwrap();
         }
+        let path = std::env::temp_dir().join(format!(
+            "ftvmm-verify-{}-{}.img",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::write(&path, &copy).unwrap();
         let mut r = Replayer::new(io::Cursor::new(bytes), Box::new(io::sink())).unwrap();
         r.mirror_disk();
-        let size = copy.len() as u64;
         let told = Arc::new(Mutex::new(Vec::new()));
         let t = told.clone();
         r.verify_disk(DiskVerifier {
-            digests: Arc::new(BlockDigests::new(size)),
+            reader: ImageFile::open(&path).unwrap(),
             report: Box::new(move |c| t.lock().unwrap().push(c.clone())),
         });
-        let _disk = r.disk(Some(Box::new(Mem(copy))), size);
+        let image = ImageFile::open(&path).unwrap();
+        let _disk = r.disk(Some(Box::new(image)), copy.len() as u64);
+        assert_eq!(r.read_clock().unwrap(), 5);
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while told.lock().unwrap().is_empty() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
         let got = r.read_clock();
         let told = told.lock().unwrap().clone();
+        std::fs::remove_file(&path).unwrap();
         (got, told)
     }
 
@@ -948,7 +1000,7 @@ mod tests {
         let digests: Vec<u8> = copy.chunks(BLOCK as usize).flat_map(block_digest).collect();
         // Equal: the replay goes on, past the record, with the clock read after it.
         let (got, told) = verify(copy.clone(), digests.clone());
-        assert_eq!(got.unwrap(), 5);
+        assert_eq!(got.unwrap(), 11);
         assert_eq!(told.len(), 1);
         assert!(told[0].matched(), "{:?}", told[0]);
         assert_eq!((told[0].position, told[0].blocks), (1, 3));

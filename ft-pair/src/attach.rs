@@ -13,11 +13,10 @@
 use crate::backup::SlotDisk;
 use crate::error::PairError;
 use crate::golive::open_image;
-use crate::mirror::{digests, write_blocks, BLOCK, BLOCKS_PER_MESSAGE};
+use crate::mirror::{digests, write_blocks, BLOCKS_PER_MESSAGE};
 use crate::primary::Manager;
 use crate::sidecar::CopyMeta;
 use devices::disk::{Disk, ImageFile};
-use ft_core::disk::BlockDigests;
 use ft_core::disk::DiskMode;
 use ft_core::live::{LiveBoundary, SerialSource};
 use ft_core::log::Record;
@@ -428,9 +427,6 @@ pub(crate) struct Received {
     /// The pair's epoch the primary attached this backup at.
     pub(crate) epoch: u64,
     pub(crate) attach_ms: u64,
-    /// The block digests of the mirrored copy: those read before the transfer, the blocks it
-    /// wrote stale (`ctl verify-disk` hashes only what changed since).
-    pub(crate) digests: Option<Arc<BlockDigests>>,
     /// Blocks of the mirrored copy the transfer wrote.
     pub(crate) disk_blocks: u64,
     /// The mirrored copy's sidecar.
@@ -487,13 +483,9 @@ pub(crate) fn receive_vm(
         }
         _ => None,
     };
-    let mut block_digests = None;
     if let Some(copy) = copy.as_mut() {
         let digests =
             digests(copy).map_err(PairError::io("reading this side's copy of the disk"))?;
-        let known = BlockDigests::new(copy.size());
-        known.seed(&digests);
-        block_digests = Some(Arc::new(known));
         let msg = TransferMsg::DiskDigests { digests }.encode()?;
         conn.send(Msg::Transfer(msg))
             .map_err(PairError::channel(format!("primary {addr}")))?;
@@ -505,13 +497,7 @@ pub(crate) fn receive_vm(
         bytes,
         disk_blocks,
         generation,
-    } = receive_transfer(
-        &conn,
-        addr,
-        &vm.memory(),
-        copy.as_mut().zip(block_digests.as_deref()),
-        started,
-    )?;
+    } = receive_transfer(&conn, addr, &vm.memory(), copy.as_mut(), started)?;
     if let Some(copy) = copy.as_mut() {
         copy.flush()
             .map_err(PairError::io("flushing the received disk copy"))?;
@@ -543,7 +529,6 @@ pub(crate) fn receive_vm(
         copy,
         epoch,
         attach_ms,
-        digests: block_digests,
         disk_blocks,
         meta,
     })
@@ -598,7 +583,7 @@ pub(crate) fn receive_transfer(
     conn: &Connection,
     addr: &str,
     mem: &GuestMemoryMmap,
-    mut disk: Option<(&mut ImageFile, &BlockDigests)>,
+    mut disk: Option<&mut ImageFile>,
     started: Instant,
 ) -> Result<Transfer, PairError> {
     let (mut pages, mut bytes, mut round) = (0u64, 0u64, 0u32);
@@ -637,16 +622,13 @@ pub(crate) fn receive_transfer(
                 round = r;
             }
             TransferMsg::DiskBlocks { blocks, .. } => {
-                let Some((copy, known)) = disk.as_mut() else {
+                let Some(copy) = disk.as_deref_mut() else {
                     return Err(unexpected(
                         addr,
                         "disk blocks, but this side's disk is not mirrored".into(),
                     ));
                 };
                 write_blocks(copy, &blocks).map_err(|e| unexpected(addr, e.to_string()))?;
-                for (b, _) in &blocks {
-                    known.mark(b * BLOCK, 1);
-                }
                 disk_blocks += blocks.len() as u64;
             }
             TransferMsg::DiskDigests { .. } => {

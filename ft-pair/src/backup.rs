@@ -98,7 +98,6 @@ pub fn run(cfg: &BackupConfig, host: Arc<dyn Host>) -> Result<Finished, PairErro
         copy,
         epoch,
         attach_ms,
-        digests,
         disk_blocks,
         meta,
     } = receive_vm(
@@ -138,9 +137,12 @@ pub fn run(cfg: &BackupConfig, host: Arc<dyn Host>) -> Result<Finished, PairErro
     if mirrored {
         replayer.mirror_disk();
     }
-    if let Some(digests) = digests {
+    if let Some(copy) = &copy {
+        let reader = copy.try_clone().map_err(PairError::io(
+            "a second handle on this side's copy of the disk",
+        ))?;
         replayer.verify_disk(DiskVerifier {
-            digests,
+            reader,
             report: disk_check_report(link.clone(), counters.clone()),
         });
     }
