@@ -305,6 +305,13 @@ pub fn unpack_lz4(packed: &[u8], max: usize) -> Result<Vec<u8>, UnpackError> {
 pub trait RecordSink: Send {
     /// Appends a record; returns its sequence number.
     fn record(&mut self, record: &Record) -> Result<u64, LogError>;
+    /// Appends a record that produced an output the output rule holds until the backup has
+    /// it (the recorder says which records do: a disk write is one on a shared disk, not on a
+    /// mirrored one); returns its sequence number. A sink that streams sends it soon and marks
+    /// its batch as carrying an output.
+    fn record_output(&mut self, record: &Record) -> Result<u64, LogError> {
+        self.record(record)
+    }
     /// Pushes out what is buffered (before the recorder may block for a long time).
     fn flush(&mut self) -> Result<(), LogError>;
     /// The vCPU was kicked (it ran a quantum without an exit): a sink that holds records back
@@ -424,17 +431,6 @@ pub fn encode_record(record: &Record) -> Result<Vec<u8>, LogError> {
     Ok(encode_frame(&payload))
 }
 
-impl Record {
-    /// Whether this record produces an output to the world (serial or network bytes, a disk
-    /// write or flush): the output waits for the backup to hold it (the output rule).
-    pub fn produces_output(&self) -> bool {
-        matches!(
-            self,
-            Record::Output { .. } | Record::DiskWrite { .. } | Record::DiskFlush
-        )
-    }
-}
-
 /// The most a log batch may expand to: one frame of the largest size, and then some.
 pub const MAX_BATCH: usize = MAX_FRAME as usize + (1 << 20);
 
@@ -448,7 +444,8 @@ pub struct Batch {
     pub first_seq: u64,
     /// How many frames it holds.
     pub frames: u32,
-    /// Whether a record in it produces an output ([`Record::produces_output`]).
+    /// Whether a record in it produced an output the primary holds
+    /// ([`RecordSink::record_output`]).
     pub carries_output: bool,
     /// The frames, compressed.
     pub packed: Vec<u8>,
@@ -489,12 +486,13 @@ impl BatchWriter {
         })
     }
 
-    /// Appends `record`; returns its sequence number and its frame's size in bytes.
-    pub fn push(&mut self, record: &Record) -> Result<(u64, usize), LogError> {
+    /// Appends `record` (`output`: it produced an output the primary holds); returns its
+    /// sequence number and its frame's size in bytes.
+    pub fn push(&mut self, record: &Record, output: bool) -> Result<(u64, usize), LogError> {
         let frame = encode_record(record)?;
         self.bytes.extend_from_slice(&frame);
         self.frames += 1;
-        self.carries_output |= record.produces_output();
+        self.carries_output |= output;
         let seq = self.next_seq;
         self.next_seq += 1;
         Ok((seq, frame.len()))
@@ -850,8 +848,9 @@ mod tests {
         let mut seqs = Vec::new();
         let mut batches = Vec::new();
         for r in records() {
-            let produces = r.produces_output();
-            seqs.push(w.push(&r).unwrap().0);
+            // The test's outputs: the serial output record (a recorder says which records are).
+            let produces = matches!(r, Record::Output { .. });
+            seqs.push(w.push(&r, produces).unwrap().0);
             // Cut after each output, as the primary does, and once more in the middle.
             if produces || seqs.len() == 2 {
                 batches.push(w.take().unwrap());

@@ -50,7 +50,7 @@ impl RecordCore {
     /// Writes the record of an output; returns where to hand the output, if a rule holds
     /// outputs: the gate, with the record's sequence number.
     fn write_output(&mut self, rec: &Record) -> Result<Option<Gated>, BoundaryError> {
-        let seq = self.write(rec)?;
+        let seq = self.sink.record_output(rec)?;
         Ok(self.gate.clone().map(|gate| Gated { gate, seq }))
     }
 
@@ -476,5 +476,71 @@ mod tests {
                 (6, Output::DiskFlush),
             ]
         );
+    }
+
+    /// A sink that notes which records came as outputs.
+    #[derive(Default)]
+    struct Noted(Arc<Mutex<Vec<(Record, bool)>>>);
+
+    impl RecordSink for Noted {
+        fn record(&mut self, record: &Record) -> Result<u64, crate::log::LogError> {
+            self.0.lock().unwrap().push((record.clone(), false));
+            Ok(0)
+        }
+        fn record_output(&mut self, record: &Record) -> Result<u64, crate::log::LogError> {
+            self.0.lock().unwrap().push((record.clone(), true));
+            Ok(0)
+        }
+        fn flush(&mut self) -> Result<(), crate::log::LogError> {
+            Ok(())
+        }
+        fn bytes(&self) -> u64 {
+            0
+        }
+    }
+
+    /// The recorder says which records are outputs: serial output always, a disk write and a
+    /// flush on a shared disk only (on a mirrored one they are this side's state).
+    #[test]
+    fn the_recorder_says_which_records_are_outputs() {
+        for (mode, disk_is_output) in [(DiskMode::Shared, true), (DiskMode::Mirrored, false)] {
+            let noted = Noted::default();
+            let seen = noted.0.clone();
+            let live = LiveBoundary::new(SerialSource::None, Box::new(io::sink()));
+            let mut rec = Recorder::new(live, Box::new(noted), 0)
+                .unwrap()
+                .with_disk_mode(mode);
+            let mut disk = rec.disk(Some(Box::new(Sink4k)), 4096).unwrap();
+            rec.output(OutputKind::Serial, b"x").unwrap();
+            disk.write_at(&[1; 512], 0).unwrap();
+            disk.flush().unwrap();
+            let mut buf = [0u8; 512];
+            disk.read_at(&mut buf, 0).unwrap();
+            let flags: Vec<bool> = seen.lock().unwrap().iter().map(|(_, o)| *o).collect();
+            assert_eq!(
+                flags,
+                [true, disk_is_output, disk_is_output, false],
+                "{mode}"
+            );
+        }
+    }
+
+    /// A disk that takes everything.
+    struct Sink4k;
+
+    impl Disk for Sink4k {
+        fn size(&self) -> u64 {
+            4096
+        }
+        fn read_at(&mut self, buf: &mut [u8], _offset: u64) -> io::Result<()> {
+            buf.fill(0);
+            Ok(())
+        }
+        fn write_at(&mut self, _buf: &[u8], _offset: u64) -> io::Result<()> {
+            Ok(())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
     }
 }
