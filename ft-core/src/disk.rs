@@ -450,27 +450,30 @@ mod tests {
         assert!(h.is_empty());
     }
 
+    /// A disk of bytes in memory.
+    struct Mem(Vec<u8>);
+
+    impl Disk for Mem {
+        fn size(&self) -> u64 {
+            self.0.len() as u64
+        }
+        fn read_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+            let o = offset as usize;
+            buf.copy_from_slice(&self.0[o..o + buf.len()]);
+            Ok(())
+        }
+        fn write_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
+            let o = offset as usize;
+            self.0[o..o + buf.len()].copy_from_slice(buf);
+            Ok(())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
     #[test]
     fn digests_follow_writes_and_name_the_blocks_that_differ() {
-        struct Mem(Vec<u8>);
-        impl Disk for Mem {
-            fn size(&self) -> u64 {
-                self.0.len() as u64
-            }
-            fn read_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-                let o = offset as usize;
-                buf.copy_from_slice(&self.0[o..o + buf.len()]);
-                Ok(())
-            }
-            fn write_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
-                let o = offset as usize;
-                self.0[o..o + buf.len()].copy_from_slice(buf);
-                Ok(())
-            }
-            fn flush(&mut self) -> io::Result<()> {
-                Ok(())
-            }
-        }
         let size = 3 * BLOCK + 100;
         let mut a = Mem(vec![1; size as usize]);
         let (da, db) = (BlockDigests::new(size), BlockDigests::new(size));
@@ -501,25 +504,6 @@ mod tests {
 
     #[test]
     fn a_point_digest_is_the_copy_at_its_point_whatever_is_written_after() {
-        struct Mem(Vec<u8>);
-        impl Disk for Mem {
-            fn size(&self) -> u64 {
-                self.0.len() as u64
-            }
-            fn read_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-                let o = offset as usize;
-                buf.copy_from_slice(&self.0[o..o + buf.len()]);
-                Ok(())
-            }
-            fn write_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
-                let o = offset as usize;
-                self.0[o..o + buf.len()].copy_from_slice(buf);
-                Ok(())
-            }
-            fn flush(&mut self) -> io::Result<()> {
-                Ok(())
-            }
-        }
         let size = 3 * BLOCK + 7;
         let mut disk = Mem((0..size).map(|i| (i % 249) as u8).collect());
         let at_point: Vec<BlockDigest> = disk.0.chunks(BLOCK as usize).map(block_digest).collect();

@@ -765,10 +765,11 @@ pub fn exit_kind(byte: u8) -> Option<ExitKind> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn header() -> Header {
+    /// A header for tests.
+    pub(crate) fn header() -> Header {
         Header {
             version: VERSION,
             config_hash: 0x1234,

@@ -403,7 +403,7 @@ pub fn output_kind_byte(kind: OutputKind) -> u8 {
 mod tests {
     use super::*;
     use crate::live::{LiveBoundary, SerialSource};
-    use crate::log::{Header, LogWriter, VERSION};
+    use crate::log::LogWriter;
 
     /// A gate that keeps what it is given.
     #[derive(Default)]
@@ -438,14 +438,7 @@ mod tests {
     /// it, serial, network and disk alike, and in the order the guest made them.
     #[test]
     fn outputs_reach_the_gate_under_their_records_numbers() {
-        let header = Header {
-            version: VERSION,
-            config_hash: 1,
-            config_summary: "test".into(),
-            rtc_epoch: 0,
-            mechanisms: None,
-        };
-        let sink = LogWriter::new(Vec::new(), &header).unwrap();
+        let sink = LogWriter::new(Vec::new(), &crate::log::tests::header()).unwrap();
         let live = LiveBoundary::new(SerialSource::None, Box::new(io::sink()));
         let gate = Arc::new(Kept::default());
         let mut rec = Recorder::new(live, Box::new(sink), 0)

@@ -948,16 +948,10 @@ mod tests {
     /// holding `copy` (a file): the second clock read's answer (the comparison runs on a thread
     /// of its own from the first), and what the verifier was told.
     fn verify(copy: Vec<u8>, digests: Vec<u8>) -> (Result<u64, BoundaryError>, Vec<DiskCheck>) {
-        use crate::log::{Header, LogWriter, VERSION};
+        use crate::log::LogWriter;
         use devices::disk::ImageFile;
         static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let header = Header {
-            version: VERSION,
-            config_hash: 1,
-            config_summary: "test".into(),
-            rtc_epoch: 0,
-            mechanisms: None,
-        };
+        let header = crate::log::tests::header();
         let mut bytes = Vec::new();
         {
             let mut log = LogWriter::new(&mut bytes, &header).unwrap();

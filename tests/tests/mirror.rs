@@ -64,18 +64,10 @@ fn rig(name: &str, tag: &str) -> Option<Rig> {
 /// its etcd, `diskwrite` typed at its shell once the backup attached; waits for its first
 /// synced record.
 fn mirrored_diskwrite(rig: &Rig, primary_extra: &[&str], backup_extra: &[&str]) -> Sides {
-    let Rig {
-        dir,
-        disks,
-        etcd,
-        hosts,
-    } = rig;
+    let disks = &rig.disks;
     let ready = linux_ready().expect("checked by copies()");
     let machine = |disk: &Path| linux_machine(LINUX_CMDLINE, disk).unwrap();
-    let mut sides = Pair::on_hosts(hosts)
-        .key(&key_file(dir, "key", 51))
-        .lock(&format!("etcd:{}/ftvmm/mirror", etcd.endpoint))
-        .args(["--disk-mode", "mirrored"])
+    let mut sides = pair_of(rig)
         .primary_args(machine(&disks.0))
         .backup_args(machine(&disks.1))
         .primary_args(["--restore", ready.snapshot.to_str().unwrap()])
@@ -348,14 +340,8 @@ fn the_old_primarys_copy_re_protects_with_the_blocks_that_differ() {
     let Some(rig) = rig("mirror-reprotect", "mr") else {
         return;
     };
-    let sock = rig.dir.join("b.sock");
+    let (Sides { p, b, .. }, sock) = backup_with_socket(&rig, 4);
     let sock_arg = sock.to_str().unwrap();
-    let Sides { p, b, .. } = mirrored_diskwrite(&rig, &[], &["--api-socket", sock_arg]);
-    assert!(
-        p.wait_stdout("record 4 synced\r\n", Duration::from_secs(300)),
-        "{}",
-        p.stdout()
-    );
     p.signal(libc::SIGKILL);
     let p = p.wait(Duration::from_secs(10));
     wait_live(&b);
@@ -367,12 +353,7 @@ fn the_old_primarys_copy_re_protects_with_the_blocks_that_differ() {
         b.stderr()
     );
     // Host 0 comes back with its old copy and attaches to the new primary on host 1.
-    let old = Pair::on_hosts(&rig.hosts)
-        .key(&key_file(&rig.dir, "key", 51))
-        .lock(&format!("etcd:{}/ftvmm/mirror", rig.etcd.endpoint))
-        .args(["--disk-mode", "mirrored"])
-        .backup_args(linux_machine(LINUX_CMDLINE, &rig.disks.0).unwrap())
-        .backup_args(["--serial-input", "none"]);
+    let old = host0_pair(&rig);
     let a = old.backup_on(0, &old.addr(1));
     assert!(
         ftvmm_tests::wait_until(Duration::from_secs(120), Duration::from_millis(20), || {
@@ -611,14 +592,8 @@ fn a_fenced_primarys_copy_is_refused_as_a_primary_until_attached_as_a_backup() {
     let Some(rig) = rig("mirror-stale", "mst") else {
         return;
     };
-    let sock = rig.dir.join("b.sock");
+    let (Sides { p, b, .. }, sock) = backup_with_socket(&rig, 2);
     let sock_arg = sock.to_str().unwrap();
-    let Sides { p, b, .. } = mirrored_diskwrite(&rig, &[], &["--api-socket", sock_arg]);
-    assert!(
-        p.wait_stdout("record 2 synced\r\n", Duration::from_secs(300)),
-        "{}",
-        p.stdout()
-    );
     assert_eq!(sidecar(&rig.disks.0)["state"], "current");
     p.signal(libc::SIGSTOP);
     wait_live(&b);
@@ -629,11 +604,7 @@ fn a_fenced_primarys_copy_is_refused_as_a_primary_until_attached_as_a_backup() {
     eprintln!("the fenced side's sidecar: {stale}");
     assert_eq!(stale["state"], "stale", "{stale:#}\n{}", p.stderr);
     // The same flags as the pair's, on host 0 again.
-    let again = Pair::on_hosts(&rig.hosts)
-        .key(&key_file(&rig.dir, "key", 51))
-        .lock(&format!("etcd:{}/ftvmm/mirror", rig.etcd.endpoint))
-        .args(["--disk-mode", "mirrored", "--serial-input", "none"])
-        .args(linux_machine(LINUX_CMDLINE, &rig.disks.0).unwrap());
+    let again = host0_pair(&rig);
     let refused = again.primary_on(0).wait(Duration::from_secs(60));
     assert_eq!(refused.code(), 2, "{}", refused.stderr);
     assert!(
@@ -663,4 +634,36 @@ fn a_fenced_primarys_copy_is_refused_as_a_primary_until_attached_as_a_backup() {
     let p = again.primary_on(0);
     again.wait_listening(&p);
     p.signal(libc::SIGKILL);
+}
+
+/// A mirrored pair on the rig ([`mirrored_diskwrite`]) whose backup has an API socket
+/// (`b.sock` in the rig's directory), once the client saw record `synced` synced.
+fn backup_with_socket(rig: &Rig, synced: u64) -> (Sides, PathBuf) {
+    let sock = rig.dir.join("b.sock");
+    let sides = mirrored_diskwrite(rig, &[], &["--api-socket", sock.to_str().unwrap()]);
+    assert!(
+        sides.p.wait_stdout(
+            &format!("record {synced} synced\r\n"),
+            Duration::from_secs(300)
+        ),
+        "{}",
+        sides.p.stdout()
+    );
+    (sides, sock)
+}
+
+/// The pair's flags again, for a side on host 0 with host 0's copy (the old primary's host
+/// coming back).
+fn host0_pair(rig: &Rig) -> Pair<'_> {
+    pair_of(rig)
+        .args(["--serial-input", "none"])
+        .args(linux_machine(LINUX_CMDLINE, &rig.disks.0).unwrap())
+}
+
+/// What every side of a mirrored pair on the rig takes: its hosts, key, lock and disk mode.
+fn pair_of(rig: &Rig) -> Pair<'_> {
+    Pair::on_hosts(&rig.hosts)
+        .key(&key_file(&rig.dir, "key", 51))
+        .lock(&format!("etcd:{}/ftvmm/mirror", rig.etcd.endpoint))
+        .args(["--disk-mode", "mirrored"])
 }
