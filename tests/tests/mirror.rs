@@ -374,17 +374,38 @@ fn the_old_primarys_copy_re_protects_with_the_blocks_that_differ() {
     stopped_alike(b, a, &rig.disks);
 }
 
-/// `flag value` and a failover timeout a loaded machine does not reach, for a test that is
-/// not about failures (a stall of a side under a CPU hog must not look like a lost peer).
-fn calm<'a>(flag: &'a str, value: &'a str) -> [&'a str; 4] {
-    [flag, value, "--failover-timeout", "5s"]
+/// A mirrored pair on the rig ([`mirrored_diskwrite`]), each side with an API socket
+/// (`a.sock`, `b.sock`) and a failover timeout a loaded machine does not reach: for a test
+/// that is not about failures (a stall of a side under a CPU hog must not look like a lost
+/// peer).
+fn calm_pair(rig: &Rig) -> (Sides, [PathBuf; 2]) {
+    let socks = [rig.dir.join("a.sock"), rig.dir.join("b.sock")];
+    let side = |i: usize| {
+        [
+            "--api-socket",
+            socks[i].to_str().unwrap(),
+            "--failover-timeout",
+            "5s",
+        ]
+    };
+    let sides = mirrored_diskwrite(rig, &side(0), &side(1));
+    (sides, socks)
 }
 
-/// `ftvmm ctl verify-disk` parsed: (exit code, the answer, what ctl said on stderr).
-fn verify_disk(sock: &str) -> (i32, serde_json::Value, String) {
+/// `ftvmm ctl verify-disk` on the primary's socket `sock`, its answer printed as `what`: checks
+/// that it says `result` (`match`, exit status 0; `mismatch`, 1) and returns it.
+fn verified(sides: &Sides, sock: &str, result: &str, what: &str) -> serde_json::Value {
     let (code, out, err) = ctl(&["--api-socket", sock, "verify-disk"]);
-    let v = serde_json::from_str(&out).unwrap_or(serde_json::Value::Null);
-    (code, v, err)
+    let answer = serde_json::from_str(&out).unwrap_or(serde_json::Value::Null);
+    eprintln!("{what}: {answer}");
+    let want = if result == "match" { 0 } else { 1 };
+    assert!(
+        code == want && answer["result"] == result,
+        "{what}: exit {code}, {answer:#}{err}\n--- primary ---\n{}\n--- backup ---\n{}",
+        sides.p.stderr(),
+        sides.b.stderr()
+    );
+    answer
 }
 
 /// A side's status document parsed.
@@ -394,29 +415,38 @@ fn status_of(sock: &Path) -> serde_json::Value {
 
 /// Waits until the backup's status reports verification `id`, and returns that report.
 fn backup_check(sock: &Path, id: u64) -> serde_json::Value {
+    let status = status_when(sock, &format!("verification {id}"), |s| {
+        s["last_disk_check"]["id"].as_u64() == Some(id)
+    });
+    status["last_disk_check"].clone()
+}
+
+/// Waits until the status on `sock` satisfies `ok` (`what` names it in the failure) and
+/// returns it.
+fn status_when(
+    sock: &Path,
+    what: &str,
+    ok: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
     let mut last = serde_json::Value::Null;
     let seen = ftvmm_tests::wait_until(Duration::from_secs(120), Duration::from_millis(50), || {
         last = status_of(sock);
-        last["last_disk_check"]["id"].as_u64() == Some(id)
+        ok(&last)
     });
-    assert!(
-        seen,
-        "the backup never reported verification {id}: {last:#}"
-    );
-    last["last_disk_check"].clone()
+    assert!(seen, "the status never showed {what}: {last:#}");
+    last
 }
 
 /// `ctl verify-disk` on a healthy mirrored pair: both copies compared at one log position say
-/// they match, both sides report the same position and exit count, the second verification
+/// they match, both sides report the same position, digest and block count, the second verification
 /// hashes only the blocks written since the first; then a clean stop leaves equal copies.
 #[test]
 fn verify_disk_on_a_healthy_mirrored_pair_matches_at_one_position() {
     let Some(rig) = rig("mirror-verify", "mv") else {
         return;
     };
-    let socks = [rig.dir.join("a.sock"), rig.dir.join("b.sock")];
-    let (sa, sb) = (socks[0].to_str().unwrap(), socks[1].to_str().unwrap());
-    let sides = mirrored_diskwrite(&rig, &calm("--api-socket", sa), &calm("--api-socket", sb));
+    let (sides, socks) = calm_pair(&rig);
+    let sa = socks[0].to_str().unwrap();
     for id in 1..=2u64 {
         assert!(
             wait_synced(
@@ -427,16 +457,7 @@ fn verify_disk_on_a_healthy_mirrored_pair_matches_at_one_position() {
             "{}",
             sides.p.stdout()
         );
-        let (code, answer, err) = verify_disk(sa);
-        eprintln!("verify-disk {id}: {answer}");
-        assert_eq!(
-            code,
-            0,
-            "{answer:#}{err}\n{}\n--- backup ---\n{}",
-            sides.p.stderr(),
-            sides.b.stderr()
-        );
-        assert_eq!(answer["result"], "match", "{answer:#}");
+        let answer = verified(&sides, sa, "match", &format!("verify-disk {id}"));
         assert_eq!(answer["id"], id, "{answer:#}");
         let theirs = backup_check(&socks[1], id);
         eprintln!("backup's verification {id}: {theirs}");
@@ -495,9 +516,8 @@ fn a_backup_copy_altered_by_one_byte_is_found_by_verify_disk_and_healed() {
     let Some(rig) = rig("mirror-heal", "mh") else {
         return;
     };
-    let socks = [rig.dir.join("a.sock"), rig.dir.join("b.sock")];
-    let (sa, sb) = (socks[0].to_str().unwrap(), socks[1].to_str().unwrap());
-    let sides = mirrored_diskwrite(&rig, &calm("--api-socket", sa), &calm("--api-socket", sb));
+    let (sides, socks) = calm_pair(&rig);
+    let sa = socks[0].to_str().unwrap();
     // A block the guest does not write: 8 MiB in (diskwrite's records are in the first MiB).
     let at: u64 = 8 << 20 | 4321;
     let block = at / (64 << 10);
@@ -515,16 +535,7 @@ fn a_backup_copy_altered_by_one_byte_is_found_by_verify_disk_and_healed() {
         f.seek(SeekFrom::Start(at)).unwrap();
         f.write_all(&byte).unwrap();
     }
-    let (code, answer, err) = verify_disk(sa);
-    eprintln!("verify-disk after the alteration: {answer}");
-    assert_eq!(
-        code,
-        1,
-        "{answer:#}{err}\n--- primary ---\n{}\n--- backup ---\n{}",
-        sides.p.stderr(),
-        sides.b.stderr()
-    );
-    assert_eq!(answer["result"], "mismatch", "{answer:#}");
+    let answer = verified(&sides, sa, "mismatch", "verify-disk after the alteration");
     assert_eq!(answer["differing"], 1, "{answer:#}");
     assert_eq!(answer["first_differing"][0], block, "{answer:#}");
     // The backup attaches again, and only what differs travels.
@@ -535,14 +546,9 @@ fn a_backup_copy_altered_by_one_byte_is_found_by_verify_disk_and_healed() {
         sent.is_some_and(|s| s >= 1) && had.is_some_and(|h| h > sent.unwrap_or(0)),
         "the heal did not send just the blocks that differ: {line}"
     );
-    let mut b = serde_json::Value::Null;
-    assert!(
-        ftvmm_tests::wait_until(Duration::from_secs(60), Duration::from_millis(50), || {
-            b = status_of(&socks[1]);
-            b["healing"].as_str().is_some_and(|h| h.contains("differ"))
-        }),
-        "the backup's status does not say what it healed: {b:#}"
-    );
+    let b = status_when(&socks[1], "what the backup healed", |b| {
+        b["healing"].as_str().is_some_and(|h| h.contains("differ"))
+    });
     eprintln!(
         "backup after the heal: healing {}, attach_disk_blocks {}",
         b["healing"], b["attach_disk_blocks"]
@@ -554,10 +560,7 @@ fn a_backup_copy_altered_by_one_byte_is_found_by_verify_disk_and_healed() {
         "the workload stopped:\n{}",
         sides.p.stdout()
     );
-    let (code, answer, err) = verify_disk(sa);
-    eprintln!("verify-disk after the heal: {answer}");
-    assert_eq!(code, 0, "{answer:#}{err}");
-    assert_eq!(answer["result"], "match", "{answer:#}");
+    verified(&sides, sa, "match", "verify-disk after the heal");
     let (code, out, err) = ctl(&["--api-socket", sa, "stop"]);
     assert_eq!(code, 0, "{out}{err}");
     stopped_alike(sides.p, sides.b, &rig.disks);
