@@ -25,9 +25,10 @@ use thiserror::Error;
 pub const MAGIC: [u8; 8] = *b"FTVMMLOG";
 /// The format version this build writes (2 added the disk, base and resync records; 3 changed
 /// the checkpoint data: snapshot format 5, pages encoded against a page cache, and added the
-/// interrupt-window exits; 4 added the mechanisms to the header); it reads versions 1 to 4 (the
-/// checkpoints of older logs do not decode: snapshots are tied to the build).
-pub const VERSION: u16 = 5;
+/// interrupt-window exits; 4 added the mechanisms to the header; 5 added `DiskReadLocal`; 6
+/// added `DiskVerify`); it reads versions 1 to 6 (the checkpoints of older logs do not decode:
+/// snapshots are tied to the build).
+pub const VERSION: u16 = 6;
 /// The largest frame payload (a full checkpoint of a 3 GiB guest fits in a few frames' worth of
 /// pages; checkpoints are split by the writer if they are larger).
 pub const MAX_FRAME: u32 = 1 << 30;
@@ -222,6 +223,16 @@ pub enum Record {
         /// CRC32C of the bytes the primary read.
         crc: u32,
     },
+    /// Version 6, a mirrored disk: the primary's copy as it was at this point of the stream
+    /// (`ftvmm ctl verify-disk`), one digest a block ([`crate::disk::BLOCK`] bytes, SHA-256's
+    /// first 16 bytes). A backup compares its own copy when its replay reaches this record:
+    /// a copy that differs diverges there. Not an event of the guest: replay skips it.
+    DiskVerify {
+        /// The verification's number.
+        id: u64,
+        /// The block digests, 16 bytes each, in block order.
+        digests: Vec<u8>,
+    },
 }
 
 /// The largest disk read one record carries, uncompressed (virtio-blk moves at most 64 KiB at
@@ -294,6 +305,13 @@ pub fn unpack_lz4(packed: &[u8], max: usize) -> Result<Vec<u8>, UnpackError> {
 pub trait RecordSink: Send {
     /// Appends a record; returns its sequence number.
     fn record(&mut self, record: &Record) -> Result<u64, LogError>;
+    /// Appends a record that produced an output the output rule holds until the backup has
+    /// it (the recorder says which records do: a disk write is one on a shared disk, not on a
+    /// mirrored one); returns its sequence number. A sink that streams sends it soon and marks
+    /// its batch as carrying an output.
+    fn record_output(&mut self, record: &Record) -> Result<u64, LogError> {
+        self.record(record)
+    }
     /// Pushes out what is buffered (before the recorder may block for a long time).
     fn flush(&mut self) -> Result<(), LogError>;
     /// The vCPU was kicked (it ran a quantum without an exit): a sink that holds records back
@@ -413,17 +431,6 @@ pub fn encode_record(record: &Record) -> Result<Vec<u8>, LogError> {
     Ok(encode_frame(&payload))
 }
 
-impl Record {
-    /// Whether this record produces an output to the world (serial or network bytes, a disk
-    /// write or flush): the output waits for the backup to hold it (the output rule).
-    pub fn produces_output(&self) -> bool {
-        matches!(
-            self,
-            Record::Output { .. } | Record::DiskWrite { .. } | Record::DiskFlush
-        )
-    }
-}
-
 /// The most a log batch may expand to: one frame of the largest size, and then some.
 pub const MAX_BATCH: usize = MAX_FRAME as usize + (1 << 20);
 
@@ -437,7 +444,8 @@ pub struct Batch {
     pub first_seq: u64,
     /// How many frames it holds.
     pub frames: u32,
-    /// Whether a record in it produces an output ([`Record::produces_output`]).
+    /// Whether a record in it produced an output the primary holds
+    /// ([`RecordSink::record_output`]).
     pub carries_output: bool,
     /// The frames, compressed.
     pub packed: Vec<u8>,
@@ -478,12 +486,13 @@ impl BatchWriter {
         })
     }
 
-    /// Appends `record`; returns its sequence number and its frame's size in bytes.
-    pub fn push(&mut self, record: &Record) -> Result<(u64, usize), LogError> {
+    /// Appends `record` (`output`: it produced an output the primary holds); returns its
+    /// sequence number and its frame's size in bytes.
+    pub fn push(&mut self, record: &Record, output: bool) -> Result<(u64, usize), LogError> {
         let frame = encode_record(record)?;
         self.bytes.extend_from_slice(&frame);
         self.frames += 1;
-        self.carries_output |= record.produces_output();
+        self.carries_output |= output;
         let seq = self.next_seq;
         self.next_seq += 1;
         Ok((seq, frame.len()))
@@ -756,10 +765,11 @@ pub fn exit_kind(byte: u8) -> Option<ExitKind> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn header() -> Header {
+    /// A header for tests.
+    pub(crate) fn header() -> Header {
         Header {
             version: VERSION,
             config_hash: 0x1234,
@@ -839,8 +849,9 @@ mod tests {
         let mut seqs = Vec::new();
         let mut batches = Vec::new();
         for r in records() {
-            let produces = r.produces_output();
-            seqs.push(w.push(&r).unwrap().0);
+            // The test's outputs: the serial output record (a recorder says which records are).
+            let produces = matches!(r, Record::Output { .. });
+            seqs.push(w.push(&r, produces).unwrap().0);
             // Cut after each output, as the primary does, and once more in the middle.
             if produces || seqs.len() == 2 {
                 batches.push(w.take().unwrap());

@@ -50,7 +50,7 @@ impl RecordCore {
     /// Writes the record of an output; returns where to hand the output, if a rule holds
     /// outputs: the gate, with the record's sequence number.
     fn write_output(&mut self, rec: &Record) -> Result<Option<Gated>, BoundaryError> {
-        let seq = self.write(rec)?;
+        let seq = self.sink.record_output(rec)?;
         Ok(self.gate.clone().map(|gate| Gated { gate, seq }))
     }
 
@@ -403,7 +403,7 @@ pub fn output_kind_byte(kind: OutputKind) -> u8 {
 mod tests {
     use super::*;
     use crate::live::{LiveBoundary, SerialSource};
-    use crate::log::{Header, LogWriter, VERSION};
+    use crate::log::LogWriter;
 
     /// A gate that keeps what it is given.
     #[derive(Default)]
@@ -438,14 +438,7 @@ mod tests {
     /// it, serial, network and disk alike, and in the order the guest made them.
     #[test]
     fn outputs_reach_the_gate_under_their_records_numbers() {
-        let header = Header {
-            version: VERSION,
-            config_hash: 1,
-            config_summary: "test".into(),
-            rtc_epoch: 0,
-            mechanisms: None,
-        };
-        let sink = LogWriter::new(Vec::new(), &header).unwrap();
+        let sink = LogWriter::new(Vec::new(), &crate::log::tests::header()).unwrap();
         let live = LiveBoundary::new(SerialSource::None, Box::new(io::sink()));
         let gate = Arc::new(Kept::default());
         let mut rec = Recorder::new(live, Box::new(sink), 0)
@@ -476,5 +469,71 @@ mod tests {
                 (6, Output::DiskFlush),
             ]
         );
+    }
+
+    /// A sink that notes which records came as outputs.
+    #[derive(Default)]
+    struct Noted(Arc<Mutex<Vec<(Record, bool)>>>);
+
+    impl RecordSink for Noted {
+        fn record(&mut self, record: &Record) -> Result<u64, crate::log::LogError> {
+            self.0.lock().unwrap().push((record.clone(), false));
+            Ok(0)
+        }
+        fn record_output(&mut self, record: &Record) -> Result<u64, crate::log::LogError> {
+            self.0.lock().unwrap().push((record.clone(), true));
+            Ok(0)
+        }
+        fn flush(&mut self) -> Result<(), crate::log::LogError> {
+            Ok(())
+        }
+        fn bytes(&self) -> u64 {
+            0
+        }
+    }
+
+    /// The recorder says which records are outputs: serial output always, a disk write and a
+    /// flush on a shared disk only (on a mirrored one they are this side's state).
+    #[test]
+    fn the_recorder_says_which_records_are_outputs() {
+        for (mode, disk_is_output) in [(DiskMode::Shared, true), (DiskMode::Mirrored, false)] {
+            let noted = Noted::default();
+            let seen = noted.0.clone();
+            let live = LiveBoundary::new(SerialSource::None, Box::new(io::sink()));
+            let mut rec = Recorder::new(live, Box::new(noted), 0)
+                .unwrap()
+                .with_disk_mode(mode);
+            let mut disk = rec.disk(Some(Box::new(Sink4k)), 4096).unwrap();
+            rec.output(OutputKind::Serial, b"x").unwrap();
+            disk.write_at(&[1; 512], 0).unwrap();
+            disk.flush().unwrap();
+            let mut buf = [0u8; 512];
+            disk.read_at(&mut buf, 0).unwrap();
+            let flags: Vec<bool> = seen.lock().unwrap().iter().map(|(_, o)| *o).collect();
+            assert_eq!(
+                flags,
+                [true, disk_is_output, disk_is_output, false],
+                "{mode}"
+            );
+        }
+    }
+
+    /// A disk that takes everything.
+    struct Sink4k;
+
+    impl Disk for Sink4k {
+        fn size(&self) -> u64 {
+            4096
+        }
+        fn read_at(&mut self, buf: &mut [u8], _offset: u64) -> io::Result<()> {
+            buf.fill(0);
+            Ok(())
+        }
+        fn write_at(&mut self, _buf: &[u8], _offset: u64) -> io::Result<()> {
+            Ok(())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
     }
 }

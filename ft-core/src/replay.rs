@@ -6,6 +6,9 @@
 //! can acknowledge what it has executed.
 
 use crate::boundary::{Boundary, BoundaryError, Input, OutputKind, Point, RunEnd, WaitRequest};
+use crate::disk::{
+    copy_digest, differing, hex, BlockDigest, DiskCheck, PointDigest, FIRST_DIFFERING,
+};
 use crate::exit::{ExitDigest, SyncExit};
 use crate::log::{decode_exit, unpack_disk_data, Header, InputRec, LogReader, PointRec, Record};
 use crate::output::Output;
@@ -139,6 +142,36 @@ struct Core<R: Read> {
     /// The disk is this side's own copy ([`crate::disk::DiskMode::Mirrored`]): the replayed writes go to
     /// the image the VMM hands over, and reads logged by their CRC are served from it.
     mirrored: bool,
+    /// That copy, once the VMM handed it over ([`Boundary::disk`]).
+    image: Option<Box<dyn Disk>>,
+    /// Compares the copy with the primary's at each [`Record::DiskVerify`].
+    verifier: Option<Arc<Mutex<DiskVerifier>>>,
+    /// The comparison under way: the copy at its point, hashed by its thread and by the
+    /// replayed writes before they overwrite a block.
+    point: Option<Arc<PointDigest>>,
+    /// A comparison's thread found the copy different: the divergence to report.
+    verdict: Arc<Mutex<Option<BoundaryError>>>,
+    /// A [`Record::DiskVerify`] taken off the stream, compared before anything after it is
+    /// replayed (the effects of the record before it are then in the copy).
+    due: Option<DueCheck>,
+}
+
+/// A verification the stream asked for: its record's sequence number, its number, the
+/// primary's block digests.
+struct DueCheck {
+    seq: u64,
+    id: u64,
+    digests: Vec<u8>,
+}
+
+/// A backup's half of `ftvmm ctl verify-disk` (a mirrored disk): a handle on its copy to hash
+/// it with, and where each comparison's outcome goes.
+pub struct DiskVerifier {
+    /// This side's copy, for the thread that hashes it (its own handle on it).
+    pub reader: devices::disk::ImageFile,
+    /// Told each comparison's outcome (on the thread that hashed the copy), before a mismatch
+    /// diverges.
+    pub report: Box<dyn FnMut(&DiskCheck) + Send>,
 }
 
 fn describe(record: &Option<Record>, last_rip: u64) -> String {
@@ -165,6 +198,7 @@ fn describe(record: &Option<Record>, last_rip: u64) -> String {
         }
         Some(Record::Base { .. }) => "the base of a stream".into(),
         Some(Record::Resync { .. }) => "a resync snapshot".into(),
+        Some(Record::DiskVerify { .. }) => "a verification of the disk".into(),
     }
 }
 
@@ -183,8 +217,31 @@ impl<R: Read> Core<R> {
         }
         // The record taken is replayed whatever comes next: a stream that breaks off after it
         // (a truncated frame) ends here, and the next call sees the end.
+        self.read_next(matches!(rec, Record::End { .. }));
+        self.take_markers();
+        Ok(rec)
+    }
+
+    /// A verification of the disk is not an event of the guest: it is taken off the stream
+    /// here and done before anything after it is replayed.
+    fn take_markers(&mut self) {
+        while matches!(self.next, Some(Record::DiskVerify { .. })) {
+            let Some(Record::DiskVerify { id, digests }) = self.next.take() else {
+                break;
+            };
+            self.due = Some(DueCheck {
+                seq: self.next_seq,
+                id,
+                digests,
+            });
+            self.next_seq += 1;
+            self.read_next(false);
+        }
+    }
+
+    fn read_next(&mut self, at_end: bool) {
         self.next = match self.log.read_record() {
-            Ok(None) if self.require_end && !matches!(rec, Record::End { .. }) => {
+            Ok(None) if self.require_end && !at_end => {
                 self.broken = Some(crate::log::LogError::Truncated {
                     frame: self.log.frame(),
                     offset: self.log.offset(),
@@ -197,7 +254,44 @@ impl<R: Read> Core<R> {
                 None
             }
         };
-        Ok(rec)
+    }
+
+    /// Starts the comparison of this side's copy with the primary's if the stream asked for
+    /// it (a [`Record::DiskVerify`] came before the next record): the copy as it is now is
+    /// hashed by a thread of its own while the replay goes on ([`PointDigest`]: a replayed
+    /// write hashes the blocks it overwrites first). A copy that differs is a divergence, left
+    /// for the replay to find at its next boundary call.
+    fn run_due(&mut self) {
+        if let Some(e) = self
+            .verdict
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            self.pending.get_or_insert(e);
+        }
+        let Some(due) = self.due.take() else {
+            return;
+        };
+        let (Some(image), Some(verifier)) = (self.image.as_mut(), self.verifier.clone()) else {
+            return; // not a mirrored copy: nothing to compare
+        };
+        // A comparison still hashing: its blocks not hashed yet are as they were at its point
+        // (writes since hashed them first), so it is finished here.
+        if let Some(old) = self.point.take() {
+            for b in 0..old.blocks() {
+                let _ = old.hash(image.as_mut(), b);
+            }
+        }
+        let point = Arc::new(PointDigest::new(image.size()));
+        self.point = Some(point.clone());
+        let (exits, verdict) = (self.exits, self.verdict.clone());
+        let spawned = std::thread::Builder::new()
+            .name("verify-disk".into())
+            .spawn(move || compare(&point, &verifier, due, exits, &verdict));
+        if let Err(e) = spawned {
+            tracing::error!("cannot start the thread that verifies the disk: {e}");
+        }
     }
 
     /// A disk request that is not the one the log holds next: the divergence is reported at the
@@ -233,6 +327,7 @@ impl<R: Read> Core<R> {
     }
 
     fn check_pending(&mut self) -> Result<(), BoundaryError> {
+        self.run_due();
         match self.pending.take() {
             Some(e) => Err(e),
             None => Ok(()),
@@ -271,6 +366,83 @@ impl<R: Read> Core<R> {
             self.exits = exits;
         }
         Ok(())
+    }
+}
+
+/// Hashes this side's copy at a verification's point (the thread of [`Core::run_due`]),
+/// compares it with the primary's digests, reports the outcome and leaves a mismatch as a
+/// divergence in `verdict`.
+fn compare(
+    point: &PointDigest,
+    verifier: &Mutex<DiskVerifier>,
+    due: DueCheck,
+    exits: u64,
+    verdict: &Mutex<Option<BoundaryError>>,
+) {
+    let start = std::time::Instant::now();
+    let blocks = point.blocks() as u64;
+    let reader = verifier
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .reader
+        .try_clone();
+    let read = reader.and_then(|mut reader| {
+        for b in 0..point.blocks() {
+            point.hash(&mut reader, b)?;
+        }
+        Ok(())
+    });
+    let mut check = DiskCheck {
+        id: due.id,
+        position: due.seq,
+        exits: Some(exits),
+        blocks,
+        hashed_blocks: blocks,
+        ..DiskCheck::default()
+    };
+    let theirs: Option<Vec<BlockDigest>> = (due.digests.len() as u64 == blocks * 16).then(|| {
+        due.digests
+            .chunks_exact(16)
+            .map(|c| c.try_into().unwrap_or([0; 16]))
+            .collect()
+    });
+    let ours = point.finished();
+    if let Some(ours) = &ours {
+        check.digest = hex(&copy_digest(ours));
+    }
+    let why = match (&theirs, &read, &ours) {
+        (_, Err(e), _) => Some(format!("this side's copy could not be read: {e}")),
+        (None, _, _) => Some(format!(
+            "the primary's digests are {} bytes, this side's copy has {blocks} blocks of 16",
+            due.digests.len()
+        )),
+        (_, _, None) => Some("this side's copy was not hashed whole".into()),
+        (Some(theirs), Ok(()), Some(ours)) => {
+            let diff = differing(ours, theirs);
+            check.differing = diff.len() as u64;
+            check.first_differing = diff.iter().take(FIRST_DIFFERING).copied().collect();
+            (!diff.is_empty()).then(|| {
+                format!(
+                    "{} of {blocks} blocks differ from the primary's copy (the first: block {}, byte {})",
+                    diff.len(),
+                    diff[0],
+                    diff[0] * crate::disk::BLOCK
+                )
+            })
+        }
+    };
+    check.result = if why.is_none() { "match" } else { "mismatch" }.into();
+    check.ms = start.elapsed().as_secs_f64() * 1e3;
+    (verifier.lock().unwrap_or_else(|e| e.into_inner()).report)(&check);
+    if let Some(why) = why {
+        *verdict.lock().unwrap_or_else(|e| e.into_inner()) = Some(BoundaryError::Divergence {
+            exit: exits,
+            expected: format!(
+                "this side's copy of the disk equal to the primary's at log position {} (verification {})",
+                due.seq, due.id
+            ),
+            got: why,
+        });
     }
 }
 
@@ -314,7 +486,13 @@ impl<R: Read + Send + 'static> Replayer<R> {
             broken: None,
             require_end: false,
             mirrored: false,
+            image: None,
+            verifier: None,
+            point: None,
+            verdict: Arc::default(),
+            due: None,
         };
+        core.take_markers();
         core.take_base()?;
         Ok(Replayer {
             core: Arc::new(Mutex::new(core)),
@@ -345,6 +523,12 @@ impl<R: Read + Send + 'static> Replayer<R> {
     /// image.
     pub fn mirror_disk(&mut self) {
         lock(&self.core).mirrored = true;
+    }
+
+    /// Compare this side's mirrored copy with the primary's at every [`Record::DiskVerify`]
+    /// (without one, those records are skipped).
+    pub fn verify_disk(&mut self, verifier: DiskVerifier) {
+        lock(&self.core).verifier = Some(Arc::new(Mutex::new(verifier)));
     }
 
     /// Keep the data of replayed disk writes here (a backup) instead of dropping it.
@@ -496,15 +680,13 @@ impl<R: Read + Send + 'static> Boundary for Replayer<R> {
     fn disk(&mut self, image: Option<Box<dyn Disk>>, size: u64) -> Option<Box<dyn Disk>> {
         // A replay touches the image only when it is this side's mirrored copy; otherwise reads
         // come from the log and writes are checked and kept.
-        let image = if lock(&self.core).mirrored {
-            image
-        } else {
-            None
-        };
+        let mut core = lock(&self.core);
+        if core.mirrored {
+            core.image = image;
+        }
         Some(Box::new(ReplayDisk {
             core: self.core.clone(),
             size,
-            image,
         }))
     }
 
@@ -620,8 +802,18 @@ impl<R: Read + Send + 'static> Boundary for Replayer<R> {
 struct ReplayDisk<R: Read> {
     core: Arc<Mutex<Core<R>>>,
     size: u64,
-    /// This side's own copy ([`Replayer::mirror_disk`]).
-    image: Option<Box<dyn Disk>>,
+}
+
+impl<R: Read> Core<R> {
+    /// Before a disk request: a verification due is done first, and a divergence it (or an
+    /// earlier request) found fails the request.
+    fn disk_ready(&mut self) -> io::Result<()> {
+        self.run_due();
+        match self.pending {
+            Some(_) => Err(io::Error::other("replay diverged")),
+            None => Ok(()),
+        }
+    }
 }
 
 impl<R: Read + Send> Disk for ReplayDisk<R> {
@@ -631,6 +823,8 @@ impl<R: Read + Send> Disk for ReplayDisk<R> {
 
     fn read_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         let mut core = lock(&self.core);
+        core.disk_ready()?;
+        let core = &mut *core;
         if let (
             Some(image),
             Some(Record::DiskReadLocal {
@@ -638,7 +832,7 @@ impl<R: Read + Send> Disk for ReplayDisk<R> {
                 len,
                 crc,
             }),
-        ) = (self.image.as_mut(), &core.next)
+        ) = (core.image.as_mut(), &core.next)
         {
             if *o == offset && *len as usize == buf.len() {
                 let crc = *crc;
@@ -678,6 +872,7 @@ impl<R: Read + Send> Disk for ReplayDisk<R> {
 
     fn write_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
         let mut core = lock(&self.core);
+        core.disk_ready()?;
         let want = Record::DiskWrite {
             offset,
             len: buf.len() as u32,
@@ -692,8 +887,13 @@ impl<R: Read + Send> Disk for ReplayDisk<R> {
         let seq = core.next_seq;
         core.advance()
             .map_err(|e| io::Error::other(e.to_string()))?;
-        if let Some(image) = self.image.as_mut() {
-            // This side's copy: the write is state, applied as replayed.
+        let core = &mut *core;
+        if let Some(image) = core.image.as_mut() {
+            // This side's copy: the write is state, applied as replayed (a comparison under
+            // way first hashes what it overwrites).
+            if let Some(point) = &core.point {
+                point.before_write(image.as_mut(), offset, buf.len() as u64)?;
+            }
             return image.write_at(buf, offset);
         }
         if let Some(kept) = &core.kept {
@@ -706,13 +906,14 @@ impl<R: Read + Send> Disk for ReplayDisk<R> {
 
     fn flush(&mut self) -> io::Result<()> {
         let mut core = lock(&self.core);
+        core.disk_ready()?;
         if core.next != Some(Record::DiskFlush) {
             return Err(core.disk_divergence("a disk flush".into()));
         }
         let seq = core.next_seq;
         core.advance()
             .map_err(|e| io::Error::other(e.to_string()))?;
-        if let Some(image) = self.image.as_mut() {
+        if let Some(image) = core.image.as_mut() {
             return image.flush();
         }
         if let Some(kept) = &core.kept {
@@ -741,5 +942,82 @@ mod tests {
         kept.keep_output(6, Output::Serial(b"new".to_vec()));
         let seqs: Vec<u64> = kept.take().into_iter().map(|(s, _)| s).collect();
         assert_eq!(seqs, [5, 6]);
+    }
+
+    /// Replays `DiskVerify { id: 1, digests }` then two clock reads against a mirrored copy
+    /// holding `copy` (a file): the second clock read's answer (the comparison runs on a thread
+    /// of its own from the first), and what the verifier was told.
+    fn verify(copy: Vec<u8>, digests: Vec<u8>) -> (Result<u64, BoundaryError>, Vec<DiskCheck>) {
+        use crate::log::LogWriter;
+        use devices::disk::ImageFile;
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let header = crate::log::tests::header();
+        let mut bytes = Vec::new();
+        {
+            let mut log = LogWriter::new(&mut bytes, &header).unwrap();
+            log.write(&Record::DiskVerify { id: 1, digests }).unwrap();
+            log.write(&Record::Clock { delta: 5 }).unwrap();
+            log.write(&Record::Clock { delta: 6 }).unwrap();
+            log.flush().unwrap();
+        }
+        let path = std::env::temp_dir().join(format!(
+            "ftvmm-verify-{}-{}.img",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::write(&path, &copy).unwrap();
+        let mut r = Replayer::new(io::Cursor::new(bytes), Box::new(io::sink())).unwrap();
+        r.mirror_disk();
+        let told = Arc::new(Mutex::new(Vec::new()));
+        let t = told.clone();
+        r.verify_disk(DiskVerifier {
+            reader: ImageFile::open(&path).unwrap(),
+            report: Box::new(move |c| t.lock().unwrap().push(c.clone())),
+        });
+        let image = ImageFile::open(&path).unwrap();
+        let _disk = r.disk(Some(Box::new(image)), copy.len() as u64);
+        assert_eq!(r.read_clock().unwrap(), 5);
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while told.lock().unwrap().is_empty() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let got = r.read_clock();
+        let told = told.lock().unwrap().clone();
+        std::fs::remove_file(&path).unwrap();
+        (got, told)
+    }
+
+    #[test]
+    fn a_disk_verification_compares_the_copy_where_the_stream_asked() {
+        use crate::disk::{block_digest, BLOCK};
+        let copy: Vec<u8> = (0..2 * BLOCK + 10).map(|i| (i % 253) as u8).collect();
+        let digests: Vec<u8> = copy.chunks(BLOCK as usize).flat_map(block_digest).collect();
+        // Equal: the replay goes on, past the record, with the clock read after it.
+        let (got, told) = verify(copy.clone(), digests.clone());
+        assert_eq!(got.unwrap(), 11);
+        assert_eq!(told.len(), 1);
+        assert!(told[0].matched(), "{:?}", told[0]);
+        assert_eq!((told[0].position, told[0].blocks), (1, 3));
+        // One byte differs in block 1: a divergence that names it.
+        let mut altered = copy.clone();
+        altered[BLOCK as usize + 7] ^= 1;
+        let (got, told) = verify(altered, digests.clone());
+        let e = got.unwrap_err().to_string();
+        assert!(
+            e.contains("1 of 3 blocks differ") && e.contains("block 1,"),
+            "{e}"
+        );
+        assert_eq!(told[0].first_differing, [1]);
+        assert_eq!(told[0].result, "mismatch");
+        // Digests that cannot be this copy's (bad input from the peer): a divergence too.
+        for bad in [vec![1, 2, 3], digests[..32].to_vec(), Vec::new()] {
+            let (got, told) = verify(copy.clone(), bad.clone());
+            let e = got.unwrap_err().to_string();
+            assert!(
+                e.contains(&format!("digests are {} bytes", bad.len())),
+                "{e}"
+            );
+            assert_eq!(told[0].result, "mismatch");
+        }
     }
 }

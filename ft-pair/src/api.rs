@@ -36,6 +36,8 @@ pub enum Request {
     Stop,
     /// Hand the guest over to the backup, then stop or become its backup.
     Switchover(Then),
+    /// Compare the two copies of a mirrored disk at one log position.
+    VerifyDisk,
 }
 
 impl Request {
@@ -45,6 +47,7 @@ impl Request {
             Request::Status => "status".into(),
             Request::Stop => "stop".into(),
             Request::Switchover(then) => format!("switchover {}", then.as_str()),
+            Request::VerifyDisk => "verify-disk".into(),
         }
     }
 
@@ -56,14 +59,15 @@ impl Request {
             ["stop"] => Ok(Request::Stop),
             ["switchover"] | ["switchover", "stop"] => Ok(Request::Switchover(Then::Stop)),
             ["switchover", "backup"] => Ok(Request::Switchover(Then::Backup)),
+            ["verify-disk"] => Ok(Request::VerifyDisk),
             _ => Err(UnknownRequest(line.trim().to_string())),
         }
     }
 }
 
-/// unknown request `{0}`: try `status`, `stop` or `switchover stop|backup`
+/// unknown request `{0}`: try `status`, `stop`, `switchover stop|backup` or `verify-disk`
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
-#[error("unknown request `{0}`: try `status`, `stop` or `switchover stop|backup`")]
+#[error("unknown request `{0}`: try `status`, `stop`, `switchover stop|backup` or `verify-disk`")]
 pub struct UnknownRequest(pub String);
 
 /// Answers requests: what a role serves on its API socket.
@@ -103,7 +107,7 @@ impl SwappableApi {
 pub fn status_only(status: StatusFn, role: &'static str) -> ApiFn {
     Arc::new(move |req| match req {
         Request::Status => status().to_json(),
-        Request::Stop | Request::Switchover(_) => refusal(format!(
+        Request::Stop | Request::Switchover(_) | Request::VerifyDisk => refusal(format!(
             "this ftvmm is a {role}: send `{}` to the primary's API socket",
             req.line()
         )),
@@ -130,6 +134,7 @@ mod tests {
             Request::Status,
             Request::Stop,
             Request::Switchover(Then::Backup),
+            Request::VerifyDisk,
         ] {
             assert_eq!(Request::parse(&r.line()), Ok(r));
         }

@@ -15,6 +15,7 @@ use crate::error::PairError;
 use crate::golive::open_image;
 use crate::mirror::{digests, write_blocks, BLOCKS_PER_MESSAGE};
 use crate::primary::Manager;
+use crate::sidecar::CopyMeta;
 use devices::disk::{Disk, ImageFile};
 use ft_core::disk::DiskMode;
 use ft_core::live::{LiveBoundary, SerialSource};
@@ -308,9 +309,20 @@ impl Manager {
                 VcpuResponse::Snapshot(s) => s,
                 other => return Err(PairError::UnexpectedAnswer(format!("{other:?}"))),
             };
-            // A mirrored disk's last written blocks, before the state that follows them.
+            // A mirrored disk's last written blocks, before the state that follows them, and
+            // the history the backup's copy now shares.
             let blocks = self.dirty_blocks();
             self.send_blocks(conn, 0, &blocks, &[], &mut report)?;
+            if let Some(m) = &self.mirror {
+                let generation = m
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .meta
+                    .generation();
+                let msg = TransferMsg::DiskGeneration { generation }.encode()?;
+                report.bytes += msg.len() as u64;
+                conn.send(Msg::Transfer(msg))?;
+            }
             // The last harvest's pages were taken out of the transfer set: add them.
             let extra = read_pages(&self.mem, &leftover, false);
             report.pages += (snap.pages.pages.len() + extra.len()) as u64;
@@ -415,6 +427,10 @@ pub(crate) struct Received {
     /// The pair's epoch the primary attached this backup at.
     pub(crate) epoch: u64,
     pub(crate) attach_ms: u64,
+    /// Blocks of the mirrored copy the transfer wrote.
+    pub(crate) disk_blocks: u64,
+    /// The mirrored copy's sidecar.
+    pub(crate) meta: Option<Arc<CopyMeta>>,
 }
 
 /// Attaches to the primary at `addr` and receives its VM: hello ([`join`]), then the pre-copy
@@ -458,6 +474,15 @@ pub(crate) fn receive_vm(
         (Some(p), DiskMode::Mirrored) => Some(open_image(p)?),
         _ => None,
     };
+    // The copy is half-written until the transfer ends: stale until then.
+    let meta = match (&config.disk, disk_mode) {
+        (Some(p), DiskMode::Mirrored) => {
+            let meta = Arc::new(CopyMeta::open(p, &crate::lock::owner_name("backup")));
+            meta.stale(meta.epoch(), "an attach is bringing it up to date");
+            Some(meta)
+        }
+        _ => None,
+    };
     if let Some(copy) = copy.as_mut() {
         let digests =
             digests(copy).map_err(PairError::io("reading this side's copy of the disk"))?;
@@ -470,17 +495,30 @@ pub(crate) fn receive_vm(
         epoch,
         pages,
         bytes,
+        disk_blocks,
+        generation,
     } = receive_transfer(&conn, addr, &vm.memory(), copy.as_mut(), started)?;
     if let Some(copy) = copy.as_mut() {
         copy.flush()
             .map_err(PairError::io("flushing the received disk copy"))?;
     }
+    if let Some(meta) = &meta {
+        if let Some(g) = &generation {
+            meta.adopt(g);
+        }
+        meta.current(epoch);
+    }
     vm.restore(&snapshot)?;
     drop(snapshot);
     vmm::memory::trim_heap();
     let attach_ms = started.elapsed().as_millis() as u64;
+    let disk = if copy.is_some() {
+        format!(", {disk_blocks} disk blocks written into this side's copy")
+    } else {
+        String::new()
+    };
     tracing::warn!(
-        "backup of {addr}: VM received ({pages} pages, {:.1} MiB in {attach_ms} ms); replaying",
+        "backup of {addr}: VM received ({pages} pages{disk}, {:.1} MiB in {attach_ms} ms); replaying",
         bytes as f64 / (1 << 20) as f64
     );
     Ok(Received {
@@ -491,6 +529,8 @@ pub(crate) fn receive_vm(
         copy,
         epoch,
         attach_ms,
+        disk_blocks,
+        meta,
     })
 }
 
@@ -531,6 +571,10 @@ pub(crate) struct Transfer {
     pub(crate) pages: u64,
     /// Bytes of the transfer.
     pub(crate) bytes: u64,
+    /// Blocks of a mirrored disk written.
+    pub(crate) disk_blocks: u64,
+    /// The generation of the primary's mirrored copy.
+    pub(crate) generation: Option<String>,
 }
 
 /// The transfer after the welcome: the pre-copy rounds written into `mem` (zeroed RAM), up to
@@ -543,6 +587,8 @@ pub(crate) fn receive_transfer(
     started: Instant,
 ) -> Result<Transfer, PairError> {
     let (mut pages, mut bytes, mut round) = (0u64, 0u64, 0u32);
+    let mut disk_blocks = 0u64;
+    let mut generation = None;
     let tty = std::io::stderr().is_terminal();
     let (final_state, epoch) = loop {
         let msg = conn
@@ -583,12 +629,22 @@ pub(crate) fn receive_transfer(
                     ));
                 };
                 write_blocks(copy, &blocks).map_err(|e| unexpected(addr, e.to_string()))?;
+                disk_blocks += blocks.len() as u64;
             }
             TransferMsg::DiskDigests { .. } => {
                 return Err(unexpected(
                     addr,
                     "digests of a disk: the backup sends those".into(),
                 ));
+            }
+            TransferMsg::DiskGeneration { generation: g } => {
+                if disk.is_none() {
+                    return Err(unexpected(
+                        addr,
+                        "a disk's generation, but this side's disk is not mirrored".into(),
+                    ));
+                }
+                generation = Some(g);
             }
             TransferMsg::Final { snapshot, epoch } => {
                 if tty {
@@ -603,6 +659,8 @@ pub(crate) fn receive_transfer(
         epoch,
         pages,
         bytes,
+        disk_blocks,
+        generation,
     })
 }
 

@@ -18,8 +18,9 @@ use crate::receiver::BackupLink;
 use crate::status::{BackupLag, BackupLog, BackupStatus, ChannelFigures, Status};
 use crate::{End, Finished};
 use devices::disk::Disk;
+use ft_core::disk::DiskCheck;
 use ft_core::disk::DiskMode;
-use ft_core::replay::{KeptWrites, Progress, Replayer};
+use ft_core::replay::{DiskVerifier, KeptWrites, Progress, Replayer};
 use ft_core::takeover::{Decision, Refusal, Takeover};
 use ft_core::{Boundary, BoundaryError};
 use logging_channel::Msg;
@@ -66,11 +67,20 @@ impl Disk for SlotDisk {
     }
 }
 
+/// The environment variable through which a backup that attaches again to heal its copy
+/// ([`End::Reattach`]) tells its next run why.
+pub const HEALING_ENV: &str = "FTVMM_HEALING";
+
 #[derive(Default)]
 struct BackupCounters {
     divergences: AtomicU64,
     resyncs: AtomicU64,
     attach_ms: AtomicU64,
+    attach_disk_blocks: AtomicU64,
+    disk_checks: AtomicU64,
+    disk_mismatches: AtomicU64,
+    last_disk_check: Mutex<Option<DiskCheck>>,
+    healing: Mutex<Option<String>>,
 }
 /// Runs a backup until its guest stops (as a backup, or as the primary it became); the caller
 /// reports the run and decides the exit status.
@@ -88,6 +98,8 @@ pub fn run(cfg: &BackupConfig, host: Arc<dyn Host>) -> Result<Finished, PairErro
         copy,
         epoch,
         attach_ms,
+        disk_blocks,
+        meta,
     } = receive_vm(
         &addr,
         cfg.pair.channel.clone(),
@@ -99,6 +111,15 @@ pub fn run(cfg: &BackupConfig, host: Arc<dyn Host>) -> Result<Finished, PairErro
     )?;
     let counters = Arc::new(BackupCounters::default());
     counters.attach_ms.store(attach_ms, Ordering::Relaxed);
+    if let Some(why) = std::env::var(HEALING_ENV).ok().filter(|w| !w.is_empty()) {
+        tracing::warn!(
+            "backup: attached again to heal this side's copy ({disk_blocks} disk blocks written into it); it had diverged: {why}"
+        );
+        *counters.healing.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
+    }
+    counters
+        .attach_disk_blocks
+        .store(disk_blocks, Ordering::Relaxed);
 
     let progress = Arc::new(Progress::default());
     let kept = Arc::new(Mutex::new(KeptWrites::default()));
@@ -115,6 +136,15 @@ pub fn run(cfg: &BackupConfig, host: Arc<dyn Host>) -> Result<Finished, PairErro
     replayer.keep_writes(kept.clone());
     if mirrored {
         replayer.mirror_disk();
+    }
+    if let Some(copy) = &copy {
+        let reader = copy.try_clone().map_err(PairError::io(
+            "a second handle on this side's copy of the disk",
+        ))?;
+        replayer.verify_disk(DiskVerifier {
+            reader,
+            report: disk_check_report(link.clone(), counters.clone()),
+        });
     }
     if let Some(n) = std::env::var("FTVMM_TEST_DIVERGE_AT_EXIT")
         .ok()
@@ -233,16 +263,27 @@ pub fn run(cfg: &BackupConfig, host: Arc<dyn Host>) -> Result<Finished, PairErro
                 *diverged.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
                 if mirrored {
                     // A resync carries RAM and devices, not the disk, and this copy stopped
-                    // taking writes where the replay diverged: only a new attach (which copies
-                    // the disk) makes it current again.
+                    // taking writes where the replay diverged: a new attach, whose digests
+                    // find the blocks that differ, makes it current again. The primary's
+                    // guest runs on meanwhile, unprotected until this side is back.
                     control.finish();
-                    let reason = format!(
-                        "backup: {e}; with a mirrored disk a resync cannot bring this side's copy up to date: attach this backup again (its copy travels anew); a backup that diverged does not race for the lock: stopping"
+                    let reason = e.to_string();
+                    tracing::warn!(
+                        "backup: {reason}; healing this side's copy of the disk: leaving the primary and attaching again (the attach sends the blocks that differ)"
                     );
+                    if let Some(m) = &meta {
+                        m.stale(epoch, &format!("its replay diverged: {reason}"));
+                    }
+                    link.connection().close(&format!(
+                        "diverged, attaching again to heal its copy: {reason}"
+                    ));
                     return Ok(Finished {
                         vm,
                         result: Ok(vmm::vcpu::Stop::EndOfLog),
-                        end: End::PrimaryLost { reason },
+                        end: End::Reattach {
+                            primary: addr.clone(),
+                            reason,
+                        },
                     });
                 }
                 tracing::error!("{e}: asking the primary for a resync");
@@ -304,6 +345,14 @@ pub fn run(cfg: &BackupConfig, host: Arc<dyn Host>) -> Result<Finished, PairErro
             End::Backup
         }
     };
+    // A backup that stops without its primary's clean stop may be behind the side that is
+    // live (the winner of the lock, or a primary still running): its copy is stale.
+    if let (Some(m), End::Fenced { why: reason } | End::PrimaryLost { reason }) = (&meta, &end) {
+        m.stale(
+            epoch,
+            &format!("this backup stopped without taking over: {reason}"),
+        );
+    }
     let result = match end {
         End::Backup => result,
         _ => Ok(vmm::vcpu::Stop::EndOfLog),
@@ -411,7 +460,71 @@ fn backup_status(
             attach_ms: counters.attach_ms.load(Ordering::Relaxed),
             ended: link.ended(),
             epoch,
+            attach_disk_blocks: counters.attach_disk_blocks.load(Ordering::Relaxed),
+            healing: counters
+                .healing
+                .lock()
+                .map(|h| h.clone())
+                .unwrap_or_default(),
+            disk_checks: counters.disk_checks.load(Ordering::Relaxed),
+            disk_mismatches: counters.disk_mismatches.load(Ordering::Relaxed),
+            last_disk_check: counters
+                .last_disk_check
+                .lock()
+                .map(|c| c.clone())
+                .unwrap_or_default(),
         }))
+    })
+}
+
+/// Where a backup's comparison of its mirrored copy with the primary's goes: its status, its
+/// log, and the primary (which answers `ctl verify-disk` with it).
+fn disk_check_report(
+    link: Arc<BackupLink>,
+    counters: Arc<BackupCounters>,
+) -> Box<dyn FnMut(&DiskCheck) + Send> {
+    Box::new(move |check| {
+        counters.disk_checks.fetch_add(1, Ordering::Relaxed);
+        if check.matched() {
+            tracing::info!(
+                "verify-disk {}: this side's copy equals the primary's at position {} (exit {}; {} blocks hashed, {:.1} ms)",
+                check.id,
+                check.position,
+                check.exits.unwrap_or_default(),
+                check.hashed_blocks,
+                check.ms
+            );
+        } else {
+            counters.disk_mismatches.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(
+                "verify-disk {}: this side's copy differs from the primary's at position {} (exit {}): {} of {} blocks, the first {:?}",
+                check.id,
+                check.position,
+                check.exits.unwrap_or_default(),
+                check.differing,
+                check.blocks,
+                check.first_differing
+            );
+        }
+        *counters
+            .last_disk_check
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(check.clone());
+        let sent = link.connection().send(Msg::DiskVerified {
+            id: check.id,
+            position: check.position,
+            matched: check.matched(),
+            differing: check.differing,
+            first_differing: check.first_differing.clone(),
+            hashed_blocks: check.hashed_blocks,
+            micros: (check.ms * 1e3) as u64,
+        });
+        if let Err(e) = sent {
+            tracing::warn!(
+                "cannot tell the primary verification {}'s outcome: {e}",
+                check.id
+            );
+        }
     })
 }
 

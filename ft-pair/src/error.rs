@@ -27,6 +27,10 @@ pub enum PairError {
     /// The lock: opening, claiming, racing.
     #[error(transparent)]
     Lock(#[from] LockError),
+    /// A mirrored copy a primary may not start on (docs/OPERATIONS.md, "Disk modes"), or whose
+    /// sidecar does not read.
+    #[error("{0}")]
+    StaleCopy(String),
     /// Building, restoring or running the VM.
     #[error(transparent)]
     Vm(#[from] VmError),

@@ -10,7 +10,9 @@ use crate::lock::Arbiter;
 use crate::mirror::{DirtyBlocks, Mirror, TrackedDisk};
 use crate::primary::{ServiceParts, Services, TakeoverRecord};
 use crate::receiver::BackupLink;
+use crate::sidecar::CopyMeta;
 use devices::disk::{Disk, ImageFile};
+use ft_core::disk::BlockDigests;
 use ft_core::disk::DiskMode;
 use ft_core::live::{LiveBoundary, NetPort, NetQueue};
 use ft_core::log::{Header, VERSION};
@@ -116,7 +118,7 @@ pub(crate) fn build(p: StackParts<'_>) -> Result<Stack, PairError> {
     }
     let (held, release_image, mirror) = match p.cfg.disk {
         DiskMode::Shared => held_image(p.machine, &link)?,
-        DiskMode::Mirrored => mirrored_image(p.machine)?,
+        DiskMode::Mirrored => mirrored_image(p.machine, p.epoch.unwrap_or(0))?,
     };
     Ok(Stack {
         recorder,
@@ -129,7 +131,7 @@ pub(crate) fn build(p: StackParts<'_>) -> Result<Stack, PairError> {
 
 /// A mirrored disk's copy on this side: the disk the guest sees (writes go to the image at
 /// once, their blocks tracked while a backup attaches) and the attach's handle on it.
-fn mirrored_image(config: &vmm::VmConfig) -> Result<DiskSide, PairError> {
+fn mirrored_image(config: &vmm::VmConfig, epoch: u64) -> Result<DiskSide, PairError> {
     let Some(path) = &config.disk else {
         return Ok((None, None, None));
     };
@@ -138,12 +140,23 @@ fn mirrored_image(config: &vmm::VmConfig) -> Result<DiskSide, PairError> {
         .try_clone()
         .map_err(PairError::io(format!("disk image {}", path.display())))?;
     let dirty = Arc::new(DirtyBlocks::new(img.size()));
+    let digests = Arc::new(BlockDigests::new(img.size()));
+    // This side is live on its copy from here: current at this epoch (a primary starting, or
+    // a backup that went live at the epoch it won).
+    let meta = Arc::new(CopyMeta::open(path, &crate::lock::owner_name("primary")));
+    meta.current(epoch);
     Ok((
-        Some(Box::new(TrackedDisk::new(img, dirty.clone()))),
+        Some(Box::new(TrackedDisk::new(
+            img,
+            dirty.clone(),
+            digests.clone(),
+        ))),
         None,
         Some(Mirror {
             image: for_attach,
             dirty,
+            digests,
+            meta,
         }),
     ))
 }

@@ -31,6 +31,7 @@ pub mod mirror;
 pub mod primary;
 pub mod receiver;
 pub mod serve;
+pub mod sidecar;
 pub mod status;
 /// The pair's protocol tested in one process, without KVM (attach, resync, switchover,
 /// arbitration); the process-level tests are the `tests` crate's.
@@ -62,6 +63,15 @@ pub enum End {
     /// healed, a channel that broke, or the stream ended otherwise).
     PrimaryLost {
         /// Why this backup does not take over, for the run's last words.
+        reason: String,
+    },
+    /// As a backup of a mirrored disk whose replay diverged (its copy differs from the
+    /// primary's, found by a replayed read or by `ctl verify-disk`): it left the primary and
+    /// attaches again, which brings its copy up to date with the blocks that differ.
+    Reattach {
+        /// The primary to attach to.
+        primary: String,
+        /// The divergence, for the next run's status and log.
         reason: String,
     },
     /// As a backup whose primary is lost but which may not take over: it lost the lock or could

@@ -755,8 +755,10 @@ impl StreamSink {
     }
 }
 
-impl RecordSink for StreamSink {
-    fn record(&mut self, record: &Record) -> Result<u64, LogError> {
+impl StreamSink {
+    /// Appends a record to the open batch (`output`: it produced an output the rule holds);
+    /// sends the batch when it is due.
+    fn push(&mut self, record: &Record, output: bool) -> Result<u64, LogError> {
         self.follow_link()?;
         self.track_time(record);
         self.link
@@ -769,11 +771,11 @@ impl RecordSink for StreamSink {
         if batch.is_empty() {
             self.batch_started = Some(Instant::now());
         }
-        let (seq, len) = batch.push(record)?;
+        let (seq, len) = batch.push(record, output)?;
         self.bytes += len as u64;
         let (next_seq, pending) = (batch.next_seq(), batch.len());
         self.link.stats.sent_seq.store(next_seq, Ordering::Relaxed);
-        if record.produces_output() && self.output_since.is_none() {
+        if output && self.output_since.is_none() {
             self.output_since = Some(Instant::now());
         }
         // An output has waited long enough for company, or a backup needs this record to start:
@@ -803,6 +805,16 @@ impl RecordSink for StreamSink {
             }
         }
         Ok(seq)
+    }
+}
+
+impl RecordSink for StreamSink {
+    fn record(&mut self, record: &Record) -> Result<u64, LogError> {
+        self.push(record, false)
+    }
+
+    fn record_output(&mut self, record: &Record) -> Result<u64, LogError> {
+        self.push(record, true)
     }
 
     fn tick(&mut self) -> Result<(), LogError> {

@@ -8,12 +8,12 @@
 //! [`DiskMode::Mirrored`]: ft_core::disk::DiskMode::Mirrored
 
 use devices::disk::{Disk, ImageFile};
+pub use ft_core::disk::BLOCK;
+use ft_core::disk::{block_digest as digest, BlockDigest, BlockDigests, BlockSet};
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-/// The unit the disk travels in.
-pub const BLOCK: u64 = 64 * 1024;
 /// Blocks in one transfer message (1 MiB before compression).
 pub(crate) const BLOCKS_PER_MESSAGE: usize = 16;
 
@@ -21,63 +21,40 @@ pub(crate) const BLOCKS_PER_MESSAGE: usize = 16;
 /// image, so that a block read for the transfer while it is being written is sent again.
 #[derive(Debug)]
 pub struct DirtyBlocks {
-    words: Vec<AtomicU64>,
-    blocks: u64,
+    set: BlockSet,
     tracking: AtomicBool,
 }
 
 impl DirtyBlocks {
     /// Tracking for a disk of `size` bytes, off.
     pub fn new(size: u64) -> DirtyBlocks {
-        let blocks = size.div_ceil(BLOCK);
         DirtyBlocks {
-            words: (0..blocks.div_ceil(64))
-                .map(|_| AtomicU64::new(0))
-                .collect(),
-            blocks,
+            set: BlockSet::new(size),
             tracking: AtomicBool::new(false),
         }
     }
 
     /// Blocks of the disk.
     pub fn blocks(&self) -> u64 {
-        self.blocks
+        self.set.blocks()
     }
 
     /// Marks the blocks of `[offset, offset + len)`, if tracking.
     fn mark(&self, offset: u64, len: u64) {
-        if !self.tracking.load(Ordering::Acquire) || len == 0 {
-            return;
-        }
-        let first = offset / BLOCK;
-        let last = ((offset + len - 1) / BLOCK).min(self.blocks.saturating_sub(1));
-        for b in first..=last {
-            if let Some(w) = self.words.get((b / 64) as usize) {
-                w.fetch_or(1 << (b % 64), Ordering::AcqRel);
-            }
+        if self.tracking.load(Ordering::Acquire) {
+            self.set.mark(offset, len);
         }
     }
 
     /// Starts tracking with nothing marked.
     pub fn start(&self) {
-        for w in &self.words {
-            w.store(0, Ordering::Release);
-        }
+        self.set.clear();
         self.tracking.store(true, Ordering::Release);
     }
 
     /// The blocks marked since the last harvest, unmarked.
     pub fn take(&self) -> Vec<u64> {
-        let mut out = Vec::new();
-        for (i, w) in self.words.iter().enumerate() {
-            let mut bits = w.swap(0, Ordering::AcqRel);
-            while bits != 0 {
-                let b = bits.trailing_zeros() as u64;
-                out.push(i as u64 * 64 + b);
-                bits &= bits - 1;
-            }
-        }
-        out
+        self.set.take()
     }
 
     /// Stops tracking.
@@ -86,16 +63,22 @@ impl DirtyBlocks {
     }
 }
 
-/// The primary's copy of a mirrored disk: the image, with the blocks its writes touch marked.
+/// The primary's copy of a mirrored disk: the image, with the blocks its writes touch marked
+/// (for an attach while one runs, and always for the copy's block digests).
 pub struct TrackedDisk {
     image: ImageFile,
     dirty: Arc<DirtyBlocks>,
+    digests: Arc<BlockDigests>,
 }
 
 impl TrackedDisk {
-    /// `image`, tracked in `dirty`.
-    pub fn new(image: ImageFile, dirty: Arc<DirtyBlocks>) -> TrackedDisk {
-        TrackedDisk { image, dirty }
+    /// `image`, tracked in `dirty` and `digests`.
+    pub fn new(image: ImageFile, dirty: Arc<DirtyBlocks>, digests: Arc<BlockDigests>) -> Self {
+        TrackedDisk {
+            image,
+            dirty,
+            digests,
+        }
     }
 }
 
@@ -111,6 +94,7 @@ impl Disk for TrackedDisk {
     fn write_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
         self.image.write_at(buf, offset)?;
         self.dirty.mark(offset, buf.len() as u64);
+        self.digests.mark(offset, buf.len() as u64);
         Ok(())
     }
 
@@ -119,17 +103,8 @@ impl Disk for TrackedDisk {
     }
 }
 
-/// A block's digest: SHA-256 of its bytes, the first 16.
-pub(crate) fn digest(data: &[u8]) -> [u8; 16] {
-    use sha2::Digest;
-    let full = sha2::Sha256::digest(data);
-    let mut d = [0u8; 16];
-    d.copy_from_slice(&full[..16]);
-    d
-}
-
 /// The digest of every block of `image`, in order.
-pub(crate) fn digests(image: &mut ImageFile) -> io::Result<Vec<[u8; 16]>> {
+pub(crate) fn digests(image: &mut ImageFile) -> io::Result<Vec<BlockDigest>> {
     let size = image.size();
     let mut buf = vec![0u8; BLOCK as usize];
     let mut out = Vec::with_capacity(size.div_ceil(BLOCK) as usize);
@@ -148,6 +123,10 @@ pub(crate) fn digests(image: &mut ImageFile) -> io::Result<Vec<[u8; 16]>> {
 pub(crate) struct Mirror {
     pub(crate) image: ImageFile,
     pub(crate) dirty: Arc<DirtyBlocks>,
+    /// The copy's block digests, kept current by the guest's writes (`ctl verify-disk`).
+    pub(crate) digests: Arc<BlockDigests>,
+    /// The copy's sidecar (current or stale, the generation a backup takes over at attach).
+    pub(crate) meta: Arc<crate::sidecar::CopyMeta>,
 }
 
 impl Mirror {
@@ -291,6 +270,8 @@ mod tests {
         let mut from = Mirror {
             image: ImageFile::open(&a).unwrap(),
             dirty: Arc::new(DirtyBlocks::new(size)),
+            digests: Arc::new(BlockDigests::new(size)),
+            meta: Arc::new(crate::sidecar::CopyMeta::open(&a, "test")),
         };
         let mut to = ImageFile::open(&b).unwrap();
         // The backup's copy is zeros: every block differs.

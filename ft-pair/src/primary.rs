@@ -20,10 +20,12 @@ use crate::status::{
 };
 use crate::{End, Finished};
 use devices::disk::ImageFile;
+use ft_core::disk::{copy_digest, hex, DiskCheck, DiskMode};
 use ft_core::log::Record;
 use ft_core::record::{RecordCounters, SharedRecordCore};
 use ft_core::Boundary;
 use logging_channel::{Connection, Listener, Msg};
+use std::cell::RefCell;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -50,6 +52,12 @@ pub(crate) struct PairState {
     /// Switchovers this side made as the primary, the last one's figures.
     pub(crate) switchovers: AtomicU64,
     pub(crate) last_switchover: Mutex<Option<SwitchoverReport>>,
+    /// Verifications of a mirrored disk the backup answered, those that found a difference,
+    /// and the last one.
+    pub(crate) disk_check_ids: AtomicU64,
+    pub(crate) disk_checks: AtomicU64,
+    pub(crate) disk_mismatches: AtomicU64,
+    pub(crate) last_disk_check: Mutex<Option<DiskCheck>>,
 }
 
 /// The new primary of a planned switchover, and what this side does next.
@@ -87,6 +95,7 @@ impl Ending {
 enum Command {
     Stop(mpsc::Sender<serde_json::Value>),
     Switchover(Then, mpsc::Sender<serde_json::Value>),
+    VerifyDisk(mpsc::Sender<serde_json::Value>),
 }
 
 /// Runs a primary until its guest stops; the caller reports the run and decides the exit
@@ -99,6 +108,23 @@ pub fn run(cfg: &PrimaryConfig, host: Arc<dyn Host>) -> Result<Finished, PairErr
     // The lock first: a primary that cannot hold it must not run at all.
     let owner = lock::owner_name("primary");
     let arbiter = open_lock(cfg.pair.lock.as_deref())?;
+    // Nor on a mirrored copy that is behind the pair's other one.
+    if let (DiskMode::Mirrored, Some(image)) = (cfg.pair.disk, &config.disk) {
+        let sidecar =
+            crate::sidecar::read(image).map_err(|e| PairError::StaleCopy(e.to_string()))?;
+        if let Some(s) = sidecar {
+            let lock_epoch = match &arbiter {
+                Some(l) => l.read()?.epoch,
+                None => 0,
+            };
+            if let Some(why) = crate::sidecar::refuse_as_primary(image, &s, lock_epoch) {
+                return Err(PairError::StaleCopy(format!(
+                    "a primary does not start on {}: {why}",
+                    image.display()
+                )));
+            }
+        }
+    }
     let epoch = match &arbiter {
         Some(l) => {
             let e = l.claim(&owner)?;
@@ -272,6 +298,7 @@ impl Services {
             mirror: parts.mirror.map(Mutex::new),
             arbiter: parts.arbiter.clone(),
             owner: parts.owner.clone(),
+            verifying: RefCell::new(None),
         };
         let manager = std::thread::Builder::new()
             .name("pair-manager".into())
@@ -313,6 +340,10 @@ impl Services {
                 Request::Switchover(then) => {
                     (Command::Switchover(then, reply), SWITCHOVER_LIMIT * 3)
                 }
+                Request::VerifyDisk => (
+                    Command::VerifyDisk(reply),
+                    VERIFY_LIMIT + Duration::from_secs(60),
+                ),
             };
             if commands.send(cmd).is_err() {
                 return refusal("this primary is stopping");
@@ -475,6 +506,13 @@ fn primary_status(
                 .lock()
                 .ok()
                 .and_then(|h| h.as_ref().map(|h| h.addr.clone())),
+            disk_checks: pair.disk_checks.load(Ordering::Relaxed),
+            disk_mismatches: pair.disk_mismatches.load(Ordering::Relaxed),
+            last_disk_check: pair
+                .last_disk_check
+                .lock()
+                .map(|c| c.clone())
+                .unwrap_or_default(),
         }))
     })
 }
@@ -495,6 +533,17 @@ pub(crate) struct Manager {
     pub(crate) mirror: Option<Mutex<Mirror>>,
     pub(crate) arbiter: Option<Arc<dyn Arbiter>>,
     pub(crate) owner: String,
+    /// A verification of the mirrored disk waiting for the backup's answer.
+    verifying: RefCell<Option<Verifying>>,
+}
+
+/// A verification of the mirrored disk in the stream, waiting for the backup's answer.
+struct Verifying {
+    check: DiskCheck,
+    /// The backup's connection, which brings the answer.
+    conn: Connection,
+    reply: mpsc::Sender<serde_json::Value>,
+    deadline: Instant,
 }
 
 impl Manager {
@@ -508,8 +557,12 @@ impl Manager {
         let outcome = arbitrate::race(arbiter.as_ref(), self.link.epoch(), &self.owner)
             .map_err(|lost| lost.to_string());
         match outcome {
-            Ok(e) => self.link.won(e),
+            Ok(e) => {
+                self.link.won(e);
+                self.copy_meta(|m| m.current(e));
+            }
             Err(why) => {
+                self.copy_meta(|m| m.stale(self.link.epoch(), &format!("fenced: {why}")));
                 self.link.fence(&why);
                 *self.pair.fenced.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
                 let _ = self.vcpu.request(VcpuEvent::Stop, VCPU_ANSWER);
@@ -522,6 +575,7 @@ impl Manager {
             while let Ok(cmd) = self.requests.try_recv() {
                 self.serve(cmd);
             }
+            self.verify_overdue();
             match self.link.mode() {
                 Mode::Arbitrating => {
                     self.arbitrate();
@@ -554,6 +608,7 @@ impl Manager {
                                 self.link.detach(&format!("resync failed: {e}"));
                             }
                         }
+                        Ok(Some(answer @ Msg::DiskVerified { .. })) => self.verified(answer),
                         Ok(Some(Msg::Bye { reason })) => {
                             self.link.detach(&format!("the backup left: {reason}"));
                             break;
@@ -575,6 +630,19 @@ impl Manager {
 
     fn serve(&self, cmd: Command) {
         match cmd {
+            Command::VerifyDisk(reply) => match self.verify_disk() {
+                Ok((check, conn)) => {
+                    *self.verifying.borrow_mut() = Some(Verifying {
+                        check,
+                        conn,
+                        reply,
+                        deadline: Instant::now() + VERIFY_LIMIT,
+                    });
+                }
+                Err(why) => {
+                    let _ = reply.send(refusal(why));
+                }
+            },
             Command::Stop(reply) => {
                 tracing::warn!("stopping the pair on request (ctl stop)");
                 self.pair.stop_requested.store(true, Ordering::Release);
@@ -600,6 +668,168 @@ impl Manager {
                 };
                 let _ = reply.send(answer);
             }
+        }
+    }
+
+    /// Does `f` with the mirrored copy's sidecar, if the disk is mirrored.
+    fn copy_meta(&self, f: impl FnOnce(&crate::sidecar::CopyMeta)) {
+        if let Some(m) = &self.mirror {
+            let meta = m.lock().unwrap_or_else(|e| e.into_inner()).meta.clone();
+            f(&meta);
+        }
+    }
+
+    /// `ctl verify-disk`: puts the digests of this side's mirrored copy into the stream at one
+    /// position (a [`Record::DiskVerify`]), for the backup to compare its own copy with when
+    /// its replay gets there. The digests are kept current by the guest's writes: the blocks
+    /// written since the last verification are hashed while the guest runs, then those written
+    /// meanwhile with the guest paused, so that they are exact at the record.
+    fn verify_disk(&self) -> Result<(DiskCheck, Connection), String> {
+        let Some(mirror) = &self.mirror else {
+            return Err(
+                "the disk is not mirrored (--disk-mode mirrored): nothing to compare".into(),
+            );
+        };
+        let conn = match (self.link.mode(), self.link.connection()) {
+            (Mode::Protected, Some(conn)) => conn,
+            _ => {
+                return Err("no backup is attached: there is no other copy to compare with".into())
+            }
+        };
+        if self.verifying.borrow().is_some() {
+            return Err("a verification is under way: wait for its answer".into());
+        }
+        let start = Instant::now();
+        let mut mirror = mirror.lock().unwrap_or_else(|e| e.into_inner());
+        let Mirror { image, digests, .. } = &mut *mirror;
+        let mut hashed = digests
+            .refresh(image)
+            .map_err(|e| format!("reading this side's copy: {e}"))?;
+        let id = self.pair.disk_check_ids.fetch_add(1, Ordering::Relaxed) + 1;
+        let pause = Instant::now();
+        self.ask(VcpuEvent::Pause).map_err(|e| e.to_string())?;
+        let written = (|| {
+            hashed += digests
+                .refresh(image)
+                .map_err(|e| format!("reading this side's copy: {e}"))?;
+            let current = digests.current();
+            let mut core = self.core.lock().unwrap_or_else(|e| e.into_inner());
+            let seq = core
+                .write_record(&Record::DiskVerify {
+                    id,
+                    digests: current.as_flattened().to_vec(),
+                })
+                .map_err(|e| e.to_string())?;
+            core.flush().map_err(|e| e.to_string())?;
+            Ok::<_, String>((seq, current))
+        })();
+        let resumed = self.ask(VcpuEvent::Resume);
+        let pause_ms = pause.elapsed().as_secs_f64() * 1e3;
+        let (seq, current) = written?;
+        resumed.map_err(|e| e.to_string())?;
+        let check = DiskCheck {
+            id,
+            position: seq,
+            result: "pending".into(),
+            blocks: current.len() as u64,
+            digest: hex(&copy_digest(&current)),
+            hashed_blocks: hashed,
+            ms: start.elapsed().as_secs_f64() * 1e3,
+            pause_ms: Some(pause_ms),
+            ..DiskCheck::default()
+        };
+        tracing::info!(
+            "verify-disk {id}: the copy's digests are in the log at position {seq} ({hashed} blocks hashed, {:.1} ms, the guest paused {pause_ms:.2} ms): waiting for the backup",
+            check.ms
+        );
+        *self
+            .pair
+            .last_disk_check
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(check.clone());
+        Ok((check, conn))
+    }
+
+    /// The backup's answer to a verification ([`Msg::DiskVerified`]).
+    fn verified(&self, answer: Msg) {
+        let Msg::DiskVerified {
+            id,
+            position,
+            matched,
+            differing,
+            first_differing,
+            hashed_blocks: _,
+            micros,
+        } = answer
+        else {
+            return;
+        };
+        let Some(mut v) = self.verifying.borrow_mut().take_if(|v| v.check.id == id) else {
+            tracing::warn!("the backup answered verification {id}, which is not under way");
+            return;
+        };
+        let c = &mut v.check;
+        c.result = if matched { "match" } else { "mismatch" }.into();
+        c.differing = differing;
+        c.first_differing = first_differing;
+        c.backup_ms = Some(micros as f64 / 1e3);
+        if position != c.position {
+            tracing::error!(
+                "verify-disk {id}: the backup compared at position {position}, this side wrote {}",
+                c.position
+            );
+        }
+        self.pair.disk_checks.fetch_add(1, Ordering::Relaxed);
+        if matched {
+            tracing::info!(
+                "verify-disk {id}: the copies are equal at position {position} ({} blocks)",
+                c.blocks
+            );
+        } else {
+            self.pair.disk_mismatches.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(
+                "verify-disk {id}: the backup's copy differs at position {position}: {differing} of {} blocks (the first: {:?}); it heals by attaching again",
+                c.blocks,
+                c.first_differing
+            );
+        }
+        *self
+            .pair
+            .last_disk_check
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(c.clone());
+        let _ = v
+            .reply
+            .send(serde_json::to_value(&v.check).unwrap_or_else(refusal));
+    }
+
+    /// A verification whose backup did not answer in time, or left: refused.
+    fn verify_overdue(&self) {
+        let Some(conn) = self.verifying.borrow().as_ref().map(|v| v.conn.clone()) else {
+            return;
+        };
+        let gone = self.link.connection().is_none();
+        if gone {
+            // The answer may have come just before the backup left (a mismatch: it attaches
+            // again to heal its copy), and the connection still hands it out.
+            while let Ok(Some(m)) = conn.try_recv() {
+                if matches!(m, Msg::DiskVerified { .. }) {
+                    self.verified(m);
+                }
+            }
+        }
+        let mut verifying = self.verifying.borrow_mut();
+        if let Some(v) = verifying.take_if(|v| gone || Instant::now() > v.deadline) {
+            let why = if gone {
+                "the backup left before it answered"
+            } else {
+                "the backup did not answer in time"
+            };
+            tracing::warn!("verify-disk {}: {why}", v.check.id);
+            let _ = v.reply.send(refusal(format!(
+                "verification {} at log position {}: {why}",
+                v.check.id, v.check.position
+            )));
         }
     }
 
@@ -650,6 +880,14 @@ impl Manager {
                     then,
                 });
                 self.link.detach("handed over");
+                self.copy_meta(|m| {
+                    m.stale(
+                        epoch,
+                        &format!(
+                            "handed the guest over to {addr}, which writes its own copy from here"
+                        ),
+                    )
+                });
                 let total_ms = start.elapsed().as_secs_f64() * 1e3;
                 tracing::warn!(
                     "switchover done: {peer} is the primary now (accepting backups on {addr}); drained in {drain_ms:.0} ms, live {total_ms:.0} ms after the pause; this side {}",
@@ -672,6 +910,7 @@ impl Manager {
                     self.arbitrate();
                 }
                 if self.link.mode() == Mode::Fenced {
+                    self.copy_meta(|m| m.stale(epoch, &format!("fenced in a switchover: {why}")));
                     let fenced = SwitchoverError::Fenced { why };
                     *self.pair.fenced.lock().unwrap_or_else(|e| e.into_inner()) =
                         Some(fenced.to_string());
@@ -736,6 +975,9 @@ impl Manager {
         result
     }
 }
+
+/// How long a verification of the mirrored disk waits for the backup's answer.
+const VERIFY_LIMIT: Duration = Duration::from_secs(90);
 
 /// How long a switchover waits for the backup to acknowledge the log, and then to go live.
 const SWITCHOVER_LIMIT: Duration = Duration::from_secs(30);

@@ -2,7 +2,7 @@
 //! tells it to stop or to hand its guest over to its backup.
 //!
 //! The protocol is one request line, answered with one JSON document, then the connection
-//! closes. Requests: `status`, `stop`, `switchover stop|backup`. An answer with an `"error"`
+//! closes. Requests: `status`, `stop`, `switchover stop|backup`, `verify-disk`. An answer with an `"error"`
 //! field is a refusal. docs/OPERATIONS.md lists every field of the status.
 
 use crate::api::{refusal, ApiFn, Request};

@@ -4,6 +4,7 @@
 
 use crate::attach::AttachReport;
 use crate::primary::TakeoverRecord;
+use ft_core::disk::DiskCheck;
 use serde::Serialize;
 
 /// What a node reports: a primary's document, or a backup's.
@@ -187,6 +188,12 @@ pub struct PrimaryStatus {
     pub last_switchover: Option<SwitchoverReport>,
     /// Where the guest went in a switchover.
     pub handed_over_to: Option<String>,
+    /// Verifications of a mirrored disk (`ctl verify-disk`) the backup answered.
+    pub disk_checks: u64,
+    /// Those that found the copies different.
+    pub disk_mismatches: u64,
+    /// The last verification (`pending` until the backup answers).
+    pub last_disk_check: Option<DiskCheck>,
 }
 
 /// A backup's log figures.
@@ -244,4 +251,15 @@ pub struct BackupStatus {
     pub ended: Option<String>,
     /// The pair's epoch the primary attached this backup at.
     pub epoch: u64,
+    /// Blocks of a mirrored disk the attach wrote into this side's copy.
+    pub attach_disk_blocks: u64,
+    /// Why this process attached again, if it did to heal its copy (the previous one's
+    /// divergence).
+    pub healing: Option<String>,
+    /// Verifications of a mirrored disk this backup made (`ctl verify-disk`).
+    pub disk_checks: u64,
+    /// Those that found the copies different.
+    pub disk_mismatches: u64,
+    /// The last verification.
+    pub last_disk_check: Option<DiskCheck>,
 }

@@ -93,7 +93,7 @@ fn attach_backup(link: &Link, sink: &mut StreamSink) -> Connection {
 /// the gate under the record's number, which is returned.
 fn serial_output(sink: &mut StreamSink, link: &Link, bytes: &[u8]) -> u64 {
     let seq = sink
-        .record(&Record::Output {
+        .record_output(&Record::Output {
             kind: 0,
             len: bytes.len() as u32,
             crc: crc32c::crc32c(bytes),

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use crate::ChannelError;
 
 /// The protocol version a backup announces in [`Msg::Hello`].
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// The largest encoded message (its postcard bytes, without the 4-byte length).
 pub const MAX_MSG: usize = 1 << 30;
@@ -88,6 +88,25 @@ pub enum Msg {
     HandedOver {
         /// The new primary's listen address for backups, as `host:port`.
         listen: String,
+    },
+    /// Version 3, backup -> primary: the outcome of a verification of a mirrored disk (the
+    /// log's `DiskVerify` record `id`): whether this side's copy was equal to the primary's at
+    /// that record, sent when the replay reached it (before a mismatch diverges).
+    DiskVerified {
+        /// The verification's number, as the record carried it.
+        id: u64,
+        /// The record's sequence number.
+        position: u64,
+        /// The copies were equal.
+        matched: bool,
+        /// Blocks that differ.
+        differing: u64,
+        /// The first of them (at most 16).
+        first_differing: Vec<u64>,
+        /// Blocks the backup hashed for it.
+        hashed_blocks: u64,
+        /// How long the backup took, us.
+        micros: u64,
     },
 }
 
@@ -187,6 +206,15 @@ mod tests {
             Msg::Handover { epoch: 3 },
             Msg::HandedOver {
                 listen: "10.0.0.2:7000".into(),
+            },
+            Msg::DiskVerified {
+                id: 1,
+                position: 900,
+                matched: false,
+                differing: 1,
+                first_differing: vec![4000],
+                hashed_blocks: 3,
+                micros: 1200,
             },
         ]
     }

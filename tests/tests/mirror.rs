@@ -64,18 +64,10 @@ fn rig(name: &str, tag: &str) -> Option<Rig> {
 /// its etcd, `diskwrite` typed at its shell once the backup attached; waits for its first
 /// synced record.
 fn mirrored_diskwrite(rig: &Rig, primary_extra: &[&str], backup_extra: &[&str]) -> Sides {
-    let Rig {
-        dir,
-        disks,
-        etcd,
-        hosts,
-    } = rig;
+    let disks = &rig.disks;
     let ready = linux_ready().expect("checked by copies()");
     let machine = |disk: &Path| linux_machine(LINUX_CMDLINE, disk).unwrap();
-    let mut sides = Pair::on_hosts(hosts)
-        .key(&key_file(dir, "key", 51))
-        .lock(&format!("etcd:{}/ftvmm/mirror", etcd.endpoint))
-        .args(["--disk-mode", "mirrored"])
+    let mut sides = pair_of(rig)
         .primary_args(machine(&disks.0))
         .backup_args(machine(&disks.1))
         .primary_args(["--restore", ready.snapshot.to_str().unwrap()])
@@ -89,8 +81,10 @@ fn mirrored_diskwrite(rig: &Rig, primary_extra: &[&str], backup_extra: &[&str]) 
         sides
             .p
             .wait_stdout("record 1 synced\r\n", Duration::from_secs(300)),
-        "the workload never started:\n{}",
-        sides.p.stdout()
+        "the workload never started:\n{}\n--- primary ---\n{}\n--- backup ---\n{}",
+        sides.p.stdout(),
+        sides.p.stderr(),
+        sides.b.stderr()
     );
     sides
 }
@@ -346,14 +340,8 @@ fn the_old_primarys_copy_re_protects_with_the_blocks_that_differ() {
     let Some(rig) = rig("mirror-reprotect", "mr") else {
         return;
     };
-    let sock = rig.dir.join("b.sock");
+    let (Sides { p, b, .. }, sock) = backup_with_socket(&rig, 4);
     let sock_arg = sock.to_str().unwrap();
-    let Sides { p, b, .. } = mirrored_diskwrite(&rig, &[], &["--api-socket", sock_arg]);
-    assert!(
-        p.wait_stdout("record 4 synced\r\n", Duration::from_secs(300)),
-        "{}",
-        p.stdout()
-    );
     p.signal(libc::SIGKILL);
     let p = p.wait(Duration::from_secs(10));
     wait_live(&b);
@@ -365,12 +353,7 @@ fn the_old_primarys_copy_re_protects_with_the_blocks_that_differ() {
         b.stderr()
     );
     // Host 0 comes back with its old copy and attaches to the new primary on host 1.
-    let old = Pair::on_hosts(&rig.hosts)
-        .key(&key_file(&rig.dir, "key", 51))
-        .lock(&format!("etcd:{}/ftvmm/mirror", rig.etcd.endpoint))
-        .args(["--disk-mode", "mirrored"])
-        .backup_args(linux_machine(LINUX_CMDLINE, &rig.disks.0).unwrap())
-        .backup_args(["--serial-input", "none"]);
+    let old = host0_pair(&rig);
     let a = old.backup_on(0, &old.addr(1));
     assert!(
         ftvmm_tests::wait_until(Duration::from_secs(120), Duration::from_millis(20), || {
@@ -380,13 +363,128 @@ fn the_old_primarys_copy_re_protects_with_the_blocks_that_differ() {
         a.stderr(),
         b.stderr()
     );
-    let line = b
+    let (line, sent, had) = attach_line(&b, 1);
+    eprintln!("re-protection: {line}");
+    assert!(
+        sent.is_some_and(|s| s > 0) && had.is_some_and(|h| h > 0),
+        "the attach did not send just the blocks that differ (some, not all): {line}"
+    );
+    let (code, out, err) = ctl(&["--api-socket", sock_arg, "stop"]);
+    assert_eq!(code, 0, "{out}{err}");
+    stopped_alike(b, a, &rig.disks);
+}
+
+/// A mirrored pair on the rig ([`mirrored_diskwrite`]), each side with an API socket
+/// (`a.sock`, `b.sock`).
+fn sockets_pair(rig: &Rig) -> (Sides, [PathBuf; 2]) {
+    let socks = [rig.dir.join("a.sock"), rig.dir.join("b.sock")];
+    let side = |i: usize| ["--api-socket", socks[i].to_str().unwrap()];
+    let sides = mirrored_diskwrite(rig, &side(0), &side(1));
+    (sides, socks)
+}
+
+/// `ftvmm ctl verify-disk` on the primary's socket `sock`, its answer printed as `what`: checks
+/// that it says `result` (`match`, exit status 0; `mismatch`, 1) and returns it.
+fn verified(sides: &Sides, sock: &str, result: &str, what: &str) -> serde_json::Value {
+    let (code, out, err) = ctl(&["--api-socket", sock, "verify-disk"]);
+    let answer = serde_json::from_str(&out).unwrap_or(serde_json::Value::Null);
+    eprintln!("{what}: {answer}");
+    let want = if result == "match" { 0 } else { 1 };
+    assert!(
+        code == want && answer["result"] == result,
+        "{what}: exit {code}, {answer:#}{err}\n--- primary ---\n{}\n--- backup ---\n{}",
+        sides.p.stderr(),
+        sides.b.stderr()
+    );
+    answer
+}
+
+/// A side's status document parsed.
+fn status_of(sock: &Path) -> serde_json::Value {
+    serde_json::from_str(&ftvmm_tests::ctl_status(sock)).unwrap_or(serde_json::Value::Null)
+}
+
+/// Waits until the backup's status reports verification `id`, and returns that report.
+fn backup_check(sock: &Path, id: u64) -> serde_json::Value {
+    let status = status_when(sock, &format!("verification {id}"), |s| {
+        s["last_disk_check"]["id"].as_u64() == Some(id)
+    });
+    status["last_disk_check"].clone()
+}
+
+/// Waits until the status on `sock` satisfies `ok` (`what` names it in the failure) and
+/// returns it.
+fn status_when(
+    sock: &Path,
+    what: &str,
+    ok: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let mut last = serde_json::Value::Null;
+    let seen = ftvmm_tests::wait_until(Duration::from_secs(120), Duration::from_millis(50), || {
+        last = status_of(sock);
+        ok(&last)
+    });
+    assert!(seen, "the status never showed {what}: {last:#}");
+    last
+}
+
+/// `ctl verify-disk` on a healthy mirrored pair: both copies compared at one log position say
+/// they match, both sides report the same position, digest and block count, the second verification
+/// hashes only the blocks written since the first; then a clean stop leaves equal copies.
+#[test]
+fn verify_disk_on_a_healthy_mirrored_pair_matches_at_one_position() {
+    let Some(rig) = rig("mirror-verify", "mv") else {
+        return;
+    };
+    let (sides, socks) = sockets_pair(&rig);
+    let sa = socks[0].to_str().unwrap();
+    for id in 1..=2u64 {
+        assert!(
+            wait_synced(
+                &sides.p,
+                last_synced(&sides.p.stdout()) + 1,
+                Duration::from_secs(300)
+            ),
+            "{}",
+            sides.p.stdout()
+        );
+        let answer = verified(&sides, sa, "match", &format!("verify-disk {id}"));
+        assert_eq!(answer["id"], id, "{answer:#}");
+        let theirs = backup_check(&socks[1], id);
+        eprintln!("backup's verification {id}: {theirs}");
+        assert_eq!(theirs["result"], "match", "{theirs:#}");
+        for field in ["position", "digest", "blocks"] {
+            assert_eq!(
+                answer[field], theirs[field],
+                "{field}: {answer:#}\n{theirs:#}"
+            );
+        }
+        let p = status_of(&socks[0]);
+        assert_eq!(p["last_disk_check"]["result"], "match", "{p:#}");
+        assert_eq!(p["disk_checks"], id, "{p:#}");
+        if id == 2 {
+            let blocks = answer["blocks"].as_u64().unwrap();
+            assert!(
+                answer["hashed_blocks"].as_u64().unwrap() < blocks,
+                "the second verification hashed the whole copy again: {answer:#}"
+            );
+        }
+    }
+    let (code, out, err) = ctl(&["--api-socket", sa, "stop"]);
+    assert_eq!(code, 0, "{out}{err}");
+    stopped_alike(sides.p, sides.b, &rig.disks);
+}
+
+/// The `n`-th (from 1) attach line of primary `p`, with the disk blocks it sent and those the
+/// backup had ("..., N disk blocks sent (M the backup had), ...").
+fn attach_line(p: &Proc, n: usize) -> (String, Option<u64>, Option<u64>) {
+    let line = p
         .stderr()
         .lines()
-        .find(|l| l.contains(" attached: "))
-        .unwrap()
+        .filter(|l| l.contains(" attached: "))
+        .nth(n - 1)
+        .unwrap_or_default()
         .to_string();
-    // "..., N disk blocks sent (M the backup had), ..."
     let figure = |before: &str| -> Option<u64> {
         let head = line.split(before).next()?;
         head.rsplit(' ')
@@ -396,12 +494,174 @@ fn the_old_primarys_copy_re_protects_with_the_blocks_that_differ() {
             .ok()
     };
     let (sent, had) = (figure(" disk blocks sent"), figure(" the backup had"));
-    eprintln!("re-protection: {line}");
+    (line, sent, had)
+}
+
+/// A byte of the backup's copy altered on disk while the pair runs, in a block the guest never
+/// writes (past `diskwrite`'s records): `ctl verify-disk` reports a mismatch naming that
+/// block; the backup heals by attaching again (the attach sends the blocks that differ) while
+/// the primary's guest runs on; then verify-disk says match, and after a clean stop the copies
+/// are equal byte for byte.
+#[test]
+fn a_backup_copy_altered_by_one_byte_is_found_by_verify_disk_and_healed() {
+    let Some(rig) = rig("mirror-heal", "mh") else {
+        return;
+    };
+    let (sides, socks) = sockets_pair(&rig);
+    let sa = socks[0].to_str().unwrap();
+    // A block the guest does not write: 8 MiB in (diskwrite's records are in the first MiB).
+    let at: u64 = 8 << 20 | 4321;
+    let block = at / (64 << 10);
+    {
+        use std::io::{Read, Seek, SeekFrom, Write};
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&rig.disks.1)
+            .unwrap();
+        let mut byte = [0u8; 1];
+        f.seek(SeekFrom::Start(at)).unwrap();
+        f.read_exact(&mut byte).unwrap();
+        byte[0] ^= 0x5a;
+        f.seek(SeekFrom::Start(at)).unwrap();
+        f.write_all(&byte).unwrap();
+    }
+    let answer = verified(&sides, sa, "mismatch", "verify-disk after the alteration");
+    assert_eq!(answer["differing"], 1, "{answer:#}");
+    assert_eq!(answer["first_differing"][0], block, "{answer:#}");
+    // The backup attaches again, and only what differs travels.
+    sides_reattached(&sides.p, &sides.b);
+    let (line, sent, had) = attach_line(&sides.p, 2);
+    eprintln!("healed: {line}");
     assert!(
-        sent.is_some_and(|s| s > 0) && had.is_some_and(|h| h > 0),
-        "the attach did not send just the blocks that differ (some, not all): {line}"
+        sent.is_some_and(|s| s >= 1) && had.is_some_and(|h| h > sent.unwrap_or(0)),
+        "the heal did not send just the blocks that differ: {line}"
     );
+    let b = status_when(&socks[1], "what the backup healed", |b| {
+        b["healing"].as_str().is_some_and(|h| h.contains("differ"))
+    });
+    eprintln!(
+        "backup after the heal: healing {}, attach_disk_blocks {}",
+        b["healing"], b["attach_disk_blocks"]
+    );
+    // The primary's guest ran on throughout.
+    let seen = last_synced(&sides.p.stdout());
+    assert!(
+        wait_synced(&sides.p, seen + 1, Duration::from_secs(300)),
+        "the workload stopped:\n{}",
+        sides.p.stdout()
+    );
+    verified(&sides, sa, "match", "verify-disk after the heal");
+    let (code, out, err) = ctl(&["--api-socket", sa, "stop"]);
+    assert_eq!(code, 0, "{out}{err}");
+    stopped_alike(sides.p, sides.b, &rig.disks);
+}
+
+/// Waits until backup `b` attached to primary `p` a second time.
+fn sides_reattached(p: &Proc, b: &Proc) {
+    assert!(
+        ftvmm_tests::wait_until(Duration::from_secs(180), Duration::from_millis(20), || {
+            p.stderr().matches(" attached: ").count() >= 2
+        }),
+        "the backup never attached again:\n--- primary ---\n{}\n--- backup ---\n{}",
+        p.stderr(),
+        b.stderr()
+    );
+}
+
+/// What the sidecar of the copy at `image` says (`IMAGE.ftvmm`), parsed.
+fn sidecar(image: &Path) -> serde_json::Value {
+    let mut p = image.as_os_str().to_owned();
+    p.push(".ftvmm");
+    let text = std::fs::read_to_string(PathBuf::from(p)).unwrap_or_default();
+    serde_json::from_str(&text).unwrap_or(serde_json::Value::Null)
+}
+
+/// A primary frozen past the failover timeout loses the guest to its backup; run again, it
+/// loses the race for the lock, is fenced and marks its copy stale before it stops. A primary
+/// refuses to start on that copy (naming its sidecar) until the copy is attached as a backup
+/// of the new primary, which makes it current again; after a clean stop a primary starts on it.
+#[test]
+fn a_fenced_primarys_copy_is_refused_as_a_primary_until_attached_as_a_backup() {
+    let Some(rig) = rig("mirror-stale", "mst") else {
+        return;
+    };
+    let (Sides { p, b, .. }, sock) = backup_with_socket(&rig, 2);
+    let sock_arg = sock.to_str().unwrap();
+    assert_eq!(sidecar(&rig.disks.0)["state"], "current");
+    p.signal(libc::SIGSTOP);
+    wait_live(&b);
+    p.signal(libc::SIGCONT);
+    let p = p.wait(Duration::from_secs(60));
+    p.assert_code(5);
+    let stale = sidecar(&rig.disks.0);
+    eprintln!("the fenced side's sidecar: {stale}");
+    assert_eq!(stale["state"], "stale", "{stale:#}\n{}", p.stderr);
+    // The same flags as the pair's, on host 0 again.
+    let again = host0_pair(&rig);
+    let refused = again.primary_on(0).wait(Duration::from_secs(60));
+    assert_eq!(refused.code(), 2, "{}", refused.stderr);
+    assert!(
+        refused.stderr.contains("stale") && refused.stderr.contains("disk.img.ftvmm"),
+        "the refusal does not say why: {}",
+        refused.stderr
+    );
+    eprintln!(
+        "refused: {}",
+        refused.stderr.lines().last().unwrap_or_default()
+    );
+    // Attached as the new primary's backup, the copy is current again.
+    let a = again.backup_on(0, &again.addr(1));
+    again.wait_attached(&b, &a, 1);
+    assert!(
+        ftvmm_tests::wait_until(Duration::from_secs(30), Duration::from_millis(20), || {
+            sidecar(&rig.disks.0)["state"] == "current"
+        }),
+        "the attach did not make the copy current: {:#}",
+        sidecar(&rig.disks.0)
+    );
+    let (g0, g1) = (sidecar(&rig.disks.0), sidecar(&rig.disks.1));
+    assert_eq!(g0["generation"], g1["generation"], "{g0:#}\n{g1:#}");
     let (code, out, err) = ctl(&["--api-socket", sock_arg, "stop"]);
     assert_eq!(code, 0, "{out}{err}");
     stopped_alike(b, a, &rig.disks);
+    let p = again.primary_on(0);
+    again.wait_listening(&p);
+    p.signal(libc::SIGKILL);
+}
+
+/// A mirrored pair on the rig ([`mirrored_diskwrite`]) whose backup has an API socket
+/// (`b.sock` in the rig's directory), once the client saw record `synced` synced.
+fn backup_with_socket(rig: &Rig, synced: u64) -> (Sides, PathBuf) {
+    let sock = rig.dir.join("b.sock");
+    let sides = mirrored_diskwrite(rig, &[], &["--api-socket", sock.to_str().unwrap()]);
+    assert!(
+        sides.p.wait_stdout(
+            &format!("record {synced} synced\r\n"),
+            Duration::from_secs(300)
+        ),
+        "{}",
+        sides.p.stdout()
+    );
+    (sides, sock)
+}
+
+/// The pair's flags again, for a side on host 0 with host 0's copy (the old primary's host
+/// coming back).
+fn host0_pair(rig: &Rig) -> Pair<'_> {
+    pair_of(rig)
+        .args(["--serial-input", "none"])
+        .args(linux_machine(LINUX_CMDLINE, &rig.disks.0).unwrap())
+}
+
+/// What every side of a mirrored pair on the rig takes: its hosts, key, lock and disk mode,
+/// and a failover timeout a loaded machine does not reach (these tests run nine Linux pairs at
+/// once on two cores: a side stalled past the default 300 ms lost a healthy peer). The kill
+/// trials do not wait for it: a killed side's kernel closes its connections at once.
+fn pair_of(rig: &Rig) -> Pair<'_> {
+    Pair::on_hosts(&rig.hosts)
+        .key(&key_file(&rig.dir, "key", 51))
+        .lock(&format!("etcd:{}/ftvmm/mirror", rig.etcd.endpoint))
+        .args(["--disk-mode", "mirrored"])
+        .failover_timeout("5s")
 }

@@ -60,6 +60,13 @@ pub enum TransferMsg {
         /// One a block, in order.
         digests: Vec<[u8; 16]>,
     },
+    /// Primary -> backup, in the final pause before `Final` when the disk is mirrored: the
+    /// generation of the primary's copy (its sidecar's), which the backup's copy holds from
+    /// now on.
+    DiskGeneration {
+        /// The generation id.
+        generation: String,
+    },
 }
 
 /// What goes wrong with a transfer message or the pages it carries.

@@ -1,6 +1,7 @@
 //! `ftvmm ctl --api-socket PATH <request>`: asks a running ftvmm through its API socket and
-//! prints the answer (JSON). Exit status 0 when it was done, 2 when it was refused or the
-//! socket does not answer as an ftvmm's would (one line on stderr says why).
+//! prints the answer (JSON). Exit status 0 when it was done, 1 when `verify-disk` found the
+//! copies different, 2 when it was refused or the socket does not answer as an ftvmm's would
+//! (one line on stderr says why).
 
 use clap::{Parser, Subcommand};
 use ft_pair::api::{Request, Then};
@@ -34,6 +35,9 @@ enum CtlRequest {
         #[arg(long, value_enum, default_value = "stop")]
         then: ThenArg,
     },
+    /// Compares the two copies of a mirrored disk at one log position (sent to the primary):
+    /// prints the outcome, exit status 1 if they differ (the backup then heals its copy).
+    VerifyDisk,
 }
 
 /// `--then`.
@@ -54,6 +58,7 @@ pub(crate) fn main() -> ExitCode {
             ThenArg::Stop => Then::Stop,
             ThenArg::Backup => Then::Backup,
         }),
+        CtlRequest::VerifyDisk => Request::VerifyDisk,
     };
     match ask(&args.api_socket, request) {
         Ok(answer) => {
@@ -65,6 +70,13 @@ pub(crate) fn main() -> ExitCode {
                         v["error"].as_str().unwrap_or_default()
                     );
                     ExitCode::from(2)
+                }
+                Ok(v) if v.get("result").and_then(|r| r.as_str()) == Some("mismatch") => {
+                    eprintln!(
+                        "ftvmm ctl: the copies differ at log position {}: {} blocks (the first: {})",
+                        v["position"], v["differing"], v["first_differing"]
+                    );
+                    ExitCode::from(1)
                 }
                 _ => ExitCode::SUCCESS,
             }
@@ -116,7 +128,7 @@ fn ask(socket: &std::path::Path, request: Request) -> Result<String, CtlError> {
     })?;
     // A switchover waits for the backup to drain the log and go live.
     let wait = match request {
-        Request::Switchover(_) => Duration::from_secs(120),
+        Request::Switchover(_) | Request::VerifyDisk => Duration::from_secs(180),
         _ => Duration::from_secs(30),
     };
     let _ = stream.set_read_timeout(Some(wait));

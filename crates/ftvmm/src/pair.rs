@@ -172,6 +172,7 @@ fn end(args: &Args, finished: Finished) -> Result<u8, Failure> {
             let _ = report::finish_because(args, &mut vm, result, &reason);
             Ok(PRIMARY_LOST_STATUS)
         }
+        End::Reattach { primary, reason } => Err(attach_again(&primary, &reason)),
         End::Fenced { why } => {
             let reason =
                 format!("error: the primary is lost but this backup may not take over: {why}");
@@ -220,9 +221,30 @@ fn become_backup(addr: &str) -> Failure {
     ]);
     tracing::warn!("switchover done: attaching to the new primary {addr} as its backup");
     let exe = std::env::current_exe().unwrap_or_else(|_| argv[0].clone().into());
-    let err = std::process::Command::new(exe).args(&next).exec();
+    let err = std::process::Command::new(exe)
+        .args(&next)
+        .env_remove(ft_pair::backup::HEALING_ENV)
+        .exec();
     Failure {
         message: format!("cannot become the new primary's backup: {err}"),
+        status: 2,
+    }
+}
+
+/// A backup whose mirrored copy diverged replaces itself with the same command (`ftvmm --role
+/// backup --primary ADDR ...`): the attach brings its copy up to date with the blocks that
+/// differ (the divergence goes to the next run's status). Returns only when that fails.
+fn attach_again(primary: &str, reason: &str) -> Failure {
+    use std::os::unix::process::CommandExt;
+    let argv: Vec<String> = std::env::args().collect();
+    tracing::warn!("attaching to {primary} again to heal this side's copy of the disk");
+    let exe = std::env::current_exe().unwrap_or_else(|_| argv[0].clone().into());
+    let err = std::process::Command::new(exe)
+        .args(&argv[1..])
+        .env(ft_pair::backup::HEALING_ENV, reason)
+        .exec();
+    Failure {
+        message: format!("cannot attach to {primary} again: {err}"),
         status: 2,
     }
 }

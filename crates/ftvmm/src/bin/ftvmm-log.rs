@@ -74,6 +74,9 @@ fn main() -> ExitCode {
             Record::DiskReadLocal { offset, len, crc } => {
                 format!("  disk read at {offset} len {len} crc {crc:08x} (mirrored)")
             }
+            Record::DiskVerify { id, digests } => {
+                format!("disk verify {id}: {} block digests", digests.len() / 16)
+            }
             Record::Base {
                 rip: r,
                 time_ns,
