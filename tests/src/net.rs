@@ -1,7 +1,7 @@
 //! Simulated hosts (`Hosts`): network namespaces on a pair network and a storage network, which
-//! a test can partition; `sh` for set-up commands.
+//! a test can partition; `sh` for set-up commands; `net_client` for the guest's test client.
 
-use std::process::Command;
+use std::process::{Child, Command, Stdio};
 
 /// Simulated hosts for multi-host tests: network namespaces, each with two links: `eth0` on the
 /// pair network (10.231.S.h/16), where primary and backup talk, and `eth1` on the storage
@@ -147,4 +147,30 @@ impl Drop for Hosts {
     fn drop(&mut self) {
         self.cleanup();
     }
+}
+
+/// Starts `tests/net_client.py` against the networked guest (`GUEST_IP`) in namespace `ns`, in
+/// the background, its output piped (read it with [`client_result`]).
+pub fn net_client(ns: &str, args: &[&str]) -> Child {
+    Command::new("ip")
+        .args(["netns", "exec", ns, "python3"])
+        .arg(crate::root().join("tests/net_client.py"))
+        .arg(crate::GUEST_IP)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run the test client")
+}
+
+/// Waits for a [`net_client`] to end: whether everything it checked was right, and what it
+/// printed.
+pub fn client_result(c: Child) -> (bool, String) {
+    let out = c.wait_with_output().expect("the test client");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
 }

@@ -16,9 +16,9 @@
 //! `FTVMM_MACHINES_REPORT=FILE` appends one JSON line per kill trial (the bench reads them).
 
 use ftvmm_tests::{
-    assert_counter_across, assert_synced_records_kept, assert_ticks_across, consecutive, ftvmm_bin,
-    http_get, joins, numbers, root, sh, test_guest, trials, Etcd, GUEST_IP, GUEST_MAC,
-    LINUX_NET_CMDLINE, LINUX_PROMPT,
+    assert_counter_across, assert_synced_records_kept, assert_ticks_across, client_result,
+    consecutive, ftvmm_bin, http_get, joins, net_client, numbers, root, sh, test_guest, trials,
+    Etcd, GUEST_MAC, LINUX_NET_CMDLINE, LINUX_PROMPT,
 };
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -695,28 +695,13 @@ fn mirrored_diskwrite_survives_its_primary_host_dying_with_every_synced_record_o
     }
 }
 
-/// Runs `tests/net_client.py` in the client's namespace (in the background).
+/// The test client on the guest LAN, in the background.
 fn client(lan: &Lan, args: &[&str]) -> Child {
-    Command::new("ip")
-        .args(["netns", "exec", &lan.client_ns(), "python3"])
-        .arg(root().join("tests/net_client.py"))
-        .arg(GUEST_IP)
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run the test client")
+    net_client(&lan.client_ns(), args)
 }
 
-/// The client's exit status and what it printed.
 fn finish(c: Child) -> (bool, String) {
-    let out = c.wait_with_output().expect("client");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
+    client_result(c)
 }
 
 /// The networked Linux guest on two machines, its NIC bridged inside each host with the host's

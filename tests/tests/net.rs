@@ -7,8 +7,9 @@
 //! `FTVMM_NET_TRIALS=N` runs N failover trials of the transfers instead of the default.
 
 use ftvmm_tests::{
-    key_file, last_synced, linux_machine, linux_net_ready, root, scratch, trials, wait_synced,
-    Ftvmm, Hosts, LinuxReady, Pair, Proc, Sides, GUEST_IP, GUEST_MAC, LINUX_NET_CMDLINE,
+    client_result, key_file, last_synced, linux_machine, linux_net_ready, net_client, scratch,
+    trials, wait_synced, Ftvmm, Hosts, LinuxReady, Pair, Proc, Sides, GUEST_IP, GUEST_MAC,
+    LINUX_NET_CMDLINE,
 };
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -61,28 +62,13 @@ fn net_pair_with_input(tag: &str, input: &str) -> Option<NetPair> {
     Some(NetPair { p, b, disk, hosts })
 }
 
-/// Runs the test client on host 2 (in the background).
+/// The test client on the guest LAN, in the background.
 fn client(hosts: &Hosts, args: &[&str]) -> Child {
-    let script = root().join("tests/net_client.py");
-    Command::new("ip")
-        .args(["netns", "exec", hosts.ns(2), "python3"])
-        .arg(script)
-        .arg(GUEST_IP)
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run the test client")
+    net_client(hosts.ns(2), args)
 }
 
 fn finish(c: Child) -> (bool, String) {
-    let out = c.wait_with_output().expect("client");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
+    client_result(c)
 }
 
 fn ping(hosts: &Hosts) -> bool {
