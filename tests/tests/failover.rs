@@ -12,7 +12,7 @@
 use ftvmm_tests::{
     assert_counter_across, assert_synced_records_kept, assert_ticks_across, ctl_status, joins,
     json_number, key_file, linux_machine, linux_ready, scratch, test_guest, ticks_upto, trials,
-    Etcd, Hosts, Pair, Proc, Run, Sides, LINUX_CMDLINE,
+    wait_until, Etcd, Hosts, Pair, Proc, Run, Sides, LINUX_CMDLINE,
 };
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -140,6 +140,15 @@ fn a_primary_stopped_for_less_than_the_failover_timeout_is_waited_for() {
         .backup_args(["--api-socket", bsock.to_str().unwrap()]);
     let Sides { p, b, .. } = pair.start();
     assert!(p.wait_stdout("tick 100\n", Duration::from_secs(30)));
+    // The backup serves its API socket once it replays, a moment after the primary counted it
+    // attached (on the stock lane that moment was longer than the ticks above).
+    assert!(
+        wait_until(Duration::from_secs(60), Duration::from_millis(20), || bsock
+            .exists()),
+        "the backup never served {}:\n{}",
+        bsock.display(),
+        b.stderr()
+    );
     p.signal(libc::SIGSTOP);
     std::thread::sleep(Duration::from_millis(1500));
     let during = ctl_status(&bsock);
