@@ -17,7 +17,7 @@ pub struct ChannelConfig {
     pub heartbeat: Duration,
     /// Nothing at all received from the peer for this long means it is lost, even while its
     /// host still acknowledges the TCP data (its process stopped, hung or starved); also bounds
-    /// the TCP connect and the handshake. Default 2 s.
+    /// the handshake, and the TCP connect when longer than 5 s (listener.rs). Default 2 s.
     pub timeout: Duration,
     /// Data this side sent that the peer's kernel has not acknowledged for this long (no ACK
     /// at all meanwhile) means its host is down or the link is cut: lost at once, whatever
