@@ -127,6 +127,8 @@ pub struct PrimaryStats {
     /// Times a throttle gave up ([`THROTTLE_LIMIT`]) with the backup still lagging more than
     /// `--max-lag`: the bound did not hold, and the vCPU went on anyway.
     pub lag_exceeded: AtomicU64,
+    /// Backups dropped because they stayed behind (`--drop-lagging-after`).
+    pub dropped_lagging: AtomicU64,
 }
 
 /// The longest one throttle holds the vCPU back: a backup that does not catch up within it
@@ -170,6 +172,13 @@ pub struct Link {
     arbitrated: bool,
     /// The pair's epoch in the lock (0 without one).
     epoch: AtomicU64,
+    /// `--drop-lagging-after` in ns; 0: never.
+    drop_after_ns: AtomicU64,
+    /// The window `--drop-lagging-after` looks at: when it began, and how long throttles held
+    /// the vCPU back in it.
+    held_window: Mutex<Option<(Instant, Duration)>>,
+    /// The vCPU thread found the backup behind for too long: why, for the manager to drop it.
+    drop_request: Mutex<Option<String>>,
 }
 
 impl Link {
@@ -197,7 +206,63 @@ impl Link {
             write_ids: AtomicU64::new(1),
             stats: PrimaryStats::default(),
             protected: AtomicBool::new(false),
+            drop_after_ns: AtomicU64::new(0),
+            held_window: Mutex::new(None),
+            drop_request: Mutex::new(None),
         })
+    }
+
+    /// A backup that makes throttles hold the vCPU back half the time or more, over `after`,
+    /// is dropped ([`Link::take_drop_request`]); None (the default) keeps it however slow.
+    pub fn drop_lagging_after(&self, after: Option<Duration>) {
+        let ns = after.map_or(0, |d| {
+            u64::try_from(d.as_nanos()).unwrap_or(u64::MAX).max(1)
+        });
+        self.drop_after_ns.store(ns, Ordering::Relaxed);
+    }
+
+    /// Why the attached backup is to be dropped, once: it stayed too far behind for too long.
+    /// The caller detaches it ([`Link::detach`]), off the vCPU thread that found it.
+    pub fn take_drop_request(&self) -> Option<String> {
+        self.drop_request
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+    }
+
+    /// The vCPU was held back `waited` by a throttle. Over windows of `--drop-lagging-after`,
+    /// a backup that held the guest back for half the time or more is not keeping up: asks for
+    /// it to be dropped.
+    fn held_back(&self, waited: Duration, lag_ns: u64) {
+        let after = self.drop_after_ns.load(Ordering::Relaxed);
+        if after == 0 {
+            return;
+        }
+        let now = Instant::now();
+        let mut window = self.held_window.lock().unwrap_or_else(|e| e.into_inner());
+        let (start, held) =
+            window.get_or_insert((now.checked_sub(waited).unwrap_or(now), Duration::ZERO));
+        *held += waited;
+        let (start, held) = (*start, *held);
+        let span = now.duration_since(start);
+        if u64::try_from(span.as_nanos()).unwrap_or(u64::MAX) < after {
+            return;
+        }
+        *window = None;
+        if held * 2 < span {
+            return;
+        }
+        let mut request = self.drop_request.lock().unwrap_or_else(|e| e.into_inner());
+        if request.is_none() {
+            *request = Some(format!(
+                "dropped: it could not keep up: to keep it within --max-lag {} ms the guest was \
+                 held back {:.0}% of the last {:.0} s ({:.0} ms behind now; --drop-lagging-after)",
+                self.max_lag_ns / 1_000_000,
+                100.0 * held.as_secs_f64() / span.as_secs_f64(),
+                span.as_secs_f64(),
+                lag_ns as f64 / 1e6
+            ));
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -213,6 +278,8 @@ impl Link {
         s.conn = Some((stream, conn));
         s.mode = Mode::Protected;
         s.lost = None;
+        *self.held_window.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        self.take_drop_request();
         self.generation.fetch_add(1, Ordering::AcqRel);
         self.protected.store(true, Ordering::Release);
         self.changed.notify_all();
@@ -527,10 +594,14 @@ impl Link {
                 return next_check;
             }
             if vtime_ns.saturating_sub(backup_vtime) <= self.max_lag_ns {
+                if counted {
+                    self.held_back(start.elapsed(), 0);
+                }
                 return backup_vtime.saturating_add(self.max_lag_ns);
             }
             if start.elapsed() > THROTTLE_LIMIT {
                 let n = self.stats.lag_exceeded.fetch_add(1, Ordering::Relaxed);
+                self.held_back(start.elapsed(), vtime_ns.saturating_sub(backup_vtime));
                 // Said once, then every hundredth time: the counter is in status and metrics.
                 if n.is_multiple_of(100) {
                     tracing::warn!(

@@ -194,6 +194,14 @@ const METRICS: &[Metric] = &[
         1.0,
     ),
     m(
+        "lag_dropped",
+        "Backups dropped because they stayed more than --max-lag behind for --drop-lagging-after",
+        Kind::Counter,
+        Some(|s| s.lag.dropped as f64),
+        None,
+        1.0,
+    ),
+    m(
         "kept_output_bytes",
         "Bytes of replayed output the backup keeps until the primary releases it",
         Kind::Gauge,
@@ -484,6 +492,7 @@ mod tests {
                 records: 4,
                 throttled: 0,
                 exceeded: 0,
+                dropped: 0,
             },
             log: PrimaryLog {
                 sent: 10,

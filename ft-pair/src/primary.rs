@@ -474,6 +474,7 @@ fn primary_status(
                 },
                 throttled: stats.throttled.load(Ordering::Relaxed),
                 exceeded: stats.lag_exceeded.load(Ordering::Relaxed),
+                dropped: stats.dropped_lagging.load(Ordering::Relaxed),
             },
             outputs_held: stats.held.load(Ordering::Relaxed),
             outputs_held_bytes: stats.held_bytes.load(Ordering::Relaxed),
@@ -589,6 +590,14 @@ impl Manager {
             }
             if let Some(conn) = self.listener.accept_timeout(Duration::from_millis(50)) {
                 self.greet(conn);
+            }
+            if let Some(why) = self.link.take_drop_request() {
+                self.link
+                    .stats
+                    .dropped_lagging
+                    .fetch_add(1, Ordering::Relaxed);
+                self.link.detach(&why);
+                continue;
             }
             if let Some(conn) = self.link.connection() {
                 loop {

@@ -56,6 +56,9 @@ pub struct ChannelFigures {
     pub slow_peer_episodes: u64,
     /// The peer is slow now.
     pub peer_slow: bool,
+    /// The nice value the network threads (heartbeats, failure detector) run at; null when they
+    /// could not raise it (`--channel-nice` needs CAP_SYS_NICE).
+    pub nice: Option<i32>,
 }
 
 impl ChannelFigures {
@@ -70,6 +73,7 @@ impl ChannelFigures {
             max_quiet_ms: stats.max_quiet_us as f64 / 1e3,
             slow_peer_episodes: stats.slow_peer_episodes,
             peer_slow: stats.peer_slow,
+            nice: logging_channel::network_nice(),
         }
     }
 }
@@ -99,6 +103,9 @@ pub struct PrimaryLag {
     /// Times the backup stayed more than `--max-lag` behind through a whole throttle (1 s) and
     /// the vCPU went on anyway: the bound did not hold.
     pub exceeded: u64,
+    /// Backups dropped because they stayed past `--max-lag` through every throttle for
+    /// `--drop-lagging-after` (the reason is in `last_backup_lost`).
+    pub dropped: u64,
 }
 
 /// Percentiles of the time outputs were held, us.

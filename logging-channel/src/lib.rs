@@ -6,7 +6,8 @@
 //! transfer, the event log in batches and the backup's cumulative acknowledgements, releases,
 //! heartbeats. docs/PROTOCOL.md ("The logging channel") defines the bytes.
 //!
-//! The network runs on a tokio runtime on its own threads (two, named `ftvmm-net`, per process);
+//! The network runs on a tokio runtime on its own threads (two, named `ftvmm-net`, per process,
+//! at a raised priority: [`set_network_nice`]);
 //! the VMM's threads only call the synchronous [`Connection`] and [`Listener`] methods, which
 //! wait on std primitives and never touch a socket.
 //!
@@ -48,3 +49,4 @@ pub use listener::{connect, Listener};
 pub use msg::{decode_messages, encode_message, Msg, MAX_MSG, PROTOCOL_VERSION};
 pub use noise::{MAX_NOISE_MSG, NOISE_PATTERN};
 pub use psk::{Psk, MIN_KEY_FILE_LEN};
+pub use runtime::{network_nice, set_network_nice, DEFAULT_NICE};

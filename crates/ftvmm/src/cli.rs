@@ -290,6 +290,11 @@ pub(crate) struct Args {
     /// Primary: slow the vCPU when the backup's replay lags by more than this virtual time.
     #[arg(long, default_value = "100ms", value_parser = parse_duration)]
     pub(crate) max_lag: Duration,
+    /// Primary: drop a backup for which the guest was held back (to keep within `--max-lag`)
+    /// half the time or more over this long: a backup host too slow or too busy to keep up. The
+    /// guest runs on at full speed, unprotected until a backup attaches. 0 never drops one.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub(crate) drop_lagging_after: Duration,
     /// Primary: output leaves once the backup has `received` its log record (the VMware FT
     /// rule), or has `executed` it and produced the same output (verified output).
     #[arg(long, value_enum, default_value = "received")]
@@ -305,6 +310,13 @@ pub(crate) struct Args {
     /// 3 round trips on a slow link (docs/FAILOVER.md).
     #[arg(long, default_value = "80ms", value_parser = parse_duration)]
     pub(crate) unacked_timeout: Duration,
+    /// Primary and backup: the nice value (-20..19) of the channel's network threads, which
+    /// carry the heartbeats and run the failure detector; raised above the vCPUs' so that a busy
+    /// host does not delay them (needs CAP_SYS_NICE; without it they keep the process's own, and
+    /// status `channel.nice` is null).
+    #[arg(long, default_value_t = logging_channel::DEFAULT_NICE, allow_hyphen_values = true,
+          value_parser = clap::value_parser!(i32).range(-20..=19))]
+    pub(crate) channel_nice: i32,
     /// A virtio-net NIC whose host side is the tap interface NAME (create it with
     /// `ip tuntap add NAME mode tap`): `tap=NAME[,mac=MAC]`. A backup opens its tap only when
     /// it goes live.

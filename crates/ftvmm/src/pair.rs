@@ -83,6 +83,7 @@ fn pair_config(args: &Args) -> Result<PairConfig, Failure> {
         .as_ref()
         .ok_or("--role primary and --role backup need --key-file PATH (a pre-shared key)")?;
     let psk = Psk::from_file(path).map_err(|e| Failure::from(e.to_string()))?;
+    logging_channel::set_network_nice(args.channel_nice);
     let mut channel = ChannelConfig::new(psk);
     channel.log_buffer = usize::try_from(args.log_buffer).unwrap_or(usize::MAX);
     channel.timeout = args.failover_timeout;
@@ -94,6 +95,7 @@ fn pair_config(args: &Args) -> Result<PairConfig, Failure> {
             AckArg::Executed => AckMode::Executed,
         },
         max_lag: args.max_lag,
+        drop_lagging_after: (!args.drop_lagging_after.is_zero()).then_some(args.drop_lagging_after),
         lock: args.lock.clone(),
         disk: args.disk_mode,
     })
