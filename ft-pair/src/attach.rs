@@ -127,6 +127,7 @@ impl Manager {
                 if let Ok(mut a) = self.pair.last_attach.lock() {
                     *a = Some(report);
                 }
+                self.protected_again();
             }
             Err(e) => {
                 tracing::error!("attaching backup {peer} failed: {e}: still UNPROTECTED");
@@ -134,6 +135,23 @@ impl Manager {
                 self.track_disk(false);
                 conn.close(&e.to_string());
             }
+        }
+    }
+
+    /// The first attach after this side took over ends the takeover's unprotected time: the
+    /// takeover's record keeps how long it lasted.
+    fn protected_again(&self) {
+        let mut history = self.pair.history.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(last) = history
+            .last_mut()
+            .filter(|t| t.protected_again_ms.is_none())
+        {
+            let ms = last.lost_at.elapsed().as_secs_f64() * 1e3;
+            last.protected_again_ms = Some(ms);
+            tracing::warn!(
+                "protected again {ms:.0} ms after the takeover at epoch {} (the old primary's stream ended then)",
+                last.epoch
+            );
         }
     }
 

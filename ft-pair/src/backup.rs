@@ -156,7 +156,8 @@ pub fn run(cfg: &BackupConfig, host: Arc<dyn Host>) -> Result<Finished, PairErro
 
     // Arbitration: when the stream ends because the primary is lost, race for the lock.
     let arbiter: Option<Arc<dyn Arbiter>> = open_lock(cfg.pair.lock.as_deref())?.map(Arc::from);
-    let owner = lock::owner_name("backup");
+    // Where this side accepts backups once it is live, for standbys to find in the lock.
+    let owner = lock::owner_record("backup", cfg.listen.as_deref());
     let decision = Arc::new(Decision::default());
     let lost_at = Arc::new(Mutex::new(None::<(Instant, String, Duration)>));
     // The divergence this backup waits for a resync after, if any: while there is one, a lost
@@ -473,6 +474,7 @@ fn backup_status(
                 .lock()
                 .map(|c| c.clone())
                 .unwrap_or_default(),
+            standby: None,
         }))
     })
 }

@@ -349,6 +349,8 @@ fn go_live(p: GoLiveParts, point: SwitchPoint) -> Result<LiveSide, PairError> {
                 planned: p.old_link.handover().is_some(),
                 detect_ms: silence.as_secs_f64() * 1e3,
                 go_live_ms: at.elapsed().as_secs_f64() * 1e3,
+                protected_again_ms: None,
+                lost_at: at,
             }
         };
         if record.planned {

@@ -32,6 +32,7 @@ pub mod primary;
 pub mod receiver;
 pub mod serve;
 pub mod sidecar;
+pub mod standby;
 pub mod status;
 /// The pair's protocol tested in one process, without KVM (attach, resync, switchover,
 /// arbitration); the process-level tests are the `tests` crate's.

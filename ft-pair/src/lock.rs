@@ -124,6 +124,39 @@ pub fn owner_name(role: &str) -> String {
     format!("{role}@{host}:{}", std::process::id())
 }
 
+/// What follows an owner's name in the lock when it says where it accepts backups.
+const LISTEN_TAG: &str = " listen=";
+
+/// The owner record a side writes into the lock: [`owner_name`], and where it accepts backups
+/// once it is live (`role@host:pid listen=ADDR`), so that a standby can find the live side
+/// from the lock alone. `listen` is left out when it is no address another host can connect
+/// to: none, port 0 (picked when bound), or an unspecified address (`0.0.0.0`, `[::]`).
+pub fn owner_record(role: &str, listen: Option<&str>) -> String {
+    let name = owner_name(role);
+    match listen.filter(|l| reachable_listen(l)) {
+        Some(l) => format!("{name}{LISTEN_TAG}{l}"),
+        None => name,
+    }
+}
+
+/// Where the owner named by an owner record accepts backups, if the record says
+/// (see [`owner_record`]; records written by an older ftvmm do not).
+pub fn listen_of(owner: &str) -> Option<&str> {
+    let (_, addr) = owner.rsplit_once(LISTEN_TAG)?;
+    (!addr.is_empty() && !addr.contains(char::is_whitespace)).then_some(addr)
+}
+
+/// Whether `listen` is an address another host can connect to as it is.
+fn reachable_listen(listen: &str) -> bool {
+    match listen.parse::<std::net::SocketAddr>() {
+        Ok(a) => a.port() != 0 && !a.ip().is_unspecified(),
+        // A host name: taken as given (port 0 still is no port).
+        Err(_) => listen.rsplit_once(':').is_some_and(|(host, port)| {
+            !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0)
+        }),
+    }
+}
+
 // --- file ---------------------------------------------------------------------------------
 
 /// The lock block's size: one sector.
@@ -668,6 +701,36 @@ mod tests {
             gone.test_and_set(1, "x"),
             Err(LockError::Unreachable { .. })
         ));
+    }
+
+    #[test]
+    fn an_owner_record_says_where_the_owner_listens() {
+        let r = owner_record("primary", Some("10.0.0.1:7000"));
+        assert!(r.starts_with("primary@"), "{r}");
+        assert_eq!(listen_of(&r), Some("10.0.0.1:7000"));
+        assert_eq!(
+            listen_of(&owner_record("backup", Some("ha-b.example:7000"))),
+            Some("ha-b.example:7000")
+        );
+        // No address another host can use: the record says nothing.
+        for l in [
+            None,
+            Some("0.0.0.0:7000"),
+            Some("127.0.0.1:0"),
+            Some("[::]:7000"),
+        ] {
+            let r = owner_record("backup", l);
+            assert_eq!(listen_of(&r), None, "{l:?}: {r}");
+        }
+        // An older ftvmm's record, and a record that fits the block.
+        assert_eq!(listen_of("primary@a:12"), None);
+        let s = LockState {
+            epoch: 3,
+            owner: owner_record("backup", Some("[fd00::2]:7000")),
+            active: true,
+        };
+        let back = decode_block(&encode_block(&s).unwrap()).unwrap();
+        assert_eq!(listen_of(&back.owner), Some("[fd00::2]:7000"));
     }
 
     #[test]

@@ -363,7 +363,7 @@ pub(crate) fn render(status: &Status) -> String {
             p.takeovers.iter().filter(|r| !r.planned).count() as u64,
             p.fenced.is_some(),
         ),
-        Status::Backup(_) => (0, false),
+        Status::Backup(_) | Status::Standby(_) => (0, false),
     };
     let c = Counter::<u64>::default();
     c.inc_by(failovers);
@@ -379,10 +379,12 @@ pub(crate) fn render(status: &Status) -> String {
         "1 once this side lost the lock and stopped",
         fenced,
     );
+    standby_metrics(&mut registry, status);
     for metric in METRICS {
         let value = match status {
             Status::Primary(p) => metric.primary.map(|f| f(p)),
             Status::Backup(b) => metric.backup.map(|f| f(b)),
+            Status::Standby(_) => None,
         };
         let Some(value) = value.map(|v| v * metric.scale) else {
             continue;
@@ -404,6 +406,61 @@ pub(crate) fn render(status: &Status) -> String {
     // Writing into a String cannot fail.
     let _ = encode(&mut out, &registry);
     out
+}
+
+/// A standby's metrics (also of a backup or primary started as one), and a primary's time
+/// from its last takeover to protected again.
+fn standby_metrics(registry: &mut Registry, status: &Status) {
+    let gauge = |registry: &mut Registry, name: &str, help: &str, value: f64| {
+        let g = Gauge::<f64, AtomicU64>::default();
+        g.set(value);
+        registry.register(name, help, g);
+    };
+    let (figures, waiting) = match status {
+        Status::Primary(p) => {
+            if let Some(ms) = p.takeovers.last().and_then(|t| t.protected_again_ms) {
+                gauge(
+                    registry,
+                    "protected_again_seconds",
+                    "From the end of the lost primary's stream to the next backup attached, for this side's last takeover",
+                    ms / 1e3,
+                );
+            }
+            (p.standby.as_ref(), false)
+        }
+        Status::Backup(b) => (b.standby.as_ref(), false),
+        Status::Standby(s) => (Some(&s.figures), true),
+    };
+    let Some(f) = figures else {
+        return;
+    };
+    gauge(
+        registry,
+        "standby_waiting",
+        "1 while this standby waits for a live side to attach to",
+        f64::from(u8::from(waiting)),
+    );
+    for (name, help, value) in [
+        (
+            "standby_attach_attempts",
+            "Attempts of this standby to attach to the live side",
+            f.attach_attempts,
+        ),
+        (
+            "standby_refusals",
+            "Attempts of this standby the live side refused",
+            f.refusals,
+        ),
+        (
+            "standby_attaches",
+            "Attempts of this standby that attached it as the backup",
+            f.attaches,
+        ),
+    ] {
+        let c = Counter::<u64>::default();
+        c.inc_by(value);
+        registry.register(name, help, c);
+    }
 }
 
 /// The metrics server; stops when dropped.
@@ -508,6 +565,8 @@ mod tests {
                 planned: false,
                 detect_ms: 0.0,
                 go_live_ms: 0.0,
+                protected_again_ms: Some(1250.0),
+                lost_at: std::time::Instant::now(),
             }],
             fenced: None,
             checkpoints: 7,
@@ -524,6 +583,7 @@ mod tests {
             "ftvmm_failovers_total 1",
             "ftvmm_fenced 0",
             "ftvmm_checkpoints_total 7",
+            "ftvmm_protected_again_seconds 1.25",
             "# TYPE ftvmm_log_bytes counter",
             "# EOF",
         ] {

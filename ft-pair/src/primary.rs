@@ -106,7 +106,8 @@ pub fn run(cfg: &PrimaryConfig, host: Arc<dyn Host>) -> Result<Finished, PairErr
     let (hash, summary) = crate::config::identity(config, cfg.pair.disk)?;
 
     // The lock first: a primary that cannot hold it must not run at all.
-    let owner = lock::owner_name("primary");
+    // The owner record says where this side accepts backups: standbys find it there.
+    let owner = lock::owner_record("primary", Some(&cfg.listen));
     let arbiter = open_lock(cfg.pair.lock.as_deref())?;
     // Nor on a mirrored copy that is behind the pair's other one.
     if let (DiskMode::Mirrored, Some(image)) = (cfg.pair.disk, &config.disk) {
@@ -229,6 +230,12 @@ pub struct TakeoverRecord {
     pub detect_ms: f64,
     /// From the end of the stream to the live guest, ms.
     pub go_live_ms: f64,
+    /// From the end of the stream to the next backup attached (the pair protected again), ms;
+    /// `null` until one has attached.
+    pub protected_again_ms: Option<f64>,
+    /// When the stream ended (what `protected_again_ms` counts from).
+    #[serde(skip)]
+    pub lost_at: Instant,
 }
 
 /// What a primary's services are made of.
@@ -514,6 +521,7 @@ fn primary_status(
                 .lock()
                 .map(|c| c.clone())
                 .unwrap_or_default(),
+            standby: None,
         }))
     })
 }

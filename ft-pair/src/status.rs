@@ -15,15 +15,29 @@ pub enum Status {
     Primary(Box<PrimaryStatus>),
     /// A backup following its primary.
     Backup(Box<BackupStatus>),
+    /// A standby waiting for the live side to accept it as its backup.
+    Standby(Box<StandbyStatus>),
 }
 
 impl Status {
-    /// `primary` or `backup`.
+    /// `primary`, `backup` or `standby`.
     pub fn role(&self) -> &'static str {
         match self {
             Status::Primary(_) => "primary",
             Status::Backup(_) => "backup",
+            Status::Standby(_) => "standby",
         }
+    }
+
+    /// The same document with a standby's figures in it: a standby that attached answers as
+    /// the backup (or the primary) it became, and says what it did as a standby.
+    pub fn with_standby(mut self, figures: StandbyFigures) -> Status {
+        match &mut self {
+            Status::Primary(p) => p.standby = Some(figures),
+            Status::Backup(b) => b.standby = Some(figures),
+            Status::Standby(_) => {}
+        }
+        self
     }
 
     /// The document as JSON.
@@ -201,6 +215,9 @@ pub struct PrimaryStatus {
     pub disk_mismatches: u64,
     /// The last verification (`pending` until the backup answers).
     pub last_disk_check: Option<DiskCheck>,
+    /// This process was started as a standby (`--role standby`): what it did as one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub standby: Option<StandbyFigures>,
 }
 
 /// A backup's log figures.
@@ -269,4 +286,57 @@ pub struct BackupStatus {
     pub disk_mismatches: u64,
     /// The last verification.
     pub last_disk_check: Option<DiskCheck>,
+    /// This process was started as a standby (`--role standby`): what it did as one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub standby: Option<StandbyFigures>,
+}
+
+/// What a standby did since it was started (kept across the runs of one process: a standby
+/// whose backup run ended waits again as the same process).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct StandbyFigures {
+    /// Attempts to attach to the live side.
+    pub attach_attempts: u64,
+    /// Attempts the live side refused (it had a backup already, most often).
+    pub refusals: u64,
+    /// Attempts that ended in a backup attached.
+    pub attaches: u64,
+    /// What the last attempt came to (`attached to ADDR`, the refusal, the error), or `null`.
+    pub last_attempt: Option<String>,
+}
+
+/// The live side as a standby last read it from the lock.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct LiveSide {
+    /// The lock's owner record (`role@host:pid listen=ADDR`).
+    pub owner: String,
+    /// The pair's epoch in the lock.
+    pub epoch: u64,
+    /// Where it accepts backups, if its record says.
+    pub listen: Option<String>,
+}
+
+/// A standby's status, while it waits (once attached it answers as a backup).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct StandbyStatus {
+    /// `standby`.
+    pub role: &'static str,
+    /// This host's KVM and the probe's findings (`vmm::host`).
+    pub host: vmm::host::HostStatus,
+    /// `waiting` (for a live side to attach to, or for the lock to change after a refusal),
+    /// or `attaching`.
+    pub state: &'static str,
+    /// Why it waits, in a sentence.
+    pub waiting_for: String,
+    /// The lock it watches.
+    pub lock: String,
+    /// Where it accepts backups once it goes live.
+    pub listen: String,
+    /// The live side, as the lock last said, or `null` (no owner, or the lock unreadable).
+    pub live: Option<LiveSide>,
+    /// Seconds since it began waiting this time.
+    pub waiting_s: f64,
+    /// What it did so far.
+    #[serde(flatten)]
+    pub figures: StandbyFigures,
 }

@@ -177,6 +177,17 @@ impl<'h> Pair<'h> {
             .spawn_with_env(&env_of(&self.backup_env))
     }
 
+    /// Starts a standby on simulated host `host` (`--role standby`, listening on its pair
+    /// address), with `own` flags of its own (its API socket): it waits for the side the lock
+    /// names live and attaches as its backup.
+    pub fn standby_on(&self, host: usize, own: &[&str]) -> Proc {
+        let listen = self.addr(host);
+        let mut flags: Vec<String> = own.iter().map(|s| s.to_string()).collect();
+        flags.extend(self.backup.iter().cloned());
+        self.side(host, &["--role", "standby", "--listen", &listen], &flags)
+            .spawn_with_env(&env_of(&self.backup_env))
+    }
+
     /// One side: its role flags, what both sides take, its own flags, the failover timeout
     /// unless those chose one; in its host's namespace, on the CPU asked for.
     fn side(&self, host: usize, role: &[&str], own: &[String]) -> Ftvmm {

@@ -37,6 +37,12 @@ pub fn stop_on_signals() -> std::io::Result<()> {
     Ok(())
 }
 
+/// Whether SIGTERM or SIGINT arrived since [`stop_on_signals`]: for a process that waits with
+/// no VM to stop (a standby).
+pub fn stop_was_requested() -> bool {
+    STOP_REQUESTED.load(Ordering::Acquire)
+}
+
 #[derive(Default)]
 struct Shared {
     in_guest: AtomicBool,

@@ -22,6 +22,9 @@ pub(crate) enum Role {
     Primary,
     /// Attach to a running primary (`--primary`), replay its log, stand by to take over.
     Backup,
+    /// Wait for whichever side is live (the lock's owner record says where it listens),
+    /// attach to it as its backup, and wait again whenever that ends without the guest ending.
+    Standby,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -271,9 +274,14 @@ pub(crate) struct Args {
     /// 127.0.0.1:9477. docs/OPERATIONS.md lists them.
     #[arg(long)]
     pub(crate) metrics: Option<String>,
-    /// Primary: the address to accept a backup on, e.g. 0.0.0.0:7000.
+    /// Primary: the address to accept a backup on, e.g. 10.0.0.1:7000; a backup or standby:
+    /// where it accepts one once it goes live. The lock's owner record carries it, for
+    /// standbys to find the live side (an address other hosts reach, not 0.0.0.0).
     #[arg(long)]
     pub(crate) listen: Option<String>,
+    /// Standby: how often it reads the lock while it waits for a live side.
+    #[arg(long, default_value = "100ms", value_parser = parse_duration)]
+    pub(crate) standby_poll: Duration,
     /// Backup: the primary's address, e.g. 10.0.0.1:7000.
     #[arg(long)]
     pub(crate) primary: Option<String>,

@@ -45,6 +45,7 @@ fn main() -> ExitCode {
         Role::Standalone | Role::Replay => standalone::run(&args),
         Role::Primary => pair::run_primary(&args),
         Role::Backup => pair::run_backup(&args),
+        Role::Standby => pair::run_standby(&args),
     };
     match result {
         Ok(status) => ExitCode::from(status),

@@ -9,6 +9,8 @@ use ft_pair::api::{ApiFn, StatusFn, Then};
 use ft_pair::config::{BackupConfig, Host, LiveConfig, PairConfig, PrimaryConfig};
 use ft_pair::link::AckMode;
 use ft_pair::serve::ApiServer;
+use ft_pair::standby::{self, Outcome, StandbyConfig};
+use ft_pair::status::StandbyFigures;
 use ft_pair::{End, Ending, Finished, PairError};
 use logging_channel::{ChannelConfig, Psk};
 use std::io::Write;
@@ -19,6 +21,8 @@ use vmm::Vm;
 const PRIMARY_LOST_STATUS: u8 = 4;
 /// Exit status of a side that lost the arbitration (or could not reach the lock) and stopped.
 const FENCED_STATUS: u8 = 5;
+/// Exit status of a run stopped by SIGTERM or SIGINT.
+const SIGNAL_STATUS: u8 = 130;
 
 /// Runs the primary role; returns the exit status.
 pub(crate) fn run_primary(args: &Args) -> Result<u8, Failure> {
@@ -77,11 +81,149 @@ pub(crate) fn run_backup(args: &Args) -> Result<u8, Failure> {
     end(args, finished)
 }
 
+/// Runs the standby role (`ft_pair::standby`); returns the exit status. A run that ends with
+/// the pair still running elsewhere (this side lost its primary, or was fenced, or handed the
+/// guest over with `--then backup`) starts this process again as a standby.
+pub(crate) fn run_standby(args: &Args) -> Result<u8, Failure> {
+    let machine = machine_config(args)?;
+    for (flag, set) in [
+        ("--primary", args.primary.is_some()),
+        ("--record", args.record.is_some()),
+        ("--log", args.log.is_some()),
+        ("--restore", args.restore.is_some()),
+        ("--snapshot-on-exit", args.snapshot_on_exit.is_some()),
+        ("--stop-at-exit", args.stop_at_exit.is_some()),
+    ] {
+        if set {
+            return Err(format!("{flag} is not for --role standby").into());
+        }
+    }
+    let listen = args.listen.clone().ok_or(
+        "--role standby needs --listen ADDR (where it accepts a backup once it goes live; the \
+         lock's owner record tells the next standby)",
+    )?;
+    if args.lock.is_none() {
+        return Err(
+            "--role standby needs --lock (the lock's owner says which side is live)".into(),
+        );
+    }
+    let cfg = StandbyConfig {
+        backup: BackupConfig {
+            machine,
+            pair: pair_config(args)?,
+            live: live_config(args),
+            primary: String::new(),
+            listen: Some(listen),
+        },
+        poll: args.standby_poll,
+    };
+    let figures = standby::carried(std::env::var(standby::STANDBY_ENV).ok().as_deref());
+    match standby::run(&cfg, host(args), figures)? {
+        Outcome::Stopped => {
+            eprintln!("ftvmm: standby: stopped while waiting (no guest ran here)");
+            Ok(SIGNAL_STATUS)
+        }
+        Outcome::Ran(finished, figures) => end_standby(args, *finished, &figures),
+    }
+}
+
+/// The end of a standby's run as a backup, or as the primary it became: as a backup's or a
+/// primary's, but where those would leave the pair for an operator to re-protect, it waits
+/// again as a standby (a fenced side attaches to the live side as its backup, never runs as a
+/// primary: docs/OPERATIONS.md).
+fn end_standby(args: &Args, finished: Finished, figures: &StandbyFigures) -> Result<u8, Failure> {
+    let Finished {
+        mut vm,
+        result,
+        end,
+    } = finished;
+    let again = |status: u8, why: &str| -> Result<u8, Failure> {
+        if vmm::kick::stop_was_requested() {
+            return Ok(status);
+        }
+        Err(standby_again(why, figures, None))
+    };
+    match end {
+        End::Primary(ending) => {
+            if let Some(why) = &ending.fenced {
+                let _ = report::finish_because(
+                    args,
+                    &mut vm,
+                    result,
+                    &format!("error: this primary stopped: {why}"),
+                );
+                return again(
+                    FENCED_STATUS,
+                    "fenced as the primary: waiting to attach to the live side as its backup",
+                );
+            }
+            let status = report::finish(args, &mut vm, result).map(|s| ending.status(s))?;
+            match &ending.handed_over {
+                Some(to) if to.then == Then::Backup => again(
+                    status,
+                    &format!(
+                        "switchover done: waiting to attach to the new primary {}",
+                        to.addr
+                    ),
+                ),
+                _ => Ok(status),
+            }
+        }
+        End::Backup => report::finish(args, &mut vm, result),
+        End::PrimaryLost { reason } => {
+            let _ = report::finish_because(args, &mut vm, result, &reason);
+            again(
+                PRIMARY_LOST_STATUS,
+                "the primary is lost and this side did not take over",
+            )
+        }
+        End::Reattach { primary, reason } => {
+            tracing::warn!("attaching to {primary} again to heal this side's copy of the disk");
+            Err(standby_again(
+                "healing this side's copy",
+                figures,
+                Some(&reason),
+            ))
+        }
+        End::Fenced { why } => {
+            let reason =
+                format!("error: the primary is lost but this backup may not take over: {why}");
+            let _ = report::finish_because(args, &mut vm, result, &reason);
+            again(
+                FENCED_STATUS,
+                "fenced as a backup: waiting for the live side",
+            )
+        }
+    }
+}
+
+/// Replaces this process with the same command (`ftvmm --role standby ...`, same PID): a fresh
+/// standby that waits for the live side, with its figures carried over (and, to heal a
+/// mirrored copy, the divergence). Returns only when that fails.
+fn standby_again(why: &str, figures: &StandbyFigures, healing: Option<&str>) -> Failure {
+    use std::os::unix::process::CommandExt;
+    let argv: Vec<String> = std::env::args().collect();
+    tracing::warn!("standby again: {why}");
+    let exe = std::env::current_exe().unwrap_or_else(|_| argv[0].clone().into());
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args(&argv[1..])
+        .env(standby::STANDBY_ENV, standby::carry(figures));
+    match healing {
+        Some(reason) => cmd.env(ft_pair::backup::HEALING_ENV, reason),
+        None => cmd.env_remove(ft_pair::backup::HEALING_ENV),
+    };
+    let err = cmd.exec();
+    Failure {
+        message: format!("cannot wait again as a standby: {err}"),
+        status: 2,
+    }
+}
+
 fn pair_config(args: &Args) -> Result<PairConfig, Failure> {
     let path = args
         .key_file
         .as_ref()
-        .ok_or("--role primary and --role backup need --key-file PATH (a pre-shared key)")?;
+        .ok_or("--role primary, backup and standby need --key-file PATH (a pre-shared key)")?;
     let psk = Psk::from_file(path).map_err(|e| Failure::from(e.to_string()))?;
     logging_channel::set_network_nice(args.channel_nice);
     let mut channel = ChannelConfig::new(psk);
