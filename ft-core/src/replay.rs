@@ -151,6 +151,12 @@ struct Core<R: Read> {
     point: Option<Arc<PointDigest>>,
     /// A comparison's thread found the copy different: the divergence to report.
     verdict: Arc<Mutex<Option<BoundaryError>>>,
+    /// The replay diverged: nothing more counts as executed (`progress.executed` stays where
+    /// the replay was last verified) until a resync's snapshot replaces the state.
+    frozen: bool,
+    /// The record taken last is an output (or a disk write): the acknowledger is woken once it
+    /// is verified, for `--ack executed`.
+    taken_output: bool,
     /// A [`Record::DiskVerify`] taken off the stream, compared before anything after it is
     /// replayed (the effects of the record before it are then in the copy).
     due: Option<DueCheck>,
@@ -209,12 +215,15 @@ impl<R: Read> Core<R> {
             .take()
             .ok_or(BoundaryError::LogEnded { exit: self.exits })?;
         self.next_seq += 1;
-        self.progress
-            .executed
-            .store(self.next_seq, Ordering::Release);
-        if matches!(rec, Record::Output { .. } | Record::DiskWrite { .. }) {
-            self.progress.notify();
+        // The records before this one are verified (each boundary call checks what it took
+        // before it returns); this one counts once its call returns well ([`Replayer::verified`]),
+        // so that `--ack executed` never releases an output the replay did not reproduce.
+        if !self.frozen {
+            self.progress
+                .executed
+                .store(self.next_seq - 1, Ordering::Release);
         }
+        self.taken_output = matches!(rec, Record::Output { .. } | Record::DiskWrite { .. });
         // The record taken is replayed whatever comes next: a stream that breaks off after it
         // (a truncated frame) ends here, and the next call sees the end.
         self.read_next(matches!(rec, Record::End { .. }));
@@ -303,6 +312,7 @@ impl<R: Read> Core<R> {
     }
 
     fn diverge(&mut self, got: String) -> BoundaryError {
+        self.frozen = true;
         // At the end of a log that broke off in a bad frame, the bad frame is the error.
         if self.next.is_none() {
             if let Some(e) = self.broken.take() {
@@ -329,7 +339,10 @@ impl<R: Read> Core<R> {
     fn check_pending(&mut self) -> Result<(), BoundaryError> {
         self.run_due();
         match self.pending.take() {
-            Some(e) => Err(e),
+            Some(e) => {
+                self.frozen = true;
+                Err(e)
+            }
             None => Ok(()),
         }
     }
@@ -491,6 +504,8 @@ impl<R: Read + Send + 'static> Replayer<R> {
             point: None,
             verdict: Arc::default(),
             due: None,
+            frozen: false,
+            taken_output: false,
         };
         core.take_markers();
         core.take_base()?;
@@ -539,6 +554,27 @@ impl<R: Read + Send + 'static> Replayer<R> {
     /// Test hook: report a divergence at this exit ordinal, once, as if the execution differed.
     pub fn force_divergence_at(&mut self, exit: u64) {
         lock(&self.core).diverge_at = Some(exit);
+    }
+
+    /// The boundary call that took the last record returned well: that record is verified too
+    /// (after a divergence, nothing is until a resync).
+    pub fn verified(&mut self) {
+        let mut core = lock(&self.core);
+        if core.frozen {
+            return;
+        }
+        core.progress
+            .executed
+            .store(core.next_seq, Ordering::Release);
+        if std::mem::take(&mut core.taken_output) {
+            core.progress.notify();
+        }
+    }
+
+    /// Whether the replay diverged and waits for a resync: `progress.executed` stays at the
+    /// last record it verified.
+    pub fn diverged(&self) -> bool {
+        lock(&self.core).frozen
     }
 
     /// Synchronous exits replayed so far (since boot).
@@ -591,6 +627,9 @@ impl<R: Read + Send + 'static> Replayer<R> {
                     core.last_rip = rip;
                     core.set_time(time_ns);
                     core.exits = exits;
+                    // The snapshot replaces the diverged state: the replay counts again, from
+                    // the first call that returns well after the restore.
+                    core.frozen = false;
                     core.progress.exits.store(exits, Ordering::Relaxed);
                     core.progress.notify();
                     return Ok(data);

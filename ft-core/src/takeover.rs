@@ -86,6 +86,10 @@ pub type GoLive = Box<
     dyn FnOnce(SwitchPoint) -> Result<LiveSide, Box<dyn std::error::Error + Send + Sync>> + Send,
 >;
 
+/// Called when the replay diverges, before the backup waits for its resync: the pair layer
+/// marks the backup diverged (for its arbiter) and asks the primary for the resync.
+pub type OnDivergence = Box<dyn FnMut(&BoundaryError) + Send>;
+
 struct Inner<R: Read + Send + 'static> {
     replayer: Replayer<R>,
     replay_disk: Option<Box<dyn Disk>>,
@@ -93,16 +97,50 @@ struct Inner<R: Read + Send + 'static> {
     decision: Arc<Decision>,
     go_live: Option<GoLive>,
     attention: Option<Attention>,
+    /// Set: a divergence is waited out here, in the call that found it ([`Takeover::resync_in_place`]).
+    on_divergence: Option<OnDivergence>,
+    /// The resync's snapshot that ended such a wait, for the VMM to restore.
+    resync: Option<Vec<u8>>,
 }
 
 impl<R: Read + Send + 'static> Inner<R> {
     /// The replayer failed: if that is because its log ended, switch to live (or fail for
     /// good when this side may not go on); otherwise hand the error back.
     fn after_replay_error(&mut self, e: BoundaryError) -> Result<(), BoundaryError> {
-        if self.live.is_some() || !self.replayer.at_end() {
+        if self.live.is_some() {
+            return Err(e);
+        }
+        if matches!(e, BoundaryError::Divergence { .. }) {
+            if self.on_divergence.is_some() {
+                return self.wait_out_divergence(e);
+            }
+        }
+        if !self.replayer.at_end() {
             return Err(e);
         }
         self.switch()
+    }
+
+    /// The replay diverged (`e`) in the call under way: tells the pair layer, then waits for
+    /// the resync's snapshot (handed back with `e`, for the VMM to restore) or for the log to
+    /// end, the primary lost. Then the arbitration decides: a side that may go live carries on
+    /// from exactly here, the call that diverged answered by the live side, as at any log's
+    /// end; one that may not is fenced with the arbiter's reason.
+    fn wait_out_divergence(&mut self, e: BoundaryError) -> Result<(), BoundaryError> {
+        if let Some(hook) = self.on_divergence.as_mut() {
+            hook(&e);
+        }
+        match self.replayer.skip_to_resync() {
+            Ok(data) => {
+                self.resync = Some(data);
+                Err(e)
+            }
+            Err(_) if self.replayer.at_end() => {
+                tracing::warn!("the log ended while this backup waited for a resync after: {e}");
+                self.switch()
+            }
+            Err(e2) => Err(e2),
+        }
     }
 
     fn switch(&mut self) -> Result<(), BoundaryError> {
@@ -160,7 +198,10 @@ macro_rules! delegate {
         if g.live.is_none() {
             match g.replayer.$($call)* {
                 Err(e) => g.after_replay_error(e)?,
-                ok => return ok,
+                ok => {
+                    g.replayer.verified();
+                    return ok;
+                }
             }
         }
         g.live().$($call)*
@@ -180,6 +221,8 @@ impl<R: Read + Send + 'static> Takeover<R> {
                 decision,
                 go_live: Some(go_live),
                 attention: None,
+                on_divergence: None,
+                resync: None,
             })),
             rtc_epoch,
         }
@@ -188,6 +231,20 @@ impl<R: Read + Send + 'static> Takeover<R> {
     /// Whether this side is live now.
     pub fn is_live(&self) -> bool {
         lock(&self.inner).live.is_some()
+    }
+
+    /// From now on a divergence is waited out in the call that found it: `hook` is told, then
+    /// the call waits for the resync's snapshot ([`Takeover::take_resync`], the call fails
+    /// with the divergence) or for the log's end, where the arbitration decides whether this
+    /// side goes live from there, like at any log's end (the arbiter weighs the divergence:
+    /// DESIGN.md's output rule says which outputs a diverged backup may not contradict).
+    pub fn resync_in_place(&mut self, hook: OnDivergence) {
+        lock(&self.inner).on_divergence = Some(hook);
+    }
+
+    /// The resync's snapshot a divergence waited for, if one came.
+    pub fn take_resync(&self) -> Option<Vec<u8>> {
+        lock(&self.inner).resync.take()
     }
 
     /// The replayer, for what only it does (resync after a divergence).

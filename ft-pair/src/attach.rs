@@ -13,6 +13,7 @@
 use crate::backup::SlotDisk;
 use crate::error::PairError;
 use crate::golive::open_image;
+use crate::link::AckMode;
 use crate::mirror::{digests, write_blocks, BLOCKS_PER_MESSAGE};
 use crate::primary::Manager;
 use crate::sidecar::CopyMeta;
@@ -102,7 +103,8 @@ impl Manager {
                 self.summary, hello.2
             ));
         }
-        if let Err(e) = conn.send(Msg::Welcome) {
+        let ack_executed = self.link.ack_mode() == AckMode::Executed;
+        if let Err(e) = conn.send(Msg::Welcome { ack_executed }) {
             tracing::warn!("backup {peer}: {e}");
             return;
         }
@@ -449,6 +451,8 @@ pub(crate) struct Received {
     pub(crate) disk_blocks: u64,
     /// The mirrored copy's sidecar.
     pub(crate) meta: Option<Arc<CopyMeta>>,
+    /// When the primary releases an output (its `--ack`, from its Welcome).
+    pub(crate) ack: AckMode,
 }
 
 /// Attaches to the primary at `addr` and receives its VM: hello ([`join`]), then the pre-copy
@@ -463,7 +467,7 @@ pub(crate) fn receive_vm(
     disk_mode: DiskMode,
 ) -> Result<Received, PairError> {
     let started = Instant::now();
-    let conn = join(addr, channel, hash, summary)?;
+    let (conn, ack) = join(addr, channel, hash, summary)?;
     tracing::info!("attached to primary {addr}: receiving its VM");
 
     // The VM is built before the stream exists; its disk is served by the replayer later.
@@ -549,17 +553,19 @@ pub(crate) fn receive_vm(
         attach_ms,
         disk_blocks,
         meta,
+        ack,
     })
 }
 
 /// The backup's hello: connects to the primary at `addr` and announces this side's protocol
-/// version and machine; the connection once the primary welcomed it, or its refusal.
+/// version and machine; the connection once the primary welcomed it (with the primary's ack
+/// mode), or its refusal.
 pub(crate) fn join(
     addr: &str,
     channel: ChannelConfig,
     hash: u64,
     summary: &str,
-) -> Result<Connection, PairError> {
+) -> Result<(Connection, AckMode), PairError> {
     let conn =
         connect(addr, channel).map_err(PairError::channel(format!("cannot attach to {addr}")))?;
     conn.send(Msg::Hello {
@@ -569,7 +575,14 @@ pub(crate) fn join(
     })
     .map_err(PairError::channel(format!("primary {addr}")))?;
     match conn.recv_timeout(Duration::from_secs(30)) {
-        Ok(Some(Msg::Welcome)) => Ok(conn),
+        Ok(Some(Msg::Welcome { ack_executed })) => Ok((
+            conn,
+            if ack_executed {
+                AckMode::Executed
+            } else {
+                AckMode::Received
+            },
+        )),
         Ok(Some(Msg::Refused { reason })) => Err(PairError::Refused {
             addr: addr.to_string(),
             reason,

@@ -12,6 +12,7 @@ use crate::attach::{receive_vm, Received};
 use crate::config::{BackupConfig, Host};
 use crate::error::{NoTakeover, PairError};
 use crate::golive::{self, GoLiveParts};
+use crate::link::AckMode;
 use crate::lock::{self, Arbiter};
 use crate::primary::{open_lock, Services};
 use crate::receiver::BackupLink;
@@ -100,6 +101,7 @@ pub fn run(cfg: &BackupConfig, host: Arc<dyn Host>) -> Result<Finished, PairErro
         attach_ms,
         disk_blocks,
         meta,
+        ack,
     } = receive_vm(
         &addr,
         cfg.pair.channel.clone(),
@@ -164,13 +166,14 @@ pub fn run(cfg: &BackupConfig, host: Arc<dyn Host>) -> Result<Finished, PairErro
     // primary is not raced for (this side cannot go live).
     let diverged: Arc<Mutex<Option<String>>> = Arc::default();
     {
-        let (link, decision, arbiter, owner, lost_at, diverged) = (
+        let (link, decision, arbiter, owner, lost_at, diverged, progress) = (
             link.clone(),
             decision.clone(),
             arbiter.clone(),
             owner.clone(),
             lost_at.clone(),
             diverged.clone(),
+            progress.clone(),
         );
         std::thread::Builder::new()
             .name("arbiter".into())
@@ -193,7 +196,21 @@ pub fn run(cfg: &BackupConfig, host: Arc<dyn Host>) -> Result<Finished, PairErro
                         Some((Instant::now(), why.clone(), silence));
                     let divergence = diverged.lock().unwrap_or_else(|e| e.into_inner()).clone();
                     let outcome = match divergence {
-                        Some(divergence) => Err(NoTakeover::Diverged { why, divergence }),
+                        Some(divergence) => match may_go_live_diverged(ack, &link, &progress) {
+                            Ok(because) => {
+                                tracing::warn!(
+                                    "the primary is lost while this backup waited for a resync \
+                                     after a divergence ({divergence}); it may go on from the \
+                                     last state it verified: {because}"
+                                );
+                                race(arbiter.as_deref(), epoch, &owner, &why, false)
+                            }
+                            Err(because) => Err(NoTakeover::Diverged {
+                                why,
+                                divergence,
+                                because,
+                            }),
+                        },
                         None => race(arbiter.as_deref(), epoch, &owner, &why, false),
                     };
                     decision.set(outcome.map_err(refusal));
@@ -246,6 +263,19 @@ pub fn run(cfg: &BackupConfig, host: Arc<dyn Host>) -> Result<Finished, PairErro
         lost_at,
     });
     let mut boundary = Takeover::new(replayer, decision.clone(), go_live);
+    if !mirrored {
+        // A divergence is waited out where it was found, so that if the primary is lost
+        // meanwhile this side can still go live from exactly there (see `may_go_live_diverged`).
+        let (counters, diverged, link) = (counters.clone(), diverged.clone(), link.clone());
+        boundary.resync_in_place(Box::new(move |e| {
+            counters.divergences.fetch_add(1, Ordering::Relaxed);
+            // First: from here a lost primary is raced for only if no released output stands
+            // in the way.
+            *diverged.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
+            tracing::error!("{e}: asking the primary for a resync");
+            link.request_resync(&e.to_string());
+        }));
+    }
     // A mirrored disk's copy is this side's: the replay writes it as it goes (and reads it).
     let copy = copy.map(|c| Box::new(c) as Box<dyn Disk>);
     *slot.slot.lock().unwrap_or_else(|e| e.into_inner()) = boundary.disk(copy, disk_size);
@@ -259,6 +289,18 @@ pub fn run(cfg: &BackupConfig, host: Arc<dyn Host>) -> Result<Finished, PairErro
             | Err(VmError::Boundary(e @ BoundaryError::Divergence { .. }))
                 if !boundary.is_live() =>
             {
+                if let Some(data) = boundary.take_resync() {
+                    // Waited out in place: the resync's snapshot came.
+                    let snap = Snapshot::decode(&data)?;
+                    vm.restore(&snap)?;
+                    *diverged.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                    counters.resyncs.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(
+                        "resynchronised with the primary at exit {} (after: {e})",
+                        snap.digest.count()
+                    );
+                    continue;
+                }
                 counters.divergences.fetch_add(1, Ordering::Relaxed);
                 // First: from here a lost primary is not raced for.
                 *diverged.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
@@ -359,6 +401,46 @@ pub fn run(cfg: &BackupConfig, host: Arc<dyn Host>) -> Result<Finished, PairErro
         _ => Ok(vmm::vcpu::Stop::EndOfLog),
     };
     Ok(Finished { vm, result, end })
+}
+
+/// Whether a backup whose replay diverged, and whose primary was lost before the resync came,
+/// may still go live from the last state it verified without contradicting an output the
+/// world has seen: why it may, or why not.
+///
+/// Its state up to the divergence is the primary's (every record before it was replayed and
+/// checked); what the primary did after it, this side cannot reproduce. So it may go live when
+/// no output after that point can have left the primary: under `--ack executed` the primary
+/// released only outputs this side had replayed and checked (the replay counts nothing as
+/// executed from the divergence on); under `--ack received` it released those of frames this
+/// side held, so only if no frame carrying an output reached this side past the last record
+/// it verified.
+fn may_go_live_diverged(
+    ack: AckMode,
+    link: &BackupLink,
+    progress: &Progress,
+) -> Result<String, String> {
+    let verified = progress.executed.load(Ordering::Acquire);
+    match ack {
+        AckMode::Executed => Ok(format!(
+            "under --ack executed the primary released only outputs this backup had replayed \
+             and checked (records below {verified})"
+        )),
+        AckMode::Received => {
+            let output_end = link.output_end();
+            if output_end <= verified {
+                Ok(format!(
+                    "no output past the last record it verified ({verified}) reached it, so none \
+                     can have left the primary (--ack received)"
+                ))
+            } else {
+                Err(format!(
+                    "under --ack received the primary may have released outputs of records it \
+                     held but never verified (up to record {output_end}, verified below \
+                     {verified}); going live could contradict them"
+                ))
+            }
+        }
+    }
 }
 
 /// Whether a backup that may not go live was fenced (exit 5) rather than left without its

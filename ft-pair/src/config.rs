@@ -51,9 +51,9 @@ pub struct PairConfig {
     pub ack: AckMode,
     /// The backup's replay may lag this much virtual time before the primary slows.
     pub max_lag: Duration,
-    /// A backup that, over this long, made the primary hold its vCPU back (to keep within
-    /// `max_lag`) half the time or more is dropped: the primary runs on, unprotected until a
-    /// backup attaches. None keeps it however slow.
+    /// A backup still more than `max_lag` behind at the end of every throttle for this long is
+    /// dropped: the primary runs on, unprotected until a backup attaches. None keeps it however
+    /// far behind.
     pub drop_lagging_after: Option<Duration>,
     /// Where the pair arbitrates (`file:PATH`, `etcd:...`), if anywhere.
     pub lock: Option<String>,

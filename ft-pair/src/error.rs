@@ -211,11 +211,13 @@ pub enum NoTakeover {
     /// The primary was lost while this backup waited for a resync after a divergence: its
     /// state is not the primary's, so it may not go live, and it does not race for the lock (a
     /// primary that still runs, behind a partition, keeps the guest).
-    #[error("{why}; this backup diverged ({divergence}) and was waiting for a resync: it cannot take over and did not race for the lock")]
+    #[error("{why}; this backup diverged ({divergence}) and was waiting for a resync: {because}; it does not race for the lock")]
     Diverged {
         /// Why the stream ended.
         why: String,
         /// The divergence.
         divergence: String,
+        /// Why it may not go on from the last state it verified.
+        because: String,
     },
 }

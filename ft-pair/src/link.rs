@@ -174,9 +174,9 @@ pub struct Link {
     epoch: AtomicU64,
     /// `--drop-lagging-after` in ns; 0: never.
     drop_after_ns: AtomicU64,
-    /// The window `--drop-lagging-after` looks at: when it began, and how long throttles held
-    /// the vCPU back in it.
-    held_window: Mutex<Option<(Instant, Duration)>>,
+    /// Since when every throttle has ended with the backup still past `--max-lag` (None: it
+    /// kept within at the last check).
+    behind_since: Mutex<Option<Instant>>,
     /// The vCPU thread found the backup behind for too long: why, for the manager to drop it.
     drop_request: Mutex<Option<String>>,
 }
@@ -207,13 +207,13 @@ impl Link {
             stats: PrimaryStats::default(),
             protected: AtomicBool::new(false),
             drop_after_ns: AtomicU64::new(0),
-            held_window: Mutex::new(None),
+            behind_since: Mutex::new(None),
             drop_request: Mutex::new(None),
         })
     }
 
-    /// A backup that makes throttles hold the vCPU back half the time or more, over `after`,
-    /// is dropped ([`Link::take_drop_request`]); None (the default) keeps it however slow.
+    /// A backup still past `--max-lag` at the end of every throttle for `after` is dropped
+    /// ([`Link::take_drop_request`]); None (the default) keeps it however far behind.
     pub fn drop_lagging_after(&self, after: Option<Duration>) {
         let ns = after.map_or(0, |d| {
             u64::try_from(d.as_nanos()).unwrap_or(u64::MAX).max(1)
@@ -230,36 +230,33 @@ impl Link {
             .take()
     }
 
-    /// The vCPU was held back `waited` by a throttle. Over windows of `--drop-lagging-after`,
-    /// a backup that held the guest back for half the time or more is not keeping up: asks for
-    /// it to be dropped.
-    fn held_back(&self, waited: Duration, lag_ns: u64) {
+    /// The backup kept within `--max-lag` at a check: it is not behind.
+    fn caught_up(&self) {
+        *self.behind_since.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    /// A whole throttle ended with the backup still `lag_ns` behind. Once every throttle has
+    /// ended so for `--drop-lagging-after` (the guest meanwhile running a tenth of its speed or
+    /// less, and the backup falling further behind all the same), the backup cannot keep up:
+    /// asks for it to be dropped.
+    fn still_behind(&self, lag_ns: u64) {
         let after = self.drop_after_ns.load(Ordering::Relaxed);
         if after == 0 {
             return;
         }
-        let now = Instant::now();
-        let mut window = self.held_window.lock().unwrap_or_else(|e| e.into_inner());
-        let (start, held) =
-            window.get_or_insert((now.checked_sub(waited).unwrap_or(now), Duration::ZERO));
-        *held += waited;
-        let (start, held) = (*start, *held);
-        let span = now.duration_since(start);
-        if u64::try_from(span.as_nanos()).unwrap_or(u64::MAX) < after {
+        let mut since = self.behind_since.lock().unwrap_or_else(|e| e.into_inner());
+        let behind = since.get_or_insert_with(Instant::now).elapsed();
+        if u64::try_from(behind.as_nanos()).unwrap_or(u64::MAX) < after {
             return;
         }
-        *window = None;
-        if held * 2 < span {
-            return;
-        }
+        *since = None;
         let mut request = self.drop_request.lock().unwrap_or_else(|e| e.into_inner());
         if request.is_none() {
             *request = Some(format!(
-                "dropped: it could not keep up: to keep it within --max-lag {} ms the guest was \
-                 held back {:.0}% of the last {:.0} s ({:.0} ms behind now; --drop-lagging-after)",
+                "dropped: it could not keep up: it stayed more than --max-lag {} ms behind \
+                 through every slow-down for {:.0} s ({:.0} ms behind now; --drop-lagging-after)",
                 self.max_lag_ns / 1_000_000,
-                100.0 * held.as_secs_f64() / span.as_secs_f64(),
-                span.as_secs_f64(),
+                behind.as_secs_f64(),
                 lag_ns as f64 / 1e6
             ));
         }
@@ -278,7 +275,7 @@ impl Link {
         s.conn = Some((stream, conn));
         s.mode = Mode::Protected;
         s.lost = None;
-        *self.held_window.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        self.caught_up();
         self.take_drop_request();
         self.generation.fetch_add(1, Ordering::AcqRel);
         self.protected.store(true, Ordering::Release);
@@ -594,14 +591,13 @@ impl Link {
                 return next_check;
             }
             if vtime_ns.saturating_sub(backup_vtime) <= self.max_lag_ns {
-                if counted {
-                    self.held_back(start.elapsed(), 0);
-                }
+                // Once per --max-lag of guest time: the lock costs nothing to speak of.
+                self.caught_up();
                 return backup_vtime.saturating_add(self.max_lag_ns);
             }
             if start.elapsed() > THROTTLE_LIMIT {
                 let n = self.stats.lag_exceeded.fetch_add(1, Ordering::Relaxed);
-                self.held_back(start.elapsed(), vtime_ns.saturating_sub(backup_vtime));
+                self.still_behind(vtime_ns.saturating_sub(backup_vtime));
                 // Said once, then every hundredth time: the counter is in status and metrics.
                 if n.is_multiple_of(100) {
                     tracing::warn!(

@@ -40,6 +40,9 @@ pub struct BackupLink {
     received: AtomicU64,
     /// The primary has released the outputs of frames below this.
     released: AtomicU64,
+    /// One past the last frame of the last batch received that carries an output: no output
+    /// frame at or beyond this has reached this side.
+    output_end: AtomicU64,
     progress: Arc<Progress>,
     kept: Arc<Mutex<KeptWrites>>,
     acked: Mutex<(u64, u64, u64)>,
@@ -69,6 +72,7 @@ impl BackupLink {
             arrived: Condvar::new(),
             received: AtomicU64::new(0),
             released: AtomicU64::new(0),
+            output_end: AtomicU64::new(0),
             progress,
             kept,
             acked: Mutex::new((0, 0, 0)),
@@ -107,6 +111,12 @@ impl BackupLink {
     /// Frames received so far.
     pub fn received(&self) -> u64 {
         self.received.load(Ordering::Acquire)
+    }
+
+    /// One past the last frame of the last batch received with an output in it: every frame
+    /// this side received that carries an output lies below.
+    pub fn output_end(&self) -> u64 {
+        self.output_end.load(Ordering::Acquire)
     }
 
     /// The primary has released the outputs of frames below this.
@@ -232,6 +242,10 @@ impl BackupLink {
                             true,
                         );
                         return;
+                    }
+                    if carries_output {
+                        self.output_end
+                            .fetch_max(first_seq + u64::from(frames), Ordering::AcqRel);
                     }
                     {
                         let mut q = self.queue();

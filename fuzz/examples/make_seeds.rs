@@ -90,7 +90,7 @@ fn channel_seeds(out: &Path) {
             config_hash: 0x0123_4567_89ab_cdef,
             config_summary: "kernel crc a6c72ee9, 16 MiB RAM".into(),
         }),
-        ("welcome", Msg::Welcome),
+        ("welcome", Msg::Welcome { ack_executed: false }),
         ("refused", Msg::Refused { reason: "config differs".into() }),
         ("transfer", Msg::Transfer(vec![7; 300])),
         ("log", Msg::Log {

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use crate::ChannelError;
 
 /// The protocol version a backup announces in [`Msg::Hello`].
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
 
 /// The largest encoded message (its postcard bytes, without the 4-byte length).
 pub const MAX_MSG: usize = 1 << 30;
@@ -26,7 +26,12 @@ pub enum Msg {
         config_summary: String,
     },
     /// Primary -> backup: the attach goes ahead.
-    Welcome,
+    Welcome {
+        /// The primary releases an output only once the backup has replayed its record
+        /// (`--ack executed`), not once it holds it: what a diverged backup may go live
+        /// without contradicting depends on it.
+        ack_executed: bool,
+    },
     /// Either way, followed by a close: the primary turns down an attach (another version,
     /// other machine flags, a backup already attached), or a backup declines a `Handover`.
     Refused {
@@ -179,7 +184,7 @@ mod tests {
                 config_hash: 0x0123_4567_89ab_cdef,
                 config_summary: "ram=64M guest=spin".into(),
             },
-            Msg::Welcome,
+            Msg::Welcome { ack_executed: true },
             Msg::Refused {
                 reason: "config differs".into(),
             },
@@ -301,7 +306,10 @@ mod tests {
         let mut trailing = vec![2, 0, 0, 0, 8, 8];
         assert!(decode_messages(&mut trailing).is_err());
         // A good message before the bad one is consumed and the error still reported.
-        let mut mixed = encode_message(&Msg::Welcome).unwrap();
+        let mut mixed = encode_message(&Msg::Welcome {
+            ack_executed: false,
+        })
+        .unwrap();
         mixed.extend_from_slice(&[1, 0, 0, 0, 99]);
         assert!(decode_messages(&mut mixed).is_err());
     }

@@ -51,8 +51,17 @@ fn attach_and_messages_both_ways() {
     };
     backup.send(hello.clone()).unwrap();
     assert_eq!(primary.recv().unwrap(), hello);
-    primary.send(Msg::Welcome).unwrap();
-    assert_eq!(backup.recv().unwrap(), Msg::Welcome);
+    primary
+        .send(Msg::Welcome {
+            ack_executed: false,
+        })
+        .unwrap();
+    assert_eq!(
+        backup.recv().unwrap(),
+        Msg::Welcome {
+            ack_executed: false
+        }
+    );
 
     primary.send(Msg::Transfer(vec![9; 1000])).unwrap();
     primary.send_log(0, 4, true, vec![1, 2, 3, 4]).unwrap();
@@ -132,8 +141,17 @@ fn wrong_key_is_refused_on_both_sides() {
     // The listener still accepts the right key afterwards.
     let backup = connect(&listener.local_addr().to_string(), cfg()).unwrap();
     let primary = listener.accept_timeout(LONG).unwrap();
-    backup.send(Msg::Welcome).unwrap();
-    assert_eq!(primary.recv().unwrap(), Msg::Welcome);
+    backup
+        .send(Msg::Welcome {
+            ack_executed: false,
+        })
+        .unwrap();
+    assert_eq!(
+        primary.recv().unwrap(),
+        Msg::Welcome {
+            ack_executed: false
+        }
+    );
 }
 
 #[test]
@@ -328,9 +346,18 @@ fn messages_larger_than_a_noise_frame() {
     let (_l, primary, backup) = pair(cfg());
     let big: Vec<u8> = (0..5u32 << 20).map(|i| (i * 7 + i / 251) as u8).collect();
     primary.send(Msg::Transfer(big.clone())).unwrap();
-    primary.send(Msg::Welcome).unwrap();
+    primary
+        .send(Msg::Welcome {
+            ack_executed: false,
+        })
+        .unwrap();
     assert_eq!(backup.recv().unwrap(), Msg::Transfer(big));
-    assert_eq!(backup.recv().unwrap(), Msg::Welcome);
+    assert_eq!(
+        backup.recv().unwrap(),
+        Msg::Welcome {
+            ack_executed: false
+        }
+    );
     // And the other way.
     let summary = "s".repeat(200_000);
     backup

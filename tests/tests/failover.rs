@@ -205,11 +205,12 @@ fn a_primary_host_that_dies_silently_is_taken_over_before_the_failover_timeout()
     assert_ticks_across(&p.stdout, &b.stdout, 1000);
 }
 
-/// A backup that diverged and waits for its resync when the primary falls silent cannot go
-/// live (its state is not the primary's), so it must not race for the lock either: a primary
-/// that was only stopped (or cut off) keeps the guest. Before this was fixed, the diverged
-/// backup won the lock and stopped, and the primary, resumed, found itself fenced: nobody ran
-/// the guest.
+/// A backup that diverged and waits for its resync when the primary falls silent may not go
+/// live when, under `--ack received` (the default), outputs of records it held but never
+/// verified may have left the primary: going on from its own state could contradict them. So
+/// it must not race for the lock either: a primary that was only stopped (or cut off) keeps the
+/// guest. Before this was fixed, the diverged backup won the lock and stopped, and the primary,
+/// resumed, found itself fenced: nobody ran the guest.
 #[test]
 fn a_diverged_backup_does_not_take_the_lock_from_a_stopped_primary() {
     let dir = scratch("fo-diverged");
@@ -225,6 +226,17 @@ fn a_diverged_backup_does_not_take_the_lock_from_a_stopped_primary() {
         p.stderr(),
         b.stderr()
     );
+    // An output the backup held but could not verify leaves the primary.
+    let lines = p.stdout().lines().count();
+    assert!(
+        wait_until(Duration::from_secs(60), Duration::from_millis(10), || p
+            .stdout()
+            .lines()
+            .count()
+            > lines + 1),
+        "the primary released no output after the divergence:\n{}",
+        p.stdout()
+    );
     p.signal(libc::SIGSTOP);
     let b = b.wait(Duration::from_secs(60));
     p.signal(libc::SIGCONT);
@@ -236,7 +248,8 @@ fn a_diverged_backup_does_not_take_the_lock_from_a_stopped_primary() {
     );
     assert!(
         b.reason()
-            .is_some_and(|l| l.contains("does not race for the lock")),
+            .is_some_and(|l| l.contains("may have released outputs")
+                && l.contains("does not race for the lock")),
         "the last words before the digest line do not say why:\n{}",
         b.stderr
     );
@@ -251,6 +264,41 @@ fn a_diverged_backup_does_not_take_the_lock_from_a_stopped_primary() {
     p.assert_code(0);
     assert!(p.stderr.contains("won the lock"), "{}", p.stderr);
     assert_eq!(ticks_upto(&p.stdout), Some(1000), "{}", p.stdout);
+}
+
+/// Under `--ack executed` the primary releases only outputs its backup replayed and checked,
+/// so a backup that diverged and waits for its resync when its primary dies may go on from
+/// the last state it verified: it takes the lock and goes live from exactly where it diverged
+/// (the call that diverged answered by the live side); the guest's serial stream, joined
+/// across the two sides, has every tick once, in order.
+#[test]
+fn a_diverged_backup_goes_live_when_its_primary_dies_under_ack_executed() {
+    let dir = scratch("fo-diverged-executed");
+    let hosts = Hosts::new("dx", 2);
+    let pair = tiny_pair(&hosts, &dir, &file_lock(&dir))
+        .primary_args(["--ack", "executed"])
+        .backup_env("FTVMM_TEST_DIVERGE_AT_EXIT", "1500")
+        .primary_env("FTVMM_TEST_IGNORE_RESYNC", "1");
+    let Sides { p, b, .. } = pair.start();
+    assert!(
+        p.wait_stderr("resync request ignored", Duration::from_secs(60)),
+        "the backup never asked for a resync:\n{}\n{}",
+        p.stderr(),
+        b.stderr()
+    );
+    hosts.cut(0);
+    p.signal(libc::SIGKILL);
+    let p = p.wait(Duration::from_secs(30));
+    let b = b.wait(Duration::from_secs(120));
+    b.assert_code(0);
+    assert!(
+        b.stderr
+            .contains("it may go on from the last state it verified")
+            && b.stderr.contains("going live"),
+        "the diverged backup did not go live:\n{}",
+        b.stderr
+    );
+    assert_ticks_across(&p.stdout, &b.stdout, 1000);
 }
 
 /// Partition at a random moment: exactly one side stays live; the other emits nothing after

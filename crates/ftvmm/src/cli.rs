@@ -298,9 +298,10 @@ pub(crate) struct Args {
     /// Primary: slow the vCPU when the backup's replay lags by more than this virtual time.
     #[arg(long, default_value = "100ms", value_parser = parse_duration)]
     pub(crate) max_lag: Duration,
-    /// Primary: drop a backup for which the guest was held back (to keep within `--max-lag`)
-    /// half the time or more over this long: a backup host too slow or too busy to keep up. The
-    /// guest runs on at full speed, unprotected until a backup attaches. 0 never drops one.
+    /// Primary: drop a backup that stays more than `--max-lag` behind through every slow-down
+    /// for this long (each slow-down holds the vCPU up to 1 s): a backup host too slow or too
+    /// busy to keep up even with the guest slowed to a crawl. The guest runs on at full speed,
+    /// unprotected until a backup attaches. 0 never drops one.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub(crate) drop_lagging_after: Duration,
     /// Primary: output leaves once the backup has `received` its log record (the VMware FT

@@ -448,7 +448,7 @@ impl Backup {
     /// The same, announcing the machine `hash` and `summary`.
     pub(crate) fn attach_as(addr: &str, hash: u64, summary: &str) -> Result<Backup, PairError> {
         let started = Instant::now();
-        let conn = join(addr, channel(), hash, summary)?;
+        let (conn, _) = join(addr, channel(), hash, summary)?;
         let mem = ram();
         let transfer = receive_transfer(&conn, addr, &mem, None, started)?;
         transfer
