@@ -110,10 +110,8 @@ impl<R: Read + Send + 'static> Inner<R> {
         if self.live.is_some() {
             return Err(e);
         }
-        if matches!(e, BoundaryError::Divergence { .. }) {
-            if self.on_divergence.is_some() {
-                return self.wait_out_divergence(e);
-            }
+        if matches!(e, BoundaryError::Divergence { .. }) && self.on_divergence.is_some() {
+            return self.wait_out_divergence(e);
         }
         if !self.replayer.at_end() {
             return Err(e);
