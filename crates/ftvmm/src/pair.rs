@@ -11,6 +11,7 @@ use ft_pair::link::AckMode;
 use ft_pair::serve::ApiServer;
 use ft_pair::{End, Ending, Finished, PairError};
 use logging_channel::{ChannelConfig, Psk};
+use std::ffi::OsString;
 use std::io::Write;
 use std::sync::Arc;
 use vmm::Vm;
@@ -23,16 +24,7 @@ const FENCED_STATUS: u8 = 5;
 /// Runs the primary role; returns the exit status.
 pub(crate) fn run_primary(args: &Args) -> Result<u8, Failure> {
     let machine = machine_config(args)?;
-    for (flag, set) in [
-        ("--record", args.record.is_some()),
-        ("--log", args.log.is_some()),
-        ("--primary", args.primary.is_some()),
-        ("--stop-at-exit", args.stop_at_exit.is_some()),
-    ] {
-        if set {
-            return Err(format!("{flag} is not for --role primary").into());
-        }
-    }
+    refuse_flags(args, "primary")?;
     let listen = args
         .listen
         .clone()
@@ -51,17 +43,7 @@ pub(crate) fn run_primary(args: &Args) -> Result<u8, Failure> {
 /// Runs the backup role; returns the exit status.
 pub(crate) fn run_backup(args: &Args) -> Result<u8, Failure> {
     let machine = machine_config(args)?;
-    for (flag, set) in [
-        ("--record", args.record.is_some()),
-        ("--log", args.log.is_some()),
-        ("--restore", args.restore.is_some()),
-        ("--snapshot-on-exit", args.snapshot_on_exit.is_some()),
-        ("--stop-at-exit", args.stop_at_exit.is_some()),
-    ] {
-        if set {
-            return Err(format!("{flag} is not for --role backup").into());
-        }
-    }
+    refuse_flags(args, "backup")?;
     let primary = args
         .primary
         .clone()
@@ -75,6 +57,25 @@ pub(crate) fn run_backup(args: &Args) -> Result<u8, Failure> {
     };
     let finished = ft_pair::backup::run(&cfg, host(args))?;
     end(args, finished)
+}
+
+/// Refuses the flags given that `args.role` does not take ([`crate::cli::Role::refuses`]).
+fn refuse_flags(args: &Args, role: &str) -> Result<(), Failure> {
+    for flag in args.role.refuses() {
+        let set = match *flag {
+            "record" => args.record.is_some(),
+            "log" => args.log.is_some(),
+            "primary" => args.primary.is_some(),
+            "restore" => args.restore.is_some(),
+            "snapshot-on-exit" => args.snapshot_on_exit.is_some(),
+            "stop-at-exit" => args.stop_at_exit.is_some(),
+            _ => false,
+        };
+        if set {
+            return Err(format!("--{flag} is not for --role {role}").into());
+        }
+    }
+    Ok(())
 }
 
 fn pair_config(args: &Args) -> Result<PairConfig, Failure> {
@@ -172,7 +173,7 @@ fn end(args: &Args, finished: Finished) -> Result<u8, Failure> {
             let _ = report::finish_because(args, &mut vm, result, &reason);
             Ok(PRIMARY_LOST_STATUS)
         }
-        End::Reattach { primary, reason } => Err(attach_again(&primary, &reason)),
+        End::Reattach { primary, reason } => Err(attach_again(args, &primary, &reason)),
         End::Fenced { why } => {
             let reason =
                 format!("error: the primary is lost but this backup may not take over: {why}");
@@ -202,25 +203,20 @@ fn end_as_primary(
     }
     let status = report::finish(args, vm, result).map(|s| ending.status(s))?;
     match &ending.handed_over {
-        Some(to) if to.then == Then::Backup => Err(become_backup(&to.addr)),
+        Some(to) if to.then == Then::Backup => Err(become_backup(args, &to.addr)),
         _ => Ok(status),
     }
 }
 
 /// Replaces this process with `ftvmm --role backup --primary ADDR` and the same machine and
-/// pair flags (what only a primary takes is left out). Returns only when that fails.
-fn become_backup(addr: &str) -> Failure {
+/// pair flags (what only a primary takes is left out; a configuration file's keys are written
+/// out as flags). Returns only when that fails.
+fn become_backup(args: &Args, addr: &str) -> Failure {
     use std::os::unix::process::CommandExt;
-    let argv: Vec<String> = std::env::args().collect();
-    let mut next = backup_argv(&argv[1..]);
-    next.extend([
-        "--role".to_string(),
-        "backup".into(),
-        "--primary".into(),
-        addr.into(),
-    ]);
+    let mut next = backup_argv(&args.argv);
+    next.extend(["--role", "backup", "--primary", addr].map(OsString::from));
     tracing::warn!("switchover done: attaching to the new primary {addr} as its backup");
-    let exe = std::env::current_exe().unwrap_or_else(|_| argv[0].clone().into());
+    let exe = std::env::current_exe().unwrap_or_else(|_| self_argv0());
     let err = std::process::Command::new(exe)
         .args(&next)
         .env_remove(ft_pair::backup::HEALING_ENV)
@@ -234,13 +230,12 @@ fn become_backup(addr: &str) -> Failure {
 /// A backup whose mirrored copy diverged replaces itself with the same command (`ftvmm --role
 /// backup --primary ADDR ...`): the attach brings its copy up to date with the blocks that
 /// differ (the divergence goes to the next run's status). Returns only when that fails.
-fn attach_again(primary: &str, reason: &str) -> Failure {
+fn attach_again(args: &Args, primary: &str, reason: &str) -> Failure {
     use std::os::unix::process::CommandExt;
-    let argv: Vec<String> = std::env::args().collect();
     tracing::warn!("attaching to {primary} again to heal this side's copy of the disk");
-    let exe = std::env::current_exe().unwrap_or_else(|_| argv[0].clone().into());
+    let exe = std::env::current_exe().unwrap_or_else(|_| self_argv0());
     let err = std::process::Command::new(exe)
-        .args(&argv[1..])
+        .args(&args.argv)
         .env(ft_pair::backup::HEALING_ENV, reason)
         .exec();
     Failure {
@@ -249,8 +244,16 @@ fn attach_again(primary: &str, reason: &str) -> Failure {
     }
 }
 
+/// How this program was started (`argv[0]`), for when its path cannot be read.
+fn self_argv0() -> std::path::PathBuf {
+    std::env::args_os()
+        .next()
+        .unwrap_or_else(|| "ftvmm".into())
+        .into()
+}
+
 /// A primary's arguments without the flags a backup does not take.
-fn backup_argv(args: &[String]) -> Vec<String> {
+fn backup_argv(args: &[OsString]) -> Vec<OsString> {
     const DROP_WITH_VALUE: [&str; 6] = [
         "--role",
         "--primary",
@@ -262,9 +265,10 @@ fn backup_argv(args: &[String]) -> Vec<String> {
     let mut out = Vec::new();
     let mut it = args.iter();
     while let Some(a) = it.next() {
-        let flag = a.split('=').next().unwrap_or(a);
+        let text = a.to_str().unwrap_or_default();
+        let flag = text.split('=').next().unwrap_or(text);
         if DROP_WITH_VALUE.contains(&flag) {
-            if !a.contains('=') {
+            if !text.contains('=') {
                 it.next();
             }
             continue;
@@ -277,10 +281,28 @@ fn backup_argv(args: &[String]) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::Parser;
+
+    #[test]
+    fn a_primary_and_a_backup_refuse_every_flag_their_role_does_not_take() {
+        for role in ["primary", "backup"] {
+            let base = ["ftvmm", "--role", role, "--kernel", "k"];
+            let args = Args::try_parse_from(base).unwrap();
+            assert!(refuse_flags(&args, role).is_ok());
+            for flag in args.role.refuses() {
+                let with =
+                    Args::try_parse_from(base.iter().chain(&[&*format!("--{flag}=1")])).unwrap();
+                match refuse_flags(&with, role) {
+                    Err(f) => assert_eq!(f.message, format!("--{flag} is not for --role {role}")),
+                    Ok(()) => panic!("--{flag} accepted by --role {role}"),
+                }
+            }
+        }
+    }
 
     #[test]
     fn a_primary_becomes_a_backup_with_its_machine_and_pair_flags() {
-        let args: Vec<String> = [
+        let args: Vec<OsString> = [
             "--role",
             "primary",
             "--listen",
@@ -297,7 +319,7 @@ mod tests {
             "--memory",
             "256M",
         ]
-        .map(String::from)
+        .map(OsString::from)
         .to_vec();
         assert_eq!(
             backup_argv(&args),
