@@ -434,6 +434,17 @@ peer-timeout = "3s"
     }
 
     #[test]
+    fn the_packaged_example_reads() {
+        let example = include_str!("../../../packaging/example.toml");
+        for (role, extra) in [("primary", &[][..]), ("backup", &["--role", "backup"][..])] {
+            let (_, args) = with_file(&format!("example-{role}"), example, extra);
+            let args = args.unwrap_or_else(|e| panic!("packaging/example.toml: {e:?}"));
+            assert_eq!(args.memory, 512 << 20);
+            assert_eq!(args.primary.is_some(), role == "backup", "{role}");
+        }
+    }
+
+    #[test]
     fn every_flag_but_config_help_and_version_is_a_key() {
         let cmd = Args::command();
         for arg in cmd.get_arguments() {
