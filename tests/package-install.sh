@@ -7,23 +7,47 @@
 # CapabilityBoundingSet and NoNewPrivileges through setpriv, stdin from /dev/null, in /, its
 # RuntimeDirectory made), a standalone guest from /etc/ftvmm/NAME.toml stopped by the unit's
 # KillSignal, and a pair (ftvmm@ and ftvmm-backup@, one configuration file each) stopped by
-# `ftvmm ctl stop`. Then dpkg --purge, the test's own files removed, and the overlay's
+# `ftvmm ctl stop`. Then the same under systemd itself, PID 1 of a pid namespace in that root
+# with nothing started but the units (systemctl start and stop; the pair's primary killed, its
+# backup taking over, the primary's unit restarted and refused by the lock). Then dpkg --purge, the test's own files removed, and the overlay's
 # changes must hold nothing but dpkg's database and log. Nothing outside the namespace changes.
 # Prints one `== step` line a step with its time; exits non-zero on the first failure.
 set -euo pipefail
 
 if [ "${1:-}" != --in-namespace ]; then
     [ $# -eq 2 ] || { echo "usage: $0 DEB GUEST" >&2; exit 2; }
-    # Its mounts end with the namespace; the directory they were on is removed here.
+    # Its mounts end with the namespace; the directory they were on, and the cgroups of the
+    # systemd it runs (with whatever a failure left running in them), are removed here.
     t=$(mktemp -d /tmp/ftvmm-package.XXXXXX)
+    # The cgroup hierarchies systemd is given: cgroup2 alone, or (hybrid, as on the
+    # development machines) name=systemd, cgroup2 and devices, the others hidden from it.
+    if [ -f /sys/fs/cgroup/cgroup.controllers ]; then
+        cgroups=/sys/fs/cgroup/ftvmm-package-$$
+    else
+        cgroups="/sys/fs/cgroup/systemd/ftvmm-package-$$ /sys/fs/cgroup/unified/ftvmm-package-$$"
+        cgroups+=" /sys/fs/cgroup/devices/ftvmm-package-$$"
+    fi
     status=0
-    unshare --mount --propagation private "$0" --in-namespace "$t" "$@" || status=$?
+    unshare --mount --propagation private "$0" --in-namespace "$t" "$cgroups" "$@" || status=$?
+    for try in 1 2 3 4 5; do
+        left=0
+        for d in $cgroups; do
+            [ -d "$d" ] || continue
+            find "$d" -name cgroup.procs -exec cat {} + | xargs -r kill -9 2>/dev/null || true
+            find "$d" -depth -type d -exec rmdir {} \; 2>/dev/null
+            [ ! -d "$d" ] || left=1
+        done
+        ((left)) || break
+        sleep 0.5
+    done
+    ((!left)) || { echo "$0: cgroups $cgroups could not be removed" >&2; status=1; }
     rmdir "$t"
     exit "$status"
 fi
 t=$2
-deb=$3
-guest=$4
+cgroups=$3
+deb=$4
+guest=$5
 t0=${EPOCHREALTIME/[.,]/}
 step() { local now=${EPOCHREALTIME/[.,]/}; printf '== %4d.%02ds %s\n' $(((now - t0) / 1000000)) $(((now - t0) / 10000 % 100)) "$*"; }
 fail() { echo "FAIL: $*" >&2; exit 1; }
@@ -125,6 +149,89 @@ pst=0; wait "$ppid" || pst=$?
 bst=0; wait "$bpid" || bst=$?
 [ "$pst" = 0 ] && [ "$bst" = 0 ] || { cat "$t/pka.out" "$t/pkb.out" >&2; fail "ctl stop: primary exited $pst, backup $bst"; }
 echo "   ctl stop: both exited 0"
+
+step "systemd: PID 1 of a pid namespace in the same root, the units started with systemctl"
+# Only what the test's target and the units pull in starts: every unit another target wants
+# is masked (sysinit.target's would set this machine's sysctls or load its modules), the
+# generators are hidden, the journal stays in /run, /etc/machine-id is a copy. systemd's
+# cgroups are made under ftvmm-package-PID in the hierarchies it is given (with devices, so
+# that DeviceAllow= is enforced), and removed at the end.
+sd=$r/run/systemd/system
+mkdir -p "$sd" "$r/run/systemd/journald.conf.d"
+printf '[Journal]\nStorage=volatile\n' >"$r/run/systemd/journald.conf.d/ftvmm-package.conf"
+printf '[Unit]\nDescription=ftvmm package test\nDefaultDependencies=no\nWants=systemd-journald.socket systemd-journald-dev-log.socket systemd-journald.service\n' \
+    >"$sd/ftvmm-package.target"
+for u in $(cd "$r" && ls -d etc/systemd/system/*.wants/* usr/lib/systemd/system/*.wants/* \
+        etc/systemd/system/*.requires/* usr/lib/systemd/system/*.requires/* 2>/dev/null |
+        xargs -n 1 basename | sort -u); do
+    case $u in systemd-journald.service | systemd-journald.socket | systemd-journald-dev-log.socket) continue ;; esac
+    ln -sf /dev/null "$sd/$u"
+done
+for u in local-fs.target swap.target remote-fs.target cryptsetup.target modprobe@.service \
+    systemd-journald-audit.socket; do
+    ln -sf /dev/null "$sd/$u"
+done
+for d in $cgroups; do mkdir "$d"; done
+sdns=
+trap '[ -z "$sdns" ] || kill -9 "$sdns" 2>/dev/null || true' EXIT
+boot="set -e
+for c in $r/sys/fs/cgroup/*; do
+    case \${c##*/} in systemd|unified|devices) continue ;; esac
+    if mountpoint -q \$c; then umount -l \$c; fi
+done
+for d in $cgroups; do echo \$\$ >\$d/cgroup.procs; done
+mount -t proc proc $r/proc
+mount -t tmpfs -o mode=0755 nogenerators $r/usr/lib/systemd/system-generators
+cp $r/etc/machine-id $t/machine-id && mount --bind $t/machine-id $r/etc/machine-id
+exec chroot $r env container=ftvmm-package /lib/systemd/systemd --system --unit=ftvmm-package.target"
+unshare --pid --fork --mount --propagation private --kill-child sh -c "$boot" >"$t/systemd.log" 2>&1 &
+sdns=$!
+wait_for "[ -n \"\$(pgrep -P $sdns)\" ] && [ -S '$r/run/systemd/private' ]" 30 ||
+    { cat "$t/systemd.log" >&2; fail "systemd did not start"; }
+sdpid=$(pgrep -P "$sdns")
+in_sd() { nsenter -t "$sdpid" -p -m -r -w "$@"; }
+wait_for "in_sd systemctl is-system-running 2>/dev/null | grep -q -E 'running|degraded'" 30 ||
+    fail "systemd is $(in_sd systemctl is-system-running 2>&1)"
+unit_prop() { in_sd systemctl show -P "$2" "$1"; }
+journal_has() { in_sd journalctl -q -o cat -u "$1" 2>/dev/null | grep -q -e "$2"; }
+
+in_sd systemctl list-units --no-legend --plain --state=active | awk '{print $1}' | tr "\n" " " | sed "s/^/   running under this systemd: /"; echo
+echo "   systemctl start ftvmm@alone; systemctl stop ftvmm@alone"
+in_sd systemctl start ftvmm@alone
+wait_for "journal_has ftvmm@alone 'tick 10'" 60 ||
+    fail "ftvmm@alone: $(in_sd systemctl status --no-pager ftvmm@alone 2>&1)"
+[ "$(unit_prop ftvmm@alone ActiveState)" = active ] || fail "ftvmm@alone is not active"
+in_sd systemctl stop ftvmm@alone
+# An inactive unit is unloaded, and its exit status with it: the journal keeps both.
+ended_well() {
+    journal_has "$1" "^$1.service: Deactivated successfully" && ! journal_has "$1" "Failed with result"
+}
+wait_for "ended_well ftvmm@alone" 10 && journal_has ftvmm@alone '^ftvmm: exits=' ||
+    fail "ftvmm@alone after systemctl stop: $(in_sd journalctl -q -o cat -u ftvmm@alone | tail -5)"
+echo "   stopped by SIGTERM (exit 130): deactivated successfully, not restarted"
+
+echo "   a pair: ftvmm@pka and ftvmm-backup@pkb; the primary's ftvmm killed (SIGKILL)"
+in_sd systemctl start ftvmm@pka
+wait_for "[ -S '$r/run/ftvmm/pka.sock' ]" 30 || fail "ftvmm@pka: no API socket"
+in_sd systemctl start ftvmm-backup@pkb
+wait_for "in_root ftvmm ctl --api-socket /run/ftvmm/pka.sock status 2>/dev/null | grep -q '\"protected\": *true'" 60 ||
+    fail "the backup did not attach: $(in_sd journalctl -q -o cat -u ftvmm@pka -u ftvmm-backup@pkb | tail -20)"
+in_sd systemctl kill --kill-who=main --signal=KILL ftvmm@pka
+wait_for "in_root ftvmm ctl --api-socket /run/ftvmm/pkb.sock status 2>/dev/null | grep -q '\"role\": *\"primary\"'" 30 ||
+    fail "the backup did not take over: $(in_sd journalctl -q -o cat -u ftvmm-backup@pkb | tail -20)"
+echo "   ftvmm-backup@pkb took over and runs the guest"
+# systemd starts ftvmm@pka again 5 s later: the lock is the live side's, so it stops (exit 2).
+wait_for "[ \"\$(unit_prop ftvmm@pka NRestarts)\" -ge 1 ] && journal_has ftvmm@pka 'is held by'" 30 ||
+    fail "ftvmm@pka was not restarted, or ran: $(in_sd journalctl -q -o cat -u ftvmm@pka | tail -20)"
+echo "   ftvmm@pka restarted by systemd, refused: $(in_sd journalctl -q -o cat -u ftvmm@pka | grep -m 1 'is held by')"
+in_sd systemctl stop ftvmm@pka
+in_root ftvmm ctl --api-socket /run/ftvmm/pkb.sock stop >/dev/null
+wait_for "ended_well ftvmm-backup@pkb" 30 ||
+    fail "ftvmm-backup@pkb after ctl stop: $(in_sd journalctl -q -o cat -u ftvmm-backup@pkb | tail -5)"
+echo "   ftvmm ctl stop: ftvmm-backup@pkb deactivated successfully"
+kill -9 "$sdns"
+wait "$sdns" 2>/dev/null || true
+sdns=
 
 step "dpkg --purge ftvmm"
 rm -rf "$r/etc/ftvmm" "$r/var/lib/ftvmm" "$r/tmp/ftvmm.deb"
