@@ -301,6 +301,32 @@ mod tests {
     }
 
     #[test]
+    fn a_primary_from_a_config_file_becomes_a_backup_without_its_primary_only_keys() {
+        let dir = std::env::temp_dir().join(format!("ftvmm-pair-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("vm1.toml");
+        std::fs::write(
+            &path,
+            "role = \"primary\"\nkernel = \"k\"\nlisten = \"10.0.0.1:7000\"\n\
+             primary = \"10.0.0.2:7000\"\nrestore = \"vm.snap\"\nkey-file = \"key\"\n",
+        )
+        .unwrap();
+        let argv = ["ftvmm", "--config", path.to_str().unwrap(), "--memory=512M"];
+        let args = crate::config::args_from(argv.map(OsString::from).to_vec()).unwrap();
+        assert_eq!(args.restore, Some("vm.snap".into()));
+        let next = backup_argv(&args.argv);
+        assert_eq!(
+            next,
+            [
+                "--memory=512M",
+                "--kernel=k",
+                "--key-file=key",
+                "--listen=10.0.0.1:7000"
+            ]
+        );
+    }
+
+    #[test]
     fn a_primary_becomes_a_backup_with_its_machine_and_pair_flags() {
         let args: Vec<OsString> = [
             "--role",
