@@ -95,7 +95,7 @@ fn read_file(path: &Path) -> Result<toml::Table, ArgsError> {
         let at = e
             .span()
             .map(|s| {
-                let before = &text[..s.start.min(text.len())];
+                let before = text.get(..s.start).unwrap_or(text.as_str());
                 let line = before.matches('\n').count() + 1;
                 let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
                 format!(":{line}:{column}")
@@ -104,7 +104,7 @@ fn read_file(path: &Path) -> Result<toml::Table, ArgsError> {
         ArgsError::Config(format!(
             "{}{at}: not a valid TOML file: {}",
             path.display(),
-            e.message().trim_end()
+            e.message().trim_end().replace('\n', " ")
         ))
     })
 }
