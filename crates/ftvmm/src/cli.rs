@@ -5,6 +5,7 @@ use clap::{Parser, ValueEnum};
 use ft_core::disk::DiskMode;
 use ft_core::live::{Clock, SerialSource};
 use ft_core::BoundaryError;
+use std::ffi::OsString;
 use std::fs::File;
 use std::io::Write;
 use std::path::PathBuf;
@@ -170,6 +171,12 @@ pub(crate) fn parse_duration_or_zero(s: &str) -> Result<Duration, String> {
 #[derive(Parser, Debug, Clone)]
 #[command(version, about)]
 pub(crate) struct Args {
+    /// Read flags from this TOML file, one key per long flag without its dashes
+    /// (`kernel = "/srv/vm1/vmlinux"`, `memory = "512M"`, `no-deterministic-profile = true`);
+    /// a flag on the command line overrides the file's key (docs/OPERATIONS.md, "The
+    /// configuration file").
+    #[arg(long, value_name = "FILE")]
+    pub(crate) config: Option<PathBuf>,
     /// What this process is.
     #[arg(long, value_enum)]
     pub(crate) role: Role,
@@ -343,6 +350,40 @@ pub(crate) struct Args {
     /// (docs/OPERATIONS.md, "Disk modes").
     #[arg(long, default_value = "shared", value_parser = parse_disk_mode)]
     pub(crate) disk_mode: DiskMode,
+    /// The flags this run was started with, without `--config` and with the configuration
+    /// file's keys written out as flags: what a run that replaces itself (a switchover's
+    /// `--then backup`, a mirrored backup attaching again) starts the next one with.
+    #[arg(skip)]
+    pub(crate) argv: Vec<OsString>,
+}
+
+impl Role {
+    /// The flags (long names) this role does not take: a primary or a backup refuses them on
+    /// the command line, a standalone run or a replay ignores those it has no use for. From a
+    /// configuration file they are left out, so that one file can serve every role of a guest
+    /// on its host (`primary = "..."` for when the host's side runs as a backup).
+    pub(crate) fn refuses(self) -> &'static [&'static str] {
+        match self {
+            Role::Standalone => &["log", "disk-mode"],
+            Role::Replay => &["record", "disk-mode"],
+            Role::Primary => &["record", "log", "primary", "stop-at-exit"],
+            Role::Backup => &[
+                "record",
+                "log",
+                "restore",
+                "snapshot-on-exit",
+                "stop-at-exit",
+            ],
+            Role::Standby => &[
+                "primary",
+                "record",
+                "log",
+                "restore",
+                "snapshot-on-exit",
+                "stop-at-exit",
+            ],
+        }
+    }
 }
 
 /// `--ack`.

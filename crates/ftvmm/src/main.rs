@@ -12,13 +12,13 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 mod cli;
+mod config;
 mod ctl;
 mod pair;
 mod report;
 mod standalone;
 
-use clap::Parser;
-use cli::{Args, Role};
+use cli::Role;
 use std::io::Write;
 use std::process::ExitCode;
 
@@ -28,7 +28,14 @@ fn main() -> ExitCode {
         Some("probe" | "--probe") => return probe(),
         _ => {}
     }
-    let args = Args::parse();
+    let args = match config::args_from(std::env::args_os().collect()) {
+        Ok(args) => args,
+        Err(config::ArgsError::Clap(e)) => e.exit(),
+        Err(config::ArgsError::Config(message)) => {
+            eprintln!("ftvmm: error: {message}");
+            return ExitCode::from(2);
+        }
+    };
     let filter = tracing_subscriber::EnvFilter::try_new(&args.log_level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     let logs = tracing_subscriber::fmt()

@@ -13,6 +13,7 @@ use ft_pair::standby::{self, Outcome, StandbyConfig};
 use ft_pair::status::StandbyFigures;
 use ft_pair::{End, Ending, Finished, PairError};
 use logging_channel::{ChannelConfig, Psk};
+use std::ffi::OsString;
 use std::io::Write;
 use std::sync::Arc;
 use vmm::Vm;
@@ -27,16 +28,7 @@ const SIGNAL_STATUS: u8 = 130;
 /// Runs the primary role; returns the exit status.
 pub(crate) fn run_primary(args: &Args) -> Result<u8, Failure> {
     let machine = machine_config(args)?;
-    for (flag, set) in [
-        ("--record", args.record.is_some()),
-        ("--log", args.log.is_some()),
-        ("--primary", args.primary.is_some()),
-        ("--stop-at-exit", args.stop_at_exit.is_some()),
-    ] {
-        if set {
-            return Err(format!("{flag} is not for --role primary").into());
-        }
-    }
+    refuse_flags(args, "primary")?;
     let listen = args
         .listen
         .clone()
@@ -55,17 +47,7 @@ pub(crate) fn run_primary(args: &Args) -> Result<u8, Failure> {
 /// Runs the backup role; returns the exit status.
 pub(crate) fn run_backup(args: &Args) -> Result<u8, Failure> {
     let machine = machine_config(args)?;
-    for (flag, set) in [
-        ("--record", args.record.is_some()),
-        ("--log", args.log.is_some()),
-        ("--restore", args.restore.is_some()),
-        ("--snapshot-on-exit", args.snapshot_on_exit.is_some()),
-        ("--stop-at-exit", args.stop_at_exit.is_some()),
-    ] {
-        if set {
-            return Err(format!("{flag} is not for --role backup").into());
-        }
-    }
+    refuse_flags(args, "backup")?;
     let primary = args
         .primary
         .clone()
@@ -86,18 +68,7 @@ pub(crate) fn run_backup(args: &Args) -> Result<u8, Failure> {
 /// guest over with `--then backup`) starts this process again as a standby.
 pub(crate) fn run_standby(args: &Args) -> Result<u8, Failure> {
     let machine = machine_config(args)?;
-    for (flag, set) in [
-        ("--primary", args.primary.is_some()),
-        ("--record", args.record.is_some()),
-        ("--log", args.log.is_some()),
-        ("--restore", args.restore.is_some()),
-        ("--snapshot-on-exit", args.snapshot_on_exit.is_some()),
-        ("--stop-at-exit", args.stop_at_exit.is_some()),
-    ] {
-        if set {
-            return Err(format!("{flag} is not for --role standby").into());
-        }
-    }
+    refuse_flags(args, "standby")?;
     let listen = args.listen.clone().ok_or(
         "--role standby needs --listen ADDR (where it accepts a backup once it goes live; the \
          lock's owner record tells the next standby)",
@@ -219,6 +190,25 @@ fn standby_again(why: &str, figures: &StandbyFigures, healing: Option<&str>) -> 
     }
 }
 
+/// Refuses the flags given that `args.role` does not take ([`crate::cli::Role::refuses`]).
+fn refuse_flags(args: &Args, role: &str) -> Result<(), Failure> {
+    for flag in args.role.refuses() {
+        let set = match *flag {
+            "record" => args.record.is_some(),
+            "log" => args.log.is_some(),
+            "primary" => args.primary.is_some(),
+            "restore" => args.restore.is_some(),
+            "snapshot-on-exit" => args.snapshot_on_exit.is_some(),
+            "stop-at-exit" => args.stop_at_exit.is_some(),
+            _ => false,
+        };
+        if set {
+            return Err(format!("--{flag} is not for --role {role}").into());
+        }
+    }
+    Ok(())
+}
+
 fn pair_config(args: &Args) -> Result<PairConfig, Failure> {
     let path = args
         .key_file
@@ -316,7 +306,7 @@ fn end(args: &Args, finished: Finished) -> Result<u8, Failure> {
             let _ = report::finish_because(args, &mut vm, result, &reason);
             Ok(PRIMARY_LOST_STATUS)
         }
-        End::Reattach { primary, reason } => Err(attach_again(&primary, &reason)),
+        End::Reattach { primary, reason } => Err(attach_again(args, &primary, &reason)),
         End::Fenced { why } => {
             let reason =
                 format!("error: the primary is lost but this backup may not take over: {why}");
@@ -346,25 +336,20 @@ fn end_as_primary(
     }
     let status = report::finish(args, vm, result).map(|s| ending.status(s))?;
     match &ending.handed_over {
-        Some(to) if to.then == Then::Backup => Err(become_backup(&to.addr)),
+        Some(to) if to.then == Then::Backup => Err(become_backup(args, &to.addr)),
         _ => Ok(status),
     }
 }
 
 /// Replaces this process with `ftvmm --role backup --primary ADDR` and the same machine and
-/// pair flags (what only a primary takes is left out). Returns only when that fails.
-fn become_backup(addr: &str) -> Failure {
+/// pair flags (what only a primary takes is left out; a configuration file's keys are written
+/// out as flags). Returns only when that fails.
+fn become_backup(args: &Args, addr: &str) -> Failure {
     use std::os::unix::process::CommandExt;
-    let argv: Vec<String> = std::env::args().collect();
-    let mut next = backup_argv(&argv[1..]);
-    next.extend([
-        "--role".to_string(),
-        "backup".into(),
-        "--primary".into(),
-        addr.into(),
-    ]);
+    let mut next = backup_argv(&args.argv);
+    next.extend(["--role", "backup", "--primary", addr].map(OsString::from));
     tracing::warn!("switchover done: attaching to the new primary {addr} as its backup");
-    let exe = std::env::current_exe().unwrap_or_else(|_| argv[0].clone().into());
+    let exe = std::env::current_exe().unwrap_or_else(|_| self_argv0());
     let err = std::process::Command::new(exe)
         .args(&next)
         .env_remove(ft_pair::backup::HEALING_ENV)
@@ -378,13 +363,12 @@ fn become_backup(addr: &str) -> Failure {
 /// A backup whose mirrored copy diverged replaces itself with the same command (`ftvmm --role
 /// backup --primary ADDR ...`): the attach brings its copy up to date with the blocks that
 /// differ (the divergence goes to the next run's status). Returns only when that fails.
-fn attach_again(primary: &str, reason: &str) -> Failure {
+fn attach_again(args: &Args, primary: &str, reason: &str) -> Failure {
     use std::os::unix::process::CommandExt;
-    let argv: Vec<String> = std::env::args().collect();
     tracing::warn!("attaching to {primary} again to heal this side's copy of the disk");
-    let exe = std::env::current_exe().unwrap_or_else(|_| argv[0].clone().into());
+    let exe = std::env::current_exe().unwrap_or_else(|_| self_argv0());
     let err = std::process::Command::new(exe)
-        .args(&argv[1..])
+        .args(&args.argv)
         .env(ft_pair::backup::HEALING_ENV, reason)
         .exec();
     Failure {
@@ -393,8 +377,16 @@ fn attach_again(primary: &str, reason: &str) -> Failure {
     }
 }
 
+/// How this program was started (`argv[0]`), for when its path cannot be read.
+fn self_argv0() -> std::path::PathBuf {
+    std::env::args_os()
+        .next()
+        .unwrap_or_else(|| "ftvmm".into())
+        .into()
+}
+
 /// A primary's arguments without the flags a backup does not take.
-fn backup_argv(args: &[String]) -> Vec<String> {
+fn backup_argv(args: &[OsString]) -> Vec<OsString> {
     const DROP_WITH_VALUE: [&str; 6] = [
         "--role",
         "--primary",
@@ -406,9 +398,10 @@ fn backup_argv(args: &[String]) -> Vec<String> {
     let mut out = Vec::new();
     let mut it = args.iter();
     while let Some(a) = it.next() {
-        let flag = a.split('=').next().unwrap_or(a);
+        let text = a.to_str().unwrap_or_default();
+        let flag = text.split('=').next().unwrap_or(text);
         if DROP_WITH_VALUE.contains(&flag) {
-            if !a.contains('=') {
+            if !text.contains('=') {
                 it.next();
             }
             continue;
@@ -421,10 +414,54 @@ fn backup_argv(args: &[String]) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::Parser;
+
+    #[test]
+    fn a_primary_and_a_backup_refuse_every_flag_their_role_does_not_take() {
+        for role in ["primary", "backup"] {
+            let base = ["ftvmm", "--role", role, "--kernel", "k"];
+            let args = Args::try_parse_from(base).unwrap();
+            assert!(refuse_flags(&args, role).is_ok());
+            for flag in args.role.refuses() {
+                let with =
+                    Args::try_parse_from(base.iter().chain(&[&*format!("--{flag}=1")])).unwrap();
+                match refuse_flags(&with, role) {
+                    Err(f) => assert_eq!(f.message, format!("--{flag} is not for --role {role}")),
+                    Ok(()) => panic!("--{flag} accepted by --role {role}"),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_primary_from_a_config_file_becomes_a_backup_without_its_primary_only_keys() {
+        let dir = std::env::temp_dir().join(format!("ftvmm-pair-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("vm1.toml");
+        std::fs::write(
+            &path,
+            "role = \"primary\"\nkernel = \"k\"\nlisten = \"10.0.0.1:7000\"\n\
+             primary = \"10.0.0.2:7000\"\nrestore = \"vm.snap\"\nkey-file = \"key\"\n",
+        )
+        .unwrap();
+        let argv = ["ftvmm", "--config", path.to_str().unwrap(), "--memory=512M"];
+        let args = crate::config::args_from(argv.map(OsString::from).to_vec()).unwrap();
+        assert_eq!(args.restore, Some("vm.snap".into()));
+        let next = backup_argv(&args.argv);
+        assert_eq!(
+            next,
+            [
+                "--memory=512M",
+                "--kernel=k",
+                "--key-file=key",
+                "--listen=10.0.0.1:7000"
+            ]
+        );
+    }
 
     #[test]
     fn a_primary_becomes_a_backup_with_its_machine_and_pair_flags() {
-        let args: Vec<String> = [
+        let args: Vec<OsString> = [
             "--role",
             "primary",
             "--listen",
@@ -441,7 +478,7 @@ mod tests {
             "--memory",
             "256M",
         ]
-        .map(String::from)
+        .map(OsString::from)
         .to_vec();
         assert_eq!(
             backup_argv(&args),
