@@ -12,6 +12,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 mod cli;
+mod console;
 mod ctl;
 mod pair;
 mod report;
