@@ -599,6 +599,12 @@ pub mod kallsyms {
         }
     }
 
+    /// The file offset of virtual address `vaddr` in the ELF image `elf` (tests).
+    #[cfg(test)]
+    pub(super) fn find_offset(elf: &[u8], vaddr: u64) -> Option<usize> {
+        Image::new(elf).ok()?.offset(vaddr)
+    }
+
     fn find_bytes(hay: &[u8], needle: &[u8]) -> Option<usize> {
         let first = needle[0];
         let mut from = 0;
@@ -679,5 +685,41 @@ mod tests {
             .unwrap()
             .to_string();
         assert!(e.contains("truncated"), "{e}");
+    }
+
+    /// A damaged image gives an error, never a panic: truncated anywhere, a symbol's length or
+    /// a token's end changed (the structure no longer checks out).
+    #[test]
+    fn a_damaged_image_is_refused_not_misread() {
+        let p = root().join("images/out/linux/vmlinux");
+        if !p.exists() {
+            eprintln!("{} missing: skipping", p.display());
+            return;
+        }
+        let elf = std::fs::read(&p).unwrap();
+        let good = kallsyms::Table::find(&elf).unwrap();
+        for cut in [0, 5, 64, 4096, elf.len() / 3, elf.len() / 2, elf.len() - 1] {
+            if let Ok(t) = kallsyms::Table::find(&elf[..cut]) {
+                assert_eq!(t.symbols, good.symbols, "cut at {cut}");
+            }
+        }
+        // The token index: found by its values, so a wrong one is no table at all.
+        let img = kallsyms::find_offset(&elf, good.token_table).unwrap();
+        let mut bad = elf.clone();
+        let mut names = elf.clone();
+        let n = kallsyms::find_offset(&elf, good.names).unwrap();
+        names[n] ^= 0x01;
+        if let Ok(t) = kallsyms::Table::find(&names) {
+            assert_ne!(t.names, good.names, "a damaged length byte was decoded");
+        }
+        // A token's terminator gone: the lengths no longer match the index.
+        let nul = bad[img..].iter().position(|&b| b == 0).unwrap() + img;
+        bad[nul] = b'x';
+        if let Ok(t) = kallsyms::Table::find(&bad) {
+            assert_ne!(
+                t.token_table, good.token_table,
+                "a damaged token table was decoded"
+            );
+        }
     }
 }
