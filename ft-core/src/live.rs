@@ -42,6 +42,15 @@ pub enum SerialSource {
     Bytes(Vec<u8>),
     /// Any reader (stdin, a file, a pipe), read on a thread of its own.
     Reader(Box<dyn Read + Send>),
+    /// Bytes others send as they come (the API socket's consoles, and stdin forwarded), after
+    /// a script known up front (as [`SerialSource::Bytes`]; may be empty). The line closes when
+    /// every sender is gone.
+    Channel {
+        /// Input known up front.
+        script: Vec<u8>,
+        /// Bytes as they arrive.
+        rx: Receiver<Vec<u8>>,
+    },
 }
 
 /// Frames a NIC's host side received, waiting for the guest: a bounded queue (a frame that
@@ -155,6 +164,10 @@ impl LiveBoundary {
                     })
                     .ok()
                     .map(|_| rx)
+            }
+            SerialSource::Channel { script, rx } => {
+                pending.extend(script);
+                Some(rx)
             }
         };
         let pending_since = (!pending.is_empty()).then_some(0);
@@ -611,6 +624,32 @@ mod tests {
             b.wait(&req(t, None, 3)).unwrap(),
             Input::SerialRx(b"hel".to_vec())
         );
+    }
+
+    #[test]
+    fn channel_input_follows_its_script_and_closes_with_its_senders() {
+        let (tx, rx) = mpsc::channel();
+        let input = SerialSource::Channel {
+            script: b"ab".to_vec(),
+            rx,
+        };
+        let mut b = LiveBoundary::new(input, Box::new(std::io::sink()));
+        let first = b.wait(&req(0, None, 16)).unwrap();
+        assert!(
+            matches!(first, Input::SerialRx(ref v) if v == b"ab"),
+            "{first:?}"
+        );
+        tx.send(b"cd".to_vec()).unwrap();
+        let second = b.wait(&req(0, None, 16)).unwrap();
+        assert!(
+            matches!(second, Input::SerialRx(ref v) if v == b"cd"),
+            "{second:?}"
+        );
+        drop(tx);
+        assert!(matches!(
+            b.wait(&req(0, None, 16)),
+            Err(BoundaryError::NothingToWaitFor)
+        ));
     }
 
     #[test]

@@ -63,6 +63,8 @@ impl Progress {
 #[derive(Debug, Default)]
 pub struct KeptWrites {
     outputs: VecDeque<(u64, Output)>,
+    /// Where serial output goes once the primary has released it (a console's recent output).
+    released_serial: ReleasedSerial,
     bytes: u64,
     writes: usize,
     /// The primary has released the outputs of every record below this: an output replayed
@@ -79,6 +81,7 @@ impl KeptWrites {
     /// Keeps the output of record `seq`.
     pub fn keep_output(&mut self, seq: u64, out: Output) {
         if seq < self.released_below {
+            self.released_serial.send(&out);
             return;
         }
         self.bytes += out.len();
@@ -93,12 +96,19 @@ impl KeptWrites {
         self.released_below = self.released_below.max(seq);
         while self.outputs.front().is_some_and(|w| w.0 < seq) {
             if let Some((_, o)) = self.outputs.pop_front() {
+                self.released_serial.send(&o);
                 self.bytes -= o.len();
                 if matches!(o, Output::DiskWrite { .. }) {
                     self.writes -= 1;
                 }
             }
         }
+    }
+
+    /// Hands the serial output the primary released, as it learns of it, to `to` (what the
+    /// guest's console showed there, for this side's console once it goes live).
+    pub fn on_released_serial(&mut self, to: SerialTap) {
+        self.released_serial = ReleasedSerial(Some(to));
     }
 
     /// The outputs not known to be released, oldest first, with their record's sequence number.
@@ -116,6 +126,27 @@ impl KeptWrites {
     /// How many disk writes, and how many bytes of output in all, are kept.
     pub fn len_bytes(&self) -> (usize, u64) {
         (self.writes, self.bytes)
+    }
+}
+
+/// Where a backup's released serial output goes ([`KeptWrites::on_released_serial`]).
+pub type SerialTap = Box<dyn FnMut(&[u8]) + Send>;
+
+/// The receiver of [`KeptWrites::on_released_serial`], if any.
+#[derive(Default)]
+struct ReleasedSerial(Option<SerialTap>);
+
+impl ReleasedSerial {
+    fn send(&mut self, out: &Output) {
+        if let (Some(to), Output::Serial(bytes)) = (self.0.as_mut(), out) {
+            to(bytes);
+        }
+    }
+}
+
+impl std::fmt::Debug for ReleasedSerial {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() { "Some(..)" } else { "None" })
     }
 }
 
@@ -981,6 +1012,27 @@ mod tests {
         kept.keep_output(6, Output::Serial(b"new".to_vec()));
         let seqs: Vec<u64> = kept.take().into_iter().map(|(s, _)| s).collect();
         assert_eq!(seqs, [5, 6]);
+    }
+
+    #[test]
+    fn released_serial_output_goes_to_the_console_in_order() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let to = seen.clone();
+        let mut kept = KeptWrites::default();
+        kept.on_released_serial(Box::new(move |b| to.lock().unwrap().extend_from_slice(b)));
+        kept.keep_output(1, Output::Serial(b"ab".to_vec()));
+        kept.keep(2, 0, vec![0; 512]);
+        kept.keep_output(3, Output::Serial(b"cd".to_vec()));
+        kept.released(3);
+        assert_eq!(&*seen.lock().unwrap(), b"ab");
+        // Released before it was replayed: straight through.
+        kept.keep_output(2, Output::Serial(b"xy".to_vec()));
+        kept.released(4);
+        assert_eq!(&*seen.lock().unwrap(), b"abxycd");
+        // Not released: kept, for going live, and not shown.
+        kept.keep_output(5, Output::Serial(b"ef".to_vec()));
+        assert_eq!(&*seen.lock().unwrap(), b"abxycd");
+        assert_eq!(kept.take().len(), 1);
     }
 
     /// Replays `DiskVerify { id: 1, digests }` then two clock reads against a mirrored copy

@@ -38,6 +38,9 @@ pub enum Request {
     Switchover(Then),
     /// Compare the two copies of a mirrored disk at one log position.
     VerifyDisk,
+    /// Attach to the guest's console: the socket carries its serial line from then on
+    /// ([`crate::console`]); the socket's server answers it, not the role.
+    Console,
 }
 
 impl Request {
@@ -48,6 +51,7 @@ impl Request {
             Request::Stop => "stop".into(),
             Request::Switchover(then) => format!("switchover {}", then.as_str()),
             Request::VerifyDisk => "verify-disk".into(),
+            Request::Console => "console".into(),
         }
     }
 
@@ -60,14 +64,18 @@ impl Request {
             ["switchover"] | ["switchover", "stop"] => Ok(Request::Switchover(Then::Stop)),
             ["switchover", "backup"] => Ok(Request::Switchover(Then::Backup)),
             ["verify-disk"] => Ok(Request::VerifyDisk),
+            ["console"] => Ok(Request::Console),
             _ => Err(UnknownRequest(line.trim().to_string())),
         }
     }
 }
 
-/// unknown request `{0}`: try `status`, `stop`, `switchover stop|backup` or `verify-disk`
+/// unknown request `{0}`: try `status`, `stop`, `switchover stop|backup`, `verify-disk` or
+/// `console`
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
-#[error("unknown request `{0}`: try `status`, `stop`, `switchover stop|backup` or `verify-disk`")]
+#[error(
+    "unknown request `{0}`: try `status`, `stop`, `switchover stop|backup`, `verify-disk` or `console`"
+)]
 pub struct UnknownRequest(pub String);
 
 /// Answers requests: what a role serves on its API socket.
@@ -107,10 +115,12 @@ impl SwappableApi {
 pub fn status_only(status: StatusFn, role: &'static str) -> ApiFn {
     Arc::new(move |req| match req {
         Request::Status => status().to_json(),
-        Request::Stop | Request::Switchover(_) | Request::VerifyDisk => refusal(format!(
-            "this ftvmm is a {role}: send `{}` to the primary's API socket",
-            req.line()
-        )),
+        Request::Stop | Request::Switchover(_) | Request::VerifyDisk | Request::Console => {
+            refusal(format!(
+                "this ftvmm is a {role}: send `{}` to the primary's API socket",
+                req.line()
+            ))
+        }
     })
 }
 
@@ -135,6 +145,7 @@ mod tests {
             Request::Stop,
             Request::Switchover(Then::Backup),
             Request::VerifyDisk,
+            Request::Console,
         ] {
             assert_eq!(Request::parse(&r.line()), Ok(r));
         }

@@ -125,6 +125,11 @@ pub fn run(cfg: &BackupConfig, host: Arc<dyn Host>) -> Result<Finished, PairErro
 
     let progress = Arc::new(Progress::default());
     let kept = Arc::new(Mutex::new(KeptWrites::default()));
+    if let Some(to) = host.serial_released() {
+        kept.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .on_released_serial(to);
+    }
     let (link, _threads) = BackupLink::start(conn.clone(), progress.clone(), kept.clone())
         .map_err(PairError::io("cannot start the log receiver"))?;
     let mut replayer =

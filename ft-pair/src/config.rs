@@ -21,6 +21,11 @@ pub trait Host: Send + Sync {
     fn serial_input(&self) -> Result<SerialSource, PairError>;
     /// Where the guest's serial output goes (released by the output rule).
     fn serial_output(&self) -> Result<Box<dyn Write + Send>, PairError>;
+    /// On a backup that follows: where the serial output its primary released goes, if
+    /// anywhere (the recent output this side's console shows once it goes live).
+    fn serial_released(&self) -> Option<ft_core::replay::SerialTap> {
+        None
+    }
     /// The NIC's host side, if the machine has one: the tap, opened, with a thread reading its
     /// frames into the queue the boundary delivers from.
     fn net(&self, config: &VmConfig) -> Result<Option<(vmm::tap::Tap, Arc<NetQueue>)>, PairError>;

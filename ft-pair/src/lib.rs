@@ -22,6 +22,7 @@ pub mod arbitrate;
 mod attach;
 pub mod backup;
 pub mod config;
+pub mod console;
 pub mod error;
 mod golive;
 pub mod link;

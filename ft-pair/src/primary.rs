@@ -351,6 +351,8 @@ impl Services {
                     Command::VerifyDisk(reply),
                     VERIFY_LIMIT + Duration::from_secs(60),
                 ),
+                // The socket's server attaches consoles (crate::console).
+                Request::Console => return refusal("this API socket has no console"),
             };
             if commands.send(cmd).is_err() {
                 return refusal("this primary is stopping");

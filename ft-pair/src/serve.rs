@@ -3,10 +3,13 @@
 //!
 //! The protocol is one request line, answered with one JSON document, then the connection
 //! closes. Requests: `status`, `stop`, `switchover stop|backup`, `verify-disk`. An answer with an `"error"`
-//! field is a refusal. docs/OPERATIONS.md lists every field of the status.
+//! field is a refusal. docs/OPERATIONS.md lists every field of the status. The request
+//! `console` is the exception: the connection stays open and carries the guest's serial line
+//! ([`crate::console`]).
 
 use crate::api::{refusal, ApiFn, Request};
-use std::io::{BufRead, BufReader, Read, Write};
+use crate::console::Console;
+use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -104,9 +107,13 @@ pub struct ApiServer {
 }
 
 impl ApiServer {
-    /// Serves `path`. A socket file left by a VMM that is gone is replaced; one that answers is
-    /// in use, and refused.
-    pub fn start(path: &Path, api: ApiFn) -> Result<ApiServer, ServeError> {
+    /// Serves `path`, with the guest's `console` if there is one. A socket file left by a VMM
+    /// that is gone is replaced; one that answers is in use, and refused.
+    pub fn start(
+        path: &Path,
+        api: ApiFn,
+        console: Option<Arc<Console>>,
+    ) -> Result<ApiServer, ServeError> {
         if path.exists() {
             if UnixStream::connect(path).is_ok() {
                 return Err(ServeError::InUse(path.display().to_string()));
@@ -126,9 +133,10 @@ impl ApiServer {
             move |stream| {
                 // A switchover takes a while: status keeps answering meanwhile.
                 let api = api.clone();
+                let console = console.clone();
                 let spawned = std::thread::Builder::new()
                     .name("api-request".into())
-                    .spawn(move || answer(stream, &api));
+                    .spawn(move || answer(stream, &api, console.as_ref()));
                 if let Err(e) = spawned {
                     tracing::warn!("API socket: cannot answer: {e}");
                 }
@@ -144,15 +152,27 @@ impl ApiServer {
 /// The longest request line read (a request is a few words).
 const MAX_REQUEST: u64 = 256;
 
-fn answer(stream: UnixStream, api: &ApiFn) {
+fn answer(stream: UnixStream, api: &ApiFn, console: Option<&Arc<Console>>) {
     let _ = stream.set_nonblocking(false);
     let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
-    let mut line = String::new();
-    let mut reader = BufReader::new((&stream).take(MAX_REQUEST));
-    if reader.read_line(&mut line).is_err() {
-        return;
+    let mut line = Vec::new();
+    // A byte at a time up to the newline: what follows a `console` request is the console's
+    // input, for the console to read.
+    let mut byte = [0u8; 1];
+    while line.len() < MAX_REQUEST as usize && line.last() != Some(&b'\n') {
+        match (&stream).read(&mut byte) {
+            Ok(1) => line.push(byte[0]),
+            Ok(_) => break,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return,
+        }
     }
+    let line = String::from_utf8_lossy(&line);
     let reply = match Request::parse(&line) {
+        Ok(Request::Console) => match console {
+            Some(console) => return console.serve(stream),
+            None => refusal("this ftvmm serves no console"),
+        },
         Ok(req) => api(req),
         Err(e) => refusal(e),
     };

@@ -161,3 +161,53 @@ fn a_guest_runs_from_a_config_file_and_flags_override_it() {
         )
     );
 }
+
+/// A bzImage around `elf`: a boot sector and setup header (boot protocol 2.15) whose payload is
+/// `elf` gzipped, as the kernel's build makes one with CONFIG_KERNEL_GZIP.
+fn bzimage_of(elf: &std::path::Path, dir: &std::path::Path) -> std::path::PathBuf {
+    let gz = std::process::Command::new("gzip")
+        .args(["-n", "-9", "-c"])
+        .arg(elf)
+        .output()
+        .expect("gzip");
+    assert!(gz.status.success());
+    let mut image = vec![0u8; 5 * 512];
+    image[0x1f1] = 4; // setup sectors
+    image[0x1fe..0x200].copy_from_slice(&[0x55, 0xaa]);
+    image[0x202..0x206].copy_from_slice(b"HdrS");
+    image[0x206..0x208].copy_from_slice(&0x20fu16.to_le_bytes());
+    image[0x248..0x24c].copy_from_slice(&0x40u32.to_le_bytes());
+    image[0x24c..0x250].copy_from_slice(&(gz.stdout.len() as u32).to_le_bytes());
+    image.extend_from_slice(&[0u8; 0x40]);
+    image.extend_from_slice(&gz.stdout);
+    let p = dir.join("bzImage");
+    std::fs::write(&p, image).unwrap();
+    p
+}
+
+/// A bzImage with no kallsyms table (a test guest inside) is refused in one line that says
+/// what to do; with what it says (no RDTSC or window sites), it boots: the ELF inside runs.
+#[test]
+fn a_bzimage_without_kallsyms_says_what_to_do_and_boots_without_sites() {
+    let dir = ftvmm_tests::scratch("bzimage-no-kallsyms");
+    let bz = bzimage_of(&test_guest("hello"), &dir);
+    let run = Ftvmm::standalone(&bz).run();
+    assert_eq!(run.code(), 2, "{}", run.stderr);
+    // Before the VM exists: the only line.
+    assert_eq!(run.stderr.lines().count(), 1, "{}", run.stderr);
+    let err = run.stderr.trim_end();
+    assert!(
+        err.contains("is a bzImage whose symbols ftvmm cannot read")
+            && err.contains("no kallsyms table")
+            && err.contains("--guest-tsc off --window-sites none"),
+        "{}",
+        run.stderr
+    );
+    let elf = Ftvmm::standalone(&test_guest("hello")).run();
+    elf.assert_code(0);
+    let run = Ftvmm::standalone(&bz)
+        .args(["--guest-tsc", "off", "--window-sites", "none"])
+        .run();
+    run.assert_code(0);
+    assert_eq!(run.stdout, elf.stdout);
+}

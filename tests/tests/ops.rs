@@ -8,8 +8,8 @@
 
 use ftvmm_tests::{
     count_break, ctl, ftvmm_bin, http_get, keep, key_file, last_synced, linux_machine,
-    linux_net_ready, numbers, records_on_disk, root, scratch, test_guest, Hosts, Pair, Proc,
-    GUEST_IP, GUEST_MAC, LINUX_NET_CMDLINE,
+    linux_net_ready, linux_ready, numbers, records_on_disk, root, scratch, test_guest, wait_until,
+    Hosts, Pair, Proc, GUEST_IP, GUEST_MAC, LINUX_CMDLINE, LINUX_NET_CMDLINE,
 };
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -469,6 +469,149 @@ fn linux_counter_and_a_tcp_conversation_survive_ten_switchovers() {
             keep(&dir, "stream.txt", &stream).display()
         );
     }
+}
+
+/// `ftvmm ctl --api-socket SOCK console` in the background, driven through pipes as a script
+/// would: what it prints is collected as it comes.
+struct ConsoleSession {
+    child: std::process::Child,
+    out: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+}
+
+impl ConsoleSession {
+    fn attach(sock: &Path) -> ConsoleSession {
+        let mut child = Command::new(ftvmm_bin())
+            .args(["ctl", "--api-socket", sock.to_str().unwrap(), "console"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("ftvmm ctl console");
+        let out = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (mut from, into) = (child.stdout.take().unwrap(), out.clone());
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n @ 1..) = from.read(&mut buf) {
+                into.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        });
+        ConsoleSession { child, out }
+    }
+
+    fn output(&self) -> String {
+        String::from_utf8_lossy(&self.out.lock().unwrap()).into_owned()
+    }
+
+    fn wait_for(&self, marker: &str, limit: Duration) -> bool {
+        wait_until(limit, Duration::from_millis(20), || {
+            self.output().contains(marker)
+        })
+    }
+
+    fn type_input(&mut self, bytes: &[u8]) {
+        let stdin = self.child.stdin.as_mut().unwrap();
+        stdin.write_all(bytes).unwrap();
+        stdin.flush().unwrap();
+    }
+
+    /// Detaches with Ctrl-]; the exit status and what ctl said on stderr.
+    fn detach(mut self) -> (i32, String) {
+        self.type_input(b"\x1d");
+        let out = self.child.wait_with_output().unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+}
+
+/// The guest's console through the API socket: a session types a command at the Linux guest's
+/// shell and reads the answer, which stdout shows too (the same output rule); a backup that
+/// follows refuses a console; after a SIGKILL of the primary the new primary's console shows
+/// the recent output where the old one stopped and takes commands.
+#[test]
+fn a_console_on_the_api_socket_types_at_the_shell_before_and_after_a_takeover() {
+    let Some(ready) = linux_ready() else { return };
+    let dir = scratch("ops-console");
+    let disk = dir.join("disk.img");
+    std::fs::copy(&ready.disk, &disk).unwrap();
+    let (psock, bsock) = (dir.join("p.sock"), dir.join("b.sock"));
+    let Some(machine) = linux_machine(LINUX_CMDLINE, &disk) else {
+        return;
+    };
+    let pair = Pair::local()
+        .args(machine)
+        .args(pair_flags(&dir, 43))
+        .args(["--serial-input", "none"])
+        .primary_args(["--restore", ready.snapshot.to_str().unwrap()])
+        .primary_args(["--api-socket", psock.to_str().unwrap()])
+        .backup_args(["--api-socket", bsock.to_str().unwrap()])
+        .limits(Duration::from_secs(60), Duration::from_secs(120));
+    let sides = pair.start();
+    let (p, b) = (sides.p, sides.b);
+
+    // A backup that follows has no console of its own: one clear refusal.
+    assert!(wait_until(
+        Duration::from_secs(30),
+        Duration::from_millis(20),
+        || bsock.exists()
+    ));
+    let (code, _, err) = ctl(&["--api-socket", bsock.to_str().unwrap(), "console"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("backup following its primary"), "{err}");
+
+    let mut c = ConsoleSession::attach(&psock);
+    // `echo con$((6*7))sole` echoes as typed; only the shell's answer says con42sole.
+    c.type_input(b"echo con$((6*7))sole\r");
+    assert!(
+        c.wait_for("con42sole", Duration::from_secs(60)),
+        "no answer on the console:\n{}\n--- primary ---\n{}",
+        c.output(),
+        p.stderr()
+    );
+    assert!(
+        p.wait_stdout("con42sole", Duration::from_secs(10)),
+        "the console showed what stdout did not:\n{}",
+        p.stdout()
+    );
+    let (code, err) = c.detach();
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("detach with Ctrl-]") && err.contains("detached"),
+        "{err}"
+    );
+
+    // The primary's host dies; the backup goes live, and its console goes on where the old
+    // one was: the recent output has the answer, and the shell answers it.
+    p.signal(libc::SIGKILL);
+    let p = p.wait(Duration::from_secs(10));
+    assert!(
+        b.wait_stderr("LIVE: took over", Duration::from_secs(60)),
+        "the backup never went live:\n{}",
+        b.stderr()
+    );
+    let mut c = ConsoleSession::attach(&bsock);
+    assert!(
+        c.wait_for("con42sole", Duration::from_secs(10)),
+        "the new primary's console did not show the recent output:\n{}",
+        c.output()
+    );
+    c.type_input(b"echo after$((6*7))takeover\r");
+    assert!(
+        c.wait_for("after42takeover", Duration::from_secs(60)),
+        "no answer on the new primary's console:\n{}\n--- new primary ---\n{}",
+        c.output(),
+        b.stderr()
+    );
+    assert!(b.wait_stdout("after42takeover", Duration::from_secs(10)));
+    // Input from a console is the guest's serial input like any: recorded, so the command
+    // the old primary's console typed is in what the backup replayed (its answer is the old
+    // primary's output, and the new primary's console showed it).
+    assert!(p.stdout.contains("con42sole"), "{}", p.stdout);
+    let (code, err) = c.detach();
+    assert_eq!(code, 0, "{err}");
+    ctl_json(&bsock, &["stop"]);
+    b.wait(Duration::from_secs(60)).assert_code(0);
 }
 
 /// The README's first command ends with this demo: it must pass here too.

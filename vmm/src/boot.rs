@@ -2,8 +2,11 @@
 //!
 //! The layout is docs/PLATFORM.md's: GDT at 0x500, boot_params at 0x7000, page tables at
 //! 0x9000-0xefff (identity map of the first 4 GiB), command line at 0x20000, initrd at the top of
-//! RAM. The kernel is an uncompressed ELF loaded by linux-loader at its physical addresses.
+//! RAM. The kernel is an uncompressed ELF loaded by linux-loader at its physical addresses: the
+//! `--kernel` file, or the ELF inside a bzImage (kernel.rs unpacks it; its decompressor does not
+//! run).
 
+use crate::kernel::KernelImage;
 use crate::memory::GuestMemoryMmap;
 use kvm_bindings::{kvm_fpu, kvm_regs, kvm_segment, kvm_sregs};
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params};
@@ -53,8 +56,11 @@ pub enum BootError {
         /// The open's error.
         source: std::io::Error,
     },
+    /// The kernel is a bzImage that cannot be unpacked.
+    #[error(transparent)]
+    Image(#[from] crate::kernel::KernelError),
     /// linux-loader rejected the kernel.
-    #[error("cannot load kernel {path}: {source} (ftvmm boots an uncompressed ELF: a vmlinux or a test guest)")]
+    #[error("cannot load kernel {path}: {source} (ftvmm boots an ELF kernel, a vmlinux or a test guest, or a bzImage)")]
     LoadKernel {
         /// The `--kernel` path as given.
         path: String,
@@ -117,13 +123,15 @@ pub fn load(
         path: kernel.display().to_string(),
         source,
     })?;
-    let loaded =
-        Elf::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START))).map_err(|source| {
-            BootError::LoadKernel {
-                path: kernel.display().to_string(),
-                source,
-            }
-        })?;
+    let start = Some(GuestAddress(HIMEM_START));
+    let loaded = match crate::kernel::open(kernel)? {
+        KernelImage::Elf => Elf::load(mem, None, &mut file, start),
+        KernelImage::BzImage(bz) => Elf::load(mem, None, &mut std::io::Cursor::new(&bz.elf), start),
+    }
+    .map_err(|source| BootError::LoadKernel {
+        path: kernel.display().to_string(),
+        source,
+    })?;
     let entry = loaded.kernel_load.0;
     let kernel_end = loaded.kernel_end;
     let ram_end = mem.last_addr().0 + 1;

@@ -30,6 +30,7 @@ pub mod control;
 pub mod cpuid;
 pub mod debugregs;
 pub mod host;
+pub mod kernel;
 pub mod kick;
 pub mod memory;
 pub mod platform;

@@ -54,14 +54,17 @@
 
 use crate::compat;
 use crate::config::GuestTscMode;
+use crate::kernel::{kallsyms, BzImage, KernelImage};
 use crate::memory::GuestMemoryMmap;
 use ft_core::{BoundaryError, ExitKind, SyncExit};
 use iced_x86::{Decoder, DecoderOptions, Mnemonic};
 use kvm_bindings::{kvm_msr_entry, Msrs};
 use kvm_ioctls::VcpuFd;
 use std::fs::File;
+use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::Arc;
 use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress};
 
@@ -130,6 +133,9 @@ pub enum TscError {
     /// The kernel has no symbol table (a stripped vmlinux).
     #[error("the kernel has no symbol table")]
     NoSymbols,
+    /// The kernel has no symbol table and no kallsyms table ftvmm can read.
+    #[error("the kernel has no symbol table, and {0}")]
+    NoKallsyms(String),
     /// A breakpoint fired on a site whose bytes are not the instruction found at setup.
     #[error("guest TSC site {rip:#x} ({function}) holds {bytes}, not RDTSC: the running kernel is not the --kernel file?")]
     NotRdtsc {
@@ -234,26 +240,47 @@ struct Segment {
 }
 
 const SHT_SYMTAB: u32 = 2;
+const SHF_ALLOC: u64 = 2;
 const SHF_EXECINSTR: u64 = 4;
 const PT_LOAD: u64 = 1;
+const STT_OBJECT: u8 = 1;
 const STT_FUNC: u8 = 2;
 const SYM_SIZE: usize = 24;
 /// Larger tables or functions than this are not a kernel this finder was written for.
 const MAX_TABLE: u64 = 256 << 20;
 const MAX_FUNCTION: u64 = 64 << 10;
+/// The largest ELF file read whole for its kallsyms table.
+const MAX_IMAGE: u64 = 512 << 20;
 
 /// The parts of a kernel ELF file the finder reads: section headers, loadable segments and the
-/// symbol table.
+/// symbol table (the ELF's own, or for an image without one, its kallsyms table).
 pub(crate) struct Kernel {
-    file: File,
+    source: Source,
     path: String,
     sections: Vec<Section>,
     segments: Vec<Segment>,
-    /// The symbol table, raw (24-byte `Elf64_Sym`s), and its string table.
-    syms: Vec<u8>,
-    names: Vec<u8>,
+    symbols: Symbols,
 }
 
+/// Where the ELF's bytes are.
+enum Source {
+    /// The `--kernel` file (an ELF).
+    File(File),
+    /// The ELF unpacked from a bzImage.
+    Unpacked(Arc<BzImage>),
+}
+
+/// Where the symbols come from.
+enum Symbols {
+    /// The symbol table, raw (24-byte `Elf64_Sym`s), and its string table.
+    Elf { syms: Vec<u8>, names: Vec<u8> },
+    /// The kernel's kallsyms table, with each symbol's section and size (to the next symbol's
+    /// address: kallsyms has no sizes).
+    Kallsyms {
+        table: Arc<kallsyms::Table>,
+        placed: Vec<(usize, u64)>,
+    },
+}
 /// One symbol: name, type, section, value, size.
 struct Symbol<'a> {
     name: &'a str,
@@ -265,17 +292,28 @@ struct Symbol<'a> {
 
 impl Kernel {
     pub(crate) fn open(path: &Path) -> Result<Kernel, TscError> {
-        let file = File::open(path).map_err(|source| TscError::Io {
-            path: path.display().to_string(),
-            source,
-        })?;
+        Self::open_with(path, false)
+    }
+
+    /// Opens `path` (an ELF, or a bzImage unpacked); with `kallsyms`, the symbols come from the
+    /// kernel's kallsyms table even where the ELF has a symbol table (the tests compare both).
+    pub(crate) fn open_with(path: &Path, kallsyms: bool) -> Result<Kernel, TscError> {
+        let source = match crate::kernel::open(path).map_err(|e| TscError::Elf(e.to_string()))? {
+            KernelImage::Elf => Source::File(File::open(path).map_err(|source| TscError::Io {
+                path: path.display().to_string(),
+                source,
+            })?),
+            KernelImage::BzImage(bz) => Source::Unpacked(bz),
+        };
         let mut k = Kernel {
-            file,
+            source,
             path: path.display().to_string(),
             sections: Vec::new(),
             segments: Vec::new(),
-            syms: Vec::new(),
-            names: Vec::new(),
+            symbols: Symbols::Elf {
+                syms: Vec::new(),
+                names: Vec::new(),
+            },
         };
         let ehdr = k.read(0, 64)?;
         if ehdr[..4] != *b"\x7fELF" || ehdr[4] != 2 || ehdr[5] != 1 || le::<2>(&ehdr, 18)? != 62 {
@@ -306,7 +344,7 @@ impl Kernel {
             le::<2>(&ehdr, 0x3c)?,
         );
         if shnum == 0 {
-            return Err(TscError::NoSymbols);
+            return k.with_kallsyms(kallsyms);
         }
         if shentsize < 64 {
             return Err(TscError::Elf(format!(
@@ -324,19 +362,66 @@ impl Kernel {
                 link: le::<4>(h, 40)? as u32,
             });
         }
-        let symtab = k
-            .sections
-            .iter()
-            .find(|s| s.kind == SHT_SYMTAB)
-            .ok_or(TscError::NoSymbols)?;
+        let Some(symtab) = k.sections.iter().find(|s| s.kind == SHT_SYMTAB) else {
+            return k.with_kallsyms(true);
+        };
+        if kallsyms {
+            return k.with_kallsyms(true);
+        }
         let strtab = k
             .sections
             .get(symtab.link as usize)
             .ok_or_else(|| TscError::Elf("the symbol table's string table is missing".into()))?;
         let (so, ss, no, ns) = (symtab.offset, symtab.size, strtab.offset, strtab.size);
-        k.syms = k.read(so, ss)?;
-        k.names = k.read(no, ns)?;
+        k.symbols = Symbols::Elf {
+            syms: k.read(so, ss)?,
+            names: k.read(no, ns)?,
+        };
         Ok(k)
+    }
+
+    /// The symbols from the kernel's kallsyms table (`wanted`), or none: an unpacked bzImage's
+    /// table, or one found in an ELF file without a symbol table.
+    fn with_kallsyms(mut self, wanted: bool) -> Result<Kernel, TscError> {
+        if !wanted {
+            return Err(TscError::NoSymbols);
+        }
+        let table = match &self.source {
+            Source::Unpacked(bz) => bz.kallsyms(),
+            Source::File(f) => {
+                let mut elf = Vec::new();
+                f.take(MAX_IMAGE)
+                    .read_to_end(&mut elf)
+                    .map_err(|source| TscError::Io {
+                        path: self.path.clone(),
+                        source,
+                    })?;
+                kallsyms::Table::find(&elf).map(Arc::new)
+            }
+        }
+        .map_err(|e| TscError::NoKallsyms(e.to_string()))?;
+        let mut placed = Vec::with_capacity(table.symbols.len());
+        for (i, sym) in table.symbols.iter().enumerate() {
+            let shndx = self
+                .sections
+                .iter()
+                .position(|s| {
+                    s.flags & SHF_ALLOC != 0 && sym.addr >= s.addr && sym.addr < s.addr + s.size
+                })
+                .unwrap_or(0);
+            let next = table.symbols[i + 1..]
+                .iter()
+                .map(|n| n.addr)
+                .find(|&a| a > sym.addr);
+            let end = self
+                .sections
+                .get(shndx)
+                .map_or(sym.addr, |s| s.addr + s.size);
+            let size = next.unwrap_or(end).min(end).saturating_sub(sym.addr);
+            placed.push((shndx, size));
+        }
+        self.symbols = Symbols::Kallsyms { table, placed };
+        Ok(self)
     }
 
     fn read(&self, offset: u64, len: u64) -> Result<Vec<u8>, TscError> {
@@ -345,29 +430,59 @@ impl Kernel {
                 "a table of {len} bytes at offset {offset:#x}: too large"
             )));
         }
-        let mut buf = vec![0u8; len as usize];
-        self.file
-            .read_exact_at(&mut buf, offset)
-            .map_err(|source| TscError::Io {
-                path: self.path.clone(),
-                source,
-            })?;
-        Ok(buf)
+        match &self.source {
+            Source::File(file) => {
+                let mut buf = vec![0u8; len as usize];
+                file.read_exact_at(&mut buf, offset)
+                    .map_err(|source| TscError::Io {
+                        path: self.path.clone(),
+                        source,
+                    })?;
+                Ok(buf)
+            }
+            Source::Unpacked(bz) => usize::try_from(offset)
+                .ok()
+                .and_then(|at| bz.elf.get(at..at.checked_add(len as usize)?))
+                .map(<[u8]>::to_vec)
+                .ok_or_else(|| {
+                    TscError::Elf(format!(
+                        "{len} bytes at offset {offset:#x}: past the end of the unpacked kernel ({} bytes)",
+                        bz.elf.len()
+                    ))
+                }),
+        }
     }
 
-    fn symbols(&self) -> impl Iterator<Item = Symbol<'_>> {
-        self.syms.chunks_exact(SYM_SIZE).filter_map(|sym| {
-            let name_at = le::<4>(sym, 0).ok()? as usize;
-            let tail = self.names.get(name_at..)?;
-            let end = tail.iter().position(|&b| b == 0).unwrap_or(tail.len());
-            Some(Symbol {
-                name: std::str::from_utf8(&tail[..end]).ok()?,
-                kind: sym[4] & 0xf,
-                shndx: le::<2>(sym, 6).ok()? as usize,
-                value: le::<8>(sym, 8).ok()?,
-                size: le::<8>(sym, 16).ok()?,
-            })
-        })
+    fn symbols(&self) -> Box<dyn Iterator<Item = Symbol<'_>> + '_> {
+        match &self.symbols {
+            Symbols::Elf { syms, names } => {
+                Box::new(syms.chunks_exact(SYM_SIZE).filter_map(|sym| {
+                    let name_at = le::<4>(sym, 0).ok()? as usize;
+                    let tail = names.get(name_at..)?;
+                    let end = tail.iter().position(|&b| b == 0).unwrap_or(tail.len());
+                    Some(Symbol {
+                        name: std::str::from_utf8(&tail[..end]).ok()?,
+                        kind: sym[4] & 0xf,
+                        shndx: le::<2>(sym, 6).ok()? as usize,
+                        value: le::<8>(sym, 8).ok()?,
+                        size: le::<8>(sym, 16).ok()?,
+                    })
+                }))
+            }
+            Symbols::Kallsyms { table, placed } => Box::new(table.symbols.iter().zip(placed).map(
+                |(sym, &(shndx, size))| Symbol {
+                    name: &sym.name,
+                    kind: if matches!(sym.kind, 'T' | 't' | 'W' | 'w') {
+                        STT_FUNC
+                    } else {
+                        STT_OBJECT
+                    },
+                    shndx,
+                    value: sym.addr,
+                    size,
+                },
+            )),
+        }
     }
 
     /// The `RDTSC`/`RDTSCP` sites of `functions`, in that order, each function's in address
@@ -972,5 +1087,104 @@ mod tests {
         assert!(GuestTsc::setup(GuestTscMode::Off, &kernel, 3)
             .addresses()
             .is_empty());
+    }
+
+    /// What ftvmm looks up in a kernel, from one symbol source: the RDTSC sites, the window
+    /// functions' first bytes, and every text symbol's address by name.
+    type Lookups = (Vec<Site>, Vec<Option<(u64, Vec<u8>)>>);
+
+    fn lookups(k: &Kernel) -> Lookups {
+        let mut functions = ENTROPY_FUNCTIONS.to_vec();
+        functions.push(BOOT_FUNCTION);
+        let sites = k.sites(&functions).unwrap();
+        let windows = ["__cond_resched", "memcpy"]
+            .iter()
+            .map(|f| k.function_code(f, 16).unwrap())
+            .collect();
+        (sites, windows)
+    }
+
+    /// Every text symbol kallsyms has is in the symbol table at the same address.
+    fn same_text_symbols(elf: &Kernel, kallsyms: &Kernel) {
+        let mut by_name: std::collections::HashMap<&str, Vec<u64>> = Default::default();
+        for s in elf.symbols().filter(|s| s.kind == STT_FUNC) {
+            by_name.entry(s.name).or_default().push(s.value);
+        }
+        let mut checked = 0;
+        for s in kallsyms.symbols().filter(|s| s.kind == STT_FUNC) {
+            if let Some(addrs) = by_name.get(s.name) {
+                assert!(
+                    addrs.contains(&s.value),
+                    "{} at {:#x}: {addrs:x?}",
+                    s.name,
+                    s.value
+                );
+                checked += 1;
+            }
+        }
+        assert!(checked > 1000, "only {checked} functions compared");
+    }
+
+    #[test]
+    fn the_kallsyms_table_gives_what_the_symbol_table_gives() {
+        let Some(kernel) = vmlinux() else {
+            return;
+        };
+        let elf = Kernel::open(&kernel).unwrap();
+        let ksyms = Kernel::open_with(&kernel, true).unwrap();
+        let Symbols::Kallsyms { table, .. } = &ksyms.symbols else {
+            panic!("not read from kallsyms");
+        };
+        // Found where the symbol table says the kernel's tables are.
+        let at = |name: &str| {
+            elf.symbols()
+                .find(|s| s.name == name)
+                .map(|s| s.value)
+                .unwrap()
+        };
+        assert_eq!(table.token_table, at("kallsyms_token_table"));
+        assert_eq!(table.names, at("kallsyms_names"));
+        assert_eq!(table.offsets, at("kallsyms_offsets"));
+        same_text_symbols(&elf, &ksyms);
+        let (sites, windows) = lookups(&elf);
+        assert!(!sites.is_empty());
+        assert_eq!(lookups(&ksyms), (sites, windows));
+    }
+
+    /// A distribution's kernel: the sites and window functions found through the bzImage's
+    /// kallsyms are the ones its -dbg package's symbol table gives (images/stock-kernel keeps
+    /// both when run with SYMBOLS=dbg; FTVMM_STOCK_VMLINUX and FTVMM_STOCK_BZIMAGE name others).
+    #[test]
+    fn a_bzimage_gives_what_its_debug_symbols_give() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../images/out/stock");
+        let path = |var: &str, name: &str| {
+            std::env::var_os(var).map_or_else(|| dir.join(name), PathBuf::from)
+        };
+        let (elf_path, bz_path) = (
+            path("FTVMM_STOCK_VMLINUX", "vmlinux"),
+            path("FTVMM_STOCK_BZIMAGE", "vmlinuz"),
+        );
+        if !elf_path.exists() || !bz_path.exists() {
+            eprintln!(
+                "{} or {} missing (SYMBOLS=dbg images/stock-kernel): skipping",
+                elf_path.display(),
+                bz_path.display()
+            );
+            return;
+        }
+        let elf = Kernel::open(&elf_path).unwrap();
+        if !matches!(elf.symbols, Symbols::Elf { .. }) {
+            eprintln!("{} has no symbol table: skipping", elf_path.display());
+            return;
+        }
+        let bz = Kernel::open(&bz_path).unwrap();
+        assert!(matches!(bz.source, Source::Unpacked(_)));
+        assert!(matches!(bz.symbols, Symbols::Kallsyms { .. }));
+        same_text_symbols(&elf, &bz);
+        let (sites, windows) = lookups(&elf);
+        eprintln!("{} sites: {sites:?}", sites.len());
+        assert!(!sites.is_empty());
+        assert_eq!(lookups(&bz), (sites, windows));
+        assert_eq!(bz.variable_gpa(BOOT_FLAG), elf.variable_gpa(BOOT_FLAG));
     }
 }

@@ -47,6 +47,20 @@ pub enum VmError {
     /// The kernel, initrd or boot structures could not be loaded into guest RAM.
     #[error(transparent)]
     Boot(#[from] BootError),
+    /// A bzImage whose symbols cannot be read, where the run needs them.
+    #[error(
+        "kernel {path} is a bzImage whose symbols ftvmm cannot read: {why}. ftvmm finds the \
+         kernel's entropy RDTSC sites (--guest-tsc) and interrupt-window sites (--window-sites) \
+         by name, and without them a recorded run does not replay exactly. Boot the kernel's \
+         vmlinux with its symbol table instead (a distribution's -dbg package has it), or add \
+         `--guest-tsc off --window-sites none` to run this image without exact replay"
+    )]
+    KernelSymbols {
+        /// The `--kernel` path as given.
+        path: String,
+        /// What the kallsyms reader found.
+        why: String,
+    },
     /// A disk image could not be opened, inspected or read (building the VM, or hashing the
     /// image for the replay's configuration identity).
     #[error("cannot open disk image {path}: {source}")]
@@ -201,6 +215,19 @@ impl Vm {
         let mem = memory::create(config.memory_bytes)?;
         memory::register(&vm, &mem, track_dirty)?;
 
+        // A bzImage is unpacked once, for the boot and the symbol lookups below (kernel.rs),
+        // and dropped once the VM is built.
+        let image = crate::kernel::open(&config.kernel).map_err(BootError::from)?;
+        if let crate::kernel::KernelImage::BzImage(bz) = &image {
+            let symbols_used = config.guest_tsc != crate::config::GuestTscMode::Off
+                || !config.window_sites.is_empty();
+            if let (true, Err(e)) = (symbols_used, bz.kallsyms()) {
+                return Err(VmError::KernelSymbols {
+                    path: config.kernel.display().to_string(),
+                    why: e.to_string(),
+                });
+            }
+        }
         let cmdline = kernel_cmdline(config);
         let boot = boot::load(&mem, &config.kernel, config.initrd.as_deref(), &cmdline)?;
 
@@ -244,6 +271,7 @@ impl Vm {
             &[]
         };
         let window = Window::setup(&config.kernel, sites, free_slots);
+        drop(image);
         let mut vcpu = Vcpu::new(fd, compat, mech.irq_window, tsc, window);
         vcpu.patch_guest(&mem, true);
         vcpu.reapply_debug(&mem)?;

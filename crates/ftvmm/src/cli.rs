@@ -180,7 +180,8 @@ pub(crate) struct Args {
     /// What this process is.
     #[arg(long, value_enum)]
     pub(crate) role: Role,
-    /// The guest kernel: an uncompressed ELF (vmlinux or a test guest).
+    /// The guest kernel: an ELF (vmlinux or a test guest), or a bzImage (/boot/vmlinuz-*), whose
+    /// payload ftvmm unpacks and whose symbols it reads from the kernel's kallsyms table.
     #[arg(long)]
     pub(crate) kernel: PathBuf,
     /// An initial ramdisk.

@@ -1,5 +1,6 @@
 //! `ftvmm ctl --api-socket PATH <request>`: asks a running ftvmm through its API socket and
-//! prints the answer (JSON). Exit status 0 when it was done, 1 when `verify-disk` found the
+//! prints the answer (JSON); `console` attaches to the guest's console instead
+//! ([`crate::console`]). Exit status 0 when it was done, 1 when `verify-disk` found the
 //! copies different, 2 when it was refused or the socket does not answer as an ftvmm's would
 //! (one line on stderr says why).
 
@@ -38,6 +39,11 @@ enum CtlRequest {
     /// Compares the two copies of a mirrored disk at one log position (sent to the primary):
     /// prints the outcome, exit status 1 if they differ (the backup then heals its copy).
     VerifyDisk,
+    /// Attaches this terminal to the guest's serial console on the live side (raw mode on a
+    /// terminal; detach with Ctrl-] or `~.` at the start of a line). Exit status 0 when
+    /// detached, 1 when the ftvmm closed it, 2 when refused (a backup that follows) or
+    /// unreachable.
+    Console,
 }
 
 /// `--then`.
@@ -52,6 +58,7 @@ enum ThenArg {
 pub(crate) fn main() -> ExitCode {
     let args = CtlArgs::parse_from(std::env::args().skip(1));
     let request = match args.request {
+        CtlRequest::Console => return crate::console::main(&args.api_socket),
         CtlRequest::Status => Request::Status,
         CtlRequest::Stop => Request::Stop,
         CtlRequest::Switchover { then } => Request::Switchover(match then {

@@ -13,6 +13,7 @@
 
 mod cli;
 mod config;
+mod console;
 mod ctl;
 mod pair;
 mod report;

@@ -7,6 +7,7 @@ use crate::report;
 use ft_core::live::{NetQueue, SerialSource};
 use ft_pair::api::{ApiFn, StatusFn, Then};
 use ft_pair::config::{BackupConfig, Host, LiveConfig, PairConfig, PrimaryConfig};
+use ft_pair::console::Console;
 use ft_pair::link::AckMode;
 use ft_pair::serve::ApiServer;
 use ft_pair::standby::{self, Outcome, StandbyConfig};
@@ -245,20 +246,35 @@ fn live_config(args: &Args) -> LiveConfig {
     }
 }
 
-/// What a node opens on this host, as the flags say.
-struct FlagsHost(Args);
+/// What a node opens on this host, as the flags say: with `--api-socket`, the guest's console
+/// is served there too.
+struct FlagsHost(Args, Option<Arc<Console>>);
 
 fn host(args: &Args) -> Arc<dyn Host> {
-    Arc::new(FlagsHost(args.clone()))
+    let console = args.api_socket.as_ref().map(|_| Console::new());
+    Arc::new(FlagsHost(args.clone(), console))
 }
 
 impl Host for FlagsHost {
     fn serial_input(&self) -> Result<SerialSource, PairError> {
-        serial_source(&self.0).map_err(|e| PairError::Host(e.into()))
+        let source = serial_source(&self.0).map_err(|e| PairError::Host(e.into()))?;
+        Ok(match &self.1 {
+            Some(console) => console.input(source),
+            None => source,
+        })
     }
 
     fn serial_output(&self) -> Result<Box<dyn Write + Send>, PairError> {
-        serial_sink(&self.0).map_err(|e| PairError::Host(e.into()))
+        let sink = serial_sink(&self.0).map_err(|e| PairError::Host(e.into()))?;
+        Ok(match &self.1 {
+            Some(console) => console.output(sink),
+            None => sink,
+        })
+    }
+
+    fn serial_released(&self) -> Option<ft_core::replay::SerialTap> {
+        let console = self.1.clone()?;
+        Some(Box::new(move |bytes| console.released(bytes)))
     }
 
     fn net(
@@ -270,7 +286,10 @@ impl Host for FlagsHost {
 
     fn serve(&self, api: ApiFn, status: StatusFn) -> Result<Box<dyn Send>, PairError> {
         let api = match &self.0.api_socket {
-            Some(path) => Some(ApiServer::start(path, api).map_err(|e| PairError::Host(e.into()))?),
+            Some(path) => Some(
+                ApiServer::start(path, api, self.1.clone())
+                    .map_err(|e| PairError::Host(e.into()))?,
+            ),
             None => None,
         };
         let metrics = match &self.0.metrics {
