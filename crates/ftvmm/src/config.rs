@@ -380,7 +380,7 @@ peer-timeout = "3s"
     #[test]
     fn bad_files_name_the_file_the_key_and_what_was_expected() {
         let cases: &[(&str, &str, &[&str])] = &[
-            ("kernel = \"k\"\nrole = \"sideways\"", "key `role`: expected one of standalone, replay, primary, backup, got `sideways`", &[]),
+            ("kernel = \"k\"\nrole = \"sideways\"", "key `role`: expected one of standalone, replay, primary, backup, standby, got `sideways`", &[]),
             ("role = \"standalone\"\nkernel = \"k\"\nmemory = \"12X\"", "key `memory`: expected a size like 256M", &[]),
             ("role = \"standalone\"\nkernel = \"k\"\nmemory = true", "key `memory`: expected a string (the value of `--memory` as on the command line), got true", &[]),
             ("role = \"standalone\"\nkernel = 3.5", "key `kernel`: expected a string", &[]),
