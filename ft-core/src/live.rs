@@ -140,30 +140,9 @@ impl LiveBoundary {
                 pending.extend(bytes);
                 None
             }
-            SerialSource::Reader(mut r) => {
+            SerialSource::Reader(r) => {
                 let (tx, rx) = mpsc::channel();
-                std::thread::Builder::new()
-                    .name("serial-in".into())
-                    .spawn(move || {
-                        let mut buf = [0u8; 4096];
-                        loop {
-                            match r.read(&mut buf) {
-                                Ok(0) => break,
-                                Ok(n) => {
-                                    if tx.send(buf[..n].to_vec()).is_err() {
-                                        break;
-                                    }
-                                }
-                                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                                Err(e) => {
-                                    tracing::warn!("serial input closed: {e}");
-                                    break;
-                                }
-                            }
-                        }
-                    })
-                    .ok()
-                    .map(|_| rx)
+                forward_serial_input(r, tx).then_some(rx)
             }
             SerialSource::Channel { script, rx } => {
                 pending.extend(script);
@@ -459,6 +438,39 @@ impl Boundary for LiveBoundary {
             },
         }
     }
+}
+
+/// Forwards what `r` reads to `tx` on a thread of its own (`serial-in`) until either ends:
+/// the serial line's input from stdin, a file or a console. False if the thread did not start
+/// (said in the log).
+pub fn forward_serial_input(
+    mut r: Box<dyn std::io::Read + Send>,
+    tx: mpsc::Sender<Vec<u8>>,
+) -> bool {
+    let spawned = std::thread::Builder::new()
+        .name("serial-in".into())
+        .spawn(move || {
+            let mut buf = [0u8; 4096];
+            loop {
+                match r.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        if tx.send(buf[..n].to_vec()).is_err() {
+                            break;
+                        }
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        tracing::warn!("serial input closed: {e}");
+                        break;
+                    }
+                }
+            }
+        });
+    if let Err(e) = &spawned {
+        tracing::warn!("serial input: cannot start its reader: {e}");
+    }
+    spawned.is_ok()
 }
 
 #[cfg(test)]

@@ -109,7 +109,7 @@ impl Console {
             SerialSource::None => Vec::new(),
             SerialSource::Bytes(bytes) => bytes,
             SerialSource::Reader(r) => {
-                forward(r, tx.clone());
+                ft_core::live::forward_serial_input(r, tx.clone());
                 Vec::new()
             }
             SerialSource::Channel { script, rx: from } => {
@@ -273,33 +273,6 @@ fn push_recent(recent: &mut VecDeque<u8>, bytes: &[u8]) {
     let over = (recent.len() + bytes.len()).saturating_sub(Console::RECENT);
     recent.drain(..over);
     recent.extend(bytes);
-}
-
-/// Forwards what `r` reads to `tx` on a thread of its own, until either ends.
-fn forward(mut r: Box<dyn Read + Send>, tx: Sender<Vec<u8>>) {
-    let spawned = std::thread::Builder::new()
-        .name("serial-in".into())
-        .spawn(move || {
-            let mut buf = [0u8; 4096];
-            loop {
-                match r.read(&mut buf) {
-                    Ok(0) => break,
-                    Ok(n) => {
-                        if tx.send(buf[..n].to_vec()).is_err() {
-                            break;
-                        }
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => {
-                        tracing::warn!("serial input closed: {e}");
-                        break;
-                    }
-                }
-            }
-        });
-    if let Err(e) = spawned {
-        tracing::warn!("serial input: cannot start its reader: {e}");
-    }
 }
 
 /// The serial output writer with consoles beside it.
