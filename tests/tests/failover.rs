@@ -205,6 +205,25 @@ fn a_primary_host_that_dies_silently_is_taken_over_before_the_failover_timeout()
     assert_ticks_across(&p.stdout, &b.stdout, 1000);
 }
 
+/// A pair under `--ack ack` whose backup diverges at exit 1500 and whose primary never answers
+/// its resync request; returned once the primary has ignored it.
+fn diverged_pair(hosts: &Hosts, dir: &Path, ack: &str) -> Sides {
+    let pair = tiny_pair(hosts, dir, &file_lock(dir))
+        .primary_args(["--ack", ack])
+        .backup_env("FTVMM_TEST_DIVERGE_AT_EXIT", "1500")
+        .primary_env("FTVMM_TEST_IGNORE_RESYNC", "1");
+    let sides = pair.start();
+    assert!(
+        sides
+            .p
+            .wait_stderr("resync request ignored", Duration::from_secs(60)),
+        "the backup never asked for a resync:\n{}\n{}",
+        sides.p.stderr(),
+        sides.b.stderr()
+    );
+    sides
+}
+
 /// A backup that diverged and waits for its resync when the primary falls silent may not go
 /// live when, under `--ack received` (the default), outputs of records it held but never
 /// verified may have left the primary: going on from its own state could contradict them. So
@@ -215,17 +234,7 @@ fn a_primary_host_that_dies_silently_is_taken_over_before_the_failover_timeout()
 fn a_diverged_backup_does_not_take_the_lock_from_a_stopped_primary() {
     let dir = scratch("fo-diverged");
     let hosts = Hosts::new("dv", 2);
-    // The backup diverges at exit 1500; the primary never answers its resync request.
-    let pair = tiny_pair(&hosts, &dir, &file_lock(&dir))
-        .backup_env("FTVMM_TEST_DIVERGE_AT_EXIT", "1500")
-        .primary_env("FTVMM_TEST_IGNORE_RESYNC", "1");
-    let Sides { p, b, .. } = pair.start();
-    assert!(
-        p.wait_stderr("resync request ignored", Duration::from_secs(60)),
-        "the backup never asked for a resync:\n{}\n{}",
-        p.stderr(),
-        b.stderr()
-    );
+    let Sides { p, b, .. } = diverged_pair(&hosts, &dir, "received");
     // An output the backup held but could not verify leaves the primary.
     let lines = p.stdout().lines().count();
     assert!(
@@ -275,17 +284,7 @@ fn a_diverged_backup_does_not_take_the_lock_from_a_stopped_primary() {
 fn a_diverged_backup_goes_live_when_its_primary_dies_under_ack_executed() {
     let dir = scratch("fo-diverged-executed");
     let hosts = Hosts::new("dx", 2);
-    let pair = tiny_pair(&hosts, &dir, &file_lock(&dir))
-        .primary_args(["--ack", "executed"])
-        .backup_env("FTVMM_TEST_DIVERGE_AT_EXIT", "1500")
-        .primary_env("FTVMM_TEST_IGNORE_RESYNC", "1");
-    let Sides { p, b, .. } = pair.start();
-    assert!(
-        p.wait_stderr("resync request ignored", Duration::from_secs(60)),
-        "the backup never asked for a resync:\n{}\n{}",
-        p.stderr(),
-        b.stderr()
-    );
+    let Sides { p, b, .. } = diverged_pair(&hosts, &dir, "executed");
     hosts.cut(0);
     p.signal(libc::SIGKILL);
     let p = p.wait(Duration::from_secs(30));

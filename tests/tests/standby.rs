@@ -103,20 +103,7 @@ fn reprotected_five_times(tag: &str, etcd: bool) {
         None => format!("file:{}", dir.join("pair.lock").display()),
     };
     let pair = tiny_pair(&hosts, &dir, &lock);
-    let own = |i: usize| {
-        vec![
-            "--api-socket".to_string(),
-            sock(&dir, i).display().to_string(),
-        ]
-    };
-    let mut sides: Vec<Option<Proc>> = vec![None, None, None];
-    let p = pair.clone().primary_args(own(0)).primary_on(0);
-    pair.wait_listening(&p);
-    sides[0] = Some(p);
-    for i in [1, 2] {
-        let o = own(i);
-        sides[i] = Some(pair.standby_on(i, &o.iter().map(String::as_str).collect::<Vec<_>>()));
-    }
+    let mut sides = primary_and_two_standbys(&pair, &dir);
     let mut live = 0;
     let mut backup = wait_protected(&hosts, &dir, live, false, &sides);
     let mut client = String::new();
@@ -146,9 +133,7 @@ fn reprotected_five_times(tag: &str, etcd: bool) {
             logs(&sides)
         );
         // The killed host comes back as a standby, as its service manager would start it.
-        let o = own(live);
-        sides[live] =
-            Some(pair.standby_on(live, &o.iter().map(String::as_str).collect::<Vec<_>>()));
+        sides[live] = Some(standby_on(&pair, &dir, live));
         live = next;
         backup = wait_protected(&hosts, &dir, live, true, &sides);
         assert_ne!(backup, live);
@@ -189,6 +174,38 @@ fn reprotected_five_times(tag: &str, etcd: bool) {
     drop(etcd);
 }
 
+/// The flags of host `i`'s side: its own API socket.
+fn api_args(dir: &Path, i: usize) -> [String; 2] {
+    [
+        "--api-socket".to_string(),
+        sock(dir, i).display().to_string(),
+    ]
+}
+
+/// A standby on host `i` with its own API socket.
+fn standby_on(pair: &Pair<'_>, dir: &Path, i: usize) -> Proc {
+    let args = api_args(dir, i);
+    pair.standby_on(i, &args.each_ref().map(String::as_str))
+}
+
+/// A primary on host 0 and standbys on hosts 1 and 2, each with its own API socket; the
+/// primary listens when this returns.
+fn primary_and_two_standbys(pair: &Pair<'_>, dir: &Path) -> Vec<Option<Proc>> {
+    let own = |i: usize| {
+        [
+            "--api-socket".to_string(),
+            sock(dir, i).display().to_string(),
+        ]
+    };
+    let p = pair.clone().primary_args(own(0)).primary_on(0);
+    pair.wait_listening(&p);
+    let mut sides = vec![Some(p)];
+    for i in [1, 2] {
+        sides.push(Some(standby_on(pair, dir, i)));
+    }
+    sides
+}
+
 #[test]
 fn standbys_reprotect_the_survivor_five_times_in_a_row_file_lock() {
     reprotected_five_times("file", false);
@@ -208,20 +225,7 @@ fn two_standbys_never_both_attach() {
     let hosts = Hosts::new("st", 3);
     let lock = format!("file:{}", dir.join("pair.lock").display());
     let pair = tiny_pair(&hosts, &dir, &lock);
-    let own = |i: usize| {
-        vec![
-            "--api-socket".to_string(),
-            sock(&dir, i).display().to_string(),
-        ]
-    };
-    let mut sides: Vec<Option<Proc>> = vec![None, None, None];
-    let p = pair.clone().primary_args(own(0)).primary_on(0);
-    pair.wait_listening(&p);
-    sides[0] = Some(p);
-    for i in [1, 2] {
-        let o = own(i);
-        sides[i] = Some(pair.standby_on(i, &o.iter().map(String::as_str).collect::<Vec<_>>()));
-    }
+    let mut sides = primary_and_two_standbys(&pair, &dir);
     let attached = wait_protected(&hosts, &dir, 0, false, &sides);
     let waiting = 3 - attached;
     let refused = |s: &Value| {
