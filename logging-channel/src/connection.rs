@@ -29,6 +29,18 @@ const OUT_QUEUE: usize = 64;
 /// The writer gathers queued messages up to about this much plaintext (four full Noise messages) into one socket write.
 const WRITE_BATCH: usize = 4 * MAX_PLAINTEXT;
 
+/// How long a side that said Bye keeps reading (and dropping) what its peer still sends, so that
+/// its socket is not closed under data arriving: the kernel answers that with a reset, which
+/// throws away what this side's kernel still holds for the peer, the Bye among it. A peer that
+/// was stopped with its receive window full (a backup dropped for lagging) reads the Bye when it
+/// runs again within this time.
+const LINGER: Duration = Duration::from_secs(30);
+
+/// How long a writer that cannot send leaves the verdict to the reader: a reset connection can
+/// still hold the peer's last frames (its Bye, with the reason) unread on this side, and the
+/// reader ends the connection with them once it reaches the reset.
+const SEND_ERROR_GRACE: Duration = Duration::from_secs(1);
+
 /// Counters of one connection.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ChannelStats {
@@ -547,7 +559,7 @@ async fn reader(
     let mut last = Instant::now();
     loop {
         let read = tokio::select! {
-            _ = dead_signal(&mut dead) => return,
+            _ = dead_signal(&mut dead) => return linger(&shared, rd).await,
             r = read_frame(&mut rd, &mut frame) => r,
         };
         // Silence is the detector's to judge (`detect`); the reader only reads.
@@ -597,6 +609,19 @@ async fn reader(
             }
         }
     }
+}
+
+/// After this side's Bye: reads and drops what the peer sends until it closes, or [`LINGER`].
+async fn linger(shared: &Shared, mut rd: tokio::io::BufReader<OwnedReadHalf>) {
+    if !shared.bye_sent.load(Ordering::Acquire) {
+        return;
+    }
+    let mut sink = vec![0u8; 64 << 10];
+    let drain = async {
+        use tokio::io::AsyncReadExt;
+        while matches!(rd.read(&mut sink).await, Ok(n) if n > 0) {}
+    };
+    let _ = tokio::time::timeout(LINGER, drain).await;
 }
 
 async fn writer(
@@ -650,6 +675,7 @@ async fn writer(
                 r = async { wr.write_all(&wire).await?; wr.flush().await } => r,
             };
             if let Err(e) = written {
+                let _ = tokio::time::timeout(SEND_ERROR_GRACE, dead_signal(&mut dead)).await;
                 return shared.die(DeathKind::PeerLost, format!("cannot send to the peer: {e}"));
             }
             shared

@@ -514,3 +514,30 @@ fn dropped_peer_is_lost_and_send_fails() {
     assert!(primary.send(Msg::Heartbeat).is_err());
     assert!(primary.send_log(0, 1, false, vec![1]).is_err());
 }
+
+/// A side that closes with a Bye keeps reading what its peer still sends: a peer that was
+/// stopped while the Bye arrived (a backup dropped for lagging, SIGSTOPped) writes its acks when
+/// it runs again, and a socket already closed would answer them with a reset, which can beat the
+/// Bye to the peer's reader. Here the peer writes after the close and still reads to a clean end.
+#[test]
+fn a_side_that_said_bye_does_not_reset_its_peers_late_data() {
+    let (_l, mut silent, primary) = primary_with_a_silent_backup(Duration::from_secs(60));
+    primary.close("dropped: it could not keep up");
+    assert!(!primary.is_alive());
+    // The peer, as if it resumed now: it writes (a frame the closed side never decrypts), more
+    // than once, a moment apart, then reads what is there.
+    for _ in 0..3 {
+        write_frame(&mut silent, &[0u8; 64]).unwrap();
+        thread::sleep(Duration::from_millis(100));
+    }
+    silent.set_read_timeout(Some(LONG)).unwrap();
+    let mut frames = 0;
+    loop {
+        match read_frame(&mut silent) {
+            Ok(_) => frames += 1,
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
+            Err(e) => panic!("after {frames} frames: {e} (the closed side reset the connection)"),
+        }
+    }
+    assert!(frames >= 1, "the Bye never arrived");
+}
