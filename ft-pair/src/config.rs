@@ -3,7 +3,7 @@
 
 use crate::api::{ApiFn, StatusFn};
 use crate::error::PairError;
-use crate::link::AckMode;
+use crate::link::{AckMode, BatchPolicy};
 use ft_core::disk::DiskMode;
 use ft_core::live::{Clock, NetQueue, SerialSource};
 use logging_channel::ChannelConfig;
@@ -60,6 +60,11 @@ pub struct PairConfig {
     /// dropped: the primary runs on, unprotected until a backup attaches. None keeps it however
     /// far behind.
     pub drop_lagging_after: Option<Duration>,
+    /// When the primary's log batches leave.
+    pub batch: BatchPolicy,
+    /// The backup acknowledges as soon as its replay has used up what arrived (else every
+    /// 20 ms, and at outputs).
+    pub prompt_acks: bool,
     /// Where the pair arbitrates (`file:PATH`, `etcd:...`), if anywhere.
     pub lock: Option<String>,
     /// Where the guest's disk is kept: one image both hosts reach, or a copy on each.

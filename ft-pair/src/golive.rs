@@ -91,6 +91,7 @@ pub(crate) fn build(p: StackParts<'_>) -> Result<Stack, PairError> {
     };
     let link = Link::new(header, p.cfg.ack, p.cfg.max_lag, p.epoch);
     link.drop_lagging_after(p.cfg.drop_lagging_after);
+    link.set_batch_policy(p.cfg.batch);
     // The live side's writers lead nowhere: outputs reach the world through the link, which
     // the recorder hands each one to with its record's number (the output rule).
     if let Some(rx) = p.net_rx {

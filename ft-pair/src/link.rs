@@ -55,13 +55,44 @@ pub enum AckMode {
 const OUTPUT_COALESCE: Duration = Duration::from_millis(2);
 /// Held serial bytes join into one output up to this length.
 const SERIAL_RUN: usize = 4096;
-/// A log batch without an output is sent once it is this large...
+/// A log batch without an output is sent once it is this large, or as [`BatchPolicy`] says.
 const BATCH_BYTES: usize = 64 << 10;
-/// ...or this old, at the next record or when the guest halts. Longer batches save channel
-/// bandwidth (an idle Linux guest halts ~100 times a second: a batch and an ack per halt was
-/// 0.17 Mbit/s, measured; batches are LZ4-compressed, which pays from a few hundred bytes on).
-/// Records not yet sent are not lag a takeover waits for: no output depends on them.
-const BATCH_AGE: Duration = Duration::from_millis(50);
+
+/// A guest that halts between short runs sends its batch once it ran this many `--batch-run`s.
+const IDLE_RUNS: u32 = 5;
+
+/// When a log batch without an output leaves the primary (`--batch-run`, `--batch-age`).
+///
+/// What the backup has not received it cannot replay: a batch held back is lag, and lag is what
+/// a switchover waits for and what a failover replays. But what costs the backup time to replay
+/// is the guest's *running*, not its halts (a halt replays at once): a batch leaves once the
+/// guest has run `run` without halting, so a busy guest's batches leave every few milliseconds,
+/// or [`IDLE_RUNS`] times that in short runs between halts, so that an idle guest's ticks (a
+/// short run and a halt, a hundred times a second; the short run is slow here, where guest
+/// kernel code is emulated) gather, up to `age`, into one frame, one acknowledgement and one
+/// better-compressed batch. Records not yet
+/// sent are not lag a takeover waits for: no output depends on them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BatchPolicy {
+    /// Send once the guest ran this long (wall time on the vCPU, halts not counted) since the
+    /// batch's first record.
+    pub run: Duration,
+    /// Send once the batch is this old, whatever the guest did.
+    pub age: Duration,
+}
+
+/// The default: by age alone, 50 ms (`run` as long). Short batches (`run` 2 ms, `age` 100 ms)
+/// changed neither the lag nor the switchover pause on the development hosts, where the backup's
+/// replay, not the log's batching, sets the lag, and cost a third more channel bandwidth
+/// (docs/PROTOCOL.md, "Batches"); they are there to measure on other hosts.
+impl Default for BatchPolicy {
+    fn default() -> Self {
+        BatchPolicy {
+            run: Duration::from_millis(50),
+            age: Duration::from_millis(50),
+        }
+    }
+}
 
 /// An output waiting for the rule.
 struct Held {
@@ -179,6 +210,8 @@ pub struct Link {
     behind_since: Mutex<Option<Instant>>,
     /// The vCPU thread found the backup behind for too long: why, for the manager to drop it.
     drop_request: Mutex<Option<String>>,
+    /// When log batches leave.
+    batch: Mutex<BatchPolicy>,
 }
 
 impl Link {
@@ -209,7 +242,17 @@ impl Link {
             drop_after_ns: AtomicU64::new(0),
             behind_since: Mutex::new(None),
             drop_request: Mutex::new(None),
+            batch: Mutex::new(BatchPolicy::default()),
         })
+    }
+
+    /// When log batches leave from now on (the sink reads it at the next attach).
+    pub fn set_batch_policy(&self, policy: BatchPolicy) {
+        *self.batch.lock().unwrap_or_else(|e| e.into_inner()) = policy;
+    }
+
+    fn batch_policy(&self) -> BatchPolicy {
+        *self.batch.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// A backup still past `--max-lag` at the end of every throttle for `after` is dropped
@@ -727,6 +770,13 @@ pub struct StreamSink {
     /// bound by one record's step at most.
     lag_ok_until: u64,
     bytes: u64,
+    policy: BatchPolicy,
+    /// How long the guest ran since the open batch's first record, and since its last halt in
+    /// the batch.
+    batch_run: (Duration, Duration),
+    /// The last record, and whether the guest halted at it (its time until the next record
+    /// was not running).
+    last_record: Option<(Instant, bool)>,
 }
 
 impl StreamSink {
@@ -742,7 +792,40 @@ impl StreamSink {
             vtime_ns: 0,
             lag_ok_until: 0,
             bytes: 0,
+            policy: BatchPolicy::default(),
+            batch_run: (Duration::ZERO, Duration::ZERO),
+            last_record: None,
         }
+    }
+
+    /// Counts the guest's running time up to this record, and notes whether it halts here.
+    fn track_run(&mut self, record: &Record) {
+        let now = Instant::now();
+        if let Some((at, halted)) = self.last_record {
+            if !halted && self.batch_started.is_some() {
+                let ran = now.saturating_duration_since(at);
+                self.batch_run.0 += ran;
+                self.batch_run.1 += ran;
+            }
+        }
+        let halts = matches!(record, Record::Exit { kind, .. } if *kind == ft_core::exit::ExitKind::Hlt as u8);
+        if halts {
+            self.batch_run.1 = Duration::ZERO;
+        }
+        self.last_record = Some((now, halts));
+    }
+
+    /// Whether the open batch (without an output that is due) should leave now: the guest ran
+    /// `run` without halting, or [`IDLE_RUNS`] times that between its halts (an idle guest's
+    /// ticks: each is a short run, and it is the guest's running the backup must replay), or
+    /// the batch is `age` old.
+    fn batch_due(&self, pending: usize) -> bool {
+        pending >= BATCH_BYTES
+            || self.batch_run.1 >= self.policy.run
+            || self.batch_run.0 >= self.policy.run * IDLE_RUNS
+            || self
+                .batch_started
+                .is_some_and(|t| t.elapsed() >= self.policy.age)
     }
 
     /// Notices an attach or a detach.
@@ -754,8 +837,10 @@ impl StreamSink {
         self.generation = g;
         self.batch = None;
         self.batch_started = None;
+        self.batch_run = (Duration::ZERO, Duration::ZERO);
         self.output_since = None;
         self.lag_ok_until = 0;
+        self.policy = self.link.batch_policy();
         self.conn = self.link.connection();
         if self.conn.is_some() {
             // A new stream: magic and header (frame 0) first.
@@ -782,6 +867,7 @@ impl StreamSink {
             .sent_vtime_ns
             .store(self.vtime_ns, Ordering::Relaxed);
         self.batch_started = None;
+        self.batch_run = (Duration::ZERO, Duration::ZERO);
         self.output_since = None;
         // Blocks while the backup's buffer is full: the vCPU stalls, nothing is dropped.
         match conn.send_log(
@@ -828,6 +914,7 @@ impl StreamSink {
     fn push(&mut self, record: &Record, output: bool) -> Result<u64, LogError> {
         self.follow_link()?;
         self.track_time(record);
+        self.track_run(record);
         self.link
             .stats
             .vtime_ns
@@ -855,10 +942,7 @@ impl StreamSink {
                     | Record::Base { .. }
                     | Record::End { .. }
             );
-        if urgent
-            || pending >= BATCH_BYTES
-            || self.batch_started.is_some_and(|t| t.elapsed() >= BATCH_AGE)
-        {
+        if urgent || self.batch_due(pending) {
             self.send_batch();
         }
         let sent = self.link.stats.sent_vtime_ns.load(Ordering::Relaxed);
@@ -885,7 +969,14 @@ impl RecordSink for StreamSink {
     }
 
     fn tick(&mut self) -> Result<(), LogError> {
-        if self.output_due() {
+        // A guest that runs on without exits: the time since the last record was running.
+        self.track_run(&Record::Clock { delta: 0 });
+        let open = self
+            .batch
+            .as_ref()
+            .filter(|b| !b.is_empty())
+            .map(|b| b.len());
+        if self.output_due() || open.is_some_and(|pending| self.batch_due(pending)) {
             self.send_batch();
         }
         Ok(())
@@ -894,11 +985,14 @@ impl RecordSink for StreamSink {
     fn flush(&mut self) -> Result<(), LogError> {
         // The guest is about to halt, or the VMM wants the log out (a switchover's drain): an
         // output waits for its batch; what is left otherwise only moves the backup along, and
-        // waits for the batch's age.
+        // waits for the batch's policy.
         self.follow_link()?;
-        if self.output_since.is_some()
-            || self.batch_started.is_some_and(|t| t.elapsed() >= BATCH_AGE)
-        {
+        let open = self
+            .batch
+            .as_ref()
+            .filter(|b| !b.is_empty())
+            .map(|b| b.len());
+        if self.output_since.is_some() || open.is_some_and(|pending| self.batch_due(pending)) {
             self.send_batch();
         }
         Ok(())

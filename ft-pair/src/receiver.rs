@@ -48,6 +48,8 @@ pub struct BackupLink {
     acked: Mutex<(u64, u64, u64)>,
     stop: AtomicBool,
     resync_requested: AtomicBool,
+    /// Acknowledge as soon as the replay has used up what arrived (`--prompt-acks`).
+    prompt_acks: AtomicBool,
 }
 
 impl BackupLink {
@@ -78,6 +80,7 @@ impl BackupLink {
             acked: Mutex::new((0, 0, 0)),
             stop: AtomicBool::new(false),
             resync_requested: AtomicBool::new(false),
+            prompt_acks: AtomicBool::new(false),
         });
         let rx = link.clone();
         let receiver = std::thread::Builder::new()
@@ -88,6 +91,14 @@ impl BackupLink {
             .name("log-ack".into())
             .spawn(move || ack.ack_loop())?;
         Ok((link, vec![receiver, acker]))
+    }
+
+    /// Whether the backup acknowledges as soon as its replay has used up what arrived, or only
+    /// every [`ACK_PERIOD`] and when the replay passes an output (`false`, the default: fewer
+    /// acknowledgements, and a primary that sees the backup's position up to [`ACK_PERIOD`]
+    /// late, which it counts as lag).
+    pub fn set_prompt_acks(&self, on: bool) {
+        self.prompt_acks.store(on, Ordering::Relaxed);
     }
 
     fn queue(&self) -> MutexGuard<'_, Queue> {
@@ -292,8 +303,9 @@ impl BackupLink {
     fn ack_loop(&self) {
         let mut seen = 0;
         while !self.stop.load(Ordering::Acquire) && self.ended().is_none() {
-            // Woken at once when the replay passes an output (verified output waits for that);
-            // otherwise every ACK_PERIOD, for the primary's lag and flow control.
+            // Woken at once when the replay passes an output (verified output waits for that)
+            // or, with prompt acks, has replayed all that arrived; otherwise every ACK_PERIOD,
+            // for the primary's lag and flow control.
             seen = self.progress.wait(seen, ACK_PERIOD);
             self.ack();
         }
@@ -327,6 +339,12 @@ impl Read for StreamReader {
                 }
                 if q.ended.is_some() {
                     return Ok(0);
+                }
+                if self.link.prompt_acks.load(Ordering::Relaxed) {
+                    // The replay waits for the next batch: everything before is replayed (but
+                    // the record it read last), and the primary counts the time until it
+                    // hears so as lag. One acknowledgement per batch at most.
+                    self.link.progress.notify();
                 }
                 q = self
                     .link

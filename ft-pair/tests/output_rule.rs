@@ -3,12 +3,13 @@
 //! the record that produced it, waits for the backup's acknowledgement of that record, and
 //! leaves once the backup holds the log up to it.
 
+use ft_core::exit::ExitKind;
 use ft_core::log::{Header, LogReader, Record, RecordSink, VERSION};
 use ft_core::output::{Output, OutputGate};
 use ft_core::replay::{KeptWrites, Progress};
-use ft_pair::link::{AckMode, Link, Releaser, StreamSink};
+use ft_pair::link::{AckMode, BatchPolicy, Link, Releaser, StreamSink};
 use ft_pair::receiver::BackupLink;
-use logging_channel::{connect, ChannelConfig, Connection, Listener, Psk};
+use logging_channel::{connect, ChannelConfig, Connection, Listener, Msg, Psk};
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -180,4 +181,97 @@ fn stopping_does_not_wait_forever_for_a_backup_that_never_acknowledges() {
         b"",
         "an output left without its acknowledgement"
     );
+}
+
+/// The records of one batch `end` received, or None when no batch came within `limit` (the
+/// channel's own heartbeats are not messages).
+fn next_batch(end: &Connection, limit: Duration) -> Option<u32> {
+    match end.recv_timeout(limit).unwrap() {
+        Some(Msg::Log { frames, .. }) => Some(frames),
+        Some(other) => panic!("expected a log batch, got {other:?}"),
+        None => None,
+    }
+}
+
+fn exit(kind: ExitKind) -> Record {
+    Record::Exit {
+        kind: kind as u8,
+        addr: 0x21,
+        data: 0,
+        len: 1,
+        rip_delta: 0,
+    }
+}
+
+/// A log batch without an output leaves once the guest has *run* `--batch-run` without halting,
+/// or five times that in short runs between halts: halts do not count (a halt replays at once),
+/// so an idle guest's ticks gather until `--batch-age`, a guest busy in short bursts sends
+/// every few bursts, and a running guest's records leave as soon as it ran `--batch-run`.
+#[test]
+fn a_batch_leaves_once_the_guest_ran_long_enough_and_an_idle_guests_at_its_age() {
+    let (link, _releaser, mut sink, _serial) = primary(Duration::from_secs(60));
+    link.set_batch_policy(BatchPolicy {
+        run: Duration::from_millis(100),
+        age: Duration::from_secs(2),
+    });
+    let backup_end = attach_backup(&link, &mut sink);
+    assert_eq!(
+        next_batch(&backup_end, Duration::from_secs(10)),
+        Some(2),
+        "the header and the base leave at once"
+    );
+
+    // Idle: five ticks, each a halt of 40 ms, an interrupt and a port access.
+    for _ in 0..5 {
+        sink.record(&exit(ExitKind::Hlt)).unwrap();
+        std::thread::sleep(Duration::from_millis(40));
+        sink.record(&Record::Interrupt { vector: 0x30 }).unwrap();
+        sink.record(&exit(ExitKind::PioOut)).unwrap();
+    }
+    assert_eq!(
+        next_batch(&backup_end, Duration::from_millis(50)),
+        None,
+        "200 ms of halts sent a batch: halted time counted as running"
+    );
+
+    // Bursts: 20 ms of running, then a halt of 5 ms; the batch leaves after 500 ms of them.
+    let mut bursts = 0;
+    let frames = loop {
+        sink.record(&exit(ExitKind::PioOut)).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        sink.record(&exit(ExitKind::Hlt)).unwrap();
+        bursts += 1;
+        if let Some(frames) = next_batch(&backup_end, Duration::from_millis(5)) {
+            break frames;
+        }
+        sink.record(&Record::Interrupt { vector: 0x30 }).unwrap();
+        assert!(
+            bursts < 60,
+            "a guest running in bursts never sent its batch"
+        );
+    };
+    assert!(
+        bursts >= 10,
+        "sent after {bursts} bursts of 20 ms: a halt did not end the run"
+    );
+    assert_eq!(frames, 15 + 3 * bursts - 1);
+
+    // Busy: port accesses 25 ms apart, the guest running in between.
+    let mut busy = 0;
+    let frames = loop {
+        sink.record(&exit(ExitKind::PioOut)).unwrap();
+        busy += 1;
+        if let Some(frames) = next_batch(&backup_end, Duration::from_millis(25)) {
+            break frames;
+        }
+        assert!(busy < 100, "a running guest's batch never left");
+    };
+    assert!(busy >= 2, "sent after {busy} records 25 ms apart");
+    assert_eq!(frames, busy);
+
+    // Idle past the batch's age: what waited leaves with the next record.
+    sink.record(&exit(ExitKind::Hlt)).unwrap();
+    std::thread::sleep(Duration::from_millis(2100));
+    sink.record(&Record::Interrupt { vector: 0x30 }).unwrap();
+    assert_eq!(next_batch(&backup_end, Duration::from_secs(10)), Some(2));
 }

@@ -312,6 +312,22 @@ pub(crate) struct Args {
     /// unprotected until a backup attaches. 0 never drops one.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub(crate) drop_lagging_after: Duration,
+    /// Primary: send a log batch without an output once the guest has run this long without
+    /// halting, or five times this in short runs between halts (an idle guest's ticks): how
+    /// much replay the backup can be short of for want of the log. The default, with
+    /// `--batch-age 50ms`, sends by age alone; `--batch-run 2ms --batch-age 100ms` sends a busy
+    /// guest's log every few milliseconds (docs/PROTOCOL.md, "Batches", for what it measured).
+    #[arg(long, default_value = "50ms", value_parser = parse_duration)]
+    pub(crate) batch_run: Duration,
+    /// Primary: ... or once it is this old, whatever the guest did (an idle guest's ticks and
+    /// halts gather into one frame, one acknowledgement).
+    #[arg(long, default_value = "50ms", value_parser = parse_duration)]
+    pub(crate) batch_age: Duration,
+    /// Backup: acknowledge as soon as the replay has used up what arrived (on), or only every
+    /// 20 ms and when the replay passes an output (off: fewer acknowledgements, and a primary
+    /// that sees the backup's position up to 20 ms late).
+    #[arg(long, default_value = "off")]
+    pub(crate) prompt_acks: OnOff,
     /// Primary: output leaves once the backup has `received` its log record (the VMware FT
     /// rule), or has `executed` it and produced the same output (verified output).
     #[arg(long, value_enum, default_value = "received")]

@@ -229,6 +229,11 @@ fn pair_config(args: &Args) -> Result<PairConfig, Failure> {
         },
         max_lag: args.max_lag,
         drop_lagging_after: (!args.drop_lagging_after.is_zero()).then_some(args.drop_lagging_after),
+        batch: ft_pair::link::BatchPolicy {
+            run: args.batch_run,
+            age: args.batch_age,
+        },
+        prompt_acks: args.prompt_acks == crate::cli::OnOff::On,
         lock: args.lock.clone(),
         disk: args.disk_mode,
     })
