@@ -211,8 +211,8 @@ fn exit(kind: ExitKind) -> Record {
 fn a_batch_leaves_once_the_guest_ran_long_enough_and_an_idle_guests_at_its_age() {
     let (link, _releaser, mut sink, _serial) = primary(Duration::from_secs(60));
     link.set_batch_policy(BatchPolicy {
-        run: Duration::from_millis(100),
-        age: Duration::from_secs(2),
+        run: Duration::from_millis(200),
+        age: Duration::from_secs(5),
     });
     let backup_end = attach_backup(&link, &mut sink);
     assert_eq!(
@@ -234,7 +234,8 @@ fn a_batch_leaves_once_the_guest_ran_long_enough_and_an_idle_guests_at_its_age()
         "200 ms of halts sent a batch: halted time counted as running"
     );
 
-    // Bursts: 20 ms of running, then a halt of 5 ms; the batch leaves after 500 ms of them.
+    // Bursts: 20 ms of running, then a halt of 5 ms; the batch leaves after 1 s of them (five
+    // runs' worth), long before its age.
     let mut bursts = 0;
     let frames = loop {
         sink.record(&exit(ExitKind::PioOut)).unwrap();
@@ -246,12 +247,12 @@ fn a_batch_leaves_once_the_guest_ran_long_enough_and_an_idle_guests_at_its_age()
         }
         sink.record(&Record::Interrupt { vector: 0x30 }).unwrap();
         assert!(
-            bursts < 60,
+            bursts < 120,
             "a guest running in bursts never sent its batch"
         );
     };
     assert!(
-        bursts >= 10,
+        bursts >= 15,
         "sent after {bursts} bursts of 20 ms: a halt did not end the run"
     );
     assert_eq!(frames, 15 + 3 * bursts - 1);
@@ -271,7 +272,7 @@ fn a_batch_leaves_once_the_guest_ran_long_enough_and_an_idle_guests_at_its_age()
 
     // Idle past the batch's age: what waited leaves with the next record.
     sink.record(&exit(ExitKind::Hlt)).unwrap();
-    std::thread::sleep(Duration::from_millis(2100));
+    std::thread::sleep(Duration::from_millis(5100));
     sink.record(&Record::Interrupt { vector: 0x30 }).unwrap();
     assert_eq!(next_batch(&backup_end, Duration::from_secs(10)), Some(2));
 }
