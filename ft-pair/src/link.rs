@@ -70,8 +70,8 @@ const IDLE_RUNS: u32 = 5;
 /// or [`IDLE_RUNS`] times that in short runs between halts, so that an idle guest's ticks (a
 /// short run and a halt, a hundred times a second; the short run is slow here, where guest
 /// kernel code is emulated) gather, up to `age`, into one frame, one acknowledgement and one
-/// better-compressed batch. Records not yet
-/// sent are not lag a takeover waits for: no output depends on them.
+/// better-compressed batch. Records not yet sent are not lag a takeover waits for: no output
+/// depends on them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BatchPolicy {
     /// Send once the guest ran this long (wall time on the vCPU, halts not counted) since the
@@ -771,9 +771,10 @@ pub struct StreamSink {
     lag_ok_until: u64,
     bytes: u64,
     policy: BatchPolicy,
-    /// How long the guest ran since the open batch's first record, and since its last halt in
-    /// the batch.
-    batch_run: (Duration, Duration),
+    /// How long the guest ran since the open batch's first record.
+    ran: Duration,
+    /// How long it ran since its last halt in the open batch.
+    ran_since_halt: Duration,
     /// The last record, and whether the guest halted at it (its time until the next record
     /// was not running).
     last_record: Option<(Instant, bool)>,
@@ -793,24 +794,25 @@ impl StreamSink {
             lag_ok_until: 0,
             bytes: 0,
             policy: BatchPolicy::default(),
-            batch_run: (Duration::ZERO, Duration::ZERO),
+            ran: Duration::ZERO,
+            ran_since_halt: Duration::ZERO,
             last_record: None,
         }
     }
 
-    /// Counts the guest's running time up to this record, and notes whether it halts here.
-    fn track_run(&mut self, record: &Record) {
+    /// Counts the guest's running time up to now (a record, or a kick), and notes whether it
+    /// halts here.
+    fn track_run(&mut self, halts: bool) {
         let now = Instant::now();
         if let Some((at, halted)) = self.last_record {
             if !halted && self.batch_started.is_some() {
                 let ran = now.saturating_duration_since(at);
-                self.batch_run.0 += ran;
-                self.batch_run.1 += ran;
+                self.ran += ran;
+                self.ran_since_halt += ran;
             }
         }
-        let halts = matches!(record, Record::Exit { kind, .. } if *kind == ft_core::exit::ExitKind::Hlt as u8);
         if halts {
-            self.batch_run.1 = Duration::ZERO;
+            self.ran_since_halt = Duration::ZERO;
         }
         self.last_record = Some((now, halts));
     }
@@ -821,11 +823,18 @@ impl StreamSink {
     /// the batch is `age` old.
     fn batch_due(&self, pending: usize) -> bool {
         pending >= BATCH_BYTES
-            || self.batch_run.1 >= self.policy.run
-            || self.batch_run.0 >= self.policy.run * IDLE_RUNS
+            || self.ran_since_halt >= self.policy.run
+            || self.ran >= self.policy.run * IDLE_RUNS
             || self
                 .batch_started
                 .is_some_and(|t| t.elapsed() >= self.policy.age)
+    }
+
+    /// Whether a batch is open with a record in it and [`StreamSink::batch_due`] says it leaves.
+    fn open_batch_due(&self) -> bool {
+        self.batch
+            .as_ref()
+            .is_some_and(|b| !b.is_empty() && self.batch_due(b.len()))
     }
 
     /// Notices an attach or a detach.
@@ -837,7 +846,8 @@ impl StreamSink {
         self.generation = g;
         self.batch = None;
         self.batch_started = None;
-        self.batch_run = (Duration::ZERO, Duration::ZERO);
+        self.ran = Duration::ZERO;
+        self.ran_since_halt = Duration::ZERO;
         self.output_since = None;
         self.lag_ok_until = 0;
         self.policy = self.link.batch_policy();
@@ -867,7 +877,8 @@ impl StreamSink {
             .sent_vtime_ns
             .store(self.vtime_ns, Ordering::Relaxed);
         self.batch_started = None;
-        self.batch_run = (Duration::ZERO, Duration::ZERO);
+        self.ran = Duration::ZERO;
+        self.ran_since_halt = Duration::ZERO;
         self.output_since = None;
         // Blocks while the backup's buffer is full: the vCPU stalls, nothing is dropped.
         match conn.send_log(
@@ -914,7 +925,10 @@ impl StreamSink {
     fn push(&mut self, record: &Record, output: bool) -> Result<u64, LogError> {
         self.follow_link()?;
         self.track_time(record);
-        self.track_run(record);
+        self.track_run(matches!(
+            record,
+            Record::Exit { kind, .. } if *kind == ft_core::exit::ExitKind::Hlt as u8
+        ));
         self.link
             .stats
             .vtime_ns
@@ -970,13 +984,8 @@ impl RecordSink for StreamSink {
 
     fn tick(&mut self) -> Result<(), LogError> {
         // A guest that runs on without exits: the time since the last record was running.
-        self.track_run(&Record::Clock { delta: 0 });
-        let open = self
-            .batch
-            .as_ref()
-            .filter(|b| !b.is_empty())
-            .map(|b| b.len());
-        if self.output_due() || open.is_some_and(|pending| self.batch_due(pending)) {
+        self.track_run(false);
+        if self.output_due() || self.open_batch_due() {
             self.send_batch();
         }
         Ok(())
@@ -987,12 +996,7 @@ impl RecordSink for StreamSink {
         // output waits for its batch; what is left otherwise only moves the backup along, and
         // waits for the batch's policy.
         self.follow_link()?;
-        let open = self
-            .batch
-            .as_ref()
-            .filter(|b| !b.is_empty())
-            .map(|b| b.len());
-        if self.output_since.is_some() || open.is_some_and(|pending| self.batch_due(pending)) {
+        if self.output_since.is_some() || self.open_batch_due() {
             self.send_batch();
         }
         Ok(())
