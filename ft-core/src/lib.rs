@@ -18,6 +18,7 @@ pub mod output;
 pub mod record;
 pub mod replay;
 pub mod takeover;
+pub mod wire;
 
 pub use boundary::{Boundary, BoundaryError, Input, OutputKind, Point, RunEnd, WaitRequest};
 pub use exit::{ExitDigest, ExitKind, SyncExit};

@@ -104,9 +104,9 @@ pub enum InputRec {
     /// Virtual time moved forward by this many nanoseconds.
     TimeDelta(u64),
     /// Serial bytes received.
-    Serial(Vec<u8>),
+    Serial(#[serde(with = "serde_bytes")] Vec<u8>),
     /// An Ethernet frame received by the NIC.
-    Net(Vec<u8>),
+    Net(#[serde(with = "serde_bytes")] Vec<u8>),
 }
 
 /// One record of the log.
@@ -162,6 +162,7 @@ pub enum Record {
     /// log: the VMM's snapshot encoding).
     Checkpoint {
         /// The snapshot.
+        #[serde(with = "serde_bytes")]
         data: Vec<u8>,
     },
     /// The end of a recording: the recorder's exit count and digest.
@@ -177,6 +178,7 @@ pub enum Record {
         /// Byte offset on the disk.
         offset: u64,
         /// The data, LZ4 block format with its uncompressed size first (u32 little-endian).
+        #[serde(with = "serde_bytes")]
         data: Vec<u8>,
     },
     /// The guest wrote `len` bytes at `offset`, with this CRC32C: an output.
@@ -210,6 +212,7 @@ pub enum Record {
         /// Synchronous exits so far.
         exits: u64,
         /// The full snapshot (the VMM's encoding).
+        #[serde(with = "serde_bytes")]
         data: Vec<u8>,
     },
     /// The guest's disk read `len` bytes at `offset` of a mirrored disk
@@ -231,6 +234,7 @@ pub enum Record {
         /// The verification's number.
         id: u64,
         /// The block digests, 16 bytes each, in block order.
+        #[serde(with = "serde_bytes")]
         digests: Vec<u8>,
     },
 }

@@ -39,7 +39,7 @@ pub enum Msg {
         reason: String,
     },
     /// Opaque state-transfer payload (RAM pages, final state), primary -> backup.
-    Transfer(Vec<u8>),
+    Transfer(#[serde(with = "serde_bytes")] Vec<u8>),
     /// Event-log frames `first_seq .. first_seq + frames`, primary -> backup.
     Log {
         /// Sequence number of the first frame in `bytes`.
@@ -51,6 +51,7 @@ pub enum Msg {
         carries_output: bool,
         /// The frames, opaque to the channel (ft-pair sends them LZ4-compressed); their size
         /// counts against the flow-control buffer until acknowledged.
+        #[serde(with = "serde_bytes")]
         bytes: Vec<u8>,
     },
     /// Backup -> primary, cumulative: the backup holds every frame with seq < `received`, has

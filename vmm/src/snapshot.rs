@@ -334,6 +334,7 @@ pub struct Pages {
     /// RAM size of the machine they belong to.
     pub ram_bytes: u64,
     /// The pages.
+    #[serde(with = "ft_core::wire::numbered_bytes")]
     pub pages: Vec<(u64, Vec<u8>)>,
 }
 
@@ -601,6 +602,7 @@ pub struct Snapshot {
     /// How each of `pages` is encoded against the [`PageCache`], one code per page, in a
     /// checkpoint; `None` in a base both sides start their caches from, empty (a full
     /// snapshot, a snapshot file, the final state of an attach): its pages are raw.
+    #[serde(with = "serde_bytes")]
     pub delta: Option<Vec<u8>>,
 }
 

@@ -32,12 +32,14 @@ pub enum TransferMsg {
         /// The round.
         round: u32,
         /// The pages.
+        #[serde(with = "ft_core::wire::numbered_bytes")]
         pages: Vec<(u64, Vec<u8>)>,
     },
     /// The end of the transfer: an encoded incremental snapshot (the last pages, vCPU, devices,
     /// clock, exit digest), taken while the primary was paused.
     Final {
         /// `Snapshot::encode` of it.
+        #[serde(with = "serde_bytes")]
         snapshot: Vec<u8>,
         /// The pair's epoch in the lock (0 without one): what the backup races from if the
         /// primary is lost.
@@ -50,6 +52,7 @@ pub enum TransferMsg {
         /// The round.
         round: u32,
         /// The blocks.
+        #[serde(with = "ft_core::wire::numbered_bytes")]
         blocks: Vec<(u64, Vec<u8>)>,
     },
     /// Backup -> primary, first after the welcome when the disk is mirrored: a digest of each
