@@ -4,6 +4,7 @@
 
 use crate::status::Status;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 /// What builds the status document.
 pub type StatusFn = Arc<dyn Fn() -> Status + Send + Sync>;
@@ -27,6 +28,31 @@ impl Then {
     }
 }
 
+/// A planned switchover as asked for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SwitchoverPlan {
+    /// What the old primary does once the backup is live.
+    pub then: Then,
+    /// Before it pauses the guest, the primary runs it at half speed until the backup has
+    /// replayed everything sent more than this before (for at most
+    /// [`crate::primary::CONVERGE_LIMIT`]): the pause then waits for that little replay, not
+    /// for the whole lag. Zero: pause at once.
+    pub converge: Duration,
+}
+
+impl SwitchoverPlan {
+    /// How close the backup comes before the pause unless asked otherwise.
+    pub const DEFAULT_CONVERGE: Duration = Duration::from_millis(3);
+
+    /// `then`, converging to the default bound.
+    pub fn then(then: Then) -> SwitchoverPlan {
+        SwitchoverPlan {
+            then,
+            converge: Self::DEFAULT_CONVERGE,
+        }
+    }
+}
+
 /// One request on the API socket.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Request {
@@ -35,7 +61,7 @@ pub enum Request {
     /// Stop the guest cleanly.
     Stop,
     /// Hand the guest over to the backup, then stop or become its backup.
-    Switchover(Then),
+    Switchover(SwitchoverPlan),
     /// Compare the two copies of a mirrored disk at one log position.
     VerifyDisk,
     /// Attach to the guest's console: the socket carries its serial line from then on
@@ -49,7 +75,11 @@ impl Request {
         match self {
             Request::Status => "status".into(),
             Request::Stop => "stop".into(),
-            Request::Switchover(then) => format!("switchover {}", then.as_str()),
+            Request::Switchover(plan) => format!(
+                "switchover {} converge-us={}",
+                plan.then.as_str(),
+                plan.converge.as_micros()
+            ),
             Request::VerifyDisk => "verify-disk".into(),
             Request::Console => "console".into(),
         }
@@ -61,8 +91,9 @@ impl Request {
         match words.as_slice() {
             ["status"] => Ok(Request::Status),
             ["stop"] => Ok(Request::Stop),
-            ["switchover"] | ["switchover", "stop"] => Ok(Request::Switchover(Then::Stop)),
-            ["switchover", "backup"] => Ok(Request::Switchover(Then::Backup)),
+            ["switchover", rest @ ..] => switchover(rest)
+                .map(Request::Switchover)
+                .ok_or_else(|| UnknownRequest(line.trim().to_string())),
             ["verify-disk"] => Ok(Request::VerifyDisk),
             ["console"] => Ok(Request::Console),
             _ => Err(UnknownRequest(line.trim().to_string())),
@@ -70,11 +101,32 @@ impl Request {
     }
 }
 
-/// unknown request `{0}`: try `status`, `stop`, `switchover stop|backup`, `verify-disk` or
-/// `console`
+/// `switchover [stop|backup] [converge-us=N]`'s words after the first.
+fn switchover(words: &[&str]) -> Option<SwitchoverPlan> {
+    let mut plan = SwitchoverPlan::then(Then::Stop);
+    let mut words = words.iter().peekable();
+    match words.peek() {
+        Some(&&"stop") => {
+            words.next();
+        }
+        Some(&&"backup") => {
+            plan.then = Then::Backup;
+            words.next();
+        }
+        _ => {}
+    }
+    if let Some(w) = words.next() {
+        let us: u64 = w.strip_prefix("converge-us=")?.parse().ok()?;
+        plan.converge = Duration::from_micros(us);
+    }
+    words.next().is_none().then_some(plan)
+}
+
+/// unknown request `{0}`: try `status`, `stop`, `switchover [stop|backup] [converge-us=N]`,
+/// `verify-disk` or `console`
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "unknown request `{0}`: try `status`, `stop`, `switchover stop|backup`, `verify-disk` or `console`"
+    "unknown request `{0}`: try `status`, `stop`, `switchover [stop|backup] [converge-us=N]`, `verify-disk` or `console`"
 )]
 pub struct UnknownRequest(pub String);
 
@@ -134,22 +186,36 @@ mod tests {
         assert_eq!(Request::parse(" stop "), Ok(Request::Stop));
         assert_eq!(
             Request::parse("switchover"),
-            Ok(Request::Switchover(Then::Stop))
+            Ok(Request::Switchover(SwitchoverPlan::then(Then::Stop)))
         );
         assert_eq!(
             Request::parse("switchover backup"),
-            Ok(Request::Switchover(Then::Backup))
+            Ok(Request::Switchover(SwitchoverPlan::then(Then::Backup)))
+        );
+        assert_eq!(
+            Request::parse("switchover converge-us=0"),
+            Ok(Request::Switchover(SwitchoverPlan {
+                then: Then::Stop,
+                converge: Duration::ZERO
+            }))
         );
         for r in [
             Request::Status,
             Request::Stop,
-            Request::Switchover(Then::Backup),
+            Request::Switchover(SwitchoverPlan::then(Then::Backup)),
+            Request::Switchover(SwitchoverPlan {
+                then: Then::Stop,
+                converge: Duration::from_micros(1500),
+            }),
             Request::VerifyDisk,
             Request::Console,
         ] {
             assert_eq!(Request::parse(&r.line()), Ok(r));
         }
         assert!(Request::parse("switchover sideways").is_err());
+        assert!(Request::parse("switchover backup converge-us=x").is_err());
+        assert!(Request::parse("switchover backup converge-us=1 more").is_err());
+        assert!(Request::parse("switchover converge=1").is_err());
         assert!(Request::parse("").is_err());
         assert!(Request::parse("GET / HTTP/1.1").is_err());
     }

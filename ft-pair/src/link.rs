@@ -212,7 +212,18 @@ pub struct Link {
     drop_request: Mutex<Option<String>>,
     /// When log batches leave.
     batch: Mutex<BatchPolicy>,
+    /// While a switchover converges: the guest runs at half speed and every record leaves at
+    /// once ([`Link::converge`]).
+    converging: AtomicBool,
+    /// While it converges: when each batch left, as (the seq after its last frame, then); the
+    /// first entry, without a time, covers every frame made before it began.
+    sent_at: Mutex<VecDeque<(u64, Option<Instant>)>>,
 }
+
+/// How long the guest runs between holds while a switchover converges; each hold lasts as
+/// long as the run before it, so the backup's replay (as fast as the recording here) gains
+/// half of every run.
+const CONVERGE_RUN: Duration = Duration::from_millis(2);
 
 impl Link {
     /// A link whose streams start with `header`. With `epoch`, this side holds the lock at
@@ -243,6 +254,8 @@ impl Link {
             behind_since: Mutex::new(None),
             drop_request: Mutex::new(None),
             batch: Mutex::new(BatchPolicy::default()),
+            converging: AtomicBool::new(false),
+            sent_at: Mutex::new(VecDeque::new()),
         })
     }
 
@@ -253,6 +266,60 @@ impl Link {
 
     fn batch_policy(&self) -> BatchPolicy {
         *self.batch.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A switchover converging (`true`) before its pause, or done with it: while it converges
+    /// every record leaves at once and the guest runs at half speed ([`CONVERGE_RUN`]), so
+    /// that the backup's replay catches up with it ([`Link::replayed_all_sent_before`]); what
+    /// the backup has not replayed when the guest pauses is what the pause waits for.
+    pub fn converge(&self, on: bool) {
+        let mut sent = self.sent_at.lock().unwrap_or_else(|e| e.into_inner());
+        sent.clear();
+        if on {
+            // Frames made before: however recently they leave, they count as old (a batch
+            // made at its leisure holds up to its age of the guest's running).
+            sent.push_back((self.stats.sent_seq.load(Ordering::Acquire), None));
+        }
+        self.converging.store(on, Ordering::Release);
+    }
+
+    /// How far the backup's replay is behind what was sent to it, in virtual time, as its last
+    /// acknowledgement tells (0 before it acknowledged a replayed frame).
+    pub fn lag_ns(&self, conn: &Connection) -> u64 {
+        let (_, executed, backup_vtime) = conn.acked();
+        if executed == 0 {
+            return 0;
+        }
+        self.stats
+            .sent_vtime_ns
+            .load(Ordering::Relaxed)
+            .saturating_sub(backup_vtime)
+    }
+
+    fn note_sent(&self, next_seq: u64) {
+        let mut sent = self.sent_at.lock().unwrap_or_else(|e| e.into_inner());
+        if sent.len() >= 1 << 16 {
+            // The oldest timed entry goes; the untimed first one stays.
+            sent.remove(1);
+        }
+        sent.push_back((next_seq, Some(Instant::now())));
+    }
+
+    /// While converging: whether a backup that acknowledged replaying every frame before
+    /// `executed` had replayed everything sent before `before` (or everything sent but the
+    /// last frame, which a replay may wait at until the next one comes).
+    pub fn replayed_all_sent_before(&self, executed: u64, before: Instant) -> bool {
+        let sent = self.sent_at.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(&(last, _)) = sent.back() else {
+            return false;
+        };
+        if executed + 1 >= last {
+            return true;
+        }
+        // The batch holding frame `executed`, the first one not replayed.
+        sent.iter()
+            .find(|(end, _)| *end > executed)
+            .is_some_and(|(_, at)| at.is_some_and(|at| at >= before))
     }
 
     /// A backup still past `--max-lag` at the end of every throttle for `after` is dropped
@@ -778,6 +845,8 @@ pub struct StreamSink {
     /// The last record, and whether the guest halted at it (its time until the next record
     /// was not running).
     last_record: Option<(Instant, bool)>,
+    /// How long the guest ran since the last hold of a converging switchover.
+    run_since_hold: Duration,
 }
 
 impl StreamSink {
@@ -797,6 +866,7 @@ impl StreamSink {
             ran: Duration::ZERO,
             ran_since_halt: Duration::ZERO,
             last_record: None,
+            run_since_hold: Duration::ZERO,
         }
     }
 
@@ -805,10 +875,13 @@ impl StreamSink {
     fn track_run(&mut self, halts: bool) {
         let now = Instant::now();
         if let Some((at, halted)) = self.last_record {
-            if !halted && self.batch_started.is_some() {
+            if !halted {
                 let ran = now.saturating_duration_since(at);
-                self.ran += ran;
-                self.ran_since_halt += ran;
+                self.run_since_hold += ran;
+                if self.batch_started.is_some() {
+                    self.ran += ran;
+                    self.ran_since_halt += ran;
+                }
             }
         }
         if halts {
@@ -860,6 +933,20 @@ impl StreamSink {
         Ok(())
     }
 
+    /// A switchover converging: once the guest ran [`CONVERGE_RUN`] since the last hold, holds
+    /// it as long (half speed: the backup's replay gains what the guest would have run).
+    fn converge_hold(&mut self) {
+        if self.run_since_hold < CONVERGE_RUN {
+            return;
+        }
+        std::thread::sleep(self.run_since_hold.min(CONVERGE_RUN * 4));
+        self.run_since_hold = Duration::ZERO;
+        // The hold was not running.
+        if let Some((_, halted)) = self.last_record {
+            self.last_record = Some((Instant::now(), halted));
+        }
+    }
+
     /// Whether the batch's first output has waited [`OUTPUT_COALESCE`] for company.
     fn output_due(&self) -> bool {
         self.output_since
@@ -872,6 +959,7 @@ impl StreamSink {
         };
         let Some(batch) = writer.take() else { return };
         let len = batch.packed.len() as u64;
+        let next_seq = batch.first_seq + u64::from(batch.frames);
         self.link
             .stats
             .sent_vtime_ns
@@ -889,6 +977,9 @@ impl StreamSink {
         ) {
             Ok(()) => {
                 self.link.stats.log_bytes.fetch_add(len, Ordering::Relaxed);
+                if self.link.converging.load(Ordering::Relaxed) {
+                    self.link.note_sent(next_seq);
+                }
             }
             Err(e) => {
                 self.conn = None;
@@ -956,8 +1047,12 @@ impl StreamSink {
                     | Record::Base { .. }
                     | Record::End { .. }
             );
-        if urgent || self.batch_due(pending) {
+        let converging = self.link.converging.load(Ordering::Relaxed);
+        if urgent || converging || self.batch_due(pending) {
             self.send_batch();
+        }
+        if converging {
+            self.converge_hold();
         }
         let sent = self.link.stats.sent_vtime_ns.load(Ordering::Relaxed);
         if self.conn.is_some() && sent > self.lag_ok_until {
@@ -985,8 +1080,12 @@ impl RecordSink for StreamSink {
     fn tick(&mut self) -> Result<(), LogError> {
         // A guest that runs on without exits: the time since the last record was running.
         self.track_run(false);
-        if self.output_due() || self.open_batch_due() {
+        let converging = self.link.converging.load(Ordering::Relaxed);
+        if self.output_due() || self.open_batch_due() || converging {
             self.send_batch();
+        }
+        if converging {
+            self.converge_hold();
         }
         Ok(())
     }

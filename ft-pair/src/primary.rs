@@ -6,7 +6,7 @@
 //! transfer, resyncs and switchovers, through the vCPU control path), the output releaser, the
 //! network runtime of the logging channel, the API socket.
 
-use crate::api::{refusal, ApiFn, Request, StatusFn, Then};
+use crate::api::{refusal, ApiFn, Request, StatusFn, SwitchoverPlan, Then};
 use crate::arbitrate;
 use crate::attach::{AttachReport, VCPU_ANSWER};
 use crate::config::{Host, PrimaryConfig};
@@ -94,7 +94,7 @@ impl Ending {
 /// A request for the pair manager, from the API socket.
 enum Command {
     Stop(mpsc::Sender<serde_json::Value>),
-    Switchover(Then, mpsc::Sender<serde_json::Value>),
+    Switchover(SwitchoverPlan, mpsc::Sender<serde_json::Value>),
     VerifyDisk(mpsc::Sender<serde_json::Value>),
 }
 
@@ -344,9 +344,10 @@ impl Services {
             let (cmd, limit) = match req {
                 Request::Status => return status().to_json(),
                 Request::Stop => (Command::Stop(reply), Duration::from_secs(30)),
-                Request::Switchover(then) => {
-                    (Command::Switchover(then, reply), SWITCHOVER_LIMIT * 3)
-                }
+                Request::Switchover(plan) => (
+                    Command::Switchover(plan, reply),
+                    SWITCHOVER_LIMIT * 3 + CONVERGE_LIMIT,
+                ),
                 Request::VerifyDisk => (
                     Command::VerifyDisk(reply),
                     VERIFY_LIMIT + Duration::from_secs(60),
@@ -671,8 +672,8 @@ impl Manager {
                 };
                 let _ = reply.send(answer);
             }
-            Command::Switchover(then, reply) => {
-                let answer = match self.switchover(then) {
+            Command::Switchover(plan, reply) => {
+                let answer = match self.switchover(plan) {
                     Ok(done) => {
                         self.pair.switchovers.fetch_add(1, Ordering::Relaxed);
                         if let Ok(mut l) = self.pair.last_switchover.lock() {
@@ -856,7 +857,8 @@ impl Manager {
     /// hand the stream's end to the backup, which takes the lock and goes live there; then
     /// this side's guest stops for good. If the backup does not confirm, the lock decides
     /// which side runs, as when a backup is lost.
-    fn switchover(&self, then: Then) -> Result<SwitchoverReport, SwitchoverError> {
+    fn switchover(&self, plan: SwitchoverPlan) -> Result<SwitchoverReport, SwitchoverError> {
+        let then = plan.then;
         let conn = match (self.link.mode(), self.link.connection()) {
             (Mode::Protected, Some(c)) => c,
             (mode, _) => {
@@ -866,9 +868,18 @@ impl Manager {
             }
         };
         let peer = conn.peer_addr();
+        let converged = self.converge(&conn, plan.converge);
         let start = Instant::now();
-        tracing::warn!("switchover to {peer}: pausing the guest and draining the log");
-        self.ask(VcpuEvent::Pause)?;
+        tracing::warn!(
+            "switchover to {peer}: pausing the guest ({}after {:.0} ms converging, {:.1} ms of virtual time behind) and draining the log",
+            if converged.reached { "" } else { "not converged " },
+            converged.ms,
+            converged.lag_ms,
+        );
+        let paused = self.ask(VcpuEvent::Pause);
+        // Paused (or not to be), the guest runs at full speed again when it runs.
+        self.link.converge(false);
+        paused?;
         let drained = self.drain(&conn);
         let drain_ms = start.elapsed().as_secs_f64() * 1e3;
         if let Err(e) = drained {
@@ -920,6 +931,9 @@ impl Manager {
                     epoch,
                     drain_ms,
                     pause_ms: total_ms,
+                    converge_ms: converged.ms,
+                    converged: converged.reached,
+                    lag_at_pause_ms: converged.lag_ms,
                 })
             }
             Err(e) => {
@@ -939,6 +953,46 @@ impl Manager {
                 self.ask(VcpuEvent::Resume)?;
                 Err(SwitchoverError::RunsOn { why })
             }
+        }
+    }
+
+    /// Before a switchover's pause: runs the guest at half speed, every record sent at once,
+    /// until an acknowledgement shows the backup had replayed everything sent more than
+    /// `within` before it, or [`CONVERGE_LIMIT`] passed (the pause then waits for the rest), or
+    /// the backup is gone (the drain says so). The caller ends it ([`Link::converge`]) once the
+    /// guest is paused.
+    fn converge(&self, conn: &Connection, within: Duration) -> Converged {
+        let start = Instant::now();
+        let lag = |link: &Link| link.lag_ns(conn) as f64 / 1e6;
+        if within.is_zero() {
+            return Converged {
+                ms: 0.0,
+                lag_ms: lag(&self.link),
+                reached: false,
+            };
+        }
+        self.link.converge(true);
+        let mut reached = false;
+        while start.elapsed() < CONVERGE_LIMIT
+            && conn.is_alive()
+            && self.link.mode() == Mode::Protected
+        {
+            let seen = conn.acked();
+            let (_, executed, _) = conn.wait_ack(seen, Duration::from_millis(50));
+            let now = Instant::now();
+            if conn.acked() != seen
+                && self
+                    .link
+                    .replayed_all_sent_before(executed, now.checked_sub(within).unwrap_or(now))
+            {
+                reached = true;
+                break;
+            }
+        }
+        Converged {
+            ms: start.elapsed().as_secs_f64() * 1e3,
+            lag_ms: lag(&self.link),
+            reached,
         }
     }
 
@@ -1000,6 +1054,20 @@ const VERIFY_LIMIT: Duration = Duration::from_secs(90);
 
 /// How long a switchover waits for the backup to acknowledge the log, and then to go live.
 const SWITCHOVER_LIMIT: Duration = Duration::from_secs(30);
+
+/// How long a switchover slows the guest for the backup to come close before it pauses it
+/// anyway ([`SwitchoverPlan::converge`]).
+pub const CONVERGE_LIMIT: Duration = Duration::from_secs(5);
+
+/// How a switchover's convergence ended.
+struct Converged {
+    /// How long it took, ms.
+    ms: f64,
+    /// The backup's lag then (virtual time, as its last acknowledgement said), ms.
+    lag_ms: f64,
+    /// Whether the backup came as close as asked.
+    reached: bool,
+}
 
 /// Waits for the backup's [`Msg::HandedOver`]; its refusal or its loss is an error.
 fn wait_handed_over(conn: &Connection) -> Result<String, Handover> {

@@ -146,6 +146,13 @@ pub struct SwitchoverReport {
     pub drain_ms: f64,
     /// From the pause to the backup live, ms.
     pub pause_ms: f64,
+    /// Before the pause: how long the guest was slowed for the backup to come close, ms.
+    pub converge_ms: f64,
+    /// Whether the backup came as close as asked before the pause (`false` also when it was
+    /// not asked to: `--converge 0`).
+    pub converged: bool,
+    /// The backup's lag when the guest paused (virtual time), ms: what the pause waited for.
+    pub lag_at_pause_ms: f64,
 }
 
 /// A primary's status.

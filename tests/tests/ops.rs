@@ -226,9 +226,15 @@ impl Hopper {
 
     /// Hands the guest to the other host and waits until the old primary is its backup.
     fn switch(&mut self, round: usize) -> serde_json::Value {
+        self.switch_with(round, &[])
+    }
+
+    /// [`Hopper::switch`] with more flags for `ctl switchover`.
+    fn switch_with(&mut self, round: usize, flags: &[&str]) -> serde_json::Value {
         let (old, new) = (self.primary, 1 - self.primary);
         let attached_before = self.procs[new].stderr().matches(" attached: ").count();
-        let done = ctl_json(&self.socks[old], &["switchover", "--then", "backup"]);
+        let request = [&["switchover", "--then", "backup"], flags].concat();
+        let done = ctl_json(&self.socks[old], &request);
         assert_eq!(done["switchover"], "done", "round {round}: {done}");
         // The old primary's guest stopped for good before ctl returned: its output is final.
         let out = self.procs[old].stdout();
@@ -388,12 +394,21 @@ fn talked(client: std::process::Child, h: &Hopper, dir: &Path) -> String {
     said
 }
 
-/// Ten switchovers, `pause` apart; returns the pauses (ms).
+/// Ten switchovers, `pause` apart, every other one pausing the guest at once (`--converge 0`)
+/// rather than running it at half speed until the backup caught up first; returns the pauses
+/// (ms).
 fn hop_ten_times(h: &mut Hopper, pause: Duration) -> Vec<f64> {
     let mut pauses = Vec::new();
     for round in 0..10 {
         std::thread::sleep(pause);
-        let done = h.switch(round);
+        let at_once = round % 2 == 1;
+        let done = h.switch_with(round, if at_once { &["--converge", "0"] } else { &[] });
+        if at_once {
+            assert_eq!(done["converge_ms"], 0.0, "round {round}: {done}");
+            assert_eq!(done["converged"], false, "round {round}: {done}");
+        } else {
+            assert!(done["converge_ms"].is_f64(), "round {round}: {done}");
+        }
         pauses.push(done["pause_ms"].as_f64().unwrap());
     }
     eprintln!("switchover pauses (ms): {pauses:.1?}");

@@ -5,7 +5,7 @@
 //! (one line on stderr says why).
 
 use clap::{Parser, Subcommand};
-use ft_pair::api::{Request, Then};
+use ft_pair::api::{Request, SwitchoverPlan, Then};
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
@@ -35,6 +35,11 @@ enum CtlRequest {
         /// What the old primary does afterwards.
         #[arg(long, value_enum, default_value = "stop")]
         then: ThenArg,
+        /// Before pausing the guest, run it at half speed until the backup has replayed
+        /// everything sent more than this before (at most 5 s): the pause then waits for that
+        /// little replay, not the whole lag. `0` pauses at once.
+        #[arg(long, default_value = "3ms", value_parser = crate::cli::parse_duration_or_zero)]
+        converge: Duration,
     },
     /// Compares the two copies of a mirrored disk at one log position (sent to the primary):
     /// prints the outcome, exit status 1 if they differ (the backup then heals its copy).
@@ -61,9 +66,12 @@ pub(crate) fn main() -> ExitCode {
         CtlRequest::Console => return crate::console::main(&args.api_socket),
         CtlRequest::Status => Request::Status,
         CtlRequest::Stop => Request::Stop,
-        CtlRequest::Switchover { then } => Request::Switchover(match then {
-            ThenArg::Stop => Then::Stop,
-            ThenArg::Backup => Then::Backup,
+        CtlRequest::Switchover { then, converge } => Request::Switchover(SwitchoverPlan {
+            then: match then {
+                ThenArg::Stop => Then::Stop,
+                ThenArg::Backup => Then::Backup,
+            },
+            converge,
         }),
         CtlRequest::VerifyDisk => Request::VerifyDisk,
     };

@@ -2,7 +2,7 @@
 //! backup's answer (or its loss) decides where the guest runs.
 
 use super::*;
-use crate::api::Then;
+use crate::api::{SwitchoverPlan, Then};
 use crate::arbitrate::race;
 use crate::link::Mode;
 use logging_channel::Msg;
@@ -10,7 +10,9 @@ use logging_channel::Msg;
 /// Asks `pair`'s primary for a switchover and waits for the handover to reach the backup:
 /// the request's answer, to join.
 fn hand_over(pair: &Pair) -> JoinHandle<serde_json::Value> {
-    let answer = pair.primary.request(Request::Switchover(Then::Stop));
+    let answer = pair
+        .primary
+        .request(Request::Switchover(SwitchoverPlan::then(Then::Stop)));
     wait_until("the handover", || pair.backup.link.handover().is_some());
     assert_eq!(
         pair.backup.link.handover(),
@@ -149,7 +151,7 @@ fn without_a_lock_a_handover_that_fails_fences_this_side() {
 #[test]
 fn a_switchover_without_a_backup_is_refused_and_leaves_the_guest_alone() {
     let primary = Primary::start(Script::default(), None);
-    let why = error(primary.request(Request::Switchover(Then::Stop)));
+    let why = error(primary.request(Request::Switchover(SwitchoverPlan::then(Then::Stop))));
     assert_eq!(
         why,
         "no backup to hand over to: this primary is unprotected"
