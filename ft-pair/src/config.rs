@@ -62,8 +62,8 @@ pub struct PairConfig {
     pub drop_lagging_after: Option<Duration>,
     /// When the primary's log batches leave.
     pub batch: BatchPolicy,
-    /// The backup acknowledges as soon as its replay has used up what arrived (else every
-    /// 20 ms, and at outputs).
+    /// The backup also acknowledges every 20 ms whenever anything moved (else at outputs,
+    /// once its replay has used up what arrived, and every 20 ms while it is behind).
     pub prompt_acks: bool,
     /// Where the pair arbitrates (`file:PATH`, `etcd:...`), if anywhere.
     pub lock: Option<String>,

@@ -140,6 +140,10 @@ pub struct PrimaryStats {
     pub sent_seq: AtomicU64,
     /// Log bytes sent to backups, all streams.
     pub log_bytes: AtomicU64,
+    /// Log batches sent to backups, all streams.
+    pub log_batches: AtomicU64,
+    /// The frames of those batches before compression.
+    pub log_raw_bytes: AtomicU64,
     /// Outputs held now, and their bytes.
     pub held: AtomicU64,
     /// Bytes of the outputs held now.
@@ -957,6 +961,7 @@ impl StreamSink {
         let (Some(conn), Some(writer)) = (&self.conn, self.batch.as_mut()) else {
             return;
         };
+        let raw = writer.len() as u64;
         let Some(batch) = writer.take() else { return };
         let len = batch.packed.len() as u64;
         let next_seq = batch.first_seq + u64::from(batch.frames);
@@ -977,6 +982,11 @@ impl StreamSink {
         ) {
             Ok(()) => {
                 self.link.stats.log_bytes.fetch_add(len, Ordering::Relaxed);
+                self.link.stats.log_batches.fetch_add(1, Ordering::Relaxed);
+                self.link
+                    .stats
+                    .log_raw_bytes
+                    .fetch_add(raw, Ordering::Relaxed);
                 if self.link.converging.load(Ordering::Relaxed) {
                     self.link.note_sent(next_seq);
                 }

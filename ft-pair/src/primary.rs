@@ -473,6 +473,8 @@ fn primary_status(
                 received,
                 executed,
                 bytes: stats.log_bytes.load(Ordering::Relaxed),
+                batches: stats.log_batches.load(Ordering::Relaxed),
+                raw_bytes: stats.log_raw_bytes.load(Ordering::Relaxed),
             },
             lag: PrimaryLag {
                 records: sent.saturating_sub(executed),

@@ -7,7 +7,7 @@
 //!      +-------------------+<------------- acker thread <------------+
 //! ```
 
-use ft_core::log::Batch;
+use ft_core::log::BatchReader;
 use ft_core::replay::{KeptWrites, Progress};
 use logging_channel::{Connection, Msg};
 use std::collections::VecDeque;
@@ -29,6 +29,9 @@ struct Queue {
     bytes: u64,
     /// The epoch of a planned switchover ([`Msg::Handover`]): the stream ended by it.
     handover: Option<u64>,
+    /// Since when the replay has had log it has not used up (`None`: it waits for the next
+    /// batch, having read all that arrived).
+    behind_since: Option<Instant>,
 }
 
 /// The backup's end of a pair's stream.
@@ -70,6 +73,7 @@ impl BackupLink {
                 last_message: Instant::now(),
                 bytes: 0,
                 handover: None,
+                behind_since: None,
             }),
             arrived: Condvar::new(),
             received: AtomicU64::new(0),
@@ -93,10 +97,11 @@ impl BackupLink {
         Ok((link, vec![receiver, acker]))
     }
 
-    /// Whether the backup acknowledges as soon as its replay has used up what arrived, or only
-    /// every [`ACK_PERIOD`] and when the replay passes an output (`false`, the default: fewer
-    /// acknowledgements, and a primary that sees the backup's position up to [`ACK_PERIOD`]
-    /// late, which it counts as lag).
+    /// Whether the backup also acknowledges every [`ACK_PERIOD`] whenever anything moved
+    /// (`true`), or, besides the acknowledgements an output waits for, once the replay has used
+    /// up what arrived (one per batch) and every [`ACK_PERIOD`] only while it has had log to
+    /// replay for that long (`false`, the default: an idle pair's one acknowledgement per
+    /// batch, and the position as fresh while the backup is behind).
     pub fn set_prompt_acks(&self, on: bool) {
         self.prompt_acks.store(on, Ordering::Relaxed);
     }
@@ -217,6 +222,7 @@ impl BackupLink {
     }
 
     fn receive_loop(&self) {
+        let mut batches = BatchReader::new();
         while !self.stop.load(Ordering::Acquire) {
             let msg = match self.conn.recv_timeout(Duration::from_millis(100)) {
                 Ok(None) => continue,
@@ -237,13 +243,6 @@ impl BackupLink {
                     carries_output,
                     bytes,
                 } => {
-                    let bytes = match Batch::unpack(&bytes) {
-                        Ok(b) => b,
-                        Err(e) => {
-                            self.end(format!("the primary sent a bad log batch: {e}"), true);
-                            return;
-                        }
-                    };
                     let expected = self.received.load(Ordering::Acquire);
                     if first_seq != expected {
                         self.end(
@@ -254,6 +253,13 @@ impl BackupLink {
                         );
                         return;
                     }
+                    let bytes = match batches.unpack(first_seq, frames, &bytes) {
+                        Ok(b) => b,
+                        Err(e) => {
+                            self.end(format!("the primary sent a bad log batch: {e}"), true);
+                            return;
+                        }
+                    };
                     if carries_output {
                         self.output_end
                             .fetch_max(first_seq + u64::from(frames), Ordering::AcqRel);
@@ -262,6 +268,7 @@ impl BackupLink {
                         let mut q = self.queue();
                         q.bytes += bytes.len() as u64;
                         q.chunks.push_back(bytes);
+                        q.behind_since.get_or_insert_with(Instant::now);
                         self.arrived.notify_all();
                     }
                     self.received
@@ -304,10 +311,21 @@ impl BackupLink {
         let mut seen = 0;
         while !self.stop.load(Ordering::Acquire) && self.ended().is_none() {
             // Woken at once when the replay passes an output (verified output waits for that)
-            // or, with prompt acks, has replayed all that arrived; otherwise every ACK_PERIOD,
-            // for the primary's lag and flow control.
-            seen = self.progress.wait(seen, ACK_PERIOD);
-            self.ack();
+            // or has used up all that arrived (the primary's lag, throttle and flow control
+            // count from here: one acknowledgement per batch while the backup keeps up).
+            // Otherwise every ACK_PERIOD while the replay has had log waiting that long (a
+            // backup behind: its position, as it moves), or whenever anything moved with
+            // --prompt-acks on.
+            let now = self.progress.wait(seen, ACK_PERIOD);
+            let woken = now != seen;
+            seen = now;
+            let behind = self
+                .queue()
+                .behind_since
+                .is_some_and(|t| t.elapsed() >= ACK_PERIOD);
+            if woken || behind || self.prompt_acks.load(Ordering::Relaxed) {
+                self.ack();
+            }
         }
     }
 }
@@ -340,7 +358,7 @@ impl Read for StreamReader {
                 if q.ended.is_some() {
                     return Ok(0);
                 }
-                if self.link.prompt_acks.load(Ordering::Relaxed) {
+                if q.behind_since.take().is_some() {
                     // The replay waits for the next batch: everything before is replayed (but
                     // the record it read last), and the primary counts the time until it
                     // hears so as lag. One acknowledgement per batch at most.

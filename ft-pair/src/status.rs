@@ -57,6 +57,12 @@ pub struct ChannelFigures {
     /// Both directions, per second since the last status (primary only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bytes_per_s: Option<f64>,
+    /// Messages sent on the logging channel, of every kind.
+    pub msgs_sent: u64,
+    /// Messages received on it.
+    pub msgs_received: u64,
+    /// Heartbeats among the messages sent.
+    pub heartbeats_sent: u64,
     /// Longest gap between two messages from the peer, ms.
     pub max_silence_ms: f64,
     /// The longest the channel's data waited for the peer's host to acknowledge it, ms (against
@@ -82,6 +88,9 @@ impl ChannelFigures {
             bytes_sent: stats.bytes_sent,
             bytes_received: stats.bytes_received,
             bytes_per_s: None,
+            msgs_sent: stats.msgs_sent,
+            msgs_received: stats.msgs_received,
+            heartbeats_sent: stats.heartbeats_sent,
             max_silence_ms: stats.max_silence_us as f64 / 1e3,
             max_unacked_ms: stats.max_unacked_us as f64 / 1e3,
             max_quiet_ms: stats.max_quiet_us as f64 / 1e3,
@@ -103,6 +112,10 @@ pub struct PrimaryLog {
     pub executed: u64,
     /// Log bytes sent to backups, all streams.
     pub bytes: u64,
+    /// Log batches sent to backups, all streams.
+    pub batches: u64,
+    /// The frames of those batches before compression, bytes.
+    pub raw_bytes: u64,
 }
 
 /// How far the backup is behind, from the primary's side.

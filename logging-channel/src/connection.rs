@@ -57,6 +57,8 @@ pub struct ChannelStats {
     pub msgs_sent: u64,
     /// Messages of every kind received, heartbeats and acks included.
     pub msgs_received: u64,
+    /// Heartbeats sent (each after `heartbeat` with nothing else to send).
+    pub heartbeats_sent: u64,
     /// Times the peer fell silent for two heartbeats or more while its host still acknowledged
     /// this side's data (a slow peer: waited for, up to the timeout).
     pub slow_peer_episodes: u64,
@@ -166,6 +168,7 @@ struct Shared {
     max_silence_us: AtomicU64,
     msgs_sent: AtomicU64,
     msgs_received: AtomicU64,
+    heartbeats_sent: AtomicU64,
     /// When the connection started; `last_frame_us` counts from it.
     started: Instant,
     /// The last frame received, microseconds after `started`.
@@ -299,6 +302,7 @@ impl Connection {
             max_silence_us: AtomicU64::new(0),
             msgs_sent: AtomicU64::new(0),
             msgs_received: AtomicU64::new(0),
+            heartbeats_sent: AtomicU64::new(0),
             started: Instant::now(),
             last_frame_us: AtomicU64::new(0),
             slow_peer_episodes: AtomicU64::new(0),
@@ -512,6 +516,7 @@ impl Connection {
             log_bytes_outstanding: shared.lock().in_flight_bytes as u64,
             msgs_sent: shared.msgs_sent.load(Ordering::Relaxed),
             msgs_received: shared.msgs_received.load(Ordering::Relaxed),
+            heartbeats_sent: shared.heartbeats_sent.load(Ordering::Relaxed),
             slow_peer_episodes: shared.slow_peer_episodes.load(Ordering::Relaxed),
             peer_slow: shared.peer_slow.load(Ordering::Relaxed),
             max_unacked_us: shared.max_unacked_us.load(Ordering::Relaxed),
@@ -642,7 +647,10 @@ async fn writer(
             r = tokio::time::timeout(heartbeat, queue.recv()) => r,
         };
         let (mut plain, mut msgs, mut bye) = match next {
-            Err(_) => (heartbeat_msg.clone(), 1, None),
+            Err(_) => {
+                shared.heartbeats_sent.fetch_add(1, Ordering::Relaxed);
+                (heartbeat_msg.clone(), 1, None)
+            }
             Ok(None) => {
                 let _ = wr.shutdown().await;
                 return shared.die(DeathKind::Closed, "closed locally".into());

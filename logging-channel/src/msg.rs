@@ -5,8 +5,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::ChannelError;
 
-/// The protocol version a backup announces in [`Msg::Hello`].
-pub const PROTOCOL_VERSION: u16 = 4;
+/// The protocol version a backup announces in [`Msg::Hello`]. 5: a `Log` batch's frames travel
+/// without their CRCs and are compressed against the stream's earlier batches (4 compressed
+/// each batch alone, CRCs included): docs/PROTOCOL.md.
+pub const PROTOCOL_VERSION: u16 = 5;
 
 /// The largest encoded message (its postcard bytes, without the 4-byte length).
 pub const MAX_MSG: usize = 1 << 30;
@@ -49,8 +51,9 @@ pub enum Msg {
         /// Whether a frame in it produces an output the primary holds until this batch is
         /// acknowledged: the backup acknowledges such a batch as soon as it has it.
         carries_output: bool,
-        /// The frames, opaque to the channel (ft-pair sends them LZ4-compressed); their size
-        /// counts against the flow-control buffer until acknowledged.
+        /// The frames, opaque to the channel (ft-pair sends them LZ4-compressed against the
+        /// stream's earlier batches, `ft_core::log::BatchWriter`); their size counts against
+        /// the flow-control buffer until acknowledged.
         #[serde(with = "serde_bytes")]
         bytes: Vec<u8>,
     },

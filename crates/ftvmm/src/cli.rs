@@ -323,9 +323,10 @@ pub(crate) struct Args {
     /// halts gather into one frame, one acknowledgement).
     #[arg(long, default_value = "50ms", value_parser = parse_duration)]
     pub(crate) batch_age: Duration,
-    /// Backup: acknowledge as soon as the replay has used up what arrived (on), or only every
-    /// 20 ms and when the replay passes an output (off: fewer acknowledgements, and a primary
-    /// that sees the backup's position up to 20 ms late).
+    /// Backup: besides the acknowledgements outputs wait for, acknowledge once the replay has
+    /// used up what arrived (one per batch) and every 20 ms while it has had log to replay for
+    /// that long (off), or also every 20 ms whenever anything moved (on: the backup's position
+    /// fresher in the primary's view, ~2.5 times the acknowledgements of an idle pair).
     #[arg(long, default_value = "off")]
     pub(crate) prompt_acks: OnOff,
     /// Primary: output leaves once the backup has `received` its log record (the VMware FT
