@@ -692,8 +692,9 @@ impl Vm {
         self.vcpu.stop_at_exit(count);
     }
 
-    /// This process's resident memory, and how much of it is guest RAM, in KiB (from
-    /// /proc/self/smaps). The VMM's own footprint is the difference.
+    /// This process's resident memory, how much of it is guest RAM, and how much of the rest is
+    /// private (anonymous), in KiB (from /proc/self/smaps). The VMM's own footprint is the
+    /// difference between the first two.
     pub fn memory_stats(&self) -> Option<MemoryStats> {
         use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
         let guest: Vec<(u64, u64)> = self
@@ -705,7 +706,7 @@ impl Vm {
             })
             .collect();
         let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
-        let (mut total, mut guest_kib) = (0u64, 0u64);
+        let (mut total, mut guest_kib, mut private_kib) = (0u64, 0u64, 0u64);
         let mut in_guest = false;
         for line in smaps.lines() {
             let mut words = line.split_whitespace();
@@ -716,17 +717,23 @@ impl Vm {
                     continue;
                 }
             }
-            if first == "Rss:" {
-                let kib: u64 = words.next().and_then(|v| v.parse().ok()).unwrap_or(0);
-                total += kib;
-                if in_guest {
-                    guest_kib += kib;
+            let mut kib = || -> u64 { words.next().and_then(|v| v.parse().ok()).unwrap_or(0) };
+            match first {
+                "Rss:" => {
+                    let kib = kib();
+                    total += kib;
+                    if in_guest {
+                        guest_kib += kib;
+                    }
                 }
+                "Anonymous:" if !in_guest => private_kib += kib(),
+                _ => {}
             }
         }
         Some(MemoryStats {
             rss_kib: total,
             guest_rss_kib: guest_kib,
+            private_kib,
         })
     }
 }
@@ -738,6 +745,10 @@ pub struct MemoryStats {
     pub rss_kib: u64,
     /// The part that is guest RAM.
     pub guest_rss_kib: u64,
+    /// Of the rest, what is the VMM's alone: anonymous memory (heap, stacks, relocated data),
+    /// not the pages of the binary and libraries it maps, which the page cache holds and every
+    /// process mapping them shares.
+    pub private_kib: u64,
 }
 
 impl MemoryStats {

@@ -23,24 +23,38 @@ use cli::Role;
 use std::io::Write;
 use std::process::ExitCode;
 
-/// One malloc arena for the whole process, unless `MALLOC_ARENA_MAX` says otherwise. glibc gives
-/// each thread that allocates an arena of its own, and the pages an arena touched stay resident:
-/// a primary with a backup (the vCPU, the channel's threads, the releaser, the API server) held
-/// ~4 MiB more that way, 18.5-20.4 MiB beyond guest RAM against 13.9-15.4 with one arena
-/// (`diskwrite` under FT, three runs each), and the guest ran as fast with one (its time is in
-/// `KVM_RUN`, not in malloc's lock).
-fn one_malloc_arena() {
+/// malloc set for a long-running process, each setting unless its `MALLOC_*` variable says
+/// otherwise:
+///
+/// - One arena for the whole process. glibc gives each thread that allocates an arena of its
+///   own, and the pages an arena touched stay resident: a primary with a backup (the vCPU, the
+///   channel's threads, the releaser, the API server) held ~4 MiB more that way, 18.5-20.4 MiB
+///   beyond guest RAM against 13.9-15.4 with one arena (`diskwrite` under FT, three runs
+///   each), and the guest ran as fast with one (its time is in `KVM_RUN`, not in malloc's lock).
+/// - Fixed mmap and trim thresholds (256 KiB, 1 MiB). glibc raises both after the first large
+///   buffer it frees (a snapshot file read at `--restore`, a kernel image: ~20 MiB), to that
+///   size and twice it, and from then on keeps up to 40 MiB of freed heap resident and serves
+///   buffers up to 20 MiB (a checkpoint's pages, a batch) from the heap, where they leave holes:
+///   a primary's heap held 6.0 MiB for 2.2 MiB in use. Fixed, large buffers come and go as
+///   mappings of their own and the heap gives back what it frees above 1 MiB.
+fn tune_malloc() {
     #[cfg(target_env = "gnu")]
-    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
-        // SAFETY: mallopt takes two integers; it is called before any other thread starts.
-        unsafe {
-            libc::mallopt(libc::M_ARENA_MAX, 1);
+    for (var, param, value) in [
+        ("MALLOC_ARENA_MAX", libc::M_ARENA_MAX, 1),
+        ("MALLOC_MMAP_THRESHOLD_", libc::M_MMAP_THRESHOLD, 256 << 10),
+        ("MALLOC_TRIM_THRESHOLD_", libc::M_TRIM_THRESHOLD, 1 << 20),
+    ] {
+        if std::env::var_os(var).is_none() {
+            // SAFETY: mallopt takes two integers; it is called before any other thread starts.
+            unsafe {
+                libc::mallopt(param, value);
+            }
         }
     }
 }
 
 fn main() -> ExitCode {
-    one_malloc_arena();
+    tune_malloc();
     match std::env::args().nth(1).as_deref() {
         Some("ctl") => return ctl::main(),
         Some("probe" | "--probe") => return probe(),

@@ -53,7 +53,7 @@ fn finish_with(
     let mem = vm.memory_stats();
     let cp = vm.checkpoint_stats();
     tracing::info!(
-        "stats: kicks={} syscalls-completed={} syscall-vmm-ns={} page-faults-stepped={} page-fault-vmm-ns={} tsc-reads={} tsc-vmm-ns={} checkpoints={} checkpoint-bytes={} checkpoint-max-pause-us={} checkpoint-p99-pause-us={} checkpoint-p50-pause-us={} window-hits={} window-injections={} timer-interrupts={} timer-delay-p50-us={} timer-delay-p99-us={} timer-delay-max-us={} timer-ticks-dropped={} page-cache-hits={} page-cache-misses={} vmm-rss-kib={} guest-rss-kib={} state-digest={}",
+        "stats: kicks={} syscalls-completed={} syscall-vmm-ns={} page-faults-stepped={} page-fault-vmm-ns={} tsc-reads={} tsc-vmm-ns={} checkpoints={} checkpoint-bytes={} checkpoint-max-pause-us={} checkpoint-p99-pause-us={} checkpoint-p50-pause-us={} window-hits={} window-injections={} timer-interrupts={} timer-delay-p50-us={} timer-delay-p99-us={} timer-delay-max-us={} timer-ticks-dropped={} page-cache-hits={} page-cache-misses={} vmm-rss-kib={} vmm-private-kib={} guest-rss-kib={} state-digest={}",
         vm.kicks(),
         fix.map_or(0, |f| f.syscalls),
         fix.map_or(0, |f| f.syscall_ns),
@@ -76,6 +76,7 @@ fn finish_with(
         vm.page_cache_stats().0,
         vm.page_cache_stats().1,
         mem.map_or(0, |m| m.vmm_kib()),
+        mem.map_or(0, |m| m.private_kib),
         mem.map_or(0, |m| m.guest_rss_kib),
         state_digest,
     );
