@@ -574,9 +574,20 @@ impl Vm {
                 }
                 Event::Checkpoint => {
                     let start = std::time::Instant::now();
-                    let bytes = self.snapshot(false)?.encode()?;
+                    let snap = self.snapshot(false)?;
+                    let taken = start.elapsed();
+                    let bytes = snap.encode()?;
+                    let encoded = start.elapsed();
                     boundary.checkpoint(&bytes)?;
                     let pause = start.elapsed();
+                    tracing::debug!(
+                        "checkpoint: {} pages, {} bytes; taken in {} us, encoded in {} us, logged in {} us",
+                        snap.pages.pages.len(),
+                        bytes.len(),
+                        taken.as_micros(),
+                        (encoded - taken).as_micros(),
+                        (pause - encoded).as_micros()
+                    );
                     self.stats.count += 1;
                     self.stats.bytes += bytes.len() as u64;
                     self.stats.max_pause = self.stats.max_pause.max(pause);
