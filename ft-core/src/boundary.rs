@@ -210,6 +210,22 @@ pub trait Boundary {
         Ok(())
     }
 
+    /// Whether [`Boundary::checkpoint_later`] lets the vCPU run on while another thread
+    /// encodes the checkpoint (a recorder streaming to a backup does).
+    fn defers_checkpoints(&self) -> bool {
+        false
+    }
+
+    /// A checkpoint taken at a kick, before the inputs delivered there, that another thread is
+    /// encoding: by default waited for and handed to [`Boundary::checkpoint`].
+    fn checkpoint_later(
+        &mut self,
+        later: crate::log::PendingCheckpoint,
+    ) -> Result<(), BoundaryError> {
+        let bytes = later.wait()?;
+        self.checkpoint(&bytes)
+    }
+
     /// Replay: a checkpoint to restore before the vCPU runs again, if the log has one next.
     fn pending_checkpoint(&mut self) -> Result<Option<Vec<u8>>, BoundaryError> {
         Ok(None)

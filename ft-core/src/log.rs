@@ -312,6 +312,56 @@ fn lz4_size(packed: &[u8], max: usize) -> Result<usize, UnpackError> {
     Ok(claimed)
 }
 
+/// A checkpoint whose snapshot another thread is still encoding ([`RecordSink::record_later`]):
+/// the encoder sends the bytes, or why it could not, once.
+pub struct PendingCheckpoint {
+    rx: std::sync::mpsc::Receiver<Result<Vec<u8>, String>>,
+    on_done: Option<Box<dyn FnOnce(usize) + Send>>,
+}
+
+impl PendingCheckpoint {
+    /// The checkpoint the encoder behind `rx` will send.
+    pub fn new(rx: std::sync::mpsc::Receiver<Result<Vec<u8>, String>>) -> PendingCheckpoint {
+        PendingCheckpoint { rx, on_done: None }
+    }
+
+    /// Calls `f` with the encoded size once the bytes are in.
+    pub fn on_done(mut self, f: impl FnOnce(usize) + Send + 'static) -> PendingCheckpoint {
+        self.on_done = Some(Box::new(f));
+        self
+    }
+
+    /// The bytes if the encoder is done, `None` if not yet.
+    pub fn poll(&mut self) -> Option<Result<Vec<u8>, LogError>> {
+        use std::sync::mpsc::TryRecvError;
+        match self.rx.try_recv() {
+            Ok(r) => Some(self.done(r)),
+            Err(TryRecvError::Empty) => None,
+            Err(TryRecvError::Disconnected) => Some(Err(Self::gone())),
+        }
+    }
+
+    /// The bytes, waiting for the encoder.
+    pub fn wait(mut self) -> Result<Vec<u8>, LogError> {
+        match self.rx.recv() {
+            Ok(r) => self.done(r),
+            Err(_) => Err(Self::gone()),
+        }
+    }
+
+    fn done(&mut self, r: Result<Vec<u8>, String>) -> Result<Vec<u8>, LogError> {
+        let bytes = r.map_err(|e| LogError::Encode(format!("a checkpoint: {e}")))?;
+        if let Some(f) = self.on_done.take() {
+            f(bytes.len());
+        }
+        Ok(bytes)
+    }
+
+    fn gone() -> LogError {
+        LogError::Encode("a checkpoint's encoder ended without its bytes".into())
+    }
+}
+
 /// Where a recorder's records go: a log file, or the logging channel to a backup. Each record
 /// gets a sequence number: its frame's index in the stream (the header is frame 0).
 pub trait RecordSink: Send {
@@ -324,7 +374,19 @@ pub trait RecordSink: Send {
     fn record_output(&mut self, record: &Record) -> Result<u64, LogError> {
         self.record(record)
     }
-    /// Pushes out what is buffered (before the recorder may block for a long time).
+    /// Appends a [`Record::Checkpoint`] another thread is encoding; returns its sequence
+    /// number. A sink that [`defers`](RecordSink::defers) holds the records after it until its
+    /// bytes are in, and the vCPU runs on meanwhile; by default the sink waits for them here.
+    fn record_later(&mut self, later: PendingCheckpoint) -> Result<u64, LogError> {
+        let data = later.wait()?;
+        self.record(&Record::Checkpoint { data })
+    }
+    /// Whether [`RecordSink::record_later`] lets the vCPU run on before the bytes are in.
+    fn defers(&self) -> bool {
+        false
+    }
+    /// Pushes out what is buffered (before the recorder may block for a long time); a
+    /// checkpoint still being encoded is waited for.
     fn flush(&mut self) -> Result<(), LogError>;
     /// The vCPU was kicked (it ran a quantum without an exit): a sink that holds records back
     /// for company sends those that have waited long enough, so that a guest busy without

@@ -295,6 +295,25 @@ impl<B: Boundary> Boundary for Recorder<B> {
         Ok(())
     }
 
+    fn defers_checkpoints(&self) -> bool {
+        lock(&self.core).sink.defers()
+    }
+
+    fn checkpoint_later(
+        &mut self,
+        later: crate::log::PendingCheckpoint,
+    ) -> Result<(), BoundaryError> {
+        let mut core = lock(&self.core);
+        let counters = core.counters.clone();
+        core.sink.record_later(later.on_done(move |len| {
+            counters
+                .checkpoint_bytes
+                .fetch_add(len as u64, Ordering::Relaxed);
+        }))?;
+        core.counters.checkpoints.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
     fn restored(&mut self, now_ns: u64) {
         self.inner.restored(now_ns);
         let mut core = lock(&self.core);

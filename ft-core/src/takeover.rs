@@ -318,6 +318,17 @@ impl<R: Read + Send + 'static> Boundary for Takeover<R> {
         lock(&self.inner).live().checkpoint(snapshot)
     }
 
+    fn defers_checkpoints(&self) -> bool {
+        lock(&self.inner).live().defers_checkpoints()
+    }
+
+    fn checkpoint_later(
+        &mut self,
+        later: crate::log::PendingCheckpoint,
+    ) -> Result<(), BoundaryError> {
+        lock(&self.inner).live().checkpoint_later(later)
+    }
+
     fn pending_checkpoint(&mut self) -> Result<Option<Vec<u8>>, BoundaryError> {
         delegate!(self, pending_checkpoint())
     }

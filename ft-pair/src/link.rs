@@ -27,7 +27,7 @@
 
 use devices::disk::{Disk, ImageFile};
 use ft_core::disk::HeldWrites;
-use ft_core::log::{BatchWriter, Header, LogError, Record, RecordSink};
+use ft_core::log::{BatchWriter, Header, LogError, PendingCheckpoint, Record, RecordSink};
 use ft_core::output::{Output, OutputGate};
 use logging_channel::{Connection, Msg};
 use std::collections::VecDeque;
@@ -840,6 +840,10 @@ pub struct StreamSink {
     /// again (the last throttle's answer): checked at every record, so the lag overshoots the
     /// bound by one record's step at most.
     lag_ok_until: u64,
+    /// A checkpoint another thread is encoding, with the sequence number it has, and the
+    /// records made since, held back until it is in ([`RecordSink::record_later`]).
+    pending: Option<(u64, PendingCheckpoint)>,
+    held_back: Vec<(Record, bool)>,
     bytes: u64,
     policy: BatchPolicy,
     /// How long the guest ran since the open batch's first record.
@@ -865,6 +869,8 @@ impl StreamSink {
             output_since: None,
             vtime_ns: 0,
             lag_ok_until: 0,
+            pending: None,
+            held_back: Vec::new(),
             bytes: 0,
             policy: BatchPolicy::default(),
             ran: Duration::ZERO,
@@ -921,6 +927,9 @@ impl StreamSink {
             return Ok(());
         }
         self.generation = g;
+        // A checkpoint of the stream that ended is no part of the next one.
+        self.pending = None;
+        self.held_back.clear();
         self.batch = None;
         self.batch_started = None;
         self.ran = Duration::ZERO;
@@ -1034,7 +1043,52 @@ impl StreamSink {
             .stats
             .vtime_ns
             .store(self.vtime_ns, Ordering::Relaxed);
-        let (Some(_), Some(batch)) = (&self.conn, self.batch.as_mut()) else {
+        if self.conn.is_none() || self.batch.is_none() {
+            return Ok(0);
+        }
+        self.settle_pending(false)?;
+        if let Some((checkpoint, _)) = &self.pending {
+            // After a checkpoint still being encoded: in order behind it, once it is in.
+            let seq = checkpoint + 1 + self.held_back.len() as u64;
+            self.held_back.push((record.clone(), output));
+            self.link.stats.sent_seq.store(seq + 1, Ordering::Relaxed);
+            return Ok(seq);
+        }
+        self.append(record, output)
+    }
+
+    /// A checkpoint being encoded: if its bytes are in (or `wait`, once they are), appends it
+    /// and the records held back behind it.
+    fn settle_pending(&mut self, wait: bool) -> Result<(), LogError> {
+        let Some((seq, mut later)) = self.pending.take() else {
+            return Ok(());
+        };
+        let data = if wait {
+            later.wait()?
+        } else {
+            match later.poll() {
+                Some(r) => r?,
+                None => {
+                    self.pending = Some((seq, later));
+                    return Ok(());
+                }
+            }
+        };
+        let at = self.append(&Record::Checkpoint { data }, false)?;
+        debug_assert!(
+            at == seq || self.batch.is_none(),
+            "checkpoint {at} != {seq}"
+        );
+        for (record, output) in std::mem::take(&mut self.held_back) {
+            self.append(&record, output)?;
+        }
+        Ok(())
+    }
+
+    /// Appends a record to the open batch, in order; sends the batch when it is due, and holds
+    /// the vCPU when the backup lags too far.
+    fn append(&mut self, record: &Record, output: bool) -> Result<u64, LogError> {
+        let Some(batch) = self.batch.as_mut() else {
             return Ok(0);
         };
         if batch.is_empty() {
@@ -1083,6 +1137,29 @@ impl RecordSink for StreamSink {
         self.push(record, false)
     }
 
+    fn record_later(&mut self, later: PendingCheckpoint) -> Result<u64, LogError> {
+        self.follow_link()?;
+        if self.conn.is_none() || self.batch.is_none() {
+            // No backup: no stream to put it in.
+            return Ok(0);
+        }
+        // One at a time: an earlier one still being encoded goes in first.
+        self.settle_pending(true)?;
+        // What came before leaves now; the checkpoint follows as soon as it is in.
+        self.send_batch();
+        let Some(batch) = self.batch.as_ref() else {
+            return Ok(0);
+        };
+        let seq = batch.next_seq();
+        self.link.stats.sent_seq.store(seq + 1, Ordering::Relaxed);
+        self.pending = Some((seq, later));
+        Ok(seq)
+    }
+
+    fn defers(&self) -> bool {
+        true
+    }
+
     fn record_output(&mut self, record: &Record) -> Result<u64, LogError> {
         self.push(record, true)
     }
@@ -1090,6 +1167,7 @@ impl RecordSink for StreamSink {
     fn tick(&mut self) -> Result<(), LogError> {
         // A guest that runs on without exits: the time since the last record was running.
         self.track_run(false);
+        self.settle_pending(false)?;
         let converging = self.link.converging.load(Ordering::Relaxed);
         if self.output_due() || self.open_batch_due() || converging {
             self.send_batch();
@@ -1105,6 +1183,7 @@ impl RecordSink for StreamSink {
         // output waits for its batch; what is left otherwise only moves the backup along, and
         // waits for the batch's policy.
         self.follow_link()?;
+        self.settle_pending(true)?;
         if self.output_since.is_some() || self.open_batch_due() {
             self.send_batch();
         }

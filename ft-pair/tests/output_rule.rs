@@ -276,3 +276,85 @@ fn a_batch_leaves_once_the_guest_ran_long_enough_and_an_idle_guests_at_its_age()
     sink.record(&Record::Interrupt { vector: 0x30 }).unwrap();
     assert_eq!(next_batch(&backup_end, Duration::from_secs(10)), Some(2));
 }
+
+/// A checkpoint another thread encodes (the vCPU runs on meanwhile) keeps its place in the
+/// stream: the records made after it wait behind it, with the numbers they were given, and an
+/// output among them leaves only once the backup holds it (so also the checkpoint before it).
+#[test]
+fn records_made_while_a_checkpoint_is_encoded_follow_it_in_order() {
+    use ft_core::log::PendingCheckpoint;
+    let (link, releaser, mut sink, serial) = primary(Duration::from_secs(60));
+    assert!(sink.defers());
+    let backup_end = attach_backup(&link, &mut sink);
+    let before = sink.record(&exit(ExitKind::PioOut)).unwrap();
+    assert_eq!(before, 2, "frame 0 is the header, 1 the base");
+
+    let (encoded, rx) = std::sync::mpsc::sync_channel(1);
+    let counted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = counted.clone();
+    let checkpoint = sink
+        .record_later(
+            PendingCheckpoint::new(rx)
+                .on_done(move |len| seen.store(len, std::sync::atomic::Ordering::Relaxed)),
+        )
+        .unwrap();
+    assert_eq!(checkpoint, 3);
+    // While it is encoded: an interrupt, the serial output "c", a port access, a kick.
+    assert_eq!(sink.record(&Record::Interrupt { vector: 0x30 }).unwrap(), 4);
+    assert_eq!(serial_output(&mut sink, &link, b"c"), 5);
+    assert_eq!(sink.record(&exit(ExitKind::PioOut)).unwrap(), 6);
+    std::thread::sleep(Duration::from_millis(3));
+    sink.tick().unwrap();
+
+    // The backup's receiver runs and acknowledges all it holds: the output stays held, for
+    // its record waits behind the checkpoint.
+    let progress = Arc::new(Progress::default());
+    let kept = Arc::new(Mutex::new(KeptWrites::default()));
+    let (backup, _threads) = BackupLink::start(backup_end, progress, kept).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        serial.get(),
+        b"",
+        "an output left before the checkpoint it follows"
+    );
+    assert!(
+        backup.received() <= checkpoint,
+        "frames passed the checkpoint"
+    );
+
+    // The encoder is done: at the next kick everything leaves in order, and the output with it.
+    encoded.send(Ok(vec![0xc5; 1000])).unwrap();
+    sink.tick().unwrap();
+    std::thread::sleep(Duration::from_millis(3));
+    sink.flush().unwrap();
+    assert!(serial.wait_for(b"c", Duration::from_secs(10)));
+    assert_eq!(counted.load(std::sync::atomic::Ordering::Relaxed), 1000);
+
+    let (mut reader, _) = LogReader::new(backup.reader()).unwrap();
+    let mut got = Vec::new();
+    for _ in 0..6 {
+        got.push(reader.read_record().unwrap().unwrap());
+    }
+    assert!(matches!(got[0], Record::Base { .. }), "{got:?}");
+    assert!(matches!(got[1], Record::Exit { .. }), "{got:?}");
+    assert!(
+        matches!(&got[2], Record::Checkpoint { data } if data == &vec![0xc5; 1000]),
+        "{got:?}"
+    );
+    assert!(
+        matches!(got[3], Record::Interrupt { vector: 0x30 }),
+        "{got:?}"
+    );
+    assert!(matches!(got[4], Record::Output { len: 1, .. }), "{got:?}");
+    assert!(matches!(got[5], Record::Exit { .. }), "{got:?}");
+
+    // An encoder that fails ends the stream with its reason, not a panic.
+    let (encoded, rx) = std::sync::mpsc::sync_channel(1);
+    sink.record_later(PendingCheckpoint::new(rx)).unwrap();
+    encoded.send(Err("out of memory".into())).unwrap();
+    let err = sink.flush().unwrap_err();
+    assert!(err.to_string().contains("out of memory"), "{err}");
+
+    backup.stop("test over");
+    releaser.finish(Duration::from_millis(100));
+}

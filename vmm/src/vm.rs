@@ -145,6 +145,43 @@ pub struct Vm {
     page_cache: PageCache,
     /// Pages written since the last harvest of a live transfer, while one runs.
     transfer_dirty: Option<DirtySet>,
+    /// The thread that encodes checkpoints a boundary takes later, started at the first.
+    encoder: Option<Encoder>,
+}
+
+/// Encodes checkpoints off the vCPU thread ([`Boundary::checkpoint_later`]): a snapshot in,
+/// its bytes (or why not) out on the channel that came with it.
+struct Encoder {
+    tx: std::sync::mpsc::Sender<(
+        Snapshot,
+        std::sync::mpsc::SyncSender<Result<Vec<u8>, String>>,
+    )>,
+    /// Bytes encoded so far.
+    bytes: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Encoder {
+    fn start() -> std::io::Result<Encoder> {
+        let (tx, rx) = std::sync::mpsc::channel::<(
+            Snapshot,
+            std::sync::mpsc::SyncSender<Result<Vec<u8>, String>>,
+        )>();
+        let bytes = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counted = bytes.clone();
+        std::thread::Builder::new()
+            .name("checkpoint-encode".into())
+            .spawn(move || {
+                // Ends when the VM (the sender) goes.
+                while let Ok((snap, reply)) = rx.recv() {
+                    let r = snap.encode().map_err(|e| e.to_string());
+                    if let Ok(b) = &r {
+                        counted.fetch_add(b.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    let _ = reply.send(r);
+                }
+            })?;
+        Ok(Encoder { tx, bytes })
+    }
 }
 
 /// What checkpoints cost in this run.
@@ -293,6 +330,7 @@ impl Vm {
             checkpoint_dirty: DirtySet::new(config.memory_bytes),
             page_cache: PageCache::default(),
             transfer_dirty: None,
+            encoder: None,
         })
     }
 
@@ -500,7 +538,41 @@ impl Vm {
 
     /// Checkpoint statistics of this run.
     pub fn checkpoint_stats(&self) -> CheckpointStats {
-        self.stats.clone()
+        let mut stats = self.stats.clone();
+        if let Some(e) = &self.encoder {
+            stats.bytes += e.bytes.load(std::sync::atomic::Ordering::Relaxed);
+        }
+        stats
+    }
+
+    /// Hands `snap` to the encoder thread (started at the first call); the bytes come on the
+    /// returned checkpoint. `Err(snap)`: there is no encoder thread (it could not start).
+    fn encode_later(
+        &mut self,
+        snap: Snapshot,
+    ) -> Result<ft_core::log::PendingCheckpoint, Box<Snapshot>> {
+        if self.encoder.is_none() {
+            match Encoder::start() {
+                Ok(e) => self.encoder = Some(e),
+                Err(e) => {
+                    tracing::warn!("no thread to encode checkpoints ({e}): the vCPU encodes them");
+                    return Err(Box::new(snap));
+                }
+            }
+        }
+        let (reply, rx) = std::sync::mpsc::sync_channel(1);
+        let sent = match &self.encoder {
+            Some(e) => e.tx.send((snap, reply)).map_err(|e| (e.0).0),
+            None => Err(snap),
+        };
+        match sent {
+            Ok(()) => Ok(ft_core::log::PendingCheckpoint::new(rx)),
+            Err(snap) => {
+                // The thread is gone (it cannot panic on its own; a failed spawn left none).
+                self.encoder = None;
+                Err(Box::new(snap))
+            }
+        }
     }
 
     /// Encodes checkpoint pages against the page cache (`true`, the default) or raw. Only the
@@ -576,20 +648,35 @@ impl Vm {
                     let start = std::time::Instant::now();
                     let snap = self.snapshot(false)?;
                     let taken = start.elapsed();
-                    let bytes = snap.encode()?;
-                    let encoded = start.elapsed();
-                    boundary.checkpoint(&bytes)?;
+                    let pages = snap.pages.pages.len();
+                    // A boundary that can take it later gets it from the encoder thread, and
+                    // the guest runs on meanwhile: what the vCPU waits for is the taking.
+                    let inline = if boundary.defers_checkpoints() {
+                        match self.encode_later(snap) {
+                            Ok(later) => {
+                                boundary.checkpoint_later(later)?;
+                                None
+                            }
+                            Err(snap) => Some(*snap),
+                        }
+                    } else {
+                        Some(snap)
+                    };
+                    let mut encoded_bytes = None;
+                    if let Some(snap) = inline {
+                        let bytes = snap.encode()?;
+                        boundary.checkpoint(&bytes)?;
+                        self.stats.bytes += bytes.len() as u64;
+                        encoded_bytes = Some(bytes.len());
+                    }
                     let pause = start.elapsed();
                     tracing::debug!(
-                        "checkpoint: {} pages, {} bytes; taken in {} us, encoded in {} us, logged in {} us",
-                        snap.pages.pages.len(),
-                        bytes.len(),
+                        "checkpoint: {pages} pages; taken in {} us, encoded ({}) and logged in {} us more",
                         taken.as_micros(),
-                        (encoded - taken).as_micros(),
-                        (pause - encoded).as_micros()
+                        encoded_bytes.map_or("on the encoder thread".to_string(), |b| format!("{b} bytes")),
+                        (pause - taken).as_micros()
                     );
                     self.stats.count += 1;
-                    self.stats.bytes += bytes.len() as u64;
                     self.stats.max_pause = self.stats.max_pause.max(pause);
                     let us = u32::try_from(pause.as_micros()).unwrap_or(u32::MAX);
                     self.stats.pauses_us.push(us);
