@@ -149,23 +149,23 @@ pub struct Vm {
     encoder: Option<Encoder>,
 }
 
+/// A snapshot to encode, and where its bytes (or why not) go.
+type EncodeJob = (
+    Snapshot,
+    std::sync::mpsc::SyncSender<Result<Vec<u8>, String>>,
+);
+
 /// Encodes checkpoints off the vCPU thread ([`Boundary::checkpoint_later`]): a snapshot in,
 /// its bytes (or why not) out on the channel that came with it.
 struct Encoder {
-    tx: std::sync::mpsc::Sender<(
-        Snapshot,
-        std::sync::mpsc::SyncSender<Result<Vec<u8>, String>>,
-    )>,
+    tx: std::sync::mpsc::Sender<EncodeJob>,
     /// Bytes encoded so far.
     bytes: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Encoder {
     fn start() -> std::io::Result<Encoder> {
-        let (tx, rx) = std::sync::mpsc::channel::<(
-            Snapshot,
-            std::sync::mpsc::SyncSender<Result<Vec<u8>, String>>,
-        )>();
+        let (tx, rx) = std::sync::mpsc::channel::<EncodeJob>();
         let bytes = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
         let counted = bytes.clone();
         std::thread::Builder::new()
