@@ -26,9 +26,9 @@ pub const MAGIC: [u8; 8] = *b"FTVMMLOG";
 /// The format version this build writes (2 added the disk, base and resync records; 3 changed
 /// the checkpoint data: snapshot format 5, pages encoded against a page cache, and added the
 /// interrupt-window exits; 4 added the mechanisms to the header; 5 added `DiskReadLocal`; 6
-/// added `DiskVerify`); it reads versions 1 to 6 (the checkpoints of older logs do not decode:
-/// snapshots are tied to the build).
-pub const VERSION: u16 = 6;
+/// added `DiskVerify`; 7 added `ExitAtTime`); it reads versions 1 to 7 (the checkpoints of
+/// older logs do not decode: snapshots are tied to the build).
+pub const VERSION: u16 = 7;
 /// The largest frame payload (a full checkpoint of a 3 GiB guest fits in a few frames' worth of
 /// pages; checkpoints are split by the writer if they are larger).
 pub const MAX_FRAME: u32 = 1 << 30;
@@ -236,6 +236,20 @@ pub enum Record {
         /// The block digests, 16 bytes each, in block order.
         #[serde(with = "serde_bytes")]
         digests: Vec<u8>,
+    },
+    /// Version 7: a synchronous exit whose data is the virtual time the log gave out last (the
+    /// guest kernel's `RDTSC`, completed by the VMM with the clock read logged just before it):
+    /// an [`Record::Exit`] without its data, which the reader knows. [`exit_record`] writes it
+    /// for a `Debug` exit whose data is that time, [`decode_exit`] gives the exit back.
+    ExitAtTime {
+        /// [`ExitKind`] as its byte.
+        kind: u8,
+        /// Port or address.
+        addr: u64,
+        /// Access size.
+        len: u8,
+        /// RIP relative to the previous exit's.
+        rip_delta: i64,
     },
 }
 
@@ -936,35 +950,93 @@ impl<R: Read> LogReader<R> {
     }
 }
 
-/// The record of a synchronous exit, relative to the previous exit's RIP.
-pub fn exit_record(exit: &SyncExit, prev_rip: u64) -> Record {
+/// The record of a synchronous exit, relative to the previous exit's RIP and to `time`, the
+/// virtual time the log gave out last: a `Debug` exit whose data is that time (the guest's
+/// `RDTSC`) is an [`Record::ExitAtTime`], which leaves the data out; any other an
+/// [`Record::Exit`].
+pub fn exit_record(exit: &SyncExit, prev_rip: u64, time: u64) -> Record {
+    let rip_delta = exit.rip.wrapping_sub(prev_rip) as i64;
+    if exit.kind == ExitKind::Debug && exit.data == time {
+        return Record::ExitAtTime {
+            kind: exit.kind as u8,
+            addr: exit.addr,
+            len: exit.len,
+            rip_delta,
+        };
+    }
     Record::Exit {
         kind: exit.kind as u8,
         addr: exit.addr,
         data: exit.data,
         len: exit.len,
-        rip_delta: exit.rip.wrapping_sub(prev_rip) as i64,
+        rip_delta,
     }
 }
 
-/// The synchronous exit an `Exit` record stands for, given the previous exit's RIP: the
-/// inverse of [`exit_record`]. `None` for any other record, or an exit of unknown kind.
-pub fn decode_exit(record: &Record, prev_rip: u64) -> Option<SyncExit> {
-    match *record {
+/// The synchronous exit an `Exit` or `ExitAtTime` record stands for, given the previous exit's
+/// RIP and the virtual time the log gave out last: the inverse of [`exit_record`]. `None` for
+/// any other record, or an exit of unknown kind.
+pub fn decode_exit(record: &Record, prev_rip: u64, time: u64) -> Option<SyncExit> {
+    let (kind, addr, data, len, rip_delta) = match *record {
         Record::Exit {
             kind,
             addr,
             data,
             len,
             rip_delta,
-        } => Some(SyncExit {
-            kind: exit_kind(kind)?,
+        } => (kind, addr, data, len, rip_delta),
+        Record::ExitAtTime {
+            kind,
             addr,
-            data,
             len,
-            rip: prev_rip.wrapping_add(rip_delta as u64),
-        }),
+            rip_delta,
+        } => (kind, addr, time, len, rip_delta),
+        _ => return None,
+    };
+    Some(SyncExit {
+        kind: exit_kind(kind)?,
+        addr,
+        data,
+        len,
+        rip: prev_rip.wrapping_add(rip_delta as u64),
+    })
+}
+
+/// Whether a record is a synchronous exit's ([`Record::Exit`] or [`Record::ExitAtTime`]), and
+/// its kind's byte.
+pub fn exit_kind_of(record: &Record) -> Option<u8> {
+    match *record {
+        Record::Exit { kind, .. } | Record::ExitAtTime { kind, .. } => Some(kind),
         _ => None,
+    }
+}
+
+/// The virtual time a log's records give out, followed record by record as a replay follows it
+/// (what [`Record::ExitAtTime`] is relative to): for a reader of a log that is not a replay.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LogTime(pub u64);
+
+impl LogTime {
+    /// Moves past `record`; returns the time it gave out, if it gives one.
+    pub fn follow(&mut self, record: &Record) -> Option<u64> {
+        match record {
+            Record::Clock { delta }
+            | Record::Poll {
+                input: InputRec::TimeDelta(delta),
+                ..
+            }
+            | Record::Wake {
+                input: InputRec::TimeDelta(delta),
+            } => {
+                self.0 = self.0.saturating_add(*delta);
+                Some(self.0)
+            }
+            Record::Base { time_ns, .. } | Record::Resync { time_ns, .. } => {
+                self.0 = *time_ns;
+                Some(self.0)
+            }
+            _ => None,
+        }
     }
 }
 
@@ -1293,8 +1365,123 @@ pub(crate) mod tests {
             rip: 0xffff_ffff_8115_292f,
         };
         let prev = 0xffff_ffff_8115_3000;
-        assert_eq!(decode_exit(&exit_record(&exit, prev), prev), Some(exit));
-        assert_eq!(decode_exit(&Record::Clock { delta: 1 }, prev), None);
+        assert_eq!(
+            decode_exit(&exit_record(&exit, prev, 7), prev, 7),
+            Some(exit)
+        );
+        assert_eq!(decode_exit(&Record::Clock { delta: 1 }, prev, 7), None);
+    }
+
+    /// The guest's `RDTSC` (a `Debug` exit whose data is the virtual time the log gave out
+    /// last) is logged without its data and comes back exact; any other exit, or a `Debug`
+    /// exit with other data, keeps its data. Read at another time, an `ExitAtTime` gives
+    /// another exit: a replay whose clock differs diverges there.
+    #[test]
+    fn an_exit_at_the_virtual_time_leaves_its_data_out() {
+        let time = 20_403_800_411;
+        let rdtsc = SyncExit {
+            kind: ExitKind::Debug,
+            addr: 4,
+            data: time,
+            len: 2,
+            rip: 0xffff_ffff_8116_a363,
+        };
+        let prev = 0xffff_ffff_8100_79f4;
+        let rec = exit_record(&rdtsc, prev, time);
+        assert!(
+            matches!(
+                rec,
+                Record::ExitAtTime {
+                    kind: 7,
+                    addr: 4,
+                    len: 2,
+                    ..
+                }
+            ),
+            "{rec:?}"
+        );
+        assert_eq!(decode_exit(&rec, prev, time), Some(rdtsc));
+        assert_eq!(exit_kind_of(&rec), Some(7));
+        let full = exit_record(&rdtsc, prev, time + 1);
+        assert!(matches!(full, Record::Exit { data, .. } if data == time));
+        assert_eq!(decode_exit(&full, prev, 0), Some(rdtsc));
+        let other = decode_exit(&rec, prev, time + 1).unwrap();
+        assert_ne!(other, rdtsc);
+        assert_eq!(other.data, time + 1);
+        // A PIO write whose data happens to be the time is an `Exit`.
+        let pio = SyncExit {
+            kind: ExitKind::PioOut,
+            addr: 0x80,
+            data: 5,
+            len: 1,
+            rip: prev,
+        };
+        assert!(matches!(exit_record(&pio, prev, 5), Record::Exit { .. }));
+        // Five bytes fewer than the exit with its data (a 35-bit time), as a frame.
+        let short = encode_record(&rec).unwrap().len();
+        let long = encode_record(&full).unwrap().len();
+        assert_eq!(long - short, 5, "{short} against {long}");
+        // An unknown kind does not decode.
+        let bad = Record::ExitAtTime {
+            kind: 99,
+            addr: 0,
+            len: 0,
+            rip_delta: 0,
+        };
+        assert_eq!(decode_exit(&bad, prev, time), None);
+    }
+
+    /// The time an `ExitAtTime` is read at, as a reader that is not a replay follows it.
+    #[test]
+    fn log_time_follows_the_records_that_give_time_out() {
+        let mut t = LogTime::default();
+        assert_eq!(t.follow(&Record::Clock { delta: 5 }), Some(5));
+        assert_eq!(
+            t.follow(&Record::Wake {
+                input: InputRec::TimeDelta(10)
+            }),
+            Some(15)
+        );
+        assert_eq!(t.follow(&Record::Interrupt { vector: 0x30 }), None);
+        assert_eq!(
+            t.follow(&Record::Poll {
+                point: PointRec::Kick,
+                input: InputRec::Serial(vec![1])
+            }),
+            None
+        );
+        assert_eq!(
+            t.follow(&Record::Base {
+                rip: 1,
+                time_ns: 100,
+                exits: 2
+            }),
+            Some(100)
+        );
+        assert_eq!(t.0, 100);
+    }
+
+    /// A version 6 log (no `ExitAtTime`) still reads; a log of a version after this build's is
+    /// refused in one line that names both versions.
+    #[test]
+    fn older_versions_read_and_newer_ones_are_refused_clearly() {
+        let mut h = header();
+        h.version = 6;
+        let mut w = LogWriter::new(Vec::new(), &h).unwrap();
+        w.write(&records()[0]).unwrap();
+        let (mut r, got) = LogReader::new(&w.out[..]).unwrap();
+        assert_eq!(got.version, 6);
+        assert_eq!(r.read_record().unwrap(), Some(records()[0].clone()));
+        h.version = VERSION + 1;
+        let w = LogWriter::new(Vec::new(), &h).unwrap();
+        let e = LogReader::new(&w.out[..]).err().unwrap();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "log format version {}, this ftvmm reads version {VERSION}",
+                VERSION + 1
+            )
+        );
     }
 
     #[test]

@@ -186,7 +186,7 @@ impl<B: Boundary> Boundary for Recorder<B> {
     fn exit(&mut self, exit: &SyncExit) -> Result<(), BoundaryError> {
         {
             let mut core = lock(&self.core);
-            let rec = exit_record(exit, core.last_rip);
+            let rec = exit_record(exit, core.last_rip, core.last_time);
             core.write(&rec)?;
             core.last_rip = exit.rip;
             core.exits += 1;

@@ -211,13 +211,15 @@ pub struct DiskVerifier {
     pub report: Box<dyn FnMut(&DiskCheck) + Send>,
 }
 
-fn describe(record: &Option<Record>, last_rip: u64) -> String {
+fn describe(record: &Option<Record>, last_rip: u64, time: u64) -> String {
     match record {
         None => "the end of the log".into(),
-        Some(rec @ Record::Exit { kind, .. }) => match decode_exit(rec, last_rip) {
-            Some(exit) => exit.to_string(),
-            None => format!("an exit of unknown kind {kind}"),
-        },
+        Some(rec @ (Record::Exit { kind, .. } | Record::ExitAtTime { kind, .. })) => {
+            match decode_exit(rec, last_rip, time) {
+                Some(exit) => exit.to_string(),
+                None => format!("an exit of unknown kind {kind}"),
+            }
+        }
         Some(Record::Clock { .. }) => "a clock read".into(),
         Some(Record::Poll { point, input }) => format!("input {input:?} at a {point:?} point"),
         Some(Record::Wake { input }) => format!("a halt woken by {input:?}"),
@@ -352,7 +354,7 @@ impl<R: Read> Core<R> {
         }
         BoundaryError::Divergence {
             exit: self.exits,
-            expected: describe(&self.next, self.last_rip),
+            expected: describe(&self.next, self.last_rip, self.last_time),
             got,
         }
     }
@@ -691,7 +693,7 @@ impl<R: Read + Send + 'static> Boundary for Replayer<R> {
         let logged = core
             .next
             .as_ref()
-            .and_then(|r| decode_exit(r, core.last_rip));
+            .and_then(|r| decode_exit(r, core.last_rip, core.last_time));
         if logged.as_ref() != Some(exit) {
             return Err(core.diverge(exit.to_string()));
         }

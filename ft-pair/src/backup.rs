@@ -132,7 +132,7 @@ pub fn run(cfg: &BackupConfig, host: Arc<dyn Host>) -> Result<Finished, PairErro
     }
     let (link, _threads) = BackupLink::start(conn.clone(), progress.clone(), kept.clone())
         .map_err(PairError::io("cannot start the log receiver"))?;
-    link.set_prompt_acks(cfg.pair.prompt_acks);
+    link.set_ack_timer(cfg.pair.ack_timer);
     let mut replayer =
         Replayer::with_progress(link.reader(), Box::new(io::sink()), progress.clone()).map_err(
             |e| PairError::Primary {

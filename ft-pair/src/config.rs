@@ -4,6 +4,7 @@
 use crate::api::{ApiFn, StatusFn};
 use crate::error::PairError;
 use crate::link::{AckMode, BatchPolicy};
+pub use crate::receiver::AckTimer;
 use ft_core::disk::DiskMode;
 use ft_core::live::{Clock, NetQueue, SerialSource};
 use logging_channel::ChannelConfig;
@@ -62,9 +63,9 @@ pub struct PairConfig {
     pub drop_lagging_after: Option<Duration>,
     /// When the primary's log batches leave.
     pub batch: BatchPolicy,
-    /// The backup also acknowledges every 20 ms whenever anything moved (else at outputs,
-    /// once its replay has used up what arrived, and every 20 ms while it is behind).
-    pub prompt_acks: bool,
+    /// When the backup acknowledges besides at outputs and once its replay has used up what
+    /// arrived: every 20 ms while it is behind, or whenever anything moved (`--ack-timer`).
+    pub ack_timer: AckTimer,
     /// Where the pair arbitrates (`file:PATH`, `etcd:...`), if anywhere.
     pub lock: Option<String>,
     /// Where the guest's disk is kept: one image both hosts reach, or a copy on each.

@@ -61,6 +61,22 @@ const BATCH_BYTES: usize = 64 << 10;
 /// A guest that halts between short runs sends its batch once it ran this many `--batch-run`s.
 const IDLE_RUNS: u32 = 5;
 
+/// A log batch without an output leaves once the channel's next heartbeat is this close, to
+/// go in its place: more than an idle guest's tick (10 ms), so that a record or a halt comes
+/// in between.
+const HEARTBEAT_LEAD: Duration = Duration::from_millis(15);
+
+/// When an open batch leaves ([`StreamSink::batch_due`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Due {
+    /// Not yet.
+    No,
+    /// Now.
+    Now,
+    /// With the channel's next message or in place of its next heartbeat.
+    Lazy,
+}
+
 /// When a log batch without an output leaves the primary (`--batch-run`, `--batch-age`).
 ///
 /// What the backup has not received it cannot replay: a batch held back is lag, and lag is what
@@ -855,6 +871,8 @@ pub struct StreamSink {
     last_record: Option<(Instant, bool)>,
     /// How long the guest ran since the last hold of a converging switchover.
     run_since_hold: Duration,
+    /// When the last batch that may wait was cut ([`Due::Lazy`]).
+    lazy_cut: Option<Instant>,
 }
 
 impl StreamSink {
@@ -877,6 +895,7 @@ impl StreamSink {
             ran_since_halt: Duration::ZERO,
             last_record: None,
             run_since_hold: Duration::ZERO,
+            lazy_cut: None,
         }
     }
 
@@ -900,24 +919,45 @@ impl StreamSink {
         self.last_record = Some((now, halts));
     }
 
-    /// Whether the open batch (without an output that is due) should leave now: the guest ran
-    /// `run` without halting, or [`IDLE_RUNS`] times that between its halts (an idle guest's
-    /// ticks: each is a short run, and it is the guest's running the backup must replay), or
-    /// the batch is `age` old.
-    fn batch_due(&self, pending: usize) -> bool {
-        pending >= BATCH_BYTES
+    /// Whether the open batch (without an output that is due) should leave: now, once it is
+    /// [`BATCH_BYTES`] or the guest ran `run` without halting, or [`IDLE_RUNS`] times that
+    /// between its halts (an idle guest's ticks: each is a short run, and it is the guest's
+    /// running the backup must replay), or the batch is `age` old; with the channel's next
+    /// message, or in place of its next heartbeat ([`Connection::send_log_lazy`]), once that
+    /// heartbeat is less than [`HEARTBEAT_LEAD`] away (once per period): an idle guest's log
+    /// then leaves once per heartbeat period, as the heartbeat would, and the backup's
+    /// acknowledgement of it in place of the backup's heartbeat.
+    fn batch_due(&self, pending: usize) -> Due {
+        if pending >= BATCH_BYTES
             || self.ran_since_halt >= self.policy.run
             || self.ran >= self.policy.run * IDLE_RUNS
-            || self
-                .batch_started
-                .is_some_and(|t| t.elapsed() >= self.policy.age)
+        {
+            return Due::Now;
+        }
+        let aged = self
+            .batch_started
+            .is_some_and(|t| t.elapsed() >= self.policy.age);
+        // Once per heartbeat period: not again until the channel wrote after the last such cut.
+        let heartbeat_near = self.conn.as_ref().is_some_and(|c| {
+            let quiet = c.since_sent();
+            quiet + HEARTBEAT_LEAD >= c.heartbeat()
+                && self.lazy_cut.is_none_or(|t| quiet < t.elapsed())
+        });
+        if heartbeat_near && self.output_since.is_none() {
+            return Due::Lazy;
+        }
+        if aged {
+            return Due::Now;
+        }
+        Due::No
     }
 
-    /// Whether a batch is open with a record in it and [`StreamSink::batch_due`] says it leaves.
-    fn open_batch_due(&self) -> bool {
-        self.batch
-            .as_ref()
-            .is_some_and(|b| !b.is_empty() && self.batch_due(b.len()))
+    /// What [`StreamSink::batch_due`] says of the open batch, if it has a record.
+    fn open_batch_due(&self) -> Due {
+        match &self.batch {
+            Some(b) if !b.is_empty() => self.batch_due(b.len()),
+            _ => Due::No,
+        }
     }
 
     /// Notices an attach or a detach.
@@ -967,6 +1007,12 @@ impl StreamSink {
     }
 
     fn send_batch(&mut self) {
+        self.send_batch_as(false)
+    }
+
+    /// Sends the open batch; `lazy`: it may wait for the channel's next message or heartbeat
+    /// ([`Connection::send_log_lazy`]).
+    fn send_batch_as(&mut self, lazy: bool) {
         let (Some(conn), Some(writer)) = (&self.conn, self.batch.as_mut()) else {
             return;
         };
@@ -983,7 +1029,14 @@ impl StreamSink {
         self.ran_since_halt = Duration::ZERO;
         self.output_since = None;
         // Blocks while the backup's buffer is full: the vCPU stalls, nothing is dropped.
-        match conn.send_log(
+        let send = if lazy {
+            self.lazy_cut = Some(Instant::now());
+            Connection::send_log_lazy
+        } else {
+            Connection::send_log
+        };
+        match send(
+            conn,
             batch.first_seq,
             batch.frames,
             batch.carries_output,
@@ -1112,8 +1165,11 @@ impl StreamSink {
                     | Record::End { .. }
             );
         let converging = self.link.converging.load(Ordering::Relaxed);
-        if urgent || converging || self.batch_due(pending) {
-            self.send_batch();
+        match self.batch_due(pending) {
+            _ if urgent || converging => self.send_batch(),
+            Due::Now => self.send_batch(),
+            Due::Lazy => self.send_batch_as(true),
+            Due::No => {}
         }
         if converging {
             self.converge_hold();
@@ -1169,8 +1225,11 @@ impl RecordSink for StreamSink {
         self.track_run(false);
         self.settle_pending(false)?;
         let converging = self.link.converging.load(Ordering::Relaxed);
-        if self.output_due() || self.open_batch_due() || converging {
-            self.send_batch();
+        match self.open_batch_due() {
+            _ if self.output_due() || converging => self.send_batch(),
+            Due::Now => self.send_batch(),
+            Due::Lazy => self.send_batch_as(true),
+            Due::No => {}
         }
         if converging {
             self.converge_hold();
@@ -1184,8 +1243,11 @@ impl RecordSink for StreamSink {
         // waits for the batch's policy.
         self.follow_link()?;
         self.settle_pending(true)?;
-        if self.output_since.is_some() || self.open_batch_due() {
-            self.send_batch();
+        match self.open_batch_due() {
+            _ if self.output_since.is_some() => self.send_batch(),
+            Due::Now => self.send_batch(),
+            Due::Lazy => self.send_batch_as(true),
+            Due::No => {}
         }
         Ok(())
     }

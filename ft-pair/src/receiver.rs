@@ -51,8 +51,22 @@ pub struct BackupLink {
     acked: Mutex<(u64, u64, u64)>,
     stop: AtomicBool,
     resync_requested: AtomicBool,
-    /// Acknowledge as soon as the replay has used up what arrived (`--prompt-acks`).
-    prompt_acks: AtomicBool,
+    /// The acknowledgement timer also runs while the backup keeps up (`--ack-timer always`).
+    ack_timer_always: AtomicBool,
+}
+
+/// When the backup's acknowledgement timer (every [`ACK_PERIOD`]) sends an acknowledgement,
+/// besides those an output waits for and the one when the replay has used up what arrived
+/// (`--ack-timer`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AckTimer {
+    /// While the replay has had log waiting for it that long (a backup behind: its position as
+    /// it moves): an idle pair's one acknowledgement per batch. The default.
+    #[default]
+    Behind,
+    /// Whenever anything moved (as before protocol version 5: ~2.5 times the acknowledgements
+    /// of an idle pair, the backup's position fresher in the primary's view).
+    Always,
 }
 
 impl BackupLink {
@@ -84,7 +98,7 @@ impl BackupLink {
             acked: Mutex::new((0, 0, 0)),
             stop: AtomicBool::new(false),
             resync_requested: AtomicBool::new(false),
-            prompt_acks: AtomicBool::new(false),
+            ack_timer_always: AtomicBool::new(false),
         });
         let rx = link.clone();
         let receiver = std::thread::Builder::new()
@@ -97,13 +111,13 @@ impl BackupLink {
         Ok((link, vec![receiver, acker]))
     }
 
-    /// Whether the backup also acknowledges every [`ACK_PERIOD`] whenever anything moved
-    /// (`true`), or, besides the acknowledgements an output waits for, once the replay has used
-    /// up what arrived (one per batch) and every [`ACK_PERIOD`] only while it has had log to
-    /// replay for that long (`false`, the default: an idle pair's one acknowledgement per
-    /// batch, and the position as fresh while the backup is behind).
-    pub fn set_prompt_acks(&self, on: bool) {
-        self.prompt_acks.store(on, Ordering::Relaxed);
+    /// When the acknowledgement timer acknowledges ([`AckTimer`]): besides the acknowledgements
+    /// an output waits for and the one when the replay has used up what arrived (one per
+    /// batch), every [`ACK_PERIOD`] while the replay has had log to replay for that long
+    /// (`Behind`, the default), or whenever anything moved (`Always`).
+    pub fn set_ack_timer(&self, timer: AckTimer) {
+        self.ack_timer_always
+            .store(timer == AckTimer::Always, Ordering::Relaxed);
     }
 
     fn queue(&self) -> MutexGuard<'_, Queue> {
@@ -315,7 +329,7 @@ impl BackupLink {
             // count from here: one acknowledgement per batch while the backup keeps up).
             // Otherwise every ACK_PERIOD while the replay has had log waiting that long (a
             // backup behind: its position, as it moves), or whenever anything moved with
-            // --prompt-acks on.
+            // --ack-timer always.
             let now = self.progress.wait(seen, ACK_PERIOD);
             let woken = now != seen;
             seen = now;
@@ -323,7 +337,7 @@ impl BackupLink {
                 .queue()
                 .behind_since
                 .is_some_and(|t| t.elapsed() >= ACK_PERIOD);
-            if woken || behind || self.prompt_acks.load(Ordering::Relaxed) {
+            if woken || behind || self.ack_timer_always.load(Ordering::Relaxed) {
                 self.ack();
             }
         }

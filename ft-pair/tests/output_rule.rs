@@ -72,9 +72,13 @@ fn primary(timeout: Duration) -> (Arc<Link>, Releaser, StreamSink, Captured) {
 /// A backup connected to `link` (its end returned: nobody reads it or acknowledges yet), and
 /// the stream's first record, its base.
 fn attach_backup(link: &Link, sink: &mut StreamSink) -> Connection {
-    let listener = Listener::bind("127.0.0.1:0", channel()).unwrap();
+    attach_backup_with(link, sink, channel())
+}
+
+fn attach_backup_with(link: &Link, sink: &mut StreamSink, cfg: ChannelConfig) -> Connection {
+    let listener = Listener::bind("127.0.0.1:0", cfg.clone()).unwrap();
     let addr = listener.local_addr().to_string();
-    let backup_end = std::thread::spawn(move || connect(&addr, channel()).unwrap());
+    let backup_end = std::thread::spawn(move || connect(&addr, cfg).unwrap());
     let primary_end = listener
         .accept_timeout(Duration::from_secs(10))
         .expect("the backup connects");
@@ -214,7 +218,11 @@ fn a_batch_leaves_once_the_guest_ran_long_enough_and_an_idle_guests_at_its_age()
         run: Duration::from_millis(200),
         age: Duration::from_secs(5),
     });
-    let backup_end = attach_backup(&link, &mut sink);
+    // Heartbeats far apart: an idle batch leaves in place of one (below, the next test).
+    let mut cfg = channel();
+    cfg.heartbeat = Duration::from_secs(30);
+    cfg.timeout = Duration::from_secs(60);
+    let backup_end = attach_backup_with(&link, &mut sink, cfg);
     assert_eq!(
         next_batch(&backup_end, Duration::from_secs(10)),
         Some(2),
@@ -357,4 +365,41 @@ fn records_made_while_a_checkpoint_is_encoded_follow_it_in_order() {
 
     backup.stop("test over");
     releaser.finish(Duration::from_millis(100));
+}
+
+/// An idle guest's batch leaves in place of the channel's heartbeat, once per heartbeat period
+/// (50 ms): its ticks gather until then, the batch goes a little before the heartbeat would,
+/// and no heartbeat goes in between.
+#[test]
+fn an_idle_guests_batch_leaves_in_place_of_the_heartbeat() {
+    let (link, _releaser, mut sink, _serial) = primary(Duration::from_secs(60));
+    let backup_end = attach_backup(&link, &mut sink);
+    assert_eq!(next_batch(&backup_end, Duration::from_secs(10)), Some(2));
+    let conn = link.connection().unwrap();
+    let beats = conn.stats().heartbeats_sent;
+    let start = std::time::Instant::now();
+    let (mut batches, mut frames) = (0, 0);
+    // A second of ticks, 10 ms apart: a halt, an interrupt and a port access each.
+    while start.elapsed() < Duration::from_secs(1) {
+        sink.record(&exit(ExitKind::Hlt)).unwrap();
+        sink.flush().unwrap();
+        std::thread::sleep(Duration::from_millis(10));
+        sink.record(&Record::Interrupt { vector: 0x30 }).unwrap();
+        sink.record(&exit(ExitKind::PioOut)).unwrap();
+        while let Some(n) = next_batch(&backup_end, Duration::ZERO) {
+            batches += 1;
+            frames += n;
+        }
+    }
+    // About one batch a heartbeat period, not one a tick; the margins are for a loaded host
+    // (a vCPU thread that was not scheduled in time lets a heartbeat go, as it must).
+    assert!(
+        (8..=40).contains(&batches),
+        "{batches} batches in a second of ticks ({frames} frames)"
+    );
+    let beats = conn.stats().heartbeats_sent - beats;
+    assert!(
+        beats <= 3,
+        "{beats} heartbeats went beside {batches} batches"
+    );
 }

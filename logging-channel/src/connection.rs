@@ -19,7 +19,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 
 use crate::detect::{kernel_view, unread, Detector, Verdict, TICK};
-use crate::msg::{decode_messages, encode_message, Msg};
+use crate::msg::{decode_messages, encode_message, AckDelta, Msg};
 use crate::noise::{read_frame, seal, MAX_NOISE_MSG, MAX_PLAINTEXT};
 use crate::{ChannelConfig, ChannelError};
 
@@ -105,18 +105,30 @@ impl Drop for Handle {
                     bytes,
                     msgs: 1,
                     bye: Some("connection dropped".into()),
+                    lazy: false,
                 });
             }
         }
     }
 }
 
-/// Framed plaintext of one message (or, for heartbeats, built by the writer itself).
+/// Framed plaintext of one message.
 struct Outgoing {
     bytes: Vec<u8>,
     msgs: u64,
     /// This is a Bye: close after sending it, with this reason.
     bye: Option<String>,
+    /// It may wait for company: it leaves with the next message that leaves, or when a
+    /// heartbeat would be nearly due ([`lazy_deadline`]), in place of the heartbeat.
+    lazy: bool,
+}
+
+/// How long before a heartbeat would be due a message that may wait leaves in its place: a
+/// twenty-fifth of the period (2 ms of 50), so that the peer's answer to it (the backup's
+/// acknowledgement of a batch) also comes within the peer's own period, in place of the
+/// peer's heartbeat, whatever the two sides' timers' jitter.
+fn lazy_deadline(heartbeat: Duration) -> Duration {
+    heartbeat - heartbeat / 25
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -180,6 +192,15 @@ struct Shared {
     detector_stalls: AtomicU64,
     /// This side's Bye is on its way: the peer closing the connection now is the answer to it.
     bye_sent: std::sync::atomic::AtomicBool,
+    /// The last write to the socket, microseconds after `started`.
+    last_write_us: AtomicU64,
+    /// The heartbeat period.
+    heartbeat: Duration,
+    /// The acknowledgements sent, for the next one's [`Msg::AckDelta`] (held while it is
+    /// queued, so that they are queued in the order they are encoded).
+    ack_sent: Mutex<AckDelta>,
+    /// The acknowledgements received, for the next [`Msg::AckDelta`].
+    ack_received: Mutex<AckDelta>,
 }
 
 impl Shared {
@@ -234,6 +255,37 @@ impl Shared {
     /// Handles one message from the peer; returns false when it ends the connection.
     fn deliver(&self, msg: Msg) -> bool {
         self.msgs_received.fetch_add(1, Ordering::Relaxed);
+        let msg = match msg {
+            Msg::AckDelta {
+                received,
+                pending,
+                vtime_ns,
+            } => {
+                let mut last = self
+                    .ack_received
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner);
+                let (received, executed, vtime_ns) = last.apply(received, pending, vtime_ns);
+                Msg::Ack {
+                    received,
+                    executed,
+                    vtime_ns,
+                }
+            }
+            Msg::Ack {
+                received,
+                executed,
+                vtime_ns,
+            } => {
+                // The absolute form (version 5): the next delta is relative to it too.
+                self.ack_received
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .last = (received, executed, vtime_ns);
+                msg
+            }
+            other => other,
+        };
         match msg {
             Msg::Heartbeat => true,
             Msg::Ack {
@@ -311,6 +363,10 @@ impl Connection {
             max_quiet_us: AtomicU64::new(0),
             detector_stalls: AtomicU64::new(0),
             bye_sent: std::sync::atomic::AtomicBool::new(false),
+            last_write_us: AtomicU64::new(0),
+            heartbeat: cfg.heartbeat,
+            ack_sent: Mutex::new(AckDelta::default()),
+            ack_received: Mutex::new(AckDelta::default()),
         });
         let (out, out_rx) = mpsc::channel(OUT_QUEUE);
         let noise = Arc::new(Mutex::new(noise));
@@ -367,27 +423,64 @@ impl Connection {
         self.shared().peer
     }
 
-    /// Queues any message (a `Log` goes through [`Connection::send_log`]'s flow control). Blocks
-    /// only while the bounded outgoing queue is full; returns Err at once on a dead connection.
+    /// Queues any message (a `Log` goes through [`Connection::send_log`]'s flow control; an
+    /// `Ack` travels as [`Msg::AckDelta`]). Blocks only while the bounded outgoing queue is
+    /// full; returns Err at once on a dead connection.
     pub fn send(&self, msg: Msg) -> Result<(), ChannelError> {
-        if let Msg::Log {
-            first_seq,
-            frames,
-            carries_output,
-            bytes,
-        } = msg
-        {
-            return self.send_log(first_seq, frames, carries_output, bytes);
+        match msg {
+            Msg::Log {
+                first_seq,
+                frames,
+                carries_output,
+                bytes,
+            } => self.send_log(first_seq, frames, carries_output, bytes),
+            Msg::Ack {
+                received,
+                executed,
+                vtime_ns,
+            } => {
+                let mut last = self
+                    .shared()
+                    .ack_sent
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner);
+                let mut next = *last;
+                let bytes = encode_message(&next.encode((received, executed, vtime_ns)))?;
+                self.enqueue(Outgoing {
+                    bytes,
+                    msgs: 1,
+                    bye: None,
+                    lazy: false,
+                })?;
+                *last = next;
+                Ok(())
+            }
+            msg => {
+                let bye = match &msg {
+                    Msg::Bye { reason } => Some(reason.clone()),
+                    _ => None,
+                };
+                self.enqueue(Outgoing {
+                    bytes: encode_message(&msg)?,
+                    msgs: 1,
+                    bye,
+                    lazy: false,
+                })
+            }
         }
-        let bye = match &msg {
-            Msg::Bye { reason } => Some(reason.clone()),
-            _ => None,
-        };
-        self.enqueue(Outgoing {
-            bytes: encode_message(&msg)?,
-            msgs: 1,
-            bye,
-        })
+    }
+
+    /// How long since this side last wrote to the socket (a message or a heartbeat).
+    pub fn since_sent(&self) -> Duration {
+        let shared = self.shared();
+        let at =
+            shared.started + Duration::from_micros(shared.last_write_us.load(Ordering::Acquire));
+        at.elapsed()
+    }
+
+    /// The heartbeat period: this side writes at least this often.
+    pub fn heartbeat(&self) -> Duration {
+        self.shared().heartbeat
     }
 
     /// Queues the log batch of frames `first_seq .. first_seq + frames` (`carries_output`: one
@@ -404,6 +497,32 @@ impl Connection {
         frames: u32,
         carries_output: bool,
         bytes: Vec<u8>,
+    ) -> Result<(), ChannelError> {
+        self.queue_log(first_seq, frames, carries_output, bytes, false)
+    }
+
+    /// As [`Connection::send_log`], for a batch that may wait for company: it leaves with the
+    /// next message this side sends, or in place of the next heartbeat, a little before that
+    /// would be due (never later: the heartbeat's period and so the failure detection are the
+    /// same). An idle guest's batch, made to leave once per heartbeat period, then saves the
+    /// heartbeat on this side and, acknowledged at once, the heartbeat on the other.
+    pub fn send_log_lazy(
+        &self,
+        first_seq: u64,
+        frames: u32,
+        carries_output: bool,
+        bytes: Vec<u8>,
+    ) -> Result<(), ChannelError> {
+        self.queue_log(first_seq, frames, carries_output, bytes, true)
+    }
+
+    fn queue_log(
+        &self,
+        first_seq: u64,
+        frames: u32,
+        carries_output: bool,
+        bytes: Vec<u8>,
+        lazy: bool,
     ) -> Result<(), ChannelError> {
         let len = bytes.len();
         let end = first_seq.saturating_add(u64::from(frames));
@@ -434,6 +553,7 @@ impl Connection {
             bytes: encoded,
             msgs: 1,
             bye: None,
+            lazy,
         })
     }
 
@@ -600,6 +720,11 @@ async fn reader(
             let why = "frame failed authentication: altered on the wire?";
             return shared.die(DeathKind::Broken, why.into());
         };
+        if n == 0 {
+            // A heartbeat (version 6): a Noise message with nothing inside.
+            shared.msgs_received.fetch_add(1, Ordering::Relaxed);
+            continue;
+        }
         plain.extend_from_slice(&chunk[..n]);
         let msgs = match decode_messages(&mut plain) {
             Ok(msgs) => msgs,
@@ -637,26 +762,54 @@ async fn writer(
     heartbeat: Duration,
 ) {
     let mut dead = shared.dead.subscribe();
-    let Ok(heartbeat_msg) = encode_message(&Msg::Heartbeat) else {
-        return shared.die(DeathKind::Broken, "cannot encode a heartbeat".into());
-    };
     let mut wire = Vec::new();
+    // Messages that may wait (`Outgoing::lazy`), in order, and how many.
+    let mut held: Vec<u8> = Vec::new();
+    let mut held_msgs = 0u64;
+    let mut last_write = tokio::time::Instant::now();
     loop {
+        // A heartbeat goes once nothing went for a period; what may wait goes a little before.
+        let due = if held_msgs > 0 {
+            last_write + lazy_deadline(heartbeat)
+        } else {
+            last_write + heartbeat
+        };
         let next = tokio::select! {
             _ = dead_signal(&mut dead) => return,
-            r = tokio::time::timeout(heartbeat, queue.recv()) => r,
+            r = tokio::time::timeout_at(due, queue.recv()) => r,
         };
         let (mut plain, mut msgs, mut bye) = match next {
+            Err(_) if held_msgs > 0 => (
+                std::mem::take(&mut held),
+                std::mem::take(&mut held_msgs),
+                None,
+            ),
             Err(_) => {
+                // A heartbeat (version 6): a Noise message with nothing inside.
                 shared.heartbeats_sent.fetch_add(1, Ordering::Relaxed);
-                (heartbeat_msg.clone(), 1, None)
+                (Vec::new(), 1, None)
             }
             Ok(None) => {
+                if held_msgs > 0 {
+                    // The last sender is gone: what waited still goes, then the close.
+                    let _ =
+                        write_sealed(&shared, &noise, &mut wr, &mut dead, &held, &mut wire).await;
+                }
                 let _ = wr.shutdown().await;
                 return shared.die(DeathKind::Closed, "closed locally".into());
             }
-            Ok(Some(out)) => (out.bytes, out.msgs, out.bye),
+            Ok(Some(out)) if out.lazy && out.bye.is_none() => {
+                held.extend_from_slice(&out.bytes);
+                held_msgs += out.msgs;
+                continue;
+            }
+            Ok(Some(out)) => {
+                let mut plain = std::mem::take(&mut held);
+                plain.extend_from_slice(&out.bytes);
+                (plain, std::mem::take(&mut held_msgs) + out.msgs, out.bye)
+            }
         };
+        // Whatever else is queued goes along, waiting or not.
         while bye.is_none() && plain.len() < WRITE_BATCH {
             let Ok(out) = queue.try_recv() else { break };
             plain.extend_from_slice(&out.bytes);
@@ -666,36 +819,74 @@ async fn writer(
         if bye.is_some() {
             shared.bye_sent.store(true, Ordering::Release);
         }
-        // Seal and write a slice at a time, so one large message neither holds a runtime
-        // thread for long nor needs a second copy of itself.
-        for slice in plain.chunks(WRITE_BATCH) {
-            wire.clear();
-            let sealed = seal(
-                &mut noise.lock().unwrap_or_else(PoisonError::into_inner),
-                slice,
-                &mut wire,
-            );
-            if let Err(e) = sealed {
-                return shared.die(DeathKind::Broken, format!("cannot encrypt: {e}"));
-            }
-            let written = tokio::select! {
-                _ = dead_signal(&mut dead) => return,
-                r = async { wr.write_all(&wire).await?; wr.flush().await } => r,
-            };
-            if let Err(e) = written {
-                let _ = tokio::time::timeout(SEND_ERROR_GRACE, dead_signal(&mut dead)).await;
-                return shared.die(DeathKind::PeerLost, format!("cannot send to the peer: {e}"));
-            }
-            shared
-                .bytes_sent
-                .fetch_add(wire.len() as u64, Ordering::Relaxed);
+        match write_sealed(&shared, &noise, &mut wr, &mut dead, &plain, &mut wire).await {
+            Ok(()) => {}
+            Err(None) => return,
+            Err(Some(death)) => return shared.die(death.kind, death.reason),
         }
+        last_write = tokio::time::Instant::now();
+        let at = u64::try_from(
+            last_write
+                .into_std()
+                .duration_since(shared.started)
+                .as_micros(),
+        )
+        .unwrap_or(u64::MAX);
+        shared.last_write_us.store(at, Ordering::Release);
         shared.msgs_sent.fetch_add(msgs, Ordering::Relaxed);
         if let Some(reason) = bye {
             let _ = wr.shutdown().await;
             return shared.die(DeathKind::Closed, format!("closed locally: {reason}"));
         }
     }
+}
+
+/// Seals `plain` (empty: a heartbeat, one Noise message with nothing inside) and writes it, a
+/// slice at a time, so that one large message neither holds a runtime thread for long nor
+/// needs a second copy of itself. `Err(None)`: the connection died meanwhile; `Err(Some)`: how
+/// it is to die.
+async fn write_sealed(
+    shared: &Shared,
+    noise: &Mutex<TransportState>,
+    wr: &mut OwnedWriteHalf,
+    dead: &mut watch::Receiver<bool>,
+    plain: &[u8],
+    wire: &mut Vec<u8>,
+) -> Result<(), Option<Death>> {
+    let slices: Vec<&[u8]> = if plain.is_empty() {
+        vec![plain]
+    } else {
+        plain.chunks(WRITE_BATCH).collect()
+    };
+    for slice in slices {
+        wire.clear();
+        let sealed = seal(
+            &mut noise.lock().unwrap_or_else(PoisonError::into_inner),
+            slice,
+            wire,
+        );
+        if let Err(e) = sealed {
+            return Err(Some(Death {
+                kind: DeathKind::Broken,
+                reason: format!("cannot encrypt: {e}"),
+            }));
+        }
+        let written = tokio::select! {
+            _ = dead_signal(dead) => return Err(None),
+            r = async { wr.write_all(wire).await?; wr.flush().await } => r,
+        };
+        if let Err(e) = written {
+            let _ = tokio::time::timeout(SEND_ERROR_GRACE, dead_signal(dead)).await;
+            return Err(Some(Death {
+                kind: DeathKind::PeerLost,
+                reason: format!("cannot send to the peer: {e}"),
+            }));
+        }
+        shared
+            .bytes_sent
+            .fetch_add(wire.len() as u64, Ordering::Relaxed);
+    }
+    Ok(())
 }
 
 /// The failure detector of one connection (`crate::detect`): every [`TICK`], the time since the

@@ -46,7 +46,7 @@ pub use config::ChannelConfig;
 pub use connection::{ChannelStats, Connection};
 pub use error::ChannelError;
 pub use listener::{connect, Listener};
-pub use msg::{decode_messages, encode_message, Msg, MAX_MSG, PROTOCOL_VERSION};
+pub use msg::{decode_messages, encode_message, AckDelta, Msg, MAX_MSG, PROTOCOL_VERSION};
 pub use noise::{MAX_NOISE_MSG, NOISE_PATTERN};
 pub use psk::{Psk, MIN_KEY_FILE_LEN};
 pub use runtime::{network_nice, set_network_nice, DEFAULT_NICE};

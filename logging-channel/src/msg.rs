@@ -1,14 +1,16 @@
 //! Application messages and their framing inside the decrypted byte stream:
-//! `len: u32 little-endian` then `postcard(Msg)`.
+//! `len: varint` (LEB128, at most 5 bytes) then `postcard(Msg)`.
 
 use serde::{Deserialize, Serialize};
 
 use crate::ChannelError;
 
-/// The protocol version a backup announces in [`Msg::Hello`]. 5: a `Log` batch's frames travel
-/// without their CRCs and are compressed against the stream's earlier batches (4 compressed
-/// each batch alone, CRCs included): docs/PROTOCOL.md.
-pub const PROTOCOL_VERSION: u16 = 5;
+/// The protocol version a backup announces in [`Msg::Hello`]. 6: a message's length is a varint
+/// (5 had a u32), an acknowledgement travels as [`Msg::AckDelta`], a heartbeat is an empty Noise
+/// message, and the log's records are version 7 (`ExitAtTime`). 5: a `Log` batch's frames
+/// travel without their CRCs and are compressed against the stream's earlier batches (4
+/// compressed each batch alone, CRCs included): docs/PROTOCOL.md.
+pub const PROTOCOL_VERSION: u16 = 6;
 
 /// The largest encoded message (its postcard bytes, without the 4-byte length).
 pub const MAX_MSG: usize = 1 << 30;
@@ -59,6 +61,8 @@ pub enum Msg {
     },
     /// Backup -> primary, cumulative: the backup holds every frame with seq < `received`, has
     /// replayed every frame with seq < `executed`, and its guest's virtual time is `vtime_ns`.
+    /// What [`crate::Connection::send`] takes and what the primary's [`crate::Connection::acked`]
+    /// gives; since version 6 it travels as [`Msg::AckDelta`] (this form still reads).
     Ack {
         /// One past the highest frame seq the backup holds.
         received: u64,
@@ -117,21 +121,105 @@ pub enum Msg {
         /// How long the backup took, us.
         micros: u64,
     },
+    /// Version 6, backup -> primary: an [`Msg::Ack`] as it travels, relative to the previous
+    /// acknowledgement on the connection ((0, 0, 0) before the first), every difference
+    /// wrapping and zigzagged: a few bytes where the absolute values take up to 9 each. The
+    /// receiver turns it back into the `Ack` ([`AckDelta::apply`]); senders send `Ack`.
+    AckDelta {
+        /// `received` minus the previous acknowledgement's.
+        received: i64,
+        /// `received` minus `executed` (what the backup holds and has not replayed).
+        pending: i64,
+        /// `vtime_ns` minus the previous acknowledgement's.
+        vtime_ns: i64,
+    },
 }
 
-/// `msg` framed for the plaintext stream: `len: u32 LE` then `postcard(msg)`.
+/// The relative form of acknowledgements on one connection, either end: the last one sent or
+/// received, and the conversions ([`Msg::AckDelta`]). Exact for any values (wrapping).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AckDelta {
+    /// The last acknowledgement: (received, executed, vtime_ns).
+    pub last: (u64, u64, u64),
+}
+
+impl AckDelta {
+    /// `ack` relative to the last one, which it becomes.
+    pub fn encode(&mut self, ack: (u64, u64, u64)) -> Msg {
+        let (received, executed, vtime_ns) = ack;
+        let msg = Msg::AckDelta {
+            received: received.wrapping_sub(self.last.0) as i64,
+            pending: received.wrapping_sub(executed) as i64,
+            vtime_ns: vtime_ns.wrapping_sub(self.last.2) as i64,
+        };
+        self.last = ack;
+        msg
+    }
+
+    /// The acknowledgement an `AckDelta` received stands for, which becomes the last one.
+    pub fn apply(&mut self, received: i64, pending: i64, vtime_ns: i64) -> (u64, u64, u64) {
+        let r = self.last.0.wrapping_add(received as u64);
+        let ack = (
+            r,
+            r.wrapping_sub(pending as u64),
+            self.last.2.wrapping_add(vtime_ns as u64),
+        );
+        self.last = ack;
+        ack
+    }
+}
+
+/// The most bytes a message's length takes (a varint of at most [`MAX_MSG`]).
+const MAX_LEN_BYTES: usize = 5;
+
+fn push_varint(out: &mut Vec<u8>, mut v: u64) {
+    loop {
+        let byte = (v & 0x7f) as u8;
+        v >>= 7;
+        if v == 0 {
+            out.push(byte);
+            return;
+        }
+        out.push(byte | 0x80);
+    }
+}
+
+/// The length at the front of `buf`: `Ok(None)` while it is incomplete, else the length and the
+/// bytes it took. More than [`MAX_LEN_BYTES`], or a length above [`MAX_MSG`], is an error.
+fn take_len(buf: &[u8]) -> Result<Option<(usize, usize)>, ChannelError> {
+    let mut len = 0u64;
+    for (i, &b) in buf.iter().enumerate().take(MAX_LEN_BYTES) {
+        len |= u64::from(b & 0x7f) << (7 * i);
+        if b & 0x80 == 0 {
+            if len > MAX_MSG as u64 {
+                return Err(ChannelError::MessageTooLarge { len });
+            }
+            return Ok(Some((len as usize, i + 1)));
+        }
+    }
+    if buf.len() >= MAX_LEN_BYTES {
+        return Err(ChannelError::BadMessage {
+            len: 0,
+            reason: format!("a length of more than {MAX_LEN_BYTES} bytes"),
+        });
+    }
+    Ok(None)
+}
+
+/// `msg` framed for the plaintext stream: `len: varint` then `postcard(msg)`.
 pub fn encode_message(msg: &Msg) -> Result<Vec<u8>, ChannelError> {
-    let framed = postcard::to_extend(msg, vec![0u8; 4]).map_err(|e| ChannelError::BadMessage {
+    let body = postcard::to_stdvec(msg).map_err(|e| ChannelError::BadMessage {
         len: 0,
         reason: format!("cannot encode: {e}"),
     })?;
-    let len = framed.len() - 4;
-    if len > MAX_MSG {
-        return Err(ChannelError::MessageTooLarge { len: len as u64 });
+    if body.len() > MAX_MSG {
+        return Err(ChannelError::MessageTooLarge {
+            len: body.len() as u64,
+        });
     }
-    let mut framed = framed;
-    // `len <= MAX_MSG < u32::MAX`, checked just above.
-    framed[..4].copy_from_slice(&(len as u32).to_le_bytes());
+    let mut framed = Vec::with_capacity(body.len() + MAX_LEN_BYTES);
+    push_varint(&mut framed, body.len() as u64);
+    framed.extend_from_slice(&body);
     Ok(framed)
 }
 
@@ -146,14 +234,12 @@ pub fn decode_messages(buf: &mut Vec<u8>) -> Result<Vec<Msg>, ChannelError> {
     let mut pos = 0usize;
     let result = loop {
         let rest = &buf[pos..];
-        let Some((len, body)) = rest.split_first_chunk::<4>() else {
-            break Ok(());
+        let (len, took) = match take_len(rest) {
+            Ok(Some(l)) => l,
+            Ok(None) => break Ok(()),
+            Err(e) => break Err(e),
         };
-        let len = u32::from_le_bytes(*len) as usize;
-        if len > MAX_MSG {
-            break Err(ChannelError::MessageTooLarge { len: len as u64 });
-        }
-        let Some(body) = body.get(..len) else {
+        let Some(body) = rest[took..].get(..len) else {
             break Ok(());
         };
         match postcard::take_from_bytes::<Msg>(body) {
@@ -171,7 +257,7 @@ pub fn decode_messages(buf: &mut Vec<u8>) -> Result<Vec<Msg>, ChannelError> {
                 })
             }
         }
-        pos += 4 + len;
+        pos += took + len;
     };
     buf.drain(..pos);
     result.map(|()| msgs)
@@ -225,7 +311,56 @@ mod tests {
                 hashed_blocks: 3,
                 micros: 1200,
             },
+            Msg::AckDelta {
+                received: 48,
+                pending: 1,
+                vtime_ns: -3,
+            },
         ]
+    }
+
+    /// Acknowledgements relative to the last one come back exact, whatever the values (going
+    /// back, wrapping, the extremes), and an idle pair's take a few bytes.
+    #[test]
+    fn ack_deltas_round_trip() {
+        let acks = [
+            (0, 0, 0),
+            (48, 47, 20_400_000_000),
+            (96, 95, 20_450_000_000),
+            (96, 96, 20_450_000_001),
+            (u64::MAX, 0, u64::MAX),
+            (3, 7, 1),
+            (0, u64::MAX, 0),
+            (1 << 40, (1 << 40) - 9, 1 << 62),
+        ];
+        let (mut tx, mut rx) = (AckDelta::default(), AckDelta::default());
+        for ack in acks {
+            let msg = tx.encode(ack);
+            let bytes = encode_message(&msg).unwrap();
+            let mut buf = bytes.clone();
+            let got = decode_messages(&mut buf).unwrap();
+            let [Msg::AckDelta {
+                received,
+                pending,
+                vtime_ns,
+            }] = got[..]
+            else {
+                panic!("{got:?}")
+            };
+            assert_eq!(rx.apply(received, pending, vtime_ns), ack);
+        }
+        // An idle pair's: 48 frames and 50 ms on, one frame not yet replayed.
+        let mut tx = AckDelta {
+            last: (9_000_000, 8_999_999, 3_600_000_000_000),
+        };
+        let bytes = encode_message(&tx.encode((9_000_048, 9_000_047, 3_600_050_000_000))).unwrap();
+        let absolute = encode_message(&Msg::Ack {
+            received: 9_000_048,
+            executed: 9_000_047,
+            vtime_ns: 3_600_050_000_000,
+        })
+        .unwrap();
+        assert_eq!((bytes.len(), absolute.len()), (8, 16));
     }
 
     #[test]
@@ -255,7 +390,16 @@ mod tests {
         };
         assert_eq!(
             encode_message(&ack).unwrap(),
-            [0x05, 0, 0, 0, 0x05, 0xac, 0x02, 0x02, 0x01]
+            [0x05, 0x05, 0xac, 0x02, 0x02, 0x01]
+        );
+        let delta = Msg::AckDelta {
+            received: 48,
+            pending: 1,
+            vtime_ns: -1,
+        };
+        assert_eq!(
+            encode_message(&delta).unwrap(),
+            [0x04, 0x0d, 0x60, 0x02, 0x01]
         );
         let log = Msg::Log {
             first_seq: 1,
@@ -265,27 +409,45 @@ mod tests {
         };
         assert_eq!(
             encode_message(&log).unwrap(),
-            [0x07, 0, 0, 0, 0x04, 0x01, 0x02, 0x01, 0x02, 0xaa, 0xbb]
+            [0x07, 0x04, 0x01, 0x02, 0x01, 0x02, 0xaa, 0xbb]
         );
-        assert_eq!(encode_message(&Msg::Heartbeat).unwrap(), [1, 0, 0, 0, 8]);
+        assert_eq!(encode_message(&Msg::Heartbeat).unwrap(), [1, 8]);
+        // 300 bytes of transfer: a two-byte length.
+        let big = encode_message(&Msg::Transfer(vec![0; 297])).unwrap();
+        assert_eq!(&big[..4], [0xac, 0x02, 0x03, 0xa9]);
+    }
+
+    fn varint(v: u64) -> Vec<u8> {
+        let mut out = Vec::new();
+        push_varint(&mut out, v);
+        out
     }
 
     #[test]
     fn huge_claimed_length_does_not_allocate() {
-        let mut buf = Vec::with_capacity(14);
-        buf.extend_from_slice(&(1u32 << 30).to_le_bytes());
+        let mut buf = Vec::with_capacity(15);
+        buf.extend_from_slice(&varint(1 << 30));
         buf.extend_from_slice(&[3; 10]);
         assert!(decode_messages(&mut buf).unwrap().is_empty());
-        assert_eq!(buf.len(), 14);
+        assert_eq!(buf.len(), 15);
         assert!(buf.capacity() < 1024, "capacity {}", buf.capacity());
 
-        let mut over = ((1u32 << 30) + 1).to_le_bytes().to_vec();
+        let mut over = varint((1 << 30) + 1);
         assert!(matches!(
             decode_messages(&mut over),
             Err(ChannelError::MessageTooLarge { .. })
         ));
-        let mut max = u32::MAX.to_le_bytes().to_vec();
+        let mut max = varint(u64::from(u32::MAX));
         assert!(decode_messages(&mut max).is_err());
+        // A length of six bytes, and one of five whose last still says more follows.
+        for mut long in [vec![0x80; 6], vec![0xff; 5]] {
+            let e = decode_messages(&mut long).unwrap_err();
+            assert!(e.to_string().contains("more than 5 bytes"), "{e}");
+        }
+        // Incomplete: waited for.
+        for mut part in [vec![0x80], vec![0xff, 0xff, 0xff, 0xff]] {
+            assert!(decode_messages(&mut part).unwrap().is_empty());
+        }
     }
 
     /// A Vec<u8> inside a message claiming more bytes than the message holds.
@@ -293,7 +455,7 @@ mod tests {
     fn inner_length_larger_than_the_message() {
         // Transfer (index 3), then a varint length of 2^32 - 1, then 3 bytes.
         let body = [0x03, 0xff, 0xff, 0xff, 0xff, 0x0f, 1, 2, 3];
-        let mut buf = (body.len() as u32).to_le_bytes().to_vec();
+        let mut buf = varint(body.len() as u64);
         buf.extend_from_slice(&body);
         assert!(matches!(
             decode_messages(&mut buf),
@@ -303,18 +465,18 @@ mod tests {
 
     #[test]
     fn garbage_and_trailing_bytes_are_errors() {
-        let mut zero = vec![0, 0, 0, 0];
+        let mut zero = vec![0];
         assert!(decode_messages(&mut zero).is_err());
-        let mut unknown_variant = vec![1, 0, 0, 0, 99];
+        let mut unknown_variant = vec![1, 99];
         assert!(decode_messages(&mut unknown_variant).is_err());
-        let mut trailing = vec![2, 0, 0, 0, 8, 8];
+        let mut trailing = vec![2, 8, 8];
         assert!(decode_messages(&mut trailing).is_err());
         // A good message before the bad one is consumed and the error still reported.
         let mut mixed = encode_message(&Msg::Welcome {
             ack_executed: false,
         })
         .unwrap();
-        mixed.extend_from_slice(&[1, 0, 0, 0, 99]);
+        mixed.extend_from_slice(&[1, 99]);
         assert!(decode_messages(&mut mixed).is_err());
     }
 
@@ -350,9 +512,8 @@ mod tests {
                 v
             };
             // Small length prefixes so bodies are actually decoded, not just waited for.
-            if round % 3 == 0 && input.len() >= 4 {
-                let claimed = (rng.next() % 16) as u32;
-                input[..4].copy_from_slice(&claimed.to_le_bytes());
+            if round % 3 == 0 && !input.is_empty() {
+                input[0] = (rng.next() % 16) as u8;
             }
             let before = input.len();
             match decode_messages(&mut input) {

@@ -41,14 +41,21 @@ pub(crate) fn push_frame(out: &mut Vec<u8>, msg: &[u8]) {
     out.extend_from_slice(msg);
 }
 
-/// Encrypts `plain` into as many transport messages as it needs, framed, appended to `out`.
+/// Encrypts `plain` into as many transport messages as it needs, framed, appended to `out`;
+/// an empty `plain` into one message with nothing inside (a heartbeat: its tag alone).
 pub(crate) fn seal(
     noise: &mut TransportState,
     plain: &[u8],
     out: &mut Vec<u8>,
 ) -> Result<(), snow::Error> {
     let mut msg = [0u8; MAX_NOISE_MSG];
-    for chunk in plain.chunks(MAX_PLAINTEXT) {
+    let empty: [&[u8]; 1] = [&[]];
+    let chunks: Box<dyn Iterator<Item = &[u8]>> = if plain.is_empty() {
+        Box::new(empty.into_iter())
+    } else {
+        Box::new(plain.chunks(MAX_PLAINTEXT))
+    };
+    for chunk in chunks {
         let n = noise.write_message(chunk, &mut msg)?;
         push_frame(out, &msg[..n]);
     }

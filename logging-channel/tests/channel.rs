@@ -541,3 +541,72 @@ fn a_side_that_said_bye_does_not_reset_its_peers_late_data() {
     }
     assert!(frames >= 1, "the Bye never arrived");
 }
+
+/// A batch that may wait leaves in place of the next heartbeat, a little before it would be
+/// due, never after; with the next message that leaves, if one comes first, and in order. A
+/// series of them at the heartbeat's pace takes every heartbeat's place; acknowledgements
+/// travel relative to each other and come back whole.
+#[test]
+fn lazy_batches_take_the_heartbeats_place() {
+    let mut c = cfg();
+    c.heartbeat = Duration::from_millis(100);
+    let (_listener, primary, backup) = pair(c);
+    // Settle: the first heartbeats.
+    thread::sleep(Duration::from_millis(250));
+    let beats = primary.stats().heartbeats_sent;
+    let sent = Instant::now();
+    primary.send_log_lazy(0, 1, false, vec![1]).unwrap();
+    let got = backup.recv_timeout(LONG).unwrap();
+    let waited = sent.elapsed();
+    assert!(
+        matches!(got, Some(Msg::Log { first_seq: 0, .. })),
+        "{got:?}"
+    );
+    assert!(waited <= Duration::from_millis(100), "waited {waited:?}");
+    // Taken along by the next message, in order.
+    primary.send_log_lazy(1, 1, false, vec![2]).unwrap();
+    primary.send(Msg::Released { seq: 1 }).unwrap();
+    assert!(matches!(
+        backup.recv_timeout(Duration::from_millis(50)).unwrap(),
+        Some(Msg::Log { first_seq: 1, .. })
+    ));
+    assert_eq!(
+        backup.recv_timeout(LONG).unwrap(),
+        Some(Msg::Released { seq: 1 })
+    );
+    // One lazy batch per period, each sent when the channel has been quiet for most of it:
+    // no heartbeat in between.
+    let beats_before = primary.stats().heartbeats_sent;
+    for seq in 2..12u64 {
+        while primary.since_sent() + Duration::from_millis(30) < primary.heartbeat() {
+            thread::sleep(Duration::from_millis(2));
+        }
+        primary.send_log_lazy(seq, 1, false, vec![3]).unwrap();
+        let got = backup.recv_timeout(LONG).unwrap();
+        assert!(
+            matches!(got, Some(Msg::Log { first_seq, .. }) if first_seq == seq),
+            "{got:?}"
+        );
+        backup
+            .send(Msg::Ack {
+                received: seq + 1,
+                executed: seq,
+                vtime_ns: 1_000_000 * seq,
+            })
+            .unwrap();
+    }
+    assert_eq!(
+        primary.wait_ack((11, 10, 10_000_000), LONG),
+        (12, 11, 11_000_000)
+    );
+    assert_eq!(
+        primary.stats().heartbeats_sent,
+        beats_before,
+        "a heartbeat went"
+    );
+    assert!(beats > 0, "no heartbeat while idle before");
+    // Idle again: heartbeats, as Noise messages with nothing inside.
+    let received = backup.stats().msgs_received;
+    assert!(eventually(LONG, || primary.stats().heartbeats_sent > beats_before));
+    assert!(eventually(LONG, || backup.stats().msgs_received > received));
+}

@@ -460,16 +460,16 @@ fn verified_output_mode_runs_the_pair_to_the_same_end() {
     assert_ticks(&p.stdout, 1000);
 }
 
-/// Short batches and prompt acknowledgements (`--batch-run`, `--batch-age`, `--prompt-acks`: the
+/// Short batches and the acknowledgement timer always on (`--batch-run`, `--batch-age`, `--ack-timer`: the
 /// log leaves a running guest every 2 ms, the backup acknowledges each batch it has replayed)
 /// change when frames move, not what they say: the pair runs to the same end.
 #[test]
-fn short_batches_and_prompt_acks_run_the_pair_to_the_same_end() {
+fn short_batches_and_the_ack_timer_always_run_the_pair_to_the_same_end() {
     let dir = scratch("ft-short-batches");
     let key = key_file(&dir, "key", 13);
     let s = pair(&tiny("ticks-long"), &key)
         .primary_args(["--batch-run", "2ms", "--batch-age", "100ms"])
-        .backup_args(["--prompt-acks", "on"])
+        .backup_args(["--ack-timer", "always"])
         .start();
     let (p, b) = s.finish(Duration::from_secs(60));
     assert_same_end(&p, &b);

@@ -323,12 +323,13 @@ pub(crate) struct Args {
     /// halts gather into one frame, one acknowledgement).
     #[arg(long, default_value = "50ms", value_parser = parse_duration)]
     pub(crate) batch_age: Duration,
-    /// Backup: besides the acknowledgements outputs wait for, acknowledge once the replay has
-    /// used up what arrived (one per batch) and every 20 ms while it has had log to replay for
-    /// that long (off), or also every 20 ms whenever anything moved (on: the backup's position
-    /// fresher in the primary's view, ~2.5 times the acknowledgements of an idle pair).
-    #[arg(long, default_value = "off")]
-    pub(crate) prompt_acks: OnOff,
+    /// Backup: besides the acknowledgements outputs wait for and the one when the replay has
+    /// used up what arrived (one per batch), acknowledge every 20 ms while the replay has had
+    /// log waiting that long (`behind`), or every 20 ms whenever anything moved (`always`: the
+    /// backup's position fresher in the primary's view, ~2.5 times the acknowledgements of an
+    /// idle pair). `--prompt-acks on|off`, its former name, still means `always|behind`.
+    #[arg(long, alias = "prompt-acks", value_enum, default_value = "behind")]
+    pub(crate) ack_timer: AckTimerArg,
     /// Primary: output leaves once the backup has `received` its log record (the VMware FT
     /// rule), or has `executed` it and produced the same output (verified output).
     #[arg(long, value_enum, default_value = "received")]
@@ -402,6 +403,17 @@ impl Role {
             ],
         }
     }
+}
+
+/// `--ack-timer`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub(crate) enum AckTimerArg {
+    /// While the backup is behind.
+    #[value(alias = "off")]
+    Behind,
+    /// Whenever anything moved.
+    #[value(alias = "on")]
+    Always,
 }
 
 /// `--ack`.

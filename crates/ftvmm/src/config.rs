@@ -309,6 +309,38 @@ no-deterministic-profile = true
 peer-timeout = "3s"
 "#;
 
+    /// `--ack-timer behind|always` (default behind), and its former name `--prompt-acks
+    /// off|on`, in a file and on the command line.
+    #[test]
+    fn the_ack_timer_and_its_former_name() {
+        use crate::cli::AckTimerArg;
+        let parse = |args: &[&str]| {
+            let mut argv: Vec<OsString> = ["ftvmm", "--role", "backup", "--kernel", "k"]
+                .iter()
+                .map(OsString::from)
+                .collect();
+            argv.extend(args.iter().map(OsString::from));
+            args_from(argv).unwrap().ack_timer
+        };
+        assert_eq!(parse(&[]), AckTimerArg::Behind);
+        assert_eq!(parse(&["--ack-timer", "always"]), AckTimerArg::Always);
+        assert_eq!(parse(&["--ack-timer", "behind"]), AckTimerArg::Behind);
+        assert_eq!(parse(&["--prompt-acks", "on"]), AckTimerArg::Always);
+        assert_eq!(parse(&["--prompt-acks", "off"]), AckTimerArg::Behind);
+        let (_, args) = with_file(
+            "ack-timer",
+            "role = \"backup\"\nkernel = \"k\"\nack-timer = \"always\"\n",
+            &[],
+        );
+        assert_eq!(args.unwrap().ack_timer, AckTimerArg::Always);
+        let (_, args) = with_file(
+            "prompt-acks",
+            "role = \"backup\"\nkernel = \"k\"\nprompt-acks = \"on\"\n",
+            &[],
+        );
+        assert_eq!(args.unwrap().ack_timer, AckTimerArg::Always);
+    }
+
     #[test]
     fn the_file_gives_the_flags() {
         let (_, args) = with_file("guest", GUEST, &[]);

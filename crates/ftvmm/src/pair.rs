@@ -233,7 +233,10 @@ fn pair_config(args: &Args) -> Result<PairConfig, Failure> {
             run: args.batch_run,
             age: args.batch_age,
         },
-        prompt_acks: args.prompt_acks == crate::cli::OnOff::On,
+        ack_timer: match args.ack_timer {
+            crate::cli::AckTimerArg::Behind => ft_pair::config::AckTimer::Behind,
+            crate::cli::AckTimerArg::Always => ft_pair::config::AckTimer::Always,
+        },
         lock: args.lock.clone(),
         disk: args.disk_mode,
     })

@@ -1,9 +1,10 @@
 //! `ftvmm-log LOG`: prints an event log as text, one record a line, with the exit ordinal and
-//! absolute RIP and virtual time, so that two logs can be compared with `diff`.
+//! absolute RIP and virtual time, so that two logs can be compared with `diff`. The time counts
+//! from the log's start (0 at boot; a recording that began from a snapshot counts from there).
 
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
-use ft_core::log::{decode_exit, LogReader, Record};
+use ft_core::log::{decode_exit, LogReader, LogTime, Record};
 use std::io::Write;
 use std::process::ExitCode;
 
@@ -29,7 +30,7 @@ fn main() -> ExitCode {
     let out = std::io::stdout();
     let mut out = std::io::BufWriter::new(out.lock());
     let _ = writeln!(out, "header: {:?}", header);
-    let (mut exits, mut rip, mut time) = (0u64, 0u64, 0u64);
+    let (mut exits, mut rip, mut time) = (0u64, 0u64, LogTime::default());
     loop {
         let record = match reader.read_record() {
             Ok(Some(r)) => r,
@@ -40,11 +41,17 @@ fn main() -> ExitCode {
                 return ExitCode::from(2);
             }
         };
+        time.follow(&record);
         let line = match record {
             Record::Exit {
                 kind, rip_delta, ..
+            }
+            | Record::ExitAtTime {
+                kind, rip_delta, ..
             } => {
-                let line = match decode_exit(&record, rip) {
+                let at_time = matches!(record, Record::ExitAtTime { .. });
+                let line = match decode_exit(&record, rip, time.0) {
+                    Some(exit) if at_time => format!("exit {exits}: {exit} (data: the time)"),
                     Some(exit) => format!("exit {exits}: {exit}"),
                     None => format!("exit {exits}: unknown kind {kind}"),
                 };
@@ -52,10 +59,7 @@ fn main() -> ExitCode {
                 exits += 1;
                 line
             }
-            Record::Clock { delta } => {
-                time += delta;
-                format!("  clock {time}")
-            }
+            Record::Clock { .. } => format!("  clock {}", time.0),
             Record::Poll { point, input } => format!("  poll {point:?} {input:?}"),
             Record::Wake { input } => format!("  wake {input:?}"),
             Record::Interrupt { vector } => format!("  interrupt {vector:#x}"),
@@ -82,7 +86,7 @@ fn main() -> ExitCode {
                 time_ns,
                 exits: n,
             } => {
-                (rip, time, exits) = (r, time_ns, n);
+                (rip, exits) = (r, n);
                 format!("base rip={r:#x} time={time_ns} exits={n}")
             }
             Record::Resync {
@@ -91,7 +95,7 @@ fn main() -> ExitCode {
                 exits: n,
                 data,
             } => {
-                (rip, time, exits) = (r, time_ns, n);
+                (rip, exits) = (r, n);
                 format!(
                     "resync rip={r:#x} time={time_ns} exits={n} ({} bytes)",
                     data.len()
