@@ -6,8 +6,8 @@
 //! with `--log-level info`, a `state-digest=` (RAM, registers, devices) when the guest stops.
 
 use ftvmm_tests::{
-    ctl_status, host, json_number, key_file, linux_ready, scratch, test_guest, wait_until, Ftvmm,
-    Pair, Run, Sides, LINUX_CMDLINE, LINUX_PROMPT,
+    ctl_status, json_number, key_file, linux_ready, scratch, test_guest, wait_until, Ftvmm, Pair,
+    Run, Sides, LINUX_CMDLINE, LINUX_PROMPT,
 };
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -343,15 +343,12 @@ fn linux_under_ft_runs_a_workload_and_the_backup_ends_in_its_state() {
     pair.p.type_input(b"poweroff -f\n");
     let (p, b) = pair.finish(Duration::from_secs(120));
     assert_same_end(&p, &b);
-    // Where guest kernel code is emulated slowly (the development hosts' kvm_pvm) the counter's
-    // timer ticks wait for a checkpoint; on a stock KVM the guest reaches an interruptible exit
-    // long before one is due, and a run may take none (docs/HARDWARE.md).
-    if host()["host"]["kvm"]
-        .as_str()
-        .is_some_and(|k| k.contains("kvm_pvm"))
-    {
-        assert!(p.stat("checkpoints") > 0, "{}", p.stderr);
-    }
+    // Whether a run takes checkpoints depends on the host's speed: a tick that lands while the
+    // guest computes waits for one, and a guest that reaches an interruptible exit first takes
+    // none (a stock KVM, and this host's too since the pair got lighter: 2 runs in 5 took none).
+    // The checkpoints' own tests are `a_guest_that_computes_is_followed_through_checkpoints`
+    // and the replay tests; here the pair must end in one state either way.
+    eprintln!("checkpoints: {}", p.stat("checkpoints"));
 }
 
 fn sector(disk: &Path, n: u64) -> Vec<u8> {
