@@ -709,7 +709,14 @@ impl Link {
     /// position plus the bound; or another bound's worth past `vtime_ns` when there is no
     /// position to wait for (nothing replayed yet, the connection gone) or the backup did not
     /// catch up in time (counted in `lag_exceeded`, and said).
-    fn throttle(&self, conn: &Connection, vtime_ns: u64) -> u64 {
+    ///
+    /// A backup whose replay waits at the last frame sent (`executed` one short of `sent_seq`)
+    /// has caught up, whatever its virtual time: a replay takes a frame once it reads the next,
+    /// and the last frame's time delta holds the time the vCPU spent held here, which the
+    /// backup replays at once. Counted by virtual time alone, each hold made the next one
+    /// longer, up to [`THROTTLE_LIMIT`] (a guest under `--max-lag 10ms` held a second at a
+    /// time).
+    fn throttle(&self, conn: &Connection, vtime_ns: u64, sent_seq: u64) -> u64 {
         let start = Instant::now();
         let mut counted = false;
         let next_check = vtime_ns.saturating_add(self.max_lag_ns);
@@ -718,6 +725,10 @@ impl Link {
             if executed == 0 || !conn.is_alive() {
                 // Nothing replayed yet (the backup is starting), or no backup to wait for: asking
                 // again at every record would send every record as a batch of its own.
+                return next_check;
+            }
+            if executed + 1 >= sent_seq {
+                self.caught_up();
                 return next_check;
             }
             if vtime_ns.saturating_sub(backup_vtime) <= self.max_lag_ns {
@@ -1181,7 +1192,8 @@ impl StreamSink {
             self.send_batch();
             if let Some(conn) = &self.conn {
                 let sent = self.link.stats.sent_vtime_ns.load(Ordering::Relaxed);
-                self.lag_ok_until = self.link.throttle(conn, sent);
+                let sent_seq = self.link.stats.sent_seq.load(Ordering::Relaxed);
+                self.lag_ok_until = self.link.throttle(conn, sent, sent_seq);
             }
         }
         Ok(seq)
