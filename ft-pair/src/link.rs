@@ -27,7 +27,7 @@
 
 use devices::disk::{Disk, ImageFile};
 use ft_core::disk::HeldWrites;
-use ft_core::log::{BatchWriter, Header, LogError, PendingCheckpoint, Record, RecordSink};
+use ft_core::log::{BatchWriter, Header, LogError, LogTime, PendingCheckpoint, Record, RecordSink};
 use ft_core::output::{Output, OutputGate};
 use logging_channel::{Connection, Msg};
 use std::collections::VecDeque;
@@ -303,10 +303,11 @@ impl Link {
         self.converging.store(on, Ordering::Release);
     }
 
-    /// How far the backup's replay is behind what was sent to it, in virtual time, as its last
-    /// acknowledgement tells (0 before it acknowledged a replayed frame).
-    pub fn lag_ns(&self, conn: &Connection) -> u64 {
-        let (_, executed, backup_vtime) = conn.acked();
+    /// How far the backup's replay is behind what was sent to it, in virtual time, as its
+    /// acknowledgement `acked` ([`Connection::acked`]) tells: 0 before it acknowledged a
+    /// replayed frame, when there is no lag to speak of.
+    pub fn lag_ns(&self, acked: (u64, u64, u64)) -> u64 {
+        let (_, executed, backup_vtime) = acked;
         if executed == 0 {
             return 0;
         }
@@ -862,7 +863,8 @@ pub struct StreamSink {
     batch_started: Option<Instant>,
     /// When the current batch's first output record went in.
     output_since: Option<Instant>,
-    vtime_ns: u64,
+    /// The virtual time the records give out, followed as a replay follows it.
+    time: LogTime,
     /// The virtual time up to which the vCPU goes on without asking the backup's position
     /// again (the last throttle's answer): checked at every record, so the lag overshoots the
     /// bound by one record's step at most.
@@ -896,7 +898,7 @@ impl StreamSink {
             batch: None,
             batch_started: None,
             output_since: None,
-            vtime_ns: 0,
+            time: LogTime::default(),
             lag_ok_until: 0,
             pending: None,
             held_back: Vec::new(),
@@ -1021,6 +1023,15 @@ impl StreamSink {
         self.send_batch_as(false)
     }
 
+    /// Sends the open batch: `now`, or when [`StreamSink::open_batch_due`] says.
+    fn send_if_due(&mut self, now: bool) {
+        match if now { Due::Now } else { self.open_batch_due() } {
+            Due::Now => self.send_batch(),
+            Due::Lazy => self.send_batch_as(true),
+            Due::No => {}
+        }
+    }
+
     /// Sends the open batch; `lazy`: it may wait for the channel's next message or heartbeat
     /// ([`Connection::send_log_lazy`]).
     fn send_batch_as(&mut self, lazy: bool) {
@@ -1034,7 +1045,7 @@ impl StreamSink {
         self.link
             .stats
             .sent_vtime_ns
-            .store(self.vtime_ns, Ordering::Relaxed);
+            .store(self.time.0, Ordering::Relaxed);
         self.batch_started = None;
         self.ran = Duration::ZERO;
         self.ran_since_halt = Duration::ZERO;
@@ -1071,26 +1082,6 @@ impl StreamSink {
             }
         }
     }
-
-    fn track_time(&mut self, record: &Record) {
-        use ft_core::log::InputRec;
-        let delta = match record {
-            Record::Clock { delta } => *delta,
-            Record::Poll {
-                input: InputRec::TimeDelta(d),
-                ..
-            }
-            | Record::Wake {
-                input: InputRec::TimeDelta(d),
-            } => *d,
-            Record::Base { time_ns, .. } | Record::Resync { time_ns, .. } => {
-                self.vtime_ns = *time_ns;
-                0
-            }
-            _ => 0,
-        };
-        self.vtime_ns = self.vtime_ns.saturating_add(delta);
-    }
 }
 
 impl StreamSink {
@@ -1098,7 +1089,7 @@ impl StreamSink {
     /// sends the batch when it is due.
     fn push(&mut self, record: &Record, output: bool) -> Result<u64, LogError> {
         self.follow_link()?;
-        self.track_time(record);
+        self.time.follow(record);
         self.track_run(matches!(
             record,
             Record::Exit { kind, .. } if *kind == ft_core::exit::ExitKind::Hlt as u8
@@ -1106,7 +1097,7 @@ impl StreamSink {
         self.link
             .stats
             .vtime_ns
-            .store(self.vtime_ns, Ordering::Relaxed);
+            .store(self.time.0, Ordering::Relaxed);
         if self.conn.is_none() || self.batch.is_none() {
             return Ok(0);
         }
@@ -1160,7 +1151,7 @@ impl StreamSink {
         }
         let (seq, len) = batch.push(record, output)?;
         self.bytes += len as u64;
-        let (next_seq, pending) = (batch.next_seq(), batch.len());
+        let next_seq = batch.next_seq();
         self.link.stats.sent_seq.store(next_seq, Ordering::Relaxed);
         if output && self.output_since.is_none() {
             self.output_since = Some(Instant::now());
@@ -1176,12 +1167,7 @@ impl StreamSink {
                     | Record::End { .. }
             );
         let converging = self.link.converging.load(Ordering::Relaxed);
-        match self.batch_due(pending) {
-            _ if urgent || converging => self.send_batch(),
-            Due::Now => self.send_batch(),
-            Due::Lazy => self.send_batch_as(true),
-            Due::No => {}
-        }
+        self.send_if_due(urgent || converging);
         if converging {
             self.converge_hold();
         }
@@ -1237,12 +1223,7 @@ impl RecordSink for StreamSink {
         self.track_run(false);
         self.settle_pending(false)?;
         let converging = self.link.converging.load(Ordering::Relaxed);
-        match self.open_batch_due() {
-            _ if self.output_due() || converging => self.send_batch(),
-            Due::Now => self.send_batch(),
-            Due::Lazy => self.send_batch_as(true),
-            Due::No => {}
-        }
+        self.send_if_due(self.output_due() || converging);
         if converging {
             self.converge_hold();
         }
@@ -1255,12 +1236,7 @@ impl RecordSink for StreamSink {
         // waits for the batch's policy.
         self.follow_link()?;
         self.settle_pending(true)?;
-        match self.open_batch_due() {
-            _ if self.output_since.is_some() => self.send_batch(),
-            Due::Now => self.send_batch(),
-            Due::Lazy => self.send_batch_as(true),
-            Due::No => {}
-        }
+        self.send_if_due(self.output_since.is_some());
         Ok(())
     }
 

@@ -437,7 +437,6 @@ fn primary_status(
         let stats = &link.stats;
         let sent = stats.sent_seq.load(Ordering::Relaxed);
         let (received, executed, backup_vtime) = conn.as_ref().map_or((0, 0, 0), |c| c.acked());
-        let vtime = stats.sent_vtime_ns.load(Ordering::Relaxed);
         let wire = conn.as_ref().map(|c| c.stats());
         let (bytes_out, bytes_in) = wire.map_or((0, 0), |w| (w.bytes_sent, w.bytes_received));
         let rate = {
@@ -478,12 +477,7 @@ fn primary_status(
             },
             lag: PrimaryLag {
                 records: sent.saturating_sub(executed),
-                // Before the backup's first acknowledgement there is no lag to speak of.
-                vtime_ns: if conn.is_some() && executed > 0 {
-                    vtime.saturating_sub(backup_vtime)
-                } else {
-                    0
-                },
+                vtime_ns: link.lag_ns((received, executed, backup_vtime)),
                 throttled: stats.throttled.load(Ordering::Relaxed),
                 exceeded: stats.lag_exceeded.load(Ordering::Relaxed),
                 dropped: stats.dropped_lagging.load(Ordering::Relaxed),
@@ -965,7 +959,7 @@ impl Manager {
     /// guest is paused.
     fn converge(&self, conn: &Connection, within: Duration) -> Converged {
         let start = Instant::now();
-        let lag = |link: &Link| link.lag_ns(conn) as f64 / 1e6;
+        let lag = |link: &Link| link.lag_ns(conn.acked()) as f64 / 1e6;
         if within.is_zero() {
             return Converged {
                 ms: 0.0,

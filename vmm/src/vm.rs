@@ -546,7 +546,8 @@ impl Vm {
     }
 
     /// Hands `snap` to the encoder thread (started at the first call); the bytes come on the
-    /// returned checkpoint. `Err(snap)`: there is no encoder thread (it could not start).
+    /// returned checkpoint. `Err(snap)`: there is no encoder thread (it could not start, or is
+    /// gone), for the caller to encode it.
     fn encode_later(
         &mut self,
         snap: Snapshot,
@@ -554,21 +555,18 @@ impl Vm {
         if self.encoder.is_none() {
             match Encoder::start() {
                 Ok(e) => self.encoder = Some(e),
-                Err(e) => {
-                    tracing::warn!("no thread to encode checkpoints ({e}): the vCPU encodes them");
-                    return Err(Box::new(snap));
-                }
+                Err(e) => tracing::warn!("no thread to encode a checkpoint ({e}): the vCPU does"),
             }
         }
-        let (reply, rx) = std::sync::mpsc::sync_channel(1);
-        let sent = match &self.encoder {
-            Some(e) => e.tx.send((snap, reply)).map_err(|e| (e.0).0),
-            None => Err(snap),
+        let Some(encoder) = &self.encoder else {
+            return Err(Box::new(snap));
         };
-        match sent {
+        let (reply, rx) = std::sync::mpsc::sync_channel(1);
+        match encoder.tx.send((snap, reply)) {
             Ok(()) => Ok(ft_core::log::PendingCheckpoint::new(rx)),
-            Err(snap) => {
-                // The thread is gone (it cannot panic on its own; a failed spawn left none).
+            Err(std::sync::mpsc::SendError((snap, _))) => {
+                // The thread is gone (it does not end on its own while the VM lives): the next
+                // checkpoint starts another.
                 self.encoder = None;
                 Err(Box::new(snap))
             }
@@ -651,24 +649,23 @@ impl Vm {
                     let pages = snap.pages.pages.len();
                     // A boundary that can take it later gets it from the encoder thread, and
                     // the guest runs on meanwhile: what the vCPU waits for is the taking.
-                    let inline = if boundary.defers_checkpoints() {
-                        match self.encode_later(snap) {
-                            Ok(later) => {
-                                boundary.checkpoint_later(later)?;
-                                None
-                            }
-                            Err(snap) => Some(*snap),
-                        }
+                    let later = if boundary.defers_checkpoints() {
+                        self.encode_later(snap)
                     } else {
-                        Some(snap)
+                        Err(Box::new(snap))
                     };
-                    let mut encoded_bytes = None;
-                    if let Some(snap) = inline {
-                        let bytes = snap.encode()?;
-                        boundary.checkpoint(&bytes)?;
-                        self.stats.bytes += bytes.len() as u64;
-                        encoded_bytes = Some(bytes.len());
-                    }
+                    let encoded_bytes = match later {
+                        Ok(later) => {
+                            boundary.checkpoint_later(later)?;
+                            None
+                        }
+                        Err(snap) => {
+                            let bytes = snap.encode()?;
+                            boundary.checkpoint(&bytes)?;
+                            self.stats.bytes += bytes.len() as u64;
+                            Some(bytes.len())
+                        }
+                    };
                     let pause = start.elapsed();
                     tracing::debug!(
                         "checkpoint: {pages} pages; taken in {} us, encoded ({}) and logged in {} us more",
