@@ -708,8 +708,9 @@ impl Link {
     /// behind `vtime_ns` (the last record sent), for at most [`THROTTLE_LIMIT`]. Returns the
     /// virtual time up to which the vCPU may go on before the next check: the backup's
     /// position plus the bound; or another bound's worth past `vtime_ns` when there is no
-    /// position to wait for (nothing replayed yet, the connection gone) or the backup did not
-    /// catch up in time (counted in `lag_exceeded`, and said).
+    /// position to wait for (nothing replayed yet, the connection gone), or the bound's worth
+    /// past the end of the hold when the backup did not catch up in time (counted in
+    /// `lag_exceeded`, and said).
     ///
     /// A backup whose replay waits at the last frame sent (`executed` one short of `sent_seq`)
     /// has caught up, whatever its virtual time: a replay takes a frame once it reads the next,
@@ -752,7 +753,14 @@ impl Link {
                         n + 1
                     );
                 }
-                return next_check;
+                // The guest's clock ran on while the vCPU was held here: the time held is in
+                // the next record's time delta. The guest goes on for the bound's worth of its
+                // own time past the hold (a tenth of its speed under the 1 s limit), not up to
+                // `vtime_ns` plus the bound, which the first record after the hold has passed:
+                // counted from before the hold, every record throttled again, and a guest whose
+                // backup stopped acknowledging made a record a second.
+                let held = u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX);
+                return next_check.saturating_add(held);
             }
             if !counted {
                 self.stats.throttled.fetch_add(1, Ordering::Relaxed);

@@ -50,9 +50,9 @@ fn channel() -> ChannelConfig {
     ChannelConfig::new(Psk::from_bytes(&[7u8; 32]).unwrap())
 }
 
-/// A primary's link (peer timeout `timeout`) with its releaser writing to a captured serial
+/// A primary's link (`--max-lag` `max_lag`) with its releaser writing to a captured serial
 /// line, and the recorder's sink on it.
-fn primary(timeout: Duration) -> (Arc<Link>, Releaser, StreamSink, Captured) {
+fn primary(max_lag: Duration) -> (Arc<Link>, Releaser, StreamSink, Captured) {
     let header = Header {
         version: VERSION,
         config_hash: 42,
@@ -60,7 +60,7 @@ fn primary(timeout: Duration) -> (Arc<Link>, Releaser, StreamSink, Captured) {
         rtc_epoch: 0,
         mechanisms: None,
     };
-    let link = Link::new(header, AckMode::Received, timeout, None);
+    let link = Link::new(header, AckMode::Received, max_lag, None);
     let serial = Captured::default();
     let releaser = link
         .start_releaser(Box::new(serial.clone()), None, None)
@@ -402,4 +402,68 @@ fn an_idle_guests_batch_leaves_in_place_of_the_heartbeat() {
         beats <= 3,
         "{beats} heartbeats went beside {batches} batches"
     );
+}
+
+/// A backup that stops acknowledging (connected, but wedged, starved, or its answers held up on
+/// the way) slows the guest down; it does not stop it. A throttle that waited its whole limit in
+/// vain lets the guest run `--max-lag` of its own time past the hold before the next: the
+/// guest's clock ran on while the vCPU was held, and the record after the hold says so. Counted
+/// from before the hold, every record after it throttled again, and a guest whose backup's
+/// acknowledgements stopped made one record a second.
+#[test]
+fn a_throttle_that_waited_in_vain_lets_the_guest_run_the_bound_past_its_hold() {
+    use std::sync::atomic::Ordering::Relaxed;
+    const MS: u64 = 1_000_000;
+    let (link, _releaser, mut sink, _serial) = primary(Duration::from_millis(50));
+    // Every record leaves at once: the throttle looks at what was sent.
+    link.set_batch_policy(BatchPolicy {
+        run: Duration::ZERO,
+        age: Duration::ZERO,
+    });
+    let backup_end = attach_backup(&link, &mut sink);
+    // The backup replays the header and the base, says so once, and never again.
+    backup_end
+        .send(Msg::Ack {
+            received: 2,
+            executed: 2,
+            vtime_ns: 0,
+        })
+        .unwrap();
+    let conn = link.connection().unwrap();
+    let start = Instant::now();
+    while conn.acked().1 < 2 {
+        assert!(start.elapsed() < Duration::from_secs(10), "no ack arrived");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let counts = || {
+        (
+            link.stats.throttled.load(Relaxed),
+            link.stats.lag_exceeded.load(Relaxed),
+        )
+    };
+
+    // 60 ms: the backup waits at the last frame sent, which is caught up.
+    sink.record(&Record::Clock { delta: 60 * MS }).unwrap();
+    assert_eq!(counts(), (0, 0));
+    // 120 ms: past the bound, and the backup never answers: the throttle holds the vCPU its
+    // limit, then gives up.
+    let held = Instant::now();
+    sink.record(&Record::Clock { delta: 60 * MS }).unwrap();
+    let held = held.elapsed();
+    assert_eq!(counts(), (1, 1));
+    assert!(held >= Duration::from_secs(1), "held {held:?}");
+
+    // The guest's clock ran on through the hold; 10 ms more of guest time is within the bound.
+    let delta = u64::try_from(held.as_nanos()).unwrap() + 10 * MS;
+    sink.record(&Record::Clock { delta }).unwrap();
+    sink.record(&exit(ExitKind::PioOut)).unwrap();
+    assert_eq!(
+        counts(),
+        (1, 1),
+        "the vCPU was held again within --max-lag of guest time after the hold"
+    );
+    // Past the bound again: the next throttle.
+    sink.record(&Record::Clock { delta: 60 * MS }).unwrap();
+    assert_eq!(counts(), (2, 2));
+    drop(backup_end);
 }
