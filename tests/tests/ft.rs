@@ -414,8 +414,10 @@ fn linux_disk_writes_wait_for_the_backup_and_the_image_matches_a_standalone_run(
         let status = ctl_status(&sock);
         if json_number(&status, "outputs_held_bytes").unwrap_or(0) >= 512 {
             eprintln!(
-                "the first disk write held {:?} after the command",
-                start.elapsed()
+                "the first disk write held {:?} after the command; the backup's replay as the \
+                 primary last heard of it: frame {}",
+                start.elapsed(),
+                json_number(&status, "executed").unwrap_or(0)
             );
             held_write = true;
             break;
