@@ -757,8 +757,9 @@ impl Link {
                 // the next record's time delta. The guest goes on for the bound's worth of its
                 // own time past the hold (a tenth of its speed under the 1 s limit), not up to
                 // `vtime_ns` plus the bound, which the first record after the hold has passed:
-                // counted from before the hold, every record throttled again, and a guest whose
-                // backup stopped acknowledging made a record a second.
+                // counted from before the hold, the first record after it throttled again, and a
+                // guest whose backup stopped acknowledging made one batch a second (`ticks`: 3%
+                // of its records, `scripts/bench --ft --only costs`).
                 let held = u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX);
                 return next_check.saturating_add(held);
             }

@@ -408,8 +408,8 @@ fn an_idle_guests_batch_leaves_in_place_of_the_heartbeat() {
 /// the way) slows the guest down; it does not stop it. A throttle that waited its whole limit in
 /// vain lets the guest run `--max-lag` of its own time past the hold before the next: the
 /// guest's clock ran on while the vCPU was held, and the record after the hold says so. Counted
-/// from before the hold, every record after it throttled again, and a guest whose backup's
-/// acknowledgements stopped made one record a second.
+/// from before the hold, the first record after it throttled again, and a guest whose backup's
+/// acknowledgements stopped made one batch a second (here a batch is a record).
 #[test]
 fn a_throttle_that_waited_in_vain_lets_the_guest_run_the_bound_past_its_hold() {
     use std::sync::atomic::Ordering::Relaxed;
